@@ -1,0 +1,81 @@
+//! Store errors: what went wrong, where, in words an operator can act on.
+
+use serde::Serialize;
+
+/// A record under the prefix that could not be read. Reported and counted, never deleted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[error("record {key}: {reason}")]
+pub struct UnreadableRecord {
+    /// The Redis key, lossily decoded if it is not UTF-8.
+    pub key: String,
+    pub reason: UnreadableReason,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[serde(tag = "kind", content = "detail", rename_all = "camelCase")]
+pub enum UnreadableReason {
+    #[error("key is not UTF-8")]
+    KeyNotUtf8,
+    #[error("key does not end in a valid session id: {0}")]
+    InvalidId(String),
+    #[error("value is {bytes} bytes, over the {limit}-byte limit")]
+    Oversize { bytes: u64, limit: u64 },
+    #[error("key holds a Redis {0}, not a string")]
+    WrongType(String),
+    #[error("{0}")]
+    Malformed(String),
+}
+
+impl UnreadableReason {
+    /// A short stable name, for grouping in `stats`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::KeyNotUtf8 => "keyNotUtf8",
+            Self::InvalidId(_) => "invalidId",
+            Self::Oversize { .. } => "oversize",
+            Self::WrongType(_) => "wrongType",
+            Self::Malformed(_) => "malformed",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid Redis URL {url}: {reason}")]
+    InvalidUrl { url: String, reason: String },
+    #[error("invalid key prefix {prefix:?}: {reason}")]
+    InvalidPrefix { prefix: String, reason: String },
+    #[error("cannot read the Redis CA file {path}: {source}")]
+    CaFile { path: String, source: std::io::Error },
+    /// Redis cannot be reached (refused, timed out, connection dropped).
+    #[error("cannot reach Redis at {url}: {source}")]
+    Unavailable { url: String, source: redis::RedisError },
+    /// Redis answered, with an error.
+    #[error("Redis at {url} failed: {source}")]
+    Redis { url: String, source: redis::RedisError },
+    #[error(transparent)]
+    Unreadable(#[from] UnreadableRecord),
+    #[error("session {id} kept changing under concurrent writers; gave up after {attempts} attempts")]
+    Contended { id: String, attempts: u32 },
+}
+
+impl StoreError {
+    /// Whether retrying later may help (Redis down or busy), as opposed to bad input or data.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable { .. } | Self::Contended { .. })
+    }
+
+    pub(crate) fn from_redis(url: &str, source: redis::RedisError) -> Self {
+        let url = url.to_owned();
+        if source.is_io_error()
+            || source.is_timeout()
+            || source.is_connection_dropped()
+            || source.is_connection_refusal()
+            || source.is_unrecoverable_error()
+        {
+            Self::Unavailable { url, source }
+        } else {
+            Self::Redis { url, source }
+        }
+    }
+}

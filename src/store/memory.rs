@@ -1,0 +1,257 @@
+//! The embedded store: the Redis schema's semantics in process memory, for a proxy on a laptop
+//! and for tests of code above the store.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::{
+    Claim, ClaimOutcome, CountSource, ListCursor, ListPage, Listed, MemorySample, NewSession,
+    Origin, PruneReport, Result, Session, SessionCounts, SessionId, SessionPatch, SessionRecord,
+    SessionState, SessionStore, Timestamp,
+};
+
+#[derive(Debug)]
+struct Entry {
+    record: SessionRecord,
+    expires_at_ms: i64,
+}
+
+/// Records plus the counters that the Redis store keeps as sorted sets.
+#[derive(Debug, Default)]
+struct State {
+    records: BTreeMap<SessionId, Entry>,
+    by_expiry: BTreeSet<(i64, SessionId)>,
+    draining: u64,
+    per_pod: BTreeMap<String, u64>,
+}
+
+impl State {
+    /// The one place where records change, so the counters can never disagree with them.
+    fn put(&mut self, id: &SessionId, entry: Option<Entry>) -> Option<Entry> {
+        let old = match entry {
+            Some(entry) => {
+                self.by_expiry.insert((entry.expires_at_ms, id.clone()));
+                self.count(&entry.record, 1);
+                self.records.insert(id.clone(), entry)
+            }
+            None => self.records.remove(id),
+        };
+        if let Some(old) = &old {
+            self.by_expiry.remove(&(old.expires_at_ms, id.clone()));
+            self.count(&old.record, -1);
+        }
+        old
+    }
+
+    fn count(&mut self, record: &SessionRecord, delta: i64) {
+        let apply = |n: &mut u64| *n = n.saturating_add_signed(delta);
+        match (record.state(), &record.owner_pod) {
+            (SessionState::Draining, _) => apply(&mut self.draining),
+            (SessionState::Active, Some(pod)) => {
+                let n = self.per_pod.entry(pod.clone()).or_default();
+                apply(n);
+                if *n == 0 {
+                    self.per_pod.remove(pod);
+                }
+            }
+            (SessionState::Active, None) => {}
+        }
+    }
+
+    fn expire(&mut self, now_ms: i64) -> u64 {
+        let mut expired = 0;
+        while let Some((at, id)) = self.by_expiry.first().cloned() {
+            if at > now_ms {
+                break;
+            }
+            self.put(&id, None);
+            expired += 1;
+        }
+        expired
+    }
+
+    fn session(&self, id: &SessionId, now_ms: i64) -> Option<Session> {
+        self.records.get(id).map(|entry| Session {
+            id: id.clone(),
+            record: entry.record.clone(),
+            ttl_millis: Some(u64::try_from(entry.expires_at_ms - now_ms).unwrap_or(0)),
+        })
+    }
+
+    /// Replaces a live record, keeping or resetting its expiry.
+    fn rewrite(&mut self, id: &SessionId, record: SessionRecord, expires_at_ms: i64) {
+        self.put(id, Some(Entry { record, expires_at_ms }));
+    }
+}
+
+/// In-memory [`SessionStore`] with the same TTL semantics as Redis: lazily expired on access.
+#[derive(Debug)]
+pub struct MemoryStore {
+    ttl: Duration,
+    state: Mutex<State>,
+}
+
+impl MemoryStore {
+    pub fn new(ttl: Duration) -> Self {
+        Self { ttl, state: Mutex::new(State::default()) }
+    }
+
+    /// Runs `f` on the state after expiring what is due; `now` is passed on so one operation
+    /// sees one clock reading.
+    fn with_state<T>(&self, f: impl FnOnce(&mut State, Timestamp, i64) -> T) -> T {
+        let now = Timestamp::now();
+        let now_ms = now.unix_millis();
+        // No code below panics while holding the lock; recover the data if it ever did.
+        let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        state.expire(now_ms);
+        f(&mut state, now, now_ms)
+    }
+
+    fn ttl_ms(&self, ttl: Duration) -> i64 {
+        i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)
+    }
+}
+
+#[async_trait]
+impl SessionStore for MemoryStore {
+    async fn create_or_rehydrate(
+        &self,
+        id: &SessionId,
+        new: NewSession,
+    ) -> Result<(Session, Origin)> {
+        let ttl_ms = self.ttl_ms(self.ttl);
+        Ok(self.with_state(|state, now, now_ms| {
+            let origin = match state.records.get(id) {
+                Some(existing) => {
+                    let mut record = existing.record.clone();
+                    record.last_activity_at = now;
+                    state.rewrite(id, record, now_ms + ttl_ms);
+                    Origin::Rehydrated
+                }
+                None => {
+                    state.rewrite(id, new.into_record(id, now), now_ms + ttl_ms);
+                    Origin::Created
+                }
+            };
+            let session = state.session(id, now_ms).unwrap_or_else(|| unreachable!("just written"));
+            (session, origin)
+        }))
+    }
+
+    async fn get(&self, id: &SessionId) -> Result<Option<Session>> {
+        Ok(self.with_state(|state, _, now_ms| state.session(id, now_ms)))
+    }
+
+    async fn touch(&self, id: &SessionId, _owner_pod: Option<&str>) -> Result<bool> {
+        let ttl_ms = self.ttl_ms(self.ttl);
+        Ok(self.with_state(|state, now, now_ms| {
+            let Some(entry) = state.records.get(id) else {
+                return false;
+            };
+            let mut record = entry.record.clone();
+            record.last_activity_at = now;
+            state.rewrite(id, record, now_ms + ttl_ms);
+            true
+        }))
+    }
+
+    async fn update(&self, id: &SessionId, patch: SessionPatch) -> Result<Option<Session>> {
+        Ok(self.with_state(|state, _, now_ms| {
+            let entry = state.records.get(id)?;
+            let (mut record, expires_at_ms) = (entry.record.clone(), entry.expires_at_ms);
+            patch.apply(&mut record);
+            state.rewrite(id, record, expires_at_ms);
+            state.session(id, now_ms)
+        }))
+    }
+
+    async fn mark_draining(&self, id: &SessionId, hold: Duration) -> Result<Option<Session>> {
+        let hold_ms = self.ttl_ms(hold);
+        Ok(self.with_state(|state, now, now_ms| {
+            let entry = state.records.get(id)?;
+            let expires_at_ms = entry.expires_at_ms.max(now_ms + hold_ms);
+            let mut record = entry.record.clone();
+            record.state = Some(SessionState::Draining);
+            record.owner_pod = None;
+            record.draining_since = Some(now);
+            state.rewrite(id, record, expires_at_ms);
+            state.session(id, now_ms)
+        }))
+    }
+
+    async fn claim(&self, id: &SessionId, claim: Claim) -> Result<ClaimOutcome> {
+        let ttl_ms = self.ttl_ms(self.ttl);
+        Ok(self.with_state(|state, now, now_ms| {
+            let Some(entry) = state.records.get(id) else {
+                return ClaimOutcome::NotFound;
+            };
+            let mut record = entry.record.clone();
+            if let Err(refused) = ClaimOutcome::decide(&record, &claim) {
+                return refused;
+            }
+            let already_owned = ClaimOutcome::apply(&mut record, &claim, now);
+            state.rewrite(id, record, now_ms + ttl_ms);
+            let session = state.session(id, now_ms).unwrap_or_else(|| unreachable!("just written"));
+            if already_owned {
+                ClaimOutcome::AlreadyOwned(session)
+            } else {
+                ClaimOutcome::Claimed(session)
+            }
+        }))
+    }
+
+    async fn delete(&self, id: &SessionId) -> Result<bool> {
+        Ok(self.with_state(|state, _, _| state.put(id, None).is_some()))
+    }
+
+    async fn list_page(&self, cursor: Option<ListCursor>, page_size: usize) -> Result<ListPage> {
+        let start = cursor.map_or(0, |c| c.position);
+        Ok(self.with_state(|state, _, now_ms| {
+            let skip = usize::try_from(start).unwrap_or(usize::MAX);
+            let items: Vec<Listed> = state
+                .records
+                .keys()
+                .skip(skip)
+                .take(page_size.max(1))
+                .filter_map(|id| state.session(id, now_ms).map(Listed::Session))
+                .collect();
+            let position = start + items.len() as u64;
+            let next = (position < state.records.len() as u64)
+                .then_some(ListCursor { node: 0, position });
+            ListPage { items, next }
+        }))
+    }
+
+    async fn counts(&self) -> Result<SessionCounts> {
+        Ok(self.with_state(|state, _, _| {
+            let total = state.records.len() as u64;
+            SessionCounts {
+                total,
+                active: total - state.draining,
+                draining: state.draining,
+                per_pod: state.per_pod.clone(),
+                source: CountSource::Index,
+            }
+        }))
+    }
+
+    async fn prune(&self) -> Result<PruneReport> {
+        // Expired entries go on every access; nothing else can dangle in one process.
+        Ok(PruneReport::default())
+    }
+
+    async fn rebuild_index(&self) -> Result<u64> {
+        Ok(self.with_state(|state, _, _| state.records.len() as u64))
+    }
+
+    async fn memory_usage(&self, _sample: usize) -> Result<Option<MemorySample>> {
+        Ok(None)
+    }
+
+    fn describe(&self) -> String {
+        "embedded in-memory store".to_owned()
+    }
+}

@@ -1,0 +1,352 @@
+//! The session store: where MCP sessions live between requests, restarts and pods.
+//!
+//! One trait, [`SessionStore`], and two implementations: [`RedisStore`] (standalone, TLS, Cluster)
+//! and [`MemoryStore`] (embedded, for a proxy on a laptop). Both honour the Redis schema of
+//! `docs/redis-schema.md`: the seed's record JSON under `{prefix}{id}` with a sliding TTL, plus
+//! sorted-set indexes that make counting O(log n).
+
+mod debounce;
+mod error;
+mod id;
+mod memory;
+mod record;
+pub mod redis;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::{Stream, TryStreamExt as _};
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+pub use self::debounce::{DebouncedToucher, Touched};
+pub use self::error::{StoreError, UnreadableReason, UnreadableRecord};
+pub use self::id::{InvalidSessionId, MAX_SESSION_ID_LEN, SessionId};
+pub use self::memory::MemoryStore;
+pub use self::record::{SessionRecord, SessionState, Timestamp};
+pub use self::redis::{RedisStore, RedisTarget};
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The seed's key prefix.
+pub const DEFAULT_KEY_PREFIX: &str = "mcp:session:";
+/// The seed's sliding TTL: 24 hours.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(86_400);
+
+/// A stored session as read back: its id, its record and the TTL it has left.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Session {
+    pub id: SessionId,
+    #[serde(flatten)]
+    pub record: SessionRecord,
+    /// Milliseconds until expiry; `None` for a key without TTL.
+    pub ttl_millis: Option<u64>,
+}
+
+/// What a new session starts with.
+#[derive(Debug, Clone, Default)]
+pub struct NewSession {
+    pub owner_pod: Option<String>,
+    pub metadata: Map<String, Value>,
+    pub protocol_version: Option<String>,
+    pub initialize_params: Option<Value>,
+    pub credential_fingerprint: Option<String>,
+}
+
+impl NewSession {
+    pub fn into_record(self, id: &SessionId, now: Timestamp) -> SessionRecord {
+        let mut record = SessionRecord::new(id.as_str(), now);
+        record.state = Some(SessionState::Active);
+        record.owner_pod = self.owner_pod;
+        record.metadata = self.metadata;
+        record.protocol_version = self.protocol_version;
+        record.initialize_params = self.initialize_params;
+        record.credential_fingerprint = self.credential_fingerprint;
+        record
+    }
+}
+
+/// Whether `create_or_rehydrate` found the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    Created,
+    Rehydrated,
+}
+
+/// Fields a caller may change on an existing session; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct SessionPatch {
+    pub protocol_version: Option<String>,
+    pub initialize_params: Option<Value>,
+    pub credential_fingerprint: Option<String>,
+    /// Merged key by key into the record's metadata.
+    pub metadata: Map<String, Value>,
+}
+
+impl SessionPatch {
+    fn apply(self, record: &mut SessionRecord) {
+        if let Some(version) = self.protocol_version {
+            record.protocol_version = Some(version);
+        }
+        if let Some(params) = self.initialize_params {
+            record.initialize_params = Some(params);
+        }
+        if let Some(fingerprint) = self.credential_fingerprint {
+            record.credential_fingerprint = Some(fingerprint);
+        }
+        record.metadata.extend(self.metadata);
+    }
+}
+
+/// Who asks to take over a session.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub pod: String,
+    /// Fingerprint of the credential on the request that wants the session.
+    pub credential_fingerprint: Option<String>,
+}
+
+/// The result of a claim; exactly one of many concurrent claimers gets `Claimed`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClaimOutcome {
+    /// The caller now owns the session (it was draining or unowned).
+    Claimed(Session),
+    /// The caller owned it already.
+    AlreadyOwned(Session),
+    /// A live pod owns it.
+    OwnedByOther { owner: String },
+    /// The session belongs to another credential; it must not be handed over.
+    CredentialMismatch,
+    NotFound,
+}
+
+impl ClaimOutcome {
+    /// Decides a claim on a record as read; shared by both stores so they agree to the letter.
+    fn decide(record: &SessionRecord, claim: &Claim) -> Result<(), ClaimOutcome> {
+        if let (Some(stored), Some(offered)) = (
+            record.credential_fingerprint.as_deref(),
+            claim.credential_fingerprint.as_deref(),
+        ) && stored != offered
+        {
+            return Err(ClaimOutcome::CredentialMismatch);
+        }
+        if record.credential_fingerprint.is_some() && claim.credential_fingerprint.is_none() {
+            return Err(ClaimOutcome::CredentialMismatch);
+        }
+        match (&record.owner_pod, record.state()) {
+            (Some(owner), SessionState::Active) if owner != &claim.pod => {
+                Err(ClaimOutcome::OwnedByOther { owner: owner.clone() })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn apply(record: &mut SessionRecord, claim: &Claim, now: Timestamp) -> bool {
+        let already_owned =
+            record.owner_pod.as_deref() == Some(&claim.pod) && record.state() == SessionState::Active;
+        if !already_owned {
+            record.rehydrations += 1;
+        }
+        record.owner_pod = Some(claim.pod.clone());
+        record.state = Some(SessionState::Active);
+        record.draining_since = None;
+        record.last_activity_at = now;
+        already_owned
+    }
+}
+
+/// Session counts. `active + draining == total`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SessionCounts {
+    pub total: u64,
+    pub active: u64,
+    pub draining: u64,
+    /// Sessions by owning pod (draining sessions have none).
+    pub per_pod: BTreeMap<String, u64>,
+    /// How the numbers were obtained.
+    pub source: CountSource,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CountSource {
+    /// Sorted-set indexes, O(log n).
+    #[default]
+    Index,
+    /// The index was missing (never built, or evicted) and was rebuilt by a scan first.
+    Rebuilt,
+    /// A full incremental SCAN of the records (seed-only prefixes).
+    Scan,
+}
+
+/// What a full scan saw: counts plus everything a count by index cannot know.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ScanReport {
+    pub counts: SessionCounts,
+    pub unreadable: Vec<UnreadableRecord>,
+    pub oldest_created: Option<Timestamp>,
+    pub newest_created: Option<Timestamp>,
+    pub keys_scanned: u64,
+}
+
+impl ScanReport {
+    fn add(&mut self, item: &Listed) {
+        self.keys_scanned += 1;
+        match item {
+            Listed::Session(session) => {
+                let counts = &mut self.counts;
+                counts.total += 1;
+                match session.record.state() {
+                    SessionState::Active => counts.active += 1,
+                    SessionState::Draining => counts.draining += 1,
+                }
+                if let Some(pod) = &session.record.owner_pod
+                    && session.record.state() == SessionState::Active
+                {
+                    *counts.per_pod.entry(pod.clone()).or_default() += 1;
+                }
+                let created = session.record.created_at;
+                self.oldest_created = Some(self.oldest_created.map_or(created, |o| o.min(created)));
+                self.newest_created = Some(self.newest_created.map_or(created, |n| n.max(created)));
+            }
+            Listed::Unreadable(unreadable) => self.unreadable.push(unreadable.clone()),
+        }
+    }
+}
+
+/// What `prune` removed from the indexes (never a record).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PruneReport {
+    /// Index entries whose sessions expired.
+    pub expired: u64,
+    /// Index entries whose records are gone (deleted or evicted behind the index's back).
+    pub dangling: u64,
+    /// Pods with no session left.
+    pub pods: u64,
+}
+
+/// `MEMORY USAGE` over a sample of records.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct MemorySample {
+    pub sampled: u64,
+    pub mean_bytes: u64,
+    pub max_bytes: u64,
+}
+
+/// One entry of a listing: a session, or a record that could not be read (reported, never
+/// dropped and never deleted).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Listed {
+    Session(Session),
+    Unreadable(UnreadableRecord),
+}
+
+/// Where a listing continues; opaque to callers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListCursor {
+    /// Index of the Redis node being scanned (always 0 standalone).
+    pub(crate) node: usize,
+    pub(crate) position: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListPage {
+    pub items: Vec<Listed>,
+    /// `None` once the whole keyspace has been visited.
+    pub next: Option<ListCursor>,
+}
+
+/// The store of MCP sessions. Every method is one logical operation, safe to call from many
+/// tasks, pods and processes at once.
+#[async_trait]
+pub trait SessionStore: Send + Sync + 'static {
+    /// Creates the session, or if it exists (a client reconnecting after a restart) refreshes its
+    /// TTL and returns it as stored.
+    async fn create_or_rehydrate(
+        &self,
+        id: &SessionId,
+        new: NewSession,
+    ) -> Result<(Session, Origin)>;
+
+    /// The session, `None` if it does not exist, `Err(Unreadable)` if its record does not parse.
+    async fn get(&self, id: &SessionId) -> Result<Option<Session>>;
+
+    /// Slides the TTL and `last_activity_at`. Always writes; callers on a hot path go through a
+    /// [`DebouncedToucher`]. `owner_pod` is the pod the caller believes owns the session, so its
+    /// per-pod index entry slides too. Returns false if the session is gone.
+    async fn touch(&self, id: &SessionId, owner_pod: Option<&str>) -> Result<bool>;
+
+    /// Changes fields of an existing session, keeping its TTL.
+    async fn update(&self, id: &SessionId, patch: SessionPatch) -> Result<Option<Session>>;
+
+    /// Marks the session draining, owned by nobody and claimable by any pod, with its TTL reset
+    /// to at least `hold` so it survives until a client comes back.
+    async fn mark_draining(&self, id: &SessionId, hold: Duration) -> Result<Option<Session>>;
+
+    /// Takes over a draining or unowned session atomically.
+    async fn claim(&self, id: &SessionId, claim: Claim) -> Result<ClaimOutcome>;
+
+    /// Deletes the session and its index entries. Returns false if it did not exist.
+    async fn delete(&self, id: &SessionId) -> Result<bool>;
+
+    /// One page of all records under the prefix, in no particular order. Never `KEYS`.
+    async fn list_page(&self, cursor: Option<ListCursor>, page_size: usize) -> Result<ListPage>;
+
+    /// Totals and per-pod counts from the indexes (rebuilt first if they are missing).
+    async fn counts(&self) -> Result<SessionCounts>;
+
+    /// Removes index entries of expired and vanished sessions; never touches a record.
+    async fn prune(&self) -> Result<PruneReport>;
+
+    /// Drops and rebuilds the indexes from a full scan; returns the sessions indexed.
+    async fn rebuild_index(&self) -> Result<u64>;
+
+    /// `MEMORY USAGE` of up to `sample` records; `None` where the store is not Redis.
+    async fn memory_usage(&self, sample: usize) -> Result<Option<MemorySample>>;
+
+    /// Human-readable location, with any password masked, for messages.
+    fn describe(&self) -> String;
+}
+
+/// Every record of the store, page by page, as a stream.
+pub fn list_all(
+    store: &dyn SessionStore,
+    page_size: usize,
+) -> impl Stream<Item = Result<Listed>> + '_ {
+    futures::stream::try_unfold(Some(ListCursor::default()), move |cursor| async move {
+        let Some(cursor) = cursor else {
+            return Ok::<_, StoreError>(None);
+        };
+        let page = store.list_page(Some(cursor), page_size).await?;
+        Ok(Some((
+            futures::stream::iter(page.items.into_iter().map(Ok)),
+            page.next,
+        )))
+    })
+    .try_flatten()
+}
+
+/// Counts by a full incremental scan, for prefixes whose writers (the seed's service) keep no
+/// index, and for `sessions stats`. `progress` is called with the number of keys seen so far.
+pub async fn scan_report(
+    store: &dyn SessionStore,
+    page_size: usize,
+    progress: &(dyn Fn(u64) + Send + Sync),
+) -> Result<ScanReport> {
+    let mut report = ScanReport {
+        counts: SessionCounts { source: CountSource::Scan, ..Default::default() },
+        ..Default::default()
+    };
+    let mut items = std::pin::pin!(list_all(store, page_size));
+    while let Some(item) = items.try_next().await? {
+        report.add(&item);
+        if report.keys_scanned % 1024 == 0 {
+            progress(report.keys_scanned);
+        }
+    }
+    progress(report.keys_scanned);
+    Ok(report)
+}

@@ -1,0 +1,40 @@
+//! Real servers for the integration tests, started on free loopback ports and stopped on drop
+//! (also when a test panics; and by the kernel if the test process dies, via PDEATHSIG).
+
+#![allow(dead_code)] // Each test binary uses a different part of this module.
+
+pub mod redis;
+
+use std::net::TcpListener;
+use std::process::Command;
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral loopback port");
+    listener.local_addr().expect("local address").port()
+}
+
+/// Makes `command` die with the test process, so no server outlives a killed test run.
+pub fn die_with_parent(command: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Finds a program the README's test command installs, with a message naming the package.
+pub fn require_program(program: &str, package: &str) -> String {
+    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain(["/usr/bin", "/usr/sbin"]) {
+        let path = std::path::Path::new(dir).join(program);
+        if path.is_file() {
+            return path.display().to_string();
+        }
+    }
+    panic!("`{program}` not found: install the Debian package `{package}` (scripts/test.sh does)");
+}
