@@ -1,5 +1,7 @@
 //! Tracing set-up shared by every subcommand.
 
+use std::io::IsTerminal as _;
+
 use tracing_subscriber::EnvFilter;
 
 /// Log line format on stderr.
@@ -13,9 +15,12 @@ pub enum LogFormat {
 /// Installs the global subscriber: `RUST_LOG` wins, else `default_directive` (e.g. `warn` for
 /// the CLI, `info` for long-running servers).
 pub fn init(format: LogFormat, default_directive: &str) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(default_directive));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_directive));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     // A second init (tests) keeps the first subscriber; nothing to report.
     let _ = match format {
         LogFormat::Text => builder.try_init(),

@@ -26,13 +26,18 @@ fn owned_by(pod: &str) -> NewSession {
         owner_pod: Some(pod.into()),
         metadata: json!({"user_id": "user-1"}).as_object().cloned().unwrap(),
         protocol_version: Some("2025-06-18".into()),
-        initialize_params: Some(json!({"protocolVersion": "2025-06-18", "capabilities": {"roots": []}, "clientInfo": {"name": "t", "version": "1"}})),
+        initialize_params: Some(
+            json!({"protocolVersion": "2025-06-18", "capabilities": {"roots": []}, "clientInfo": {"name": "t", "version": "1"}}),
+        ),
         credential_fingerprint: Some("fp-a".into()),
     }
 }
 
 fn claim(pod: &str, fingerprint: &str) -> Claim {
-    Claim { pod: pod.into(), credential_fingerprint: Some(fingerprint.into()) }
+    Claim {
+        pod: pod.into(),
+        credential_fingerprint: Some(fingerprint.into()),
+    }
 }
 
 async fn redis_store(url: &str, prefix: &str, ttl: Duration) -> Arc<dyn SessionStore> {
@@ -53,7 +58,10 @@ async fn contract(store: Arc<dyn SessionStore>) {
 async fn lifecycle(store: &dyn SessionStore) {
     let a = id("lifecycle-a");
     assert_eq!(store.get(&a).await.unwrap(), None);
-    let (created, origin) = store.create_or_rehydrate(&a, owned_by("pod-1")).await.unwrap();
+    let (created, origin) = store
+        .create_or_rehydrate(&a, owned_by("pod-1"))
+        .await
+        .unwrap();
     assert_eq!(origin, Origin::Created);
     assert_eq!(created.record.state(), SessionState::Active);
     assert_eq!(created.record.user_id(), Some("user-1"));
@@ -63,11 +71,20 @@ async fn lifecycle(store: &dyn SessionStore) {
     let ttl = got.ttl_millis.expect("has a TTL");
     assert!(ttl > 3_590_000 && ttl <= 3_600_000, "{ttl}");
     // Empty arrays and nested params survive storage unchanged.
-    assert_eq!(got.record.initialize_params.as_ref().unwrap()["capabilities"]["roots"], json!([]));
+    assert_eq!(
+        got.record.initialize_params.as_ref().unwrap()["capabilities"]["roots"],
+        json!([])
+    );
 
     // A reconnect finds the session and does not overwrite it.
     let (again, origin) = store
-        .create_or_rehydrate(&a, NewSession { owner_pod: Some("pod-9".into()), ..Default::default() })
+        .create_or_rehydrate(
+            &a,
+            NewSession {
+                owner_pod: Some("pod-9".into()),
+                ..Default::default()
+            },
+        )
         .await
         .unwrap();
     assert_eq!(origin, Origin::Rehydrated);
@@ -87,10 +104,23 @@ async fn lifecycle(store: &dyn SessionStore) {
         ..Default::default()
     };
     let updated = store.update(&a, patch).await.unwrap().unwrap();
-    assert_eq!(updated.record.protocol_version.as_deref(), Some("2025-11-25"));
+    assert_eq!(
+        updated.record.protocol_version.as_deref(),
+        Some("2025-11-25")
+    );
     assert_eq!(updated.record.metadata["client"], "cursor");
-    assert_eq!(updated.record.user_id(), Some("user-1"), "metadata is merged, not replaced");
-    assert!(store.update(&id("missing"), SessionPatch::default()).await.unwrap().is_none());
+    assert_eq!(
+        updated.record.user_id(),
+        Some("user-1"),
+        "metadata is merged, not replaced"
+    );
+    assert!(
+        store
+            .update(&id("missing"), SessionPatch::default())
+            .await
+            .unwrap()
+            .is_none()
+    );
 
     let counts = store.counts().await.unwrap();
     assert_eq!((counts.total, counts.active, counts.draining), (1, 1, 0));
@@ -106,24 +136,40 @@ async fn lifecycle(store: &dyn SessionStore) {
 
 async fn drain_and_claim(store: &dyn SessionStore) {
     let s = id("drain-me");
-    store.create_or_rehydrate(&s, owned_by("old-pod")).await.unwrap();
+    store
+        .create_or_rehydrate(&s, owned_by("old-pod"))
+        .await
+        .unwrap();
     assert_eq!(
         store.claim(&s, claim("new-pod", "fp-a")).await.unwrap(),
-        ClaimOutcome::OwnedByOther { owner: "old-pod".into() },
+        ClaimOutcome::OwnedByOther {
+            owner: "old-pod".into()
+        },
         "an active session of a live pod is not taken"
     );
-    assert!(matches!(store.claim(&s, claim("old-pod", "fp-a")).await.unwrap(), ClaimOutcome::AlreadyOwned(_)));
+    assert!(matches!(
+        store.claim(&s, claim("old-pod", "fp-a")).await.unwrap(),
+        ClaimOutcome::AlreadyOwned(_)
+    ));
 
-    let drained = store.mark_draining(&s, Duration::from_secs(7200)).await.unwrap().unwrap();
+    let drained = store
+        .mark_draining(&s, Duration::from_secs(7200))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(drained.record.state(), SessionState::Draining);
     assert_eq!(drained.record.owner_pod, None);
     assert!(drained.record.draining_since.is_some());
-    assert!(drained.ttl_millis.unwrap() > 3_600_000, "draining extends the TTL to the hold");
+    assert!(
+        drained.ttl_millis.unwrap() > 3_600_000,
+        "draining extends the TTL to the hold"
+    );
     let counts = store.counts().await.unwrap();
     assert_eq!((counts.total, counts.active, counts.draining), (1, 0, 1));
     assert!(!counts.per_pod.contains_key("old-pod"));
 
-    let ClaimOutcome::Claimed(claimed) = store.claim(&s, claim("new-pod", "fp-a")).await.unwrap() else {
+    let ClaimOutcome::Claimed(claimed) = store.claim(&s, claim("new-pod", "fp-a")).await.unwrap()
+    else {
         panic!("draining session is claimable");
     };
     assert_eq!(claimed.record.owner_pod.as_deref(), Some("new-pod"));
@@ -132,14 +178,29 @@ async fn drain_and_claim(store: &dyn SessionStore) {
     let counts = store.counts().await.unwrap();
     assert_eq!((counts.total, counts.active, counts.draining), (1, 1, 0));
     assert_eq!(counts.per_pod.get("new-pod"), Some(&1));
-    assert_eq!(store.claim(&id("nobody"), claim("p", "fp-a")).await.unwrap(), ClaimOutcome::NotFound);
-    assert!(store.mark_draining(&id("nobody"), TTL).await.unwrap().is_none());
+    assert_eq!(
+        store
+            .claim(&id("nobody"), claim("p", "fp-a"))
+            .await
+            .unwrap(),
+        ClaimOutcome::NotFound
+    );
+    assert!(
+        store
+            .mark_draining(&id("nobody"), TTL)
+            .await
+            .unwrap()
+            .is_none()
+    );
     store.delete(&s).await.unwrap();
 }
 
 async fn exactly_one_claimer_wins(store: Arc<dyn SessionStore>) {
     let s = id("contended");
-    store.create_or_rehydrate(&s, owned_by("dying-pod")).await.unwrap();
+    store
+        .create_or_rehydrate(&s, owned_by("dying-pod"))
+        .await
+        .unwrap();
     store.mark_draining(&s, TTL).await.unwrap();
     let claimers = (0..50).map(|i| {
         let store = store.clone();
@@ -152,10 +213,14 @@ async fn exactly_one_claimer_wins(store: Arc<dyn SessionStore>) {
         .into_iter()
         .map(|r| r.expect("claim"))
         .collect();
-    let winners: Vec<&ClaimOutcome> =
-        outcomes.iter().filter(|o| matches!(o, ClaimOutcome::Claimed(_))).collect();
+    let winners: Vec<&ClaimOutcome> = outcomes
+        .iter()
+        .filter(|o| matches!(o, ClaimOutcome::Claimed(_)))
+        .collect();
     assert_eq!(winners.len(), 1, "{outcomes:?}");
-    let ClaimOutcome::Claimed(winner) = winners[0] else { unreachable!() };
+    let ClaimOutcome::Claimed(winner) = winners[0] else {
+        unreachable!()
+    };
     let owner = winner.record.owner_pod.clone().unwrap();
     for outcome in &outcomes {
         match outcome {
@@ -175,19 +240,38 @@ async fn credential_binding(store: &dyn SessionStore) {
     let s = id("bound");
     store.create_or_rehydrate(&s, owned_by("p1")).await.unwrap();
     store.mark_draining(&s, TTL).await.unwrap();
-    assert_eq!(store.claim(&s, claim("p2", "fp-other")).await.unwrap(), ClaimOutcome::CredentialMismatch);
-    let anonymous = Claim { pod: "p2".into(), credential_fingerprint: None };
-    assert_eq!(store.claim(&s, anonymous).await.unwrap(), ClaimOutcome::CredentialMismatch);
-    assert_eq!(store.get(&s).await.unwrap().unwrap().record.state(), SessionState::Draining, "refusal changes nothing");
-    assert!(matches!(store.claim(&s, claim("p2", "fp-a")).await.unwrap(), ClaimOutcome::Claimed(_)));
+    assert_eq!(
+        store.claim(&s, claim("p2", "fp-other")).await.unwrap(),
+        ClaimOutcome::CredentialMismatch
+    );
+    let anonymous = Claim {
+        pod: "p2".into(),
+        credential_fingerprint: None,
+    };
+    assert_eq!(
+        store.claim(&s, anonymous).await.unwrap(),
+        ClaimOutcome::CredentialMismatch
+    );
+    assert_eq!(
+        store.get(&s).await.unwrap().unwrap().record.state(),
+        SessionState::Draining,
+        "refusal changes nothing"
+    );
+    assert!(matches!(
+        store.claim(&s, claim("p2", "fp-a")).await.unwrap(),
+        ClaimOutcome::Claimed(_)
+    ));
     store.delete(&s).await.unwrap();
 }
 
 async fn listing_sees_every_record_once(store: &dyn SessionStore) {
     let ids: Vec<SessionId> = (0..1200).map(|i| id(&format!("list-{i:04}"))).collect();
-    futures::future::try_join_all(ids.iter().map(|i| store.create_or_rehydrate(i, owned_by("lister"))))
-        .await
-        .unwrap();
+    futures::future::try_join_all(
+        ids.iter()
+            .map(|i| store.create_or_rehydrate(i, owned_by("lister"))),
+    )
+    .await
+    .unwrap();
     let listed: Vec<Listed> = store::list_all(store, 100).try_collect().await.unwrap();
     let seen: Vec<SessionId> = listed
         .into_iter()
@@ -224,7 +308,10 @@ async fn debounced_touches(store: Arc<dyn SessionStore>) {
     }
     assert_eq!(written, 1, "100 touches within the interval write once");
     tokio::time::sleep(Duration::from_millis(350)).await;
-    assert_eq!(toucher.touch(&s, Some("p")).await.unwrap(), Touched::Written);
+    assert_eq!(
+        toucher.touch(&s, Some("p")).await.unwrap(),
+        Touched::Written
+    );
     store.delete(&s).await.unwrap();
     toucher.forget(&s);
     assert_eq!(toucher.touch(&s, Some("p")).await.unwrap(), Touched::Gone);
@@ -236,9 +323,15 @@ async fn expiry(store: Arc<dyn SessionStore>) {
     store.create_or_rehydrate(&s, owned_by("p")).await.unwrap();
     assert_eq!(store.counts().await.unwrap().total, 1);
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert!(store.touch(&s, Some("p")).await.unwrap(), "touch slides the TTL");
+    assert!(
+        store.touch(&s, Some("p")).await.unwrap(),
+        "touch slides the TTL"
+    );
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert!(store.get(&s).await.unwrap().is_some(), "alive: touched 700 ms ago, TTL 1 s");
+    assert!(
+        store.get(&s).await.unwrap().is_some(),
+        "alive: touched 700 ms ago, TTL 1 s"
+    );
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert!(store.get(&s).await.unwrap().is_none(), "expired");
     let counts = store.counts().await.unwrap();
@@ -266,7 +359,10 @@ async fn redis_cluster_store_honours_the_contract() {
     // Records really are spread over all three masters.
     let store = redis_store(&cluster.url(), "spread:", TTL).await;
     for i in 0..60 {
-        store.create_or_rehydrate(&id(&format!("s{i}")), NewSession::default()).await.unwrap();
+        store
+            .create_or_rehydrate(&id(&format!("s{i}")), NewSession::default())
+            .await
+            .unwrap();
     }
     for node in &cluster.nodes {
         let keys: usize = node.cli(&["DBSIZE"]).unwrap().trim().parse().unwrap();
@@ -283,9 +379,13 @@ async fn prefixes_are_independent() {
     let a = redis_store(&redis.url(), "tenant-a:", TTL).await;
     let b = redis_store(&redis.url(), "tenant-b:", TTL).await;
     for i in 0..3 {
-        a.create_or_rehydrate(&id(&format!("a{i}")), owned_by("pa")).await.unwrap();
+        a.create_or_rehydrate(&id(&format!("a{i}")), owned_by("pa"))
+            .await
+            .unwrap();
     }
-    b.create_or_rehydrate(&id("b0"), owned_by("pb")).await.unwrap();
+    b.create_or_rehydrate(&id("b0"), owned_by("pb"))
+        .await
+        .unwrap();
     assert_eq!(a.counts().await.unwrap().total, 3);
     assert_eq!(b.counts().await.unwrap().total, 1);
     let listed: Vec<Listed> = store::list_all(&*b, 10).try_collect().await.unwrap();

@@ -14,10 +14,21 @@ pub use self::sessions::{RedisArgs, SessionsCommand};
 pub const EXIT_USAGE: u8 = 2;
 
 #[derive(Debug, Parser)]
-#[command(name = "mcp-session-operator", version, about, propagate_version = true)]
+#[command(
+    name = "mcp-session-operator",
+    version,
+    about,
+    propagate_version = true
+)]
 pub struct Cli {
     /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value_t, env = "MCP_SESSION_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t,
+        env = "MCP_SESSION_LOG_FORMAT"
+    )]
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
@@ -42,7 +53,11 @@ pub struct UsageError(pub String);
 
 /// Exit code for an error returned by [`run`].
 pub fn exit_code(error: &anyhow::Error) -> u8 {
-    if error.downcast_ref::<UsageError>().is_some() { EXIT_USAGE } else { 1 }
+    if error.downcast_ref::<UsageError>().is_some() {
+        EXIT_USAGE
+    } else {
+        1
+    }
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {

@@ -33,8 +33,13 @@ pub fn structured<T: Serialize>(
 /// A borderless table with upper-case headers, like `kubectl get`.
 pub fn table(headers: &[&str]) -> Table {
     let mut table = Table::new();
-    table.load_preset(NOTHING).set_content_arrangement(ContentArrangement::Disabled);
+    table
+        .load_preset(NOTHING)
+        .set_content_arrangement(ContentArrangement::Disabled);
     table.set_header(headers.iter().map(|h| h.to_uppercase()));
+    for column in table.column_iter_mut() {
+        column.set_padding((0, 3));
+    }
     table
 }
 

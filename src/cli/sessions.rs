@@ -12,11 +12,11 @@ use futures::TryStreamExt as _;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
-use super::output::{self, OutputFormat, human_duration};
 use super::UsageError;
+use super::output::{self, OutputFormat, human_duration};
 use crate::store::{
-    self, Listed, MemorySample, RedisStore, RedisTarget, ScanReport, Session, SessionCounts,
-    SessionId, SessionState, SessionStore, DEFAULT_KEY_PREFIX, DEFAULT_TTL,
+    self, DEFAULT_KEY_PREFIX, DEFAULT_TTL, Listed, MemorySample, RedisStore, RedisTarget,
+    ScanReport, Session, SessionCounts, SessionId, SessionState, SessionStore,
 };
 
 /// Records fetched per `SCAN` page.
@@ -30,16 +30,21 @@ const MEMORY_SAMPLE: usize = 100;
 #[derive(Debug, Clone, Args)]
 pub struct RedisArgs {
     /// Redis URL (redis://, rediss:// for TLS; comma-separated seed URLs for a Cluster).
-    #[arg(long, env = "MCP_SESSION_REDIS_URL", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "MCP_SESSION_REDIS_URL",
+        hide_env_values = true
+    )]
     pub redis_url: Option<String>,
     /// Key prefix of session records.
-    #[arg(long, env = "MCP_SESSION_KEY_PREFIX", default_value = DEFAULT_KEY_PREFIX)]
+    #[arg(long, global = true, env = "MCP_SESSION_KEY_PREFIX", default_value = DEFAULT_KEY_PREFIX)]
     pub key_prefix: String,
     /// The URL names a Redis Cluster node.
-    #[arg(long, env = "MCP_SESSION_REDIS_CLUSTER")]
+    #[arg(long, global = true, env = "MCP_SESSION_REDIS_CLUSTER")]
     pub redis_cluster: bool,
     /// PEM CA certificate to trust for rediss:// (default: the system roots).
-    #[arg(long, env = "MCP_SESSION_REDIS_CA_FILE")]
+    #[arg(long, global = true, env = "MCP_SESSION_REDIS_CA_FILE")]
     pub redis_ca_file: Option<PathBuf>,
 }
 
@@ -136,7 +141,10 @@ struct Filter {
 impl Filter {
     fn accepts(&self, session: &Session) -> bool {
         self.state.is_none_or(|s| session.record.state() == s)
-            && self.pod.as_deref().is_none_or(|p| session.record.owner_pod.as_deref() == Some(p))
+            && self
+                .pod
+                .as_deref()
+                .is_none_or(|p| session.record.owner_pod.as_deref() == Some(p))
     }
 }
 
@@ -157,7 +165,7 @@ async fn list(
             Listed::Session(session) if filter.accepts(&session) => sessions.push(session),
             Listed::Session(_) => {}
             Listed::Unreadable(unreadable) => {
-                tracing::warn!(key = %unreadable.key, reason = %unreadable.reason, "skipped unreadable session record");
+                tracing::debug!(key = %unreadable.key, reason = %unreadable.reason, "skipped unreadable session record");
                 progress.suspend(|| eprintln!("warning: skipped {unreadable}"));
             }
         }
@@ -166,12 +174,19 @@ async fn list(
         }
     }
     progress.finish();
-    sessions.sort_by(|a, b| a.record.created_at.cmp(&b.record.created_at));
+    sessions.sort_by_key(|s| s.record.created_at);
     if output::structured(format, &sessions, out)? {
         return Ok(());
     }
-    let mut table =
-        output::table(&["id", "user", "created", "last activity", "ttl", "state", "pod"]);
+    let mut table = output::table(&[
+        "id",
+        "user",
+        "created",
+        "last activity",
+        "ttl",
+        "state",
+        "pod",
+    ]);
     for session in &sessions {
         let record = &session.record;
         table.add_row(vec![
@@ -179,7 +194,9 @@ async fn list(
             record.user_id().unwrap_or("-").to_owned(),
             record.created_at.rfc3339(),
             record.last_activity_at.rfc3339(),
-            session.ttl_millis.map_or_else(|| "none".into(), human_duration),
+            session
+                .ttl_millis
+                .map_or_else(|| "none".into(), human_duration),
             record.state().to_string(),
             record.owner_pod.clone().unwrap_or_else(|| "-".into()),
         ]);
@@ -198,8 +215,15 @@ async fn get(
     format: OutputFormat,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
-    let session = store.get(id).await?.with_context(|| format!("session {id} not found"))?;
-    let format = if format == OutputFormat::Table { OutputFormat::Yaml } else { format };
+    let session = store
+        .get(id)
+        .await?
+        .with_context(|| format!("session {id} not found"))?;
+    let format = if format == OutputFormat::Table {
+        OutputFormat::Yaml
+    } else {
+        format
+    };
     output::structured(format, &session, out)?;
     Ok(())
 }
@@ -261,11 +285,19 @@ async fn stats(
     writeln!(out)?;
     if !stats.scanned.per_pod.is_empty() || !stats.indexed.per_pod.is_empty() {
         let mut pods = output::table(&["pod", "index", "scan"]);
-        let names: std::collections::BTreeSet<&String> =
-            stats.indexed.per_pod.keys().chain(stats.scanned.per_pod.keys()).collect();
+        let names: std::collections::BTreeSet<&String> = stats
+            .indexed
+            .per_pod
+            .keys()
+            .chain(stats.scanned.per_pod.keys())
+            .collect();
         for pod in names {
             let count = |c: &SessionCounts| c.per_pod.get(pod).copied().unwrap_or(0).to_string();
-            pods.add_row(vec![pod.clone(), count(&stats.indexed), count(&stats.scanned)]);
+            pods.add_row(vec![
+                pod.clone(),
+                count(&stats.indexed),
+                count(&stats.scanned),
+            ]);
         }
         output::write_table(&pods, out)?;
         writeln!(out)?;
@@ -274,11 +306,19 @@ async fn stats(
     writeln!(out, "Oldest:      {}", or_dash(&stats.oldest_created))?;
     writeln!(out, "Newest:      {}", or_dash(&stats.newest_created))?;
     let unreadable_total: u64 = stats.unreadable.values().sum();
-    let detail: Vec<String> = stats.unreadable.iter().map(|(k, n)| format!("{k}: {n}")).collect();
+    let detail: Vec<String> = stats
+        .unreadable
+        .iter()
+        .map(|(k, n)| format!("{k}: {n}"))
+        .collect();
     if unreadable_total == 0 {
         writeln!(out, "Unreadable:  0")?;
     } else {
-        writeln!(out, "Unreadable:  {unreadable_total} ({})", detail.join(", "))?;
+        writeln!(
+            out,
+            "Unreadable:  {unreadable_total} ({})",
+            detail.join(", ")
+        )?;
     }
     if let Some(memory) = &stats.memory {
         writeln!(
@@ -304,7 +344,11 @@ impl ScanProgress {
             .unwrap_or_else(|_| ProgressStyle::default_spinner());
         bar.set_style(style);
         bar.set_message(what);
-        Self { bar, started: Instant::now(), shown: Mutex::new(false) }
+        Self {
+            bar,
+            started: Instant::now(),
+            shown: Mutex::new(false),
+        }
     }
 
     fn update(&self, seen: u64) {

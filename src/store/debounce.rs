@@ -31,7 +31,11 @@ pub enum Touched {
 
 impl DebouncedToucher {
     pub fn new(store: Arc<dyn SessionStore>, interval: Duration) -> Self {
-        Self { store, interval, last_written: Mutex::new(HashMap::new()) }
+        Self {
+            store,
+            interval,
+            last_written: Mutex::new(HashMap::new()),
+        }
     }
 
     pub async fn touch(&self, id: &SessionId, owner_pod: Option<&str>) -> Result<Touched> {
@@ -81,6 +85,8 @@ impl DebouncedToucher {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, Instant>> {
         // A panic while holding this lock leaves only timestamps behind: safe to keep using.
-        self.last_written.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.last_written
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }

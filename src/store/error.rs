@@ -46,16 +46,27 @@ pub enum StoreError {
     #[error("invalid key prefix {prefix:?}: {reason}")]
     InvalidPrefix { prefix: String, reason: String },
     #[error("cannot read the Redis CA file {path}: {source}")]
-    CaFile { path: String, source: std::io::Error },
+    CaFile {
+        path: String,
+        source: std::io::Error,
+    },
     /// Redis cannot be reached (refused, timed out, connection dropped).
     #[error("cannot reach Redis at {url}: {source}")]
-    Unavailable { url: String, source: redis::RedisError },
+    Unavailable {
+        url: String,
+        source: redis::RedisError,
+    },
     /// Redis answered, with an error.
     #[error("Redis at {url} failed: {source}")]
-    Redis { url: String, source: redis::RedisError },
+    Redis {
+        url: String,
+        source: redis::RedisError,
+    },
     #[error(transparent)]
     Unreadable(#[from] UnreadableRecord),
-    #[error("session {id} kept changing under concurrent writers; gave up after {attempts} attempts")]
+    #[error(
+        "session {id} kept changing under concurrent writers; gave up after {attempts} attempts"
+    )]
     Contended { id: String, attempts: u32 },
 }
 

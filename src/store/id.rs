@@ -14,9 +14,7 @@ pub enum InvalidSessionId {
     Empty,
     #[error("session id is {0} bytes long, the limit is {MAX_SESSION_ID_LEN}")]
     TooLong(usize),
-    #[error(
-        "session id contains {0:?}; allowed are ASCII letters, digits and . _ ~ + / = -"
-    )]
+    #[error("session id contains {0:?}; allowed are ASCII letters, digits and . _ ~ + / = -")]
     BadCharacter(char),
 }
 
@@ -128,7 +126,11 @@ mod tests {
             ("ünï", 'ü'),
             ("nul\0", '\0'),
         ] {
-            assert_eq!(SessionId::parse(bad), Err(InvalidSessionId::BadCharacter(c)), "{bad:?}");
+            assert_eq!(
+                SessionId::parse(bad),
+                Err(InvalidSessionId::BadCharacter(c)),
+                "{bad:?}"
+            );
         }
     }
 

@@ -83,7 +83,13 @@ impl State {
 
     /// Replaces a live record, keeping or resetting its expiry.
     fn rewrite(&mut self, id: &SessionId, record: SessionRecord, expires_at_ms: i64) {
-        self.put(id, Some(Entry { record, expires_at_ms }));
+        self.put(
+            id,
+            Some(Entry {
+                record,
+                expires_at_ms,
+            }),
+        );
     }
 }
 
@@ -96,7 +102,10 @@ pub struct MemoryStore {
 
 impl MemoryStore {
     pub fn new(ttl: Duration) -> Self {
-        Self { ttl, state: Mutex::new(State::default()) }
+        Self {
+            ttl,
+            state: Mutex::new(State::default()),
+        }
     }
 
     /// Runs `f` on the state after expiring what is due; `now` is passed on so one operation
@@ -105,7 +114,10 @@ impl MemoryStore {
         let now = Timestamp::now();
         let now_ms = now.unix_millis();
         // No code below panics while holding the lock; recover the data if it ever did.
-        let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         state.expire(now_ms);
         f(&mut state, now, now_ms)
     }
@@ -136,7 +148,9 @@ impl SessionStore for MemoryStore {
                     Origin::Created
                 }
             };
-            let session = state.session(id, now_ms).unwrap_or_else(|| unreachable!("just written"));
+            let session = state
+                .session(id, now_ms)
+                .unwrap_or_else(|| unreachable!("just written"));
             (session, origin)
         }))
     }
@@ -190,11 +204,13 @@ impl SessionStore for MemoryStore {
             };
             let mut record = entry.record.clone();
             if let Err(refused) = ClaimOutcome::decide(&record, &claim) {
-                return refused;
+                return refused.into();
             }
             let already_owned = ClaimOutcome::apply(&mut record, &claim, now);
             state.rewrite(id, record, now_ms + ttl_ms);
-            let session = state.session(id, now_ms).unwrap_or_else(|| unreachable!("just written"));
+            let session = state
+                .session(id, now_ms)
+                .unwrap_or_else(|| unreachable!("just written"));
             if already_owned {
                 ClaimOutcome::AlreadyOwned(session)
             } else {
@@ -219,8 +235,8 @@ impl SessionStore for MemoryStore {
                 .filter_map(|id| state.session(id, now_ms).map(Listed::Session))
                 .collect();
             let position = start + items.len() as u64;
-            let next = (position < state.records.len() as u64)
-                .then_some(ListCursor { node: 0, position });
+            let next =
+                (position < state.records.len() as u64).then_some(ListCursor { node: 0, position });
             ListPage { items, next }
         }))
     }

@@ -116,36 +116,56 @@ pub enum ClaimOutcome {
     /// The caller owned it already.
     AlreadyOwned(Session),
     /// A live pod owns it.
-    OwnedByOther { owner: String },
+    OwnedByOther {
+        owner: String,
+    },
     /// The session belongs to another credential; it must not be handed over.
     CredentialMismatch,
     NotFound,
 }
 
+/// Why a claim is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ClaimRefusal {
+    OwnedByOther { owner: String },
+    CredentialMismatch,
+}
+
+impl From<ClaimRefusal> for ClaimOutcome {
+    fn from(refusal: ClaimRefusal) -> Self {
+        match refusal {
+            ClaimRefusal::OwnedByOther { owner } => Self::OwnedByOther { owner },
+            ClaimRefusal::CredentialMismatch => Self::CredentialMismatch,
+        }
+    }
+}
+
 impl ClaimOutcome {
     /// Decides a claim on a record as read; shared by both stores so they agree to the letter.
-    fn decide(record: &SessionRecord, claim: &Claim) -> Result<(), ClaimOutcome> {
+    fn decide(record: &SessionRecord, claim: &Claim) -> Result<(), ClaimRefusal> {
         if let (Some(stored), Some(offered)) = (
             record.credential_fingerprint.as_deref(),
             claim.credential_fingerprint.as_deref(),
         ) && stored != offered
         {
-            return Err(ClaimOutcome::CredentialMismatch);
+            return Err(ClaimRefusal::CredentialMismatch);
         }
         if record.credential_fingerprint.is_some() && claim.credential_fingerprint.is_none() {
-            return Err(ClaimOutcome::CredentialMismatch);
+            return Err(ClaimRefusal::CredentialMismatch);
         }
         match (&record.owner_pod, record.state()) {
             (Some(owner), SessionState::Active) if owner != &claim.pod => {
-                Err(ClaimOutcome::OwnedByOther { owner: owner.clone() })
+                Err(ClaimRefusal::OwnedByOther {
+                    owner: owner.clone(),
+                })
             }
             _ => Ok(()),
         }
     }
 
     fn apply(record: &mut SessionRecord, claim: &Claim, now: Timestamp) -> bool {
-        let already_owned =
-            record.owner_pod.as_deref() == Some(&claim.pod) && record.state() == SessionState::Active;
+        let already_owned = record.owner_pod.as_deref() == Some(&claim.pod)
+            && record.state() == SessionState::Active;
         if !already_owned {
             record.rehydrations += 1;
         }
@@ -239,6 +259,7 @@ pub struct MemorySample {
 /// dropped and never deleted).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
+#[allow(clippy::large_enum_variant)] // Nearly every entry is a session: boxing would only add allocations.
 pub enum Listed {
     Session(Session),
     Unreadable(UnreadableRecord),
@@ -337,13 +358,16 @@ pub async fn scan_report(
     progress: &(dyn Fn(u64) + Send + Sync),
 ) -> Result<ScanReport> {
     let mut report = ScanReport {
-        counts: SessionCounts { source: CountSource::Scan, ..Default::default() },
+        counts: SessionCounts {
+            source: CountSource::Scan,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let mut items = std::pin::pin!(list_all(store, page_size));
     while let Some(item) = items.try_next().await? {
         report.add(&item);
-        if report.keys_scanned % 1024 == 0 {
+        if report.keys_scanned.is_multiple_of(1024) {
             progress(report.keys_scanned);
         }
     }

@@ -34,7 +34,9 @@ impl std::str::FromStr for SessionState {
         match s {
             "active" => Ok(Self::Active),
             "draining" => Ok(Self::Draining),
-            other => Err(format!("unknown session state {other:?} (active, draining)")),
+            other => Err(format!(
+                "unknown session state {other:?} (active, draining)"
+            )),
         }
     }
 }
@@ -174,7 +176,10 @@ mod tests {
         let record = SessionRecord::from_json(SEED_RECORD.as_bytes()).unwrap();
         assert_eq!(record.state(), SessionState::Active);
         assert_eq!(record.user_id(), Some("user-123"));
-        assert_eq!(record.created_at.to_seed_string(), "2026-01-15T10:00:00.000000");
+        assert_eq!(
+            record.created_at.to_seed_string(),
+            "2026-01-15T10:00:00.000000"
+        );
         assert_eq!(record.owner_pod, None);
         // The seed's own metadata is kept through a rewrite.
         let rewritten = SessionRecord::from_json(record.to_json().as_bytes()).unwrap();
@@ -196,7 +201,10 @@ mod tests {
         let raw = r#"{"connection_id":"x","created_at":"2026-01-15T10:00:00","last_activity_at":"2026-01-15T10:00:00+02:00","metadata":{},"future":{"a":[1,2]}}"#;
         let record = SessionRecord::from_json(raw.as_bytes()).unwrap();
         assert_eq!(record.extra["future"]["a"][1], 2);
-        assert_eq!(record.last_activity_at.to_seed_string(), "2026-01-15T08:00:00.000000");
+        assert_eq!(
+            record.last_activity_at.to_seed_string(),
+            "2026-01-15T08:00:00.000000"
+        );
         assert!(record.to_json().contains(r#""future":{"a":[1,2]}"#));
     }
 

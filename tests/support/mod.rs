@@ -30,7 +30,11 @@ pub fn die_with_parent(command: &mut Command) -> &mut Command {
 
 /// Finds a program the README's test command installs, with a message naming the package.
 pub fn require_program(program: &str, package: &str) -> String {
-    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain(["/usr/bin", "/usr/sbin"]) {
+    for dir in std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/usr/bin", "/usr/sbin"])
+    {
         let path = std::path::Path::new(dir).join(program);
         if path.is_file() {
             return path.display().to_string();

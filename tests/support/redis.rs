@@ -39,7 +39,13 @@ impl RedisServer {
             dir.path().join("redis.log").display().to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut server = Self { port, dir, args, child: None, tls_port: None };
+        let mut server = Self {
+            port,
+            dir,
+            args,
+            child: None,
+            tls_port: None,
+        };
         server.spawn();
         server
     }
@@ -73,8 +79,13 @@ impl RedisServer {
     fn spawn(&mut self) {
         let binary = require_program("redis-server", "redis-server");
         let mut command = Command::new(binary);
-        command.args(&self.args).stdout(Stdio::null()).stderr(Stdio::null());
-        let child = die_with_parent(&mut command).spawn().expect("spawn redis-server");
+        command
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = die_with_parent(&mut command)
+            .spawn()
+            .expect("spawn redis-server");
         self.child = Some(child);
         self.wait_ready();
     }
@@ -82,18 +93,29 @@ impl RedisServer {
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if self.cli(&["PING"]).map(|o| o.trim() == "PONG").unwrap_or(false)
-                || self.cli(&["PING"]).map(|o| o.contains("NOAUTH")).unwrap_or(false)
+            if self
+                .cli(&["PING"])
+                .map(|o| o.trim() == "PONG")
+                .unwrap_or(false)
+                || self
+                    .cli(&["PING"])
+                    .map(|o| o.contains("NOAUTH"))
+                    .unwrap_or(false)
             {
                 return;
             }
             if let Some(child) = self.child.as_mut()
                 && let Ok(Some(status)) = child.try_wait()
             {
-                let log = std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default();
+                let log =
+                    std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default();
                 panic!("redis-server exited with {status}:\n{log}");
             }
-            assert!(Instant::now() < deadline, "redis-server on port {} did not start", self.port);
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {} did not start",
+                self.port
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -156,12 +178,18 @@ impl RedisCluster {
                 ])
             })
             .collect();
-        let addresses: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
         let mut args = vec!["--cluster", "create"];
         args.extend(addresses.iter().map(String::as_str));
         args.extend(["--cluster-replicas", "0", "--cluster-yes"]);
         let output = redis_cli(nodes[0].port, &args).expect("redis-cli --cluster create");
-        assert!(output.contains("[OK] All 16384 slots covered"), "cluster create failed:\n{output}");
+        assert!(
+            output.contains("[OK] All 16384 slots covered"),
+            "cluster create failed:\n{output}"
+        );
         let deadline = Instant::now() + Duration::from_secs(20);
         for node in &nodes {
             loop {
@@ -169,7 +197,10 @@ impl RedisCluster {
                 if info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:3") {
                     break;
                 }
-                assert!(Instant::now() < deadline, "cluster did not converge:\n{info}");
+                assert!(
+                    Instant::now() < deadline,
+                    "cluster did not converge:\n{info}"
+                );
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
@@ -178,7 +209,11 @@ impl RedisCluster {
 
     /// Seed URLs of all nodes, comma-separated (what `RedisTarget::parse` takes).
     pub fn url(&self) -> String {
-        self.nodes.iter().map(|n| format!("redis://127.0.0.1:{}", n.port)).collect::<Vec<_>>().join(",")
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 
@@ -188,13 +223,18 @@ fn write_test_certificates(dir: &Path) -> Vec<u8> {
     let ca_key = KeyPair::generate().expect("CA key");
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "mcp-session-operator test CA");
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "mcp-session-operator test CA");
     let ca = ca_params.self_signed(&ca_key).expect("CA certificate");
     let server_key = KeyPair::generate().expect("server key");
     let server_params =
-        CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).expect("params");
+        CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .expect("params");
     let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
-    let server = server_params.signed_by(&server_key, &issuer).expect("server certificate");
+    let server = server_params
+        .signed_by(&server_key, &issuer)
+        .expect("server certificate");
     let write = |name: &str, contents: String| {
         std::fs::write(dir.join(name), contents).expect("write certificate file");
     };

@@ -32,15 +32,17 @@ impl Keys {
         if prefix.len() > MAX_PREFIX_LEN {
             return Err(invalid("it is longer than 200 bytes"));
         }
-        if let Some(c) = prefix
-            .chars()
-            .find(|c| matches!(c, '{' | '}' | '*' | '?' | '[' | ']' | '\\') || !c.is_ascii_graphic())
-        {
+        if let Some(c) = prefix.chars().find(|c| {
+            matches!(c, '{' | '}' | '*' | '?' | '[' | ']' | '\\') || !c.is_ascii_graphic()
+        }) {
             return Err(invalid(&format!(
                 "{c:?} is not allowed (no braces, glob characters, whitespace or non-ASCII)"
             )));
         }
-        Ok(Self { prefix: prefix.to_owned(), tag: format!("{{{prefix}}}") })
+        Ok(Self {
+            prefix: prefix.to_owned(),
+            tag: format!("{{{prefix}}}"),
+        })
     }
 
     pub fn prefix(&self) -> &str {
@@ -93,7 +95,12 @@ mod tests {
         let keys = Keys::new("mcp:session:").unwrap();
         let id = SessionId::parse("abc").unwrap();
         assert_eq!(keys.record(&id), "mcp:session:abc");
-        for index in [keys.expiry(), keys.draining(), keys.pods(), keys.pod("web-0")] {
+        for index in [
+            keys.expiry(),
+            keys.draining(),
+            keys.pods(),
+            keys.pod("web-0"),
+        ] {
             assert!(index.starts_with("{mcp:session:}:"), "{index}");
             assert!(!index.starts_with(keys.prefix()));
             // Redis Cluster hashes only what stands between the first `{` and the next `}`.
@@ -114,7 +121,13 @@ mod tests {
     fn ids_of_keys() {
         let keys = Keys::new("mcp:session:").unwrap();
         assert_eq!(keys.id_of(b"mcp:session:abc").unwrap().as_str(), "abc");
-        assert_eq!(keys.id_of(b"mcp:session:\xff"), Err(UnreadableReason::KeyNotUtf8));
-        assert!(matches!(keys.id_of(b"mcp:session:a b"), Err(UnreadableReason::InvalidId(_))));
+        assert_eq!(
+            keys.id_of(b"mcp:session:\xff"),
+            Err(UnreadableReason::KeyNotUtf8)
+        );
+        assert!(matches!(
+            keys.id_of(b"mcp:session:a b"),
+            Err(UnreadableReason::InvalidId(_))
+        ));
     }
 }

@@ -24,9 +24,10 @@ use self::scripts::{Lua, Scripts};
 pub(crate) use self::target::Conn;
 pub use self::target::{RedisTarget, mask_url};
 use super::{
-    Claim, ClaimOutcome, CountSource, ListCursor, ListPage, Listed, MemorySample, NewSession,
-    Origin, PruneReport, Result, Session, SessionCounts, SessionId, SessionPatch, SessionRecord,
-    SessionState, SessionStore, StoreError, Timestamp, UnreadableReason, UnreadableRecord,
+    Claim, ClaimOutcome, ClaimRefusal, CountSource, ListCursor, ListPage, Listed, MemorySample,
+    NewSession, Origin, PruneReport, Result, Session, SessionCounts, SessionId, SessionPatch,
+    SessionRecord, SessionState, SessionStore, StoreError, Timestamp, UnreadableReason,
+    UnreadableRecord,
 };
 
 /// Records above this size are reported, not parsed (a session is a few hundred bytes).
@@ -72,6 +73,7 @@ struct Fetched {
 }
 
 /// Outcome of a read-modify-write.
+#[allow(clippy::large_enum_variant)] // Short-lived, returned once per write.
 enum Modified<T> {
     Missing,
     Refused(T),
@@ -119,17 +121,25 @@ impl RedisStore {
     }
 
     async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
-        cmd.query_async(&mut self.conn.clone()).await.map_err(|e| self.error(e))
+        cmd.query_async(&mut self.conn.clone())
+            .await
+            .map_err(|e| self.error(e))
     }
 
     /// Runs a pipeline, one result per command (a failed command does not fail the others).
     /// Not a transaction. On a Cluster, where one pipeline must stay in one slot, the commands
     /// go out concurrently on the multiplexed connection instead: still one round trip per node.
     async fn pipeline(&self, pipe: &Pipeline) -> Result<Vec<RedisResult<Value>>> {
+        if pipe.is_empty() {
+            return Ok(Vec::new());
+        }
         match &self.conn {
             Conn::Single(conn) => {
                 let mut pipe = pipe.clone();
-                pipe.ignore_errors().query_async(&mut conn.clone()).await.map_err(|e| self.error(e))
+                pipe.ignore_errors()
+                    .query_async(&mut conn.clone())
+                    .await
+                    .map_err(|e| self.error(e))
             }
             Conn::Cluster(conn) => {
                 let sends = pipe.cmd_iter().map(|cmd| {
@@ -148,8 +158,14 @@ impl RedisStore {
         build: impl Fn(bool) -> Pipeline,
     ) -> Result<Vec<RedisResult<Value>>> {
         let results = self.pipeline(&build(false)).await?;
-        let noscript = results.iter().any(|r| matches!(r, Err(e) if e.code() == Some("NOSCRIPT")));
-        if noscript { self.pipeline(&build(true)).await } else { Ok(results) }
+        let noscript = results
+            .iter()
+            .any(|r| matches!(r, Err(e) if e.code() == Some("NOSCRIPT")));
+        if noscript {
+            self.pipeline(&build(true)).await
+        } else {
+            Ok(results)
+        }
     }
 
     /// The value of a command that must succeed.
@@ -160,7 +176,9 @@ impl RedisStore {
     }
 
     fn expect_all(&self, results: Vec<RedisResult<Value>>) -> Result<()> {
-        results.into_iter().try_for_each(|r| self.expect::<Value>(r).map(drop))
+        results
+            .into_iter()
+            .try_for_each(|r| self.expect::<Value>(r).map(drop))
     }
 
     async fn fetch(&self, keys: Vec<Vec<u8>>) -> Result<Vec<Fetched>> {
@@ -191,7 +209,11 @@ impl RedisStore {
                     value => Ok(value),
                 },
             };
-            fetched.push(Fetched { key, value, pttl_ms });
+            fetched.push(Fetched {
+                key,
+                value,
+                pttl_ms,
+            });
         }
         Ok(fetched)
     }
@@ -288,11 +310,18 @@ impl RedisStore {
                 self.reindex(&mut pipe, id, Some(&old.record), Some(&record), expiry_ms);
                 self.expect_all(self.pipeline(&pipe).await?)?;
                 let ttl_millis = u64::try_from(expiry_ms - now_ms).ok();
-                return Ok(Modified::Done(Session { id: id.clone(), record, ttl_millis }));
+                return Ok(Modified::Done(Session {
+                    id: id.clone(),
+                    record,
+                    ttl_millis,
+                }));
             }
             debug!(session = %id, attempt, "record changed concurrently; retrying");
         }
-        Err(StoreError::Contended { id: id.to_string(), attempts: CAS_ATTEMPTS })
+        Err(StoreError::Contended {
+            id: id.to_string(),
+            attempts: CAS_ATTEMPTS,
+        })
     }
 
     /// Index changes for a record going from `old` to `new` (`None`: absent).
@@ -326,11 +355,11 @@ impl RedisStore {
         }
         match new_slot {
             IndexSlot::Draining => pipe.zadd(self.keys.draining(), id, score),
-            IndexSlot::Pod(pod) => pipe
-                .zadd(self.keys.pod(pod), id, score)
-                
-                .zadd(self.keys.pods(), pod, Timestamp::now().unix_millis() as f64)
-                ,
+            IndexSlot::Pod(pod) => pipe.zadd(self.keys.pod(pod), id, score).zadd(
+                self.keys.pods(),
+                pod,
+                Timestamp::now().unix_millis() as f64,
+            ),
             IndexSlot::Unowned => pipe,
         };
     }
@@ -383,7 +412,9 @@ impl RedisStore {
 
     /// The master nodes of a cluster, in a stable order (a listing cursor indexes into it).
     async fn cluster_masters(&self) -> Result<Vec<(String, u16)>> {
-        let nodes: String = self.query(&redis::cmd("CLUSTER").arg("NODES").clone()).await?;
+        let nodes: String = self
+            .query(&redis::cmd("CLUSTER").arg("NODES").clone())
+            .await?;
         let mut masters: Vec<(String, u16)> = nodes
             .lines()
             .filter_map(|line| {
@@ -409,14 +440,22 @@ impl RedisStore {
         count: usize,
     ) -> Result<(u64, Vec<Vec<u8>>)> {
         let mut cmd = redis::cmd("SCAN");
-        cmd.arg(position).arg("MATCH").arg(self.keys.record_pattern()).arg("COUNT").arg(count);
+        cmd.arg(position)
+            .arg("MATCH")
+            .arg(self.keys.record_pattern())
+            .arg("COUNT")
+            .arg(count);
         match (node, &self.conn) {
             (Some((host, port)), Conn::Cluster(conn)) => {
                 let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
                     host: host.clone(),
                     port: *port,
                 });
-                let value = conn.clone().route_command(cmd, routing).await.map_err(|e| self.error(e))?;
+                let value = conn
+                    .clone()
+                    .route_command(cmd, routing)
+                    .await
+                    .map_err(|e| self.error(e))?;
                 redis::from_redis_value(value).map_err(|e| self.error(e.into()))
             }
             _ => self.query(&cmd).await,
@@ -429,7 +468,13 @@ impl RedisStore {
         let mut position = 0_u64;
         loop {
             let (next, flat): (u64, Vec<String>) = self
-                .query(redis::cmd("ZSCAN").arg(set).arg(position).arg("COUNT").arg(MAINTENANCE_BATCH))
+                .query(
+                    redis::cmd("ZSCAN")
+                        .arg(set)
+                        .arg(position)
+                        .arg("COUNT")
+                        .arg(MAINTENANCE_BATCH),
+                )
                 .await?;
             // ZSCAN answers member, score, member, score, ...
             let members: Vec<SessionId> = flat
@@ -462,7 +507,9 @@ impl RedisStore {
 
     /// Pods listed in the pods set (without the sentinel).
     async fn indexed_pods(&self) -> Result<Vec<String>> {
-        let pods: Vec<String> = self.query(redis::cmd("ZRANGE").arg(self.keys.pods()).arg(0).arg(-1)).await?;
+        let pods: Vec<String> = self
+            .query(redis::cmd("ZRANGE").arg(self.keys.pods()).arg(0).arg(-1))
+            .await?;
         Ok(pods.into_iter().filter(|p| p != SENTINEL).collect())
     }
 
@@ -531,32 +578,57 @@ impl SessionStore for RedisStore {
         let record = new.into_record(id, now);
         let ttl_ms = millis(self.ttl);
         let mut set = redis::cmd("SET");
-        set.arg(self.keys.record(id)).arg(record.to_json()).arg("NX").arg("GET").arg("PX").arg(ttl_ms);
+        set.arg(self.keys.record(id))
+            .arg(record.to_json())
+            .arg("NX")
+            .arg("GET")
+            .arg("PX")
+            .arg(ttl_ms);
         let previous = match self.query::<Option<Vec<u8>>>(&set).await {
             Ok(previous) => previous,
             Err(StoreError::Redis { source, .. }) if source.code() == Some("WRONGTYPE") => {
                 let key = self.keys.record(id);
                 let kind: String = self.query(redis::cmd("TYPE").arg(&key)).await?;
-                return Err(UnreadableRecord { key, reason: UnreadableReason::WrongType(kind) }.into());
+                return Err(UnreadableRecord {
+                    key,
+                    reason: UnreadableReason::WrongType(kind),
+                }
+                .into());
             }
             Err(e) => return Err(e),
         };
         let Some(previous) = previous else {
             let mut pipe = redis::pipe();
-            self.reindex(&mut pipe, id, None, Some(&record), now.unix_millis() + ttl_ms);
+            self.reindex(
+                &mut pipe,
+                id,
+                None,
+                Some(&record),
+                now.unix_millis() + ttl_ms,
+            );
             self.expect_all(self.pipeline(&pipe).await?)?;
-            let session = Session { id: id.clone(), record, ttl_millis: Some(ttl_ms as u64) };
+            let session = Session {
+                id: id.clone(),
+                record,
+                ttl_millis: Some(ttl_ms as u64),
+            };
             return Ok((session, Origin::Created));
         };
         // The session exists: never overwrite it, and refuse to build on a record we cannot
         // read rather than replace it.
-        let mut existing = SessionRecord::from_json(&previous).map_err(|reason| UnreadableRecord {
-            key: self.keys.record(id),
-            reason: UnreadableReason::Malformed(reason),
-        })?;
-        self.touch_indexed(id, IndexSlot::of(&existing), true).await?;
+        let mut existing =
+            SessionRecord::from_json(&previous).map_err(|reason| UnreadableRecord {
+                key: self.keys.record(id),
+                reason: UnreadableReason::Malformed(reason),
+            })?;
+        self.touch_indexed(id, IndexSlot::of(&existing), true)
+            .await?;
         existing.last_activity_at = now;
-        let session = Session { id: id.clone(), record: existing, ttl_millis: Some(ttl_ms as u64) };
+        let session = Session {
+            id: id.clone(),
+            record: existing,
+            ttl_millis: Some(ttl_ms as u64),
+        };
         Ok((session, Origin::Rehydrated))
     }
 
@@ -611,12 +683,12 @@ impl SessionStore for RedisStore {
             .modify(id, TtlRule::Reset(self.ttl), |record| {
                 ClaimOutcome::decide(record, &claim)?;
                 already_owned = ClaimOutcome::apply(record, &claim, now);
-                Ok(())
+                Ok::<(), ClaimRefusal>(())
             })
             .await?;
         Ok(match outcome {
             Modified::Missing => ClaimOutcome::NotFound,
-            Modified::Refused(refused) => refused,
+            Modified::Refused(refused) => refused.into(),
             Modified::Done(session) if already_owned => ClaimOutcome::AlreadyOwned(session),
             Modified::Done(session) => ClaimOutcome::Claimed(session),
         })
@@ -624,7 +696,9 @@ impl SessionStore for RedisStore {
 
     #[instrument(level = "debug", skip_all, fields(session = %id))]
     async fn delete(&self, id: &SessionId) -> Result<bool> {
-        let previous: Option<Vec<u8>> = self.query(redis::cmd("GETDEL").arg(self.keys.record(id))).await?;
+        let previous: Option<Vec<u8>> = self
+            .query(redis::cmd("GETDEL").arg(self.keys.record(id)))
+            .await?;
         let Some(previous) = previous else {
             return Ok(false);
         };
@@ -644,12 +718,25 @@ impl SessionStore for RedisStore {
             Conn::Single(_) => Vec::new(),
         };
         let node = masters.get(cursor.node);
-        let (next, keys) = self.scan_step(node, cursor.position, page_size.max(1)).await?;
-        let items = self.fetch(keys).await?.iter().filter_map(|f| self.decode(f)).collect();
+        let (next, keys) = self
+            .scan_step(node, cursor.position, page_size.max(1))
+            .await?;
+        let items = self
+            .fetch(keys)
+            .await?
+            .iter()
+            .filter_map(|f| self.decode(f))
+            .collect();
         let next = match (next, masters.len()) {
-            (0, n) if cursor.node + 1 < n => Some(ListCursor { node: cursor.node + 1, position: 0 }),
+            (0, n) if cursor.node + 1 < n => Some(ListCursor {
+                node: cursor.node + 1,
+                position: 0,
+            }),
             (0, _) => None,
-            (position, _) => Some(ListCursor { node: cursor.node, position }),
+            (position, _) => Some(ListCursor {
+                node: cursor.node,
+                position,
+            }),
         };
         Ok(ListPage { items, next })
     }
@@ -659,10 +746,16 @@ impl SessionStore for RedisStore {
         if let Some(counts) = self.indexed_counts().await? {
             return Ok(counts);
         }
-        warn!(prefix = self.keys.prefix(), "session index missing (never built or evicted); rebuilding");
+        warn!(
+            prefix = self.keys.prefix(),
+            "session index missing (never built or evicted); rebuilding"
+        );
         self.rebuild_index().await?;
         let counts = self.indexed_counts().await?.unwrap_or_default();
-        Ok(SessionCounts { source: CountSource::Rebuilt, ..counts })
+        Ok(SessionCounts {
+            source: CountSource::Rebuilt,
+            ..counts
+        })
     }
 
     #[instrument(level = "debug", skip_all)]
@@ -678,7 +771,8 @@ impl SessionStore for RedisStore {
         }
         let pods = self.indexed_pods().await?;
         for pod in &pods {
-            let (pods_key, pod_key, now_arg) = (self.keys.pods(), self.keys.pod(pod), now.to_string());
+            let (pods_key, pod_key, now_arg) =
+                (self.keys.pods(), self.keys.pod(pod), now.to_string());
             let mut results = self
                 .pipeline_with_scripts(|by_body| {
                     let mut pipe = redis::pipe();
@@ -707,7 +801,8 @@ impl SessionStore for RedisStore {
     async fn rebuild_index(&self) -> Result<u64> {
         let now = Timestamp::now().unix_millis();
         let mut indexed = 0_u64;
-        let mut pages = std::pin::pin!(super::list_all(self, MAINTENANCE_BATCH).chunks(MAINTENANCE_BATCH));
+        let mut pages =
+            std::pin::pin!(super::list_all(self, MAINTENANCE_BATCH).chunks(MAINTENANCE_BATCH));
         while let Some(chunk) = pages.next().await {
             let mut pipe = redis::pipe();
             for item in chunk {
@@ -749,7 +844,11 @@ impl SessionStore for RedisStore {
         }
         let mut pipe = redis::pipe();
         for key in &keys {
-            pipe.cmd("MEMORY").arg("USAGE").arg(key).arg("SAMPLES").arg(0);
+            pipe.cmd("MEMORY")
+                .arg("USAGE")
+                .arg(key)
+                .arg("SAMPLES")
+                .arg(0);
         }
         let mut sizes = Vec::with_capacity(keys.len());
         for size in self.pipeline(&pipe).await? {
@@ -766,7 +865,15 @@ impl SessionStore for RedisStore {
     }
 
     fn describe(&self) -> String {
-        let kind = if self.target.is_cluster() { "Redis Cluster" } else { "Redis" };
-        format!("{kind} at {} (prefix {:?})", self.target.masked(), self.keys.prefix())
+        let kind = if self.target.is_cluster() {
+            "Redis Cluster"
+        } else {
+            "Redis"
+        };
+        format!(
+            "{kind} at {} (prefix {:?})",
+            self.target.masked(),
+            self.keys.prefix()
+        )
     }
 }

@@ -11,7 +11,10 @@ pub struct Lua {
 
 impl Lua {
     fn new(body: &'static str) -> Self {
-        Self { script: Script::new(body), body }
+        Self {
+            script: Script::new(body),
+            body,
+        }
     }
 
     pub fn cmd(&self, by_body: bool, keys: &[&str], args: &[&str]) -> Cmd {

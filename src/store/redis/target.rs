@@ -37,10 +37,17 @@ impl RedisTarget {
     /// `redis://[user:password@]host:port[/db]`, `rediss://` for TLS; a comma-separated list of
     /// URLs names the seed nodes of a Redis Cluster.
     pub fn parse(urls: &str) -> Result<Self, StoreError> {
-        let urls: Vec<String> =
-            urls.split(',').map(str::trim).filter(|u| !u.is_empty()).map(String::from).collect();
+        let urls: Vec<String> = urls
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(String::from)
+            .collect();
         if urls.is_empty() {
-            return Err(StoreError::InvalidUrl { url: String::new(), reason: "it is empty".into() });
+            return Err(StoreError::InvalidUrl {
+                url: String::new(),
+                reason: "it is empty".into(),
+            });
         }
         for url in &urls {
             validate_url(url)?;
@@ -87,13 +94,18 @@ impl RedisTarget {
 
     /// The URL(s) with any password replaced by `***`, for messages and logs.
     pub fn masked(&self) -> String {
-        self.urls.iter().map(|u| mask_url(u)).collect::<Vec<_>>().join(",")
+        self.urls
+            .iter()
+            .map(|u| mask_url(u))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     fn certificates(&self) -> Option<TlsCertificates> {
-        self.ca_pem
-            .as_ref()
-            .map(|pem| TlsCertificates { client_tls: None, root_cert: Some(pem.clone()) })
+        self.ca_pem.as_ref().map(|pem| TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem.clone()),
+        })
     }
 
     /// Connects (eagerly, so a wrong address fails here with a clear error). The connection
@@ -123,13 +135,18 @@ impl RedisTarget {
             .set_response_timeout(Some(self.response_timeout))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_with_config(client, config).await.map_err(fail)?;
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(fail)?;
         Ok(Conn::Single(conn))
     }
 }
 
 fn validate_url(url: &str) -> Result<(), StoreError> {
-    let invalid = |reason: String| StoreError::InvalidUrl { url: mask_url(url), reason };
+    let invalid = |reason: String| StoreError::InvalidUrl {
+        url: mask_url(url),
+        reason,
+    };
     let parsed = url::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
     if !matches!(parsed.scheme(), "redis" | "rediss" | "redis+unix" | "unix") {
         return Err(invalid(format!(
@@ -137,7 +154,8 @@ fn validate_url(url: &str) -> Result<(), StoreError> {
             parsed.scheme()
         )));
     }
-    url.into_connection_info().map_err(|e| invalid(e.to_string()))?;
+    url.into_connection_info()
+        .map_err(|e| invalid(e.to_string()))?;
     Ok(())
 }
 
@@ -202,8 +220,14 @@ mod tests {
 
     #[test]
     fn masks_passwords() {
-        assert_eq!(mask_url("redis://:hunter2@redis:6379/0"), "redis://:***@redis:6379/0");
-        assert_eq!(mask_url("rediss://app:s3cr3t@h:6380"), "rediss://app:***@h:6380");
+        assert_eq!(
+            mask_url("redis://:hunter2@redis:6379/0"),
+            "redis://:***@redis:6379/0"
+        );
+        assert_eq!(
+            mask_url("rediss://app:s3cr3t@h:6380"),
+            "rediss://app:***@h:6380"
+        );
         assert_eq!(mask_url("redis://redis:6379"), "redis://redis:6379");
         let target = RedisTarget::parse("redis://:pw@a:1,redis://:pw@b:2").unwrap();
         assert!(target.is_cluster());
@@ -213,7 +237,12 @@ mod tests {
 
     #[test]
     fn rejects_bad_urls_with_the_password_masked() {
-        for bad in ["", "http://redis:6379", "redis://:pw@host:notaport", "not a url"] {
+        for bad in [
+            "",
+            "http://redis:6379",
+            "redis://:pw@host:notaport",
+            "not a url",
+        ] {
             let err = RedisTarget::parse(bad).unwrap_err();
             assert!(matches!(err, StoreError::InvalidUrl { .. }), "{bad}: {err}");
             assert!(!err.to_string().contains(":pw@"), "{err}");

@@ -1,0 +1,223 @@
+//! The `sessions` CLI, run as a process against a real redis-server.
+
+mod support;
+
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use support::redis::RedisServer;
+
+fn cli(args: &[&str], redis_url: Option<&str>) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mcp-session-operator"));
+    command
+        .args(args)
+        .env_remove("MCP_SESSION_REDIS_URL")
+        .env_remove("RUST_LOG");
+    if let Some(url) = redis_url {
+        command.env("MCP_SESSION_REDIS_URL", url);
+    }
+    command.output().expect("run the binary")
+}
+
+fn stdout(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn seed(redis: &RedisServer) {
+    let record = |id: &str, user: &str, extra: &str| {
+        format!(
+            r#"{{"connection_id": "{id}", "created_at": "2026-01-15T10:00:00.000000", "last_activity_at": "2026-01-15T10:05:00.000000", "metadata": {{"user_id": "{user}"}}{extra}}}"#
+        )
+    };
+    redis
+        .cli(&[
+            "SET",
+            "mcp:session:s-1",
+            &record(
+                "s-1",
+                "alice",
+                r#", "state": "active", "owner_pod": "web-0""#,
+            ),
+            "EX",
+            "600",
+        ])
+        .unwrap();
+    redis
+        .cli(&[
+            "SET",
+            "mcp:session:s-2",
+            &record("s-2", "bob", r#", "state": "draining""#),
+            "EX",
+            "7200",
+        ])
+        .unwrap();
+    redis
+        .cli(&[
+            "SET",
+            "mcp:session:s-3",
+            &record("s-3", "carol", ""),
+            "EX",
+            "86400",
+        ])
+        .unwrap();
+    redis.cli(&["SET", "mcp:session:broken", "{oops"]).unwrap();
+}
+
+#[test]
+fn list_get_delete_stats() {
+    let redis = RedisServer::start();
+    seed(&redis);
+    let url = redis.url();
+
+    let table = cli(&["sessions", "list"], Some(&url));
+    let text = stdout(&table);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("ID"), "{text}");
+    for header in ["USER", "CREATED", "LAST ACTIVITY", "TTL", "STATE", "POD"] {
+        assert!(lines[0].contains(header), "{header} in {text}");
+    }
+    assert_eq!(lines.len(), 4, "{text}");
+    assert!(text.contains("alice") && text.contains("web-0") && text.contains("draining"));
+    assert!(
+        stderr(&table)
+            .contains("warning: skipped record mcp:session:broken: malformed session JSON"),
+        "{}",
+        stderr(&table)
+    );
+    assert!(
+        !stderr(&table).contains('\u{1b}'),
+        "no progress bar drawn when piped"
+    );
+
+    let json: Value = serde_json::from_str(&stdout(&cli(
+        &["sessions", "list", "-o", "json", "--state", "draining"],
+        Some(&url),
+    )))
+    .unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 1);
+    assert_eq!(json[0]["id"], "s-2");
+    let yaml = stdout(&cli(
+        &["sessions", "list", "-o", "yaml", "--pod", "web-0"],
+        Some(&url),
+    ));
+    assert!(yaml.contains("id: s-1") && !yaml.contains("s-3"), "{yaml}");
+    let limited: Value = serde_json::from_str(&stdout(&cli(
+        &["sessions", "list", "-o", "json", "--limit", "2"],
+        Some(&url),
+    )))
+    .unwrap();
+    assert_eq!(limited.as_array().unwrap().len(), 2);
+
+    let one: Value = serde_json::from_str(&stdout(&cli(
+        &["sessions", "get", "s-3", "-o", "json"],
+        Some(&url),
+    )))
+    .unwrap();
+    assert_eq!(one["metadata"]["user_id"], "carol");
+    assert!(one["ttl_millis"].as_u64().unwrap() > 86_000_000);
+
+    let stats_text = stdout(&cli(&["sessions", "stats"], Some(&url)));
+    assert!(
+        stats_text.contains("Unreadable:  1 (malformed: 1)"),
+        "{stats_text}"
+    );
+    let stats: Value = serde_json::from_str(&stdout(&cli(
+        &["sessions", "stats", "-o", "json"],
+        Some(&url),
+    )))
+    .unwrap();
+    assert_eq!(stats["scanned"]["total"], 3);
+    assert_eq!(stats["scanned"]["draining"], 1);
+    assert_eq!(stats["indexed"]["total"], 3);
+    assert_eq!(stats["scanned"]["per_pod"]["web-0"], 1);
+    assert_eq!(stats["unreadable"]["malformed"], 1);
+    assert_eq!(stats["oldestCreated"], "2026-01-15T10:00:00Z");
+    assert!(stats["memory"]["mean_bytes"].as_u64().unwrap() > 100);
+
+    assert_eq!(
+        stdout(&cli(&["sessions", "delete", "s-1"], Some(&url))).trim(),
+        "session s-1 deleted"
+    );
+    let gone = cli(&["sessions", "get", "s-1"], Some(&url));
+    assert_eq!(gone.status.code(), Some(1));
+    assert!(stderr(&gone).contains("session s-1 not found"));
+    assert_eq!(
+        cli(&["sessions", "delete", "s-1"], Some(&url))
+            .status
+            .code(),
+        Some(1)
+    );
+    // The unreadable record is still there: nothing deletes what it cannot parse.
+    assert_eq!(
+        redis.cli(&["GET", "mcp:session:broken"]).unwrap().trim(),
+        "{oops"
+    );
+}
+
+#[test]
+fn unreachable_redis_is_one_clear_line_with_the_password_masked() {
+    let url = format!("redis://:topsecret@127.0.0.1:{}/0", support::free_port());
+    let output = cli(&["sessions", "list", "--redis-url", &url], None);
+    assert_eq!(output.status.code(), Some(1));
+    let err = stderr(&output);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("error: cannot reach Redis at redis://:***@127.0.0.1:"),
+        "{err}"
+    );
+    assert!(!err.contains("topsecret"));
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let cases: [(&[&str], Option<&str>, &str); 6] = [
+        (&["sessions", "list"], None, "no Redis URL"),
+        (
+            &["sessions", "get", "bad id"],
+            Some("redis://127.0.0.1:1"),
+            "invalid session id",
+        ),
+        (
+            &["sessions", "get", "x*"],
+            Some("redis://127.0.0.1:1"),
+            "invalid session id",
+        ),
+        (
+            &["sessions", "list", "--redis-url", "http://nope"],
+            None,
+            "invalid Redis URL",
+        ),
+        (
+            &["sessions", "list", "--state", "zombie"],
+            Some("redis://127.0.0.1:1"),
+            "unknown session state",
+        ),
+        (&["sessions", "frobnicate"], None, "unrecognized subcommand"),
+    ];
+    for (args, url, message) in cases {
+        let output = cli(args, url);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+        assert!(
+            stderr(&output).contains(message),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+    }
+    let output = cli(&["run"], None);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("not implemented yet"));
+}
