@@ -188,7 +188,7 @@ impl SessionStore for MemoryStore {
             let entry = state.records.get(id)?;
             let expires_at_ms = entry.expires_at_ms.max(now_ms + hold_ms);
             let mut record = entry.record.clone();
-            record.state = Some(SessionState::Draining);
+            record.set_state(SessionState::Draining);
             record.owner_pod = None;
             record.draining_since = Some(now);
             state.rewrite(id, record, expires_at_ms);

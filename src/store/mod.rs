@@ -57,7 +57,7 @@ pub struct NewSession {
 impl NewSession {
     pub fn into_record(self, id: &SessionId, now: Timestamp) -> SessionRecord {
         let mut record = SessionRecord::new(id.as_str(), now);
-        record.state = Some(SessionState::Active);
+        record.set_state(SessionState::Active);
         record.owner_pod = self.owner_pod;
         record.metadata = self.metadata;
         record.protocol_version = self.protocol_version;
@@ -170,7 +170,7 @@ impl ClaimOutcome {
             record.rehydrations += 1;
         }
         record.owner_pod = Some(claim.pod.clone());
-        record.state = Some(SessionState::Active);
+        record.set_state(SessionState::Active);
         record.draining_since = None;
         record.last_activity_at = now;
         already_owned

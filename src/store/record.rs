@@ -150,6 +150,12 @@ impl SessionRecord {
         self.state.unwrap_or(SessionState::Active)
     }
 
+    /// Sets the state; `active` is written as no field at all, as in the seed's records (every
+    /// byte of a record is paid for once per session in Redis memory).
+    pub fn set_state(&mut self, state: SessionState) {
+        self.state = (state == SessionState::Draining).then_some(state);
+    }
+
     pub fn user_id(&self) -> Option<&str> {
         self.metadata.get("user_id").and_then(Value::as_str)
     }

@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use futures::StreamExt as _;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisResult, Value};
-use tracing::{debug, instrument, warn};
+use tracing::{debug, info, instrument};
 
 pub use self::keys::Keys;
 use self::keys::SENTINEL;
@@ -663,7 +663,7 @@ impl SessionStore for RedisStore {
         let now = Timestamp::now();
         let outcome = self
             .modify(id, TtlRule::AtLeast(hold), |record| {
-                record.state = Some(SessionState::Draining);
+                record.set_state(SessionState::Draining);
                 record.owner_pod = None;
                 record.draining_since = Some(now);
                 Ok::<(), ()>(())
@@ -746,7 +746,7 @@ impl SessionStore for RedisStore {
         if let Some(counts) = self.indexed_counts().await? {
             return Ok(counts);
         }
-        warn!(
+        info!(
             prefix = self.keys.prefix(),
             "session index missing (never built or evicted); rebuilding"
         );
