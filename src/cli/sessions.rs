@@ -340,7 +340,7 @@ struct ScanProgress {
 impl ScanProgress {
     fn new(what: &'static str) -> Self {
         let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::hidden());
-        let style = ProgressStyle::with_template("{spinner} {msg}: {pos} keys ({per_sec})")
+        let style = ProgressStyle::with_template("{spinner} {msg}: {human_pos} keys, {elapsed}")
             .unwrap_or_else(|_| ProgressStyle::default_spinner());
         bar.set_style(style);
         bar.set_message(what);
