@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 
 apt_install redis-server redis-tools python3-venv ca-certificates
 MCP_TEST_PYTHON="$(python_venv tests/requirements.txt)"
-export MCP_TEST_PYTHON
+# The Kubernetes 1.20 control plane, built once per machine from Debian's source (cached).
+MCP_TEST_KUBE_BIN="$(bash tests/cluster/build.sh)"
+export MCP_TEST_PYTHON MCP_TEST_KUBE_BIN
 
 log "cargo fmt --check"
 cargo fmt --all -- --check

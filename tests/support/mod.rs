@@ -3,6 +3,9 @@
 
 #![allow(dead_code)] // Each test binary uses a different part of this module.
 
+pub mod control_plane;
+pub mod https;
+pub mod kubelet;
 pub mod redis;
 
 use std::net::TcpListener;

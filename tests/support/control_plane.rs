@@ -1,0 +1,392 @@
+//! A real Kubernetes control plane for the tests: etcd, kube-apiserver and
+//! kube-controller-manager (built from Debian's source by tests/cluster/build.sh) on free
+//! loopback ports, one per test binary, plus a kubelet stand-in (see `kubelet`).
+//!
+//! The processes are spawned from a keeper thread that lives as long as the test process, with
+//! PDEATHSIG: when the test binary exits (or is killed), the kernel kills them; nothing strays.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use kube::api::{Api, DeleteParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+
+use super::{die_with_parent, free_port, require_program};
+
+const ADMIN_TOKEN_FILE: &str = "admin.token";
+pub const SERVICE_ACCOUNT_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+
+pub struct ControlPlane {
+    pub dir: PathBuf,
+    pub api_port: u16,
+    pub ca_pem: Vec<u8>,
+    pub kubeconfig: PathBuf,
+    admin_token: String,
+    processes: Mutex<Vec<(String, Child)>>,
+}
+
+static CONTROL_PLANE: OnceLock<ControlPlane> = OnceLock::new();
+
+/// The control plane of this test binary, started on first use (about 10 s).
+pub fn control_plane() -> &'static ControlPlane {
+    CONTROL_PLANE.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("control-plane-keeper".into())
+            .spawn(move || {
+                tx.send(ControlPlane::start())
+                    .expect("hand over the control plane");
+                // Children die with the thread that spawned them (PDEATHSIG): keep it alive.
+                loop {
+                    std::thread::park();
+                }
+            })
+            .expect("spawn the keeper thread");
+        rx.recv().expect("control plane started")
+    })
+}
+
+/// Where tests/cluster/build.sh put the binaries (`MCP_TEST_KUBE_BIN`, set by scripts/test.sh).
+fn kube_bin_dir() -> PathBuf {
+    let dir = std::env::var("MCP_TEST_KUBE_BIN").unwrap_or_else(|_| {
+        panic!("MCP_TEST_KUBE_BIN is not set: run scripts/test.sh, or `export MCP_TEST_KUBE_BIN=$(tests/cluster/build.sh)`")
+    });
+    let dir = PathBuf::from(dir);
+    for binary in ["kube-apiserver", "kube-controller-manager"] {
+        assert!(
+            dir.join(binary).is_file(),
+            "{} missing: run tests/cluster/build.sh",
+            dir.join(binary).display()
+        );
+    }
+    dir
+}
+
+impl ControlPlane {
+    fn start() -> Self {
+        let started = Instant::now();
+        let bin = kube_bin_dir();
+        let dir = fresh_dir();
+        let path = |f: &str| dir.join(f);
+        let ca_pem = write_certificates(&dir);
+        let admin_token = format!("admin-{:032x}", rand::random::<u128>());
+        std::fs::write(
+            path("tokens.csv"),
+            format!("{admin_token},admin,admin,\"system:masters\"\n"),
+        )
+        .expect("token file");
+        std::fs::write(path(ADMIN_TOKEN_FILE), &admin_token).expect("token");
+
+        let (etcd_port, etcd_peer_port, api_port) = (free_port(), free_port(), free_port());
+        let plane = Self {
+            kubeconfig: path("kubeconfig"),
+            dir: dir.clone(),
+            api_port,
+            ca_pem,
+            admin_token,
+            processes: Mutex::new(Vec::new()),
+        };
+        plane.write_kubeconfig(&plane.kubeconfig, &plane.admin_token);
+
+        let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+        let peer_url = format!("http://127.0.0.1:{etcd_peer_port}");
+        plane.spawn(
+            "etcd",
+            Command::new(require_program("etcd", "etcd-server")).args([
+                "--data-dir",
+                &path("etcd").display().to_string(),
+                "--listen-client-urls",
+                &etcd_url,
+                "--advertise-client-urls",
+                &etcd_url,
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+                "--initial-cluster",
+                &format!("default={peer_url}"),
+                "--unsafe-no-fsync",
+            ]),
+        );
+        let p = |f: &str| path(f).display().to_string();
+        plane.spawn(
+            "kube-apiserver",
+            Command::new(bin.join("kube-apiserver")).args([
+                &format!("--etcd-servers={etcd_url}"),
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                &format!("--secure-port={api_port}"),
+                "--insecure-port=0",
+                &format!("--cert-dir={}", p("apiserver-certs")),
+                &format!("--tls-cert-file={}", p("apiserver.pem")),
+                &format!("--tls-private-key-file={}", p("apiserver.key")),
+                &format!("--client-ca-file={}", p("ca.pem")),
+                &format!("--token-auth-file={}", p("tokens.csv")),
+                "--authorization-mode=RBAC",
+                &format!("--service-account-key-file={}", p("sa.pub")),
+                &format!("--service-account-signing-key-file={}", p("sa.key")),
+                &format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}"),
+                "--service-cluster-ip-range=10.96.0.0/16",
+                "--enable-admission-plugins=MutatingAdmissionWebhook,ValidatingAdmissionWebhook",
+                "--allow-privileged=true",
+                "--profiling=false",
+                "--enable-priority-and-fairness=false",
+            ]),
+        );
+        plane.wait_ready();
+        plane.spawn(
+            "kube-controller-manager",
+            Command::new(bin.join("kube-controller-manager")).args([
+                &format!("--kubeconfig={}", p("kubeconfig")),
+                "--leader-elect=false",
+                "--port=0",
+                "--secure-port=0",
+                "--use-service-account-credentials=false",
+                &format!("--service-account-private-key-file={}", p("sa.key")),
+                &format!("--root-ca-file={}", p("ca.pem")),
+                // No kubelet heartbeats here: the node lifecycle controller would evict every pod.
+                "--controllers=*,-nodelifecycle",
+                "--profiling=false",
+            ]),
+        );
+        eprintln!(
+            "control plane ready on https://127.0.0.1:{api_port} in {:.1?} ({})",
+            started.elapsed(),
+            dir.display()
+        );
+        plane
+    }
+
+    fn spawn(&self, name: &str, command: &mut Command) {
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).expect("log file");
+        let err = log.try_clone().expect("log file");
+        command.stdin(Stdio::null()).stdout(log).stderr(err);
+        let child = die_with_parent(command)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        self.processes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((name.to_owned(), child));
+    }
+
+    /// Fails with the tail of each component's log if one exits.
+    fn check_alive(&self) {
+        let mut processes = self.processes.lock().unwrap_or_else(|p| p.into_inner());
+        for (name, child) in processes.iter_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = std::fs::read_to_string(self.dir.join(format!("{name}.log")))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                panic!("{name} exited with {status}:\n{}", tail.join("\n"));
+            }
+        }
+    }
+
+    fn wait_ready(&self) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let deadline = Instant::now() + Duration::from_secs(90);
+            loop {
+                self.check_alive();
+                if let Ok(client) = self.client().await {
+                    let request = http::Request::get("/readyz")
+                        .body(Vec::new())
+                        .expect("request");
+                    if let Ok(body) = client.request_text(request).await
+                        && body.trim() == "ok"
+                    {
+                        return;
+                    }
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "kube-apiserver not ready after 90 s (logs in {})",
+                    self.dir.display()
+                );
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        });
+    }
+
+    pub fn api_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.api_port)
+    }
+
+    pub fn write_kubeconfig(&self, path: &Path, token: &str) {
+        let kubeconfig = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: testbed\n  cluster:\n    server: {}\n    certificate-authority: {}\nusers:\n- name: user\n  user:\n    token: {token}\ncontexts:\n- name: testbed\n  context: {{cluster: testbed, user: user}}\ncurrent-context: testbed\n",
+            self.api_url(),
+            self.dir.join("ca.pem").display()
+        );
+        std::fs::write(path, kubeconfig).expect("write kubeconfig");
+    }
+
+    /// An admin client, for the current tokio runtime.
+    pub async fn client(&self) -> kube::Result<Client> {
+        self.client_for(&self.kubeconfig).await
+    }
+
+    async fn client_for(&self, kubeconfig: &Path) -> kube::Result<Client> {
+        let kubeconfig = Kubeconfig::read_from(kubeconfig).map_err(kube::Error::InferKubeconfig)?;
+        let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .map_err(kube::Error::InferKubeconfig)?;
+        Client::try_from(config)
+    }
+
+    /// A client authenticated as `namespace/service_account` with a freshly minted token.
+    pub async fn client_as(&self, namespace: &str, service_account: &str) -> Client {
+        let token = self.token_for(namespace, service_account).await;
+        let path = self
+            .dir
+            .join(format!("kubeconfig-{namespace}-{service_account}"));
+        self.write_kubeconfig(&path, &token);
+        self.client_for(&path)
+            .await
+            .expect("service account client")
+    }
+
+    /// Mints a token for a service account through the TokenRequest API.
+    pub async fn token_for(&self, namespace: &str, service_account: &str) -> String {
+        let client = self.client().await.expect("admin client");
+        let accounts: Api<ServiceAccount> = Api::namespaced(client, namespace);
+        let request = TokenRequest {
+            spec: Some(TokenRequestSpec {
+                audiences: Some(vec![SERVICE_ACCOUNT_ISSUER.into()]),
+                expiration_seconds: Some(3600),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let minted: TokenRequest = accounts
+            .create_subresource("token", service_account, &PostParams::default(), &request)
+            .await
+            .expect("TokenRequest");
+        minted.status.and_then(|s| s.token).expect("a minted token")
+    }
+
+    /// A fresh namespace for one test, ready for pods (its default service account exists).
+    pub async fn namespace(&self, prefix: &str) -> TestNamespace {
+        let client = self.client().await.expect("admin client");
+        let name = format!("{prefix}-{:08x}", rand::random::<u32>());
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        let namespace: Namespace =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))
+                .expect("namespace");
+        namespaces
+            .create(&PostParams::default(), &namespace)
+            .await
+            .expect("create namespace");
+        let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &name);
+        wait_for(
+            Duration::from_secs(30),
+            "the default service account",
+            || async { accounts.get_opt("default").await.ok().flatten().is_some() },
+        )
+        .await;
+        TestNamespace { name, client }
+    }
+}
+
+/// A namespace deleted when the test ends.
+pub struct TestNamespace {
+    pub name: String,
+    pub client: Client,
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        let (client, name) = (self.client.clone(), self.name.clone());
+        // Best effort: the control plane dies with the test binary anyway.
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let _ = Api::<Namespace>::all(client)
+                    .delete(&name, &DeleteParams::default())
+                    .await;
+            });
+        }
+    }
+}
+
+/// Polls `condition` every 100 ms until it holds; panics naming `what` after `timeout`.
+pub async fn wait_for<F, Fut>(timeout: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !condition().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A per-process directory; directories of test processes that are gone are removed.
+fn fresh_dir() -> PathBuf {
+    let root = std::env::temp_dir().join("mcp-session-operator-testbed");
+    std::fs::create_dir_all(&root).expect("testbed root");
+    if let Ok(entries) = std::fs::read_dir(&root) {
+        for entry in entries.flatten() {
+            let pid = entry.file_name().to_string_lossy().parse::<u32>().ok();
+            if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    let dir = root.join(std::process::id().to_string());
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("testbed dir");
+    dir
+}
+
+/// CA, apiserver serving certificate (IP SAN 127.0.0.1) and service-account signing key.
+fn write_certificates(dir: &Path) -> Vec<u8> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "testbed CA");
+    let ca = ca_params.self_signed(&ca_key).expect("CA");
+    let issuer = Issuer::from_params(&ca_params, &ca_key);
+
+    let key = KeyPair::generate().expect("apiserver key");
+    let mut params =
+        CertificateParams::new(vec!["localhost".into(), "kubernetes.default.svc".into()])
+            .expect("params");
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress(Ipv4Addr::LOCALHOST.into()));
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "kube-apiserver");
+    let cert = params
+        .signed_by(&key, &issuer)
+        .expect("apiserver certificate");
+
+    let sa_key = KeyPair::generate().expect("service account key");
+    let write =
+        |name: &str, contents: String| std::fs::write(dir.join(name), contents).expect("write");
+    write("ca.pem", ca.pem());
+    write("ca.key", ca_key.serialize_pem());
+    write("apiserver.pem", cert.pem());
+    write("apiserver.key", key.serialize_pem());
+    write("sa.key", sa_key.serialize_pem());
+    write("sa.pub", sa_key.public_key_pem());
+    ca.pem().into_bytes()
+}
