@@ -2,9 +2,15 @@
 //!
 //! - [`store`]: the session store (Redis standalone/TLS/Cluster, or embedded), the contract
 //!   between proxy, operator, CLI and seed-style backends.
+//! - [`api`]: the `McpSessionPolicy` custom resource.
+//! - [`controller`]: reconciles policies into status, Events and metrics; leader election.
+//! - [`metrics`]: Prometheus metrics.
 //! - [`cli`]: the command line of the one binary.
 //! - [`telemetry`]: logging and tracing set-up.
 
+pub mod api;
 pub mod cli;
+pub mod controller;
+pub mod metrics;
 pub mod store;
 pub mod telemetry;

@@ -5,6 +5,8 @@ use mcp_session_operator::cli::{self, Cli};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // One TLS provider for every client (Kubernetes, Redis); ignore a second install.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

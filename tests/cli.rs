@@ -203,6 +203,12 @@ fn usage_errors_exit_2() {
         ),
         (&["sessions", "frobnicate"], None, "unrecognized subcommand"),
     ];
+    // `crd` prints the committed CRD.
+    let crd = cli(&["crd"], None);
+    assert_eq!(
+        String::from_utf8_lossy(&crd.stdout),
+        include_str!("../crds/mcpsessionpolicies.yaml")
+    );
     for (args, url, message) in cases {
         let output = cli(args, url);
         assert_eq!(
@@ -217,7 +223,7 @@ fn usage_errors_exit_2() {
             stderr(&output)
         );
     }
-    let output = cli(&["run"], None);
+    let output = cli(&["proxy"], None);
     assert_eq!(output.status.code(), Some(2));
     assert!(stderr(&output).contains("not implemented yet"));
 }

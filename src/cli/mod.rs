@@ -1,6 +1,7 @@
 //! The command line: `run`, `proxy`, `sessions`, `crd`.
 
 mod output;
+mod run;
 mod sessions;
 
 use clap::{Parser, Subcommand};
@@ -37,7 +38,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the operator: controller, metrics and admission webhooks.
-    Run,
+    Run(run::RunArgs),
     /// Run the session proxy in front of an MCP server.
     Proxy,
     /// Inspect and manage the session store.
@@ -66,13 +67,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             telemetry::init(cli.log_format, "warn");
             sessions::run(args).await
         }
-        Command::Run | Command::Proxy | Command::Crd => {
-            let name = match cli.command {
-                Command::Run => "run",
-                Command::Proxy => "proxy",
-                _ => "crd",
-            };
-            Err(UsageError(format!("`{name}` is not implemented yet in this build")).into())
+        Command::Run(args) => {
+            telemetry::init(cli.log_format, "info");
+            run::run(args).await
+        }
+        Command::Crd => {
+            print!("{}", crate::api::crd_yaml());
+            Ok(())
+        }
+        Command::Proxy => {
+            Err(UsageError("`proxy` is not implemented yet in this build".into()).into())
         }
     }
 }

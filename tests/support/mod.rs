@@ -6,6 +6,7 @@
 pub mod control_plane;
 pub mod https;
 pub mod kubelet;
+pub mod operator;
 pub mod redis;
 
 use std::net::TcpListener;

@@ -107,6 +107,19 @@ impl RedisStore {
         Ok(store)
     }
 
+    /// The same Redis, connection included, under another prefix and TTL: policies that share a
+    /// Redis share one multiplexed connection.
+    pub fn with_prefix(&self, key_prefix: &str, ttl: Duration) -> Result<Self> {
+        Ok(Self {
+            target: self.target.clone(),
+            keys: Keys::new(key_prefix)?,
+            conn: self.conn.clone(),
+            ttl,
+            max_record_bytes: self.max_record_bytes,
+            scripts: Scripts::new(),
+        })
+    }
+
     pub fn with_max_record_bytes(mut self, bytes: usize) -> Self {
         self.max_record_bytes = bytes;
         self

@@ -1,0 +1,319 @@
+//! The `McpSessionPolicy` custom resource (group `mcpsession.dev`, version `v1alpha1`).
+//!
+//! The schema carries what OpenAPI can check (required fields, bounds, patterns, enums,
+//! defaults); the validating webhook checks the rest (see `validate`).
+
+mod validate;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub use self::validate::{PolicyError, validate_spec};
+use crate::store::{DEFAULT_KEY_PREFIX, DEFAULT_TTL};
+
+/// Which pods serve MCP, how their sessions are stored, and how they drain.
+#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "mcpsession.dev",
+    version = "v1alpha1",
+    kind = "McpSessionPolicy",
+    plural = "mcpsessionpolicies",
+    shortname = "msp",
+    category = "mcp",
+    namespaced,
+    status = "McpSessionPolicyStatus",
+    printcolumn = r#"{"name":"Sessions","type":"integer","jsonPath":".status.sessions.total"}"#,
+    printcolumn = r#"{"name":"Draining","type":"integer","jsonPath":".status.sessions.draining"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct McpSessionPolicySpec {
+    /// The backend pods that serve MCP, in the policy's namespace.
+    pub selector: LabelSelector,
+    /// Sliding session TTL: every request of a session extends it by this much.
+    #[serde(default = "default_ttl_seconds")]
+    #[schemars(range(min = 60, max = 2_592_000))]
+    pub ttl_seconds: i64,
+    /// Where sessions are stored.
+    pub redis: RedisSpec,
+    #[serde(default)]
+    pub drain: DrainSpec,
+    #[serde(default)]
+    pub injection: InjectionSpec,
+    #[serde(default)]
+    pub rollout: RolloutSpec,
+}
+
+fn default_ttl_seconds() -> i64 {
+    DEFAULT_TTL.as_secs() as i64
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisSpec {
+    /// `redis://[user:password@]host:port[/db]`, `rediss://` for TLS, or comma-separated seed
+    /// URLs of a Redis Cluster. Prefer `urlSecretRef` when the URL holds a password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^rediss?://\S+$"), length(max = 2048))]
+    pub url: Option<String>,
+    /// A key of a Secret in the policy's namespace holding the URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_secret_ref: Option<SecretKeyRef>,
+    /// Prefix of session keys; the seed's default is `mcp:session:`.
+    #[serde(default = "default_key_prefix")]
+    // Visible ASCII without braces, `*`, `?`, `[`, `\` and `]` (see docs/redis-schema.md).
+    #[schemars(regex(pattern = r"^[!-)+->@-Z^-z|~]{1,200}$"))]
+    pub key_prefix: String,
+    /// The URL names a Redis Cluster.
+    #[serde(default)]
+    pub cluster: bool,
+    /// How sessions are counted: `Index` (O(log n), for sessions written by the proxy), or `Scan`
+    /// (an incremental SCAN, for backends that write seed-style keys only).
+    #[serde(default)]
+    pub count_by: CountBy,
+}
+
+fn default_key_prefix() -> String {
+    DEFAULT_KEY_PREFIX.to_owned()
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum CountBy {
+    #[default]
+    Index,
+    Scan,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct SecretKeyRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DrainSpec {
+    /// How long a draining pod waits for in-flight requests before it stops.
+    #[serde(default = "default_drain_timeout")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub timeout_seconds: i64,
+}
+
+fn default_drain_timeout() -> i64 {
+    30
+}
+
+impl Default for DrainSpec {
+    fn default() -> Self {
+        Self {
+            timeout_seconds: default_drain_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InjectionSpec {
+    /// Inject the session proxy into selected pods.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Port the proxy listens on (what Services should target).
+    #[serde(default = "default_proxy_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub proxy_port: i32,
+    /// Port of the MCP server in the pod.
+    #[serde(default = "default_upstream_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub upstream_port: i32,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_proxy_port() -> i32 {
+    8090
+}
+fn default_upstream_port() -> i32 {
+    8000
+}
+
+impl Default for InjectionSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            proxy_port: default_proxy_port(),
+            upstream_port: default_upstream_port(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutSpec {
+    /// Pause a rollout that loses more sessions than this.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub max_lost_sessions: i64,
+}
+
+/// What the operator observed, written by server-side apply.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct McpSessionPolicyStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `RedisReachable`, `RolloutSafe`.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    #[serde(default)]
+    pub sessions: SessionTotals,
+    /// Sessions owned by each selected pod.
+    #[serde(default)]
+    pub pod_sessions: Vec<PodSessions>,
+    #[serde(default)]
+    pub pods: PodTotals,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rollout: Option<RolloutStatus>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct SessionTotals {
+    pub total: u64,
+    pub active: u64,
+    pub draining: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct PodSessions {
+    pub pod: String,
+    pub sessions: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct PodTotals {
+    pub selected: u32,
+    pub ready: u32,
+    pub terminating: u32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    pub revision: String,
+    pub drained: u64,
+    pub rehydrated: u64,
+    pub lost: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+}
+
+/// Condition types.
+pub mod condition {
+    pub const READY: &str = "Ready";
+    pub const REDIS_REACHABLE: &str = "RedisReachable";
+    pub const ROLLOUT_SAFE: &str = "RolloutSafe";
+}
+
+/// The CustomResourceDefinition as YAML: what `mcp-session-operator crd` prints and
+/// `crds/mcpsessionpolicies.yaml` holds.
+pub fn crd_yaml() -> String {
+    use kube::CustomResourceExt as _;
+    let crd = McpSessionPolicy::crd();
+    let yaml =
+        serde_yaml::to_string(&crd).unwrap_or_else(|e| unreachable!("a CRD serializes: {e}"));
+    format!("# Generated by `mcp-session-operator crd`; do not edit.\n---\n{yaml}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `crds/mcpsessionpolicies.yaml` is what the code generates; regenerate it with
+    /// `cargo run -- crd > crds/mcpsessionpolicies.yaml`.
+    #[test]
+    fn committed_crd_matches_the_code() {
+        let committed = include_str!("../../crds/mcpsessionpolicies.yaml");
+        assert!(
+            committed == crd_yaml(),
+            "crds/mcpsessionpolicies.yaml drifted: run `cargo run -- crd > crds/mcpsessionpolicies.yaml`"
+        );
+    }
+
+    #[test]
+    fn examples_parse_and_validate() {
+        for example in [
+            include_str!("../../examples/policy.yaml"),
+            include_str!("../../examples/seed-only-policy.yaml"),
+        ] {
+            for document in serde_yaml::Deserializer::from_str(example) {
+                let value = serde_yaml::Value::deserialize(document).unwrap();
+                if value["kind"] == "McpSessionPolicy" {
+                    let policy: McpSessionPolicy = serde_yaml::from_value(value).unwrap();
+                    validate_spec(&policy.spec).unwrap();
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn defaults_fill_a_minimal_spec() {
+        let spec: McpSessionPolicySpec = serde_json::from_value(serde_json::json!({
+            "selector": {"matchLabels": {"app": "x"}},
+            "redis": {"url": "redis://r:6379"},
+        }))
+        .unwrap();
+        assert_eq!(spec.ttl_seconds, 86_400);
+        assert_eq!(spec.redis.key_prefix, "mcp:session:");
+        assert_eq!(spec.drain.timeout_seconds, 30);
+        assert_eq!(
+            (spec.injection.proxy_port, spec.injection.upstream_port),
+            (8090, 8000)
+        );
+        validate_spec(&spec).unwrap();
+    }
+
+    #[test]
+    fn what_the_schema_cannot_check() {
+        let base = || -> McpSessionPolicySpec {
+            serde_json::from_value(serde_json::json!({"selector": {"matchLabels": {"app": "x"}}, "redis": {"url": "redis://r:6379"}})).unwrap()
+        };
+        let mut empty = base();
+        empty.selector = Default::default();
+        assert_eq!(validate_spec(&empty), Err(PolicyError::EmptySelector));
+        let mut both = base();
+        both.redis.url_secret_ref = Some(SecretKeyRef {
+            name: "s".into(),
+            key: "k".into(),
+        });
+        assert_eq!(validate_spec(&both), Err(PolicyError::RedisTargetAmbiguous));
+        let mut clash = base();
+        clash.injection.upstream_port = 8090;
+        assert_eq!(validate_spec(&clash), Err(PolicyError::PortClash(8090)));
+        let mut bad_url = base();
+        bad_url.redis.url = Some("redis://:pw@host:notaport".into());
+        let err = validate_spec(&bad_url).unwrap_err().to_string();
+        assert!(
+            err.starts_with("spec.redis.url: invalid Redis URL") && !err.contains(":pw@"),
+            "{err}"
+        );
+        let mut bad_expression = base();
+        bad_expression.selector.match_expressions = Some(vec![
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement {
+                key: "tier".into(),
+                operator: "Near".into(),
+                values: None,
+            },
+        ]);
+        assert!(matches!(
+            validate_spec(&bad_expression),
+            Err(PolicyError::BadSelector(_))
+        ));
+    }
+}

@@ -1,0 +1,58 @@
+//! What the schema cannot check about a policy. Used by the controller (a condition) and by
+//! the validating webhook (a denial).
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+use super::McpSessionPolicySpec;
+use crate::store::RedisTarget;
+use crate::store::redis::Keys;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    #[error("spec.selector selects nothing: give matchLabels or matchExpressions")]
+    EmptySelector,
+    #[error("spec.selector: {0}")]
+    BadSelector(String),
+    #[error("spec.redis: set exactly one of url and urlSecretRef")]
+    RedisTargetAmbiguous,
+    #[error("spec.redis.url: {0}")]
+    BadRedisUrl(String),
+    #[error("spec.redis.keyPrefix: {0}")]
+    BadKeyPrefix(String),
+    #[error("spec.injection: proxyPort and upstreamPort must differ (both are {0})")]
+    PortClash(i32),
+}
+
+/// Checks a spec beyond its schema.
+pub fn validate_spec(spec: &McpSessionPolicySpec) -> Result<(), PolicyError> {
+    validate_selector(&spec.selector)?;
+    match (&spec.redis.url, &spec.redis.url_secret_ref) {
+        (Some(url), None) => {
+            RedisTarget::parse(url).map_err(|e| PolicyError::BadRedisUrl(e.to_string()))?;
+        }
+        (None, Some(_)) => {}
+        _ => return Err(PolicyError::RedisTargetAmbiguous),
+    }
+    Keys::new(&spec.redis.key_prefix).map_err(|e| PolicyError::BadKeyPrefix(e.to_string()))?;
+    if spec.injection.proxy_port == spec.injection.upstream_port {
+        return Err(PolicyError::PortClash(spec.injection.proxy_port));
+    }
+    Ok(())
+}
+
+fn validate_selector(selector: &LabelSelector) -> Result<(), PolicyError> {
+    let labels = selector
+        .match_labels
+        .as_ref()
+        .is_some_and(|l| !l.is_empty());
+    let expressions = selector
+        .match_expressions
+        .as_ref()
+        .is_some_and(|e| !e.is_empty());
+    if !labels && !expressions {
+        return Err(PolicyError::EmptySelector);
+    }
+    kube::core::Selector::try_from(selector.clone())
+        .map(drop)
+        .map_err(|e| PolicyError::BadSelector(e.to_string()))
+}

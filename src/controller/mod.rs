@@ -1,0 +1,532 @@
+//! The `McpSessionPolicy` controller: counts each policy's sessions and reports them as status,
+//! Events and metrics.
+//!
+//! Policies, pods and secrets are watched through reflector stores; a pod change reconciles the
+//! policies that select it, a Secret change the policies that reference it. Nothing is listed
+//! per reconcile: each one reads its pods from the store and its counts from Redis indexes.
+
+pub mod leader;
+mod status;
+mod stores;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt as _, TryStreamExt as _};
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{Api, Patch, PatchParams};
+use kube::core::{PartialObjectMeta, SelectorExt as _};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::{Client, Resource, ResourceExt as _};
+use serde_json::json;
+use tracing::{debug, info, instrument, warn};
+
+use self::status::{Observation, Problem};
+use self::stores::StorePool;
+use crate::api::{CountBy, McpSessionPolicy, McpSessionPolicyStatus, PodTotals, validate_spec};
+use crate::metrics::Metrics;
+use crate::store::{self, SessionCounts, SessionStore, StoreError};
+
+/// Field manager of the status the operator applies.
+pub const FIELD_MANAGER: &str = "mcp-session-operator";
+/// Records fetched per SCAN page when counting seed-only prefixes.
+const SCAN_PAGE: usize = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("policy has no namespace")]
+    NoNamespace,
+    #[error("writing the status of {policy}: {source}")]
+    WriteStatus { policy: String, source: kube::Error },
+    /// Status says what; returned so that `error_policy` retries with backoff.
+    #[error("{reason}: {message}")]
+    Degraded {
+        reason: &'static str,
+        message: String,
+    },
+}
+
+/// Tuning of the controller.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Re-count every policy this often, even when nothing in Kubernetes changed.
+    pub requeue: Duration,
+    /// First retry after a failure; doubles per failure up to `max_backoff`.
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+    /// This replica's name, for Events.
+    pub identity: String,
+    /// Watch one namespace only (namespaced RBAC), instead of the whole cluster.
+    pub namespace: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            requeue: Duration::from_secs(15),
+            min_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(60),
+            identity: "mcp-session-operator".into(),
+            namespace: None,
+        }
+    }
+}
+
+pub struct Context {
+    client: Client,
+    pods: Store<Pod>,
+    redis: StorePool,
+    metrics: Arc<Metrics>,
+    recorder: Recorder,
+    config: Config,
+    failures: std::sync::Mutex<HashMap<ObjectRef<McpSessionPolicy>, u32>>,
+    /// The status last written per policy. The policy in the store can lag behind our own
+    /// writes; transitions (events) and last-known counts are judged against this instead.
+    written: Arc<std::sync::Mutex<HashMap<ObjectRef<McpSessionPolicy>, McpSessionPolicyStatus>>>,
+}
+
+/// Runs the controller until `shutdown` resolves. `ready` turns true once every store synced.
+pub async fn run(
+    client: Client,
+    metrics: Arc<Metrics>,
+    config: Config,
+    ready: Arc<AtomicBool>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let scope = config.namespace.as_deref();
+    let policies: Api<McpSessionPolicy> = scoped(&client, scope);
+    let synced = Arc::new(Synced {
+        ready,
+        policies: AtomicBool::new(false),
+        pods: AtomicBool::new(false),
+    });
+    let written: Arc<std::sync::Mutex<HashMap<_, _>>> = Default::default();
+    let (policy_reader, policy_writer) = reflector::store();
+    let forget = metrics.clone();
+    let policy_stream = watcher(policies, watcher::Config::default())
+        .default_backoff()
+        .reflect(policy_writer)
+        .inspect_ok({
+            let (synced, written) = (synced.clone(), written.clone());
+            move |event| match event {
+                watcher::Event::Delete(policy) => {
+                    let namespace = policy.namespace().unwrap_or_default();
+                    forget.forget_policy(&namespace, &policy.name_any());
+                    written
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&ObjectRef::from_obj(policy));
+                }
+                watcher::Event::InitDone => synced.policies_listed(),
+                _ => {}
+            }
+        })
+        .applied_objects();
+
+    let (pod_reader, pod_writer) = reflector::store();
+    let pod_stream = watcher(scoped::<Pod>(&client, scope), watcher::Config::default())
+        .default_backoff()
+        .modify(|pod| pod.managed_fields_mut().clear())
+        .reflect(pod_writer)
+        .inspect_ok({
+            let synced = synced.clone();
+            move |event| {
+                if matches!(event, watcher::Event::InitDone) {
+                    synced.pods_listed();
+                }
+            }
+        })
+        .touched_objects();
+    // Metadata only: the operator never holds Secret data it does not need.
+    let secret_stream = watcher(
+        scoped::<PartialObjectMeta<Secret>>(&client, scope),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .touched_objects();
+
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: Some(config.identity.clone()),
+        },
+    );
+    let context = Arc::new(Context {
+        client,
+        pods: pod_reader.clone(),
+        redis: StorePool::default(),
+        metrics,
+        recorder,
+        config,
+        failures: Default::default(),
+        written,
+    });
+    let (by_pod, by_secret) = (policy_reader.clone(), policy_reader.clone());
+    Controller::for_stream(policy_stream, policy_reader)
+        .watches_stream(pod_stream, move |pod| policies_selecting(&by_pod, &pod))
+        .watches_stream(secret_stream, move |secret| {
+            policies_referencing(&by_secret, &secret)
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, context)
+        .for_each(|result| async move {
+            match result {
+                Ok((policy, _)) => debug!(%policy, "reconciled"),
+                Err(error) => warn!(%error, "reconcile failed"),
+            }
+        })
+        .await;
+}
+
+/// Readiness: both stores have completed their initial list.
+struct Synced {
+    ready: Arc<AtomicBool>,
+    policies: AtomicBool,
+    pods: AtomicBool,
+}
+
+impl Synced {
+    fn policies_listed(&self) {
+        self.policies.store(true, Ordering::SeqCst);
+        self.update();
+    }
+
+    fn pods_listed(&self) {
+        self.pods.store(true, Ordering::SeqCst);
+        self.update();
+    }
+
+    fn update(&self) {
+        if self.policies.load(Ordering::SeqCst)
+            && self.pods.load(Ordering::SeqCst)
+            && !self.ready.swap(true, Ordering::SeqCst)
+        {
+            info!("policy and pod stores synced");
+        }
+    }
+}
+
+/// All of a namespaced kind, cluster-wide or in one namespace.
+fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = kube::core::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    }
+}
+
+fn policies_selecting(
+    policies: &Store<McpSessionPolicy>,
+    pod: &Pod,
+) -> Vec<ObjectRef<McpSessionPolicy>> {
+    let namespace = pod.namespace();
+    policies
+        .state()
+        .into_iter()
+        .filter(|policy| policy.namespace() == namespace && selects(policy, pod))
+        .map(|policy| ObjectRef::from_obj(&*policy))
+        .collect()
+}
+
+fn policies_referencing(
+    policies: &Store<McpSessionPolicy>,
+    secret: &PartialObjectMeta<Secret>,
+) -> Vec<ObjectRef<McpSessionPolicy>> {
+    let (namespace, name) = (secret.namespace(), secret.name_any());
+    policies
+        .state()
+        .into_iter()
+        .filter(|policy| {
+            policy.namespace() == namespace
+                && policy
+                    .spec
+                    .redis
+                    .url_secret_ref
+                    .as_ref()
+                    .is_some_and(|r| r.name == name)
+        })
+        .map(|policy| ObjectRef::from_obj(&*policy))
+        .collect()
+}
+
+fn selects(policy: &McpSessionPolicy, pod: &Pod) -> bool {
+    let Ok(selector) = kube::core::Selector::try_from(policy.spec.selector.clone()) else {
+        return false;
+    };
+    !selector.selects_all() && selector.matches(pod.labels())
+}
+
+#[instrument(skip_all, fields(namespace = policy.namespace().unwrap_or_default(), policy = %policy.name_any()))]
+async fn reconcile(policy: Arc<McpSessionPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let namespace = policy.namespace().ok_or(Error::NoNamespace)?;
+    let name = policy.name_any();
+    let selected: Vec<Arc<Pod>> = ctx
+        .pods
+        .state()
+        .into_iter()
+        .filter(|pod| {
+            pod.namespace().as_deref() == Some(namespace.as_str()) && selects(&policy, pod)
+        })
+        .collect();
+    let pods = pod_totals(&selected);
+
+    let (counts, unreadable) = match count(&policy, &namespace, &ctx).await {
+        Ok((counts, unreadable)) => (Ok(counts), unreadable),
+        Err(problem) => (Err(problem), 0),
+    };
+    let mut pod_names: Vec<String> = selected.iter().map(|p| p.name_any()).collect();
+    pod_names.sort();
+    let pod_sessions: Vec<(String, u64)> = match &counts {
+        Ok(counts) => pod_names
+            .iter()
+            .map(|pod| (pod.clone(), counts.per_pod.get(pod).copied().unwrap_or(0)))
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    if let Ok(counts) = &counts {
+        ctx.metrics
+            .set_sessions(&namespace, &name, counts, &pod_sessions);
+    }
+    let observation = Observation {
+        generation: policy.metadata.generation,
+        counts,
+        pod_sessions,
+        pods,
+        unreadable,
+    };
+    let key = ObjectRef::from_obj(&*policy);
+    let remembered = ctx
+        .written
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&key)
+        .cloned();
+    let previous = remembered.as_ref().or(policy.status.as_ref());
+    let next = status::build(previous, &observation);
+    if policy.status.as_ref() != Some(&next) {
+        write_status(&ctx.client, &namespace, &name, &next).await?;
+    }
+    for (warning, reason, note) in status::transitions(previous, &next) {
+        publish(&ctx, &policy, warning, reason, note).await;
+    }
+    ctx.written
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key, next);
+
+    let result = match observation.counts {
+        Ok(_) => {
+            ctx.failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&ObjectRef::from_obj(&*policy));
+            Ok(Action::requeue(ctx.config.requeue))
+        }
+        Err(problem) if problem.is_transient() => Err(Error::Degraded {
+            reason: problem.reason(),
+            message: problem.message().to_owned(),
+        }),
+        // Nothing to retry until the spec changes, which triggers a reconcile by itself.
+        Err(_) => Ok(Action::requeue(ctx.config.requeue * 4)),
+    };
+    ctx.metrics.reconciled(
+        if result.is_ok() { "ok" } else { "error" },
+        started.elapsed(),
+    );
+    result
+}
+
+fn error_policy(policy: Arc<McpSessionPolicy>, error: &Error, ctx: Arc<Context>) -> Action {
+    let mut failures = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
+    let n = failures.entry(ObjectRef::from_obj(&*policy)).or_default();
+    *n = n.saturating_add(1);
+    let delay = ctx
+        .config
+        .min_backoff
+        .saturating_mul(1 << (*n - 1).min(16))
+        .min(ctx.config.max_backoff);
+    warn!(policy = %policy.name_any(), %error, retry_in = ?delay, "reconcile failed; backing off");
+    Action::requeue(delay)
+}
+
+fn pod_totals(pods: &[Arc<Pod>]) -> PodTotals {
+    let ready = |pod: &Pod| {
+        pod.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|conditions| {
+                conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            })
+    };
+    let terminating = pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_some())
+        .count();
+    PodTotals {
+        selected: pods.len() as u32,
+        ready: pods
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none() && ready(p))
+            .count() as u32,
+        terminating: terminating as u32,
+    }
+}
+
+/// Counts the policy's sessions; any failure becomes a [`Problem`] for the status.
+async fn count(
+    policy: &McpSessionPolicy,
+    namespace: &str,
+    ctx: &Context,
+) -> Result<(SessionCounts, u64), Problem> {
+    validate_spec(&policy.spec).map_err(|e| Problem::InvalidPolicy(e.to_string()))?;
+    let url = redis_url(policy, namespace, &ctx.client).await?;
+    let redis = &policy.spec.redis;
+    let ttl = Duration::from_secs(u64::try_from(policy.spec.ttl_seconds).unwrap_or(0));
+    let started = Instant::now();
+    let store = ctx
+        .redis
+        .store(&url, redis.cluster, &redis.key_prefix, ttl)
+        .await
+        .map_err(store_problem)?;
+    ctx.metrics.redis_operation("connect", started.elapsed());
+    let started = Instant::now();
+    let result = match redis.count_by {
+        CountBy::Index => store.counts().await.map(|c| (c, 0)),
+        CountBy::Scan => store::scan_report(&store, SCAN_PAGE, &|_| {})
+            .await
+            .map(|report| (report.counts, report.unreadable.len() as u64)),
+    };
+    ctx.metrics.redis_operation(
+        if redis.count_by == CountBy::Index {
+            "count"
+        } else {
+            "scan"
+        },
+        started.elapsed(),
+    );
+    result.map_err(store_problem)
+}
+
+fn store_problem(error: StoreError) -> Problem {
+    match error {
+        StoreError::Unavailable { .. } => Problem::RedisUnreachable(error.to_string()),
+        other => Problem::RedisError(other.to_string()),
+    }
+}
+
+/// The policy's Redis URL, from the spec or from its Secret.
+async fn redis_url(
+    policy: &McpSessionPolicy,
+    namespace: &str,
+    client: &Client,
+) -> Result<String, Problem> {
+    let redis = &policy.spec.redis;
+    if let Some(url) = &redis.url {
+        return Ok(url.clone());
+    }
+    let Some(reference) = &redis.url_secret_ref else {
+        return Err(Problem::InvalidPolicy(
+            "spec.redis: set url or urlSecretRef".into(),
+        ));
+    };
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let secret = match secrets.get_opt(&reference.name).await {
+        Ok(Some(secret)) => secret,
+        Ok(None) => {
+            return Err(Problem::SecretNotFound(format!(
+                "Secret {namespace}/{} not found",
+                reference.name
+            )));
+        }
+        Err(e) => {
+            return Err(Problem::SecretNotFound(format!(
+                "cannot read Secret {namespace}/{}: {e}",
+                reference.name
+            )));
+        }
+    };
+    let value = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&reference.key))
+        .ok_or_else(|| {
+            Problem::SecretKeyNotFound(format!(
+                "Secret {namespace}/{} has no key {:?}",
+                reference.name, reference.key
+            ))
+        })?;
+    let url = String::from_utf8(value.0.clone()).map_err(|_| {
+        Problem::InvalidPolicy(format!(
+            "Secret {namespace}/{} key {:?} is not UTF-8",
+            reference.name, reference.key
+        ))
+    })?;
+    let url = url.trim().to_owned();
+    store::RedisTarget::parse(&url).map_err(|e| {
+        Problem::InvalidPolicy(format!(
+            "Secret {namespace}/{} key {:?}: {e}",
+            reference.name, reference.key
+        ))
+    })?;
+    Ok(url)
+}
+
+async fn write_status(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    status: &McpSessionPolicyStatus,
+) -> Result<(), Error> {
+    let api: Api<McpSessionPolicy> = Api::namespaced(client.clone(), namespace);
+    let patch = json!({
+        "apiVersion": McpSessionPolicy::api_version(&()),
+        "kind": McpSessionPolicy::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map(drop)
+    .map_err(|source| Error::WriteStatus {
+        policy: format!("{namespace}/{name}"),
+        source,
+    })
+}
+
+async fn publish(
+    ctx: &Context,
+    policy: &McpSessionPolicy,
+    warning: bool,
+    reason: String,
+    note: String,
+) {
+    let event = Event {
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason,
+        note: Some(note.chars().take(1024).collect()),
+        action: "CountSessions".into(),
+        secondary: None,
+    };
+    if let Err(error) = ctx.recorder.publish(&event, &policy.object_ref(&())).await {
+        warn!(%error, "cannot publish an Event");
+    }
+}

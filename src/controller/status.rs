@@ -1,0 +1,278 @@
+//! From what a reconcile observed to the policy's status and conditions.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+
+use crate::api::{McpSessionPolicyStatus, PodSessions, PodTotals, SessionTotals, condition};
+use crate::store::SessionCounts;
+
+/// Why a policy's sessions could not be counted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Problem {
+    InvalidPolicy(String),
+    SecretNotFound(String),
+    SecretKeyNotFound(String),
+    RedisUnreachable(String),
+    RedisError(String),
+}
+
+impl Problem {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::InvalidPolicy(_) => "InvalidPolicy",
+            Self::SecretNotFound(_) => "SecretNotFound",
+            Self::SecretKeyNotFound(_) => "SecretKeyNotFound",
+            Self::RedisUnreachable(_) => "RedisUnreachable",
+            Self::RedisError(_) => "RedisError",
+        }
+    }
+
+    pub fn message(&self) -> &str {
+        match self {
+            Self::InvalidPolicy(m)
+            | Self::SecretNotFound(m)
+            | Self::SecretKeyNotFound(m)
+            | Self::RedisUnreachable(m)
+            | Self::RedisError(m) => m,
+        }
+    }
+
+    /// Worth retrying with backoff (as opposed to waiting for the spec to change).
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, Self::InvalidPolicy(_))
+    }
+}
+
+/// What one reconcile saw.
+pub struct Observation {
+    pub generation: Option<i64>,
+    pub counts: Result<SessionCounts, Problem>,
+    /// Sessions of every selected pod, zero included, sorted by pod name.
+    pub pod_sessions: Vec<(String, u64)>,
+    pub pods: PodTotals,
+    /// Records under the prefix that do not parse (scan counts only).
+    pub unreadable: u64,
+}
+
+/// The status for `observation`, keeping `lastTransitionTime` of conditions whose status did
+/// not change, so that an unchanged world gives an identical status (and no write).
+pub fn build(
+    previous: Option<&McpSessionPolicyStatus>,
+    observation: &Observation,
+) -> McpSessionPolicyStatus {
+    let (ready, redis) = match &observation.counts {
+        Ok(counts) => {
+            let message = match observation.unreadable {
+                0 => format!("{} sessions, {} draining", counts.total, counts.draining),
+                n => format!(
+                    "{} sessions, {} draining; {n} unreadable records skipped",
+                    counts.total, counts.draining
+                ),
+            };
+            (
+                ("True", "SessionsCounted", message),
+                ("True", "Connected", "Redis answers".to_owned()),
+            )
+        }
+        Err(problem) => {
+            let redis = match problem {
+                Problem::RedisUnreachable(m) => ("False", "Unreachable", m.clone()),
+                Problem::RedisError(m) => ("False", "RedisError", m.clone()),
+                _ => (
+                    "Unknown",
+                    "NotChecked",
+                    "Redis is not contacted until the policy's target resolves".to_owned(),
+                ),
+            };
+            (
+                ("False", problem.reason(), problem.message().to_owned()),
+                redis,
+            )
+        }
+    };
+    let rollout = (
+        "True",
+        "NoRolloutInProgress",
+        "No rollout of the selected pods is in progress".to_owned(),
+    );
+    let conditions = [
+        (condition::READY, ready),
+        (condition::REDIS_REACHABLE, redis),
+        (condition::ROLLOUT_SAFE, rollout),
+    ]
+    .into_iter()
+    .map(|(type_, (status, reason, message))| {
+        condition(
+            previous,
+            observation.generation,
+            type_,
+            status,
+            reason,
+            message,
+        )
+    })
+    .collect();
+    let counts = observation.counts.as_ref().ok();
+    let previous_sessions = previous.map(|p| p.sessions.clone()).unwrap_or_default();
+    McpSessionPolicyStatus {
+        observed_generation: observation.generation,
+        conditions,
+        // Keep the last known counts while they cannot be read, rather than report zero.
+        sessions: counts.map_or(previous_sessions, |c| SessionTotals {
+            total: c.total,
+            active: c.active,
+            draining: c.draining,
+        }),
+        pod_sessions: match counts {
+            Some(_) => observation
+                .pod_sessions
+                .iter()
+                .map(|(pod, sessions)| PodSessions {
+                    pod: pod.clone(),
+                    sessions: *sessions,
+                })
+                .collect(),
+            None => previous.map(|p| p.pod_sessions.clone()).unwrap_or_default(),
+        },
+        pods: observation.pods.clone(),
+        last_rollout: previous.and_then(|p| p.last_rollout.clone()),
+    }
+}
+
+fn condition(
+    previous: Option<&McpSessionPolicyStatus>,
+    generation: Option<i64>,
+    type_: &str,
+    status: &str,
+    reason: &str,
+    message: String,
+) -> Condition {
+    let before = previous.and_then(|p| find(&p.conditions, type_));
+    let last_transition_time = match before {
+        Some(before) if before.status == status => before.last_transition_time.clone(),
+        _ => Time(Timestamp::now()),
+    };
+    Condition {
+        type_: type_.to_owned(),
+        status: status.to_owned(),
+        reason: reason.to_owned(),
+        message,
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+pub fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
+    conditions.iter().find(|c| c.type_ == type_)
+}
+
+/// An Event worth emitting for a condition that changed: (warning?, reason, note).
+pub fn transitions(
+    previous: Option<&McpSessionPolicyStatus>,
+    next: &McpSessionPolicyStatus,
+) -> Vec<(bool, String, String)> {
+    let mut events = Vec::new();
+    let before = |type_| previous.and_then(|p| find(&p.conditions, type_));
+    let after = |type_| find(&next.conditions, type_);
+    if let (Some(old), Some(new)) = (
+        before(condition::REDIS_REACHABLE),
+        after(condition::REDIS_REACHABLE),
+    ) && old.status == "False"
+        && new.status == "True"
+    {
+        events.push((
+            false,
+            "RedisReachable".to_owned(),
+            "Redis answers again".to_owned(),
+        ));
+    }
+    if let Some(new) = after(condition::READY)
+        && new.status == "False"
+        && before(condition::READY).is_none_or(|old| old.reason != new.reason)
+    {
+        events.push((true, new.reason.clone(), new.message.clone()));
+    }
+    events
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn observation(counts: Result<SessionCounts, Problem>) -> Observation {
+        Observation {
+            generation: Some(2),
+            counts,
+            pod_sessions: vec![("web-0".into(), 3)],
+            pods: PodTotals {
+                selected: 1,
+                ready: 1,
+                terminating: 0,
+            },
+            unreadable: 0,
+        }
+    }
+
+    #[test]
+    fn an_unchanged_world_gives_an_identical_status() {
+        let counts = SessionCounts {
+            total: 3,
+            active: 3,
+            ..Default::default()
+        };
+        let first = build(None, &observation(Ok(counts.clone())));
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let second = build(Some(&first), &observation(Ok(counts)));
+        assert_eq!(first, second);
+        assert_eq!(
+            find(&second.conditions, "Ready").unwrap().reason,
+            "SessionsCounted"
+        );
+        assert!(transitions(Some(&first), &second).is_empty());
+    }
+
+    #[test]
+    fn losing_and_regaining_redis_is_two_events_and_keeps_the_last_counts() {
+        let counts = SessionCounts {
+            total: 3,
+            active: 3,
+            ..Default::default()
+        };
+        let up = build(None, &observation(Ok(counts.clone())));
+        let down = build(
+            Some(&up),
+            &observation(Err(Problem::RedisUnreachable(
+                "cannot reach Redis at redis://r:6379".into(),
+            ))),
+        );
+        assert_eq!(down.sessions.total, 3);
+        assert_eq!(
+            find(&down.conditions, "RedisReachable").unwrap().status,
+            "False"
+        );
+        let lost = transitions(Some(&up), &down);
+        assert_eq!(
+            lost,
+            vec![(
+                true,
+                "RedisUnreachable".into(),
+                "cannot reach Redis at redis://r:6379".into()
+            )]
+        );
+        let still_down = build(
+            Some(&down),
+            &observation(Err(Problem::RedisUnreachable(
+                "cannot reach Redis at redis://r:6379".into(),
+            ))),
+        );
+        assert!(
+            transitions(Some(&down), &still_down).is_empty(),
+            "no event on every reconcile"
+        );
+        let back = build(Some(&still_down), &observation(Ok(counts)));
+        assert_eq!(
+            transitions(Some(&still_down), &back),
+            vec![(false, "RedisReachable".into(), "Redis answers again".into())]
+        );
+    }
+}

@@ -1,0 +1,243 @@
+//! Prometheus metrics of the operator, with the names fixed in DESIGN.md.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::store::SessionCounts;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyStateLabels {
+    pub namespace: String,
+    pub policy: String,
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PodLabels {
+    pub namespace: String,
+    pub policy: String,
+    pub pod: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabels {
+    pub operation: &'static str,
+}
+
+/// A policy, as metric series know it.
+type PolicyKey = (String, String);
+
+pub struct Metrics {
+    registry: Registry,
+    sessions: Family<PolicyStateLabels, Gauge>,
+    sessions_per_pod: Family<PodLabels, Gauge>,
+    reconciles: Family<ResultLabels, Counter>,
+    reconcile_duration: Histogram,
+    redis_duration: Family<OperationLabels, Histogram>,
+    /// Pods with a series, per policy, so that series of vanished pods can be removed.
+    pods_with_series: Mutex<BTreeMap<PolicyKey, BTreeSet<String>>>,
+}
+
+fn latency_buckets() -> Histogram {
+    // 100 µs .. ~13 s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let sessions = Family::<PolicyStateLabels, Gauge>::default();
+        registry.register(
+            "mcp_sessions",
+            "Sessions of a policy by state (active, draining)",
+            sessions.clone(),
+        );
+        let sessions_per_pod = Family::<PodLabels, Gauge>::default();
+        registry.register(
+            "mcp_sessions_per_pod",
+            "Active sessions owned by each selected pod",
+            sessions_per_pod.clone(),
+        );
+        let reconciles = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "mcp_session_operator_reconciles",
+            "Policy reconciliations by result",
+            reconciles.clone(),
+        );
+        let reconcile_duration = latency_buckets();
+        registry.register(
+            "mcp_session_operator_reconcile_duration_seconds",
+            "Time to reconcile one policy",
+            reconcile_duration.clone(),
+        );
+        let redis_duration = Family::<OperationLabels, Histogram>::new_with_constructor(
+            latency_buckets as fn() -> Histogram,
+        );
+        registry.register(
+            "mcp_session_redis_command_duration_seconds",
+            "Latency of session store operations against Redis",
+            redis_duration.clone(),
+        );
+        Self {
+            registry,
+            sessions,
+            sessions_per_pod,
+            reconciles,
+            reconcile_duration,
+            redis_duration,
+            pods_with_series: Mutex::new(BTreeMap::new()),
+        }
+    }
+}
+
+impl Metrics {
+    /// Prometheus text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn reconciled(&self, result: &'static str, took: Duration) {
+        self.reconciles
+            .get_or_create(&ResultLabels { result })
+            .inc();
+        self.reconcile_duration.observe(took.as_secs_f64());
+    }
+
+    pub fn redis_operation(&self, operation: &'static str, took: Duration) {
+        self.redis_duration
+            .get_or_create(&OperationLabels { operation })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Sets a policy's session gauges; `per_pod` lists every selected pod (zero included).
+    pub fn set_sessions(
+        &self,
+        namespace: &str,
+        policy: &str,
+        counts: &SessionCounts,
+        per_pod: &[(String, u64)],
+    ) {
+        for (state, value) in [("active", counts.active), ("draining", counts.draining)] {
+            let labels = PolicyStateLabels {
+                namespace: namespace.into(),
+                policy: policy.into(),
+                state,
+            };
+            self.sessions
+                .get_or_create(&labels)
+                .set(i64::try_from(value).unwrap_or(i64::MAX));
+        }
+        let mut known = self
+            .pods_with_series
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let entry = known
+            .entry((namespace.to_owned(), policy.to_owned()))
+            .or_default();
+        let current: BTreeSet<String> = per_pod.iter().map(|(pod, _)| pod.clone()).collect();
+        for gone in entry.difference(&current) {
+            self.sessions_per_pod.remove(&PodLabels {
+                namespace: namespace.into(),
+                policy: policy.into(),
+                pod: gone.clone(),
+            });
+        }
+        for (pod, value) in per_pod {
+            let labels = PodLabels {
+                namespace: namespace.into(),
+                policy: policy.into(),
+                pod: pod.clone(),
+            };
+            self.sessions_per_pod
+                .get_or_create(&labels)
+                .set(i64::try_from(*value).unwrap_or(i64::MAX));
+        }
+        *entry = current;
+    }
+
+    /// Removes every series of a deleted policy.
+    pub fn forget_policy(&self, namespace: &str, policy: &str) {
+        for state in ["active", "draining"] {
+            self.sessions.remove(&PolicyStateLabels {
+                namespace: namespace.into(),
+                policy: policy.into(),
+                state,
+            });
+        }
+        let mut known = self
+            .pods_with_series
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for pod in known
+            .remove(&(namespace.to_owned(), policy.to_owned()))
+            .unwrap_or_default()
+        {
+            self.sessions_per_pod.remove(&PodLabels {
+                namespace: namespace.into(),
+                policy: policy.into(),
+                pod,
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_come_and_go_with_policies_and_pods() {
+        let metrics = Metrics::default();
+        let counts = SessionCounts {
+            total: 5,
+            active: 4,
+            draining: 1,
+            ..Default::default()
+        };
+        metrics.set_sessions(
+            "prod",
+            "api",
+            &counts,
+            &[("api-0".into(), 3), ("api-1".into(), 1)],
+        );
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"mcp_sessions{namespace="prod",policy="api",state="active"} 4"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"mcp_sessions_per_pod{namespace="prod",policy="api",pod="api-1"} 1"#),
+            "{text}"
+        );
+        metrics.set_sessions("prod", "api", &counts, &[("api-0".into(), 3)]);
+        assert!(
+            !metrics.encode().contains(r#"pod="api-1""#),
+            "vanished pod's series removed"
+        );
+        metrics.forget_policy("prod", "api");
+        let text = metrics.encode();
+        assert!(!text.contains(r#"policy="api""#), "{text}");
+        metrics.reconciled("ok", Duration::from_millis(3));
+        assert!(
+            metrics
+                .encode()
+                .contains(r#"mcp_session_operator_reconciles_total{result="ok"} 1"#)
+        );
+    }
+}

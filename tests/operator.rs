@@ -1,0 +1,696 @@
+//! The operator on the real control plane with a real redis-server, run as a process with the
+//! service-account RBAC of config/rbac/.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt as _};
+use mcp_session_operator::api::{McpSessionPolicy, McpSessionPolicyStatus};
+use mcp_session_operator::store::{NewSession, RedisStore, RedisTarget, SessionId, SessionStore};
+use serde_json::json;
+use support::control_plane::{control_plane, wait_for};
+use support::kubelet::{KubeletStandIn, NoProcesses};
+use support::operator::{Operator, install_crd, operator_kubeconfig};
+use support::redis::RedisServer;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Operators watch more than their test's namespace (one of them the whole cluster): run the
+/// tests of this file one at a time, as a cluster runs one operator.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn policy(name: &str, spec: serde_json::Value) -> McpSessionPolicy {
+    serde_json::from_value(json!({"apiVersion": "mcpsession.dev/v1alpha1", "kind": "McpSessionPolicy", "metadata": {"name": name}, "spec": spec}))
+        .expect("policy")
+}
+
+async fn apply(client: &Client, namespace: &str, policy: &McpSessionPolicy) {
+    let api: Api<McpSessionPolicy> = Api::namespaced(client.clone(), namespace);
+    api.patch(
+        &policy.name_any(),
+        &PatchParams::apply("tests").force(),
+        &Patch::Apply(policy),
+    )
+    .await
+    .expect("apply policy");
+}
+
+/// Waits until the policy's status satisfies `check`; returns that status.
+async fn status_until(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    what: &str,
+    check: impl Fn(&McpSessionPolicyStatus) -> bool,
+) -> McpSessionPolicyStatus {
+    let api: Api<McpSessionPolicy> = Api::namespaced(client.clone(), namespace);
+    let mut last = None;
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        if let Ok(policy) = api.get(name).await
+            && let Some(status) = policy.status
+        {
+            if check(&status) {
+                return status;
+            }
+            last = Some(status);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}; last status: {last:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn condition<'a>(status: &'a McpSessionPolicyStatus, type_: &str) -> (&'a str, &'a str) {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map_or(("", ""), |c| (c.status.as_str(), c.reason.as_str()))
+}
+
+async fn store(redis: &RedisServer, prefix: &str) -> RedisStore {
+    RedisStore::connect(
+        RedisTarget::parse(&redis.url()).unwrap(),
+        prefix,
+        Duration::from_secs(3600),
+    )
+    .await
+    .unwrap()
+}
+
+async fn events(client: &Client, namespace: &str, reason: &str) -> usize {
+    let api: Api<Event> = Api::namespaced(client.clone(), namespace);
+    api.list(&ListParams::default())
+        .await
+        .map(|l| {
+            l.items
+                .iter()
+                .filter(|e| e.reason.as_deref() == Some(reason))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn status_metrics_and_printer_columns_follow_the_sessions_of_selected_pods() {
+    let _serial = SERIAL.lock().await;
+    let plane = control_plane();
+    let ns = plane.namespace("status").await;
+    install_crd(&ns.client).await;
+    let kubeconfig = operator_kubeconfig(plane, &ns.client, &ns.name).await;
+    let _kubelet = KubeletStandIn::start(ns.client.clone(), &ns.name, Arc::new(NoProcesses)).await;
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "api"},
+        "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "api"}},
+                 "template": {"metadata": {"labels": {"app": "api"}}, "spec": {"containers": [{"name": "mcp", "image": "example/mcp:1"}]}}},
+    }))
+    .unwrap();
+    Api::<Deployment>::namespaced(ns.client.clone(), &ns.name)
+        .create(&PostParams::default(), &deployment)
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
+    wait_for(TIMEOUT, "2 pods", || async {
+        pods.list(&ListParams::default())
+            .await
+            .map(|l| l.items.len() == 2)
+            .unwrap_or(false)
+    })
+    .await;
+    let mut pod_names: Vec<String> = pods
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|p| p.name_any())
+        .collect();
+    pod_names.sort();
+
+    let redis = RedisServer::start();
+    let sessions = store(&redis, "mcp:session:").await;
+    for i in 0..5 {
+        let owner = Some(pod_names[i % 2].clone());
+        sessions
+            .create_or_rehydrate(
+                &SessionId::random(),
+                NewSession {
+                    owner_pod: owner,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+    }
+    sessions
+        .create_or_rehydrate(&SessionId::parse("unowned").unwrap(), NewSession::default())
+        .await
+        .unwrap();
+    let draining = SessionId::random();
+    sessions
+        .create_or_rehydrate(
+            &draining,
+            NewSession {
+                owner_pod: Some(pod_names[0].clone()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    sessions
+        .mark_draining(&draining, Duration::from_secs(600))
+        .await
+        .unwrap();
+
+    let mut operator = Operator::start(&kubeconfig, &ns.name, Some(&ns.name), "op-status");
+    apply(
+        &ns.client,
+        &ns.name,
+        &policy(
+            "api",
+            json!({"selector": {"matchLabels": {"app": "api"}}, "redis": {"url": redis.url()}}),
+        ),
+    )
+    .await;
+    let status = status_until(&ns.client, &ns.name, "api", "7 sessions counted", |s| {
+        s.sessions.total == 7 && s.pods.ready == 2
+    })
+    .await;
+    assert_eq!((status.sessions.active, status.sessions.draining), (6, 1));
+    assert_eq!(condition(&status, "Ready"), ("True", "SessionsCounted"));
+    assert_eq!(condition(&status, "RedisReachable"), ("True", "Connected"));
+    assert_eq!(condition(&status, "RolloutSafe").0, "True");
+    assert_eq!(status.pods.selected, 2);
+    let per_pod: Vec<(String, u64)> = status
+        .pod_sessions
+        .iter()
+        .map(|p| (p.pod.clone(), p.sessions))
+        .collect();
+    assert_eq!(
+        per_pod,
+        vec![(pod_names[0].clone(), 3), (pod_names[1].clone(), 2)]
+    );
+    let api: Api<McpSessionPolicy> = Api::namespaced(ns.client.clone(), &ns.name);
+    assert_eq!(
+        status.observed_generation,
+        api.get("api").await.unwrap().metadata.generation
+    );
+
+    // A new session shows up at the next requeue, and the status is only written on change.
+    sessions
+        .create_or_rehydrate(
+            &SessionId::random(),
+            NewSession {
+                owner_pod: Some(pod_names[1].clone()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    status_until(&ns.client, &ns.name, "api", "8 sessions", |s| {
+        s.sessions.total == 8
+    })
+    .await;
+    let version = api.get("api").await.unwrap().metadata.resource_version;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        api.get("api").await.unwrap().metadata.resource_version,
+        version,
+        "no write without a change"
+    );
+
+    // kubectl get msp: the printer columns, through the Table API.
+    let request = http::Request::get(format!(
+        "/apis/mcpsession.dev/v1alpha1/namespaces/{}/mcpsessionpolicies",
+        ns.name
+    ))
+    .header("Accept", "application/json;as=Table;v=v1;g=meta.k8s.io")
+    .body(Vec::new())
+    .unwrap();
+    let table: serde_json::Value =
+        serde_json::from_str(&ns.client.request_text(request).await.unwrap()).unwrap();
+    let columns: Vec<&str> = table["columnDefinitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(columns, ["Name", "Sessions", "Draining", "Ready", "Age"]);
+    assert_eq!(table["rows"][0]["cells"][1], 8);
+    assert_eq!(table["rows"][0]["cells"][2], 1);
+    assert_eq!(table["rows"][0]["cells"][3], "True");
+
+    let (code, metrics) = operator.get("/metrics").await.unwrap();
+    assert_eq!(code, 200);
+    let series = format!(
+        r#"mcp_sessions{{namespace="{}",policy="api",state="active"}} 7"#,
+        ns.name
+    );
+    assert!(metrics.contains(&series), "{metrics}");
+    let pod_series = format!(
+        r#"mcp_sessions_per_pod{{namespace="{}",policy="api",pod="{}"}} 3"#,
+        ns.name, pod_names[1]
+    );
+    assert!(metrics.contains(&pod_series), "{metrics}");
+    assert!(
+        metrics.contains("mcp_session_operator_reconciles_total"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("mcp_session_redis_command_duration_seconds_bucket"),
+        "{metrics}"
+    );
+    assert_eq!(operator.get("/readyz").await.unwrap().0, 200);
+    assert_eq!(operator.get("/healthz").await.unwrap().0, 200);
+
+    api.delete("api", &DeleteParams::default()).await.unwrap();
+    wait_for(TIMEOUT, "the policy's series to go", || async {
+        operator
+            .get("/metrics")
+            .await
+            .is_some_and(|(_, m)| !m.contains(r#"policy="api""#))
+    })
+    .await;
+    assert!(operator.is_running(), "{}", operator.logs());
+}
+
+#[tokio::test]
+async fn seed_written_sessions_are_counted_by_scan_and_by_a_rebuilt_index() {
+    let _serial = SERIAL.lock().await;
+    let plane = control_plane();
+    let ns = plane.namespace("seed").await;
+    install_crd(&ns.client).await;
+    let kubeconfig = operator_kubeconfig(plane, &ns.client, &ns.name).await;
+    let redis = RedisServer::start();
+    let _operator = Operator::start(&kubeconfig, &ns.name, Some(&ns.name), "op-seed");
+    let selector = json!({"matchLabels": {"app": "legacy"}});
+    apply(&ns.client, &ns.name, &policy("by-scan", json!({"selector": selector, "redis": {"url": redis.url(), "keyPrefix": "legacy:", "countBy": "Scan"}}))).await;
+    status_until(&ns.client, &ns.name, "by-scan", "an empty count", |s| {
+        condition(s, "Ready").0 == "True"
+    })
+    .await;
+    // Written the seed's way after the policy exists: plain keys, no index.
+    for i in 0..30 {
+        let record = format!(
+            r#"{{"connection_id": "s{i}", "created_at": "2026-01-15T10:00:00.000000", "last_activity_at": "2026-01-15T10:00:00.000000", "metadata": {{"user_id": "u"}}}}"#
+        );
+        redis
+            .cli(&["SET", &format!("legacy:s{i}"), &record, "EX", "86400"])
+            .unwrap();
+    }
+    redis.cli(&["SET", "legacy:broken", "{nope"]).unwrap();
+    let status = status_until(&ns.client, &ns.name, "by-scan", "30 seed sessions", |s| {
+        s.sessions.total == 30
+    })
+    .await;
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert!(
+        ready.message.contains("1 unreadable records skipped"),
+        "{}",
+        ready.message
+    );
+    // The default (index) policy over the same keys: the first count builds the index.
+    apply(
+        &ns.client,
+        &ns.name,
+        &policy(
+            "by-index",
+            json!({"selector": selector, "redis": {"url": redis.url(), "keyPrefix": "legacy:"}}),
+        ),
+    )
+    .await;
+    status_until(
+        &ns.client,
+        &ns.name,
+        "by-index",
+        "30 sessions through the index",
+        |s| s.sessions.total == 30,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_redis_outage_is_a_condition_and_events_and_the_operator_keeps_running() {
+    let _serial = SERIAL.lock().await;
+    let plane = control_plane();
+    let ns = plane.namespace("outage").await;
+    install_crd(&ns.client).await;
+    let kubeconfig = operator_kubeconfig(plane, &ns.client, &ns.name).await;
+    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    store(&redis, "mcp:session:")
+        .await
+        .create_or_rehydrate(&SessionId::random(), NewSession::default())
+        .await
+        .unwrap();
+    let mut operator = Operator::start(&kubeconfig, &ns.name, Some(&ns.name), "op-outage");
+    apply(
+        &ns.client,
+        &ns.name,
+        &policy(
+            "p",
+            json!({"selector": {"matchLabels": {"app": "x"}}, "redis": {"url": redis.url()}}),
+        ),
+    )
+    .await;
+    status_until(&ns.client, &ns.name, "p", "1 session", |s| {
+        s.sessions.total == 1
+    })
+    .await;
+
+    redis.kill();
+    let down = status_until(&ns.client, &ns.name, "p", "RedisReachable=False", |s| {
+        condition(s, "RedisReachable").0 == "False"
+    })
+    .await;
+    assert_eq!(condition(&down, "Ready"), ("False", "RedisUnreachable"));
+    assert_eq!(down.sessions.total, 1, "the last known count is kept");
+    let message = &down
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap()
+        .message;
+    assert!(
+        message.contains(&format!("127.0.0.1:{}", redis.port)),
+        "{message}"
+    );
+    wait_for(TIMEOUT, "a RedisUnreachable event", || async {
+        events(&ns.client, &ns.name, "RedisUnreachable").await == 1
+    })
+    .await;
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        events(&ns.client, &ns.name, "RedisUnreachable").await,
+        1,
+        "one event per transition, not per reconcile"
+    );
+    redis.restart();
+    let up = status_until(&ns.client, &ns.name, "p", "RedisReachable=True", |s| {
+        condition(s, "RedisReachable").0 == "True"
+    })
+    .await;
+    assert_eq!(condition(&up, "Ready"), ("True", "SessionsCounted"));
+    wait_for(TIMEOUT, "a RedisReachable event", || async {
+        events(&ns.client, &ns.name, "RedisReachable").await == 1
+    })
+    .await;
+    assert!(
+        operator.is_running(),
+        "the operator never exits: {}",
+        operator.logs()
+    );
+}
+
+#[tokio::test]
+async fn bad_input_is_a_condition_and_other_policies_and_namespaces_are_unaffected() {
+    let _serial = SERIAL.lock().await;
+    let plane = control_plane();
+    let ns = plane.namespace("bad").await;
+    let other = plane.namespace("other").await;
+    install_crd(&ns.client).await;
+    let kubeconfig = operator_kubeconfig(plane, &ns.client, &ns.name).await;
+    let redis = RedisServer::start();
+    for (prefix, n) in [("a:", 3), ("b:", 5)] {
+        let sessions = store(&redis, prefix).await;
+        for _ in 0..n {
+            sessions
+                .create_or_rehydrate(&SessionId::random(), NewSession::default())
+                .await
+                .unwrap();
+        }
+    }
+    // Cluster-wide: this operator watches every namespace.
+    let mut operator = Operator::start(&kubeconfig, &ns.name, None, "op-bad");
+    let selector = json!({"matchLabels": {"app": "x"}});
+    apply(
+        &ns.client,
+        &ns.name,
+        &policy(
+            "a",
+            json!({"selector": selector, "redis": {"url": redis.url(), "keyPrefix": "a:"}}),
+        ),
+    )
+    .await;
+    apply(
+        &other.client,
+        &other.name,
+        &policy(
+            "b",
+            json!({"selector": selector, "redis": {"url": redis.url(), "keyPrefix": "b:"}}),
+        ),
+    )
+    .await;
+    apply(&ns.client, &ns.name, &policy("no-secret", json!({"selector": selector, "redis": {"urlSecretRef": {"name": "redis-auth", "key": "url"}}}))).await;
+    apply(&ns.client, &ns.name, &policy("unreachable", json!({"selector": selector, "redis": {"url": format!("redis://127.0.0.1:{}", support::free_port())}}))).await;
+    apply(
+        &ns.client,
+        &ns.name,
+        &policy(
+            "empty-selector",
+            json!({"selector": {}, "redis": {"url": redis.url()}}),
+        ),
+    )
+    .await;
+
+    status_until(&ns.client, &ns.name, "a", "3 sessions under a:", |s| {
+        s.sessions.total == 3
+    })
+    .await;
+    status_until(
+        &other.client,
+        &other.name,
+        "b",
+        "5 sessions under b: in another namespace",
+        |s| s.sessions.total == 5,
+    )
+    .await;
+    let missing = status_until(&ns.client, &ns.name, "no-secret", "SecretNotFound", |s| {
+        condition(s, "Ready").1 == "SecretNotFound"
+    })
+    .await;
+    assert_eq!(
+        condition(&missing, "RedisReachable"),
+        ("Unknown", "NotChecked")
+    );
+    status_until(
+        &ns.client,
+        &ns.name,
+        "unreachable",
+        "RedisUnreachable",
+        |s| condition(s, "Ready").1 == "RedisUnreachable",
+    )
+    .await;
+    let invalid = status_until(
+        &ns.client,
+        &ns.name,
+        "empty-selector",
+        "InvalidPolicy",
+        |s| condition(s, "Ready").1 == "InvalidPolicy",
+    )
+    .await;
+    assert!(
+        invalid
+            .conditions
+            .iter()
+            .any(|c| c.message.contains("spec.selector selects nothing"))
+    );
+    wait_for(TIMEOUT, "a SecretNotFound event", || async {
+        events(&ns.client, &ns.name, "SecretNotFound").await >= 1
+    })
+    .await;
+
+    // A Secret with a key that is no URL, then a good one: each change reconciles at once.
+    let secrets: Api<Secret> = Api::namespaced(ns.client.clone(), &ns.name);
+    let secret = |url: &str| {
+        serde_json::from_value::<Secret>(
+            json!({"metadata": {"name": "redis-auth"}, "stringData": {"url": url}}),
+        )
+        .unwrap()
+    };
+    secrets
+        .create(&PostParams::default(), &secret("not a url"))
+        .await
+        .unwrap();
+    status_until(
+        &ns.client,
+        &ns.name,
+        "no-secret",
+        "an invalid URL from the Secret",
+        |s| condition(s, "Ready").1 == "InvalidPolicy",
+    )
+    .await;
+    secrets
+        .replace(
+            "redis-auth",
+            &PostParams::default(),
+            &secret(&format!("redis://127.0.0.1:{}/0", redis.port)),
+        )
+        .await
+        .unwrap();
+    let fixed = status_until(
+        &ns.client,
+        &ns.name,
+        "no-secret",
+        "Ready from the Secret's URL",
+        |s| condition(s, "Ready").0 == "True",
+    )
+    .await;
+    assert_eq!(fixed.sessions.total, 0, "the default prefix holds nothing");
+    // The policies that work were never disturbed.
+    status_until(&ns.client, &ns.name, "a", "still 3", |s| {
+        s.sessions.total == 3 && condition(s, "Ready").0 == "True"
+    })
+    .await;
+    assert!(operator.is_running(), "{}", operator.logs());
+}
+
+#[tokio::test]
+async fn the_schema_rejects_invalid_specs_with_readable_messages() {
+    let _serial = SERIAL.lock().await;
+    let plane = control_plane();
+    let ns = plane.namespace("schema").await;
+    install_crd(&ns.client).await;
+    let api: Api<McpSessionPolicy> = Api::namespaced(ns.client.clone(), &ns.name);
+    // Untyped, so that specs the Rust types would refuse reach the apiserver.
+    let resource = kube::api::ApiResource::erase::<McpSessionPolicy>(&());
+    let raw: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(ns.client.clone(), &ns.name, &resource);
+    let selector = json!({"matchLabels": {"app": "x"}});
+    let cases = [
+        (
+            json!({"selector": selector, "redis": {"url": "redis://r:6379"}, "ttlSeconds": 5}),
+            "spec.ttlSeconds",
+        ),
+        (
+            json!({"selector": selector, "redis": {"url": "http://r"}}),
+            "spec.redis.url",
+        ),
+        (
+            json!({"selector": selector, "redis": {"url": "redis://r", "keyPrefix": "mcp:*"}}),
+            "spec.redis.keyPrefix",
+        ),
+        (
+            json!({"selector": selector, "redis": {"url": "redis://r", "countBy": "Guess"}}),
+            "spec.redis.countBy",
+        ),
+        (
+            json!({"selector": selector, "redis": {"url": "redis://r"}, "injection": {"proxyPort": 70000}}),
+            "spec.injection.proxyPort",
+        ),
+        (json!({"selector": selector}), "spec.redis"),
+    ];
+    for (spec, field) in cases {
+        let object = json!({"apiVersion": "mcpsession.dev/v1alpha1", "kind": "McpSessionPolicy", "metadata": {"name": "invalid"}, "spec": spec});
+        let object: kube::api::DynamicObject = serde_json::from_value(object).unwrap();
+        let err = raw
+            .create(&PostParams::default(), &object)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(field), "{spec}: {err}");
+    }
+    let created = api
+        .create(
+            &PostParams::default(),
+            &policy(
+                "defaults",
+                json!({"selector": selector, "redis": {"url": "redis://r:6379"}}),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        created.spec.ttl_seconds, 86_400,
+        "the apiserver applied the defaults"
+    );
+    assert_eq!(created.spec.injection.proxy_port, 8090);
+}
+
+#[tokio::test]
+async fn two_operators_elect_one_leader_and_fail_over_when_it_dies() {
+    let _serial = SERIAL.lock().await;
+    let plane = control_plane();
+    let ns = plane.namespace("leader").await;
+    install_crd(&ns.client).await;
+    let kubeconfig = operator_kubeconfig(plane, &ns.client, &ns.name).await;
+    let redis = RedisServer::start();
+    let sessions = store(&redis, "mcp:session:").await;
+    let mut first = Operator::start(&kubeconfig, &ns.name, Some(&ns.name), "op-one");
+    let mut second = Operator::start(&kubeconfig, &ns.name, Some(&ns.name), "op-two");
+    let leases: Api<Lease> = Api::namespaced(ns.client.clone(), &ns.name);
+    let holder = || async {
+        leases
+            .get_opt("mcp-session-operator")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|l| l.spec?.holder_identity)
+    };
+    wait_for(TIMEOUT, "a leader", || async { holder().await.is_some() }).await;
+    apply(
+        &ns.client,
+        &ns.name,
+        &policy(
+            "p",
+            json!({"selector": {"matchLabels": {"app": "x"}}, "redis": {"url": redis.url()}}),
+        ),
+    )
+    .await;
+    status_until(&ns.client, &ns.name, "p", "a status from the leader", |s| {
+        condition(s, "Ready").0 == "True"
+    })
+    .await;
+
+    let leader = holder().await.unwrap();
+    let (dying, standby) = if leader == "op-one" {
+        (&mut first, &mut second)
+    } else {
+        (&mut second, &mut first)
+    };
+    for _ in 0..10 {
+        let (_, metrics) = standby.get("/metrics").await.unwrap_or_default();
+        assert!(
+            !metrics.contains("mcp_sessions{"),
+            "the standby does not reconcile"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(standby.get("/readyz").await.unwrap().1, "ok: standby");
+    dying.kill();
+    let killed_at = std::time::Instant::now();
+    let standby_name = standby.identity.clone();
+    wait_for(TIMEOUT, "the standby to take over", || async {
+        holder().await.as_deref() == Some(standby_name.as_str())
+    })
+    .await;
+    let failover = killed_at.elapsed();
+    assert!(
+        failover < Duration::from_secs(10),
+        "failover took {failover:?}"
+    );
+    sessions
+        .create_or_rehydrate(&SessionId::random(), NewSession::default())
+        .await
+        .unwrap();
+    status_until(&ns.client, &ns.name, "p", "the new leader's count", |s| {
+        s.sessions.total == 1
+    })
+    .await;
+    assert!(standby.is_running(), "{}", standby.logs());
+    eprintln!("leader failover took {failover:?}");
+}

@@ -1,0 +1,191 @@
+//! The operator binary as a process, authenticated with a service-account token bound to the
+//! RBAC of `config/rbac/` (never an admin token), against the test control plane.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Client;
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+use kube::core::GroupVersionKind;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use super::control_plane::{ControlPlane, wait_for};
+use super::{die_with_parent, free_port};
+
+/// Installs the CRD (server-side apply, idempotent) and waits until it is served.
+pub async fn install_crd(client: &Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let yaml = include_str!("../../crds/mcpsessionpolicies.yaml");
+    let crd: CustomResourceDefinition =
+        serde_yaml::from_str(yaml.split("---\n").nth(1).expect("one document")).expect("CRD");
+    let name = "mcpsessionpolicies.mcpsession.dev";
+    crds.patch(
+        name,
+        &PatchParams::apply("tests").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .expect("apply CRD");
+    wait_for(
+        Duration::from_secs(60),
+        "the CRD to be established",
+        || async {
+            crds.get(name)
+                .await
+                .ok()
+                .and_then(|c| c.status)
+                .and_then(|s| s.conditions)
+                .is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                })
+        },
+    )
+    .await;
+}
+
+/// Applies `config/rbac/` for a service account in `namespace` (cluster role bound under a
+/// name of this namespace) and returns a kubeconfig path with a token of that account.
+pub async fn operator_kubeconfig(
+    plane: &ControlPlane,
+    client: &Client,
+    namespace: &str,
+) -> PathBuf {
+    let files = [
+        include_str!("../../config/rbac/service_account.yaml"),
+        include_str!("../../config/rbac/role.yaml"),
+        include_str!("../../config/rbac/role_binding.yaml"),
+    ];
+    for file in files {
+        for document in file.split("\n---\n") {
+            let text = document
+                .replace("namespace: mcp-system", &format!("namespace: {namespace}"))
+                .replace("kind: ClusterRoleBinding\nmetadata:\n  name: mcp-session-operator", &format!("kind: ClusterRoleBinding\nmetadata:\n  name: mcp-session-operator-{namespace}"));
+            let object: DynamicObject = serde_yaml::from_str(&text).expect("RBAC object");
+            let types = object.types.clone().expect("types");
+            let (group, version) = types
+                .api_version
+                .split_once('/')
+                .unwrap_or(("", &types.api_version));
+            let resource =
+                ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, &types.kind));
+            let api: Api<DynamicObject> = match object.metadata.namespace.as_deref() {
+                Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+                None => Api::all_with(client.clone(), &resource),
+            };
+            let name = object.metadata.name.clone().expect("name");
+            api.patch(
+                &name,
+                &PatchParams::apply("tests").force(),
+                &Patch::Apply(&object),
+            )
+            .await
+            .expect("apply RBAC");
+        }
+    }
+    let token = plane.token_for(namespace, "mcp-session-operator").await;
+    let path = plane.dir.join(format!("kubeconfig-operator-{namespace}"));
+    plane.write_kubeconfig(&path, &token);
+    path
+}
+
+pub struct Operator {
+    pub identity: String,
+    pub metrics_port: u16,
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl Operator {
+    /// Starts `mcp-session-operator run` with a 3 s lease and a 1 s requeue. `watch` limits it to
+    /// one namespace.
+    pub fn start(
+        kubeconfig: &std::path::Path,
+        lease_namespace: &str,
+        watch: Option<&str>,
+        identity: &str,
+    ) -> Self {
+        let metrics_port = free_port();
+        let log = kubeconfig.with_file_name(format!("operator-{identity}.log"));
+        let out = std::fs::File::create(&log).expect("log");
+        let err = out.try_clone().expect("log");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_mcp-session-operator"));
+        command
+            .args([
+                "run",
+                "--metrics-addr",
+                &format!("127.0.0.1:{metrics_port}"),
+                "--namespace",
+                lease_namespace,
+            ])
+            .args([
+                "--identity",
+                identity,
+                "--requeue-seconds",
+                "1",
+                "--max-backoff-seconds",
+                "2",
+                "--lease-seconds",
+                "3",
+            ])
+            .env("KUBECONFIG", kubeconfig)
+            .env(
+                "RUST_LOG",
+                "info,kube=warn,mcp_session_operator::controller=debug",
+            )
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        if let Some(namespace) = watch {
+            command.args(["--watch-namespace", namespace]);
+        }
+        let child = die_with_parent(&mut command)
+            .spawn()
+            .expect("spawn the operator");
+        Self {
+            identity: identity.to_owned(),
+            metrics_port,
+            log,
+            child,
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET `path` on the metrics port: (status code, body).
+    pub async fn get(&self, path: &str) -> Option<(u16, String)> {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.metrics_port))
+            .await
+            .ok()?;
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.ok()?;
+        let status = response.split_whitespace().nth(1)?.parse().ok()?;
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Some((status, body))
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
