@@ -692,5 +692,27 @@ async fn two_operators_elect_one_leader_and_fail_over_when_it_dies() {
     })
     .await;
     assert!(standby.is_running(), "{}", standby.logs());
-    eprintln!("leader failover took {failover:?}");
+    eprintln!("leader failover after SIGKILL took {failover:?}");
+
+    // A graceful stop releases the lease: a third replica takes over at once.
+    let mut third = Operator::start(&kubeconfig, &ns.name, Some(&ns.name), "op-three");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stopped_at = std::time::Instant::now();
+    assert_eq!(
+        standby.terminate(),
+        Some(0),
+        "SIGTERM exits cleanly: {}",
+        standby.logs()
+    );
+    wait_for(TIMEOUT, "the third replica to take over", || async {
+        holder().await.as_deref() == Some("op-three")
+    })
+    .await;
+    let handover = stopped_at.elapsed();
+    assert!(
+        handover < Duration::from_secs(3),
+        "handover after SIGTERM took {handover:?}"
+    );
+    assert!(third.is_running(), "{}", third.logs());
+    eprintln!("leader handover after SIGTERM took {handover:?}");
 }

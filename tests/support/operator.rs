@@ -156,6 +156,22 @@ impl Operator {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// SIGTERM, then the exit code (within 20 s).
+    pub fn terminate(&mut self) -> Option<i32> {
+        // SAFETY: signalling our own child process by pid.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
