@@ -19,7 +19,8 @@ pub const EXIT_USAGE: u8 = 2;
     name = "mcp-session-operator",
     version,
     about,
-    propagate_version = true
+    propagate_version = true,
+    args_override_self = true
 )]
 pub struct Cli {
     /// Log format on stderr.

@@ -258,11 +258,15 @@ fn policies_referencing(
         .collect()
 }
 
+/// The policy's pod selector; `None` if it is invalid or would select every pod.
+fn pod_selector(policy: &McpSessionPolicy) -> Option<kube::core::Selector> {
+    kube::core::Selector::try_from(policy.spec.selector.clone())
+        .ok()
+        .filter(|selector| !selector.selects_all())
+}
+
 fn selects(policy: &McpSessionPolicy, pod: &Pod) -> bool {
-    let Ok(selector) = kube::core::Selector::try_from(policy.spec.selector.clone()) else {
-        return false;
-    };
-    !selector.selects_all() && selector.matches(pod.labels())
+    pod_selector(policy).is_some_and(|selector| selector.matches(pod.labels()))
 }
 
 #[instrument(skip_all, fields(namespace = policy.namespace().unwrap_or_default(), policy = %policy.name_any()))]
@@ -270,12 +274,14 @@ async fn reconcile(policy: Arc<McpSessionPolicy>, ctx: Arc<Context>) -> Result<A
     let started = Instant::now();
     let namespace = policy.namespace().ok_or(Error::NoNamespace)?;
     let name = policy.name_any();
+    let selector = pod_selector(&policy);
     let selected: Vec<Arc<Pod>> = ctx
         .pods
         .state()
         .into_iter()
         .filter(|pod| {
-            pod.namespace().as_deref() == Some(namespace.as_str()) && selects(&policy, pod)
+            pod.namespace().as_deref() == Some(namespace.as_str())
+                && selector.as_ref().is_some_and(|s| s.matches(pod.labels()))
         })
         .collect();
     let pods = pod_totals(&selected);
@@ -330,7 +336,7 @@ async fn reconcile(policy: Arc<McpSessionPolicy>, ctx: Arc<Context>) -> Result<A
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&ObjectRef::from_obj(&*policy));
-            Ok(Action::requeue(ctx.config.requeue))
+            Ok(Action::requeue(jittered(ctx.config.requeue)))
         }
         Err(problem) if problem.is_transient() => Err(Error::Degraded {
             reason: problem.reason(),
@@ -339,11 +345,16 @@ async fn reconcile(policy: Arc<McpSessionPolicy>, ctx: Arc<Context>) -> Result<A
         // Nothing to retry until the spec changes, which triggers a reconcile by itself.
         Err(_) => Ok(Action::requeue(ctx.config.requeue * 4)),
     };
-    ctx.metrics.reconciled(
-        if result.is_ok() { "ok" } else { "error" },
-        started.elapsed(),
-    );
+    let took = started.elapsed();
+    ctx.metrics
+        .reconciled(if result.is_ok() { "ok" } else { "error" }, took);
+    debug!(took_us = took.as_micros() as u64, "reconciled");
     result
+}
+
+/// `period` ± 10 %, so that policies created together do not all re-count at the same instant.
+fn jittered(period: Duration) -> Duration {
+    period.mul_f64(rand::random_range(0.9..1.1))
 }
 
 fn error_policy(policy: Arc<McpSessionPolicy>, error: &Error, ctx: Arc<Context>) -> Action {

@@ -107,6 +107,17 @@ impl Operator {
         watch: Option<&str>,
         identity: &str,
     ) -> Self {
+        Self::start_with(kubeconfig, lease_namespace, watch, identity, &[])
+    }
+
+    /// As [`Operator::start`], with more flags (later ones win).
+    pub fn start_with(
+        kubeconfig: &std::path::Path,
+        lease_namespace: &str,
+        watch: Option<&str>,
+        identity: &str,
+        extra: &[&str],
+    ) -> Self {
         let metrics_port = free_port();
         let log = kubeconfig.with_file_name(format!("operator-{identity}.log"));
         let out = std::fs::File::create(&log).expect("log");
@@ -141,6 +152,7 @@ impl Operator {
         if let Some(namespace) = watch {
             command.args(["--watch-namespace", namespace]);
         }
+        command.args(extra);
         let child = die_with_parent(&mut command)
             .spawn()
             .expect("spawn the operator");
@@ -150,6 +162,17 @@ impl Operator {
             log,
             child,
         }
+    }
+
+    /// Resident memory of the process.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kib| kib * 1024)
     }
 
     pub fn is_running(&mut self) -> bool {
