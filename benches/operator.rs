@@ -111,18 +111,8 @@ async fn run(pod_count: usize, session_count: usize) {
         large.reconciles.to_string(),
         "",
     );
-    row(
-        "reconcile p50",
-        ms(small.p50),
-        ms(large.p50),
-        "",
-    );
-    row(
-        "reconcile p99",
-        ms(small.p99),
-        ms(large.p99),
-        "< 50 ms",
-    );
+    row("reconcile p50", ms(small.p50), ms(large.p50), "");
+    row("reconcile p99", ms(small.p99), ms(large.p99), "< 50 ms");
     row(
         "Redis commands per reconcile",
         format!("{:.1}", small.redis_per_reconcile),
