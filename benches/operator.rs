@@ -71,7 +71,7 @@ async fn run(pod_count: usize, session_count: usize) {
         &ns.name,
         Some(&ns.name),
         "bench",
-        &["--requeue-seconds", "5"],
+        &["--requeue-seconds", "5", "--no-webhook"],
     );
     let policies: Api<McpSessionPolicy> = Api::namespaced(ns.client.clone(), &ns.name);
     for p in 0..POLICIES {

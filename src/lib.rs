@@ -4,6 +4,7 @@
 //!   between proxy, operator, CLI and seed-style backends.
 //! - [`api`]: the `McpSessionPolicy` custom resource.
 //! - [`controller`]: reconciles policies into status, Events and metrics; leader election.
+//! - [`webhook`]: admission webhooks: proxy injection into pods, policy validation, their TLS.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`cli`]: the command line of the one binary.
 //! - [`telemetry`]: logging and tracing set-up.
@@ -14,3 +15,4 @@ pub mod controller;
 pub mod metrics;
 pub mod store;
 pub mod telemetry;
+pub mod webhook;

@@ -33,6 +33,12 @@ pub struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WebhookLabels {
+    pub webhook: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OperationLabels {
     pub operation: &'static str,
 }
@@ -47,6 +53,8 @@ pub struct Metrics {
     reconciles: Family<ResultLabels, Counter>,
     reconcile_duration: Histogram,
     redis_duration: Family<OperationLabels, Histogram>,
+    webhook_requests: Family<WebhookLabels, Counter>,
+    webhook_duration: Family<WebhookLabels, Histogram>,
     /// Pods with a series, per policy, so that series of vanished pods can be removed.
     pods_with_series: Mutex<BTreeMap<PolicyKey, BTreeSet<String>>>,
 }
@@ -91,8 +99,24 @@ impl Default for Metrics {
             "Latency of session store operations against Redis",
             redis_duration.clone(),
         );
+        let webhook_requests = Family::<WebhookLabels, Counter>::default();
+        registry.register(
+            "mcp_session_webhook_requests",
+            "Admission requests by webhook and result",
+            webhook_requests.clone(),
+        );
+        let webhook_duration = Family::<WebhookLabels, Histogram>::new_with_constructor(
+            latency_buckets as fn() -> Histogram,
+        );
+        registry.register(
+            "mcp_session_webhook_duration_seconds",
+            "Time to answer an admission request",
+            webhook_duration.clone(),
+        );
         Self {
             registry,
+            webhook_requests,
+            webhook_duration,
             sessions,
             sessions_per_pod,
             reconciles,
@@ -117,6 +141,17 @@ impl Metrics {
             .get_or_create(&ResultLabels { result })
             .inc();
         self.reconcile_duration.observe(took.as_secs_f64());
+    }
+
+    pub fn webhook_request(&self, webhook: &'static str, answered: bool, took: Duration) {
+        let labels = WebhookLabels {
+            webhook,
+            result: if answered { "answered" } else { "bad_request" },
+        };
+        self.webhook_requests.get_or_create(&labels).inc();
+        self.webhook_duration
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
     }
 
     pub fn redis_operation(&self, operation: &'static str, took: Duration) {

@@ -39,7 +39,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the operator: controller, metrics and admission webhooks.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Run the session proxy in front of an MCP server.
     Proxy,
     /// Inspect and manage the session store.
@@ -70,7 +70,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Run(args) => {
             telemetry::init(cli.log_format, "info");
-            run::run(args).await
+            run::run(*args).await
         }
         Command::Crd => {
             print!("{}", crate::api::crd_yaml());

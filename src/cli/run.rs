@@ -17,6 +17,7 @@ use tracing::info;
 
 use crate::controller::{self, leader::LeaderElection};
 use crate::metrics::Metrics;
+use crate::webhook;
 
 const LEASE_NAME: &str = "mcp-session-operator";
 
@@ -46,6 +47,115 @@ pub struct RunArgs {
     /// Reconcile without leader election (one replica only).
     #[arg(long)]
     no_leader_election: bool,
+    #[command(flatten)]
+    webhook: WebhookArgs,
+}
+
+#[derive(Debug, Args)]
+struct WebhookArgs {
+    /// Do not serve the admission webhooks (nor manage their configurations).
+    #[arg(long)]
+    no_webhook: bool,
+    /// Address of the HTTPS admission webhooks.
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    webhook_addr: SocketAddr,
+    /// Base URL the apiserver calls (default: the in-cluster Service).
+    #[arg(long, value_parser = parse_https_url)]
+    webhook_url: Option<String>,
+    /// Name of the webhook's Service in --namespace.
+    #[arg(long, default_value = "mcp-session-operator-webhook")]
+    webhook_service: String,
+    /// Port of the webhook's Service.
+    #[arg(long, default_value_t = 443)]
+    webhook_service_port: i32,
+    /// Serving certificate (PEM), e.g. from cert-manager; default: managed by the operator.
+    #[arg(long, requires = "tls_key_file")]
+    tls_cert_file: Option<std::path::PathBuf>,
+    #[arg(long, requires = "tls_cert_file")]
+    tls_key_file: Option<std::path::PathBuf>,
+    /// CA of --tls-cert-file for the caBundle (omit when cert-manager's CA injector sets it).
+    #[arg(long, requires = "tls_cert_file")]
+    tls_ca_file: Option<std::path::PathBuf>,
+    /// Validity of a certificate the operator issues; renewed with a third left.
+    #[arg(long, default_value_t = 365 * 86_400, value_parser = clap::value_parser!(u64).range(10..))]
+    webhook_cert_validity_seconds: u64,
+    /// How often the certificate is checked (and its files re-read).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    webhook_refresh_seconds: u64,
+    /// Image of the injected session proxy.
+    #[arg(long, env = "MCP_SESSION_PROXY_IMAGE")]
+    proxy_image: Option<String>,
+    /// Admin port of the injected proxy (health, drain).
+    #[arg(long, default_value_t = 8091, value_parser = clap::value_parser!(i32).range(1..65536))]
+    proxy_admin_port: i32,
+    /// How to inject: a native sidecar (Kubernetes >= 1.29), a classic one, or by the server's version.
+    #[arg(long, value_enum, default_value_t = SidecarMode::Auto)]
+    sidecar: SidecarMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SidecarMode {
+    Auto,
+    Native,
+    Classic,
+}
+
+fn parse_https_url(raw: &str) -> Result<String, String> {
+    let url = url::Url::parse(raw).map_err(|e| e.to_string())?;
+    if url.scheme() != "https" || url.host_str().is_none() {
+        return Err("the apiserver calls webhooks over https://HOST[:PORT]".into());
+    }
+    Ok(raw.trim_end_matches('/').to_owned())
+}
+
+impl WebhookArgs {
+    async fn config(
+        &self,
+        client: &kube::Client,
+        namespace: &str,
+        identity: &str,
+    ) -> webhook::WebhookConfig {
+        let endpoint = match &self.webhook_url {
+            Some(url) => webhook::Endpoint::Url(url.clone()),
+            None => webhook::Endpoint::Service {
+                namespace: namespace.to_owned(),
+                name: self.webhook_service.clone(),
+                port: self.webhook_service_port,
+            },
+        };
+        let tls = match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(cert), Some(key)) => webhook::TlsSource::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: self.tls_ca_file.clone(),
+            },
+            _ => webhook::TlsSource::Managed {
+                secret: format!("{}-tls", self.webhook_service),
+                names: endpoint.certificate_names(),
+                validity: Duration::from_secs(self.webhook_cert_validity_seconds),
+            },
+        };
+        let native_sidecar = match self.sidecar {
+            SidecarMode::Native => true,
+            SidecarMode::Classic => false,
+            SidecarMode::Auto => webhook::supports_native_sidecars(client).await,
+        };
+        let defaults = webhook::InjectorConfig::default();
+        webhook::WebhookConfig {
+            address: self.webhook_addr,
+            endpoint,
+            namespace: namespace.to_owned(),
+            tls,
+            injector: webhook::InjectorConfig {
+                image: self.proxy_image.clone().unwrap_or(defaults.image),
+                admin_port: self.proxy_admin_port,
+                native_sidecar,
+                ..defaults
+            },
+            refresh_every: Duration::from_secs(self.webhook_refresh_seconds),
+            identity: identity.to_owned(),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -80,6 +190,23 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         info!("shutting down");
         let _ = stop.send(true);
     });
+    // Every replica serves the webhooks, leader or not. If they fail, the process exits.
+    let mut webhooks: tokio::task::JoinHandle<Result<(), webhook::WebhookError>> =
+        if args.webhook.no_webhook {
+            tokio::spawn(std::future::pending())
+        } else {
+            let config = args
+                .webhook
+                .config(&client, &args.namespace, &identity)
+                .await;
+            // Served until the process exits: also while the controller drains.
+            tokio::spawn(webhook::run(
+                client.clone(),
+                config,
+                health.metrics.clone(),
+                std::future::pending(),
+            ))
+        };
     let election = (!args.no_leader_election).then(|| {
         LeaderElection::new(
             client.clone(),
@@ -93,6 +220,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tokio::select! {
             () = election.acquire() => {}
             () = signalled(stopped.clone()) => return Ok(()),
+            result = &mut webhooks => return webhook_ended(result),
         }
     }
     health.leading.store(true, Ordering::SeqCst);
@@ -131,9 +259,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             tokio::select! {
                 () = controller => {}
                 () = holding => {}
+                result = &mut webhooks => return webhook_ended(result),
             }
         }
-        None => controller.await,
+        None => tokio::select! {
+            () = controller => {}
+            result = &mut webhooks => return webhook_ended(result),
+        },
     }
     health.leading.store(false, Ordering::SeqCst);
     if *lost_rx.borrow() {
@@ -143,6 +275,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         election.release().await;
     }
     Ok(())
+}
+
+fn webhook_ended(
+    result: Result<Result<(), webhook::WebhookError>, tokio::task::JoinError>,
+) -> anyhow::Result<()> {
+    match result {
+        Ok(Ok(())) => Err(anyhow::anyhow!("the admission webhooks stopped")),
+        Ok(Err(error)) => Err(anyhow::Error::new(error).context("the admission webhooks failed")),
+        Err(error) => Err(anyhow::anyhow!("the admission webhooks panicked: {error}")),
+    }
 }
 
 async fn signalled(mut flag: watch::Receiver<bool>) {

@@ -173,6 +173,10 @@ pub async fn run(
         .watches_stream(secret_stream, move |secret| {
             policies_referencing(&by_secret, &secret)
         })
+        // Bursts of pod events (a rollout) reconcile a policy once, not once per event.
+        .with_config(
+            kube::runtime::controller::Config::default().debounce(Duration::from_millis(500)),
+        )
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {

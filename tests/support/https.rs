@@ -104,3 +104,55 @@ impl Drop for HttpsServer {
         self.task.abort();
     }
 }
+
+/// POSTs `body` to `https://127.0.0.1:{port}{path}`, trusting only `ca_pem`: (status, body,
+/// the server's leaf certificate in DER).
+pub async fn post(port: u16, ca_pem: &str, path: &str, body: Vec<u8>) -> (u16, String, Vec<u8>) {
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.expect("CA PEM")).expect("CA");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocols")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let server_name = rustls::pki_types::ServerName::IpAddress(
+        std::net::IpAddr::from(Ipv4Addr::LOCALHOST).into(),
+    );
+    let tls = connector
+        .connect(server_name, tcp)
+        .await
+        .expect("TLS handshake");
+    let leaf = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.to_vec())
+        .unwrap_or_default();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .expect("HTTP handshake");
+    tokio::spawn(connection);
+    let request = hyper::Request::post(path)
+        .header("host", "127.0.0.1")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("request");
+    let response = sender.send_request(request).await.expect("response");
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes().to_vec())
+        .unwrap_or_default();
+    (status, String::from_utf8_lossy(&body).into_owned(), leaf)
+}

@@ -99,15 +99,21 @@ pub struct Operator {
 }
 
 impl Operator {
-    /// Starts `mcp-session-operator run` with a 3 s lease and a 1 s requeue. `watch` limits it to
-    /// one namespace.
+    /// Starts `mcp-session-operator run` (controller only, no webhooks) with a 3 s lease and a
+    /// 1 s requeue. `watch` limits it to one namespace.
     pub fn start(
         kubeconfig: &std::path::Path,
         lease_namespace: &str,
         watch: Option<&str>,
         identity: &str,
     ) -> Self {
-        Self::start_with(kubeconfig, lease_namespace, watch, identity, &[])
+        Self::start_with(
+            kubeconfig,
+            lease_namespace,
+            watch,
+            identity,
+            &["--no-webhook"],
+        )
     }
 
     /// As [`Operator::start`], with more flags (later ones win).

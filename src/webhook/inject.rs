@@ -1,0 +1,363 @@
+//! The pod mutation: adds the session proxy and its wiring to a pod that a policy selects.
+//! A pure function from (pod, policy, configuration) to a JSON patch, so it is tested without
+//! any server.
+
+use json_patch::{AddOperation, Patch, PatchOperation, ReplaceOperation};
+use jsonptr::PointerBuf;
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt as _;
+use serde_json::{Value, json};
+
+use crate::api::McpSessionPolicy;
+
+/// Name of the injected container.
+pub const PROXY_CONTAINER: &str = "mcp-session-proxy";
+/// Label or annotation that opts a pod out when `"false"`.
+pub const INJECT_KEY: &str = "mcpsession.dev/inject";
+/// Annotation naming the policy that injected a pod.
+pub const INJECTED_BY: &str = "mcpsession.dev/injected-by";
+/// Seconds added to the drain timeout for the pod's termination grace period.
+const GRACE_MARGIN_SECONDS: i64 = 15;
+
+/// How proxies are injected; from the operator's flags.
+#[derive(Debug, Clone)]
+pub struct InjectorConfig {
+    pub image: String,
+    pub image_pull_policy: Option<String>,
+    /// Port of the proxy's admin endpoints (health, drain, metrics).
+    pub admin_port: i32,
+    /// Inject as a native sidecar (init container with `restartPolicy: Always`, Kubernetes ≥ 1.28).
+    pub native_sidecar: bool,
+}
+
+impl Default for InjectorConfig {
+    fn default() -> Self {
+        Self {
+            image: format!("mcp-session-operator:{}", env!("CARGO_PKG_VERSION")),
+            image_pull_policy: None,
+            admin_port: 8091,
+            native_sidecar: false,
+        }
+    }
+}
+
+/// What the webhook does with a pod.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Injection {
+    Patch(Patch),
+    /// Admit unchanged, for a reason worth a log line.
+    Skip(&'static str),
+    /// Admit unchanged, and tell the user why (a warning and an Event).
+    Conflict(String),
+}
+
+pub fn inject(pod: &Pod, policy: &McpSessionPolicy, config: &InjectorConfig) -> Injection {
+    let opted_out = |map: &std::collections::BTreeMap<String, String>| {
+        map.get(INJECT_KEY).is_some_and(|v| v == "false")
+    };
+    if opted_out(pod.labels()) || opted_out(pod.annotations()) {
+        return Injection::Skip("opted out");
+    }
+    let Some(spec) = pod.spec.as_ref() else {
+        return Injection::Skip("no spec");
+    };
+    if spec.containers.is_empty() {
+        return Injection::Skip("no containers");
+    }
+    let init_containers = spec.init_containers.as_deref().unwrap_or_default();
+    if spec
+        .containers
+        .iter()
+        .chain(init_containers)
+        .any(|c| c.name == PROXY_CONTAINER)
+    {
+        return Injection::Skip("already injected");
+    }
+    let injection = &policy.spec.injection;
+    let ours = [injection.proxy_port, config.admin_port];
+    if let Some((container, port)) = spec.containers.iter().chain(init_containers).find_map(|c| {
+        c.ports
+            .iter()
+            .flatten()
+            .find(|p| ours.contains(&p.container_port))
+            .map(|p| (c.name.clone(), p.container_port))
+    }) {
+        return Injection::Conflict(format!(
+            "mcp-session-operator: not injecting the session proxy: container {container:?} uses port {port}, which the proxy of McpSessionPolicy {:?} needs; change spec.injection.proxyPort or the container's port",
+            policy.name_any()
+        ));
+    }
+
+    let mut operations = Vec::new();
+    let proxy = proxy_container(policy, config);
+    if config.native_sidecar {
+        match spec.init_containers {
+            Some(_) => operations.push(add("/spec/initContainers/-", proxy)),
+            None => operations.push(add("/spec/initContainers", json!([proxy]))),
+        }
+    } else {
+        operations.push(add("/spec/containers/-", proxy));
+    }
+    // Backend containers keep serving until the proxy has drained: their preStop waits on it.
+    let drain_hook = json!({"httpGet": {"path": "/drain", "port": config.admin_port}});
+    for (index, container) in spec.containers.iter().enumerate() {
+        match &container.lifecycle {
+            None => operations.push(add(
+                &format!("/spec/containers/{index}/lifecycle"),
+                json!({"preStop": drain_hook}),
+            )),
+            Some(lifecycle) if lifecycle.pre_stop.is_none() => operations.push(add(
+                &format!("/spec/containers/{index}/lifecycle/preStop"),
+                drain_hook.clone(),
+            )),
+            Some(_) => {} // The container's own preStop is kept.
+        }
+    }
+    let grace = policy.spec.drain.timeout_seconds + GRACE_MARGIN_SECONDS;
+    match spec.termination_grace_period_seconds {
+        None => operations.push(add("/spec/terminationGracePeriodSeconds", json!(grace))),
+        Some(current) if current < grace => {
+            operations.push(PatchOperation::Replace(ReplaceOperation {
+                path: pointer("/spec/terminationGracePeriodSeconds"),
+                value: json!(grace),
+            }))
+        }
+        Some(_) => {}
+    }
+    match &pod.metadata.annotations {
+        None => operations.push(add(
+            "/metadata/annotations",
+            json!({INJECTED_BY: policy.name_any()}),
+        )),
+        Some(_) => operations.push(add(
+            "/metadata/annotations/mcpsession.dev~1injected-by",
+            json!(policy.name_any()),
+        )),
+    }
+    Injection::Patch(Patch(operations))
+}
+
+fn proxy_container(policy: &McpSessionPolicy, config: &InjectorConfig) -> Value {
+    let spec = &policy.spec;
+    let field = |path: &str| json!({"fieldRef": {"fieldPath": path}});
+    let mut env = vec![
+        json!({"name": "POD_NAME", "valueFrom": field("metadata.name")}),
+        json!({"name": "POD_NAMESPACE", "valueFrom": field("metadata.namespace")}),
+        json!({"name": "POD_IP", "valueFrom": field("status.podIP")}),
+    ];
+    // The URL may hold a password: from the Secret by reference, never copied into the pod.
+    match (&spec.redis.url_secret_ref, &spec.redis.url) {
+        (Some(secret), _) => env.push(json!({"name": "MCP_SESSION_REDIS_URL",
+            "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}})),
+        (None, Some(url)) => env.push(json!({"name": "MCP_SESSION_REDIS_URL", "value": url})),
+        (None, None) => {}
+    }
+    if spec.redis.cluster {
+        env.push(json!({"name": "MCP_SESSION_REDIS_CLUSTER", "value": "true"}));
+    }
+    let admin = config.admin_port;
+    let mut container = json!({
+        "name": PROXY_CONTAINER,
+        "image": config.image,
+        "args": [
+            "proxy",
+            "--listen", format!("0.0.0.0:{}", spec.injection.proxy_port),
+            "--upstream", format!("http://127.0.0.1:{}", spec.injection.upstream_port),
+            "--admin-addr", format!("0.0.0.0:{admin}"),
+            "--pod-name", "$(POD_NAME)",
+            "--drain-timeout", spec.drain.timeout_seconds.to_string(),
+            "--key-prefix", spec.redis.key_prefix,
+            "--ttl-seconds", spec.ttl_seconds.to_string(),
+        ],
+        "env": env,
+        "ports": [
+            {"name": "mcp", "containerPort": spec.injection.proxy_port, "protocol": "TCP"},
+            {"name": "mcp-admin", "containerPort": admin, "protocol": "TCP"},
+        ],
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": admin}, "periodSeconds": 2, "failureThreshold": 1},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": admin}, "periodSeconds": 10, "failureThreshold": 3},
+        "lifecycle": {"preStop": {"httpGet": {"path": "/drain", "port": admin}}},
+        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
+        "securityContext": {
+            "runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
+            "readOnlyRootFilesystem": true, "allowPrivilegeEscalation": false,
+            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    });
+    if let Some(policy) = &config.image_pull_policy {
+        container["imagePullPolicy"] = json!(policy);
+    }
+    if config.native_sidecar {
+        container["restartPolicy"] = json!("Always");
+    }
+    container
+}
+
+fn pointer(path: &str) -> PointerBuf {
+    PointerBuf::parse(path).unwrap_or_else(|e| unreachable!("static JSON pointer {path}: {e}"))
+}
+
+fn add(path: &str, value: Value) -> PatchOperation {
+    PatchOperation::Add(AddOperation {
+        path: pointer(path),
+        value,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(spec: Value) -> McpSessionPolicy {
+        let mut spec = spec;
+        spec["selector"] = json!({"matchLabels": {"app": "api"}});
+        serde_json::from_value(
+            json!({"apiVersion": "mcpsession.dev/v1alpha1", "kind": "McpSessionPolicy",
+            "metadata": {"name": "api", "namespace": "prod"}, "spec": spec}),
+        )
+        .unwrap()
+    }
+
+    fn pod(extra: Value) -> Pod {
+        let mut pod = json!({"metadata": {"name": "api-0", "labels": {"app": "api"}},
+            "spec": {"containers": [{"name": "server", "image": "example/mcp", "ports": [{"containerPort": 8000}]}]}});
+        json_patch::merge(&mut pod, &extra);
+        serde_json::from_value(pod).unwrap()
+    }
+
+    fn patched(pod: &Pod, injection: Injection) -> Pod {
+        let Injection::Patch(patch) = injection else {
+            panic!("expected a patch, got {injection:?}")
+        };
+        let mut value = serde_json::to_value(pod).unwrap();
+        json_patch::patch(&mut value, &patch).unwrap();
+        serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn injects_a_classic_sidecar_with_its_wiring() {
+        let policy = policy(
+            json!({"redis": {"urlSecretRef": {"name": "redis-auth", "key": "url"}}, "drain": {"timeoutSeconds": 40}}),
+        );
+        let original = pod(json!({}));
+        let pod = patched(
+            &original,
+            inject(&original, &policy, &InjectorConfig::default()),
+        );
+        let spec = pod.spec.unwrap();
+        assert_eq!(spec.containers.len(), 2);
+        let proxy = &spec.containers[1];
+        assert_eq!(proxy.name, PROXY_CONTAINER);
+        let args = proxy.args.clone().unwrap().join(" ");
+        assert!(args.starts_with("proxy --listen 0.0.0.0:8090 --upstream http://127.0.0.1:8000 --admin-addr 0.0.0.0:8091 --pod-name $(POD_NAME) --drain-timeout 40"), "{args}");
+        let env = serde_json::to_value(&proxy.env).unwrap();
+        let redis = env
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "MCP_SESSION_REDIS_URL")
+            .unwrap();
+        assert_eq!(
+            redis["valueFrom"]["secretKeyRef"],
+            json!({"name": "redis-auth", "key": "url"}),
+            "never the URL itself"
+        );
+        let security = proxy.security_context.as_ref().unwrap();
+        assert_eq!(security.read_only_root_filesystem, Some(true));
+        assert_eq!(
+            security.capabilities.as_ref().unwrap().drop,
+            Some(vec!["ALL".to_owned()])
+        );
+        assert!(proxy.readiness_probe.is_some() && proxy.liveness_probe.is_some());
+        let backend_hook = spec.containers[0]
+            .lifecycle
+            .as_ref()
+            .unwrap()
+            .pre_stop
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            backend_hook.http_get.as_ref().unwrap().path.as_deref(),
+            Some("/drain")
+        );
+        assert_eq!(spec.termination_grace_period_seconds, Some(55));
+        assert_eq!(pod.metadata.annotations.unwrap()[INJECTED_BY], "api");
+    }
+
+    #[test]
+    fn injects_a_native_sidecar_where_the_cluster_has_them() {
+        let policy = policy(json!({"redis": {"url": "redis://r:6379"}}));
+        let config = InjectorConfig {
+            native_sidecar: true,
+            ..Default::default()
+        };
+        let original =
+            pod(json!({"spec": {"initContainers": [{"name": "migrate", "image": "x"}]}}));
+        let pod = patched(&original, inject(&original, &policy, &config));
+        let spec = pod.spec.unwrap();
+        assert_eq!(spec.containers.len(), 1);
+        let init = spec.init_containers.unwrap();
+        assert_eq!(init[1].name, PROXY_CONTAINER);
+        assert_eq!(init[1].restart_policy.as_deref(), Some("Always"));
+        let env = serde_json::to_value(&init[1].env).unwrap();
+        assert!(env.to_string().contains(r#""value":"redis://r:6379""#));
+    }
+
+    #[test]
+    fn is_idempotent_and_respects_opt_outs_own_hooks_and_longer_grace() {
+        let policy = policy(json!({"redis": {"url": "redis://r:6379"}}));
+        let config = InjectorConfig::default();
+        let original = pod(json!({}));
+        let once = patched(&original, inject(&original, &policy, &config));
+        assert_eq!(
+            inject(&once, &policy, &config),
+            Injection::Skip("already injected")
+        );
+        let opted = pod(json!({"metadata": {"annotations": {INJECT_KEY: "false"}}}));
+        assert_eq!(
+            inject(&opted, &policy, &config),
+            Injection::Skip("opted out")
+        );
+        let own = pod(json!({"spec": {"terminationGracePeriodSeconds": 600,
+            "containers": [{"name": "server", "image": "x", "lifecycle": {"preStop": {"exec": {"command": ["sleep", "5"]}}}}]}}));
+        let patched_own = patched(&own, inject(&own, &policy, &config));
+        let spec = patched_own.spec.unwrap();
+        assert!(
+            spec.containers[0]
+                .lifecycle
+                .as_ref()
+                .unwrap()
+                .pre_stop
+                .as_ref()
+                .unwrap()
+                .exec
+                .is_some(),
+            "own preStop kept"
+        );
+        assert_eq!(
+            spec.termination_grace_period_seconds,
+            Some(600),
+            "a longer grace period is kept"
+        );
+    }
+
+    #[test]
+    fn a_port_collision_is_admitted_unchanged_with_a_warning() {
+        let policy = policy(json!({"redis": {"url": "redis://r:6379"}}));
+        let clash = pod(
+            json!({"spec": {"containers": [{"name": "server", "image": "x", "ports": [{"containerPort": 8090}]}]}}),
+        );
+        let Injection::Conflict(message) = inject(&clash, &policy, &InjectorConfig::default())
+        else {
+            panic!()
+        };
+        assert!(message.contains("port 8090"), "{message}");
+        let empty: Pod =
+            serde_json::from_value(json!({"metadata": {"name": "x"}, "spec": {"containers": []}}))
+                .unwrap();
+        assert_eq!(
+            inject(&empty, &policy, &InjectorConfig::default()),
+            Injection::Skip("no containers")
+        );
+    }
+}

@@ -1,0 +1,258 @@
+//! The admission webhooks, served by `run` over HTTPS in every replica: a mutating webhook that
+//! injects the session proxy into selected pods, and a validating webhook for policies.
+
+mod admission;
+mod configuration;
+mod inject;
+mod server;
+mod tls;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{Api, ListParams};
+use kube::core::PartialObjectMeta;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::{Client, Resource as _, ResourceExt as _};
+use tracing::{info, warn};
+
+use self::admission::Exclusions;
+pub use self::admission::{ReviewError, decode, overlap};
+pub use self::configuration::{Endpoint, MUTATE_PATH, NAME as CONFIGURATION_NAME, VALIDATE_PATH};
+pub use self::inject::{
+    INJECT_KEY, INJECTED_BY, Injection, InjectorConfig, PROXY_CONTAINER, inject,
+};
+pub use self::tls::{CertResolver, TlsSource};
+use crate::api::McpSessionPolicy;
+use crate::controller::FIELD_MANAGER;
+use crate::metrics::Metrics;
+
+/// Largest AdmissionReview accepted (the apiserver's own request limit).
+const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    #[error("webhook TLS: {0}")]
+    Tls(String),
+    #[error("Kubernetes API: {0}")]
+    Kube(#[source] kube::Error),
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        address: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    pub address: std::net::SocketAddr,
+    pub endpoint: Endpoint,
+    /// The operator's namespace: its certificate Secret, and excluded from injection.
+    pub namespace: String,
+    pub tls: TlsSource,
+    pub injector: InjectorConfig,
+    /// How often the certificate is checked for renewal (and files for changes).
+    pub refresh_every: Duration,
+    /// This replica's name, for Events.
+    pub identity: String,
+}
+
+#[derive(Clone)]
+struct AppState {
+    client: Client,
+    policies: Store<McpSessionPolicy>,
+    injector: Arc<InjectorConfig>,
+    exclusions: Arc<Exclusions>,
+    metrics: Arc<Metrics>,
+    recorder: Recorder,
+}
+
+/// The native-sidecar form needs Kubernetes ≥ 1.29 (SidecarContainers on by default).
+pub async fn supports_native_sidecars(client: &Client) -> bool {
+    match client.apiserver_version().await {
+        Ok(info) => {
+            let minor: u32 = info.minor.trim_end_matches('+').parse().unwrap_or(0);
+            info.major == "1" && minor >= 29
+        }
+        Err(error) => {
+            warn!(%error, "cannot read the apiserver version; injecting classic sidecars");
+            false
+        }
+    }
+}
+
+/// Serves the webhooks until `shutdown` resolves, keeping the certificate and the webhook
+/// configurations current.
+pub async fn run(
+    client: Client,
+    config: WebhookConfig,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), WebhookError> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &config.namespace);
+    let resolver = Arc::new(CertResolver::default());
+    // A certificate before the first connection; the loop below keeps it fresh.
+    let mut ca_bundle = tls::refresh(&config.tls, &secrets, &resolver).await?;
+    configuration::apply(
+        &client,
+        &config.endpoint,
+        ca_bundle.as_deref(),
+        &config.namespace,
+    )
+    .await?;
+    info!(endpoint = ?config.endpoint, "webhook configurations applied");
+
+    let (policies, writer) = reflector::store();
+    let policy_watch = watcher(
+        Api::<McpSessionPolicy>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(writer)
+    .for_each(|_| async {});
+    tokio::spawn(policy_watch);
+
+    let state = AppState {
+        client: client.clone(),
+        policies,
+        injector: Arc::new(config.injector.clone()),
+        exclusions: Arc::new(Exclusions {
+            namespaces: vec!["kube-system".into(), config.namespace.clone()],
+        }),
+        metrics,
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: FIELD_MANAGER.into(),
+                instance: Some(config.identity.clone()),
+            },
+        ),
+    };
+    let app = Router::new()
+        .route(MUTATE_PATH, post(mutate))
+        .route(VALIDATE_PATH, post(validate))
+        .route("/healthz", get(|| async { "ok" }))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind(config.address)
+        .await
+        .map_err(|source| WebhookError::Listen {
+            address: config.address,
+            source,
+        })?;
+    info!(address = %config.address, "serving admission webhooks over HTTPS");
+
+    let refresher = {
+        let (client, resolver, config) = (client.clone(), resolver.clone(), config.clone());
+        async move {
+            loop {
+                tokio::time::sleep(config.refresh_every).await;
+                match tls::refresh(&config.tls, &secrets, &resolver).await {
+                    Ok(bundle) if bundle != ca_bundle => {
+                        match configuration::apply(
+                            &client,
+                            &config.endpoint,
+                            bundle.as_deref(),
+                            &config.namespace,
+                        )
+                        .await
+                        {
+                            Ok(()) => ca_bundle = bundle,
+                            Err(error) => warn!(%error, "cannot update the webhook configurations"),
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(error) => warn!(%error, "cannot refresh the webhook certificate"),
+                }
+            }
+        }
+    };
+    tokio::select! {
+        () = server::serve(listener, resolver, app, shutdown) => {}
+        () = refresher => {}
+    }
+    Ok(())
+}
+
+fn review_response(
+    result: Result<kube::core::admission::AdmissionReview<kube::core::DynamicObject>, ReviewError>,
+) -> Response {
+    match result {
+        Ok(review) => (StatusCode::OK, axum::Json(review)).into_response(),
+        Err(error) => {
+            warn!(%error, "refusing a request that is no usable AdmissionReview");
+            (
+                StatusCode::BAD_REQUEST,
+                axum::Json(serde_json::json!({"error": error.to_string()})),
+            )
+                .into_response()
+        }
+    }
+}
+
+async fn mutate(State(state): State<AppState>, body: Bytes) -> Response {
+    let started = Instant::now();
+    let result = decode(&body).map(|request| {
+        let (response, conflict) = admission::mutate_pod(
+            &request,
+            &state.policies,
+            &state.injector,
+            &state.exclusions,
+        );
+        if let Some((policy, message)) = conflict {
+            let recorder = state.recorder.clone();
+            tokio::spawn(async move {
+                let event = Event {
+                    type_: EventType::Warning,
+                    reason: "ProxyNotInjected".into(),
+                    note: Some(message.chars().take(1024).collect()),
+                    action: "InjectProxy".into(),
+                    secondary: None,
+                };
+                if let Err(error) = recorder.publish(&event, &policy.object_ref(&())).await {
+                    warn!(%error, "cannot publish an Event");
+                }
+            });
+        }
+        response.into_review()
+    });
+    state
+        .metrics
+        .webhook_request("mutate-pods", result.is_ok(), started.elapsed());
+    review_response(result)
+}
+
+async fn validate(State(state): State<AppState>, body: Bytes) -> Response {
+    let started = Instant::now();
+    let result = match decode(&body) {
+        Ok(request) => {
+            // Existing pods make an overlap concrete; metadata is all it takes.
+            let namespace = request.namespace.clone().unwrap_or_default();
+            let pods: Api<PartialObjectMeta<Pod>> =
+                Api::namespaced(state.client.clone(), &namespace);
+            let labels = match pods.list_metadata(&ListParams::default()).await {
+                Ok(list) => list.items.iter().map(|p| p.labels().clone()).collect(),
+                Err(error) => {
+                    warn!(%error, "cannot list pods for the overlap check; checking selectors only");
+                    Vec::new()
+                }
+            };
+            Ok(admission::validate_policy(&request, &state.policies, &labels).into_review())
+        }
+        Err(error) => Err(error),
+    };
+    state
+        .metrics
+        .webhook_request("validate-policies", result.is_ok(), started.elapsed());
+    review_response(result)
+}

@@ -1,0 +1,511 @@
+//! The admission webhooks on the real control plane: the apiserver calls the operator at a
+//! loopback HTTPS URL with the caBundle the operator generated and keeps current.
+
+mod support;
+
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, ApiResource, DynamicObject, ListParams, PostParams};
+use kube::core::GroupVersionKind;
+use kube::{Client, ResourceExt as _};
+use mcp_session_operator::api::McpSessionPolicy;
+use serde_json::json;
+use support::control_plane::{ControlPlane, TestNamespace, control_plane, wait_for};
+use support::operator::{Operator, install_crd, operator_kubeconfig};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+const SECRET: &str = "mcp-session-operator-webhook-tls";
+
+/// The webhook configurations are cluster-wide: one operator (one test) at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+struct Setup {
+    /// Where the workloads and policies are.
+    ns: TestNamespace,
+    /// The operator's own namespace (its Lease and certificate Secret; never injected).
+    operator_ns: TestNamespace,
+    operator: Operator,
+    port: u16,
+}
+
+async fn setup(plane: &'static ControlPlane, prefix: &str, extra: &[&str]) -> Setup {
+    let ns = plane.namespace(prefix).await;
+    let operator_ns = plane.namespace(&format!("{prefix}-op")).await;
+    install_crd(&ns.client).await;
+    let kubeconfig = operator_kubeconfig(plane, &ns.client, &operator_ns.name).await;
+    let port = support::free_port();
+    let operator = start(&kubeconfig, &operator_ns.name, &ns.name, port, extra);
+    wait_ready(&ns.client, port).await;
+    Setup {
+        ns,
+        operator_ns,
+        operator,
+        port,
+    }
+}
+
+fn start(
+    kubeconfig: &std::path::Path,
+    namespace: &str,
+    watch: &str,
+    port: u16,
+    extra: &[&str],
+) -> Operator {
+    let address = format!("127.0.0.1:{port}");
+    let url = format!("https://127.0.0.1:{port}");
+    let mut args = vec![
+        "--webhook-addr",
+        &address,
+        "--webhook-url",
+        &url,
+        "--proxy-image",
+        "example/mcp-session-operator:test",
+        "--webhook-refresh-seconds",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    Operator::start_with(kubeconfig, namespace, Some(watch), "op-webhook", &args)
+}
+
+/// Until the configuration points at this test's operator, with a caBundle.
+async fn wait_ready(client: &Client, port: u16) {
+    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "admissionregistration.k8s.io",
+        "v1",
+        "ValidatingWebhookConfiguration",
+    ));
+    let configs: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
+    wait_for(
+        TIMEOUT,
+        "the webhook configuration with a caBundle",
+        || async {
+            configs
+                .get_opt("mcp-session-operator")
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|c| {
+                    let client_config = &c.data["webhooks"][0]["clientConfig"];
+                    client_config["caBundle"].is_string()
+                        && client_config["url"]
+                            .as_str()
+                            .is_some_and(|u| u.contains(&format!(":{port}/")))
+                })
+        },
+    )
+    .await;
+}
+
+fn policy(name: &str, spec: serde_json::Value) -> DynamicObject {
+    serde_json::from_value(json!({"apiVersion": "mcpsession.dev/v1alpha1", "kind": "McpSessionPolicy", "metadata": {"name": name}, "spec": spec})).unwrap()
+}
+
+async fn create_policy(
+    client: &Client,
+    namespace: &str,
+    object: DynamicObject,
+) -> Result<(), String> {
+    let resource = ApiResource::erase::<McpSessionPolicy>(&());
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &resource);
+    api.create(&PostParams::default(), &object)
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+fn pod(
+    name: &str,
+    labels: serde_json::Value,
+    annotations: serde_json::Value,
+    ports: &[i32],
+) -> Pod {
+    let ports: Vec<serde_json::Value> = ports.iter().map(|p| json!({"containerPort": p})).collect();
+    serde_json::from_value(
+        json!({"metadata": {"name": name, "labels": labels, "annotations": annotations},
+        "spec": {"containers": [{"name": "server", "image": "example/mcp:1", "ports": ports}]}}),
+    )
+    .unwrap()
+}
+
+fn containers(pod: &Pod) -> Vec<String> {
+    pod.spec
+        .iter()
+        .flat_map(|s| s.containers.iter())
+        .map(|c| c.name.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn selected_pods_get_the_proxy_and_invalid_policies_are_refused() {
+    let _serial = SERIAL.lock().await;
+    let plane = control_plane();
+    let Setup {
+        ns,
+        mut operator,
+        operator_ns: _operator_ns,
+        ..
+    } = setup(plane, "inject", &[]).await;
+    let selector = json!({"matchLabels": {"app": "api"}});
+    create_policy(&ns.client, &ns.name, policy("api", json!({"selector": selector,
+        "redis": {"urlSecretRef": {"name": "redis-auth", "key": "url"}}, "drain": {"timeoutSeconds": 20}})))
+    .await
+    .expect("a valid policy is admitted");
+    // The webhook reads policies from its store: wait until it has this one.
+    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
+    wait_for(TIMEOUT, "a probe pod to be injected", || async {
+        let name = format!("probe-{:04x}", rand::random::<u16>());
+        match pods
+            .create(
+                &PostParams::default(),
+                &pod(&name, json!({"app": "api"}), json!({}), &[8000]),
+            )
+            .await
+        {
+            Ok(created) => containers(&created).contains(&"mcp-session-proxy".to_owned()),
+            Err(_) => false,
+        }
+    })
+    .await;
+
+    // Pods of a Deployment, as the ReplicaSet controller creates them.
+    let deployment: Deployment = serde_json::from_value(json!({"metadata": {"name": "api"}, "spec": {"replicas": 2,
+        "selector": {"matchLabels": {"app": "api"}},
+        "template": {"metadata": {"labels": {"app": "api"}}, "spec": {"containers": [{"name": "server", "image": "example/mcp:1", "ports": [{"containerPort": 8000}]}]}}}}))
+    .unwrap();
+    Api::<Deployment>::namespaced(ns.client.clone(), &ns.name)
+        .create(&PostParams::default(), &deployment)
+        .await
+        .unwrap();
+    let params = ListParams::default().labels("app=api");
+    wait_for(TIMEOUT, "the Deployment's pods", || async {
+        pods.list(&params)
+            .await
+            .map(|l| {
+                l.items
+                    .iter()
+                    .filter(|p| p.name_any().starts_with("api-"))
+                    .count()
+                    == 2
+            })
+            .unwrap_or(false)
+    })
+    .await;
+    for stored in pods
+        .list(&params)
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|p| p.name_any().starts_with("api-"))
+    {
+        let spec = stored.spec.clone().unwrap();
+        assert_eq!(
+            containers(&stored),
+            ["server", "mcp-session-proxy"],
+            "classic sidecar on 1.20"
+        );
+        let proxy = &spec.containers[1];
+        assert_eq!(
+            proxy.image.as_deref(),
+            Some("example/mcp-session-operator:test")
+        );
+        let env = serde_json::to_value(&proxy.env).unwrap().to_string();
+        assert!(
+            env.contains(r#""secretKeyRef":{"key":"url","name":"redis-auth"}"#),
+            "{env}"
+        );
+        assert_eq!(
+            spec.containers[0]
+                .lifecycle
+                .as_ref()
+                .unwrap()
+                .pre_stop
+                .as_ref()
+                .unwrap()
+                .http_get
+                .as_ref()
+                .unwrap()
+                .path
+                .as_deref(),
+            Some("/drain")
+        );
+        assert_eq!(spec.termination_grace_period_seconds, Some(35));
+        assert_eq!(stored.annotations()["mcpsession.dev/injected-by"], "api");
+    }
+
+    // Opted out, or not selected: untouched.
+    let opted = pods
+        .create(
+            &PostParams::default(),
+            &pod(
+                "opted-out",
+                json!({"app": "api", "mcpsession.dev/inject": "false"}),
+                json!({}),
+                &[8000],
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(containers(&opted), ["server"]);
+    let annotated = pods
+        .create(
+            &PostParams::default(),
+            &pod(
+                "opted-out-2",
+                json!({"app": "api"}),
+                json!({"mcpsession.dev/inject": "false"}),
+                &[8000],
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(containers(&annotated), ["server"]);
+    let other = pods
+        .create(
+            &PostParams::default(),
+            &pod("other", json!({"app": "worker"}), json!({}), &[8000]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(containers(&other), ["server"]);
+    // A port the proxy needs: admitted unchanged, with an Event on the policy.
+    let clash = pods
+        .create(
+            &PostParams::default(),
+            &pod("clash", json!({"app": "api"}), json!({}), &[8090]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(containers(&clash), ["server"]);
+    let events: Api<Event> = Api::namespaced(ns.client.clone(), &ns.name);
+    wait_for(TIMEOUT, "a ProxyNotInjected event", || async {
+        events.list(&ListParams::default()).await.is_ok_and(|l| {
+            l.items.iter().any(|e| {
+                e.reason.as_deref() == Some("ProxyNotInjected")
+                    && e.note.as_deref().unwrap_or_default().contains("port 8090")
+            })
+        })
+    })
+    .await;
+
+    // What the schema cannot check, refused with the webhook's message.
+    let refusals = [
+        (
+            policy(
+                "overlap",
+                json!({"selector": {"matchLabels": {"app": "api", "tier": "web"}}, "redis": {"url": "redis://r:6379"}}),
+            ),
+            "overlaps with McpSessionPolicy \"api\"",
+        ),
+        (
+            policy(
+                "both",
+                json!({"selector": {"matchLabels": {"app": "b"}}, "redis": {"url": "redis://r:6379", "urlSecretRef": {"name": "s", "key": "k"}}}),
+            ),
+            "set exactly one of url and urlSecretRef",
+        ),
+        (
+            policy(
+                "empty",
+                json!({"selector": {}, "redis": {"url": "redis://r:6379"}}),
+            ),
+            "spec.selector selects nothing",
+        ),
+        (
+            policy(
+                "ports",
+                json!({"selector": {"matchLabels": {"app": "c"}}, "redis": {"url": "redis://r:6379"}, "injection": {"proxyPort": 8000}}),
+            ),
+            "proxyPort and upstreamPort must differ",
+        ),
+        (
+            policy(
+                "url",
+                json!({"selector": {"matchLabels": {"app": "d"}}, "redis": {"url": "redis://:secret@host:notaport"}}),
+            ),
+            "spec.redis.url: invalid Redis URL",
+        ),
+    ];
+    for (object, message) in refusals {
+        let err = create_policy(&ns.client, &ns.name, object)
+            .await
+            .expect_err("refused");
+        assert!(
+            err.contains("admission webhook \"policies.mcpsession.dev\" denied the request"),
+            "{err}"
+        );
+        assert!(err.contains(message), "{message} in {err}");
+        assert!(!err.contains(":secret@"), "no password in messages: {err}");
+    }
+    assert!(operator.is_running(), "{}", operator.logs());
+}
+
+#[tokio::test]
+async fn pods_are_still_created_while_the_operator_is_down() {
+    let _serial = SERIAL.lock().await;
+    let plane = control_plane();
+    let Setup {
+        ns,
+        mut operator,
+        operator_ns: _operator_ns,
+        ..
+    } = setup(plane, "down", &[]).await;
+    create_policy(&ns.client, &ns.name, policy("api", json!({"selector": {"matchLabels": {"app": "api"}}, "redis": {"url": "redis://r:6379"}}))).await.unwrap();
+    operator.kill();
+    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
+    let created = pods
+        .create(
+            &PostParams::default(),
+            &pod("while-down", json!({"app": "api"}), json!({}), &[8000]),
+        )
+        .await
+        .expect("failurePolicy Ignore");
+    assert_eq!(
+        containers(&created),
+        ["server"],
+        "admitted without the proxy"
+    );
+    // Policies, though, are not admitted unvalidated.
+    let err = create_policy(
+        &ns.client,
+        &ns.name,
+        policy(
+            "late",
+            json!({"selector": {"matchLabels": {"app": "x"}}, "redis": {"url": "redis://r:6379"}}),
+        ),
+    )
+    .await
+    .expect_err("failurePolicy Fail");
+    assert!(err.contains("policies.mcpsession.dev"), "{err}");
+}
+
+#[tokio::test]
+async fn a_rotated_certificate_is_served_without_a_restart() {
+    let _serial = SERIAL.lock().await;
+    let plane = control_plane();
+    // 30 s certificates, renewed with a third of their life left: a rotation every 20 s.
+    let Setup {
+        ns,
+        mut operator,
+        port,
+        operator_ns,
+    } = setup(plane, "rotate", &["--webhook-cert-validity-seconds", "30"]).await;
+    let secrets: Api<Secret> = Api::namespaced(operator_ns.client.clone(), &operator_ns.name);
+    let field = |secret: &Secret, key: &str| {
+        String::from_utf8(secret.data.as_ref().unwrap()[key].0.clone()).unwrap()
+    };
+    let first = secrets.get(SECRET).await.unwrap();
+    let ca = field(&first, "ca.crt");
+    let (_, _, served) = support::https::post(port, &ca, "/healthz", Vec::new()).await;
+    assert_eq!(served, der(&field(&first, "tls.crt")));
+    wait_for(Duration::from_secs(45), "a renewed certificate", || async {
+        secrets
+            .get(SECRET)
+            .await
+            .is_ok_and(|s| field(&s, "tls.crt") != field(&first, "tls.crt"))
+    })
+    .await;
+    let renewed = secrets.get(SECRET).await.unwrap();
+    assert_eq!(
+        field(&renewed, "ca.crt"),
+        ca,
+        "the CA, and so the caBundle, stays"
+    );
+    wait_for(TIMEOUT, "the renewed certificate to be served", || async {
+        support::https::post(port, &ca, "/healthz", Vec::new())
+            .await
+            .2
+            == der(&field(&renewed, "tls.crt"))
+    })
+    .await;
+    // The apiserver still trusts it.
+    create_policy(
+        &ns.client,
+        &ns.name,
+        policy(
+            "after-rotation",
+            json!({"selector": {"matchLabels": {"app": "x"}}, "redis": {"url": "redis://r:6379"}}),
+        ),
+    )
+    .await
+    .expect("validated over the renewed certificate");
+    assert!(operator.is_running(), "no restart: {}", operator.logs());
+}
+
+#[tokio::test]
+async fn bad_admission_requests_get_clear_answers_never_a_500() {
+    let _serial = SERIAL.lock().await;
+    let plane = control_plane();
+    let Setup {
+        ns,
+        mut operator,
+        port,
+        operator_ns,
+    } = setup(plane, "bad-review", &[]).await;
+    let secrets: Api<Secret> = Api::namespaced(operator_ns.client.clone(), &operator_ns.name);
+    let ca = String::from_utf8(
+        secrets.get(SECRET).await.unwrap().data.unwrap()["ca.crt"]
+            .0
+            .clone(),
+    )
+    .unwrap();
+    let post = |path: &'static str, body: Vec<u8>| support::https::post(port, &ca, path, body);
+
+    let (status, body, _) = post("/mutate-pods", b"{broken".to_vec()).await;
+    assert_eq!(status, 400);
+    assert!(
+        body.contains("the body is not an AdmissionReview"),
+        "{body}"
+    );
+    let (status, body, _) = post("/mutate-pods", br#"{"apiVersion":"admission.k8s.io/v1beta1","kind":"AdmissionReview","request":{"uid":"1"}}"#.to_vec()).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("admission.k8s.io/v1 is served"), "{body}");
+    let (status, _, _) = post("/validate-policies", vec![b' '; 4 * 1024 * 1024]).await;
+    assert_eq!(status, 413, "oversized");
+    let review = |object: serde_json::Value, kind: &str, resource: &str| {
+        serde_json::to_vec(&json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+            "uid": "4b1a8f0e-0000-4000-8000-000000000001", "kind": {"group": "", "version": "v1", "kind": kind},
+            "resource": {"group": "", "version": "v1", "resource": resource}, "namespace": ns.name, "operation": "CREATE",
+            "userInfo": {"username": "test"}, "object": object, "unknownField": {"nested": [1, 2]}}}))
+        .unwrap()
+    };
+    let (status, body, _) = post("/mutate-pods", review(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "labels": {"app": "api"}}, "spec": {"containers": []}}), "Pod", "pods")).await;
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["response"]["allowed"], true);
+    assert!(
+        answer["response"]["patch"].is_null(),
+        "no containers: allowed without a patch"
+    );
+    let (status, body, _) = post("/validate-policies", review(json!({"apiVersion": "mcpsession.dev/v1alpha1", "kind": "McpSessionPolicy", "metadata": {"name": "x"}, "spec": {"selector": 7}}), "McpSessionPolicy", "mcpsessionpolicies")).await;
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["response"]["allowed"], false);
+    assert!(
+        answer["response"]["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("does not decode"),
+        "{body}"
+    );
+    let (status, _, _) = post("/nothing-here", b"{}".to_vec()).await;
+    assert_eq!(status, 404);
+    assert!(operator.is_running(), "{}", operator.logs());
+    let (_, metrics) = operator.get("/metrics").await.unwrap();
+    assert!(
+        metrics.contains(
+            r#"mcp_session_webhook_requests_total{webhook="mutate-pods",result="bad_request"} 2"#
+        ),
+        "{metrics}"
+    );
+}
+
+fn der(pem: &str) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject as _;
+    rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .unwrap()
+        .to_vec()
+}
