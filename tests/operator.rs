@@ -716,3 +716,72 @@ async fn two_operators_elect_one_leader_and_fail_over_when_it_dies() {
     assert!(third.is_running(), "{}", third.logs());
     eprintln!("leader handover after SIGTERM took {handover:?}");
 }
+
+#[tokio::test]
+async fn a_service_that_bypasses_the_proxy_is_a_condition_and_an_event() {
+    let _serial = SERIAL.lock().await;
+    let plane = control_plane();
+    let ns = plane.namespace("routing").await;
+    install_crd(&ns.client).await;
+    let kubeconfig = operator_kubeconfig(plane, &ns.client, &ns.name).await;
+    let redis = RedisServer::start();
+    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
+    let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "api-0", "labels": {"app": "api"}},
+        "spec": {"containers": [{"name": "server", "image": "example/mcp:1", "ports": [{"name": "http", "containerPort": 8000}]}]}}))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let services: Api<k8s_openapi::api::core::v1::Service> =
+        Api::namespaced(ns.client.clone(), &ns.name);
+    let service = |target: serde_json::Value| {
+        serde_json::from_value::<k8s_openapi::api::core::v1::Service>(
+            json!({"metadata": {"name": "api"},
+            "spec": {"selector": {"app": "api"}, "ports": [{"port": 80, "targetPort": target}]}}),
+        )
+        .unwrap()
+    };
+    services
+        .create(&PostParams::default(), &service(json!("http")))
+        .await
+        .unwrap();
+    let _operator = Operator::start(&kubeconfig, &ns.name, Some(&ns.name), "op-routing");
+    apply(
+        &ns.client,
+        &ns.name,
+        &policy(
+            "api",
+            json!({"selector": {"matchLabels": {"app": "api"}}, "redis": {"url": redis.url()}}),
+        ),
+    )
+    .await;
+    let bypassed = status_until(&ns.client, &ns.name, "api", "ServicesRouted=False", |s| {
+        condition(s, "ServicesRouted").0 == "False"
+    })
+    .await;
+    let message = &bypassed
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "ServicesRouted")
+        .unwrap()
+        .message;
+    assert!(
+        message.contains("Service api port 80 targets 8000")
+            && message.contains("set targetPort to 8090"),
+        "{message}"
+    );
+    wait_for(TIMEOUT, "a ServiceBypassesProxy event", || async {
+        events(&ns.client, &ns.name, "ServiceBypassesProxy").await == 1
+    })
+    .await;
+    let mut fixed = services.get("api").await.unwrap();
+    fixed.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].target_port =
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(8090));
+    services
+        .replace("api", &PostParams::default(), &fixed)
+        .await
+        .unwrap();
+    let routed = status_until(&ns.client, &ns.name, "api", "ServicesRouted=True", |s| {
+        condition(s, "ServicesRouted").0 == "True"
+    })
+    .await;
+    assert_eq!(condition(&routed, "ServicesRouted").1, "ThroughProxy");
+}

@@ -219,6 +219,8 @@ pub mod condition {
     pub const READY: &str = "Ready";
     pub const REDIS_REACHABLE: &str = "RedisReachable";
     pub const ROLLOUT_SAFE: &str = "RolloutSafe";
+    /// Services selecting the pods target the proxy's port, not the backend's.
+    pub const SERVICES_ROUTED: &str = "ServicesRouted";
 }
 
 /// The CustomResourceDefinition as YAML: what `mcp-session-operator crd` prints and

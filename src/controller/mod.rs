@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt as _, TryStreamExt as _};
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use kube::api::{Api, Patch, PatchParams};
 use kube::core::{PartialObjectMeta, SelectorExt as _};
 use kube::runtime::controller::{Action, Controller};
@@ -26,7 +26,7 @@ use kube::{Client, Resource, ResourceExt as _};
 use serde_json::json;
 use tracing::{debug, info, instrument, warn};
 
-use self::status::{Observation, Problem};
+use self::status::{Observation, Problem, Routing};
 use self::stores::StorePool;
 use crate::api::{CountBy, McpSessionPolicy, McpSessionPolicyStatus, PodTotals, validate_spec};
 use crate::metrics::Metrics;
@@ -80,6 +80,7 @@ impl Default for Config {
 pub struct Context {
     client: Client,
     pods: Store<Pod>,
+    services: Store<Service>,
     redis: StorePool,
     metrics: Arc<Metrics>,
     recorder: Recorder,
@@ -150,6 +151,16 @@ pub async fn run(
     .default_backoff()
     .touched_objects();
 
+    let (service_reader, service_writer) = reflector::store();
+    let service_stream = watcher(
+        scoped::<Service>(&client, scope),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .modify(|service| service.managed_fields_mut().clear())
+    .reflect(service_writer)
+    .touched_objects();
+
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -160,6 +171,7 @@ pub async fn run(
     let context = Arc::new(Context {
         client,
         pods: pod_reader.clone(),
+        services: service_reader,
         redis: StorePool::default(),
         metrics,
         recorder,
@@ -167,9 +179,16 @@ pub async fn run(
         failures: Default::default(),
         written,
     });
-    let (by_pod, by_secret) = (policy_reader.clone(), policy_reader.clone());
+    let (by_pod, by_secret, by_service) = (
+        policy_reader.clone(),
+        policy_reader.clone(),
+        policy_reader.clone(),
+    );
     Controller::for_stream(policy_stream, policy_reader)
         .watches_stream(pod_stream, move |pod| policies_selecting(&by_pod, &pod))
+        .watches_stream(service_stream, move |service| {
+            policies_in_namespace(&by_service, service.namespace())
+        })
         .watches_stream(secret_stream, move |secret| {
             policies_referencing(&by_secret, &secret)
         })
@@ -262,6 +281,76 @@ fn policies_referencing(
         .collect()
 }
 
+fn policies_in_namespace(
+    policies: &Store<McpSessionPolicy>,
+    namespace: Option<String>,
+) -> Vec<ObjectRef<McpSessionPolicy>> {
+    policies
+        .state()
+        .into_iter()
+        .filter(|policy| policy.namespace() == namespace && policy.spec.injection.enabled)
+        .map(|policy| ObjectRef::from_obj(&*policy))
+        .collect()
+}
+
+/// How the Services that select `pods` reach them: a Service whose port targets the backend's
+/// port (by number, or by a container port's name) bypasses the session proxy.
+fn routing(
+    policy: &McpSessionPolicy,
+    namespace: &str,
+    pods: &[Arc<Pod>],
+    services: &Store<Service>,
+) -> Routing {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let injection = &policy.spec.injection;
+    if !injection.enabled {
+        return Routing::InjectionDisabled;
+    }
+    let upstream_names: Vec<String> = pods
+        .iter()
+        .flat_map(|p| p.spec.iter().flat_map(|s| s.containers.iter()))
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter(|p| p.container_port == injection.upstream_port)
+        .filter_map(|p| p.name.clone())
+        .collect();
+    let mut routed = 0;
+    let mut bypassing = Vec::new();
+    for service in services.state() {
+        let Some(spec) = &service.spec else { continue };
+        let Some(selector) = spec.selector.as_ref().filter(|s| !s.is_empty()) else {
+            continue;
+        };
+        let selects_ours = pods
+            .iter()
+            .any(|pod| selector.iter().all(|(k, v)| pod.labels().get(k) == Some(v)));
+        if service.namespace().as_deref() != Some(namespace) || !selects_ours {
+            continue;
+        }
+        routed += 1;
+        for port in spec.ports.iter().flatten() {
+            let direct = match &port.target_port {
+                Some(IntOrString::Int(target)) => *target == injection.upstream_port,
+                Some(IntOrString::String(name)) => upstream_names.contains(name),
+                None => port.port == injection.upstream_port,
+            };
+            if direct {
+                bypassing.push(format!(
+                    "Service {} port {} targets {}, the backend's port: set targetPort to {} (the session proxy)",
+                    service.name_any(),
+                    port.port,
+                    injection.upstream_port,
+                    injection.proxy_port
+                ));
+            }
+        }
+    }
+    if bypassing.is_empty() {
+        Routing::ThroughProxy(routed)
+    } else {
+        Routing::Bypassed(bypassing)
+    }
+}
+
 /// The policy's pod selector; `None` if it is invalid or would select every pod.
 fn pod_selector(policy: &McpSessionPolicy) -> Option<kube::core::Selector> {
     kube::core::Selector::try_from(policy.spec.selector.clone())
@@ -307,7 +396,9 @@ async fn reconcile(policy: Arc<McpSessionPolicy>, ctx: Arc<Context>) -> Result<A
         ctx.metrics
             .set_sessions(&namespace, &name, counts, &pod_sessions);
     }
+    let routing = routing(&policy, &namespace, &selected, &ctx.services);
     let observation = Observation {
+        routing,
         generation: policy.metadata.generation,
         counts,
         pod_sessions,

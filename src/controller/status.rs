@@ -52,6 +52,18 @@ pub struct Observation {
     pub pods: PodTotals,
     /// Records under the prefix that do not parse (scan counts only).
     pub unreadable: u64,
+    /// How Services reach the selected pods.
+    pub routing: Routing,
+}
+
+/// Whether traffic reaches the injected proxies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Routing {
+    InjectionDisabled,
+    /// Services that select the pods, all targeting the proxy (or none).
+    ThroughProxy(usize),
+    /// Descriptions of Services that target the backend's port directly.
+    Bypassed(Vec<String>),
 }
 
 /// The status for `observation`, keeping `lastTransitionTime` of conditions whose status did
@@ -95,10 +107,29 @@ pub fn build(
         "NoRolloutInProgress",
         "No rollout of the selected pods is in progress".to_owned(),
     );
+    let routed = match &observation.routing {
+        Routing::InjectionDisabled => (
+            "True",
+            "InjectionDisabled",
+            "No proxy is injected; Services are not checked".to_owned(),
+        ),
+        Routing::ThroughProxy(0) => (
+            "True",
+            "NoService",
+            "No Service selects the pods".to_owned(),
+        ),
+        Routing::ThroughProxy(n) => (
+            "True",
+            "ThroughProxy",
+            format!("{n} Services route to the session proxy"),
+        ),
+        Routing::Bypassed(services) => ("False", "ServiceBypassesProxy", services.join("; ")),
+    };
     let conditions = [
         (condition::READY, ready),
         (condition::REDIS_REACHABLE, redis),
         (condition::ROLLOUT_SAFE, rollout),
+        (condition::SERVICES_ROUTED, routed),
     ]
     .into_iter()
     .map(|(type_, (status, reason, message))| {
@@ -186,11 +217,14 @@ pub fn transitions(
             "Redis answers again".to_owned(),
         ));
     }
-    if let Some(new) = after(condition::READY)
-        && new.status == "False"
-        && before(condition::READY).is_none_or(|old| old.reason != new.reason)
-    {
-        events.push((true, new.reason.clone(), new.message.clone()));
+    for type_ in [condition::READY, condition::SERVICES_ROUTED] {
+        if let Some(new) = after(type_)
+            && new.status == "False"
+            && before(type_)
+                .is_none_or(|old| old.reason != new.reason || old.message != new.message)
+        {
+            events.push((true, new.reason.clone(), new.message.clone()));
+        }
     }
     events
 }
@@ -210,6 +244,7 @@ mod tests {
                 terminating: 0,
             },
             unreadable: 0,
+            routing: Routing::ThroughProxy(1),
         }
     }
 
