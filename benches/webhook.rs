@@ -12,16 +12,12 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt as _, Full};
-use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PostParams};
 use mcp_session_operator::api::McpSessionPolicy;
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject as _;
 use serde_json::json;
 use support::control_plane::{control_plane, wait_for};
+use support::https::Sender;
 use support::operator::{Operator, install_crd};
 
 const RATE: u64 = 200;
@@ -190,55 +186,14 @@ fn pod_review(namespace: &str) -> Vec<u8> {
     .expect("review")
 }
 
-type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
-
 async fn connect(port: u16, ca_pem: &str) -> Sender {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(cert.expect("CA")).expect("CA");
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("protocols")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("connect");
-    tcp.set_nodelay(true).expect("nodelay");
-    let name =
-        rustls::pki_types::ServerName::IpAddress(std::net::IpAddr::from([127, 0, 0, 1]).into());
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .expect("TLS");
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .expect("HTTP");
-    tokio::spawn(connection);
-    sender
+    support::https::connect(port, ca_pem).await.0
 }
 
+/// One review, with `?timeout=5s` as the apiserver sends it; an answer other than 200 is an error.
 async fn send(sender: &mut Sender, body: &[u8]) -> Result<String, String> {
-    let request = hyper::Request::post("/mutate-pods?timeout=5s")
-        .header("host", "127.0.0.1")
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_vec())))
-        .map_err(|e| e.to_string())?;
-    sender.ready().await.map_err(|e| e.to_string())?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| e.to_string())?;
-    if response.status() != 200 {
-        return Err(format!("status {}", response.status()));
+    match support::https::send(sender, "/mutate-pods?timeout=5s", body.to_vec()).await? {
+        (200, answer) => Ok(answer),
+        (status, _) => Err(format!("status {status}")),
     }
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    Ok(String::from_utf8_lossy(&bytes).into_owned())
 }

@@ -14,7 +14,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::GroupVersionKind;
 use serde_json::json;
-use support::control_plane::{control_plane, wait_for};
+use support::control_plane::{apply_crd, control_plane, wait_for};
 use support::https::HttpsServer;
 use support::kubelet::{KubeletStandIn, NoProcesses, PodEvent};
 
@@ -163,28 +163,9 @@ spec:
 async fn a_crd_applied_from_yaml_is_served_with_server_side_apply_of_status() {
     let plane = control_plane();
     let ns = plane.namespace("crd").await;
-    let crds: Api<CustomResourceDefinition> = Api::all(ns.client.clone());
     let crd: CustomResourceDefinition = serde_yaml::from_str(CRD).unwrap();
+    apply_crd(&ns.client, &crd).await;
     let apply = PatchParams::apply("testbed").force();
-    crds.patch(
-        "widgets.testbed.mcpsession.dev",
-        &apply,
-        &Patch::Apply(&crd),
-    )
-    .await
-    .unwrap();
-    wait_for(TIMEOUT, "the CRD to be established", || async {
-        crds.get("widgets.testbed.mcpsession.dev")
-            .await
-            .ok()
-            .and_then(|c| c.status)
-            .and_then(|s| s.conditions)
-            .is_some_and(|c| {
-                c.iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True")
-            })
-    })
-    .await;
     let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(
         "testbed.mcpsession.dev",
         "v1",

@@ -299,6 +299,36 @@ impl ControlPlane {
     }
 }
 
+/// Applies a CRD (server-side, idempotent) and waits until the apiserver serves it.
+pub async fn apply_crd(
+    client: &Client,
+    crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let name = crd.metadata.name.clone().expect("CRD name");
+    let apply = kube::api::PatchParams::apply("tests").force();
+    crds.patch(&name, &apply, &kube::api::Patch::Apply(crd))
+        .await
+        .expect("apply CRD");
+    wait_for(
+        Duration::from_secs(60),
+        "the CRD to be established",
+        || async {
+            crds.get(&name)
+                .await
+                .ok()
+                .and_then(|c| c.status)
+                .and_then(|s| s.conditions)
+                .is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                })
+        },
+    )
+    .await;
+}
+
 /// A namespace deleted when the test ends.
 pub struct TestNamespace {
     pub name: String,

@@ -105,9 +105,11 @@ impl Drop for HttpsServer {
     }
 }
 
-/// POSTs `body` to `https://127.0.0.1:{port}{path}`, trusting only `ca_pem`: (status, body,
-/// the server's leaf certificate in DER).
-pub async fn post(port: u16, ca_pem: &str, path: &str, body: Vec<u8>) -> (u16, String, Vec<u8>) {
+pub type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// An HTTP/1.1 connection over TLS to `127.0.0.1:{port}`, trusting only `ca_pem`; also the
+/// server's leaf certificate in DER.
+pub async fn connect(port: u16, ca_pem: &str) -> (Sender, Vec<u8>) {
     use rustls::pki_types::pem::PemObject as _;
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
@@ -123,6 +125,7 @@ pub async fn post(port: u16, ca_pem: &str, path: &str, body: Vec<u8>) -> (u16, S
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connect");
+    tcp.set_nodelay(true).expect("nodelay");
     let server_name = rustls::pki_types::ServerName::IpAddress(
         std::net::IpAddr::from(Ipv4Addr::LOCALHOST).into(),
     );
@@ -137,22 +140,39 @@ pub async fn post(port: u16, ca_pem: &str, path: &str, body: Vec<u8>) -> (u16, S
         .and_then(|c| c.first())
         .map(|c| c.to_vec())
         .unwrap_or_default();
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .expect("HTTP handshake");
     tokio::spawn(connection);
+    (sender, leaf)
+}
+
+/// Sends one JSON POST on `sender`: (status, body).
+pub async fn send(sender: &mut Sender, path: &str, body: Vec<u8>) -> Result<(u16, String), String> {
     let request = hyper::Request::post(path)
         .header("host", "127.0.0.1")
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body)))
-        .expect("request");
-    let response = sender.send_request(request).await.expect("response");
+        .map_err(|e| e.to_string())?;
+    sender.ready().await.map_err(|e| e.to_string())?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
     let status = response.status().as_u16();
     let body = response
         .into_body()
         .collect()
         .await
-        .map(|b| b.to_bytes().to_vec())
-        .unwrap_or_default();
-    (status, String::from_utf8_lossy(&body).into_owned(), leaf)
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// POSTs `body` to `https://127.0.0.1:{port}{path}` on a new connection, trusting only
+/// `ca_pem`: (status, body, the server's leaf certificate in DER).
+pub async fn post(port: u16, ca_pem: &str, path: &str, body: Vec<u8>) -> (u16, String, Vec<u8>) {
+    let (mut sender, leaf) = connect(port, ca_pem).await;
+    let (status, body) = send(&mut sender, path, body).await.expect("response");
+    (status, body, leaf)
 }

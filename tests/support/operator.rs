@@ -5,45 +5,19 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use kube::core::GroupVersionKind;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use super::control_plane::{ControlPlane, wait_for};
+use super::control_plane::{ControlPlane, apply_crd};
 use super::{die_with_parent, free_port};
 
 /// Installs the CRD (server-side apply, idempotent) and waits until it is served.
 pub async fn install_crd(client: &Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let yaml = include_str!("../../crds/mcpsessionpolicies.yaml");
-    let crd: CustomResourceDefinition =
-        serde_yaml::from_str(yaml.split("---\n").nth(1).expect("one document")).expect("CRD");
-    let name = "mcpsessionpolicies.mcpsession.dev";
-    crds.patch(
-        name,
-        &PatchParams::apply("tests").force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .expect("apply CRD");
-    wait_for(
-        Duration::from_secs(60),
-        "the CRD to be established",
-        || async {
-            crds.get(name)
-                .await
-                .ok()
-                .and_then(|c| c.status)
-                .and_then(|s| s.conditions)
-                .is_some_and(|c| {
-                    c.iter()
-                        .any(|c| c.type_ == "Established" && c.status == "True")
-                })
-        },
-    )
-    .await;
+    let crd = serde_yaml::from_str(yaml.split("---\n").nth(1).expect("one document")).expect("CRD");
+    apply_crd(client, &crd).await;
 }
 
 /// Applies `config/rbac/` for a service account in `namespace` (cluster role bound under a
