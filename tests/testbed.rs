@@ -11,6 +11,7 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::ResourceExt as _;
 use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::GroupVersionKind;
 use serde_json::json;
@@ -340,4 +341,136 @@ async fn a_service_account_gets_what_its_role_grants_and_nothing_else() {
 /// Base64, as Kubernetes serializes bytes.
 fn base64(bytes: &[u8]) -> serde_json::Value {
     serde_json::to_value(k8s_openapi::ByteString(bytes.to_vec())).unwrap()
+}
+
+/// Pods that are real processes: a Python HTTP server per pod on the pod's own loopback IP.
+/// preStop is an HTTP call to it; stop is SIGTERM within the grace period.
+struct HttpServerPods {
+    processes: std::sync::Mutex<std::collections::HashMap<String, std::process::Child>>,
+    pre_stops: std::sync::Mutex<Vec<String>>,
+    exits: std::sync::Mutex<Vec<(String, Option<i32>)>>,
+}
+
+#[async_trait::async_trait]
+impl support::kubelet::PodRuntime for HttpServerPods {
+    async fn start(&self, pod: &Pod, ip: std::net::Ipv4Addr) {
+        let mut command = std::process::Command::new("python3");
+        command
+            .args(["-m", "http.server", "8000", "--bind", &ip.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let child = support::die_with_parent(&mut command)
+            .spawn()
+            .expect("python3 -m http.server");
+        self.processes.lock().unwrap().insert(pod.name_any(), child);
+    }
+
+    async fn ready(&self, _pod: &Pod, ip: std::net::Ipv4Addr) -> bool {
+        tokio::net::TcpStream::connect((ip, 8000)).await.is_ok()
+    }
+
+    async fn pre_stop(&self, pod: &Pod, ip: std::net::Ipv4Addr) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let Ok(mut stream) = tokio::net::TcpStream::connect((ip, 8000)).await else {
+            return;
+        };
+        let _ = stream.write_all(b"GET / HTTP/1.0\r\n\r\n").await;
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer).await;
+        if answer.starts_with("HTTP/1.0 200") {
+            self.pre_stops.lock().unwrap().push(pod.name_any());
+        }
+    }
+
+    async fn stop(&self, pod: &Pod, _ip: std::net::Ipv4Addr, grace: Duration) {
+        let Some(mut child) = self.processes.lock().unwrap().remove(&pod.name_any()) else {
+            return;
+        };
+        // SAFETY: signalling a child process we spawned.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + grace;
+        let code = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                break status.code().or(Some(-1));
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        self.exits.lock().unwrap().push((pod.name_any(), code));
+    }
+}
+
+#[tokio::test]
+async fn pods_can_be_real_processes_with_a_prestop_hook_and_sigterm() {
+    let plane = control_plane();
+    let ns = plane.namespace("processes").await;
+    let runtime = Arc::new(HttpServerPods {
+        processes: Default::default(),
+        pre_stops: Default::default(),
+        exits: Default::default(),
+    });
+    let kubelet = KubeletStandIn::start(ns.client.clone(), &ns.name, runtime.clone()).await;
+    let deployments: Api<Deployment> = Api::namespaced(ns.client.clone(), &ns.name);
+    let mut web = deployment("web", "example/web:1");
+    web.spec.replicas = Some(2);
+    deployments
+        .create(&PostParams::default(), &web)
+        .await
+        .unwrap();
+    wait_for(TIMEOUT, "2 ready pods serving HTTP", || {
+        rolled_out(&deployments, "web")
+    })
+    .await;
+    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
+    let victim = pods.list(&ListParams::default()).await.unwrap().items[0].clone();
+    let ip: std::net::Ipv4Addr = victim
+        .status
+        .as_ref()
+        .unwrap()
+        .pod_ip
+        .as_ref()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        tokio::net::TcpStream::connect((ip, 8000)).await.is_ok(),
+        "the pod's process listens on its pod IP"
+    );
+
+    pods.delete(&victim.name_any(), &Default::default())
+        .await
+        .unwrap();
+    wait_for(TIMEOUT, "the pod to be removed", || async {
+        pods.get_opt(&victim.name_any()).await.unwrap().is_none()
+    })
+    .await;
+    assert_eq!(
+        *runtime.pre_stops.lock().unwrap(),
+        [victim.name_any()],
+        "preStop reached the process"
+    );
+    let exits = runtime.exits.lock().unwrap().clone();
+    assert_eq!(exits.len(), 1);
+    assert!(
+        exits[0].1.is_some(),
+        "exited on SIGTERM within the grace period: {exits:?}"
+    );
+    assert!(
+        tokio::net::TcpStream::connect((ip, 8000)).await.is_err(),
+        "the process is gone"
+    );
+    wait_for(TIMEOUT, "a replacement pod", || {
+        rolled_out(&deployments, "web")
+    })
+    .await;
+    assert!(
+        kubelet
+            .events()
+            .contains(&PodEvent::Removed(victim.name_any()))
+    );
 }
