@@ -509,3 +509,86 @@ fn der(pem: &str) -> Vec<u8> {
         .unwrap()
         .to_vec()
 }
+
+/// A CA and a serving certificate for 127.0.0.1, as cert-manager would mount them.
+fn write_certificate_files(
+    dir: &std::path::Path,
+    ca: &(rcgen::CertificateParams, rcgen::KeyPair),
+) -> String {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names.push(rcgen::SanType::IpAddress(
+        std::net::Ipv4Addr::LOCALHOST.into(),
+    ));
+    let cert = params
+        .signed_by(&key, &rcgen::Issuer::from_params(&ca.0, &ca.1))
+        .unwrap();
+    std::fs::write(dir.join("tls.crt"), cert.pem()).unwrap();
+    std::fs::write(dir.join("tls.key"), key.serialize_pem()).unwrap();
+    cert.pem()
+}
+
+#[tokio::test]
+async fn certificates_from_files_are_served_and_reloaded() {
+    let _serial = SERIAL.lock().await;
+    let plane = control_plane();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_pem = ca_params.self_signed(&ca_key).unwrap().pem();
+    std::fs::write(dir.path().join("ca.crt"), &ca_pem).unwrap();
+    let ca = (ca_params, ca_key);
+    let first = write_certificate_files(dir.path(), &ca);
+    let path = |f: &str| dir.path().join(f).display().to_string();
+    let (cert, key, ca_file) = (path("tls.crt"), path("tls.key"), path("ca.crt"));
+    let Setup {
+        ns,
+        mut operator,
+        port,
+        operator_ns,
+    } = setup(
+        plane,
+        "files",
+        &[
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-file",
+            &ca_file,
+        ],
+    )
+    .await;
+    assert_eq!(
+        support::https::post(port, &ca_pem, "/healthz", Vec::new())
+            .await
+            .2,
+        der(&first)
+    );
+    create_policy(
+        &ns.client,
+        &ns.name,
+        policy(
+            "ok",
+            json!({"selector": {"matchLabels": {"app": "x"}}, "redis": {"url": "redis://r:6379"}}),
+        ),
+    )
+    .await
+    .expect("validated over the mounted certificate");
+    let secrets: Api<Secret> = Api::namespaced(operator_ns.client.clone(), &operator_ns.name);
+    assert!(
+        secrets.get_opt(SECRET).await.unwrap().is_none(),
+        "no managed Secret with mounted certificates"
+    );
+    // cert-manager renews: the files change, the server follows.
+    let second = write_certificate_files(dir.path(), &ca);
+    wait_for(TIMEOUT, "the renewed file to be served", || async {
+        support::https::post(port, &ca_pem, "/healthz", Vec::new())
+            .await
+            .2
+            == der(&second)
+    })
+    .await;
+    assert!(operator.is_running(), "{}", operator.logs());
+}

@@ -57,7 +57,12 @@ impl CertResolver {
             .map_err(|e| bad("key PEM", e.to_string()))?;
         let signing = rustls::crypto::ring::sign::any_supported_type(&key)
             .map_err(|e| bad("key", e.to_string()))?;
-        let certified = Arc::new(CertifiedKey::new(chain, signing));
+        let certified = CertifiedKey::new(chain, signing);
+        // A certificate file rewritten before its key (or the reverse) is not served half-new.
+        certified
+            .keys_match()
+            .map_err(|e| bad("certificate and key", e.to_string()))?;
+        let certified = Arc::new(certified);
         *self.current.write().unwrap_or_else(|p| p.into_inner()) =
             Some((cert_pem.to_owned(), certified));
         Ok(true)
@@ -333,5 +338,9 @@ mod tests {
         assert_ne!(renewed.cert, first.cert);
         assert!(resolver.install(&renewed.cert, &renewed.key).unwrap());
         assert!(resolver.install("garbage", "garbage").is_err());
+        assert!(
+            resolver.install(&first.cert, &renewed.key).is_err(),
+            "a key of another certificate is refused"
+        );
     }
 }
