@@ -13,6 +13,7 @@ pub mod api;
 pub mod cli;
 pub mod controller;
 pub mod metrics;
+pub mod proxy;
 pub mod store;
 pub mod telemetry;
 pub mod webhook;

@@ -223,7 +223,21 @@ fn usage_errors_exit_2() {
             stderr(&output)
         );
     }
-    let output = cli(&["proxy"], None);
+    let output = cli(&["proxy", "--listen", "127.0.0.1:1"], None);
     assert_eq!(output.status.code(), Some(2));
-    assert!(stderr(&output).contains("not implemented yet"));
+    assert!(
+        stderr(&output).contains("--upstream"),
+        "{}",
+        stderr(&output)
+    );
+    let output = cli(
+        &["proxy", "--listen", "127.0.0.1:1", "--upstream", "ftp://x"],
+        None,
+    );
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("the upstream is http://HOST:PORT"),
+        "{}",
+        stderr(&output)
+    );
 }

@@ -1,6 +1,7 @@
 //! The command line: `run`, `proxy`, `sessions`, `crd`.
 
 mod output;
+mod proxy;
 mod run;
 mod sessions;
 
@@ -41,7 +42,7 @@ pub enum Command {
     /// Run the operator: controller, metrics and admission webhooks.
     Run(Box<run::RunArgs>),
     /// Run the session proxy in front of an MCP server.
-    Proxy,
+    Proxy(Box<proxy::ProxyArgs>),
     /// Inspect and manage the session store.
     Sessions(sessions::SessionsArgs),
     /// Print the McpSessionPolicy CustomResourceDefinition as YAML.
@@ -62,6 +63,22 @@ pub fn exit_code(error: &anyhow::Error) -> u8 {
     }
 }
 
+/// Resolves on SIGTERM or Ctrl-C.
+pub(crate) async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut sigterm) => {
+                sigterm.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+}
+
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Sessions(args) => {
@@ -76,8 +93,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", crate::api::crd_yaml());
             Ok(())
         }
-        Command::Proxy => {
-            Err(UsageError("`proxy` is not implemented yet in this build".into()).into())
+        Command::Proxy(args) => {
+            telemetry::init(cli.log_format, "info");
+            proxy::run(*args).await
         }
     }
 }

@@ -186,7 +186,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(async move {
-        shutdown_signal().await;
+        super::shutdown_signal().await;
         info!("shutting down");
         let _ = stop.send(true);
     });
@@ -289,21 +289,6 @@ fn webhook_ended(
 
 async fn signalled(mut flag: watch::Receiver<bool>) {
     let _ = flag.wait_for(|set| *set).await;
-}
-
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut sigterm) => {
-                sigterm.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
-    }
 }
 
 async fn serve(listener: tokio::net::TcpListener, health: Health) {

@@ -1,0 +1,101 @@
+//! `proxy`: the session proxy in front of one MCP server.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Args;
+use tracing::warn;
+
+use super::UsageError;
+use super::sessions::RedisArgs;
+use crate::proxy::{self, Fingerprinter, Proxy, ProxyConfig};
+use crate::store::{MemoryStore, RedisStore, SessionStore};
+
+/// Used when no key is configured: fingerprints still bind sessions to credentials, but anyone
+/// who knows this constant can test guesses of low-entropy credentials against stored ones.
+const DEFAULT_FINGERPRINT_KEY: &[u8] = b"mcp-session-operator default fingerprint key";
+
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
+    /// Address clients connect to.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// The MCP server, `http://host:port` (requests keep their path).
+    #[arg(long, value_parser = parse_upstream)]
+    upstream: axum::http::Uri,
+    #[command(flatten)]
+    redis: RedisArgs,
+    /// Address of /healthz, /readyz, /drain, /metrics and /sessions.
+    #[arg(long, default_value = "127.0.0.1:8091")]
+    admin_addr: SocketAddr,
+    /// This pod's name: the owner recorded for its sessions.
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
+    /// How long a drain waits for in-flight requests.
+    #[arg(long, default_value_t = 30)]
+    drain_timeout: u64,
+    /// How long a request is held while the MCP server is down, before the client gets an error.
+    #[arg(long, default_value_t = 30)]
+    hold_seconds: u64,
+    /// Sliding session TTL.
+    #[arg(long, default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..))]
+    ttl_seconds: u64,
+    /// A session's TTL is written at most this often.
+    #[arg(long, default_value_t = 10)]
+    touch_interval_seconds: u64,
+    /// Key of the credential fingerprints; the same for every proxy of a deployment.
+    #[arg(long, env = "MCP_SESSION_FINGERPRINT_KEY", hide_env_values = true)]
+    fingerprint_key: Option<String>,
+    /// Largest request body accepted.
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    max_body_bytes: usize,
+}
+
+fn parse_upstream(raw: &str) -> Result<axum::http::Uri, String> {
+    let uri: axum::http::Uri = raw.parse().map_err(|e| format!("{e}"))?;
+    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+        return Err("the upstream is http://HOST:PORT".into());
+    }
+    Ok(uri)
+}
+
+pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
+    let ttl = Duration::from_secs(args.ttl_seconds);
+    let store: Arc<dyn SessionStore> = match &args.redis.redis_url {
+        Some(_) => Arc::new(connect_redis(&args.redis, ttl).await?),
+        None => Arc::new(MemoryStore::new(ttl)),
+    };
+    let key = match (&args.fingerprint_key, &args.redis.redis_url) {
+        (Some(key), _) => key.as_bytes().to_vec(),
+        (None, Some(_)) => {
+            warn!(
+                "MCP_SESSION_FINGERPRINT_KEY is not set: using the built-in default key; set one per deployment"
+            );
+            DEFAULT_FINGERPRINT_KEY.to_vec()
+        }
+        // Embedded store: sessions live and die with this process, so does the key.
+        (None, None) => rand::random::<[u8; 32]>().to_vec(),
+    };
+    let config = ProxyConfig {
+        listen: args.listen,
+        upstream: args.upstream,
+        admin: args.admin_addr,
+        pod_name: args.pod_name,
+        drain_timeout: Duration::from_secs(args.drain_timeout),
+        hold: Duration::from_secs(args.hold_seconds),
+        touch_interval: Duration::from_secs(args.touch_interval_seconds),
+        max_body_bytes: args.max_body_bytes,
+    };
+    let proxy = Proxy::new(config, store, Fingerprinter::new(&key));
+    proxy::run(proxy, super::shutdown_signal())
+        .await
+        .context("the session proxy failed")
+}
+
+async fn connect_redis(args: &RedisArgs, ttl: Duration) -> anyhow::Result<RedisStore> {
+    let target = args.target()?;
+    crate::store::redis::Keys::new(&args.key_prefix).map_err(|e| UsageError(e.to_string()))?;
+    Ok(RedisStore::connect(target, &args.key_prefix, ttl).await?)
+}

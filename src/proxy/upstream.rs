@@ -1,0 +1,103 @@
+//! The MCP server behind the proxy: requests with hold-and-retry while it restarts.
+
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderMap, Method, Request, Response, Uri};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tracing::debug;
+
+use super::protocol::strip_hop_by_hop;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// Never reached the upstream within the hold time: safe to report, nothing happened.
+    #[error("the MCP server did not answer within {0:?}: {1}")]
+    Unavailable(Duration, String),
+    /// Sent, but no response came back: the request may have been processed.
+    #[error("the MCP server closed the connection before answering: {0}")]
+    Lost(String),
+    #[error("bad upstream request: {0}")]
+    Request(String),
+}
+
+pub struct Upstream {
+    client: Client<HttpConnector, Full<Bytes>>,
+    base: Uri,
+    hold: Duration,
+}
+
+/// What came back, and whether it was held (the upstream was down for a while).
+pub struct Answer {
+    pub response: Response<Incoming>,
+    pub held: bool,
+}
+
+impl Upstream {
+    pub fn new(base: Uri, hold: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        Self { client, base, hold }
+    }
+
+    fn uri(&self, path_and_query: &str) -> Result<Uri, UpstreamError> {
+        let mut parts = self.base.clone().into_parts();
+        parts.path_and_query = Some(
+            path_and_query
+                .parse()
+                .map_err(|e| UpstreamError::Request(format!("{e}")))?,
+        );
+        Uri::from_parts(parts).map_err(|e| UpstreamError::Request(e.to_string()))
+    }
+
+    /// Sends the request; while the upstream refuses connections or answers 502/503 (it is
+    /// restarting), retries with backoff for up to the hold time.
+    pub async fn send(
+        &self,
+        method: &Method,
+        path_and_query: &str,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> Result<Answer, UpstreamError> {
+        let uri = self.uri(path_and_query)?;
+        let deadline = Instant::now() + self.hold;
+        let mut delay = Duration::from_millis(25);
+        let mut held = false;
+        loop {
+            let mut request = Request::builder().method(method.clone()).uri(uri.clone());
+            let mut forwarded = headers.clone();
+            strip_hop_by_hop(&mut forwarded);
+            forwarded.remove(axum::http::header::HOST);
+            forwarded.remove(axum::http::header::CONTENT_LENGTH);
+            if let Some(target) = request.headers_mut() {
+                *target = forwarded;
+            }
+            let request = request
+                .body(Full::new(body.clone()))
+                .map_err(|e| UpstreamError::Request(e.to_string()))?;
+            let failure = match self.client.request(request).await {
+                Ok(response) if matches!(response.status().as_u16(), 502 | 503) => {
+                    format!("status {}", response.status())
+                }
+                Ok(response) => return Ok(Answer { response, held }),
+                Err(error) if error.is_connect() => error.to_string(),
+                Err(error) => return Err(UpstreamError::Lost(error.to_string())),
+            };
+            if Instant::now() + delay > deadline {
+                return Err(UpstreamError::Unavailable(self.hold, failure));
+            }
+            debug!(%failure, retry_in = ?delay, "upstream unavailable; holding the request");
+            held = true;
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(500));
+        }
+    }
+}

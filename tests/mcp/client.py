@@ -1,0 +1,46 @@
+"""A real MCP client (the `mcp` SDK's Client, handshake mode) that calls a tool every 50 ms and
+reports what it saw as JSON on stdout.
+
+    python client.py URL SECONDS [AUTHORIZATION]
+"""
+
+import asyncio
+import json
+import sys
+import time
+
+import httpx2
+from mcp.client.client import Client
+from mcp.client.streamable_http import streamable_http_client
+
+
+async def main() -> None:
+    url, seconds = sys.argv[1], float(sys.argv[2])
+    headers = {"Authorization": sys.argv[3]} if len(sys.argv) > 3 else {}
+    calls, errors, session_ids = 0, [], set()
+
+    async def record_session(response: httpx2.Response) -> None:
+        if sid := response.headers.get("mcp-session-id"):
+            session_ids.add(sid)
+
+    http = httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(60.0), event_hooks={"response": [record_session]})
+    try:
+        async with Client(streamable_http_client(url, http_client=http), mode="legacy") as client:
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                try:
+                    result = await client.call_tool("add", {"a": calls, "b": 1})
+                    if result.is_error:
+                        errors.append(f"tool error: {result.content}")
+                    elif str(calls + 1) not in json.dumps(result.model_dump(mode="json")):
+                        errors.append(f"wrong result: {result}")
+                except Exception as error:  # noqa: BLE001 - every failure is what the test counts
+                    errors.append(f"{type(error).__name__}: {error}")
+                calls += 1
+                await asyncio.sleep(0.05)
+    except Exception as error:  # noqa: BLE001
+        errors.append(f"client crashed: {type(error).__name__}: {error}")
+    print(json.dumps({"calls": calls, "errors": errors, "session_ids": sorted(session_ids)}))
+
+
+asyncio.run(main())

@@ -1,0 +1,302 @@
+//! The session proxy in front of a real MCP server (the Python `mcp` SDK's MCPServer), driven
+//! over raw Streamable HTTP so that every step is deterministic.
+
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use support::{die_with_parent, free_port};
+
+/// The Python with the `mcp` SDK that scripts/test.sh prepares.
+fn python() -> String {
+    std::env::var("MCP_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Process {
+    /// SIGTERM, and wait for the exit.
+    fn terminate(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe {
+            libc::kill(self.0.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.0.wait();
+    }
+}
+
+fn mcp_server(port: u16) -> Process {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/server.py");
+    let mut command = Command::new(python());
+    command
+        .arg(script)
+        .arg(port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    Process(
+        die_with_parent(&mut command)
+            .spawn()
+            .expect("start the MCP server (is the mcp SDK installed? scripts/test.sh does)"),
+    )
+}
+
+fn proxy(port: u16, upstream: u16, admin: u16) -> Process {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mcp-session-operator"));
+    command
+        .args([
+            "proxy",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--upstream",
+            &format!("http://127.0.0.1:{upstream}"),
+        ])
+        .args([
+            "--admin-addr",
+            &format!("127.0.0.1:{admin}"),
+            "--hold-seconds",
+            "20",
+            "--pod-name",
+            "proxy-0",
+        ])
+        .env_remove("MCP_SESSION_REDIS_URL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    Process(
+        die_with_parent(&mut command)
+            .spawn()
+            .expect("start the proxy"),
+    )
+}
+
+async fn wait_listening(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+struct Reply {
+    status: u16,
+    session: Option<String>,
+    body: String,
+}
+
+impl Reply {
+    /// The JSON-RPC message of a JSON body or of the first SSE `data:` line.
+    fn message(&self) -> Value {
+        let text = self
+            .body
+            .lines()
+            .find_map(|l| l.strip_prefix("data:"))
+            .unwrap_or(&self.body);
+        serde_json::from_str(text.trim()).unwrap_or(Value::Null)
+    }
+}
+
+async fn post(
+    port: u16,
+    path: &str,
+    session: Option<&str>,
+    authorization: Option<&str>,
+    method: &str,
+    body: Value,
+) -> Reply {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .expect("handshake");
+    tokio::spawn(connection);
+    let mut request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", format!("127.0.0.1:{port}"))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2025-06-18");
+    if let Some(session) = session {
+        request = request.header("mcp-session-id", session);
+    }
+    if let Some(authorization) = authorization {
+        request = request.header("authorization", authorization);
+    }
+    let bytes = if body.is_null() {
+        Vec::new()
+    } else {
+        serde_json::to_vec(&body).unwrap()
+    };
+    let response = sender
+        .send_request(request.body(Full::new(Bytes::from(bytes))).unwrap())
+        .await
+        .expect("response");
+    let status = response.status().as_u16();
+    let session = response
+        .headers()
+        .get("mcp-session-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+        .unwrap_or_default();
+    Reply {
+        status,
+        session,
+        body,
+    }
+}
+
+async fn call(port: u16, session: &str, authorization: Option<&str>, id: u64, a: i64) -> Reply {
+    let request = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": "add", "arguments": {"a": a, "b": 1}}});
+    post(port, "/mcp", Some(session), authorization, "POST", request).await
+}
+
+fn result_text(reply: &Reply) -> String {
+    reply.message()["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_session_survives_upstream_restarts_and_stays_bound_to_its_credential() {
+    let (upstream_port, proxy_port, admin_port) = (free_port(), free_port(), free_port());
+    let mut upstream = mcp_server(upstream_port);
+    let _proxy = proxy(proxy_port, upstream_port, admin_port);
+    wait_listening(upstream_port).await;
+    wait_listening(proxy_port).await;
+    let alice = Some("Bearer alice-token-0123456789");
+
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18",
+        "capabilities": {}, "clientInfo": {"name": "raw-test-client", "version": "1.0"}}});
+    let reply = post(proxy_port, "/mcp", None, alice, "POST", init).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let session = reply.session.clone().expect("the proxy's session id");
+    assert_eq!(session.len(), 32, "128 random bits, hex");
+    assert_eq!(
+        reply.message()["result"]["serverInfo"]["name"],
+        "proxy-test-server"
+    );
+    let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    assert_eq!(
+        post(
+            proxy_port,
+            "/mcp",
+            Some(&session),
+            alice,
+            "POST",
+            initialized
+        )
+        .await
+        .status,
+        202
+    );
+    let first = call(proxy_port, &session, alice, 2, 41).await;
+    assert_eq!(result_text(&first), "42", "{}", first.body);
+
+    // The server restarts twice; the client's session id goes on working.
+    for (round, a) in [(1, 100), (2, 200)] {
+        upstream.terminate();
+        upstream = mcp_server(upstream_port);
+        // No wait for the server: the proxy holds the request until it listens again.
+        let reply = call(proxy_port, &session, alice, 10 + round, a).await;
+        assert_eq!(reply.status, 200, "after restart {round}: {}", reply.body);
+        assert_eq!(
+            result_text(&reply),
+            (a + 1).to_string(),
+            "after restart {round}: {}",
+            reply.body
+        );
+        assert_eq!(
+            reply.session.as_deref(),
+            Some(session.as_str()),
+            "the client keeps its id"
+        );
+    }
+
+    // Another credential, an unknown id, a hostile id: all answered as unknown sessions.
+    let mallory = call(proxy_port, &session, Some("Bearer mallory"), 20, 1).await;
+    assert_eq!(mallory.status, 404, "{}", mallory.body);
+    assert_eq!(
+        call(proxy_port, &session, None, 21, 1).await.status,
+        404,
+        "no credential is not alice's"
+    );
+    assert_eq!(
+        call(proxy_port, "0123456789abcdef0123456789abcdef", alice, 22, 1)
+            .await
+            .status,
+        404
+    );
+    assert_eq!(call(proxy_port, "bad id*", alice, 23, 1).await.status, 404);
+    assert_eq!(
+        call(proxy_port, &session, alice, 24, 1).await.status,
+        200,
+        "alice still can"
+    );
+
+    // The admin port: what happened, in metrics.
+    let metrics = admin_get(admin_port, "/metrics").await;
+    assert!(
+        metrics.contains(r#"mcp_session_rehydrations_total{outcome="replayed"} 2"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"mcp_proxy_refused_sessions_total{outcome="other_credential"} 2"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("mcp_proxy_held_requests_total"),
+        "{metrics}"
+    );
+    assert!(admin_get(admin_port, "/sessions").await.contains(&session));
+
+    // DELETE ends the session everywhere.
+    assert_eq!(
+        post(
+            proxy_port,
+            "/mcp",
+            Some(&session),
+            alice,
+            "DELETE",
+            Value::Null
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(call(proxy_port, &session, alice, 30, 1).await.status, 404);
+}
+
+async fn admin_get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("admin");
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.expect("read");
+    text
+}
