@@ -23,14 +23,15 @@ impl StorePool {
         ttl: Duration,
     ) -> Result<RedisStore> {
         let key = (url.to_owned(), cluster);
-        let mut connections = self.connections.lock().await;
-        if let Some(base) = connections.get(&key) {
+        if let Some(base) = self.connections.lock().await.get(&key) {
             return base.with_prefix(prefix, ttl);
         }
+        // Connect without the lock: an unreachable Redis must not stall policies on other ones.
         let target = RedisTarget::parse(url)?.cluster(cluster);
         let base = RedisStore::connect(target, prefix, ttl).await?;
         let store = base.with_prefix(prefix, ttl)?;
-        connections.insert(key, base);
+        // A concurrent reconcile may have connected too; either connection serves.
+        self.connections.lock().await.entry(key).or_insert(base);
         Ok(store)
     }
 }

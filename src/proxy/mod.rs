@@ -40,8 +40,9 @@ use self::protocol::{PROTOCOL_VERSION_HEADER, SESSION_HEADER};
 use self::upstream::{Upstream, UpstreamError};
 use crate::store::{Claim, ClaimOutcome, DebouncedToucher, NewSession, SessionId, SessionStore};
 
-/// JSON-RPC error code for "the server could not be reached" (implementation-defined range).
-const UPSTREAM_UNAVAILABLE: i64 = -32001;
+/// JSON-RPC error codes (the implementation-defined server range): the MCP server could not be
+/// reached, and the session is unknown (as the TypeScript SDK answers).
+const UPSTREAM_UNAVAILABLE: i64 = -32000;
 const SESSION_NOT_FOUND: i64 = -32001;
 
 #[derive(Debug, Clone)]
