@@ -53,6 +53,11 @@ fn mcp_server(port: u16) -> Process {
 }
 
 fn proxy(port: u16, upstream: u16, admin: u16) -> Process {
+    proxy_with(port, upstream, admin, "proxy-0", None)
+}
+
+/// A proxy as a pod would run it; with `redis`, sessions are shared through it.
+fn proxy_with(port: u16, upstream: u16, admin: u16, pod: &str, redis: Option<&str>) -> Process {
     let mut command = Command::new(env!("CARGO_BIN_EXE_mcp-session-operator"));
     command
         .args([
@@ -68,11 +73,15 @@ fn proxy(port: u16, upstream: u16, admin: u16) -> Process {
             "--hold-seconds",
             "20",
             "--pod-name",
-            "proxy-0",
+            pod,
         ])
         .env_remove("MCP_SESSION_REDIS_URL")
+        .env("MCP_SESSION_FINGERPRINT_KEY", "test-deployment-key")
         .stdout(Stdio::null())
         .stderr(Stdio::null());
+    if let Some(url) = redis {
+        command.args(["--redis-url", url]);
+    }
     Process(
         die_with_parent(&mut command)
             .spawn()
@@ -299,4 +308,90 @@ async fn admin_get(port: u16, path: &str) -> String {
     let mut text = String::new();
     stream.read_to_string(&mut text).await.expect("read");
     text
+}
+
+/// Two pods, each an MCP server behind its own proxy, sharing Redis. The first pod drains (its
+/// preStop calls /drain); the client's next request reaches the second pod, whose proxy claims
+/// the session and replays the handshake to its own server.
+#[tokio::test]
+async fn a_drained_pods_session_is_claimed_and_replayed_by_another_pod() {
+    let redis = support::redis::RedisServer::start();
+    let (server_a, server_b) = (free_port(), free_port());
+    let (proxy_a, proxy_b, admin_a, admin_b) = (free_port(), free_port(), free_port(), free_port());
+    let _upstream_a = mcp_server(server_a);
+    let _upstream_b = mcp_server(server_b);
+    let _pod_a = proxy_with(proxy_a, server_a, admin_a, "pod-a", Some(&redis.url()));
+    let _pod_b = proxy_with(proxy_b, server_b, admin_b, "pod-b", Some(&redis.url()));
+    for port in [server_a, server_b, proxy_a, proxy_b] {
+        wait_listening(port).await;
+    }
+    let token = Some("Bearer shared-client-token");
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18",
+        "capabilities": {}, "clientInfo": {"name": "raw-test-client", "version": "1.0"}}});
+    let session = post(proxy_a, "/mcp", None, token, "POST", init)
+        .await
+        .session
+        .expect("session id");
+    let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    post(proxy_a, "/mcp", Some(&session), token, "POST", initialized).await;
+    assert_eq!(
+        result_text(&call(proxy_a, &session, token, 2, 1).await),
+        "2"
+    );
+
+    let store = mcp_session_operator::store::RedisStore::connect(
+        mcp_session_operator::store::RedisTarget::parse(&redis.url()).unwrap(),
+        "mcp:session:",
+        Duration::from_secs(3600),
+    )
+    .await
+    .unwrap();
+    use mcp_session_operator::store::SessionStore as _;
+    let id = mcp_session_operator::store::SessionId::parse(&session).unwrap();
+    let stored = store.get(&id).await.unwrap().expect("in Redis");
+    assert_eq!(stored.record.owner_pod.as_deref(), Some("pod-a"));
+    assert!(stored.record.credential_fingerprint.is_some());
+    assert!(
+        !serde_json::to_string(&stored.record)
+            .unwrap()
+            .contains("shared-client-token"),
+        "no credential stored"
+    );
+
+    // pod-a drains: readiness fails, its sessions are handed to whoever gets the next request.
+    assert_eq!(
+        admin_get(admin_a, "/drain").await.lines().last(),
+        Some("drained 1 sessions")
+    );
+    assert!(
+        admin_get(admin_a, "/readyz")
+            .await
+            .starts_with("HTTP/1.0 503")
+    );
+    let drained = store.get(&id).await.unwrap().unwrap();
+    assert_eq!(
+        drained.record.state(),
+        mcp_session_operator::store::SessionState::Draining
+    );
+    assert_eq!(drained.record.owner_pod, None);
+
+    // The Service now sends the client to pod-b.
+    let reply = call(proxy_b, &session, token, 3, 41).await;
+    assert_eq!(result_text(&reply), "42", "{}", reply.body);
+    assert_eq!(reply.session.as_deref(), Some(session.as_str()));
+    let claimed = store.get(&id).await.unwrap().unwrap();
+    assert_eq!(claimed.record.owner_pod.as_deref(), Some("pod-b"));
+    assert_eq!(claimed.record.rehydrations, 1);
+    let metrics = admin_get(admin_b, "/metrics").await;
+    assert!(
+        metrics.contains(r#"mcp_proxy_claims_total{outcome="claimed"} 1"#),
+        "{metrics}"
+    );
+    // Another client's credential gets nothing from pod-b either.
+    assert_eq!(
+        call(proxy_b, &session, Some("Bearer other"), 4, 1)
+            .await
+            .status,
+        404
+    );
 }
