@@ -395,3 +395,105 @@ async fn a_drained_pods_session_is_claimed_and_replayed_by_another_pod() {
         404
     );
 }
+
+/// What the SDK client script reported.
+struct ClientRun {
+    calls: u64,
+    errors: Vec<String>,
+    session_ids: Vec<String>,
+}
+
+/// Runs the Python SDK client against `url` for `seconds`, calling every 0.2 s, and restarts
+/// the MCP server (SIGTERM, then start again) right after calls 10 and 20: between two calls,
+/// as a developer restarts a server, so no call is in flight when it goes down.
+async fn client_through_restarts(
+    url: &str,
+    upstream: &mut Process,
+    upstream_port: u16,
+) -> ClientRun {
+    use tokio::io::AsyncBufReadExt as _;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/client.py");
+    let mut child = tokio::process::Command::new(python())
+        .args([script, url, "9", "0.2", "Bearer client-token"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the SDK client");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut summary = None;
+    while let Some(line) = lines.next_line().await.expect("client output") {
+        if line == "ok 10" || line == "ok 20" {
+            upstream.terminate();
+            *upstream = mcp_server(upstream_port);
+        }
+        if line.starts_with('{') {
+            summary = Some(line);
+        }
+    }
+    let summary: Value =
+        serde_json::from_str(&summary.expect("a summary line")).expect("JSON summary");
+    let strings = |key: &str| {
+        summary[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    ClientRun {
+        calls: summary["calls"].as_u64().unwrap(),
+        errors: strings("errors"),
+        session_ids: strings("session_ids"),
+    }
+}
+
+/// The Python SDK client across two restarts of the Python SDK server: through the proxy it sees
+/// no error and keeps one session; talking to the server directly, it does not.
+#[tokio::test]
+async fn an_sdk_client_sees_no_restart_through_the_proxy_and_does_without_it() {
+    let (upstream_port, proxy_port, admin_port) = (free_port(), free_port(), free_port());
+    let mut upstream = mcp_server(upstream_port);
+    let _proxy = proxy(proxy_port, upstream_port, admin_port);
+    wait_listening(upstream_port).await;
+    wait_listening(proxy_port).await;
+
+    let through = client_through_restarts(
+        &format!("http://127.0.0.1:{proxy_port}/mcp"),
+        &mut upstream,
+        upstream_port,
+    )
+    .await;
+    assert!(through.calls >= 25, "{} calls", through.calls);
+    assert_eq!(through.errors, Vec::<String>::new(), "through the proxy");
+    assert_eq!(
+        through.session_ids.len(),
+        1,
+        "one session id throughout: {:?}",
+        through.session_ids
+    );
+    let metrics = admin_get(admin_port, "/metrics").await;
+    assert!(
+        metrics.contains("mcp_session_rehydrations_total{outcome=\"replayed\"}"),
+        "{metrics}"
+    );
+
+    wait_listening(upstream_port).await;
+    let direct = client_through_restarts(
+        &format!("http://127.0.0.1:{upstream_port}/mcp"),
+        &mut upstream,
+        upstream_port,
+    )
+    .await;
+    eprintln!(
+        "without the proxy: {} calls, {} errors, {} session ids",
+        direct.calls,
+        direct.errors.len(),
+        direct.session_ids.len()
+    );
+    assert!(
+        !direct.errors.is_empty() || direct.session_ids.len() > 1,
+        "without the proxy the restarts show: {:?}",
+        direct.errors
+    );
+}

@@ -1,7 +1,9 @@
-"""A real MCP client (the `mcp` SDK's Client, handshake mode) that calls a tool every 50 ms and
-reports what it saw as JSON on stdout.
+"""A real MCP client (the `mcp` SDK's Client, handshake mode) that calls a tool repeatedly and
+reports what it saw: a line per call (`ok N` or `error ...`), then a JSON summary.
 
-    python client.py URL SECONDS [AUTHORIZATION]
+    python client.py URL SECONDS [INTERVAL_SECONDS] [AUTHORIZATION]
+
+The per-call lines let a test restart the server between two calls.
 """
 
 import asyncio
@@ -16,7 +18,8 @@ from mcp.client.streamable_http import streamable_http_client
 
 async def main() -> None:
     url, seconds = sys.argv[1], float(sys.argv[2])
-    headers = {"Authorization": sys.argv[3]} if len(sys.argv) > 3 else {}
+    interval = float(sys.argv[3]) if len(sys.argv) > 3 else 0.05
+    headers = {"Authorization": sys.argv[4]} if len(sys.argv) > 4 else {}
     calls, errors, session_ids = 0, [], set()
 
     async def record_session(response: httpx2.Response) -> None:
@@ -28,16 +31,20 @@ async def main() -> None:
         async with Client(streamable_http_client(url, http_client=http), mode="legacy") as client:
             deadline = time.monotonic() + seconds
             while time.monotonic() < deadline:
+                failure = None
                 try:
                     result = await client.call_tool("add", {"a": calls, "b": 1})
                     if result.is_error:
-                        errors.append(f"tool error: {result.content}")
+                        failure = f"tool error: {result.content}"
                     elif str(calls + 1) not in json.dumps(result.model_dump(mode="json")):
-                        errors.append(f"wrong result: {result}")
+                        failure = f"wrong result: {result}"
                 except Exception as error:  # noqa: BLE001 - every failure is what the test counts
-                    errors.append(f"{type(error).__name__}: {error}")
+                    failure = f"{type(error).__name__}: {error}"
                 calls += 1
-                await asyncio.sleep(0.05)
+                if failure:
+                    errors.append(failure)
+                print(f"error {failure}" if failure else f"ok {calls}", flush=True)
+                await asyncio.sleep(interval)
     except Exception as error:  # noqa: BLE001
         errors.append(f"client crashed: {type(error).__name__}: {error}")
     print(json.dumps({"calls": calls, "errors": errors, "session_ids": sorted(session_ids)}))
