@@ -7,6 +7,10 @@ cd "$(dirname "$0")/.."
 
 apt_install redis-server redis-tools python3-venv ca-certificates
 MCP_TEST_PYTHON="$(python_venv tests/requirements.txt)"
+# The TypeScript SDK peers, installed beside their scripts (node resolves imports from there).
+command -v node >/dev/null && command -v npm >/dev/null || apt_install nodejs npm
+log "npm ci (tests/mcp/ts: @modelcontextprotocol/sdk)"
+npm ci --prefix tests/mcp/ts --no-audit --no-fund --loglevel=error >/dev/null || die "npm ci in tests/mcp/ts failed"
 # The Kubernetes 1.20 control plane, built once per machine from Debian's source (cached).
 MCP_TEST_KUBE_BIN="$(bash tests/cluster/build.sh)"
 export MCP_TEST_PYTHON MCP_TEST_KUBE_BIN

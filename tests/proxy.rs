@@ -37,19 +37,57 @@ impl Process {
     }
 }
 
+/// The MCP SDKs whose real servers and clients the tests run.
+#[derive(Debug, Clone, Copy)]
+enum Sdk {
+    /// The `mcp` package from PyPI.
+    Python,
+    /// `@modelcontextprotocol/sdk` from npm, under node, beside its node_modules.
+    TypeScript,
+}
+
+impl Sdk {
+    fn command(self, script: &str) -> Command {
+        match self {
+            Self::Python => {
+                let mut command = Command::new(python());
+                command.arg(format!(
+                    "{}/tests/mcp/{script}.py",
+                    env!("CARGO_MANIFEST_DIR")
+                ));
+                command
+            }
+            Self::TypeScript => {
+                let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/ts");
+                assert!(
+                    std::path::Path::new(dir)
+                        .join("node_modules/@modelcontextprotocol/sdk")
+                        .is_dir(),
+                    "the TypeScript SDK is missing: scripts/test.sh runs `npm ci` in tests/mcp/ts"
+                );
+                let mut command = Command::new("node");
+                command.arg(format!("{dir}/{script}.mjs"));
+                command
+            }
+        }
+    }
+
+    fn server(self, port: u16) -> Process {
+        let mut command = self.command("server");
+        command
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        Process(
+            die_with_parent(&mut command)
+                .spawn()
+                .unwrap_or_else(|e| panic!("start the {self:?} MCP server: {e}")),
+        )
+    }
+}
+
 fn mcp_server(port: u16) -> Process {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/server.py");
-    let mut command = Command::new(python());
-    command
-        .arg(script)
-        .arg(port.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    Process(
-        die_with_parent(&mut command)
-            .spawn()
-            .expect("start the MCP server (is the mcp SDK installed? scripts/test.sh does)"),
-    )
+    Sdk::Python.server(port)
 }
 
 fn proxy(port: u16, upstream: u16, admin: u16) -> Process {
@@ -407,14 +445,14 @@ struct ClientRun {
 /// the MCP server (SIGTERM, then start again) right after calls 10 and 20: between two calls,
 /// as a developer restarts a server, so no call is in flight when it goes down.
 async fn client_through_restarts(
+    sdk: Sdk,
     url: &str,
     upstream: &mut Process,
     upstream_port: u16,
 ) -> ClientRun {
     use tokio::io::AsyncBufReadExt as _;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/client.py");
-    let mut child = tokio::process::Command::new(python())
-        .args([script, url, "9", "0.2", "Bearer client-token"])
+    let mut child = tokio::process::Command::from(sdk.command("client"))
+        .args([url, "9", "0.2", "Bearer client-token"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true)
@@ -425,7 +463,7 @@ async fn client_through_restarts(
     while let Some(line) = lines.next_line().await.expect("client output") {
         if line == "ok 10" || line == "ok 20" {
             upstream.terminate();
-            *upstream = mcp_server(upstream_port);
+            *upstream = sdk.server(upstream_port);
         }
         if line.starts_with('{') {
             summary = Some(line);
@@ -448,28 +486,27 @@ async fn client_through_restarts(
     }
 }
 
-/// The Python SDK client across two restarts of the Python SDK server: through the proxy it sees
-/// no error and keeps one session; talking to the server directly, it does not.
-#[tokio::test]
-async fn an_sdk_client_sees_no_restart_through_the_proxy_and_does_without_it() {
+/// An SDK's client across two restarts of the same SDK's server: through the proxy it sees no
+/// error and keeps one session; talking to the server directly, it does not.
+async fn sdk_client_through_restarts(sdk: Sdk) {
     let (upstream_port, proxy_port, admin_port) = (free_port(), free_port(), free_port());
-    let mut upstream = mcp_server(upstream_port);
+    let mut upstream = sdk.server(upstream_port);
     let _proxy = proxy(proxy_port, upstream_port, admin_port);
     wait_listening(upstream_port).await;
     wait_listening(proxy_port).await;
 
-    let through = client_through_restarts(
-        &format!("http://127.0.0.1:{proxy_port}/mcp"),
-        &mut upstream,
-        upstream_port,
-    )
-    .await;
-    assert!(through.calls >= 25, "{} calls", through.calls);
-    assert_eq!(through.errors, Vec::<String>::new(), "through the proxy");
+    let url = format!("http://127.0.0.1:{proxy_port}/mcp");
+    let through = client_through_restarts(sdk, &url, &mut upstream, upstream_port).await;
+    assert!(through.calls >= 25, "{sdk:?}: {} calls", through.calls);
+    assert_eq!(
+        through.errors,
+        Vec::<String>::new(),
+        "{sdk:?} through the proxy"
+    );
     assert_eq!(
         through.session_ids.len(),
         1,
-        "one session id throughout: {:?}",
+        "{sdk:?}: one session id throughout: {:?}",
         through.session_ids
     );
     let metrics = admin_get(admin_port, "/metrics").await;
@@ -479,21 +516,27 @@ async fn an_sdk_client_sees_no_restart_through_the_proxy_and_does_without_it() {
     );
 
     wait_listening(upstream_port).await;
-    let direct = client_through_restarts(
-        &format!("http://127.0.0.1:{upstream_port}/mcp"),
-        &mut upstream,
-        upstream_port,
-    )
-    .await;
+    let url = format!("http://127.0.0.1:{upstream_port}/mcp");
+    let direct = client_through_restarts(sdk, &url, &mut upstream, upstream_port).await;
     eprintln!(
-        "without the proxy: {} calls, {} errors, {} session ids",
+        "{sdk:?} without the proxy: {} calls, {} errors, {} session ids",
         direct.calls,
         direct.errors.len(),
         direct.session_ids.len()
     );
     assert!(
         !direct.errors.is_empty() || direct.session_ids.len() > 1,
-        "without the proxy the restarts show: {:?}",
+        "{sdk:?} without the proxy: {:?}",
         direct.errors
     );
+}
+
+#[tokio::test]
+async fn the_python_sdk_client_sees_no_restart_through_the_proxy_and_does_without_it() {
+    sdk_client_through_restarts(Sdk::Python).await;
+}
+
+#[tokio::test]
+async fn the_typescript_sdk_client_sees_no_restart_through_the_proxy_and_does_without_it() {
+    sdk_client_through_restarts(Sdk::TypeScript).await;
 }
