@@ -1,41 +1,76 @@
 #!/usr/bin/env bash
-# The main job, for now: a throwaway redis-server holding sessions as the seed's Python backend
-# writes them, inspected and managed with `mcp-session-operator sessions`. Needs no cluster.
+# The main job: an MCP server restarted twice while a real MCP client calls a tool, once talking
+# to the server directly and once through mcp-session-operator's proxy (embedded store: no
+# cluster, no Redis). Prints what the client saw each time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
-apt_install redis-server redis-tools
+apt_install python3-venv ca-certificates
+PYTHON="$(python_venv tests/requirements.txt)"
 log "building mcp-session-operator"
 cargo build --locked --quiet
 bin="$PWD/target/debug/mcp-session-operator"
 
-workdir="$(mktemp -d)"
-port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-redis-server --port "$port" --bind 127.0.0.1 --save "" --dir "$workdir" --daemonize yes \
-  --pidfile "$workdir/redis.pid" --logfile "$workdir/redis.log" \
-  --maxmemory 100mb --maxmemory-policy volatile-lru
-cleanup() { redis-cli -p "$port" shutdown nosave >/dev/null 2>&1 || true; rm -rf "$workdir"; }
+free_port() { "$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+server_port="$(free_port)"; proxy_port="$(free_port)"; admin_port="$(free_port)"
+work="$(mktemp -d)"
+pids=()
+cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
-export MCP_SESSION_REDIS_URL="redis://127.0.0.1:$port/0"
 
-log "a throwaway Redis on $MCP_SESSION_REDIS_URL, with sessions as the seed's backend writes them"
-now="$(date -u +%Y-%m-%dT%H:%M:%S.000000)"
-record() { # id user [extra JSON fields]
-  printf '{"connection_id": "%s", "created_at": "%s", "last_activity_at": "%s", "metadata": {"user_id": "%s"}%s}' \
-    "$1" "$now" "$now" "$2" "${3:-}"
+start_server() {
+  "$PYTHON" tests/mcp/server.py "$server_port" >"$work/server.log" 2>&1 &
+  server_pid=$!
+  pids+=("$server_pid")
 }
-redis-cli -p "$port" SET "mcp:session:a1b2c3d4-e5f6-7890-abcd-ef1234567890" "$(record a1b2c3d4-e5f6-7890-abcd-ef1234567890 user-123)" EX 86400 >/dev/null
-redis-cli -p "$port" SET "mcp:session:test-session-123" "$(record test-session-123 user-456 ', "state": "active", "owner_pod": "intracker-backend-7d9f-abcde"')" EX 3600 >/dev/null
-redis-cli -p "$port" SET "mcp:session:draining-1" "$(record draining-1 user-789 ', "state": "draining"')" EX 600 >/dev/null
-redis-cli -p "$port" SET "mcp:session:corrupted" '{"connection_id": "corrupted", "created_at": ' >/dev/null
+restart_server() {
+  kill "$server_pid" 2>/dev/null || true
+  wait "$server_pid" 2>/dev/null || true
+  start_server
+}
+wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; die "nothing listens on port $1"; }
 
-run() { printf '\n\033[1m$ mcp-session-operator %s\033[0m\n' "$*"; "$bin" "$@"; }
-run sessions list
-run sessions list --state draining -o json
-run sessions get test-session-123
-run sessions stats
-run sessions delete draining-1
-run sessions list
-printf '\n\033[1m$ mcp-session-operator sessions get "bad id*"   # a hostile id is refused\033[0m\n'
-"$bin" sessions get "bad id*" || echo "(exit code $?)"
+# run LABEL URL: 9 s of calls every 0.2 s, the server restarted after calls 10 and 20.
+run() {
+  local label="$1" url="$2" line summary=""
+  printf '\n\033[1m%s\033[0m\n' "$label" >&2
+  while IFS= read -r line; do
+    case "$line" in
+      "ok 10" | "ok 20") printf '\r  %-60s\n' "after call ${line#ok }: restarting the MCP server" >&2; restart_server ;;
+      ok\ *) printf '\r  %s calls ok' "${line#ok }" >&2 ;;
+      error\ *) printf '\r  \033[31m%s\033[0m\n' "${line:0:100}" >&2 ;;
+      \{*) summary="$line" ;;
+    esac
+  done < <("$PYTHON" tests/mcp/client.py "$url" 9 0.2)
+  printf '\r%-70s\r' '' >&2
+  echo "$summary"
+}
+
+start_server; wait_port "$server_port"
+# Not in $(...): a subshell would restart servers the script then loses track of.
+run "1. The Python MCP SDK client talks to the server directly" "http://127.0.0.1:$server_port/mcp" >"$work/direct.json"
+
+"$bin" proxy --listen "127.0.0.1:$proxy_port" --upstream "http://127.0.0.1:$server_port" \
+  --admin-addr "127.0.0.1:$admin_port" >"$work/proxy.log" 2>&1 &
+pids+=("$!")
+wait_port "$server_port"; wait_port "$proxy_port"
+run "2. The same client through mcp-session-operator proxy" "http://127.0.0.1:$proxy_port/mcp" >"$work/proxied.json"
+
+metrics="$("$PYTHON" -c 'import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1]).read().decode())' "http://127.0.0.1:$admin_port/metrics")"
+"$PYTHON" - "$(cat "$work/direct.json")" "$(cat "$work/proxied.json")" "$metrics" <<'PY'
+import json, sys
+rows = [("directly", json.loads(sys.argv[1])), ("through the proxy", json.loads(sys.argv[2]))]
+def metric(name):
+    return sum(float(line.split()[-1]) for line in sys.argv[3].splitlines() if line.startswith(name))
+print("\nMCP server restarted twice while the client called a tool every 200 ms:\n")
+print(f"  {'':<20}{'calls':>7}{'errors':>8}{'session ids':>13}{'slowest call':>14}")
+for label, run in rows:
+    print(f"  {label:<20}{run['calls']:>7}{len(run['errors']):>8}{len(run['session_ids']):>13}{run['slowest_call_seconds']:>12.2f} s")
+direct = rows[0][1]
+if direct["errors"]:
+    print(f"\n  without the proxy the client saw: {direct['errors'][0][:110]}")
+held, replays = metric("mcp_proxy_held_requests_total"), metric('mcp_session_rehydrations_total{outcome="replayed"}')
+print(f"\n  through the proxy: {held:.0f} requests held while the server was down, the session's")
+print(f"  handshake replayed {replays:.0f} times to the new server process; the client noticed nothing.")
+PY

@@ -20,7 +20,7 @@ async def main() -> None:
     url, seconds = sys.argv[1], float(sys.argv[2])
     interval = float(sys.argv[3]) if len(sys.argv) > 3 else 0.05
     headers = {"Authorization": sys.argv[4]} if len(sys.argv) > 4 else {}
-    calls, errors, session_ids = 0, [], set()
+    calls, errors, session_ids, slowest = 0, [], set(), 0.0
 
     async def record_session(response: httpx2.Response) -> None:
         if sid := response.headers.get("mcp-session-id"):
@@ -32,6 +32,7 @@ async def main() -> None:
             deadline = time.monotonic() + seconds
             while time.monotonic() < deadline:
                 failure = None
+                started = time.monotonic()
                 try:
                     result = await client.call_tool("add", {"a": calls, "b": 1})
                     if result.is_error:
@@ -40,6 +41,7 @@ async def main() -> None:
                         failure = f"wrong result: {result}"
                 except Exception as error:  # noqa: BLE001 - every failure is what the test counts
                     failure = f"{type(error).__name__}: {error}"
+                slowest = max(slowest, time.monotonic() - started)
                 calls += 1
                 if failure:
                     errors.append(failure)
@@ -47,7 +49,7 @@ async def main() -> None:
                 await asyncio.sleep(interval)
     except Exception as error:  # noqa: BLE001
         errors.append(f"client crashed: {type(error).__name__}: {error}")
-    print(json.dumps({"calls": calls, "errors": errors, "session_ids": sorted(session_ids)}))
+    print(json.dumps({"calls": calls, "errors": errors, "session_ids": sorted(session_ids), "slowest_call_seconds": round(slowest, 3)}))
 
 
 asyncio.run(main())
