@@ -114,6 +114,7 @@ fn proxy_with(port: u16, upstream: u16, admin: u16, pod: &str, redis: Option<&st
             pod,
         ])
         .env_remove("MCP_SESSION_REDIS_URL")
+        .args(["--touch-interval-seconds", "1"])
         .env("MCP_SESSION_FINGERPRINT_KEY", "test-deployment-key")
         .stdout(Stdio::null())
         .stderr(Stdio::null());
@@ -539,4 +540,79 @@ async fn the_python_sdk_client_sees_no_restart_through_the_proxy_and_does_withou
 #[tokio::test]
 async fn the_typescript_sdk_client_sees_no_restart_through_the_proxy_and_does_without_it() {
     sdk_client_through_restarts(Sdk::TypeScript).await;
+}
+
+/// Redis goes away and comes back empty (no persistence) mid-session: the client keeps working
+/// from the proxy's memory, and the proxy writes the session back once Redis answers again.
+#[tokio::test]
+async fn a_redis_restart_without_persistence_loses_nothing_a_live_proxy_knows() {
+    use mcp_session_operator::store::{RedisStore, RedisTarget, SessionId, SessionStore as _};
+    let mut redis = support::redis::RedisServer::start();
+    let (server, proxy_port, admin) = (free_port(), free_port(), free_port());
+    let _upstream = mcp_server(server);
+    let _proxy = proxy_with(proxy_port, server, admin, "pod-a", Some(&redis.url()));
+    wait_listening(server).await;
+    wait_listening(proxy_port).await;
+    let token = Some("Bearer token-r");
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18",
+        "capabilities": {}, "clientInfo": {"name": "raw-test-client", "version": "1.0"}}});
+    let session = post(proxy_port, "/mcp", None, token, "POST", init)
+        .await
+        .session
+        .expect("session id");
+    post(
+        proxy_port,
+        "/mcp",
+        Some(&session),
+        token,
+        "POST",
+        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+    )
+    .await;
+    let id = SessionId::parse(&session).unwrap();
+
+    for round in 1..=2_i64 {
+        redis.kill();
+        // Redis down: calls go on from the proxy's memory.
+        assert_eq!(
+            result_text(&call(proxy_port, &session, token, 10 * round as u64, round).await),
+            (round + 1).to_string()
+        );
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(
+            result_text(&call(proxy_port, &session, token, 10 * round as u64 + 1, round).await),
+            (round + 1).to_string()
+        );
+        redis.restart();
+        let store = RedisStore::connect(
+            RedisTarget::parse(&redis.url()).unwrap(),
+            "mcp:session:",
+            Duration::from_secs(3600),
+        )
+        .await
+        .unwrap();
+        assert!(
+            store.get(&id).await.unwrap().is_none(),
+            "Redis came back empty"
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(back) = store.get(&id).await.unwrap() {
+                assert_eq!(back.record.owner_pod.as_deref(), Some("pod-a"));
+                assert!(
+                    back.record.initialize_params.is_some(),
+                    "what a replay elsewhere needs"
+                );
+                assert!(back.record.credential_fingerprint.is_some());
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: the session never came back into Redis"
+            );
+            // Traffic or the retry loop writes it back.
+            call(proxy_port, &session, token, 99, 1).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
 }

@@ -38,7 +38,9 @@ use tracing::{debug, info, warn};
 pub use self::fingerprint::Fingerprinter;
 use self::protocol::{PROTOCOL_VERSION_HEADER, SESSION_HEADER};
 use self::upstream::{Upstream, UpstreamError};
-use crate::store::{Claim, ClaimOutcome, DebouncedToucher, NewSession, SessionId, SessionStore};
+use crate::store::{
+    Claim, ClaimOutcome, DebouncedToucher, NewSession, SessionId, SessionStore, Touched,
+};
 
 /// JSON-RPC error codes (the implementation-defined server range): the MCP server could not be
 /// reached, and the session is unknown (as the TypeScript SDK answers).
@@ -159,6 +161,8 @@ pub struct Proxy {
     upstream_ids: std::sync::RwLock<HashMap<SessionId, Mapped>>,
     /// One replay at a time per session; concurrent requests wait on it.
     replays: Mutex<HashMap<SessionId, Arc<Mutex<()>>>>,
+    /// Sessions the store does not have right now (it was down, or lost them).
+    unstored: std::sync::Mutex<std::collections::HashSet<SessionId>>,
     draining: AtomicBool,
     in_flight: AtomicUsize,
     drained: AtomicU64,
@@ -170,6 +174,9 @@ pub struct Proxy {
 struct Mapped {
     upstream_id: String,
     credential: Option<String>,
+    /// What the store holds of the session, to write it again if the store loses it (a Redis
+    /// restarted without persistence): a live proxy's sessions are never lost with it.
+    stored: NewSession,
 }
 
 /// Why a session id cannot be served.
@@ -193,6 +200,7 @@ impl Proxy {
             fingerprints,
             upstream_ids: Default::default(),
             replays: Default::default(),
+            unstored: Default::default(),
             draining: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             drained: AtomicU64::new(0),
@@ -208,16 +216,62 @@ impl Proxy {
             .cloned()
     }
 
-    fn remember(&self, id: &SessionId, upstream_id: String, credential: Option<String>) {
+    fn remember(&self, id: &SessionId, upstream_id: String, stored: NewSession) {
         let mut ids = self.upstream_ids.write().unwrap_or_else(|p| p.into_inner());
+        let credential = stored.credential_fingerprint.clone();
         ids.insert(
             id.clone(),
             Mapped {
                 upstream_id,
                 credential,
+                stored,
             },
         );
         self.metrics.sessions.set(ids.len() as i64);
+    }
+
+    fn mark_unstored(&self, id: &SessionId) {
+        self.unstored
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone());
+    }
+
+    /// Writes a session this proxy serves back into the store, which lost it or was down.
+    async fn restore(&self, id: &SessionId) {
+        let Some(mapped) = self.mapped(id) else {
+            return;
+        };
+        match self.store.create_or_rehydrate(id, mapped.stored).await {
+            Ok(_) => {
+                self.unstored
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(id);
+                info!(session = %id, "session written back to the store");
+            }
+            Err(error) => {
+                debug!(session = %id, %error, "the store is still unavailable");
+                self.mark_unstored(id);
+            }
+        }
+    }
+
+    /// Retries writing every session the store lacks; runs until the process ends.
+    async fn restore_unstored(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let ids: Vec<SessionId> = self
+                .unstored
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .cloned()
+                .collect();
+            for id in ids {
+                self.restore(&id).await;
+            }
+        }
     }
 
     fn forget(&self, id: &SessionId) {
@@ -332,12 +386,19 @@ impl Proxy {
                 if let Err(error) = self.store.delete(&id).await {
                     warn!(session = %id, %error, "cannot delete the session from the store");
                 }
-            } else if let Err(error) = self
-                .toucher
-                .touch(&id, self.config.pod_name.as_deref())
-                .await
-            {
-                debug!(session = %id, %error, "touch failed; the store may be down");
+            } else {
+                match self
+                    .toucher
+                    .touch(&id, self.config.pod_name.as_deref())
+                    .await
+                {
+                    Ok(Touched::Gone) => self.restore(&id).await,
+                    Ok(_) => {}
+                    Err(error) => {
+                        debug!(session = %id, %error, "touch failed; the store may be down");
+                        self.mark_unstored(&id);
+                    }
+                }
             }
             return response;
         }
@@ -389,12 +450,12 @@ impl Proxy {
                 .fingerprint(headers.get(header::AUTHORIZATION).map(|v| v.as_bytes())),
             ..Default::default()
         };
-        let credential = new.credential_fingerprint.clone();
+        self.remember(&id, upstream_id, new.clone());
         if let Err(error) = self.store.create_or_rehydrate(&id, new).await {
-            // Served from memory meanwhile; a replay elsewhere needs the store back.
+            // Served from memory meanwhile, and written as soon as the store is back.
             warn!(session = %id, %error, "cannot store the new session");
+            self.mark_unstored(&id);
         }
-        self.remember(&id, upstream_id, credential);
         info!(session = %id, "session created");
         convert(answer.response, Some(&id))
     }
@@ -524,11 +585,14 @@ impl Proxy {
             })
             .inc();
         info!(session = %id, "handshake replayed to the upstream");
-        self.remember(
-            id,
-            upstream_id.clone(),
-            record.credential_fingerprint.clone(),
-        );
+        let stored = NewSession {
+            owner_pod: self.config.pod_name.clone(),
+            metadata: record.metadata.clone(),
+            protocol_version: record.protocol_version.clone(),
+            initialize_params: record.initialize_params.clone(),
+            credential_fingerprint: record.credential_fingerprint.clone(),
+        };
+        self.remember(id, upstream_id.clone(), stored);
         Ok(upstream_id)
     }
 
@@ -681,6 +745,7 @@ pub async fn run(
         .route("/sessions", get(sessions))
         .with_state(proxy.clone());
     info!(%listen, upstream = %proxy.config.upstream, %admin, store = %proxy.store.describe(), "session proxy serving");
+    tokio::spawn(proxy.clone().restore_unstored());
     tokio::spawn(async move {
         if let Err(error) = axum::serve(admin_listener, admin_app).await {
             warn!(%error, "admin server failed");
