@@ -315,29 +315,23 @@ impl Proxy {
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_owned();
-        let message = protocol::message(&body);
+        // Parsed only where a decision needs it (is this `initialize`?) or an error names the id:
+        // the hot path forwards bytes.
         let session = parts.headers.get(&SESSION_HEADER).cloned();
         let Some(session) = session else {
             if parts.method == Method::POST
-                && let Some(params) = protocol::initialize_params(message.as_ref())
+                && let Some(params) = protocol::initialize_params(protocol::message(&body).as_ref())
             {
                 return self.initialize(&path, parts.headers, body, params).await;
             }
             // No session: a stateless exchange, passed through untouched.
             return self
-                .forward(
-                    &parts.method,
-                    &path,
-                    &parts.headers,
-                    body,
-                    None,
-                    message.as_ref(),
-                )
+                .forward(&parts.method, &path, &parts.headers, &body, None)
                 .await;
         };
         let id = match session.to_str().ok().map(SessionId::parse) {
             Some(Ok(id)) => id,
-            _ => return self.unknown(Unknown::Invalid, message.as_ref(), "invalid"),
+            _ => return self.unknown(Unknown::Invalid, &body, "invalid"),
         };
         let credential = self.fingerprints.fingerprint(
             parts
@@ -348,7 +342,7 @@ impl Proxy {
         for attempt in 0..2 {
             let upstream_id = match self.mapped(&id) {
                 Some(mapped) if mapped.credential != credential => {
-                    return self.unknown(Unknown::OtherCredential, message.as_ref(), id.as_str());
+                    return self.unknown(Unknown::OtherCredential, &body, id.as_str());
                 }
                 Some(mapped) => mapped.upstream_id,
                 None => match self
@@ -357,9 +351,9 @@ impl Proxy {
                 {
                     Ok(upstream_id) => upstream_id,
                     Err(Ok(unknown)) => {
-                        return self.unknown(unknown, message.as_ref(), id.as_str());
+                        return self.unknown(unknown, &body, id.as_str());
                     }
-                    Err(Err(error)) => return self.upstream_failure(error, message.as_ref()),
+                    Err(Err(error)) => return self.upstream_failure(error, &body),
                 },
             };
             let response = self
@@ -367,9 +361,8 @@ impl Proxy {
                     &parts.method,
                     &path,
                     &parts.headers,
-                    body.clone(),
+                    &body,
                     Some((&id, &upstream_id)),
-                    message.as_ref(),
                 )
                 .await;
             if response.status() == StatusCode::NOT_FOUND && attempt == 0 {
@@ -402,7 +395,7 @@ impl Proxy {
             }
             return response;
         }
-        self.unknown(Unknown::NotFound, message.as_ref(), id.as_str())
+        self.unknown(Unknown::NotFound, &body, id.as_str())
     }
 
     /// A new session: forward `initialize`, then give the client an id of our own.
@@ -421,11 +414,11 @@ impl Proxy {
         }
         let answer = match self
             .upstream
-            .send(&Method::POST, path, &headers, body)
+            .send(&Method::POST, path, &headers, body.clone())
             .await
         {
             Ok(answer) => answer,
-            Err(error) => return self.upstream_failure(error, None),
+            Err(error) => return self.upstream_failure(error, &body),
         };
         if answer.held {
             self.metrics.held.inc();
@@ -601,26 +594,29 @@ impl Proxy {
         method: &Method,
         path: &str,
         headers: &HeaderMap,
-        body: Bytes,
+        body: &Bytes,
         session: Option<(&SessionId, &str)>,
-        message: Option<&Value>,
     ) -> Response {
         let mut headers = headers.clone();
         if let Some((_, upstream_id)) = session {
             headers.insert(SESSION_HEADER, header_or_empty(upstream_id));
         }
-        match self.upstream.send(method, path, &headers, body).await {
+        match self
+            .upstream
+            .send(method, path, &headers, body.clone())
+            .await
+        {
             Ok(answer) => {
                 if answer.held {
                     self.metrics.held.inc();
                 }
                 convert(answer.response, session.map(|(id, _)| id))
             }
-            Err(error) => self.upstream_failure(error, message),
+            Err(error) => self.upstream_failure(error, body),
         }
     }
 
-    fn unknown(&self, why: Unknown, message: Option<&Value>, id: &str) -> Response {
+    fn unknown(&self, why: Unknown, request: &Bytes, id: &str) -> Response {
         let outcome = match why {
             Unknown::NotFound => "not_found",
             Unknown::OtherCredential => "other_credential",
@@ -636,16 +632,16 @@ impl Proxy {
         json_response(
             StatusCode::NOT_FOUND,
             protocol::error_body(
-                protocol::request_id(message),
+                protocol::request_id(protocol::message(request).as_ref()),
                 SESSION_NOT_FOUND,
                 "Session not found",
             ),
         )
     }
 
-    fn upstream_failure(&self, error: UpstreamError, message: Option<&Value>) -> Response {
+    fn upstream_failure(&self, error: UpstreamError, request: &Bytes) -> Response {
         warn!(%error, "upstream request failed");
-        let id = protocol::request_id(message);
+        let id = protocol::request_id(protocol::message(request).as_ref());
         let status = if id.is_some() {
             StatusCode::OK
         } else {
