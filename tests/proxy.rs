@@ -218,6 +218,34 @@ async fn call(port: u16, session: &str, authorization: Option<&str>, id: u64, a:
     post(port, "/mcp", Some(session), authorization, "POST", request).await
 }
 
+/// `initialize` and `notifications/initialized` through the proxy at `port`: the session id.
+async fn open_session(port: u16, authorization: Option<&str>) -> String {
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18",
+        "capabilities": {}, "clientInfo": {"name": "raw-test-client", "version": "1.0"}}});
+    let reply = post(port, "/mcp", None, authorization, "POST", init).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(
+        reply.message()["result"]["serverInfo"]["name"],
+        "proxy-test-server"
+    );
+    let session = reply.session.expect("the proxy's session id");
+    let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    assert_eq!(
+        post(
+            port,
+            "/mcp",
+            Some(&session),
+            authorization,
+            "POST",
+            initialized
+        )
+        .await
+        .status,
+        202
+    );
+    session
+}
+
 fn result_text(reply: &Reply) -> String {
     reply.message()["result"]["content"][0]["text"]
         .as_str()
@@ -234,30 +262,8 @@ async fn a_session_survives_upstream_restarts_and_stays_bound_to_its_credential(
     wait_listening(proxy_port).await;
     let alice = Some("Bearer alice-token-0123456789");
 
-    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18",
-        "capabilities": {}, "clientInfo": {"name": "raw-test-client", "version": "1.0"}}});
-    let reply = post(proxy_port, "/mcp", None, alice, "POST", init).await;
-    assert_eq!(reply.status, 200, "{}", reply.body);
-    let session = reply.session.clone().expect("the proxy's session id");
+    let session = open_session(proxy_port, alice).await;
     assert_eq!(session.len(), 32, "128 random bits, hex");
-    assert_eq!(
-        reply.message()["result"]["serverInfo"]["name"],
-        "proxy-test-server"
-    );
-    let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
-    assert_eq!(
-        post(
-            proxy_port,
-            "/mcp",
-            Some(&session),
-            alice,
-            "POST",
-            initialized
-        )
-        .await
-        .status,
-        202
-    );
     let first = call(proxy_port, &session, alice, 2, 41).await;
     assert_eq!(result_text(&first), "42", "{}", first.body);
 
@@ -365,14 +371,7 @@ async fn a_drained_pods_session_is_claimed_and_replayed_by_another_pod() {
         wait_listening(port).await;
     }
     let token = Some("Bearer shared-client-token");
-    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18",
-        "capabilities": {}, "clientInfo": {"name": "raw-test-client", "version": "1.0"}}});
-    let session = post(proxy_a, "/mcp", None, token, "POST", init)
-        .await
-        .session
-        .expect("session id");
-    let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
-    post(proxy_a, "/mcp", Some(&session), token, "POST", initialized).await;
+    let session = open_session(proxy_a, token).await;
     assert_eq!(
         result_text(&call(proxy_a, &session, token, 2, 1).await),
         "2"
@@ -554,21 +553,7 @@ async fn a_redis_restart_without_persistence_loses_nothing_a_live_proxy_knows() 
     wait_listening(server).await;
     wait_listening(proxy_port).await;
     let token = Some("Bearer token-r");
-    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18",
-        "capabilities": {}, "clientInfo": {"name": "raw-test-client", "version": "1.0"}}});
-    let session = post(proxy_port, "/mcp", None, token, "POST", init)
-        .await
-        .session
-        .expect("session id");
-    post(
-        proxy_port,
-        "/mcp",
-        Some(&session),
-        token,
-        "POST",
-        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
-    )
-    .await;
+    let session = open_session(proxy_port, token).await;
     let id = SessionId::parse(&session).unwrap();
 
     for round in 1..=2_i64 {
