@@ -271,7 +271,20 @@ async fn a_session_survives_upstream_restarts_and_stays_bound_to_its_credential(
     for (round, a) in [(1, 100), (2, 200)] {
         upstream.terminate();
         upstream = mcp_server(upstream_port);
-        // No wait for the server: the proxy holds the request until it listens again.
+        // No wait for the server: the proxy holds requests until it listens again. Eight
+        // concurrent requests of the session wait on one replay.
+        let replies = futures::future::join_all(
+            (0..8).map(|k| call(proxy_port, &session, alice, 100 * round + k, a)),
+        )
+        .await;
+        for reply in &replies {
+            assert_eq!(
+                result_text(reply),
+                (a + 1).to_string(),
+                "after restart {round}: {}",
+                reply.body
+            );
+        }
         let reply = call(proxy_port, &session, alice, 10 + round, a).await;
         assert_eq!(reply.status, 200, "after restart {round}: {}", reply.body);
         assert_eq!(

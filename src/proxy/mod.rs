@@ -368,10 +368,14 @@ impl Proxy {
             if response.status() == StatusCode::NOT_FOUND && attempt == 0 {
                 // The upstream lost the session (it restarted): replay once and retry.
                 debug!(session = %id, "upstream answered 404; replaying the handshake");
-                self.upstream_ids
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id);
+                // Only the mapping that failed: a concurrent request may have replayed already.
+                let mut ids = self.upstream_ids.write().unwrap_or_else(|p| p.into_inner());
+                if ids
+                    .get(&id)
+                    .is_some_and(|mapped| mapped.upstream_id == upstream_id)
+                {
+                    ids.remove(&id);
+                }
                 continue;
             }
             if parts.method == Method::DELETE && response.status().is_success() {
@@ -469,7 +473,30 @@ impl Proxy {
             .entry(id.clone())
             .or_default()
             .clone();
-        let _one_at_a_time = lock.lock().await;
+        let result = {
+            let _one_at_a_time = lock.lock().await;
+            self.replay_locked(id, path, headers, credential).await
+        };
+        // The lock only orders the requests that arrive during a replay: the last one out
+        // removes it, so the map does not keep an entry per session ever replayed.
+        let mut replays = self.replays.lock().await;
+        if replays
+            .get(id)
+            .is_some_and(|current| Arc::ptr_eq(current, &lock))
+            && Arc::strong_count(&lock) == 2
+        {
+            replays.remove(id);
+        }
+        result
+    }
+
+    async fn replay_locked(
+        &self,
+        id: &SessionId,
+        path: &str,
+        headers: &HeaderMap,
+        credential: Option<String>,
+    ) -> Result<String, Result<Unknown, UpstreamError>> {
         if let Some(mapped) = self.mapped(id) {
             return Ok(mapped.upstream_id); // Another request of this session replayed meanwhile.
         }
