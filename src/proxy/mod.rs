@@ -170,13 +170,56 @@ pub struct Proxy {
 }
 
 /// A session this proxy has an upstream session for.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Mapped {
     upstream_id: String,
     credential: Option<String>,
     /// What the store holds of the session, to write it again if the store loses it (a Redis
     /// restarted without persistence): a live proxy's sessions are never lost with it.
-    stored: NewSession,
+    stored: StoredCopy,
+}
+
+/// The stored handshake as compact JSON text: a parsed JSON tree takes several times the
+/// memory of its text, per session, for a copy that is read only if the store loses it.
+#[derive(Debug, Clone)]
+struct StoredCopy {
+    initialize_params: Option<Box<str>>,
+    protocol_version: Option<Box<str>>,
+    metadata: Option<Box<str>>,
+}
+
+impl StoredCopy {
+    fn of(session: &NewSession) -> Self {
+        let text = |value: &Value| {
+            serde_json::to_string(value)
+                .ok()
+                .map(String::into_boxed_str)
+        };
+        Self {
+            initialize_params: session.initialize_params.as_ref().and_then(text),
+            protocol_version: session.protocol_version.as_deref().map(Box::from),
+            metadata: (!session.metadata.is_empty())
+                .then(|| {
+                    serde_json::to_string(&session.metadata)
+                        .ok()
+                        .map(String::into_boxed_str)
+                })
+                .flatten(),
+        }
+    }
+
+    fn to_new_session(&self, owner_pod: Option<String>, credential: Option<String>) -> NewSession {
+        fn parse<T: serde::de::DeserializeOwned>(text: &Option<Box<str>>) -> Option<T> {
+            text.as_deref().and_then(|t| serde_json::from_str(t).ok())
+        }
+        NewSession {
+            owner_pod,
+            metadata: parse(&self.metadata).unwrap_or_default(),
+            protocol_version: self.protocol_version.as_deref().map(String::from),
+            initialize_params: parse(&self.initialize_params),
+            credential_fingerprint: credential,
+        }
+    }
 }
 
 /// Why a session id cannot be served.
@@ -208,12 +251,11 @@ impl Proxy {
         })
     }
 
-    fn mapped(&self, id: &SessionId) -> Option<Mapped> {
-        self.upstream_ids
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .cloned()
+    /// The upstream session id and the bound credential of a mapped session.
+    fn mapped(&self, id: &SessionId) -> Option<(String, Option<String>)> {
+        let ids = self.upstream_ids.read().unwrap_or_else(|p| p.into_inner());
+        ids.get(id)
+            .map(|m| (m.upstream_id.clone(), m.credential.clone()))
     }
 
     fn remember(&self, id: &SessionId, upstream_id: String, stored: NewSession) {
@@ -224,7 +266,7 @@ impl Proxy {
             Mapped {
                 upstream_id,
                 credential,
-                stored,
+                stored: StoredCopy::of(&stored),
             },
         );
         self.metrics.sessions.set(ids.len() as i64);
@@ -239,10 +281,14 @@ impl Proxy {
 
     /// Writes a session this proxy serves back into the store, which lost it or was down.
     async fn restore(&self, id: &SessionId) {
-        let Some(mapped) = self.mapped(id) else {
-            return;
+        let session = {
+            let ids = self.upstream_ids.read().unwrap_or_else(|p| p.into_inner());
+            let Some(mapped) = ids.get(id) else { return };
+            mapped
+                .stored
+                .to_new_session(self.config.pod_name.clone(), mapped.credential.clone())
         };
-        match self.store.create_or_rehydrate(id, mapped.stored).await {
+        match self.store.create_or_rehydrate(id, session).await {
             Ok(_) => {
                 self.unstored
                     .lock()
@@ -341,10 +387,10 @@ impl Proxy {
         );
         for attempt in 0..2 {
             let upstream_id = match self.mapped(&id) {
-                Some(mapped) if mapped.credential != credential => {
+                Some((_, bound)) if bound != credential => {
                     return self.unknown(Unknown::OtherCredential, &body, id.as_str());
                 }
-                Some(mapped) => mapped.upstream_id,
+                Some((upstream_id, _)) => upstream_id,
                 None => match self
                     .replay(&id, &path, &parts.headers, credential.clone())
                     .await
@@ -498,7 +544,7 @@ impl Proxy {
         credential: Option<String>,
     ) -> Result<String, Result<Unknown, UpstreamError>> {
         if let Some(mapped) = self.mapped(id) {
-            return Ok(mapped.upstream_id); // Another request of this session replayed meanwhile.
+            return Ok(mapped.0); // Another request of this session replayed meanwhile.
         }
         let session = match self.store.get(id).await {
             Ok(Some(session)) => session,
@@ -822,4 +868,34 @@ async fn sessions(State(proxy): State<Arc<Proxy>>) -> axum::Json<Value> {
     axum::Json(
         serde_json::json!({"pod": proxy.config.pod_name, "draining": proxy.draining.load(Ordering::SeqCst), "sessions": ids}),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_compact_copy_restores_what_was_stored() {
+        let session = NewSession {
+            owner_pod: Some("old".into()),
+            metadata: serde_json::json!({"user_id": "u-1"})
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+            protocol_version: Some("2025-06-18".into()),
+            initialize_params: Some(
+                serde_json::json!({"capabilities": {"roots": []}, "clientInfo": {"name": "c"}}),
+            ),
+            credential_fingerprint: Some("fp".into()),
+        };
+        let copy = StoredCopy::of(&session);
+        let restored = copy.to_new_session(Some("pod-b".into()), Some("fp".into()));
+        assert_eq!(restored.owner_pod.as_deref(), Some("pod-b"));
+        assert_eq!(restored.metadata, session.metadata);
+        assert_eq!(restored.protocol_version, session.protocol_version);
+        assert_eq!(restored.initialize_params, session.initialize_params);
+        assert_eq!(restored.credential_fingerprint.as_deref(), Some("fp"));
+        let empty = StoredCopy::of(&NewSession::default());
+        assert!(empty.metadata.is_none() && empty.initialize_params.is_none());
+    }
 }
