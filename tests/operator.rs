@@ -13,7 +13,7 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt as _};
 use mcp_session_operator::api::{McpSessionPolicy, McpSessionPolicyStatus};
-use mcp_session_operator::store::{NewSession, RedisStore, RedisTarget, SessionId, SessionStore};
+use mcp_session_operator::store::{NewSession, RedisStore, SessionId, SessionStore};
 use serde_json::json;
 use support::control_plane::{control_plane, wait_for};
 use support::kubelet::{KubeletStandIn, NoProcesses};
@@ -79,13 +79,7 @@ fn condition<'a>(status: &'a McpSessionPolicyStatus, type_: &str) -> (&'a str, &
 }
 
 async fn store(redis: &RedisServer, prefix: &str) -> RedisStore {
-    RedisStore::connect(
-        RedisTarget::parse(&redis.url()).unwrap(),
-        prefix,
-        Duration::from_secs(3600),
-    )
-    .await
-    .unwrap()
+    redis.store(prefix, Duration::from_secs(3600)).await
 }
 
 async fn events(client: &Client, namespace: &str, reason: &str) -> usize {

@@ -390,13 +390,7 @@ async fn a_drained_pods_session_is_claimed_and_replayed_by_another_pod() {
         "2"
     );
 
-    let store = mcp_session_operator::store::RedisStore::connect(
-        mcp_session_operator::store::RedisTarget::parse(&redis.url()).unwrap(),
-        "mcp:session:",
-        Duration::from_secs(3600),
-    )
-    .await
-    .unwrap();
+    let store = redis.store("mcp:session:", Duration::from_secs(3600)).await;
     use mcp_session_operator::store::SessionStore as _;
     let id = mcp_session_operator::store::SessionId::parse(&session).unwrap();
     let stored = store.get(&id).await.unwrap().expect("in Redis");
@@ -558,7 +552,7 @@ async fn the_typescript_sdk_client_sees_no_restart_through_the_proxy_and_does_wi
 /// from the proxy's memory, and the proxy writes the session back once Redis answers again.
 #[tokio::test]
 async fn a_redis_restart_without_persistence_loses_nothing_a_live_proxy_knows() {
-    use mcp_session_operator::store::{RedisStore, RedisTarget, SessionId, SessionStore as _};
+    use mcp_session_operator::store::{SessionId, SessionStore as _};
     let mut redis = support::redis::RedisServer::start();
     let (server, proxy_port, admin) = (free_port(), free_port(), free_port());
     let _upstream = mcp_server(server);
@@ -582,13 +576,7 @@ async fn a_redis_restart_without_persistence_loses_nothing_a_live_proxy_knows() 
             (round + 1).to_string()
         );
         redis.restart();
-        let store = RedisStore::connect(
-            RedisTarget::parse(&redis.url()).unwrap(),
-            "mcp:session:",
-            Duration::from_secs(3600),
-        )
-        .await
-        .unwrap();
+        let store = redis.store("mcp:session:", Duration::from_secs(3600)).await;
         assert!(
             store.get(&id).await.unwrap().is_none(),
             "Redis came back empty"

@@ -20,13 +20,7 @@ fn id(raw: &str) -> SessionId {
 }
 
 async fn connect(redis: &RedisServer) -> RedisStore {
-    RedisStore::connect(
-        RedisTarget::parse(&redis.url()).unwrap(),
-        "mcp:session:",
-        TTL,
-    )
-    .await
-    .unwrap()
+    redis.store("mcp:session:", TTL).await
 }
 
 /// A record exactly as the seed's Python service writes it (`json.dumps`, naive timestamps).
@@ -277,13 +271,7 @@ async fn prune_removes_expired_and_dangling_entries_but_no_record() {
     assert!(store.get(&id("keep")).await.unwrap().is_some());
 
     // Expired entries: a 1 s TTL store writing into its own prefix.
-    let short = RedisStore::connect(
-        RedisTarget::parse(&redis.url()).unwrap(),
-        "short:",
-        Duration::from_millis(300),
-    )
-    .await
-    .unwrap();
+    let short = redis.store("short:", Duration::from_millis(300)).await;
     short
         .create_or_rehydrate(
             &id("x"),

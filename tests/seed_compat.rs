@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use mcp_session_operator::store::{
-    self, Claim, ClaimOutcome, NewSession, Origin, RedisStore, RedisTarget, SessionId, SessionStore,
+    self, Claim, ClaimOutcome, NewSession, Origin, SessionId, SessionStore,
 };
 use serde_json::{Value, json};
 use support::redis::RedisServer;
@@ -41,13 +41,9 @@ fn id(raw: &str) -> SessionId {
 #[tokio::test]
 async fn the_seed_service_reads_what_this_crate_writes() {
     let redis = RedisServer::start();
-    let store = RedisStore::connect(
-        RedisTarget::parse(&redis.url()).unwrap(),
-        "mcp:session:",
-        Duration::from_secs(86_400),
-    )
-    .await
-    .unwrap();
+    let store = redis
+        .store("mcp:session:", Duration::from_secs(86_400))
+        .await;
     let new = NewSession {
         owner_pod: Some("backend-0".into()),
         metadata: json!({"user_id": "user-7"}).as_object().cloned().unwrap(),
@@ -116,13 +112,9 @@ async fn this_crate_reads_what_the_seed_service_writes() {
     let generated = seed_service(&redis, &["create", "", "dave", "k"]);
     let uuid = generated["connection_id"].as_str().unwrap().to_owned();
 
-    let store = RedisStore::connect(
-        RedisTarget::parse(&redis.url()).unwrap(),
-        "mcp:session:",
-        Duration::from_secs(86_400),
-    )
-    .await
-    .unwrap();
+    let store = redis
+        .store("mcp:session:", Duration::from_secs(86_400))
+        .await;
     let report = store::scan_report(&store, 100, &|_| {}).await.unwrap();
     assert_eq!(report.counts.total, 4);
     assert!(report.unreadable.is_empty());

@@ -124,6 +124,19 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
+    /// A store on this server under `prefix`.
+    pub async fn store(
+        &self,
+        prefix: &str,
+        ttl: Duration,
+    ) -> mcp_session_operator::store::RedisStore {
+        let target =
+            mcp_session_operator::store::RedisTarget::parse(&self.url()).expect("test URL");
+        mcp_session_operator::store::RedisStore::connect(target, prefix, ttl)
+            .await
+            .expect("connect to the test redis-server")
+    }
+
     /// Runs `redis-cli` against the server; its stdout (errors included, as redis-cli prints).
     pub fn cli(&self, args: &[&str]) -> std::io::Result<String> {
         redis_cli(self.port, args)
