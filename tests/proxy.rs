@@ -27,6 +27,12 @@ impl Drop for Process {
 }
 
 impl Process {
+    /// SIGKILL, and wait for the exit.
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+
     /// SIGTERM, and wait for the exit.
     fn terminate(&mut self) {
         // SAFETY: signalling our own child.
@@ -91,11 +97,18 @@ fn mcp_server(port: u16) -> Process {
 }
 
 fn proxy(port: u16, upstream: u16, admin: u16) -> Process {
-    proxy_with(port, upstream, admin, "proxy-0", None)
+    proxy_with(port, upstream, admin, "proxy-0", None, &[])
 }
 
 /// A proxy as a pod would run it; with `redis`, sessions are shared through it.
-fn proxy_with(port: u16, upstream: u16, admin: u16, pod: &str, redis: Option<&str>) -> Process {
+fn proxy_with(
+    port: u16,
+    upstream: u16,
+    admin: u16,
+    pod: &str,
+    redis: Option<&str>,
+    extra: &[&str],
+) -> Process {
     let mut command = Command::new(env!("CARGO_BIN_EXE_mcp-session-operator"));
     command
         .args([
@@ -117,15 +130,25 @@ fn proxy_with(port: u16, upstream: u16, admin: u16, pod: &str, redis: Option<&st
         .args(["--touch-interval-seconds", "1"])
         .env("MCP_SESSION_FINGERPRINT_KEY", "test-deployment-key")
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stderr(proxy_log());
     if let Some(url) = redis {
         command.args(["--redis-url", url]);
     }
+    command.args(extra);
     Process(
         die_with_parent(&mut command)
             .spawn()
             .expect("start the proxy"),
     )
+}
+
+/// The proxies' logs go to the test's stderr with MCP_TEST_PROXY_LOG=1 (and `--nocapture`).
+fn proxy_log() -> Stdio {
+    if std::env::var_os("MCP_TEST_PROXY_LOG").is_some() {
+        Stdio::inherit()
+    } else {
+        Stdio::null()
+    }
 }
 
 async fn wait_listening(port: u16) {
@@ -378,8 +401,8 @@ async fn a_drained_pods_session_is_claimed_and_replayed_by_another_pod() {
     let (proxy_a, proxy_b, admin_a, admin_b) = (free_port(), free_port(), free_port(), free_port());
     let _upstream_a = mcp_server(server_a);
     let _upstream_b = mcp_server(server_b);
-    let _pod_a = proxy_with(proxy_a, server_a, admin_a, "pod-a", Some(&redis.url()));
-    let _pod_b = proxy_with(proxy_b, server_b, admin_b, "pod-b", Some(&redis.url()));
+    let _pod_a = proxy_with(proxy_a, server_a, admin_a, "pod-a", Some(&redis.url()), &[]);
+    let _pod_b = proxy_with(proxy_b, server_b, admin_b, "pod-b", Some(&redis.url()), &[]);
     for port in [server_a, server_b, proxy_a, proxy_b] {
         wait_listening(port).await;
     }
@@ -402,6 +425,44 @@ async fn a_drained_pods_session_is_claimed_and_replayed_by_another_pod() {
             .contains("shared-client-token"),
         "no credential stored"
     );
+
+    // A client asking for a version the server does not speak: the store keeps the version
+    // the server chose, which replays announce.
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2099-01-01",
+        "capabilities": {}, "clientInfo": {"name": "future-client", "version": "1"}}});
+    let reply = post(proxy_a, "/mcp", None, token, "POST", init).await;
+    let chosen = reply.message()["result"]["protocolVersion"]
+        .as_str()
+        .expect("the server's version")
+        .to_owned();
+    assert_ne!(chosen, "2099-01-01");
+    let future = mcp_session_operator::store::SessionId::parse(&reply.session.unwrap()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while store
+        .get(&future)
+        .await
+        .unwrap()
+        .unwrap()
+        .record
+        .protocol_version
+        .as_deref()
+        != Some(chosen.as_str())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the negotiated version is never stored"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    post(
+        proxy_a,
+        "/mcp",
+        Some(future.as_str()),
+        token,
+        "DELETE",
+        Value::Null,
+    )
+    .await;
 
     // pod-a drains: readiness fails, its sessions are handed to whoever gets the next request.
     assert_eq!(
@@ -448,34 +509,57 @@ struct ClientRun {
     session_ids: Vec<String>,
 }
 
-/// Runs the Python SDK client against `url` for `seconds`, calling every 0.2 s, and restarts
-/// the MCP server (SIGTERM, then start again) right after calls 10 and 20: between two calls,
-/// as a developer restarts a server, so no call is in flight when it goes down.
+/// Runs an SDK's client against `url` for `seconds`: it lists the tools, then calls `add` every
+/// 50 ms, each call taking 20 ms on the server. Meanwhile the server goes down at the given
+/// times after the start (SIGTERM the first time, SIGKILL the second: a call is in flight
+/// about a third of the time, and either way the server drops it) and is started again at
+/// once.
 async fn client_through_restarts(
     sdk: Sdk,
     url: &str,
+    seconds: u32,
     upstream: &mut Process,
     upstream_port: u16,
+    restarts_at: &[Duration],
 ) -> ClientRun {
     use tokio::io::AsyncBufReadExt as _;
     let mut child = tokio::process::Command::from(sdk.command("client"))
-        .args([url, "9", "0.2", "Bearer client-token"])
+        .args([url, &seconds.to_string(), "0.05", "Bearer client-token"])
+        .env("MCP_TEST_TOOL_DELAY", "0.02")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .expect("start the SDK client");
     let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let started = tokio::time::Instant::now();
+    let mut restarts = restarts_at.iter().enumerate().peekable();
     let mut summary = None;
-    while let Some(line) = lines.next_line().await.expect("client output") {
-        if line == "ok 10" || line == "ok 20" {
-            upstream.terminate();
-            *upstream = sdk.server(upstream_port);
-        }
+    loop {
+        let next_restart = restarts
+            .peek()
+            .map_or(started + Duration::from_secs(3600), |(_, at)| {
+                started + **at
+            });
+        let line = tokio::select! {
+            line = lines.next_line() => line.expect("client output"),
+            () = tokio::time::sleep_until(next_restart) => {
+                let (n, _) = restarts.next().expect("peeked");
+                if n % 2 == 0 {
+                    upstream.terminate();
+                } else {
+                    upstream.kill();
+                }
+                *upstream = sdk.server(upstream_port);
+                continue;
+            }
+        };
+        let Some(line) = line else { break };
         if line.starts_with('{') {
             summary = Some(line);
         }
     }
+    // A client that gave up (the Python one, without the proxy) ends before the last restart.
     let summary: Value =
         serde_json::from_str(&summary.expect("a summary line")).expect("JSON summary");
     let strings = |key: &str| {
@@ -493,18 +577,33 @@ async fn client_through_restarts(
     }
 }
 
-/// An SDK's client across two restarts of the same SDK's server: through the proxy it sees no
-/// error and keeps one session; talking to the server directly, it does not.
+/// The issue's scenario for an SDK's client and the same SDK's server: calls every 50 ms for
+/// 10 s while the server is stopped twice, mid-call. Through the proxy: no error, one session.
+/// Talking to the server directly: errors.
 async fn sdk_client_through_restarts(sdk: Sdk) {
     let (upstream_port, proxy_port, admin_port) = (free_port(), free_port(), free_port());
     let mut upstream = sdk.server(upstream_port);
     let _proxy = proxy(proxy_port, upstream_port, admin_port);
     wait_listening(upstream_port).await;
     wait_listening(proxy_port).await;
+    let restarts = [Duration::from_secs(3), Duration::from_millis(6500)];
 
     let url = format!("http://127.0.0.1:{proxy_port}/mcp");
-    let through = client_through_restarts(sdk, &url, &mut upstream, upstream_port).await;
-    assert!(through.calls >= 25, "{sdk:?}: {} calls", through.calls);
+    let through =
+        client_through_restarts(sdk, &url, 10, &mut upstream, upstream_port, &restarts).await;
+    let metrics = admin_get(admin_port, "/metrics").await;
+    eprintln!(
+        "{sdk:?} through the proxy: {} calls, {} errors; {}",
+        through.calls,
+        through.errors.len(),
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("mcp_proxy_unanswered")
+                || l.starts_with("mcp_session_rehydrations_total"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    assert!(through.calls >= 80, "{sdk:?}: {} calls", through.calls);
     assert_eq!(
         through.errors,
         Vec::<String>::new(),
@@ -516,15 +615,15 @@ async fn sdk_client_through_restarts(sdk: Sdk) {
         "{sdk:?}: one session id throughout: {:?}",
         through.session_ids
     );
-    let metrics = admin_get(admin_port, "/metrics").await;
     assert!(
-        metrics.contains("mcp_session_rehydrations_total{outcome=\"replayed\"}"),
+        metrics.contains("mcp_session_rehydrations_total{outcome=\"replayed\"} 2"),
         "{metrics}"
     );
 
     wait_listening(upstream_port).await;
     let url = format!("http://127.0.0.1:{upstream_port}/mcp");
-    let direct = client_through_restarts(sdk, &url, &mut upstream, upstream_port).await;
+    let direct =
+        client_through_restarts(sdk, &url, 10, &mut upstream, upstream_port, &restarts).await;
     eprintln!(
         "{sdk:?} without the proxy: {} calls, {} errors, {} session ids",
         direct.calls,
@@ -556,7 +655,7 @@ async fn a_redis_restart_without_persistence_loses_nothing_a_live_proxy_knows() 
     let mut redis = support::redis::RedisServer::start();
     let (server, proxy_port, admin) = (free_port(), free_port(), free_port());
     let _upstream = mcp_server(server);
-    let _proxy = proxy_with(proxy_port, server, admin, "pod-a", Some(&redis.url()));
+    let _proxy = proxy_with(proxy_port, server, admin, "pod-a", Some(&redis.url()), &[]);
     wait_listening(server).await;
     wait_listening(proxy_port).await;
     let token = Some("Bearer token-r");
@@ -601,4 +700,335 @@ async fn a_redis_restart_without_persistence_loses_nothing_a_live_proxy_knows() 
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     }
+}
+
+/// `tools/call` of `tool` with `arguments`.
+async fn call_tool(
+    port: u16,
+    session: &str,
+    authorization: Option<&str>,
+    id: u64,
+    tool: &str,
+    arguments: Value,
+) -> Reply {
+    let request = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": tool, "arguments": arguments}});
+    post(port, "/mcp", Some(session), authorization, "POST", request).await
+}
+
+async fn list_tools(port: u16, session: &str, authorization: Option<&str>) {
+    let request = json!({"jsonrpc": "2.0", "id": 900, "method": "tools/list"});
+    let reply = post(port, "/mcp", Some(session), authorization, "POST", request).await;
+    assert_eq!(
+        reply.message()["result"]["tools"][0]["annotations"]["readOnlyHint"],
+        true,
+        "{}",
+        reply.body
+    );
+}
+
+/// A server that dies while a call runs: the proxy sends a call of a tool the server declared
+/// read-only again, and answers a call of any other tool with a JSON-RPC error, never running it
+/// twice.
+#[tokio::test]
+async fn a_lost_answer_is_sent_again_only_when_the_tool_is_safe_to_repeat() {
+    let (upstream_port, proxy_port, admin_port) = (free_port(), free_port(), free_port());
+    let mut upstream = mcp_server(upstream_port);
+    let _proxy = proxy(proxy_port, upstream_port, admin_port);
+    wait_listening(upstream_port).await;
+    wait_listening(proxy_port).await;
+    let token = Some("Bearer token-lost");
+    let session = open_session(proxy_port, token).await;
+    list_tools(proxy_port, &session, token).await;
+
+    for (tool, arguments) in [
+        ("add", json!({"a": 20, "b": 22, "delay": 1.0})),
+        ("record", json!({"note": "once", "delay": 1.0})),
+    ] {
+        let pending = tokio::spawn({
+            let session = session.clone();
+            async move { call_tool(proxy_port, &session, token, 7, tool, arguments).await }
+        });
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        upstream.kill();
+        upstream = mcp_server(upstream_port);
+        let reply = pending.await.unwrap();
+        assert_eq!(reply.status, 200, "{tool}: {}", reply.body);
+        let message = reply.message();
+        assert_eq!(
+            message["id"], 7,
+            "{tool}: an answer for the request: {}",
+            reply.body
+        );
+        if tool == "add" {
+            assert_eq!(result_text(&reply), "42", "{}", reply.body);
+        } else {
+            assert_eq!(message["error"]["code"], -32000, "{}", reply.body);
+            let text = message["error"]["message"].as_str().unwrap_or_default();
+            assert!(text.contains("may have been executed"), "{text}");
+        }
+    }
+    // The new server never ran the lost `record`: its log starts with this note.
+    let reply = call_tool(
+        proxy_port,
+        &session,
+        token,
+        8,
+        "record",
+        json!({"note": "next"}),
+    )
+    .await;
+    assert_eq!(result_text(&reply), "1", "{}", reply.body);
+    let metrics = admin_get(admin_port, "/metrics").await;
+    assert!(
+        metrics.contains(r#"mcp_proxy_unanswered_requests_total{outcome="failed"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"mcp_proxy_unanswered_requests_total{outcome="resent"}"#),
+        "{metrics}"
+    );
+}
+
+/// One server-sent event as a client sees it.
+#[derive(Debug, Default)]
+struct SseEvent {
+    id: Option<String>,
+    data: Option<String>,
+    retry: Option<u64>,
+}
+
+/// A client's open event stream.
+struct EventStream {
+    status: u16,
+    body: hyper::body::Incoming,
+    buffer: String,
+}
+
+impl EventStream {
+    /// `GET /mcp` for the session, resuming after `last_event_id` if given.
+    async fn open(
+        port: u16,
+        session: &str,
+        authorization: Option<&str>,
+        last_event_id: Option<&str>,
+    ) -> Self {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .expect("handshake");
+        tokio::spawn(connection);
+        let mut request = hyper::Request::builder()
+            .method("GET")
+            .uri("/mcp")
+            .header("host", format!("127.0.0.1:{port}"))
+            .header("accept", "text/event-stream")
+            .header("mcp-protocol-version", "2025-06-18")
+            .header("mcp-session-id", session);
+        if let Some(authorization) = authorization {
+            request = request.header("authorization", authorization);
+        }
+        if let Some(last) = last_event_id {
+            request = request.header("last-event-id", last);
+        }
+        let response = sender
+            .send_request(request.body(Full::new(Bytes::new())).unwrap())
+            .await
+            .expect("response");
+        Self {
+            status: response.status().as_u16(),
+            body: response.into_body(),
+            buffer: String::new(),
+        }
+    }
+
+    /// The next event, `None` when the stream ends; panics after 20 s of silence.
+    async fn next(&mut self) -> Option<SseEvent> {
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let mut event = SseEvent::default();
+                for line in block.lines() {
+                    let (name, value) = line.split_once(':').unwrap_or((line, ""));
+                    let value = value.strip_prefix(' ').unwrap_or(value).to_owned();
+                    match name {
+                        "id" => event.id = Some(value),
+                        "data" => event.data = Some(value),
+                        "retry" => event.retry = value.parse().ok(),
+                        _ => {}
+                    }
+                }
+                return Some(event);
+            }
+            let frame = tokio::time::timeout(Duration::from_secs(20), self.body.frame())
+                .await
+                .expect("an event within 20 s")?;
+            let Ok(data) = frame.ok()?.into_data() else {
+                continue;
+            };
+            self.buffer.push_str(&String::from_utf8_lossy(&data));
+        }
+    }
+
+    /// The next event that carries a message.
+    async fn next_message(&mut self) -> Option<SseEvent> {
+        loop {
+            let event = self.next().await?;
+            if event.data.as_deref().is_some_and(|d| !d.is_empty()) {
+                return Some(event);
+            }
+        }
+    }
+}
+
+const LIST_CHANGED: &str = "notifications/resources/list_changed";
+
+/// Calls `notify` until the listening stream gets the notification (a restarted upstream's
+/// stream is reopened behind the client's in the background).
+async fn notify_until_heard(
+    port: u16,
+    session: &str,
+    token: Option<&str>,
+    stream: &mut EventStream,
+) -> SseEvent {
+    let heard = tokio::spawn({
+        let session = session.to_owned();
+        let token = token.map(str::to_owned);
+        async move {
+            for id in 1000.. {
+                call_tool(port, &session, token.as_deref(), id, "notify", json!({})).await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    });
+    let event = stream.next_message().await.expect("the stream goes on");
+    heard.abort();
+    assert!(
+        event
+            .data
+            .as_deref()
+            .unwrap_or_default()
+            .contains(LIST_CHANGED),
+        "{event:?}"
+    );
+    event
+}
+
+/// A listening (GET) stream stays open while the server restarts; its events carry the proxy's
+/// ids, are logged in Redis, and a client that lost some resumes with `Last-Event-ID` on
+/// another pod's proxy; a drain ends the stream with a `retry` hint.
+#[tokio::test]
+async fn a_listening_stream_survives_restarts_resumes_on_another_pod_and_ends_on_drain() {
+    let redis = support::redis::RedisServer::start();
+    let (server_a, server_b) = (free_port(), free_port());
+    let (proxy_a, proxy_b, admin_a, admin_b) = (free_port(), free_port(), free_port(), free_port());
+    let mut upstream_a = mcp_server(server_a);
+    let _upstream_b = mcp_server(server_b);
+    let _pod_a = proxy_with(proxy_a, server_a, admin_a, "pod-a", Some(&redis.url()), &[]);
+    let _pod_b = proxy_with(proxy_b, server_b, admin_b, "pod-b", Some(&redis.url()), &[]);
+    for port in [server_a, server_b, proxy_a, proxy_b] {
+        wait_listening(port).await;
+    }
+    let token = Some("Bearer listener");
+    let session = open_session(proxy_a, token).await;
+
+    let mut stream = EventStream::open(proxy_a, &session, token, None).await;
+    assert_eq!(stream.status, 200);
+    let first = notify_until_heard(proxy_a, &session, token, &mut stream).await;
+    let first_id = first.id.clone().expect("an id of the proxy's");
+    assert!(first_id.starts_with('g'), "{first_id}");
+
+    // The server restarts; the client's stream stays open and hears the new server.
+    upstream_a.terminate();
+    upstream_a = mcp_server(server_a);
+    let second = notify_until_heard(proxy_a, &session, token, &mut stream).await;
+    let second_id = second.id.clone().expect("id");
+    let stream_of = |id: &str| id.split_once('-').map(|(s, _)| s.to_owned());
+    assert_eq!(
+        stream_of(&second_id),
+        stream_of(&first_id),
+        "the same stream"
+    );
+    drop(stream);
+    let _ = &upstream_a;
+
+    // The client saw only the first event; it resumes on pod-b, which replays the rest from
+    // Redis and goes on live. Another credential may not read the log.
+    let other = EventStream::open(proxy_b, &session, Some("Bearer other"), Some(&first_id)).await;
+    assert_eq!(other.status, 404);
+    let mut resumed = EventStream::open(proxy_b, &session, token, Some(&first_id)).await;
+    assert_eq!(resumed.status, 200);
+    let replayed = resumed.next_message().await.expect("the missed event");
+    assert_eq!(replayed.id.as_deref(), Some(second_id.as_str()));
+    assert_eq!(replayed.data, second.data);
+    let live = notify_until_heard(proxy_b, &session, token, &mut resumed).await;
+    let live_id = live.id.expect("id");
+    assert_eq!(
+        stream_of(&live_id),
+        stream_of(&first_id),
+        "still the same stream"
+    );
+    let seq = |id: &str| id.rsplit_once('-').and_then(|(_, n)| n.parse::<u64>().ok());
+    assert!(
+        seq(&live_id) > seq(&second_id),
+        "{live_id} after {second_id}"
+    );
+    assert!(
+        admin_get(admin_b, "/metrics")
+            .await
+            .contains(r#"mcp_proxy_resumed_streams_total{kind="listen"} 1"#)
+    );
+
+    // pod-b drains: the stream gets a hint to reconnect (elsewhere) and ends.
+    let drain = tokio::spawn(async move { admin_get(admin_b, "/drain").await });
+    let mut hint = None;
+    while let Some(event) = resumed.next().await {
+        hint = event.retry.or(hint);
+    }
+    assert_eq!(hint, Some(500), "a retry hint before the end");
+    assert!(drain.await.unwrap().contains("drained"));
+}
+
+/// One credential may hold a bounded number of sessions in a proxy; others are not affected,
+/// and ending a session frees its place.
+#[tokio::test]
+async fn sessions_per_credential_are_limited() {
+    let (upstream_port, proxy_port, admin_port) = (free_port(), free_port(), free_port());
+    let _upstream = mcp_server(upstream_port);
+    let _proxy = proxy_with(
+        proxy_port,
+        upstream_port,
+        admin_port,
+        "pod-a",
+        None,
+        &["--max-sessions-per-credential", "2"],
+    );
+    wait_listening(upstream_port).await;
+    wait_listening(proxy_port).await;
+    let greedy = Some("Bearer greedy");
+    let first = open_session(proxy_port, greedy).await;
+    open_session(proxy_port, greedy).await;
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18",
+        "capabilities": {}, "clientInfo": {"name": "greedy", "version": "1"}}});
+    let refused = post(proxy_port, "/mcp", None, greedy, "POST", init.clone()).await;
+    assert_eq!(refused.status, 429, "{}", refused.body);
+    assert_eq!(refused.message()["error"]["code"], -32002);
+    open_session(proxy_port, Some("Bearer modest")).await;
+    let ended = post(
+        proxy_port,
+        "/mcp",
+        Some(&first),
+        greedy,
+        "DELETE",
+        Value::Null,
+    )
+    .await;
+    assert_eq!(ended.status, 200);
+    open_session(proxy_port, greedy).await;
+    assert!(
+        admin_get(admin_port, "/metrics")
+            .await
+            .contains(r#"mcp_proxy_refused_sessions_total{outcome="too_many_sessions"} 1"#)
+    );
 }

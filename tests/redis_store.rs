@@ -194,6 +194,38 @@ async fn bad_records_are_reported_never_fatal_and_never_deleted() {
 }
 
 #[tokio::test]
+async fn bad_event_log_entries_are_skipped_and_a_wrong_type_is_an_error() {
+    let redis = RedisServer::start();
+    let store = connect(&redis).await;
+    let s = id("logged");
+    store
+        .create_or_rehydrate(&s, NewSession::default())
+        .await
+        .unwrap();
+    let good = store::LoggedEvent {
+        id: "g1-1".into(),
+        event: None,
+        data: "{}".into(),
+    };
+    store
+        .append_events(&s, std::slice::from_ref(&good), 10)
+        .await
+        .unwrap();
+    let key = "{mcp:session:logged}:events";
+    redis
+        .cli(&["RPUSH", key, "{not json", r#"{"id": 5}"#])
+        .unwrap();
+    assert_eq!(store.events(&s).await.unwrap(), vec![good]);
+    let ttl: i64 = redis.cli(&["PTTL", key]).unwrap().trim().parse().unwrap();
+    assert!(ttl > 0, "the log expires");
+
+    redis.cli(&["DEL", key]).unwrap();
+    redis.cli(&["SET", key, "a string"]).unwrap();
+    let error = store.events(&s).await.unwrap_err();
+    assert!(error.to_string().contains("WRONGTYPE"), "{error}");
+}
+
+#[tokio::test]
 async fn counts_heal_after_the_index_is_evicted() {
     let redis = RedisServer::start();
     let store = connect(&redis).await;

@@ -53,6 +53,37 @@ async fn contract(store: Arc<dyn SessionStore>) {
     credential_binding(&*store).await;
     listing_sees_every_record_once(&*store).await;
     debounced_touches(store.clone()).await;
+    event_log(&*store).await;
+}
+
+async fn event_log(store: &dyn SessionStore) {
+    let s = id("streaming");
+    let event = |n: u32| store::LoggedEvent {
+        id: format!("g1-{n}"),
+        event: n.is_multiple_of(2).then(|| "message".to_owned()),
+        data: format!(r#"{{"n":{n}}}"#),
+    };
+    assert!(store.events(&s).await.unwrap().is_empty());
+    store.create_or_rehydrate(&s, owned_by("p1")).await.unwrap();
+    store
+        .append_events(&s, &[event(1), event(2)], 3)
+        .await
+        .unwrap();
+    store.append_events(&s, &[], 3).await.unwrap();
+    store
+        .append_events(&s, &[event(3), event(4)], 3)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.events(&s).await.unwrap(),
+        vec![event(2), event(3), event(4)],
+        "bounded: the newest entries, oldest first"
+    );
+    store.delete(&s).await.unwrap();
+    assert!(
+        store.events(&s).await.unwrap().is_empty(),
+        "the log goes with its session"
+    );
 }
 
 async fn lifecycle(store: &dyn SessionStore) {

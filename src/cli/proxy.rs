@@ -51,6 +51,12 @@ pub struct ProxyArgs {
     /// Largest request body accepted.
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     max_body_bytes: usize,
+    /// SSE events kept per session for `Last-Event-ID` resumption.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    event_log_size: u64,
+    /// Sessions one credential (one Authorization header) may hold in this proxy.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    max_sessions_per_credential: u64,
 }
 
 fn parse_upstream(raw: &str) -> Result<axum::http::Uri, String> {
@@ -87,6 +93,10 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         hold: Duration::from_secs(args.hold_seconds),
         touch_interval: Duration::from_secs(args.touch_interval_seconds),
         max_body_bytes: args.max_body_bytes,
+        session_ttl: ttl,
+        event_log_size: usize::try_from(args.event_log_size).unwrap_or(usize::MAX),
+        max_sessions_per_credential: usize::try_from(args.max_sessions_per_credential)
+            .unwrap_or(usize::MAX),
     };
     let proxy = Proxy::new(config, store, Fingerprinter::new(&key));
     proxy::run(proxy, super::shutdown_signal())

@@ -4,48 +4,58 @@
 //! Streamable HTTP (2025-03-26 and later): the client gets a session id of the proxy's own; the
 //! proxy maps it to the current upstream session, and when the upstream does not know it (it
 //! restarted, or another pod created the session) replays `initialize` +
-//! `notifications/initialized` with the stored params before forwarding. Requests without a
-//! session (stateless servers, the 2026-07-28 revision) pass through.
+//! `notifications/initialized` with the stored params before forwarding. SSE streams go through
+//! a relay ([`relay`]) that numbers and logs their events for `Last-Event-ID` resumption, keeps a
+//! listening stream open across upstream restarts, and answers for requests the upstream lost.
+//! Requests without a session (stateless servers, the 2026-07-28 revision) pass through.
 
+mod admin;
+mod events;
 mod fingerprint;
+mod metrics;
 mod protocol;
+mod relay;
+mod retry;
+mod sse;
 mod upstream;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use bytes::Bytes;
 use http_body_util::BodyExt as _;
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
 use serde_json::Value;
-use tokio::sync::Mutex;
-use tracing::{debug, info, warn};
+use tokio::sync::{Mutex, watch};
+use tracing::Instrument as _;
+use tracing::{debug, info, info_span, warn};
 
+use self::events::{EventLog, StreamKind, StreamTag};
 pub use self::fingerprint::Fingerprinter;
-use self::protocol::{PROTOCOL_VERSION_HEADER, SESSION_HEADER};
-use self::upstream::{Upstream, UpstreamError};
+use self::metrics::{KindLabels, OutcomeLabels, ProxyMetrics, RequestLabels};
+use self::protocol::{LAST_EVENT_ID_HEADER, MessageHead, PROTOCOL_VERSION_HEADER, SESSION_HEADER};
+use self::retry::RetryPolicy;
+use self::upstream::{Answer, Upstream, UpstreamError};
 use crate::store::{
-    Claim, ClaimOutcome, DebouncedToucher, NewSession, SessionId, SessionStore, Touched,
+    Claim, ClaimOutcome, DebouncedToucher, NewSession, SessionId, SessionPatch, SessionStore,
+    Touched,
 };
 
 /// JSON-RPC error codes (the implementation-defined server range): the MCP server could not be
-/// reached, and the session is unknown (as the TypeScript SDK answers).
+/// reached or lost the request, the session is unknown (as the TypeScript SDK answers), and a
+/// credential holds too many sessions.
 const UPSTREAM_UNAVAILABLE: i64 = -32000;
 const SESSION_NOT_FOUND: i64 = -32001;
+const TOO_MANY_SESSIONS: i64 = -32002;
+/// Attempts at one request: a replay after a 404, a resend after a lost response.
+const MAX_ATTEMPTS: u32 = 6;
 
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -58,6 +68,12 @@ pub struct ProxyConfig {
     pub hold: Duration,
     pub touch_interval: Duration,
     pub max_body_bytes: usize,
+    /// Sessions unused this long are dropped from memory (the store's sliding TTL).
+    pub session_ttl: Duration,
+    /// Events kept per session for `Last-Event-ID` resumption.
+    pub event_log_size: usize,
+    /// Sessions one credential may hold in this proxy.
+    pub max_sessions_per_credential: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,86 +85,13 @@ pub enum ProxyError {
     },
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RequestLabels {
-    method: String,
-    status: u16,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct OutcomeLabels {
-    outcome: &'static str,
-}
-
-/// The proxy's metrics (DESIGN.md): requests by method and status, latency, replays, held
-/// requests, claims, sessions.
-struct ProxyMetrics {
-    registry: Registry,
-    requests: Family<RequestLabels, Counter>,
-    latency: Histogram,
-    replays: Family<OutcomeLabels, Counter>,
-    held: Counter,
-    claims: Family<OutcomeLabels, Counter>,
-    refused: Family<OutcomeLabels, Counter>,
-    sessions: Gauge,
-}
-
-impl Default for ProxyMetrics {
-    fn default() -> Self {
-        let mut registry = Registry::default();
-        let requests = Family::<RequestLabels, Counter>::default();
-        registry.register(
-            "mcp_proxy_requests",
-            "Requests by HTTP method and status",
-            requests.clone(),
-        );
-        let latency = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
-        registry.register(
-            "mcp_proxy_request_duration_seconds",
-            "Time to the response head",
-            latency.clone(),
-        );
-        let replays = Family::<OutcomeLabels, Counter>::default();
-        registry.register(
-            "mcp_session_rehydrations",
-            "Handshake replays to a fresh upstream",
-            replays.clone(),
-        );
-        let held = Counter::default();
-        registry.register(
-            "mcp_proxy_held_requests",
-            "Requests held while the upstream was down",
-            held.clone(),
-        );
-        let claims = Family::<OutcomeLabels, Counter>::default();
-        registry.register(
-            "mcp_proxy_claims",
-            "Claims of sessions from other pods",
-            claims.clone(),
-        );
-        let refused = Family::<OutcomeLabels, Counter>::default();
-        registry.register(
-            "mcp_proxy_refused_sessions",
-            "Session ids answered as unknown",
-            refused.clone(),
-        );
-        let sessions = Gauge::default();
-        registry.register(
-            "mcp_proxy_sessions",
-            "Sessions this proxy maps to its upstream",
-            sessions.clone(),
-        );
-        Self {
-            registry,
-            requests,
-            latency,
-            replays,
-            held,
-            claims,
-            refused,
-            sessions,
-        }
-    }
+/// Where a drain stands. Listening streams end when it starts, response streams at its
+/// deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    Serving,
+    Draining,
+    Closing,
 }
 
 pub struct Proxy {
@@ -157,23 +100,37 @@ pub struct Proxy {
     store: Arc<dyn SessionStore>,
     toucher: DebouncedToucher,
     fingerprints: Fingerprinter,
-    /// Proxy session id → the upstream's session id and the credential fingerprint bound to it.
-    upstream_ids: std::sync::RwLock<HashMap<SessionId, Mapped>>,
+    /// Proxy session id → the upstream's session id and the credential bound to it.
+    sessions: RwLock<Sessions>,
     /// One replay at a time per session; concurrent requests wait on it.
     replays: Mutex<HashMap<SessionId, Arc<Mutex<()>>>>,
     /// Sessions the store does not have right now (it was down, or lost them).
-    unstored: std::sync::Mutex<std::collections::HashSet<SessionId>>,
+    unstored: std::sync::Mutex<HashSet<SessionId>>,
+    retry: RetryPolicy,
+    events: EventLog,
     draining: AtomicBool,
+    phase: watch::Sender<Phase>,
+    /// Requests before their response head, and response streams until they end.
     in_flight: AtomicUsize,
     drained: AtomicU64,
+    started: Instant,
     metrics: ProxyMetrics,
+}
+
+/// The sessions this proxy has upstream sessions for.
+#[derive(Default)]
+struct Sessions {
+    by_id: HashMap<SessionId, Mapped>,
+    per_credential: HashMap<Option<Box<str>>, usize>,
 }
 
 /// A session this proxy has an upstream session for.
 #[derive(Debug)]
 struct Mapped {
-    upstream_id: String,
-    credential: Option<String>,
+    upstream_id: Box<str>,
+    credential: Option<Box<str>>,
+    /// Seconds since the proxy started, at the last request: idle sessions are dropped.
+    last_used: AtomicU32,
     /// What the store holds of the session, to write it again if the store loses it (a Redis
     /// restarted without persistence): a live proxy's sessions are never lost with it.
     stored: StoredCopy,
@@ -223,10 +180,61 @@ impl StoredCopy {
 }
 
 /// Why a session id cannot be served.
+#[derive(Debug, Clone, Copy)]
 enum Unknown {
     NotFound,
     OtherCredential,
     Invalid,
+}
+
+/// Why a request got no upstream answer.
+#[derive(Debug)]
+enum Failure {
+    Unknown(Unknown),
+    Upstream(UpstreamError),
+}
+
+/// A client's request, kept whole for as long as it may have to be sent again.
+struct Exchange {
+    method: Method,
+    path: String,
+    headers: HeaderMap,
+    body: Bytes,
+    /// The JSON-RPC message's head, for a POST of one message.
+    head: Option<MessageHead>,
+    session: Option<Bound>,
+}
+
+/// A proxy session id and the fingerprint of the credential presented with it.
+struct Bound {
+    id: SessionId,
+    credential: Option<String>,
+}
+
+impl Exchange {
+    /// The stream a response to this request opens.
+    fn stream_kind(&self) -> StreamKind {
+        let listens = self.method == Method::GET
+            || self
+                .head
+                .as_ref()
+                .is_some_and(|h| h.method.as_deref() == Some("subscriptions/listen"));
+        if listens {
+            StreamKind::Listen
+        } else {
+            StreamKind::Response
+        }
+    }
+
+    fn is_method(&self, method: &str) -> bool {
+        self.head
+            .as_ref()
+            .is_some_and(|h| h.method.as_deref() == Some(method))
+    }
+
+    fn request_id(&self) -> Option<Value> {
+        self.head.as_ref().and_then(|h| h.id.clone())
+    }
 }
 
 impl Proxy {
@@ -235,41 +243,110 @@ impl Proxy {
         store: Arc<dyn SessionStore>,
         fingerprints: Fingerprinter,
     ) -> Arc<Self> {
+        let metrics = ProxyMetrics::default();
         Arc::new(Self {
             upstream: Upstream::new(config.upstream.clone(), config.hold),
             toucher: DebouncedToucher::new(store.clone(), config.touch_interval),
+            events: EventLog::start(
+                store.clone(),
+                config.event_log_size,
+                metrics.events_unlogged.clone(),
+            ),
             config,
             store,
             fingerprints,
-            upstream_ids: Default::default(),
+            sessions: Default::default(),
             replays: Default::default(),
             unstored: Default::default(),
+            retry: RetryPolicy::default(),
             draining: AtomicBool::new(false),
+            phase: watch::Sender::new(Phase::Serving),
             in_flight: AtomicUsize::new(0),
             drained: AtomicU64::new(0),
-            metrics: ProxyMetrics::default(),
+            started: Instant::now(),
+            metrics,
         })
     }
 
-    /// The upstream session id and the bound credential of a mapped session.
-    fn mapped(&self, id: &SessionId) -> Option<(String, Option<String>)> {
-        let ids = self.upstream_ids.read().unwrap_or_else(|p| p.into_inner());
-        ids.get(id)
-            .map(|m| (m.upstream_id.clone(), m.credential.clone()))
+    fn sessions_read(&self) -> std::sync::RwLockReadGuard<'_, Sessions> {
+        self.sessions.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn sessions_write(&self) -> std::sync::RwLockWriteGuard<'_, Sessions> {
+        self.sessions.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn now_secs(&self) -> u32 {
+        u32::try_from(self.started.elapsed().as_secs()).unwrap_or(u32::MAX)
+    }
+
+    /// The upstream session id of a mapped session, if `credential` is the one bound to it.
+    fn mapped(&self, bound: &Bound) -> Option<Result<String, Unknown>> {
+        let sessions = self.sessions_read();
+        let mapped = sessions.by_id.get(&bound.id)?;
+        if mapped.credential.as_deref() != bound.credential.as_deref() {
+            return Some(Err(Unknown::OtherCredential));
+        }
+        mapped.last_used.store(self.now_secs(), Ordering::Relaxed);
+        Some(Ok(mapped.upstream_id.to_string()))
     }
 
     fn remember(&self, id: &SessionId, upstream_id: String, stored: NewSession) {
-        let mut ids = self.upstream_ids.write().unwrap_or_else(|p| p.into_inner());
-        let credential = stored.credential_fingerprint.clone();
-        ids.insert(
-            id.clone(),
-            Mapped {
-                upstream_id,
-                credential,
-                stored: StoredCopy::of(&stored),
-            },
-        );
-        self.metrics.sessions.set(ids.len() as i64);
+        let credential: Option<Box<str>> = stored.credential_fingerprint.as_deref().map(Box::from);
+        let mapped = Mapped {
+            upstream_id: upstream_id.into_boxed_str(),
+            credential: credential.clone(),
+            last_used: AtomicU32::new(self.now_secs()),
+            stored: StoredCopy::of(&stored),
+        };
+        let mut sessions = self.sessions_write();
+        if sessions.by_id.insert(id.clone(), mapped).is_none() {
+            *sessions.per_credential.entry(credential).or_default() += 1;
+        }
+        self.metrics.sessions.set(sessions.by_id.len() as i64);
+    }
+
+    /// Drops the mapping of `id`, if it still maps to `upstream_id` (a concurrent request may
+    /// have replayed meanwhile), or whatever it maps to.
+    fn unmap(&self, id: &SessionId, upstream_id: Option<&str>) {
+        let mut sessions = self.sessions_write();
+        let Some(mapped) = sessions.by_id.get(id) else {
+            return;
+        };
+        if upstream_id.is_some_and(|u| *mapped.upstream_id != *u) {
+            return;
+        }
+        if let Some(mapped) = sessions.by_id.remove(id)
+            && let Some(count) = sessions.per_credential.get_mut(&mapped.credential)
+        {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                sessions.per_credential.remove(&mapped.credential);
+            }
+        }
+        self.metrics.sessions.set(sessions.by_id.len() as i64);
+    }
+
+    fn forget(&self, id: &SessionId) {
+        self.unmap(id, None);
+        self.toucher.forget(id);
+    }
+
+    /// Drops sessions unused for longer than the session TTL: the store has let them expire.
+    fn forget_idle(&self) -> usize {
+        let ttl = u32::try_from(self.config.session_ttl.as_secs()).unwrap_or(u32::MAX);
+        let now = self.now_secs();
+        let idle: Vec<SessionId> = self
+            .sessions_read()
+            .by_id
+            .iter()
+            .filter(|(_, m)| now.saturating_sub(m.last_used.load(Ordering::Relaxed)) > ttl)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &idle {
+            self.forget(id);
+        }
+        idle.len()
     }
 
     fn mark_unstored(&self, id: &SessionId) {
@@ -282,11 +359,14 @@ impl Proxy {
     /// Writes a session this proxy serves back into the store, which lost it or was down.
     async fn restore(&self, id: &SessionId) {
         let session = {
-            let ids = self.upstream_ids.read().unwrap_or_else(|p| p.into_inner());
-            let Some(mapped) = ids.get(id) else { return };
-            mapped
-                .stored
-                .to_new_session(self.config.pod_name.clone(), mapped.credential.clone())
+            let sessions = self.sessions_read();
+            let Some(mapped) = sessions.by_id.get(id) else {
+                return;
+            };
+            mapped.stored.to_new_session(
+                self.config.pod_name.clone(),
+                mapped.credential.as_deref().map(String::from),
+            )
         };
         match self.store.create_or_rehydrate(id, session).await {
             Ok(_) => {
@@ -303,8 +383,10 @@ impl Proxy {
         }
     }
 
-    /// Retries writing every session the store lacks; runs until the process ends.
-    async fn restore_unstored(self: Arc<Self>) {
+    /// Until the process ends: retries writing every session the store lacks, and drops
+    /// sessions that have been idle past their TTL.
+    async fn maintain(self: Arc<Self>) {
+        let mut ticks = 0_u64;
         loop {
             tokio::time::sleep(Duration::from_secs(2)).await;
             let ids: Vec<SessionId> = self
@@ -317,14 +399,14 @@ impl Proxy {
             for id in ids {
                 self.restore(&id).await;
             }
+            ticks += 1;
+            if ticks.is_multiple_of(30) {
+                let forgotten = self.forget_idle();
+                if forgotten > 0 {
+                    info!(forgotten, "dropped sessions idle past their TTL");
+                }
+            }
         }
-    }
-
-    fn forget(&self, id: &SessionId) {
-        let mut ids = self.upstream_ids.write().unwrap_or_else(|p| p.into_inner());
-        ids.remove(id);
-        self.metrics.sessions.set(ids.len() as i64);
-        self.toucher.forget(id);
     }
 
     async fn handle(self: Arc<Self>, request: Request) -> Response {
@@ -350,7 +432,7 @@ impl Proxy {
         response
     }
 
-    async fn route(&self, request: Request) -> Response {
+    async fn route(self: &Arc<Self>, request: Request) -> Response {
         let (parts, body) = request.into_parts();
         let body = match axum::body::to_bytes(body, self.config.max_body_bytes).await {
             Ok(body) => body,
@@ -361,118 +443,242 @@ impl Proxy {
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_owned();
-        // Parsed only where a decision needs it (is this `initialize`?) or an error names the id:
-        // the hot path forwards bytes.
-        let session = parts.headers.get(&SESSION_HEADER).cloned();
-        let Some(session) = session else {
-            if parts.method == Method::POST
-                && let Some(params) = protocol::initialize_params(protocol::message(&body).as_ref())
-            {
-                return self.initialize(&path, parts.headers, body, params).await;
+        let head = (parts.method == Method::POST)
+            .then(|| MessageHead::of(&body))
+            .flatten();
+        let mut exchange = Exchange {
+            method: parts.method,
+            path,
+            headers: parts.headers,
+            body,
+            head,
+            session: None,
+        };
+        let Some(session) = exchange.headers.get(&SESSION_HEADER) else {
+            if exchange.is_method("initialize") {
+                return self.initialize(exchange).await;
             }
             // No session: a stateless exchange, passed through untouched.
-            return self
-                .forward(&parts.method, &path, &parts.headers, &body, None)
-                .await;
+            return self.respond(exchange).await;
         };
         let id = match session.to_str().ok().map(SessionId::parse) {
             Some(Ok(id)) => id,
-            _ => return self.unknown(Unknown::Invalid, &body, "invalid"),
+            _ => return self.unknown(Unknown::Invalid, exchange.request_id(), "invalid"),
         };
         let credential = self.fingerprints.fingerprint(
-            parts
+            exchange
                 .headers
                 .get(header::AUTHORIZATION)
                 .map(|v| v.as_bytes()),
         );
-        for attempt in 0..2 {
-            let upstream_id = match self.mapped(&id) {
-                Some((_, bound)) if bound != credential => {
-                    return self.unknown(Unknown::OtherCredential, &body, id.as_str());
-                }
-                Some((upstream_id, _)) => upstream_id,
-                None => match self
-                    .replay(&id, &path, &parts.headers, credential.clone())
-                    .await
-                {
-                    Ok(upstream_id) => upstream_id,
-                    Err(Ok(unknown)) => {
-                        return self.unknown(unknown, &body, id.as_str());
-                    }
-                    Err(Err(error)) => return self.upstream_failure(error, &body),
-                },
+        // Event ids are the proxy's; the upstream's mean nothing to it.
+        let last_event_id = exchange.headers.remove(&LAST_EVENT_ID_HEADER);
+        exchange.session = Some(Bound { id, credential });
+        match last_event_id {
+            Some(last) if exchange.method == Method::GET => {
+                let last = last.to_str().unwrap_or_default().to_owned();
+                self.resume(exchange, &last).await
+            }
+            _ => self.respond(exchange).await,
+        }
+    }
+
+    /// Sends the request upstream and delivers the answer.
+    async fn respond(self: &Arc<Self>, exchange: Exchange) -> Response {
+        let answer = match self.exchange(&exchange).await {
+            Ok(answer) => answer,
+            Err(failure) => return self.failure(failure, &exchange),
+        };
+        if let Some(bound) = &exchange.session {
+            self.after_answer(&exchange.method, &bound.id, answer.response.status())
+                .await;
+        }
+        self.deliver(exchange, answer.response, None).await
+    }
+
+    /// Bookkeeping after the upstream answered a session's request.
+    async fn after_answer(&self, method: &Method, id: &SessionId, status: StatusCode) {
+        if *method == Method::DELETE && status.is_success() {
+            self.forget(id);
+            if let Err(error) = self.store.delete(id).await {
+                warn!(session = %id, %error, "cannot delete the session from the store");
+            }
+            return;
+        }
+        match self
+            .toucher
+            .touch(id, self.config.pod_name.as_deref())
+            .await
+        {
+            Ok(Touched::Gone) => self.restore(id).await,
+            Ok(_) => {}
+            Err(error) => {
+                debug!(session = %id, %error, "touch failed; the store may be down");
+                self.mark_unstored(id);
+            }
+        }
+    }
+
+    /// Sends the request to the upstream until it answers: for a session, through its upstream
+    /// session (replayed when the upstream does not know it); held while the upstream is down;
+    /// sent again when the upstream lost it, if that is safe.
+    async fn exchange(&self, exchange: &Exchange) -> Result<Answer, Failure> {
+        let mut held = false;
+        let mut attempt = 0;
+        let result = loop {
+            attempt += 1;
+            let upstream_id = match &exchange.session {
+                Some(bound) => Some(self.upstream_session(bound, exchange).await?),
+                None => None,
             };
-            let response = self
-                .forward(
-                    &parts.method,
-                    &path,
-                    &parts.headers,
-                    &body,
-                    Some((&id, &upstream_id)),
+            let mut headers = exchange.headers.clone();
+            if let Some(upstream_id) = &upstream_id {
+                headers.insert(SESSION_HEADER, header_or_empty(upstream_id));
+            }
+            let sent = self
+                .upstream
+                .send(
+                    &exchange.method,
+                    &exchange.path,
+                    &headers,
+                    exchange.body.clone(),
                 )
                 .await;
-            if response.status() == StatusCode::NOT_FOUND && attempt == 0 {
-                // The upstream lost the session (it restarted): replay once and retry.
-                debug!(session = %id, "upstream answered 404; replaying the handshake");
-                // Only the mapping that failed: a concurrent request may have replayed already.
-                let mut ids = self.upstream_ids.write().unwrap_or_else(|p| p.into_inner());
-                if ids
-                    .get(&id)
-                    .is_some_and(|mapped| mapped.upstream_id == upstream_id)
-                {
-                    ids.remove(&id);
-                }
-                continue;
-            }
-            if parts.method == Method::DELETE && response.status().is_success() {
-                self.forget(&id);
-                if let Err(error) = self.store.delete(&id).await {
-                    warn!(session = %id, %error, "cannot delete the session from the store");
-                }
-            } else {
-                match self
-                    .toucher
-                    .touch(&id, self.config.pod_name.as_deref())
-                    .await
-                {
-                    Ok(Touched::Gone) => self.restore(&id).await,
-                    Ok(_) => {}
-                    Err(error) => {
-                        debug!(session = %id, %error, "touch failed; the store may be down");
-                        self.mark_unstored(&id);
+            match sent {
+                Ok(answer) => {
+                    held |= answer.held;
+                    let gone = answer.response.status() == StatusCode::NOT_FOUND;
+                    if let (true, Some(bound)) = (gone, &exchange.session)
+                        && attempt < MAX_ATTEMPTS
+                    {
+                        // The upstream lost the session (it restarted): replay and send again.
+                        debug!(session = %bound.id, "upstream answered 404; replaying the handshake");
+                        self.unmap(&bound.id, upstream_id.as_deref());
+                        continue;
                     }
+                    break Ok(answer);
                 }
+                Err(UpstreamError::Lost(reason))
+                    if attempt < MAX_ATTEMPTS && self.may_resend(exchange) =>
+                {
+                    debug!(%reason, "the upstream lost a request that is safe to send again");
+                    // A server shutting down may still take connections: let it go first.
+                    tokio::time::sleep(Duration::from_millis(50) * attempt).await;
+                    self.metrics
+                        .unanswered
+                        .get_or_create(&OutcomeLabels { outcome: "resent" })
+                        .inc();
+                }
+                Err(error) => break Err(Failure::Upstream(error)),
             }
-            return response;
+        };
+        if held {
+            self.metrics.held.inc();
         }
-        self.unknown(Unknown::NotFound, &body, id.as_str())
+        result
+    }
+
+    fn may_resend(&self, exchange: &Exchange) -> bool {
+        exchange.head.as_ref().is_some_and(|h| self.retry.allows(h))
+    }
+
+    /// The upstream session of `bound`: the mapped one, or a fresh one from a replay.
+    async fn upstream_session(
+        &self,
+        bound: &Bound,
+        exchange: &Exchange,
+    ) -> Result<String, Failure> {
+        match self.mapped(bound) {
+            Some(Ok(upstream_id)) => Ok(upstream_id),
+            Some(Err(unknown)) => Err(Failure::Unknown(unknown)),
+            None => self.replay(bound, exchange).await,
+        }
+    }
+
+    /// The upstream's response for the client: hop-by-hop headers dropped, the upstream's
+    /// session id replaced by the proxy's; event streams through a [`relay`], `backlog` first.
+    async fn deliver(
+        self: &Arc<Self>,
+        exchange: Exchange,
+        response: hyper::Response<hyper::body::Incoming>,
+        resumed: Option<relay::Resumed>,
+    ) -> Response {
+        let (mut parts, body) = response.into_parts();
+        protocol::strip_hop_by_hop(&mut parts.headers);
+        if let Some(bound) = &exchange.session {
+            parts
+                .headers
+                .insert(SESSION_HEADER, header_or_empty(bound.id.as_str()));
+        }
+        if protocol::is_event_stream(&parts.headers) {
+            parts.headers.remove(header::CONTENT_LENGTH);
+            let body = relay::start(self.clone(), exchange, body, resumed);
+            return Response::from_parts(parts, body);
+        }
+        if parts.status.is_success()
+            && (exchange.is_method("tools/list") || exchange.is_method("initialize"))
+        {
+            // A JSON answer is one complete message: read it for what the proxy learns of it.
+            let limited = http_body_util::Limited::new(body, self.config.max_body_bytes);
+            return match limited.collect().await {
+                Ok(collected) => {
+                    let bytes = collected.to_bytes();
+                    self.observe(&exchange, &bytes);
+                    Response::from_parts(parts, Body::from(bytes))
+                }
+                Err(error) => self.failure(
+                    Failure::Upstream(UpstreamError::Lost(error.to_string())),
+                    &exchange,
+                ),
+            };
+        }
+        Response::from_parts(parts, Body::new(body))
     }
 
     /// A new session: forward `initialize`, then give the client an id of our own.
-    async fn initialize(
-        &self,
-        path: &str,
-        headers: HeaderMap,
-        body: Bytes,
-        params: Value,
-    ) -> Response {
+    async fn initialize(self: &Arc<Self>, mut exchange: Exchange) -> Response {
         if self.draining.load(Ordering::SeqCst) {
             return plain(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "draining: no new sessions here",
             );
         }
-        let answer = match self
-            .upstream
-            .send(&Method::POST, path, &headers, body.clone())
-            .await
-        {
-            Ok(answer) => answer,
-            Err(error) => return self.upstream_failure(error, &body),
-        };
-        if answer.held {
-            self.metrics.held.inc();
+        let credential = self.fingerprints.fingerprint(
+            exchange
+                .headers
+                .get(header::AUTHORIZATION)
+                .map(|v| v.as_bytes()),
+        );
+        let held_by_credential = self
+            .sessions_read()
+            .per_credential
+            .get(&credential.as_deref().map(Box::from))
+            .copied()
+            .unwrap_or(0);
+        if held_by_credential >= self.config.max_sessions_per_credential {
+            self.metrics
+                .refused
+                .get_or_create(&OutcomeLabels {
+                    outcome: "too_many_sessions",
+                })
+                .inc();
+            warn!(
+                sessions = held_by_credential,
+                "a credential reached its session limit; initialize refused"
+            );
+            return json_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                protocol::error_body(
+                    exchange.request_id(),
+                    TOO_MANY_SESSIONS,
+                    "Too many sessions for this credential",
+                ),
+            );
         }
+        let answer = match self.exchange(&exchange).await {
+            Ok(answer) => answer,
+            Err(failure) => return self.failure(failure, &exchange),
+        };
         let Some(upstream_id) = answer
             .response
             .headers()
@@ -481,16 +687,16 @@ impl Proxy {
             .map(str::to_owned)
         else {
             // A server that issues no session id: nothing to keep.
-            return convert(answer.response, None);
+            return self.deliver(exchange, answer.response, None).await;
         };
+        let params = protocol::initialize_params(protocol::message(&exchange.body).as_ref())
+            .unwrap_or(Value::Null);
         let id = SessionId::random();
         let new = NewSession {
             owner_pod: self.config.pod_name.clone(),
             protocol_version: protocol::requested_version(&params),
             initialize_params: Some(params),
-            credential_fingerprint: self
-                .fingerprints
-                .fingerprint(headers.get(header::AUTHORIZATION).map(|v| v.as_bytes())),
+            credential_fingerprint: credential.clone(),
             ..Default::default()
         };
         self.remember(&id, upstream_id, new.clone());
@@ -500,18 +706,140 @@ impl Proxy {
             self.mark_unstored(&id);
         }
         info!(session = %id, "session created");
-        convert(answer.response, Some(&id))
+        exchange.session = Some(Bound { id, credential });
+        self.deliver(exchange, answer.response, None).await
     }
 
-    /// Makes a fresh upstream session for `id` from the stored handshake.
-    /// `path` is the MCP endpoint the client uses, where the handshake is replayed too.
-    async fn replay(
-        &self,
-        id: &SessionId,
-        path: &str,
-        headers: &HeaderMap,
-        credential: Option<String>,
-    ) -> Result<String, Result<Unknown, UpstreamError>> {
+    /// Learns from a message the upstream sent in answer to `exchange`: which tools are safe to
+    /// call again, and the protocol version it negotiated.
+    fn observe(&self, exchange: &Exchange, message: &[u8]) {
+        if exchange.is_method("tools/list") {
+            self.retry.learn(message);
+        } else if exchange.is_method("initialize")
+            && let Some(bound) = &exchange.session
+        {
+            self.negotiated(&bound.id, message);
+        }
+    }
+
+    /// Records the protocol version the upstream chose in its `initialize` answer, which the
+    /// replays then announce.
+    fn negotiated(&self, id: &SessionId, answer: &[u8]) {
+        let Some(version) = protocol::negotiated_version(answer) else {
+            return;
+        };
+        {
+            let mut sessions = self.sessions_write();
+            let Some(mapped) = sessions.by_id.get_mut(id) else {
+                return;
+            };
+            if mapped.stored.protocol_version.as_deref() == Some(version.as_str()) {
+                return;
+            }
+            mapped.stored.protocol_version = Some(version.as_str().into());
+        }
+        let (store, id) = (self.store.clone(), id.clone());
+        tokio::spawn(async move {
+            let patch = SessionPatch {
+                protocol_version: Some(version),
+                ..Default::default()
+            };
+            if let Err(error) = store.update(&id, patch).await {
+                debug!(session = %id, %error, "cannot record the negotiated protocol version");
+            }
+        });
+    }
+
+    /// A GET with `Last-Event-ID`: the logged events that followed it on its stream, then (for
+    /// a listening stream) the live stream.
+    async fn resume(self: &Arc<Self>, exchange: Exchange, last_event_id: &str) -> Response {
+        let Some(bound) = &exchange.session else {
+            return self.respond(exchange).await;
+        };
+        let Some((tag, seq)) = StreamTag::parse(last_event_id) else {
+            debug!(session = %bound.id, "Last-Event-ID is not one of ours; opening a new stream");
+            return self.respond(exchange).await;
+        };
+        // Only the session's own credential reads its log.
+        if let Err(unknown) = self.authorize(bound).await {
+            return self.unknown(unknown, None, bound.id.as_str());
+        }
+        let log = match self.store.events(&bound.id).await {
+            Ok(log) => log,
+            Err(error) => {
+                warn!(session = %bound.id, %error, "cannot read the event log; resuming without it");
+                Vec::new()
+            }
+        };
+        let backlog = events::after(log, tag, seq);
+        let kind = match tag.kind {
+            StreamKind::Listen => "listen",
+            StreamKind::Response => "response",
+        };
+        self.metrics
+            .resumed
+            .get_or_create(&KindLabels { kind })
+            .inc();
+        info!(session = %bound.id, stream = %tag, after = seq, replayed = backlog.len(), "stream resumed");
+        match tag.kind {
+            StreamKind::Listen => match self.exchange(&exchange).await {
+                Ok(answer) => {
+                    let resumed = relay::Resumed {
+                        tag,
+                        after: seq,
+                        backlog,
+                    };
+                    self.deliver(exchange, answer.response, Some(resumed)).await
+                }
+                Err(failure) => self.failure(failure, &exchange),
+            },
+            // A POST's stream: what was logged of it, which ends with its response.
+            StreamKind::Response => {
+                let mut body = Vec::new();
+                for (_, event) in backlog {
+                    body.extend_from_slice(&relay::logged_event(event).encode());
+                }
+                (
+                    StatusCode::OK,
+                    [
+                        (
+                            header::CONTENT_TYPE,
+                            HeaderValue::from_static("text/event-stream"),
+                        ),
+                        (SESSION_HEADER, header_or_empty(bound.id.as_str())),
+                    ],
+                    body,
+                )
+                    .into_response()
+            }
+        }
+    }
+
+    /// Is `bound.credential` the one the session is bound to?
+    async fn authorize(&self, bound: &Bound) -> Result<(), Unknown> {
+        if let Some(mapped) = self.mapped(bound) {
+            return mapped.map(|_| ());
+        }
+        match self.store.get(&bound.id).await {
+            Ok(Some(session)) => {
+                if session.record.credential_fingerprint.as_deref() == bound.credential.as_deref() {
+                    Ok(())
+                } else {
+                    Err(Unknown::OtherCredential)
+                }
+            }
+            Ok(None) => Err(Unknown::NotFound),
+            Err(error) => {
+                warn!(session = %bound.id, %error, "cannot read the session from the store");
+                Err(Unknown::NotFound)
+            }
+        }
+    }
+
+    /// Makes a fresh upstream session for the client's session from the stored handshake,
+    /// at the MCP endpoint the client uses.
+    async fn replay(&self, bound: &Bound, exchange: &Exchange) -> Result<String, Failure> {
+        let id = &bound.id;
         let lock = self
             .replays
             .lock()
@@ -521,7 +849,9 @@ impl Proxy {
             .clone();
         let result = {
             let _one_at_a_time = lock.lock().await;
-            self.replay_locked(id, path, headers, credential).await
+            self.replay_locked(bound, exchange)
+                .instrument(info_span!("replay", session = %id))
+                .await
         };
         // The lock only orders the requests that arrive during a replay: the last one out
         // removes it, so the map does not keep an entry per session ever replayed.
@@ -536,43 +866,42 @@ impl Proxy {
         result
     }
 
-    async fn replay_locked(
-        &self,
-        id: &SessionId,
-        path: &str,
-        headers: &HeaderMap,
-        credential: Option<String>,
-    ) -> Result<String, Result<Unknown, UpstreamError>> {
-        if let Some(mapped) = self.mapped(id) {
-            return Ok(mapped.0); // Another request of this session replayed meanwhile.
+    async fn replay_locked(&self, bound: &Bound, exchange: &Exchange) -> Result<String, Failure> {
+        let id = &bound.id;
+        if let Some(mapped) = self.mapped(bound) {
+            // Another request of this session replayed meanwhile.
+            return mapped.map_err(Failure::Unknown);
         }
+        let unknown = |why| Err(Failure::Unknown(why));
         let session = match self.store.get(id).await {
             Ok(Some(session)) => session,
-            Ok(None) => return Err(Ok(Unknown::NotFound)),
+            Ok(None) => return unknown(Unknown::NotFound),
             Err(error) => {
-                warn!(session = %id, %error, "cannot read the session from the store");
-                return Err(Ok(Unknown::NotFound));
+                warn!(%error, "cannot read the session from the store");
+                return unknown(Unknown::NotFound);
             }
         };
         let record = &session.record;
-        if record.credential_fingerprint.is_some() && record.credential_fingerprint != credential {
-            return Err(Ok(Unknown::OtherCredential));
+        if record.credential_fingerprint.is_some()
+            && record.credential_fingerprint != bound.credential
+        {
+            return unknown(Unknown::OtherCredential);
         }
         if let Some(pod) = &self.config.pod_name
             && record.owner_pod.as_ref() != Some(pod)
         {
             let claim = Claim {
                 pod: pod.clone(),
-                credential_fingerprint: credential.clone(),
+                credential_fingerprint: bound.credential.clone(),
             };
             let outcome = match self.store.claim(id, claim).await {
                 Ok(ClaimOutcome::Claimed(_)) => "claimed",
-                Ok(ClaimOutcome::CredentialMismatch) => return Err(Ok(Unknown::OtherCredential)),
-                Ok(ClaimOutcome::NotFound) => return Err(Ok(Unknown::NotFound)),
+                Ok(ClaimOutcome::CredentialMismatch) => return unknown(Unknown::OtherCredential),
+                Ok(ClaimOutcome::NotFound) => return unknown(Unknown::NotFound),
                 // Any proxy serves any session; ownership follows the GET stream.
                 Ok(_) => "shared",
                 Err(error) => {
-                    warn!(session = %id, %error, "cannot claim the session");
+                    warn!(%error, "cannot claim the session");
                     "failed"
                 }
             };
@@ -582,31 +911,29 @@ impl Proxy {
                 .inc();
         }
         let params = record.initialize_params.clone().unwrap_or(Value::Null);
-        let mut replay_headers = HeaderMap::new();
-        for name in [header::AUTHORIZATION, header::ACCEPT, header::CONTENT_TYPE] {
-            if let Some(value) = headers.get(&name) {
-                replay_headers.insert(name, value.clone());
-            }
+        let mut headers = HeaderMap::new();
+        if let Some(value) = exchange.headers.get(header::AUTHORIZATION) {
+            headers.insert(header::AUTHORIZATION, value.clone());
         }
-        replay_headers.insert(
+        headers.insert(
             header::ACCEPT,
             HeaderValue::from_static("application/json, text/event-stream"),
         );
-        replay_headers.insert(
+        headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        let path = path.split('?').next().unwrap_or(path);
+        let path = exchange.path.split('?').next().unwrap_or(&exchange.path);
         let answer = self
             .upstream
             .send(
                 &Method::POST,
                 path,
-                &replay_headers,
+                &headers,
                 protocol::initialize_request(&params),
             )
             .await
-            .map_err(Err)?;
+            .map_err(Failure::Upstream)?;
         let status = answer.response.status();
         let upstream_id = answer
             .response
@@ -621,23 +948,23 @@ impl Proxy {
                 .replays
                 .get_or_create(&OutcomeLabels { outcome: "refused" })
                 .inc();
-            warn!(session = %id, %status, "the upstream refused the replayed initialize");
-            return Err(Ok(Unknown::NotFound));
+            warn!(%status, "the upstream refused the replayed initialize");
+            return unknown(Unknown::NotFound);
         };
-        replay_headers.insert(SESSION_HEADER, header_or_empty(&upstream_id));
+        headers.insert(SESSION_HEADER, header_or_empty(&upstream_id));
         if let Some(version) = record
             .protocol_version
             .as_deref()
             .and_then(protocol::header_value)
         {
-            replay_headers.insert(PROTOCOL_VERSION_HEADER, version);
+            headers.insert(PROTOCOL_VERSION_HEADER, version);
         }
         if let Ok(answer) = self
             .upstream
             .send(
                 &Method::POST,
                 path,
-                &replay_headers,
+                &headers,
                 protocol::initialized_notification(),
             )
             .await
@@ -650,7 +977,7 @@ impl Proxy {
                 outcome: "replayed",
             })
             .inc();
-        info!(session = %id, "handshake replayed to the upstream");
+        info!("handshake replayed to the upstream");
         let stored = NewSession {
             owner_pod: self.config.pod_name.clone(),
             metadata: record.metadata.clone(),
@@ -662,34 +989,20 @@ impl Proxy {
         Ok(upstream_id)
     }
 
-    async fn forward(
-        &self,
-        method: &Method,
-        path: &str,
-        headers: &HeaderMap,
-        body: &Bytes,
-        session: Option<(&SessionId, &str)>,
-    ) -> Response {
-        let mut headers = headers.clone();
-        if let Some((_, upstream_id)) = session {
-            headers.insert(SESSION_HEADER, header_or_empty(upstream_id));
-        }
-        match self
-            .upstream
-            .send(method, path, &headers, body.clone())
-            .await
-        {
-            Ok(answer) => {
-                if answer.held {
-                    self.metrics.held.inc();
-                }
-                convert(answer.response, session.map(|(id, _)| id))
+    fn failure(&self, failure: Failure, exchange: &Exchange) -> Response {
+        match failure {
+            Failure::Unknown(unknown) => {
+                let id = exchange
+                    .session
+                    .as_ref()
+                    .map_or("", |bound| bound.id.as_str());
+                self.unknown(unknown, exchange.request_id(), id)
             }
-            Err(error) => self.upstream_failure(error, body),
+            Failure::Upstream(error) => self.upstream_failure(error, exchange.request_id()),
         }
     }
 
-    fn unknown(&self, why: Unknown, request: &Bytes, id: &str) -> Response {
+    fn unknown(&self, why: Unknown, request_id: Option<Value>, id: &str) -> Response {
         let outcome = match why {
             Unknown::NotFound => "not_found",
             Unknown::OtherCredential => "other_credential",
@@ -704,81 +1017,70 @@ impl Proxy {
         }
         json_response(
             StatusCode::NOT_FOUND,
-            protocol::error_body(
-                protocol::request_id(protocol::message(request).as_ref()),
-                SESSION_NOT_FOUND,
-                "Session not found",
-            ),
+            protocol::error_body(request_id, SESSION_NOT_FOUND, "Session not found"),
         )
     }
 
-    fn upstream_failure(&self, error: UpstreamError, request: &Bytes) -> Response {
+    fn upstream_failure(&self, error: UpstreamError, request_id: Option<Value>) -> Response {
         warn!(%error, "upstream request failed");
-        let id = protocol::request_id(protocol::message(request).as_ref());
-        let status = if id.is_some() {
+        if matches!(error, UpstreamError::Lost(_)) {
+            self.metrics
+                .unanswered
+                .get_or_create(&OutcomeLabels { outcome: "failed" })
+                .inc();
+        }
+        let status = if request_id.is_some() {
             StatusCode::OK
         } else {
             StatusCode::BAD_GATEWAY
         };
         json_response(
             status,
-            protocol::error_body(id, UPSTREAM_UNAVAILABLE, &error.to_string()),
+            protocol::error_body(request_id, UPSTREAM_UNAVAILABLE, &error.to_string()),
         )
     }
 
-    /// Stops taking sessions, lets in-flight requests finish (up to the drain timeout), and
-    /// marks this proxy's sessions draining in the store so that any pod can claim them.
+    /// Stops taking sessions, ends listening streams with a `retry` hint, lets in-flight
+    /// requests finish (up to the drain timeout), and marks this proxy's sessions draining in
+    /// the store so that any pod can claim them.
     pub async fn drain(&self) -> u64 {
         if self.draining.swap(true, Ordering::SeqCst) {
             return self.drained.load(Ordering::SeqCst);
         }
-        let deadline = Instant::now() + self.config.drain_timeout;
+        let started = Instant::now();
+        self.phase.send_replace(Phase::Draining);
+        let deadline = started + self.config.drain_timeout;
         while self.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let ids: Vec<SessionId> = self
-            .upstream_ids
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect();
-        let mut drained = 0;
-        for id in ids {
-            match self
-                .store
-                .mark_draining(&id, self.config.drain_timeout.max(Duration::from_secs(600)))
-                .await
-            {
-                Ok(Some(_)) => drained += 1,
-                Ok(None) => {}
-                Err(error) => warn!(session = %id, %error, "cannot mark the session draining"),
+        // Whatever still streams ends now, with a hint to resume elsewhere.
+        self.phase.send_replace(Phase::Closing);
+        let ids: Vec<SessionId> = self.sessions_read().by_id.keys().cloned().collect();
+        let hold = self.config.drain_timeout.max(Duration::from_secs(600));
+        let marks = ids.iter().map(|id| async move {
+            match self.store.mark_draining(id, hold).await {
+                Ok(Some(_)) => 1,
+                Ok(None) => 0,
+                Err(error) => {
+                    warn!(session = %id, %error, "cannot mark the session draining");
+                    0
+                }
             }
-        }
+        });
+        let drained = futures::future::join_all(marks).await.into_iter().sum();
+        self.events.flush().await;
         self.drained.store(drained, Ordering::SeqCst);
-        info!(drained, "drained");
+        info!(
+            drained,
+            seconds = started.elapsed().as_secs_f64(),
+            "drained"
+        );
         drained
     }
 }
 
 fn header_or_empty(value: &str) -> HeaderValue {
     HeaderValue::from_str(value).unwrap_or_else(|_| HeaderValue::from_static(""))
-}
-
-/// The upstream's response for the client: hop-by-hop headers dropped, the upstream's session
-/// id replaced by the proxy's; the body streams through.
-fn convert(
-    response: hyper::Response<hyper::body::Incoming>,
-    session: Option<&SessionId>,
-) -> Response {
-    let (mut parts, body) = response.into_parts();
-    protocol::strip_hop_by_hop(&mut parts.headers);
-    if let Some(id) = session {
-        parts
-            .headers
-            .insert(SESSION_HEADER, header_or_empty(id.as_str()));
-    }
-    Response::from_parts(parts, Body::new(body))
 }
 
 fn plain(status: StatusCode, message: &'static str) -> Response {
@@ -806,20 +1108,9 @@ pub async fn run(
         let proxy = proxy.clone();
         move |request: Request| proxy.clone().handle(request)
     });
-    let admin_app = Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/drain", get(drain).post(drain))
-        .route("/metrics", get(metrics))
-        .route("/sessions", get(sessions))
-        .with_state(proxy.clone());
     info!(%listen, upstream = %proxy.config.upstream, %admin, store = %proxy.store.describe(), "session proxy serving");
-    tokio::spawn(proxy.clone().restore_unstored());
-    tokio::spawn(async move {
-        if let Err(error) = axum::serve(admin_listener, admin_app).await {
-            warn!(%error, "admin server failed");
-        }
-    });
+    tokio::spawn(proxy.clone().maintain());
+    tokio::spawn(admin::serve(proxy.clone(), admin_listener));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let serving = axum::serve(listener, app).with_graceful_shutdown(async move {
         let _ = stopped.await;
@@ -828,46 +1119,8 @@ pub async fn run(
     shutdown.await;
     proxy.drain().await;
     let _ = stop.send(());
-    let _ = tokio::time::timeout(proxy.config.drain_timeout, server).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     Ok(())
-}
-
-async fn readyz(State(proxy): State<Arc<Proxy>>) -> (StatusCode, &'static str) {
-    if proxy.draining.load(Ordering::SeqCst) {
-        (StatusCode::SERVICE_UNAVAILABLE, "draining")
-    } else {
-        (StatusCode::OK, "ok")
-    }
-}
-
-async fn drain(State(proxy): State<Arc<Proxy>>) -> String {
-    format!("drained {} sessions\n", proxy.drain().await)
-}
-
-async fn metrics(State(proxy): State<Arc<Proxy>>) -> impl IntoResponse {
-    let mut out = String::new();
-    let _ = prometheus_client::encoding::text::encode(&mut out, &proxy.metrics.registry);
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        out,
-    )
-}
-
-/// This proxy's sessions: ids only (the upstream's ids are the upstream's secrets).
-async fn sessions(State(proxy): State<Arc<Proxy>>) -> axum::Json<Value> {
-    let ids: Vec<String> = proxy
-        .upstream_ids
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .keys()
-        .map(|id| id.to_string())
-        .collect();
-    axum::Json(
-        serde_json::json!({"pod": proxy.config.pod_name, "draining": proxy.draining.load(Ordering::SeqCst), "sessions": ids}),
-    )
 }
 
 #[cfg(test)]

@@ -1,16 +1,16 @@
 //! The embedded store: the Redis schema's semantics in process memory, for a proxy on a laptop
 //! and for tests of code above the store.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
 
 use super::{
-    Claim, ClaimOutcome, CountSource, ListCursor, ListPage, Listed, MemorySample, NewSession,
-    Origin, PruneReport, Result, Session, SessionCounts, SessionId, SessionPatch, SessionRecord,
-    SessionState, SessionStore, Timestamp,
+    Claim, ClaimOutcome, CountSource, ListCursor, ListPage, Listed, LoggedEvent, MemorySample,
+    NewSession, Origin, PruneReport, Result, Session, SessionCounts, SessionId, SessionPatch,
+    SessionRecord, SessionState, SessionStore, Timestamp,
 };
 
 #[derive(Debug)]
@@ -26,6 +26,8 @@ struct State {
     by_expiry: BTreeSet<(i64, SessionId)>,
     draining: u64,
     per_pod: BTreeMap<String, u64>,
+    /// Event logs of live sessions; a log goes with its record.
+    events: HashMap<SessionId, VecDeque<LoggedEvent>>,
 }
 
 impl State {
@@ -37,7 +39,10 @@ impl State {
                 self.count(&entry.record, 1);
                 self.records.insert(id.clone(), entry)
             }
-            None => self.records.remove(id),
+            None => {
+                self.events.remove(id);
+                self.records.remove(id)
+            }
         };
         if let Some(old) = &old {
             self.by_expiry.remove(&(old.expires_at_ms, id.clone()));
@@ -216,6 +221,34 @@ impl SessionStore for MemoryStore {
             } else {
                 ClaimOutcome::Claimed(session)
             }
+        }))
+    }
+
+    async fn append_events(
+        &self,
+        id: &SessionId,
+        events: &[LoggedEvent],
+        keep: usize,
+    ) -> Result<()> {
+        self.with_state(|state, _, _| {
+            if !state.records.contains_key(id) {
+                return; // Nothing would ever resume it, and nothing would remove it.
+            }
+            let log = state.events.entry(id.clone()).or_default();
+            log.extend(events.iter().cloned());
+            let excess = log.len().saturating_sub(keep);
+            log.drain(..excess);
+        });
+        Ok(())
+    }
+
+    async fn events(&self, id: &SessionId) -> Result<Vec<LoggedEvent>> {
+        Ok(self.with_state(|state, _, _| {
+            state
+                .events
+                .get(id)
+                .map(|log| log.iter().cloned().collect())
+                .unwrap_or_default()
         }))
     }
 

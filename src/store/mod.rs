@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::{Stream, TryStreamExt as _};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 pub use self::debounce::{DebouncedToucher, Touched};
@@ -42,6 +42,17 @@ pub struct Session {
     pub record: SessionRecord,
     /// Milliseconds until expiry; `None` for a key without TTL.
     pub ttl_millis: Option<u64>,
+}
+
+/// One event of a session's resumption log: an SSE event the proxy sent a client, kept so that
+/// a client that lost its stream resumes it with `Last-Event-ID`, on any proxy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoggedEvent {
+    /// The id the client saw (the proxy's, never the upstream's).
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<String>,
+    pub data: String,
 }
 
 /// What a new session starts with.
@@ -310,7 +321,20 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Takes over a draining or unowned session atomically.
     async fn claim(&self, id: &SessionId, claim: Claim) -> Result<ClaimOutcome>;
 
-    /// Deletes the session and its index entries. Returns false if it did not exist.
+    /// Appends to the session's event log, keeping its newest `keep` entries. The log expires
+    /// with the session (Redis: its own key, same TTL, same Cluster slot as the record).
+    async fn append_events(
+        &self,
+        id: &SessionId,
+        events: &[LoggedEvent],
+        keep: usize,
+    ) -> Result<()>;
+
+    /// The session's event log, oldest first. Entries that do not parse are skipped and logged.
+    async fn events(&self, id: &SessionId) -> Result<Vec<LoggedEvent>>;
+
+    /// Deletes the session, its event log and its index entries. Returns false if it did not
+    /// exist.
     async fn delete(&self, id: &SessionId) -> Result<bool>;
 
     /// One page of all records under the prefix, in no particular order. Never `KEYS`.

@@ -1,5 +1,7 @@
-"""A real MCP client (the `mcp` SDK's Client, handshake mode) that calls a tool repeatedly and
-reports what it saw: a line per call (`ok N` or `error ...`), then a JSON summary.
+"""A real MCP client (the `mcp` SDK's Client, handshake mode) that lists the tools, as every
+client does, then calls `add` repeatedly and reports what it saw: a line per call (`ok N` or
+`error ...`), then a JSON summary. MCP_TEST_TOOL_DELAY (seconds) makes each call take that long
+on the server.
 
     python client.py URL SECONDS [INTERVAL_SECONDS] [AUTHORIZATION]
 
@@ -8,6 +10,7 @@ The per-call lines let a test restart the server between two calls.
 
 import asyncio
 import json
+import os
 import sys
 import time
 
@@ -20,6 +23,7 @@ async def main() -> None:
     url, seconds = sys.argv[1], float(sys.argv[2])
     interval = float(sys.argv[3]) if len(sys.argv) > 3 else 0.05
     headers = {"Authorization": sys.argv[4]} if len(sys.argv) > 4 else {}
+    delay = float(os.environ.get("MCP_TEST_TOOL_DELAY", "0"))
     calls, errors, session_ids, slowest = 0, [], set(), 0.0
 
     async def record_session(response: httpx2.Response) -> None:
@@ -29,12 +33,13 @@ async def main() -> None:
     http = httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(60.0), event_hooks={"response": [record_session]})
     try:
         async with Client(streamable_http_client(url, http_client=http), mode="legacy") as client:
+            await client.list_tools()
             deadline = time.monotonic() + seconds
             while time.monotonic() < deadline:
                 failure = None
                 started = time.monotonic()
                 try:
-                    result = await client.call_tool("add", {"a": calls, "b": 1})
+                    result = await client.call_tool("add", {"a": calls, "b": 1, "delay": delay})
                     if result.is_error:
                         failure = f"tool error: {result.content}"
                     elif str(calls + 1) not in json.dumps(result.model_dump(mode="json")):

@@ -65,6 +65,12 @@ impl Keys {
         SessionId::parse(raw).map_err(|e| UnreadableReason::InvalidId(e.to_string()))
     }
 
+    /// List: the session's event log. `{record key}` as hash tag: the record's Cluster slot,
+    /// and outside the records' `SCAN` pattern.
+    pub fn events(&self, id: &SessionId) -> String {
+        format!("{{{}{}}}:events", self.prefix, id)
+    }
+
     /// Sorted set: every indexed session, scored by expiry (unix ms).
     pub fn expiry(&self) -> String {
         format!("{}:expiry", self.tag)
@@ -107,6 +113,16 @@ mod tests {
             let tag = &index[1..index.find('}').unwrap()];
             assert_eq!(tag, "mcp:session:");
         }
+    }
+
+    #[test]
+    fn an_event_log_shares_its_records_slot_and_stays_out_of_the_scan() {
+        let keys = Keys::new("mcp:session:").unwrap();
+        let id = SessionId::parse("abc").unwrap();
+        let log = keys.events(&id);
+        assert_eq!(log, "{mcp:session:abc}:events");
+        assert!(!log.starts_with(keys.prefix()));
+        assert_eq!(&log[1..log.find('}').unwrap()], keys.record(&id));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use futures::StreamExt as _;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisResult, Value};
-use tracing::{debug, info, instrument};
+use tracing::{debug, info, instrument, warn};
 
 pub use self::keys::Keys;
 use self::keys::SENTINEL;
@@ -24,10 +24,10 @@ use self::scripts::{Lua, Scripts};
 pub(crate) use self::target::Conn;
 pub use self::target::{RedisTarget, mask_url};
 use super::{
-    Claim, ClaimOutcome, ClaimRefusal, CountSource, ListCursor, ListPage, Listed, MemorySample,
-    NewSession, Origin, PruneReport, Result, Session, SessionCounts, SessionId, SessionPatch,
-    SessionRecord, SessionState, SessionStore, StoreError, Timestamp, UnreadableReason,
-    UnreadableRecord,
+    Claim, ClaimOutcome, ClaimRefusal, CountSource, ListCursor, ListPage, Listed, LoggedEvent,
+    MemorySample, NewSession, Origin, PruneReport, Result, Session, SessionCounts, SessionId,
+    SessionPatch, SessionRecord, SessionState, SessionStore, StoreError, Timestamp,
+    UnreadableReason, UnreadableRecord,
 };
 
 /// Records above this size are reported, not parsed (a session is a few hundred bytes).
@@ -708,9 +708,51 @@ impl SessionStore for RedisStore {
     }
 
     #[instrument(level = "debug", skip_all, fields(session = %id))]
+    async fn append_events(
+        &self,
+        id: &SessionId,
+        events: &[LoggedEvent],
+        keep: usize,
+    ) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let key = self.keys.events(id);
+        let entries: Vec<Vec<u8>> = events
+            .iter()
+            .filter_map(|event| serde_json::to_vec(event).ok())
+            .collect();
+        let keep = i64::try_from(keep).unwrap_or(i64::MAX);
+        let mut pipe = redis::pipe();
+        pipe.cmd("RPUSH").arg(&key).arg(entries);
+        pipe.cmd("LTRIM").arg(&key).arg(-keep).arg(-1);
+        pipe.cmd("PEXPIRE").arg(&key).arg(millis(self.ttl));
+        self.expect_all(self.pipeline(&pipe).await?)
+    }
+
+    async fn events(&self, id: &SessionId) -> Result<Vec<LoggedEvent>> {
+        let key = self.keys.events(id);
+        let entries: Vec<Vec<u8>> = self
+            .query(redis::cmd("LRANGE").arg(&key).arg(0).arg(-1))
+            .await?;
+        Ok(entries
+            .iter()
+            .filter_map(|entry| match serde_json::from_slice(entry) {
+                Ok(event) => Some(event),
+                Err(error) => {
+                    warn!(%key, %error, "skipping an unreadable event log entry");
+                    None
+                }
+            })
+            .collect())
+    }
+
     async fn delete(&self, id: &SessionId) -> Result<bool> {
         let previous: Option<Vec<u8>> = self
             .query(redis::cmd("GETDEL").arg(self.keys.record(id)))
+            .await?;
+        // The log is useless without its session, whether or not the record was still there.
+        self.query::<i64>(redis::cmd("DEL").arg(self.keys.events(id)))
             .await?;
         let Some(previous) = previous else {
             return Ok(false);

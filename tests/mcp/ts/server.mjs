@@ -12,13 +12,41 @@ import { z } from "zod";
 const port = Number(process.argv[2]);
 const transports = {};
 
+const notes = [];
+const sleep = (seconds) => new Promise((resolve) => setTimeout(resolve, seconds * 1000));
+
+// The same tools as ../server.py: `add` pure and annotated read-only, `record` with an effect
+// and no annotation, `notify` sending on the listening stream.
 function mcpServer() {
   const server = new McpServer({ name: "ts-test-server", version: "1.0.0" });
   server.registerTool(
     "add",
-    { description: "Adds two numbers.", inputSchema: { a: z.number(), b: z.number() } },
-    async ({ a, b }) => ({ content: [{ type: "text", text: String(a + b) }] }),
+    {
+      description: "Adds two numbers, after `delay` seconds.",
+      inputSchema: { a: z.number(), b: z.number(), delay: z.number().optional() },
+      annotations: { readOnlyHint: true },
+    },
+    async ({ a, b, delay }) => {
+      if (delay) await sleep(delay);
+      return { content: [{ type: "text", text: String(a + b) }] };
+    },
   );
+  server.registerTool(
+    "record",
+    {
+      description: "Appends a note to this process's log; returns how many notes it holds.",
+      inputSchema: { note: z.string(), delay: z.number().optional() },
+    },
+    async ({ note, delay }) => {
+      if (delay) await sleep(delay);
+      notes.push(note);
+      return { content: [{ type: "text", text: String(notes.length) }] };
+    },
+  );
+  server.registerTool("notify", { description: "Tells the client the resource list changed." }, async () => {
+    server.sendResourceListChanged();
+    return { content: [{ type: "text", text: "sent" }] };
+  });
   return server;
 }
 

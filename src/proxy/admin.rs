@@ -1,0 +1,68 @@
+//! The admin port: probes, the drain hook, metrics and this proxy's sessions. Thin handlers
+//! over [`Proxy`].
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use serde_json::Value;
+use tracing::warn;
+
+use super::Proxy;
+
+pub async fn serve(proxy: Arc<Proxy>, listener: tokio::net::TcpListener) {
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/drain", get(drain).post(drain))
+        .route("/metrics", get(metrics))
+        .route("/sessions", get(sessions))
+        .with_state(proxy);
+    if let Err(error) = axum::serve(listener, app).await {
+        warn!(%error, "admin server failed");
+    }
+}
+
+async fn readyz(State(proxy): State<Arc<Proxy>>) -> (StatusCode, &'static str) {
+    if proxy.draining.load(Ordering::SeqCst) {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining")
+    } else {
+        (StatusCode::OK, "ok")
+    }
+}
+
+/// The preStop hook: returns once the drain is done, so the backend gets SIGTERM only then.
+async fn drain(State(proxy): State<Arc<Proxy>>) -> String {
+    format!("drained {} sessions\n", proxy.drain().await)
+}
+
+async fn metrics(State(proxy): State<Arc<Proxy>>) -> impl IntoResponse {
+    let mut out = String::new();
+    let _ = prometheus_client::encoding::text::encode(&mut out, &proxy.metrics.registry);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        out,
+    )
+}
+
+/// This proxy's sessions: ids only (the upstream's ids are the upstream's secrets).
+async fn sessions(State(proxy): State<Arc<Proxy>>) -> axum::Json<Value> {
+    let ids: Vec<String> = proxy
+        .sessions_read()
+        .by_id
+        .keys()
+        .map(|id| id.to_string())
+        .collect();
+    axum::Json(serde_json::json!({
+        "pod": proxy.config.pod_name,
+        "draining": proxy.draining.load(Ordering::SeqCst),
+        "sessions": ids,
+    }))
+}

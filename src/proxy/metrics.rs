@@ -1,0 +1,129 @@
+//! The proxy's metrics (DESIGN.md names): requests by method and status, latency, replays,
+//! held and resent requests, claims, refusals, sessions and streams.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub method: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+pub struct ProxyMetrics {
+    pub registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub latency: Histogram,
+    pub replays: Family<OutcomeLabels, Counter>,
+    pub held: Counter,
+    /// Requests whose response the upstream lost: `resent` (safe to execute twice) or
+    /// `failed` (answered with a JSON-RPC error).
+    pub unanswered: Family<OutcomeLabels, Counter>,
+    pub claims: Family<OutcomeLabels, Counter>,
+    pub refused: Family<OutcomeLabels, Counter>,
+    pub sessions: Gauge,
+    pub streams: Family<KindLabels, Gauge>,
+    /// Streams resumed from the event log with `Last-Event-ID`.
+    pub resumed: Family<KindLabels, Counter>,
+    pub events_unlogged: Counter,
+}
+
+impl Default for ProxyMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "mcp_proxy_requests",
+            "Requests by HTTP method and status",
+            requests.clone(),
+        );
+        let latency = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
+        registry.register(
+            "mcp_proxy_request_duration_seconds",
+            "Time to the response head",
+            latency.clone(),
+        );
+        let replays = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "mcp_session_rehydrations",
+            "Handshake replays to a fresh upstream",
+            replays.clone(),
+        );
+        let held = Counter::default();
+        registry.register(
+            "mcp_proxy_held_requests",
+            "Requests held while the upstream was down",
+            held.clone(),
+        );
+        let unanswered = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "mcp_proxy_unanswered_requests",
+            "Requests whose response the upstream lost, by what the proxy did",
+            unanswered.clone(),
+        );
+        let claims = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "mcp_proxy_claims",
+            "Claims of sessions from other pods",
+            claims.clone(),
+        );
+        let refused = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "mcp_proxy_refused_sessions",
+            "Session ids answered as unknown",
+            refused.clone(),
+        );
+        let sessions = Gauge::default();
+        registry.register(
+            "mcp_proxy_sessions",
+            "Sessions this proxy maps to its upstream",
+            sessions.clone(),
+        );
+        let streams = Family::<KindLabels, Gauge>::default();
+        registry.register(
+            "mcp_proxy_streams",
+            "Open SSE streams by kind (listen: GET, response: POST)",
+            streams.clone(),
+        );
+        let resumed = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "mcp_proxy_resumed_streams",
+            "Streams resumed with Last-Event-ID from the event log",
+            resumed.clone(),
+        );
+        let events_unlogged = Counter::default();
+        registry.register(
+            "mcp_proxy_events_unlogged",
+            "SSE events not logged for resumption because the store fell behind",
+            events_unlogged.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            latency,
+            replays,
+            held,
+            unanswered,
+            claims,
+            refused,
+            sessions,
+            streams,
+            resumed,
+            events_unlogged,
+        }
+    }
+}

@@ -1,0 +1,426 @@
+//! The relay of an upstream event stream to the client.
+//!
+//! Event by event (never a whole body), the relay:
+//! - numbers the events of a session's stream with the proxy's own ids and logs them for
+//!   `Last-Event-ID` resumption ([`super::events`]);
+//! - keeps a listening (GET) stream open across upstream restarts by opening a new upstream
+//!   stream behind it;
+//! - on a response (POST) stream that ends before the request's answer (the upstream died), sends
+//!   the request again if executing it twice is safe ([`super::retry`]), else answers for it with
+//!   a JSON-RPC error: the client always gets an answer, never a stream that just stops;
+//! - ends with a `retry` hint when the proxy drains: listening streams at once, response streams
+//!   at the drain deadline.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use bytes::Bytes;
+use http_body_util::BodyExt as _;
+use hyper::body::Incoming;
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+use tracing::{Instrument as _, debug, info, info_span, warn};
+
+use super::events::{StreamKind, StreamTag};
+use super::metrics::{KindLabels, OutcomeLabels};
+use super::protocol::{self, MessageHead};
+use super::sse::{self, Event};
+use super::{Exchange, Failure, Phase, Proxy, UPSTREAM_UNAVAILABLE};
+use crate::store::LoggedEvent;
+
+/// What a client told to reconnect waits first, in milliseconds: another pod is ready.
+const RECONNECT_HINT_MS: u64 = 500;
+/// Chunks in flight to a slow client before the relay stops reading the upstream.
+const BUFFERED_CHUNKS: usize = 16;
+/// The first pause before a request is sent again; it doubles up to a second. A server that
+/// is shutting down still accepts requests and drops them: the resend waits for its successor.
+const FIRST_RESEND_PAUSE: Duration = Duration::from_millis(50);
+
+/// A resumed listening stream: its identity, where the client left it, and the logged events
+/// it missed.
+pub struct Resumed {
+    pub tag: StreamTag,
+    pub after: u64,
+    pub backlog: Vec<(u64, LoggedEvent)>,
+}
+
+/// Starts relaying `body` and returns the client's side of it.
+pub fn start(
+    proxy: Arc<Proxy>,
+    exchange: Exchange,
+    body: Incoming,
+    resumed: Option<Resumed>,
+) -> Body {
+    let (out, client) = mpsc::channel(BUFFERED_CHUNKS);
+    let kind = exchange.stream_kind();
+    let open = Open::new(proxy.clone(), kind);
+    let (tag, seq, backlog) = match resumed {
+        Some(resumed) => {
+            let seq = resumed
+                .backlog
+                .last()
+                .map_or(resumed.after, |(n, _)| (*n).max(resumed.after));
+            (Some(resumed.tag), seq, resumed.backlog)
+        }
+        None => (
+            exchange.session.as_ref().map(|_| StreamTag::new(kind)),
+            0,
+            Vec::new(),
+        ),
+    };
+    let span = info_span!(
+        "stream",
+        session = exchange.session.as_ref().map(|b| b.id.to_string()),
+        stream = tag.map(|t| t.to_string()),
+    );
+    let relay = Relay {
+        awaited: (kind == StreamKind::Response)
+            .then(|| exchange.head.as_ref().filter(|h| h.is_request()))
+            .flatten()
+            .and_then(|h| h.id.clone()),
+        phase: proxy.phase.subscribe(),
+        proxy,
+        exchange,
+        kind,
+        tag,
+        seq,
+        answered: false,
+        out,
+        resend_pause: FIRST_RESEND_PAUSE,
+        started: Instant::now(),
+    };
+    tokio::spawn(relay.run(body, backlog, open).instrument(span));
+    Body::from_stream(futures::stream::unfold(client, |mut client| async move {
+        client
+            .recv()
+            .await
+            .map(|chunk| (Ok::<_, Infallible>(chunk), client))
+    }))
+}
+
+/// The event a client gets for a logged one.
+pub fn logged_event(logged: LoggedEvent) -> Event {
+    Event {
+        id: Some(logged.id),
+        event: logged.event,
+        data: Some(logged.data),
+        retry: None,
+    }
+}
+
+/// Counts an open stream for as long as it lives: in the metrics, and (for response streams)
+/// as in flight, which a drain waits for.
+struct Open {
+    proxy: Arc<Proxy>,
+    kind: StreamKind,
+}
+
+impl Open {
+    fn new(proxy: Arc<Proxy>, kind: StreamKind) -> Self {
+        if kind == StreamKind::Response {
+            proxy.in_flight.fetch_add(1, Ordering::SeqCst);
+        }
+        proxy.metrics.streams.get_or_create(&labels(kind)).inc();
+        Self { proxy, kind }
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        if self.kind == StreamKind::Response {
+            self.proxy.in_flight.fetch_sub(1, Ordering::SeqCst);
+        }
+        self.proxy
+            .metrics
+            .streams
+            .get_or_create(&labels(self.kind))
+            .dec();
+    }
+}
+
+fn labels(kind: StreamKind) -> KindLabels {
+    KindLabels {
+        kind: match kind {
+            StreamKind::Listen => "listen",
+            StreamKind::Response => "response",
+        },
+    }
+}
+
+/// Why pumping stopped.
+enum End {
+    /// The upstream's stream ended or broke.
+    Upstream,
+    /// The client went away.
+    ClientGone,
+    /// The drain reached this stream.
+    Closing,
+}
+
+struct Relay {
+    proxy: Arc<Proxy>,
+    exchange: Exchange,
+    kind: StreamKind,
+    /// Set for a session's streams: their events get the proxy's ids and are logged.
+    tag: Option<StreamTag>,
+    seq: u64,
+    /// The id of the request whose answer a response stream carries.
+    awaited: Option<Value>,
+    answered: bool,
+    out: mpsc::Sender<Bytes>,
+    phase: watch::Receiver<Phase>,
+    /// Resends go on, with growing pauses, for as long as a request is held for a restarting
+    /// upstream.
+    resend_pause: Duration,
+    started: Instant,
+}
+
+/// Resolves once the drain has reached streams of `kind`.
+async fn closing(phase: &mut watch::Receiver<Phase>, kind: StreamKind) {
+    let threshold = match kind {
+        StreamKind::Listen => Phase::Draining,
+        StreamKind::Response => Phase::Closing,
+    };
+    if phase.wait_for(|p| *p >= threshold).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+impl Relay {
+    async fn run(mut self, mut body: Incoming, backlog: Vec<(u64, LoggedEvent)>, _open: Open) {
+        for (_, logged) in backlog {
+            if self.out.send(logged_event(logged).encode()).await.is_err() {
+                return;
+            }
+        }
+        let mut quick_ends = 0_u32;
+        loop {
+            let opened = Instant::now();
+            match self.pump(&mut body).await {
+                End::ClientGone => return,
+                End::Closing => return self.close().await,
+                End::Upstream => {}
+            }
+            let next = match self.kind {
+                StreamKind::Response if self.answered || self.awaited.is_none() => return,
+                StreamKind::Response => self.resend().await,
+                StreamKind::Listen => {
+                    // An upstream that ends every stream at once must not be hammered.
+                    if opened.elapsed() < Duration::from_secs(1) {
+                        quick_ends = (quick_ends + 1).min(6);
+                        let pause = Duration::from_millis(50 << quick_ends);
+                        tokio::time::sleep(pause).await;
+                    } else {
+                        quick_ends = 0;
+                    }
+                    let next = self.reconnect().await;
+                    if next.is_none() {
+                        return self.close().await;
+                    }
+                    next
+                }
+            };
+            match next {
+                Some(next) => body = next,
+                None => return,
+            }
+        }
+    }
+
+    /// Relays events until the upstream's stream ends, the client leaves or the drain comes.
+    async fn pump(&mut self, body: &mut Incoming) -> End {
+        let mut parser = sse::Parser::default();
+        let mut events = Vec::new();
+        loop {
+            let frame = tokio::select! {
+                biased;
+                () = closing(&mut self.phase, self.kind) => return End::Closing,
+                () = self.out.closed() => return End::ClientGone,
+                frame = body.frame() => frame,
+            };
+            let chunk = match frame {
+                None => return End::Upstream,
+                Some(Err(error)) => {
+                    debug!(%error, "the upstream's event stream broke");
+                    return End::Upstream;
+                }
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(chunk) => chunk,
+                    Err(_) => continue, // Trailers.
+                },
+            };
+            if let Err(error) = parser.feed(&chunk, &mut events) {
+                warn!(%error, "the upstream sent a malformed event stream; ending it");
+                return End::Upstream;
+            }
+            for event in events.drain(..) {
+                if !self.forward(event).await {
+                    return End::ClientGone;
+                }
+            }
+        }
+    }
+
+    /// Sends one event to the client, numbered and logged if it belongs to a session.
+    async fn forward(&mut self, mut event: Event) -> bool {
+        if let (Some(data), Some(awaited)) = (&event.data, &self.awaited)
+            && !self.answered
+            && MessageHead::of(data.as_bytes()).is_some_and(|head| head.answers(awaited))
+        {
+            self.answered = true;
+            self.proxy.observe(&self.exchange, data.as_bytes());
+        }
+        if let (Some(tag), Some(bound)) = (self.tag, &self.exchange.session)
+            && (event.data.is_some() || event.id.is_some())
+        {
+            self.seq += 1;
+            let id = tag.event_id(self.seq);
+            if let Some(data) = &event.data {
+                let logged = LoggedEvent {
+                    id: id.clone(),
+                    event: event.event.clone(),
+                    data: data.clone(),
+                };
+                self.proxy.events.append(&bound.id, logged);
+            }
+            event.id = Some(id);
+        }
+        self.out.send(event.encode()).await.is_ok()
+    }
+
+    /// Tells the client to reconnect (to another pod, through the Service) and ends.
+    async fn close(self) {
+        let hint = Event {
+            retry: Some(RECONNECT_HINT_MS),
+            ..Default::default()
+        };
+        let _ = self.out.send(hint.encode()).await;
+    }
+
+    /// The response stream ended before its answer: send the request again if that is safe,
+    /// else answer for it.
+    async fn resend(&mut self) -> Option<Incoming> {
+        let out_of_time = self.started.elapsed() + self.resend_pause > self.proxy.config.hold;
+        if out_of_time || !self.proxy.may_resend(&self.exchange) {
+            self.proxy
+                .metrics
+                .unanswered
+                .get_or_create(&OutcomeLabels { outcome: "failed" })
+                .inc();
+            warn!(
+                method = self
+                    .exchange
+                    .head
+                    .as_ref()
+                    .and_then(|h| h.method.as_deref()),
+                "the upstream ended the stream before answering; the request may have been executed, so it is not sent again"
+            );
+            self.answer_with_error(
+                UPSTREAM_UNAVAILABLE,
+                "The MCP server went away before answering; the request may have been executed, so it was not sent again",
+            )
+            .await;
+            return None;
+        }
+        tokio::time::sleep(self.resend_pause).await;
+        self.resend_pause = (self.resend_pause * 2).min(Duration::from_secs(1));
+        self.proxy
+            .metrics
+            .unanswered
+            .get_or_create(&OutcomeLabels { outcome: "resent" })
+            .inc();
+        info!(
+            method = self
+                .exchange
+                .head
+                .as_ref()
+                .and_then(|h| h.method.as_deref()),
+            "the upstream ended the stream before answering; sending the request again (safe to repeat)"
+        );
+        let answer = tokio::select! {
+            () = closing(&mut self.phase, self.kind) => return None,
+            answer = self.proxy.exchange(&self.exchange) => answer,
+        };
+        match answer {
+            Ok(answer) if protocol::is_event_stream(answer.response.headers()) => {
+                Some(answer.response.into_body())
+            }
+            Ok(answer) => {
+                // A JSON answer is the stream's next (and last) event.
+                let limit = self.proxy.config.max_body_bytes;
+                let body = http_body_util::Limited::new(answer.response.into_body(), limit);
+                match body.collect().await.map(|c| c.to_bytes()) {
+                    Ok(bytes) if !bytes.is_empty() => {
+                        let data = String::from_utf8_lossy(&bytes).into_owned();
+                        let event = Event {
+                            data: Some(data),
+                            ..Default::default()
+                        };
+                        self.forward(event).await;
+                    }
+                    _ => {
+                        self.answer_with_error(
+                            UPSTREAM_UNAVAILABLE,
+                            "The MCP server sent no answer",
+                        )
+                        .await;
+                    }
+                }
+                None
+            }
+            Err(failure) => {
+                let (code, message) = failure.describe();
+                self.answer_with_error(code, &message).await;
+                None
+            }
+        }
+    }
+
+    async fn answer_with_error(&mut self, code: i64, message: &str) {
+        let body = protocol::error_body(self.awaited.clone(), code, message);
+        let event = Event {
+            data: Some(String::from_utf8_lossy(&body).into_owned()),
+            ..Default::default()
+        };
+        self.forward(event).await;
+    }
+
+    /// Opens a new upstream stream behind the client's listening stream (the upstream
+    /// restarted, or ended it); `None` if it cannot, or the proxy drains meanwhile.
+    async fn reconnect(&mut self) -> Option<Incoming> {
+        let answer = tokio::select! {
+            () = closing(&mut self.phase, self.kind) => return None,
+            answer = self.proxy.exchange(&self.exchange) => answer,
+        };
+        match answer {
+            Ok(answer)
+                if answer.response.status().is_success()
+                    && protocol::is_event_stream(answer.response.headers()) =>
+            {
+                info!("listening stream reconnected to the upstream");
+                Some(answer.response.into_body())
+            }
+            Ok(answer) => {
+                debug!(status = %answer.response.status(), "the upstream did not reopen the listening stream");
+                None
+            }
+            Err(failure) => {
+                debug!(?failure, "cannot reopen the listening stream");
+                None
+            }
+        }
+    }
+}
+
+impl Failure {
+    /// The JSON-RPC error a client gets for this failure.
+    pub(super) fn describe(&self) -> (i64, String) {
+        match self {
+            Failure::Unknown(_) => (super::SESSION_NOT_FOUND, "Session not found".into()),
+            Failure::Upstream(error) => (UPSTREAM_UNAVAILABLE, error.to_string()),
+        }
+    }
+}
