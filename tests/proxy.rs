@@ -1032,3 +1032,110 @@ async fn sessions_per_credential_are_limited() {
             .contains(r#"mcp_proxy_refused_sessions_total{outcome="too_many_sessions"} 1"#)
     );
 }
+
+/// A pod of the test: an SDK's MCP server behind a proxy that shares sessions through Redis.
+struct Pod {
+    server: Process,
+    proxy: Process,
+    backend: support::balancer::Backend,
+}
+
+impl Pod {
+    async fn start(sdk: Sdk, name: &str, redis: &str) -> Self {
+        let (server_port, proxy_port, admin_port) = (free_port(), free_port(), free_port());
+        let server = sdk.server(server_port);
+        let proxy = proxy_with(proxy_port, server_port, admin_port, name, Some(redis), &[]);
+        wait_listening(server_port).await;
+        wait_listening(proxy_port).await;
+        let at = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        Self {
+            server,
+            proxy,
+            backend: support::balancer::Backend {
+                serve: at(proxy_port),
+                ready: at(admin_port),
+            },
+        }
+    }
+
+    /// What the kubelet does to a deleted pod: the proxy drains on SIGTERM and exits, then the
+    /// MCP server stops.
+    fn stop(mut self) {
+        self.proxy.terminate();
+        self.server.terminate();
+    }
+}
+
+/// Pods replaced under an SDK's client, as in a rolling update: it reaches them through a
+/// Service stand-in, calling a tool every 50 ms for 10 s. Pod A is deleted at 3 s, pod C joins
+/// at 5 s, pod B is deleted at 7 s: every session moves twice, by drain and claim, with no error.
+async fn sdk_client_through_pod_replacements(sdk: Sdk) {
+    use tokio::io::AsyncBufReadExt as _;
+    let redis = support::redis::RedisServer::start();
+    let (a, b) = (
+        Pod::start(sdk, "pod-a", &redis.url()).await,
+        Pod::start(sdk, "pod-b", &redis.url()).await,
+    );
+    let service =
+        support::balancer::Balancer::start(vec![a.backend.clone(), b.backend.clone()]).await;
+    service.wait_ready(2).await;
+    let url = format!("http://127.0.0.1:{}/mcp", service.port);
+    let mut client = tokio::process::Command::from(sdk.command("client"))
+        .args([url.as_str(), "10", "0.05", "Bearer rolling-client"])
+        .env("MCP_TEST_TOOL_DELAY", "0.02")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the SDK client");
+    let output = tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(client.stdout.take().expect("stdout")).lines();
+        let mut summary = None;
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.starts_with('{') {
+                summary = Some(line);
+            }
+        }
+        summary
+    });
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    service.remove(a.backend.serve);
+    a.stop();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let c = Pod::start(sdk, "pod-c", &redis.url()).await;
+    service.add(c.backend.clone());
+    service.wait_ready(2).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    service.remove(b.backend.serve);
+    b.stop();
+
+    let summary: Value = serde_json::from_str(&output.await.unwrap().expect("a summary line"))
+        .expect("JSON summary");
+    eprintln!("{sdk:?} through pod replacements: {summary}");
+    assert_eq!(summary["errors"], json!([]), "{sdk:?}: {summary}");
+    assert_eq!(
+        summary["session_ids"].as_array().map(Vec::len),
+        Some(1),
+        "{summary}"
+    );
+    assert!(summary["calls"].as_u64().unwrap_or(0) >= 80, "{summary}");
+    // The session ended on pod-c, which claimed it from a drained pod. (The Python client
+    // ends its session with DELETE on exit, so the store may no longer have it.)
+    let metrics = admin_get(c.backend.ready.port(), "/metrics").await;
+    assert!(
+        metrics.contains(r#"mcp_proxy_claims_total{outcome="claimed"} 1"#),
+        "{metrics}"
+    );
+    drop(c);
+}
+
+#[tokio::test]
+async fn the_python_sdk_client_sees_no_pod_replacement() {
+    sdk_client_through_pod_replacements(Sdk::Python).await;
+}
+
+#[tokio::test]
+async fn the_typescript_sdk_client_sees_no_pod_replacement() {
+    sdk_client_through_pod_replacements(Sdk::TypeScript).await;
+}
