@@ -79,16 +79,40 @@ impl Sdk {
     }
 
     fn server(self, port: u16) -> Process {
+        self.server_for(port, Wire::Streamable)
+    }
+
+    /// The SDK's server speaking `wire` (HTTP+SSE: only the Python server here).
+    fn server_for(self, port: u16, wire: Wire) -> Process {
         let mut command = self.command("server");
-        command
-            .arg(port.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        command.arg(port.to_string());
+        if wire == Wire::Sse {
+            command.arg("--sse");
+        }
+        command.stdout(Stdio::null()).stderr(Stdio::null());
         Process(
             die_with_parent(&mut command)
                 .spawn()
                 .unwrap_or_else(|e| panic!("start the {self:?} MCP server: {e}")),
         )
+    }
+}
+
+/// MCP's HTTP transports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    /// Streamable HTTP (2025-03-26 and later), at /mcp.
+    Streamable,
+    /// HTTP+SSE (2024-11-05), at /sse.
+    Sse,
+}
+
+impl Wire {
+    fn path(self) -> &'static str {
+        match self {
+            Self::Streamable => "/mcp",
+            Self::Sse => "/sse",
+        }
     }
 }
 
@@ -454,7 +478,7 @@ async fn a_drained_pods_session_is_claimed_and_replayed_by_another_pod() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    post(
+    let ended = post(
         proxy_a,
         "/mcp",
         Some(future.as_str()),
@@ -463,11 +487,14 @@ async fn a_drained_pods_session_is_claimed_and_replayed_by_another_pod() {
         Value::Null,
     )
     .await;
+    assert_eq!(ended.status, 200, "{}", ended.body);
 
     // pod-a drains: readiness fails, its sessions are handed to whoever gets the next request.
+    let drained = admin_get(admin_a, "/drain").await;
     assert_eq!(
-        admin_get(admin_a, "/drain").await.lines().last(),
-        Some("drained 1 sessions")
+        drained.lines().last(),
+        Some("drained 1 sessions"),
+        "{drained}"
     );
     assert!(
         admin_get(admin_a, "/readyz")
@@ -516,6 +543,7 @@ struct ClientRun {
 /// once.
 async fn client_through_restarts(
     sdk: Sdk,
+    wire: Wire,
     url: &str,
     seconds: u32,
     upstream: &mut Process,
@@ -550,7 +578,7 @@ async fn client_through_restarts(
                 } else {
                     upstream.kill();
                 }
-                *upstream = sdk.server(upstream_port);
+                *upstream = sdk.server_for(upstream_port, wire);
                 continue;
             }
         };
@@ -580,20 +608,20 @@ async fn client_through_restarts(
 /// The scenario for an SDK's client and the same SDK's server: calls every 50 ms for
 /// 10 s while the server is stopped twice, mid-call. Through the proxy: no error, one session.
 /// Talking to the server directly: errors.
-async fn sdk_client_through_restarts(sdk: Sdk) {
+async fn sdk_client_through_restarts(sdk: Sdk, wire: Wire) {
     let (upstream_port, proxy_port, admin_port) = (free_port(), free_port(), free_port());
-    let mut upstream = sdk.server(upstream_port);
+    let mut upstream = sdk.server_for(upstream_port, wire);
     let _proxy = proxy(proxy_port, upstream_port, admin_port);
     wait_listening(upstream_port).await;
     wait_listening(proxy_port).await;
     let restarts = [Duration::from_secs(3), Duration::from_millis(6500)];
 
-    let url = format!("http://127.0.0.1:{proxy_port}/mcp");
+    let url = format!("http://127.0.0.1:{proxy_port}{}", wire.path());
     let through =
-        client_through_restarts(sdk, &url, 10, &mut upstream, upstream_port, &restarts).await;
+        client_through_restarts(sdk, wire, &url, 10, &mut upstream, upstream_port, &restarts).await;
     let metrics = admin_get(admin_port, "/metrics").await;
     eprintln!(
-        "{sdk:?} through the proxy: {} calls, {} errors; {}",
+        "{sdk:?} ({wire:?}) through the proxy: {} calls, {} errors; {}",
         through.calls,
         through.errors.len(),
         metrics
@@ -603,7 +631,8 @@ async fn sdk_client_through_restarts(sdk: Sdk) {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    assert!(through.calls >= 80, "{sdk:?}: {} calls", through.calls);
+    // About 140 on an idle machine; fewer when other tests share its two cores.
+    assert!(through.calls >= 40, "{sdk:?}: {} calls", through.calls);
     assert_eq!(
         through.errors,
         Vec::<String>::new(),
@@ -621,11 +650,11 @@ async fn sdk_client_through_restarts(sdk: Sdk) {
     );
 
     wait_listening(upstream_port).await;
-    let url = format!("http://127.0.0.1:{upstream_port}/mcp");
+    let url = format!("http://127.0.0.1:{upstream_port}{}", wire.path());
     let direct =
-        client_through_restarts(sdk, &url, 10, &mut upstream, upstream_port, &restarts).await;
+        client_through_restarts(sdk, wire, &url, 10, &mut upstream, upstream_port, &restarts).await;
     eprintln!(
-        "{sdk:?} without the proxy: {} calls, {} errors, {} session ids",
+        "{sdk:?} ({wire:?}) without the proxy: {} calls, {} errors, {} session ids",
         direct.calls,
         direct.errors.len(),
         direct.session_ids.len()
@@ -639,12 +668,18 @@ async fn sdk_client_through_restarts(sdk: Sdk) {
 
 #[tokio::test]
 async fn the_python_sdk_client_sees_no_restart_through_the_proxy_and_does_without_it() {
-    sdk_client_through_restarts(Sdk::Python).await;
+    sdk_client_through_restarts(Sdk::Python, Wire::Streamable).await;
+}
+
+/// The same over the 2024-11-05 HTTP+SSE transport, which clients in the field still speak.
+#[tokio::test]
+async fn the_python_sdk_client_over_http_sse_sees_no_restart_through_the_proxy() {
+    sdk_client_through_restarts(Sdk::Python, Wire::Sse).await;
 }
 
 #[tokio::test]
 async fn the_typescript_sdk_client_sees_no_restart_through_the_proxy_and_does_without_it() {
-    sdk_client_through_restarts(Sdk::TypeScript).await;
+    sdk_client_through_restarts(Sdk::TypeScript, Wire::Streamable).await;
 }
 
 /// Redis goes away and comes back empty (no persistence) mid-session: the client keeps working
@@ -1099,27 +1134,30 @@ async fn sdk_client_through_pod_replacements(sdk: Sdk) {
         summary
     });
 
+    // The kubelet stops a pod's containers while the Service goes on serving: off this thread.
     tokio::time::sleep(Duration::from_secs(3)).await;
     service.remove(a.backend.serve);
-    a.stop();
+    let stopping_a = tokio::task::spawn_blocking(move || a.stop());
     tokio::time::sleep(Duration::from_secs(2)).await;
     let c = Pod::start(sdk, "pod-c", &redis.url()).await;
     service.add(c.backend.clone());
     service.wait_ready(2).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     service.remove(b.backend.serve);
-    b.stop();
+    let stopping_b = tokio::task::spawn_blocking(move || b.stop());
 
     let summary: Value = serde_json::from_str(&output.await.unwrap().expect("a summary line"))
         .expect("JSON summary");
     eprintln!("{sdk:?} through pod replacements: {summary}");
+    stopping_a.await.unwrap();
+    stopping_b.await.unwrap();
     assert_eq!(summary["errors"], json!([]), "{sdk:?}: {summary}");
     assert_eq!(
         summary["session_ids"].as_array().map(Vec::len),
         Some(1),
         "{summary}"
     );
-    assert!(summary["calls"].as_u64().unwrap_or(0) >= 80, "{summary}");
+    assert!(summary["calls"].as_u64().unwrap_or(0) >= 40, "{summary}");
     // The session ended on pod-c, which claimed it from a drained pod. (The Python client
     // ends its session with DELETE on exit, so the store may no longer have it.)
     let metrics = admin_get(c.backend.ready.port(), "/metrics").await;

@@ -10,8 +10,10 @@
 //! Requests without a session (stateless servers, the 2026-07-28 revision) pass through.
 
 mod admin;
+mod connections;
 mod events;
 mod fingerprint;
+mod legacy;
 mod metrics;
 mod protocol;
 mod relay;
@@ -108,11 +110,17 @@ pub struct Proxy {
     unstored: std::sync::Mutex<HashSet<SessionId>>,
     retry: RetryPolicy,
     events: EventLog,
+    /// HTTP+SSE requests awaiting their answers on the stream.
+    unanswered: legacy::Unanswered,
     draining: AtomicBool,
     phase: watch::Sender<Phase>,
     /// Requests before their response head, and response streams until they end.
     in_flight: AtomicUsize,
     drained: AtomicU64,
+    /// When the drain began: its deadline counts from there.
+    drain_started: std::sync::OnceLock<Instant>,
+    /// Open client connections.
+    connections: Arc<AtomicUsize>,
     started: Instant,
     metrics: ProxyMetrics,
 }
@@ -124,10 +132,21 @@ struct Sessions {
     per_credential: HashMap<Option<Box<str>>, usize>,
 }
 
+/// How a session reaches its upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    /// Streamable HTTP: the upstream session id goes in `Mcp-Session-Id`.
+    Streamable,
+    /// HTTP+SSE (2024-11-05): the upstream's message endpoint, session included.
+    Sse,
+}
+
 /// A session this proxy has an upstream session for.
 #[derive(Debug)]
 struct Mapped {
+    /// The upstream's session id, or (HTTP+SSE) its message endpoint.
     upstream_id: Box<str>,
+    transport: Transport,
     credential: Option<Box<str>>,
     /// Seconds since the proxy started, at the last request: idle sessions are dropped.
     last_used: AtomicU32,
@@ -259,10 +278,13 @@ impl Proxy {
             replays: Default::default(),
             unstored: Default::default(),
             retry: RetryPolicy::default(),
+            unanswered: legacy::Unanswered::default(),
             draining: AtomicBool::new(false),
             phase: watch::Sender::new(Phase::Serving),
             in_flight: AtomicUsize::new(0),
             drained: AtomicU64::new(0),
+            drain_started: std::sync::OnceLock::new(),
+            connections: Arc::default(),
             started: Instant::now(),
             metrics,
         })
@@ -280,21 +302,124 @@ impl Proxy {
         u32::try_from(self.started.elapsed().as_secs()).unwrap_or(u32::MAX)
     }
 
-    /// The upstream session id of a mapped session, if `credential` is the one bound to it.
+    /// The upstream session id of a mapped Streamable HTTP session, if `credential` is the one
+    /// bound to it.
     fn mapped(&self, bound: &Bound) -> Option<Result<String, Unknown>> {
+        self.mapped_as(
+            &bound.id,
+            bound.credential.as_deref(),
+            Transport::Streamable,
+        )
+    }
+
+    /// The upstream side of a mapped session of `transport`, if `credential` is the one bound
+    /// to it. A session of the other transport is unknown here.
+    fn mapped_as(
+        &self,
+        id: &SessionId,
+        credential: Option<&str>,
+        transport: Transport,
+    ) -> Option<Result<String, Unknown>> {
         let sessions = self.sessions_read();
-        let mapped = sessions.by_id.get(&bound.id)?;
-        if mapped.credential.as_deref() != bound.credential.as_deref() {
+        let mapped = sessions.by_id.get(id)?;
+        if mapped.credential.as_deref() != credential {
             return Some(Err(Unknown::OtherCredential));
+        }
+        if mapped.transport != transport {
+            return Some(Err(Unknown::NotFound));
         }
         mapped.last_used.store(self.now_secs(), Ordering::Relaxed);
         Some(Ok(mapped.upstream_id.to_string()))
     }
 
-    fn remember(&self, id: &SessionId, upstream_id: String, stored: NewSession) {
+    /// The upstream side of a mapped session, whoever asks.
+    fn mapped_upstream(&self, id: &SessionId) -> Option<String> {
+        let sessions = self.sessions_read();
+        sessions.by_id.get(id).map(|m| m.upstream_id.to_string())
+    }
+
+    /// Points a mapped session at a new upstream session.
+    fn remap(&self, id: &SessionId, upstream_id: String) {
+        if let Some(mapped) = self.sessions_write().by_id.get_mut(id) {
+            mapped.upstream_id = upstream_id.into_boxed_str();
+        }
+    }
+
+    /// The stored `initialize` params of a mapped session.
+    fn initialize_params(&self, id: &SessionId) -> Option<Value> {
+        let sessions = self.sessions_read();
+        let text = sessions.by_id.get(id)?.stored.initialize_params.clone()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Keeps `params` as the session's `initialize` params; false if it is not mapped or
+    /// already has them.
+    fn set_initialize_params(&self, id: &SessionId, params: &Value) -> bool {
+        let mut sessions = self.sessions_write();
+        let Some(mapped) = sessions.by_id.get_mut(id) else {
+            return false;
+        };
+        if mapped.stored.initialize_params.is_some() {
+            return false;
+        }
+        mapped.stored.initialize_params = serde_json::to_string(params)
+            .ok()
+            .map(String::into_boxed_str);
+        true
+    }
+
+    fn credential_of(&self, headers: &HeaderMap) -> Option<String> {
+        self.fingerprints
+            .fingerprint(headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()))
+    }
+
+    /// Refuses a new session to a credential that holds as many as it may.
+    #[allow(clippy::result_large_err)] // The refusal is the response, built once.
+    fn admit(
+        &self,
+        credential: &Option<String>,
+        request_id: Option<Value>,
+    ) -> Result<(), Response> {
+        let held = self
+            .sessions_read()
+            .per_credential
+            .get(&credential.as_deref().map(Box::from))
+            .copied()
+            .unwrap_or(0);
+        if held < self.config.max_sessions_per_credential {
+            return Ok(());
+        }
+        self.metrics
+            .refused
+            .get_or_create(&OutcomeLabels {
+                outcome: "too_many_sessions",
+            })
+            .inc();
+        warn!(
+            sessions = held,
+            "a credential reached its session limit; new session refused"
+        );
+        Err(json_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            protocol::error_body(
+                request_id,
+                TOO_MANY_SESSIONS,
+                "Too many sessions for this credential",
+            ),
+        ))
+    }
+
+    fn remember(
+        &self,
+        id: &SessionId,
+        upstream_id: String,
+        transport: Transport,
+        stored: NewSession,
+    ) {
         let credential: Option<Box<str>> = stored.credential_fingerprint.as_deref().map(Box::from);
         let mapped = Mapped {
             upstream_id: upstream_id.into_boxed_str(),
+            transport,
             credential: credential.clone(),
             last_used: AtomicU32::new(self.now_secs()),
             stored: StoredCopy::of(&stored),
@@ -455,6 +580,11 @@ impl Proxy {
             session: None,
         };
         let Some(session) = exchange.headers.get(&SESSION_HEADER) else {
+            if exchange.method == Method::POST
+                && let Some(id) = legacy::session_in_query(&exchange.path)
+            {
+                return legacy::post(self, exchange, &id).await;
+            }
             if exchange.is_method("initialize") {
                 return self.initialize(exchange).await;
             }
@@ -465,12 +595,7 @@ impl Proxy {
             Some(Ok(id)) => id,
             _ => return self.unknown(Unknown::Invalid, exchange.request_id(), "invalid"),
         };
-        let credential = self.fingerprints.fingerprint(
-            exchange
-                .headers
-                .get(header::AUTHORIZATION)
-                .map(|v| v.as_bytes()),
-        );
+        let credential = self.credential_of(&exchange.headers);
         // Event ids are the proxy's; the upstream's mean nothing to it.
         let last_event_id = exchange.headers.remove(&LAST_EVENT_ID_HEADER);
         exchange.session = Some(Bound { id, credential });
@@ -610,7 +735,12 @@ impl Proxy {
                 .headers
                 .insert(SESSION_HEADER, header_or_empty(bound.id.as_str()));
         }
-        if protocol::is_event_stream(&parts.headers) {
+        let event_stream = protocol::is_event_stream(&parts.headers);
+        if event_stream && exchange.session.is_none() && legacy::opens_session(&exchange) {
+            let response = hyper::Response::from_parts(parts, body);
+            return legacy::open(self, exchange, response).await;
+        }
+        if event_stream {
             parts.headers.remove(header::CONTENT_LENGTH);
             let body = relay::start(self.clone(), exchange, body, resumed);
             return Response::from_parts(parts, body);
@@ -643,37 +773,9 @@ impl Proxy {
                 "draining: no new sessions here",
             );
         }
-        let credential = self.fingerprints.fingerprint(
-            exchange
-                .headers
-                .get(header::AUTHORIZATION)
-                .map(|v| v.as_bytes()),
-        );
-        let held_by_credential = self
-            .sessions_read()
-            .per_credential
-            .get(&credential.as_deref().map(Box::from))
-            .copied()
-            .unwrap_or(0);
-        if held_by_credential >= self.config.max_sessions_per_credential {
-            self.metrics
-                .refused
-                .get_or_create(&OutcomeLabels {
-                    outcome: "too_many_sessions",
-                })
-                .inc();
-            warn!(
-                sessions = held_by_credential,
-                "a credential reached its session limit; initialize refused"
-            );
-            return json_response(
-                StatusCode::TOO_MANY_REQUESTS,
-                protocol::error_body(
-                    exchange.request_id(),
-                    TOO_MANY_SESSIONS,
-                    "Too many sessions for this credential",
-                ),
-            );
+        let credential = self.credential_of(&exchange.headers);
+        if let Err(refusal) = self.admit(&credential, exchange.request_id()) {
+            return refusal;
         }
         let answer = match self.exchange(&exchange).await {
             Ok(answer) => answer,
@@ -699,7 +801,7 @@ impl Proxy {
             credential_fingerprint: credential.clone(),
             ..Default::default()
         };
-        self.remember(&id, upstream_id, new.clone());
+        self.remember(&id, upstream_id, Transport::Streamable, new.clone());
         if let Err(error) = self.store.create_or_rehydrate(&id, new).await {
             // Served from memory meanwhile, and written as soon as the store is back.
             warn!(session = %id, %error, "cannot store the new session");
@@ -985,7 +1087,7 @@ impl Proxy {
             initialize_params: record.initialize_params.clone(),
             credential_fingerprint: record.credential_fingerprint.clone(),
         };
-        self.remember(id, upstream_id.clone(), stored);
+        self.remember(id, upstream_id.clone(), Transport::Streamable, stored);
         Ok(upstream_id)
     }
 
@@ -1047,14 +1149,12 @@ impl Proxy {
         if self.draining.swap(true, Ordering::SeqCst) {
             return self.drained.load(Ordering::SeqCst);
         }
-        let started = Instant::now();
+        let started = *self.drain_started.get_or_init(Instant::now);
         self.phase.send_replace(Phase::Draining);
         let deadline = started + self.config.drain_timeout;
         while self.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        // Whatever still streams ends now, with a hint to resume elsewhere.
-        self.phase.send_replace(Phase::Closing);
         let ids: Vec<SessionId> = self.sessions_read().by_id.keys().cloned().collect();
         let hold = self.config.drain_timeout.max(Duration::from_secs(600));
         let marks = ids.iter().map(|id| async move {
@@ -1076,6 +1176,29 @@ impl Proxy {
             "drained"
         );
         drained
+    }
+}
+
+impl Proxy {
+    /// After a drain, keeps answering (each answer with `Connection: close`) until the clients
+    /// have closed their connections, or the drain deadline; then ends whatever still streams,
+    /// with a hint to resume elsewhere.
+    async fn linger(&self) {
+        let started = *self.drain_started.get_or_init(Instant::now);
+        let deadline = started + self.config.drain_timeout;
+        while Instant::now() < deadline
+            && (self.connections.load(Ordering::SeqCst) > 0
+                || self.in_flight.load(Ordering::SeqCst) > 0)
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.phase.send_replace(Phase::Closing);
+        let open = self.connections.load(Ordering::SeqCst);
+        if open > 0 {
+            info!(open, "drain deadline: closing the remaining connections");
+            // The relays write their hints before the connections go.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 
@@ -1104,6 +1227,7 @@ pub async fn run(
             .map_err(|source| ProxyError::Listen { address, source })
     };
     let (listener, admin_listener) = (bind(listen).await?, bind(admin).await?);
+    let listener = connections::CountedListener::new(listener, proxy.connections.clone());
     let app = Router::new().fallback({
         let proxy = proxy.clone();
         move |request: Request| proxy.clone().handle(request)
@@ -1118,6 +1242,7 @@ pub async fn run(
     let server = tokio::spawn(async move { serving.await });
     shutdown.await;
     proxy.drain().await;
+    proxy.linger().await;
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     Ok(())

@@ -120,10 +120,13 @@ pub fn error_body(id: Option<Value>, code: i64, message: &str) -> Vec<u8> {
         .unwrap_or_default()
 }
 
+/// The id of the `initialize` requests the proxy replays: their answers are the proxy's.
+pub const REPLAY_REQUEST_ID: &str = "mcp-session-proxy-replay";
+
 /// The `initialize` request the proxy replays to a fresh upstream.
 pub fn initialize_request(params: &Value) -> Bytes {
     Bytes::from(
-        serde_json::to_vec(&json!({"jsonrpc": "2.0", "id": "mcp-session-proxy-replay", "method": "initialize", "params": params}))
+        serde_json::to_vec(&json!({"jsonrpc": "2.0", "id": REPLAY_REQUEST_ID, "method": "initialize", "params": params}))
             .unwrap_or_default(),
     )
 }

@@ -5,6 +5,8 @@ on the server.
 
     python client.py URL SECONDS [INTERVAL_SECONDS] [AUTHORIZATION]
 
+A URL ending in /sse speaks the 2024-11-05 HTTP+SSE transport; any other, Streamable HTTP.
+
 The per-call lines let a test restart the server between two calls.
 """
 
@@ -16,6 +18,7 @@ import time
 
 import httpx2
 from mcp.client.client import Client
+from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 
 
@@ -32,7 +35,11 @@ async def main() -> None:
 
     http = httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(60.0), event_hooks={"response": [record_session]})
     try:
-        async with Client(streamable_http_client(url, http_client=http), mode="legacy") as client:
+        if url.endswith("/sse"):
+            transport = sse_client(url, headers=headers, on_session_created=session_ids.add)
+        else:
+            transport = streamable_http_client(url, http_client=http)
+        async with Client(transport, mode="legacy") as client:
             await client.list_tools()
             deadline = time.monotonic() + seconds
             while time.monotonic() < deadline:

@@ -26,7 +26,8 @@ try {
       if (result.isError) failure = `tool error: ${JSON.stringify(result.content)}`;
       else if (result.content?.[0]?.text !== String(calls + 1)) failure = `wrong result: ${JSON.stringify(result)}`;
     } catch (error) {
-      failure = `${error?.name}: ${error?.message}`;
+      const cause = error?.cause ? ` (${error.cause.code ?? ""} ${error.cause.message ?? error.cause})` : "";
+      failure = `${error?.name}: ${error?.message}${cause} at ${new Date().toISOString()}`;
     }
     slowest = Math.max(slowest, (Date.now() - started) / 1000);
     calls += 1;
