@@ -198,6 +198,9 @@ async fn run(duration: Duration, idle: usize) {
             &redis.url(),
             "--pod-name",
             "bench-0",
+            // All bench sessions are anonymous: one credential.
+            "--max-sessions-per-credential",
+            "1000000",
         ])
         .env("MCP_SESSION_FINGERPRINT_KEY", "bench")
         .env("RUST_LOG", "warn")

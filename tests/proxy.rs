@@ -847,6 +847,17 @@ impl EventStream {
         authorization: Option<&str>,
         last_event_id: Option<&str>,
     ) -> Self {
+        let mut headers = vec![
+            ("accept", "text/event-stream"),
+            ("mcp-protocol-version", "2025-06-18"),
+            ("mcp-session-id", session),
+        ];
+        headers.extend(authorization.map(|a| ("authorization", a)));
+        headers.extend(last_event_id.map(|l| ("last-event-id", l)));
+        Self::request(port, "GET", &headers, Bytes::new()).await
+    }
+
+    async fn request(port: u16, method: &str, headers: &[(&str, &str)], body: Bytes) -> Self {
         let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .expect("connect");
@@ -855,20 +866,14 @@ impl EventStream {
             .expect("handshake");
         tokio::spawn(connection);
         let mut request = hyper::Request::builder()
-            .method("GET")
+            .method(method)
             .uri("/mcp")
-            .header("host", format!("127.0.0.1:{port}"))
-            .header("accept", "text/event-stream")
-            .header("mcp-protocol-version", "2025-06-18")
-            .header("mcp-session-id", session);
-        if let Some(authorization) = authorization {
-            request = request.header("authorization", authorization);
-        }
-        if let Some(last) = last_event_id {
-            request = request.header("last-event-id", last);
+            .header("host", format!("127.0.0.1:{port}"));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
         }
         let response = sender
-            .send_request(request.body(Full::new(Bytes::new())).unwrap())
+            .send_request(request.body(Full::new(body)).unwrap())
             .await
             .expect("response");
         Self {
@@ -1176,4 +1181,78 @@ async fn the_python_sdk_client_sees_no_pod_replacement() {
 #[tokio::test]
 async fn the_typescript_sdk_client_sees_no_pod_replacement() {
     sdk_client_through_pod_replacements(Sdk::TypeScript).await;
+}
+
+/// The stateless revision (2026-07-28, spoken by the real Python SDK server): requests without
+/// a session pass through untouched, and a `subscriptions/listen` stream, which lives as long as
+/// the client listens, is ended with a `retry` hint when the proxy drains.
+#[tokio::test]
+async fn stateless_requests_pass_through_and_their_listen_streams_are_drained() {
+    let (upstream_port, proxy_port, admin_port) = (free_port(), free_port(), free_port());
+    let _upstream = mcp_server(upstream_port);
+    let _proxy = proxy(proxy_port, upstream_port, admin_port);
+    wait_listening(upstream_port).await;
+    wait_listening(proxy_port).await;
+    let meta = json!({"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {},
+        "io.modelcontextprotocol/clientInfo": {"name": "modern-client", "version": "1"}});
+    let headers = |method: &'static str| {
+        vec![
+            ("content-type", "application/json"),
+            ("accept", "application/json, text/event-stream"),
+            ("mcp-protocol-version", "2026-07-28"),
+            ("mcp-method", method),
+        ]
+    };
+    let call = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+        "params": {"_meta": meta, "name": "add", "arguments": {"a": 40, "b": 2}}});
+    let mut call_headers = headers("tools/call");
+    call_headers.push(("mcp-name", "add"));
+    let mut answer = EventStream::request(
+        proxy_port,
+        "POST",
+        &call_headers,
+        Bytes::from(call.to_string()),
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    let mut text = String::new();
+    while let Ok(Some(frame)) = answer.body.frame().await.transpose() {
+        if let Ok(data) = frame.into_data() {
+            text.push_str(&String::from_utf8_lossy(&data));
+        }
+    }
+    assert!(
+        text.contains(r#""structuredContent":{"result":42}"#),
+        "{text}"
+    );
+
+    let listen = json!({"jsonrpc": "2.0", "id": "listen-1", "method": "subscriptions/listen",
+        "params": {"_meta": meta, "notifications": {"toolsListChanged": true}}});
+    let mut stream = EventStream::request(
+        proxy_port,
+        "POST",
+        &headers("subscriptions/listen"),
+        Bytes::from(listen.to_string()),
+    )
+    .await;
+    assert_eq!(stream.status, 200);
+    let acknowledged = stream.next_message().await.expect("acknowledged");
+    assert!(
+        acknowledged
+            .data
+            .unwrap_or_default()
+            .contains("notifications/subscriptions/acknowledged")
+    );
+    assert_eq!(
+        acknowledged.id, None,
+        "no session: the events are the server's own"
+    );
+    let drain = tokio::spawn(async move { admin_get(admin_port, "/drain").await });
+    let mut hint = None;
+    while let Some(event) = stream.next().await {
+        hint = event.retry.or(hint);
+    }
+    assert_eq!(hint, Some(500));
+    assert!(drain.await.unwrap().contains("drained 0 sessions"));
 }

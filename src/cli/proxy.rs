@@ -54,8 +54,9 @@ pub struct ProxyArgs {
     /// SSE events kept per session for `Last-Event-ID` resumption.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     event_log_size: u64,
-    /// Sessions one credential (one Authorization header) may hold in this proxy.
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Sessions one credential (one Authorization header; requests without one count as one
+    /// credential) may hold in this proxy.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     max_sessions_per_credential: u64,
 }
 
