@@ -1256,3 +1256,34 @@ async fn stateless_requests_pass_through_and_their_listen_streams_are_drained() 
     assert_eq!(hint, Some(500));
     assert!(drain.await.unwrap().contains("drained 0 sessions"));
 }
+
+/// A proxy that starts while Redis is down comes up all the same, serves from memory, and
+/// writes its sessions into Redis once it answers.
+#[tokio::test]
+async fn a_proxy_starts_while_redis_is_down_and_stores_its_sessions_when_it_is_back() {
+    use mcp_session_operator::store::{SessionId, SessionStore as _};
+    let mut redis = support::redis::RedisServer::start();
+    redis.kill();
+    let (server, proxy_port, admin) = (free_port(), free_port(), free_port());
+    let _upstream = mcp_server(server);
+    let _proxy = proxy_with(proxy_port, server, admin, "pod-a", Some(&redis.url()), &[]);
+    wait_listening(server).await;
+    wait_listening(proxy_port).await;
+    let token = Some("Bearer early-bird");
+    let session = open_session(proxy_port, token).await;
+    assert_eq!(
+        result_text(&call(proxy_port, &session, token, 2, 1).await),
+        "2"
+    );
+    redis.restart();
+    let store = redis.store("mcp:session:", Duration::from_secs(3600)).await;
+    let id = SessionId::parse(&session).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while store.get(&id).await.unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the session never reached Redis");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let stored = store.get(&id).await.unwrap().unwrap();
+    assert_eq!(stored.record.owner_pod.as_deref(), Some("pod-a"));
+    assert!(stored.record.credential_fingerprint.is_some());
+}

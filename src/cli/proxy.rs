@@ -11,7 +11,8 @@ use tracing::warn;
 use super::UsageError;
 use super::sessions::RedisArgs;
 use crate::proxy::{self, Fingerprinter, Proxy, ProxyConfig};
-use crate::store::{MemoryStore, RedisStore, SessionStore};
+use crate::store::redis::LazyRedisStore;
+use crate::store::{MemoryStore, SessionStore};
 
 /// Used when no key is configured: fingerprints still bind sessions to credentials, but anyone
 /// who knows this constant can test guesses of low-entropy credentials against stored ones.
@@ -105,8 +106,10 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         .context("the session proxy failed")
 }
 
-async fn connect_redis(args: &RedisArgs, ttl: Duration) -> anyhow::Result<RedisStore> {
+/// Redis for the proxy: if it is down now, the proxy starts all the same and connects when it
+/// answers (sessions live in the proxy's memory meanwhile, and are written then).
+async fn connect_redis(args: &RedisArgs, ttl: Duration) -> anyhow::Result<LazyRedisStore> {
     let target = args.target()?;
     crate::store::redis::Keys::new(&args.key_prefix).map_err(|e| UsageError(e.to_string()))?;
-    Ok(RedisStore::connect(target, &args.key_prefix, ttl).await?)
+    Ok(LazyRedisStore::new(target, &args.key_prefix, ttl).await?)
 }

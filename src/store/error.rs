@@ -56,6 +56,9 @@ pub enum StoreError {
         url: String,
         source: redis::RedisError,
     },
+    /// Redis has not been reached yet; the next attempt is due shortly.
+    #[error("not connected to Redis at {url} yet")]
+    NotConnected { url: String },
     /// Redis answered, with an error.
     #[error("Redis at {url} failed: {source}")]
     Redis {
@@ -73,7 +76,10 @@ pub enum StoreError {
 impl StoreError {
     /// Whether retrying later may help (Redis down or busy), as opposed to bad input or data.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Unavailable { .. } | Self::Contended { .. })
+        matches!(
+            self,
+            Self::Unavailable { .. } | Self::NotConnected { .. } | Self::Contended { .. }
+        )
     }
 
     pub(crate) fn from_redis(url: &str, source: redis::RedisError) -> Self {

@@ -7,6 +7,7 @@
 //! the sentinel-triggered rebuild bring it back (docs/redis-schema.md).
 
 mod keys;
+mod lazy;
 mod scripts;
 mod target;
 
@@ -20,6 +21,7 @@ use tracing::{debug, info, instrument, warn};
 
 pub use self::keys::Keys;
 use self::keys::SENTINEL;
+pub use self::lazy::LazyRedisStore;
 use self::scripts::{Lua, Scripts};
 pub(crate) use self::target::Conn;
 pub use self::target::{RedisTarget, mask_url};
