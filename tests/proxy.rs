@@ -421,15 +421,10 @@ async fn admin_get(port: u16, path: &str) -> String {
 #[tokio::test]
 async fn a_drained_pods_session_is_claimed_and_replayed_by_another_pod() {
     let redis = support::redis::RedisServer::start();
-    let (server_a, server_b) = (free_port(), free_port());
-    let (proxy_a, proxy_b, admin_a, admin_b) = (free_port(), free_port(), free_port(), free_port());
-    let _upstream_a = mcp_server(server_a);
-    let _upstream_b = mcp_server(server_b);
-    let _pod_a = proxy_with(proxy_a, server_a, admin_a, "pod-a", Some(&redis.url()), &[]);
-    let _pod_b = proxy_with(proxy_b, server_b, admin_b, "pod-b", Some(&redis.url()), &[]);
-    for port in [server_a, server_b, proxy_a, proxy_b] {
-        wait_listening(port).await;
-    }
+    let pod_a = Pod::start(Sdk::Python, "pod-a", &redis.url()).await;
+    let pod_b = Pod::start(Sdk::Python, "pod-b", &redis.url()).await;
+    let (proxy_a, admin_a) = (pod_a.proxy_port(), pod_a.admin_port());
+    let (proxy_b, admin_b) = (pod_b.proxy_port(), pod_b.admin_port());
     let token = Some("Bearer shared-client-token");
     let session = open_session(proxy_a, token).await;
     assert_eq!(
@@ -961,15 +956,9 @@ async fn notify_until_heard(
 #[tokio::test]
 async fn a_listening_stream_survives_restarts_resumes_on_another_pod_and_ends_on_drain() {
     let redis = support::redis::RedisServer::start();
-    let (server_a, server_b) = (free_port(), free_port());
-    let (proxy_a, proxy_b, admin_a, admin_b) = (free_port(), free_port(), free_port(), free_port());
-    let mut upstream_a = mcp_server(server_a);
-    let _upstream_b = mcp_server(server_b);
-    let _pod_a = proxy_with(proxy_a, server_a, admin_a, "pod-a", Some(&redis.url()), &[]);
-    let _pod_b = proxy_with(proxy_b, server_b, admin_b, "pod-b", Some(&redis.url()), &[]);
-    for port in [server_a, server_b, proxy_a, proxy_b] {
-        wait_listening(port).await;
-    }
+    let mut pod_a = Pod::start(Sdk::Python, "pod-a", &redis.url()).await;
+    let pod_b = Pod::start(Sdk::Python, "pod-b", &redis.url()).await;
+    let (proxy_a, proxy_b, admin_b) = (pod_a.proxy_port(), pod_b.proxy_port(), pod_b.admin_port());
     let token = Some("Bearer listener");
     let session = open_session(proxy_a, token).await;
 
@@ -980,8 +969,7 @@ async fn a_listening_stream_survives_restarts_resumes_on_another_pod_and_ends_on
     assert!(first_id.starts_with('g'), "{first_id}");
 
     // The server restarts; the client's stream stays open and hears the new server.
-    upstream_a.terminate();
-    upstream_a = mcp_server(server_a);
+    pod_a.restart_server(Sdk::Python);
     let second = notify_until_heard(proxy_a, &session, token, &mut stream).await;
     let second_id = second.id.clone().expect("id");
     let stream_of = |id: &str| id.split_once('-').map(|(s, _)| s.to_owned());
@@ -991,7 +979,6 @@ async fn a_listening_stream_survives_restarts_resumes_on_another_pod_and_ends_on
         "the same stream"
     );
     drop(stream);
-    let _ = &upstream_a;
 
     // The client saw only the first event; it resumes on pod-b, which replays the rest from
     // Redis and goes on live. Another credential may not read the log.
@@ -1076,6 +1063,7 @@ async fn sessions_per_credential_are_limited() {
 /// A pod of the test: an SDK's MCP server behind a proxy that shares sessions through Redis.
 struct Pod {
     server: Process,
+    server_port: u16,
     proxy: Process,
     backend: support::balancer::Backend,
 }
@@ -1090,12 +1078,27 @@ impl Pod {
         let at = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
         Self {
             server,
+            server_port,
             proxy,
             backend: support::balancer::Backend {
                 serve: at(proxy_port),
                 ready: at(admin_port),
             },
         }
+    }
+
+    fn proxy_port(&self) -> u16 {
+        self.backend.serve.port()
+    }
+
+    fn admin_port(&self) -> u16 {
+        self.backend.ready.port()
+    }
+
+    /// The MCP server restarts (SIGTERM, started again at once).
+    fn restart_server(&mut self, sdk: Sdk) {
+        self.server.terminate();
+        self.server = sdk.server(self.server_port);
     }
 
     /// What the kubelet does to a deleted pod: the proxy drains on SIGTERM and exits, then the

@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
-use super::metrics::OutcomeLabels;
+use super::metrics;
 use super::protocol::{self, MessageHead};
 use super::sse::{self, Event};
 use super::{Exchange, Failure, Phase, Proxy, Transport, Unknown, plain};
@@ -177,12 +177,10 @@ pub async fn open(
     exchange: Exchange,
     response: hyper::Response<Incoming>,
 ) -> Response {
-    if proxy.draining.load(std::sync::atomic::Ordering::SeqCst) {
-        return plain(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "draining: no new sessions here",
-        );
-    }
+    let credential = match proxy.admit(&exchange) {
+        Ok(credential) => credential,
+        Err(refusal) => return refusal,
+    };
     let (mut parts, mut body) = response.into_parts();
     let mut parser = sse::Parser::default();
     let Some((endpoint, after)) = read_endpoint(&mut body, &mut parser).await else {
@@ -192,10 +190,6 @@ pub async fn open(
             "the MCP server announced no message endpoint",
         );
     };
-    let credential = proxy.credential_of(&exchange.headers);
-    if let Err(refusal) = proxy.admit(&credential, exchange.request_id()) {
-        return refusal;
-    }
     let id = SessionId::random();
     let new = NewSession {
         owner_pod: proxy.config.pod_name.clone(),
@@ -529,11 +523,7 @@ impl Stream {
             } else {
                 "failed"
             };
-            self.proxy
-                .metrics
-                .unanswered
-                .get_or_create(&OutcomeLabels { outcome })
-                .inc();
+            metrics::inc(&self.proxy.metrics.unanswered, outcome);
             if outcome == "failed" {
                 warn!(
                     "the upstream restarted before answering; the request may have been executed, so it is not sent again"
@@ -571,21 +561,11 @@ impl Stream {
                 let status = answer.response.status();
                 let _ = answer.response.into_body().collect().await;
                 if !status.is_success() {
-                    self.proxy
-                        .metrics
-                        .replays
-                        .get_or_create(&OutcomeLabels { outcome: "refused" })
-                        .inc();
+                    metrics::inc(&self.proxy.metrics.replays, "refused");
                     return Err(Failure::Unknown(Unknown::NotFound));
                 }
             }
-            self.proxy
-                .metrics
-                .replays
-                .get_or_create(&OutcomeLabels {
-                    outcome: "replayed",
-                })
-                .inc();
+            metrics::inc(&self.proxy.metrics.replays, "replayed");
         }
         self.proxy.remap(&self.id, target);
         Ok(())

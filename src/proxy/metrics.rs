@@ -24,6 +24,11 @@ pub struct KindLabels {
     pub kind: &'static str,
 }
 
+/// Counts one `outcome` in a family of outcome counters.
+pub fn inc(family: &Family<OutcomeLabels, Counter>, outcome: &'static str) {
+    family.get_or_create(&OutcomeLabels { outcome }).inc();
+}
+
 pub struct ProxyMetrics {
     pub registry: Registry,
     pub requests: Family<RequestLabels, Counter>,

@@ -41,7 +41,7 @@ use tracing::{debug, info, info_span, warn};
 
 use self::events::{EventLog, StreamKind, StreamTag};
 pub use self::fingerprint::Fingerprinter;
-use self::metrics::{KindLabels, OutcomeLabels, ProxyMetrics, RequestLabels};
+use self::metrics::{KindLabels, ProxyMetrics, RequestLabels};
 use self::protocol::{LAST_EVENT_ID_HEADER, MessageHead, PROTOCOL_VERSION_HEADER, SESSION_HEADER};
 use self::retry::RetryPolicy;
 use self::upstream::{Answer, Upstream, UpstreamError};
@@ -254,6 +254,11 @@ impl Exchange {
     fn request_id(&self) -> Option<Value> {
         self.head.as_ref().and_then(|h| h.id.clone())
     }
+
+    /// The JSON-RPC method, for logs.
+    fn rpc_method(&self) -> Option<&str> {
+        self.head.as_ref().and_then(|h| h.method.as_deref())
+    }
 }
 
 impl Proxy {
@@ -373,13 +378,17 @@ impl Proxy {
             .fingerprint(headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()))
     }
 
-    /// Refuses a new session to a credential that holds as many as it may.
+    /// Admits a new session: not while draining, nor for a credential that holds as many as
+    /// it may. Returns the credential's fingerprint.
     #[allow(clippy::result_large_err)] // The refusal is the response, built once.
-    fn admit(
-        &self,
-        credential: &Option<String>,
-        request_id: Option<Value>,
-    ) -> Result<(), Response> {
+    fn admit(&self, exchange: &Exchange) -> Result<Option<String>, Response> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "draining: no new sessions here",
+            ));
+        }
+        let credential = self.credential_of(&exchange.headers);
         let held = self
             .sessions_read()
             .per_credential
@@ -387,14 +396,9 @@ impl Proxy {
             .copied()
             .unwrap_or(0);
         if held < self.config.max_sessions_per_credential {
-            return Ok(());
+            return Ok(credential);
         }
-        self.metrics
-            .refused
-            .get_or_create(&OutcomeLabels {
-                outcome: "too_many_sessions",
-            })
-            .inc();
+        metrics::inc(&self.metrics.refused, "too_many_sessions");
         warn!(
             sessions = held,
             "a credential reached its session limit; new session refused"
@@ -402,7 +406,7 @@ impl Proxy {
         Err(json_response(
             StatusCode::TOO_MANY_REQUESTS,
             protocol::error_body(
-                request_id,
+                exchange.request_id(),
                 TOO_MANY_SESSIONS,
                 "Too many sessions for this credential",
             ),
@@ -689,10 +693,7 @@ impl Proxy {
                     debug!(%reason, "the upstream lost a request that is safe to send again");
                     // A server shutting down may still take connections: let it go first.
                     tokio::time::sleep(Duration::from_millis(50) * attempt).await;
-                    self.metrics
-                        .unanswered
-                        .get_or_create(&OutcomeLabels { outcome: "resent" })
-                        .inc();
+                    metrics::inc(&self.metrics.unanswered, "resent");
                 }
                 Err(error) => break Err(Failure::Upstream(error)),
             }
@@ -767,16 +768,10 @@ impl Proxy {
 
     /// A new session: forward `initialize`, then give the client an id of our own.
     async fn initialize(self: &Arc<Self>, mut exchange: Exchange) -> Response {
-        if self.draining.load(Ordering::SeqCst) {
-            return plain(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "draining: no new sessions here",
-            );
-        }
-        let credential = self.credential_of(&exchange.headers);
-        if let Err(refusal) = self.admit(&credential, exchange.request_id()) {
-            return refusal;
-        }
+        let credential = match self.admit(&exchange) {
+            Ok(credential) => credential,
+            Err(refusal) => return refusal,
+        };
         let answer = match self.exchange(&exchange).await {
             Ok(answer) => answer,
             Err(failure) => return self.failure(failure, &exchange),
@@ -1007,10 +1002,7 @@ impl Proxy {
                     "failed"
                 }
             };
-            self.metrics
-                .claims
-                .get_or_create(&OutcomeLabels { outcome })
-                .inc();
+            metrics::inc(&self.metrics.claims, outcome);
         }
         let params = record.initialize_params.clone().unwrap_or(Value::Null);
         let mut headers = HeaderMap::new();
@@ -1046,10 +1038,7 @@ impl Proxy {
         // The initialize result (JSON or one SSE event) is not the client's to see.
         let _ = answer.response.into_body().collect().await;
         let Some(upstream_id) = upstream_id.filter(|_| status.is_success()) else {
-            self.metrics
-                .replays
-                .get_or_create(&OutcomeLabels { outcome: "refused" })
-                .inc();
+            metrics::inc(&self.metrics.replays, "refused");
             warn!(%status, "the upstream refused the replayed initialize");
             return unknown(Unknown::NotFound);
         };
@@ -1073,12 +1062,7 @@ impl Proxy {
         {
             let _ = answer.response.into_body().collect().await;
         }
-        self.metrics
-            .replays
-            .get_or_create(&OutcomeLabels {
-                outcome: "replayed",
-            })
-            .inc();
+        metrics::inc(&self.metrics.replays, "replayed");
         info!("handshake replayed to the upstream");
         let stored = NewSession {
             owner_pod: self.config.pod_name.clone(),
@@ -1110,10 +1094,7 @@ impl Proxy {
             Unknown::OtherCredential => "other_credential",
             Unknown::Invalid => "invalid_id",
         };
-        self.metrics
-            .refused
-            .get_or_create(&OutcomeLabels { outcome })
-            .inc();
+        metrics::inc(&self.metrics.refused, outcome);
         if matches!(why, Unknown::OtherCredential) {
             warn!(session = %id, "a session was presented with another credential; answered as unknown");
         }
@@ -1126,10 +1107,7 @@ impl Proxy {
     fn upstream_failure(&self, error: UpstreamError, request_id: Option<Value>) -> Response {
         warn!(%error, "upstream request failed");
         if matches!(error, UpstreamError::Lost(_)) {
-            self.metrics
-                .unanswered
-                .get_or_create(&OutcomeLabels { outcome: "failed" })
-                .inc();
+            metrics::inc(&self.metrics.unanswered, "failed");
         }
         let status = if request_id.is_some() {
             StatusCode::OK

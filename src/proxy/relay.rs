@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use super::events::{StreamKind, StreamTag};
-use super::metrics::{KindLabels, OutcomeLabels};
+use super::metrics::{self, KindLabels};
 use super::protocol::{self, MessageHead};
 use super::sse::{self, Event};
 use super::{Exchange, Failure, Phase, Proxy, UPSTREAM_UNAVAILABLE};
@@ -305,17 +305,9 @@ impl Relay {
     async fn resend(&mut self) -> Option<Incoming> {
         let out_of_time = self.started.elapsed() + self.resend_pause > self.proxy.config.hold;
         if out_of_time || !self.proxy.may_resend(&self.exchange) {
-            self.proxy
-                .metrics
-                .unanswered
-                .get_or_create(&OutcomeLabels { outcome: "failed" })
-                .inc();
+            metrics::inc(&self.proxy.metrics.unanswered, "failed");
             warn!(
-                method = self
-                    .exchange
-                    .head
-                    .as_ref()
-                    .and_then(|h| h.method.as_deref()),
+                method = self.exchange.rpc_method(),
                 "the upstream ended the stream before answering; the request may have been executed, so it is not sent again"
             );
             self.answer_with_error(
@@ -327,17 +319,9 @@ impl Relay {
         }
         tokio::time::sleep(self.resend_pause).await;
         self.resend_pause = (self.resend_pause * 2).min(Duration::from_secs(1));
-        self.proxy
-            .metrics
-            .unanswered
-            .get_or_create(&OutcomeLabels { outcome: "resent" })
-            .inc();
+        metrics::inc(&self.proxy.metrics.unanswered, "resent");
         info!(
-            method = self
-                .exchange
-                .head
-                .as_ref()
-                .and_then(|h| h.method.as_deref()),
+            method = self.exchange.rpc_method(),
             "the upstream ended the stream before answering; sending the request again (safe to repeat)"
         );
         let answer = tokio::select! {
