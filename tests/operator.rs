@@ -200,6 +200,26 @@ async fn status_metrics_and_printer_columns_follow_the_sessions_of_selected_pods
         api.get("api").await.unwrap().metadata.generation
     );
 
+    // Each selected pod's deletion cost follows its sessions (a scale-down removes the
+    // emptiest first; this 1.20 server ignores the annotation, newer ones act on it).
+    let costs_are = |expected: [&'static str; 2]| {
+        let (pods, names) = (pods.clone(), pod_names.clone());
+        async move {
+            let mut seen = Vec::new();
+            for name in &names {
+                let pod = pods.get(name).await.unwrap();
+                seen.push(
+                    pod.annotations()
+                        .get("controller.kubernetes.io/pod-deletion-cost")
+                        .cloned()
+                        .unwrap_or_default(),
+                );
+            }
+            seen == expected
+        }
+    };
+    wait_for(TIMEOUT, "deletion costs 3 and 2", || costs_are(["3", "2"])).await;
+
     // A new session shows up at the next requeue, and the status is only written on change.
     sessions
         .create_or_rehydrate(
@@ -215,6 +235,7 @@ async fn status_metrics_and_printer_columns_follow_the_sessions_of_selected_pods
         s.sessions.total == 8
     })
     .await;
+    wait_for(TIMEOUT, "deletion costs 3 and 3", || costs_are(["3", "3"])).await;
     let version = api.get("api").await.unwrap().metadata.resource_version;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(

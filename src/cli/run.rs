@@ -35,6 +35,9 @@ pub struct RunArgs {
     /// Re-count every policy this often.
     #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
     requeue_seconds: u64,
+    /// A selected pod's pod-deletion-cost annotation is rewritten at most this often.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    deletion_cost_interval_seconds: u64,
     /// Longest retry delay after failures.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     max_backoff_seconds: u64,
@@ -229,6 +232,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         max_backoff: Duration::from_secs(args.max_backoff_seconds),
         identity,
         namespace: args.watch_namespace.clone(),
+        deletion_cost_interval: Duration::from_secs(args.deletion_cost_interval_seconds),
         ..Default::default()
     };
     let (lost, lost_rx) = watch::channel(false);

@@ -5,6 +5,7 @@
 //! policies that select it, a Secret change the policies that reference it. Nothing is listed
 //! per reconcile: each one reads its pods from the store and its counts from Redis indexes.
 
+mod deletion_cost;
 pub mod leader;
 mod status;
 mod stores;
@@ -63,6 +64,8 @@ pub struct Config {
     pub identity: String,
     /// Watch one namespace only (namespaced RBAC), instead of the whole cluster.
     pub namespace: Option<String>,
+    /// A pod's deletion cost is rewritten at most this often.
+    pub deletion_cost_interval: Duration,
 }
 
 impl Default for Config {
@@ -73,6 +76,7 @@ impl Default for Config {
             max_backoff: Duration::from_secs(60),
             identity: "mcp-session-operator".into(),
             namespace: None,
+            deletion_cost_interval: Duration::from_secs(30),
         }
     }
 }
@@ -89,6 +93,7 @@ pub struct Context {
     /// The status last written per policy. The policy in the store can lag behind our own
     /// writes; transitions (events) and last-known counts are judged against this instead.
     written: Arc<std::sync::Mutex<HashMap<ObjectRef<McpSessionPolicy>, McpSessionPolicyStatus>>>,
+    deletion_costs: deletion_cost::Writer,
 }
 
 /// Runs the controller until `shutdown` resolves. `ready` turns true once every store synced.
@@ -178,6 +183,7 @@ pub async fn run(
         config,
         failures: Default::default(),
         written,
+        deletion_costs: Default::default(),
     });
     let (by_pod, by_secret, by_service) = (
         policy_reader.clone(),
@@ -395,6 +401,17 @@ async fn reconcile(policy: Arc<McpSessionPolicy>, ctx: Arc<Context>) -> Result<A
     if let Ok(counts) = &counts {
         ctx.metrics
             .set_sessions(&namespace, &name, counts, &pod_sessions);
+        let costs: Vec<(Arc<Pod>, u64)> = selected
+            .iter()
+            .map(|pod| {
+                let sessions = counts.per_pod.get(&pod.name_any()).copied().unwrap_or(0);
+                (pod.clone(), sessions)
+            })
+            .collect();
+        ctx.deletion_costs
+            .sync(&ctx.client, &costs, ctx.config.deletion_cost_interval)
+            .await;
+        ctx.deletion_costs.retain(|pod| ctx.pods.get(pod).is_some());
     }
     let routing = routing(&policy, &namespace, &selected, &ctx.services);
     let observation = Observation {

@@ -118,6 +118,8 @@ impl Operator {
                 "1",
                 "--max-backoff-seconds",
                 "2",
+                "--deletion-cost-interval-seconds",
+                "1",
                 "--lease-seconds",
                 "3",
             ])
