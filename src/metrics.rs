@@ -43,6 +43,14 @@ pub struct OperationLabels {
     pub operation: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DrainLabels {
+    pub namespace: String,
+    pub policy: String,
+    /// Who drained: `sweep` (the operator, for a pod that no longer exists).
+    pub by: &'static str,
+}
+
 /// A policy, as metric series know it.
 type PolicyKey = (String, String);
 
@@ -55,6 +63,7 @@ pub struct Metrics {
     redis_duration: Family<OperationLabels, Histogram>,
     webhook_requests: Family<WebhookLabels, Counter>,
     webhook_duration: Family<WebhookLabels, Histogram>,
+    drains: Family<DrainLabels, Counter>,
     /// Pods with a series, per policy, so that series of vanished pods can be removed.
     pods_with_series: Mutex<BTreeMap<PolicyKey, BTreeSet<String>>>,
 }
@@ -113,8 +122,15 @@ impl Default for Metrics {
             "Time to answer an admission request",
             webhook_duration.clone(),
         );
+        let drains = Family::<DrainLabels, Counter>::default();
+        registry.register(
+            "mcp_session_drains",
+            "Sessions marked draining, claimable by any pod, by who drained them",
+            drains.clone(),
+        );
         Self {
             registry,
+            drains,
             webhook_requests,
             webhook_duration,
             sessions,
@@ -152,6 +168,16 @@ impl Metrics {
         self.webhook_duration
             .get_or_create(&labels)
             .observe(took.as_secs_f64());
+    }
+
+    pub fn drained(&self, namespace: &str, policy: &str, by: &'static str, sessions: u64) {
+        self.drains
+            .get_or_create(&DrainLabels {
+                namespace: namespace.to_owned(),
+                policy: policy.to_owned(),
+                by,
+            })
+            .inc_by(sessions);
     }
 
     pub fn redis_operation(&self, operation: &'static str, took: Duration) {
@@ -215,6 +241,11 @@ impl Metrics {
                 state,
             });
         }
+        self.drains.remove(&DrainLabels {
+            namespace: namespace.into(),
+            policy: policy.into(),
+            by: "sweep",
+        });
         let mut known = self
             .pods_with_series
             .lock()

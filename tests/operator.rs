@@ -13,7 +13,7 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt as _};
 use mcp_session_operator::api::{McpSessionPolicy, McpSessionPolicyStatus};
-use mcp_session_operator::store::{NewSession, RedisStore, SessionId, SessionStore};
+use mcp_session_operator::store::{NewSession, RedisStore, SessionId, SessionState, SessionStore};
 use serde_json::json;
 use support::control_plane::{control_plane, wait_for};
 use support::kubelet::{KubeletStandIn, NoProcesses};
@@ -287,6 +287,43 @@ async fn status_metrics_and_printer_columns_follow_the_sessions_of_selected_pods
     );
     assert_eq!(operator.get("/readyz").await.unwrap().0, 200);
     assert_eq!(operator.get("/healthz").await.unwrap().0, 200);
+
+    // A pod died without draining (SIGKILL, a lost node): its sessions are swept, marked
+    // draining for whichever pod each client reaches next; live pods keep theirs.
+    let ghosts = [SessionId::random(), SessionId::random()];
+    for ghost in &ghosts {
+        sessions
+            .create_or_rehydrate(
+                ghost,
+                NewSession {
+                    owner_pod: Some("api-gone-7d9f".into()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+    }
+    let status = status_until(
+        &ns.client,
+        &ns.name,
+        "api",
+        "the ghost's sessions swept",
+        |s| s.sessions.total == 10 && s.sessions.draining == 3,
+    )
+    .await;
+    assert_eq!(status.sessions.active, 7);
+    for ghost in &ghosts {
+        let swept = sessions.get(ghost).await.unwrap().unwrap();
+        assert_eq!(swept.record.owner_pod, None);
+        assert_eq!(swept.record.state(), SessionState::Draining);
+    }
+    assert_eq!(events(&ns.client, &ns.name, "SessionsSwept").await, 1);
+    let (_, metrics) = operator.get("/metrics").await.unwrap();
+    let swept = format!(
+        r#"mcp_session_drains_total{{namespace="{}",policy="api",by="sweep"}} 2"#,
+        ns.name
+    );
+    assert!(metrics.contains(&swept), "{metrics}");
 
     api.delete("api", &DeleteParams::default()).await.unwrap();
     wait_for(TIMEOUT, "the policy's series to go", || async {

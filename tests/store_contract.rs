@@ -54,6 +54,35 @@ async fn contract(store: Arc<dyn SessionStore>) {
     listing_sees_every_record_once(&*store).await;
     debounced_touches(store.clone()).await;
     event_log(&*store).await;
+    sessions_of_a_pod(&*store).await;
+}
+
+async fn sessions_of_a_pod(store: &dyn SessionStore) {
+    let (a, b, c) = (id("of-pod-a"), id("of-pod-b"), id("of-pod-c"));
+    for s in [&a, &b, &c] {
+        store
+            .create_or_rehydrate(s, owned_by("crashed"))
+            .await
+            .unwrap();
+    }
+    store
+        .mark_draining(&c, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let mut ids = store.sessions_of_pod("crashed", 10).await.unwrap();
+    ids.sort();
+    assert_eq!(ids, vec![a.clone(), b.clone()], "active sessions only");
+    assert_eq!(store.sessions_of_pod("crashed", 1).await.unwrap().len(), 1);
+    assert!(
+        store
+            .sessions_of_pod("nobody", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    for s in [&a, &b, &c] {
+        store.delete(s).await.unwrap();
+    }
 }
 
 async fn event_log(store: &dyn SessionStore) {

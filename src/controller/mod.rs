@@ -31,12 +31,16 @@ use self::status::{Observation, Problem, Routing};
 use self::stores::StorePool;
 use crate::api::{CountBy, McpSessionPolicy, McpSessionPolicyStatus, PodTotals, validate_spec};
 use crate::metrics::Metrics;
-use crate::store::{self, SessionCounts, SessionStore, StoreError};
+use crate::store::{self, RedisStore, SessionCounts, SessionStore, StoreError};
 
 /// Field manager of the status the operator applies.
 pub const FIELD_MANAGER: &str = "mcp-session-operator";
 /// Records fetched per SCAN page when counting seed-only prefixes.
 const SCAN_PAGE: usize = 1000;
+/// Sessions of one vanished pod swept per reconcile (the rest at the next one).
+const SWEEP_BATCH: usize = 10_000;
+/// A swept session waits at least this long for its client to come back.
+const SWEEP_HOLD: Duration = Duration::from_secs(600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -386,7 +390,10 @@ async fn reconcile(policy: Arc<McpSessionPolicy>, ctx: Arc<Context>) -> Result<A
     let pods = pod_totals(&selected);
 
     let (counts, unreadable) = match count(&policy, &namespace, &ctx).await {
-        Ok((counts, unreadable)) => (Ok(counts), unreadable),
+        Ok((counts, unreadable, store)) => {
+            sweep(&policy, &namespace, &ctx, &store, &counts).await;
+            (Ok(counts), unreadable)
+        }
         Err(problem) => (Err(problem), 0),
     };
     let mut pod_names: Vec<String> = selected.iter().map(|p| p.name_any()).collect();
@@ -512,7 +519,7 @@ async fn count(
     policy: &McpSessionPolicy,
     namespace: &str,
     ctx: &Context,
-) -> Result<(SessionCounts, u64), Problem> {
+) -> Result<(SessionCounts, u64, RedisStore), Problem> {
     validate_spec(&policy.spec).map_err(|e| Problem::InvalidPolicy(e.to_string()))?;
     let url = redis_url(policy, namespace, &ctx.client).await?;
     let redis = &policy.spec.redis;
@@ -539,7 +546,76 @@ async fn count(
         },
         started.elapsed(),
     );
-    result.map_err(store_problem)
+    result
+        .map(|(counts, unreadable)| (counts, unreadable, store))
+        .map_err(store_problem)
+}
+
+/// Sessions owned by pods that no longer exist (a crash, a SIGKILL, an evicted node: no proxy
+/// drained them) are marked draining, so that whichever pod the client reaches next claims
+/// them. A pod missing from the watch cache is looked up in the apiserver first: a pod that
+/// was just created must not lose its sessions to a lagging cache.
+async fn sweep(
+    policy: &McpSessionPolicy,
+    namespace: &str,
+    ctx: &Context,
+    store: &RedisStore,
+    counts: &SessionCounts,
+) {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
+    let cached = ctx.pods.state();
+    for pod in counts.per_pod.keys() {
+        // A pod of that name anywhere (policies in several namespaces may share a prefix)
+        // keeps its sessions.
+        if cached
+            .iter()
+            .any(|p| p.metadata.name.as_deref() == Some(pod.as_str()))
+        {
+            continue;
+        }
+        match pods.get_opt(pod).await {
+            Ok(None) => {}
+            Ok(Some(_)) => continue,
+            Err(error) => {
+                warn!(%pod, %error, "cannot check whether a session owner exists; not sweeping");
+                continue;
+            }
+        }
+        let ids = match store.sessions_of_pod(pod, SWEEP_BATCH).await {
+            Ok(ids) => ids,
+            Err(error) => {
+                warn!(%pod, %error, "cannot list the sessions of a vanished pod");
+                continue;
+            }
+        };
+        let hold =
+            Duration::from_secs(u64::try_from(policy.spec.drain.timeout_seconds).unwrap_or(0))
+                .max(SWEEP_HOLD);
+        let mut swept = 0_u64;
+        for id in &ids {
+            match store.mark_draining(id, hold).await {
+                Ok(Some(_)) => swept += 1,
+                Ok(None) => {}
+                Err(error) => warn!(session = %id, %error, "cannot mark a session draining"),
+            }
+        }
+        if swept == 0 {
+            continue;
+        }
+        info!(%pod, swept, "swept the sessions of a pod that no longer exists");
+        ctx.metrics
+            .drained(namespace, &policy.name_any(), "sweep", swept);
+        publish(
+            ctx,
+            policy,
+            false,
+            "SessionsSwept".into(),
+            format!(
+                "{swept} sessions of pod {pod}, which no longer exists, marked draining: the next pod each client reaches claims its session"
+            ),
+        )
+        .await;
+    }
 }
 
 fn store_problem(error: StoreError) -> Problem {

@@ -224,6 +224,21 @@ impl SessionStore for MemoryStore {
         }))
     }
 
+    async fn sessions_of_pod(&self, pod: &str, limit: usize) -> Result<Vec<SessionId>> {
+        Ok(self.with_state(|state, _, _| {
+            state
+                .records
+                .iter()
+                .filter(|(_, entry)| {
+                    entry.record.state() == SessionState::Active
+                        && entry.record.owner_pod.as_deref() == Some(pod)
+                })
+                .map(|(id, _)| id.clone())
+                .take(limit)
+                .collect()
+        }))
+    }
+
     async fn append_events(
         &self,
         id: &SessionId,

@@ -318,6 +318,9 @@ pub trait SessionStore: Send + Sync + 'static {
     /// to at least `hold` so it survives until a client comes back.
     async fn mark_draining(&self, id: &SessionId, hold: Duration) -> Result<Option<Session>>;
 
+    /// Ids of the active sessions `pod` owns (from the per-pod index; at most `limit`).
+    async fn sessions_of_pod(&self, pod: &str, limit: usize) -> Result<Vec<SessionId>>;
+
     /// Takes over a draining or unowned session atomically.
     async fn claim(&self, id: &SessionId, claim: Claim) -> Result<ClaimOutcome>;
 

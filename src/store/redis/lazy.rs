@@ -93,6 +93,10 @@ impl SessionStore for LazyRedisStore {
         self.store().await?.mark_draining(id, hold).await
     }
 
+    async fn sessions_of_pod(&self, pod: &str, limit: usize) -> Result<Vec<SessionId>> {
+        self.store().await?.sessions_of_pod(pod, limit).await
+    }
+
     async fn claim(&self, id: &SessionId, claim: Claim) -> Result<ClaimOutcome> {
         self.store().await?.claim(id, claim).await
     }

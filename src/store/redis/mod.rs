@@ -690,6 +690,27 @@ impl SessionStore for RedisStore {
         })
     }
 
+    async fn sessions_of_pod(&self, pod: &str, limit: usize) -> Result<Vec<SessionId>> {
+        let now = Timestamp::now().unix_millis();
+        let members: Vec<String> = self
+            .query(
+                redis::cmd("ZRANGE")
+                    .arg(self.keys.pod(pod))
+                    .arg(now)
+                    .arg("(+inf")
+                    .arg("BYSCORE")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(limit),
+            )
+            .await?;
+        // Members that are not ids (the sentinel, junk) are skipped: prune removes them.
+        Ok(members
+            .iter()
+            .filter_map(|m| SessionId::parse(m).ok())
+            .collect())
+    }
+
     #[instrument(level = "debug", skip_all, fields(session = %id, pod = %claim.pod))]
     async fn claim(&self, id: &SessionId, claim: Claim) -> Result<ClaimOutcome> {
         let now = Timestamp::now();
