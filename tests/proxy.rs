@@ -510,6 +510,17 @@ async fn a_drained_pods_session_is_claimed_and_replayed_by_another_pod() {
     let claimed = store.get(&id).await.unwrap().unwrap();
     assert_eq!(claimed.record.owner_pod.as_deref(), Some("pod-b"));
     assert_eq!(claimed.record.rehydrations, 1);
+    // What the operator counts a rollout by: the proxies' reports in the store.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let tallies = store.tallies().await.unwrap();
+        if tallies.rehydrated == 1 {
+            assert_eq!((tallies.drained, tallies.lost), (1, 0), "{tallies:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{tallies:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let metrics = admin_get(admin_b, "/metrics").await;
     assert!(
         metrics.contains(r#"mcp_proxy_claims_total{outcome="claimed"} 1"#),

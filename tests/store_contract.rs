@@ -55,6 +55,24 @@ async fn contract(store: Arc<dyn SessionStore>) {
     debounced_touches(store.clone()).await;
     event_log(&*store).await;
     sessions_of_a_pod(&*store).await;
+    tallies(&*store).await;
+}
+
+async fn tallies(store: &dyn SessionStore) {
+    let before = store.tallies().await.unwrap();
+    store.tally(store::Tally::Drained, 3).await.unwrap();
+    store.tally(store::Tally::Rehydrated, 2).await.unwrap();
+    store.tally(store::Tally::Lost, 1).await.unwrap();
+    store.tally(store::Tally::Drained, 1).await.unwrap();
+    let after = store.tallies().await.unwrap();
+    assert_eq!(
+        (
+            after.drained - before.drained,
+            after.rehydrated - before.rehydrated,
+            after.lost - before.lost
+        ),
+        (4, 2, 1)
+    );
 }
 
 async fn sessions_of_a_pod(store: &dyn SessionStore) {

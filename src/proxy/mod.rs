@@ -46,8 +46,8 @@ use self::protocol::{LAST_EVENT_ID_HEADER, MessageHead, PROTOCOL_VERSION_HEADER,
 use self::retry::RetryPolicy;
 use self::upstream::{Answer, Upstream, UpstreamError};
 use crate::store::{
-    Claim, ClaimOutcome, DebouncedToucher, NewSession, SessionId, SessionPatch, SessionStore,
-    Touched,
+    Claim, ClaimOutcome, DebouncedToucher, NewSession, SessionId, SessionPatch, SessionState,
+    SessionStore, Tally, Touched,
 };
 
 /// JSON-RPC error codes (the implementation-defined server range): the MCP server could not be
@@ -984,6 +984,7 @@ impl Proxy {
         {
             return unknown(Unknown::OtherCredential);
         }
+        let mut rehydrating = false;
         if let Some(pod) = &self.config.pod_name
             && record.owner_pod.as_ref() != Some(pod)
         {
@@ -992,7 +993,10 @@ impl Proxy {
                 credential_fingerprint: bound.credential.clone(),
             };
             let outcome = match self.store.claim(id, claim).await {
-                Ok(ClaimOutcome::Claimed(_)) => "claimed",
+                Ok(ClaimOutcome::Claimed(_)) => {
+                    rehydrating = record.state() == SessionState::Draining;
+                    "claimed"
+                }
                 Ok(ClaimOutcome::CredentialMismatch) => return unknown(Unknown::OtherCredential),
                 Ok(ClaimOutcome::NotFound) => return unknown(Unknown::NotFound),
                 // Any proxy serves any session; ownership follows the GET stream.
@@ -1039,7 +1043,8 @@ impl Proxy {
         let _ = answer.response.into_body().collect().await;
         let Some(upstream_id) = upstream_id.filter(|_| status.is_success()) else {
             metrics::inc(&self.metrics.replays, "refused");
-            warn!(%status, "the upstream refused the replayed initialize");
+            warn!(%status, "the upstream refused the replayed initialize; the session is lost");
+            self.report(Tally::Lost, 1);
             return unknown(Unknown::NotFound);
         };
         headers.insert(SESSION_HEADER, header_or_empty(&upstream_id));
@@ -1064,6 +1069,9 @@ impl Proxy {
         }
         metrics::inc(&self.metrics.replays, "replayed");
         info!("handshake replayed to the upstream");
+        if rehydrating {
+            self.report(Tally::Rehydrated, 1);
+        }
         let stored = NewSession {
             owner_pod: self.config.pod_name.clone(),
             metadata: record.metadata.clone(),
@@ -1120,6 +1128,17 @@ impl Proxy {
         )
     }
 
+    /// Adds to the store's running tallies, which the operator reads per rollout; off the
+    /// request path, and a failure only costs accuracy of those counts.
+    fn report(&self, tally: Tally, n: u64) {
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            if let Err(error) = store.tally(tally, n).await {
+                warn!(%error, tally = tally.field(), n, "cannot report to the store's tallies");
+            }
+        });
+    }
+
     /// Stops taking sessions, ends listening streams with a `retry` hint, lets in-flight
     /// requests finish (up to the drain timeout), and marks this proxy's sessions draining in
     /// the store so that any pod can claim them.
@@ -1146,6 +1165,12 @@ impl Proxy {
             }
         });
         let drained = futures::future::join_all(marks).await.into_iter().sum();
+        // Awaited: the process may exit right after the drain.
+        if drained > 0
+            && let Err(error) = self.store.tally(Tally::Drained, drained).await
+        {
+            warn!(%error, drained, "cannot report the drain to the store's tallies");
+        }
         self.events.flush().await;
         self.drained.store(drained, Ordering::SeqCst);
         info!(

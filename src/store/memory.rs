@@ -26,6 +26,7 @@ struct State {
     by_expiry: BTreeSet<(i64, SessionId)>,
     draining: u64,
     per_pod: BTreeMap<String, u64>,
+    tallies: super::Tallies,
     /// Event logs of live sessions; a log goes with its record.
     events: HashMap<SessionId, VecDeque<LoggedEvent>>,
 }
@@ -222,6 +223,22 @@ impl SessionStore for MemoryStore {
                 ClaimOutcome::Claimed(session)
             }
         }))
+    }
+
+    async fn tally(&self, tally: super::Tally, n: u64) -> Result<()> {
+        self.with_state(|state, _, _| {
+            let count = match tally {
+                super::Tally::Drained => &mut state.tallies.drained,
+                super::Tally::Rehydrated => &mut state.tallies.rehydrated,
+                super::Tally::Lost => &mut state.tallies.lost,
+            };
+            *count = count.saturating_add(n);
+        });
+        Ok(())
+    }
+
+    async fn tallies(&self) -> Result<super::Tallies> {
+        Ok(self.with_state(|state, _, _| state.tallies))
     }
 
     async fn sessions_of_pod(&self, pod: &str, limit: usize) -> Result<Vec<SessionId>> {

@@ -55,6 +55,36 @@ pub struct LoggedEvent {
     pub data: String,
 }
 
+/// Sessions changing hands, as proxies report them: running totals per prefix, from which the
+/// operator takes a rollout's differences.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tally {
+    /// Marked draining by a proxy that stopped serving it.
+    Drained,
+    /// Claimed by another proxy after a drain, its handshake replayed there.
+    Rehydrated,
+    /// A client came back for it and could not get it (the new upstream refused the replay).
+    Lost,
+}
+
+impl Tally {
+    pub fn field(self) -> &'static str {
+        match self {
+            Self::Drained => "drained",
+            Self::Rehydrated => "rehydrated",
+            Self::Lost => "lost",
+        }
+    }
+}
+
+/// The running totals of [`Tally`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Tallies {
+    pub drained: u64,
+    pub rehydrated: u64,
+    pub lost: u64,
+}
+
 /// What a new session starts with.
 #[derive(Debug, Clone, Default)]
 pub struct NewSession {
@@ -323,6 +353,12 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Takes over a draining or unowned session atomically.
     async fn claim(&self, id: &SessionId, claim: Claim) -> Result<ClaimOutcome>;
+
+    /// Adds `n` to a running tally of the prefix.
+    async fn tally(&self, tally: Tally, n: u64) -> Result<()>;
+
+    /// The running tallies of the prefix (zero where none was reported).
+    async fn tallies(&self) -> Result<Tallies>;
 
     /// Appends to the session's event log, keeping its newest `keep` entries. The log expires
     /// with the session (Redis: its own key, same TTL, same Cluster slot as the record).

@@ -81,6 +81,11 @@ impl Keys {
         format!("{}:draining", self.tag)
     }
 
+    /// Hash: running tallies of sessions drained, rehydrated and lost.
+    pub fn tallies(&self) -> String {
+        format!("{}:tallies", self.tag)
+    }
+
     /// Sorted set: pods that own sessions, scored by when they last got one.
     pub fn pods(&self) -> String {
         format!("{}:pods", self.tag)
@@ -106,6 +111,7 @@ mod tests {
             keys.draining(),
             keys.pods(),
             keys.pod("web-0"),
+            keys.tallies(),
         ] {
             assert!(index.starts_with("{mcp:session:}:"), "{index}");
             assert!(!index.starts_with(keys.prefix()));

@@ -12,6 +12,7 @@ use tracing::info;
 use super::super::{
     Claim, ClaimOutcome, ListCursor, ListPage, LoggedEvent, MemorySample, NewSession, Origin,
     PruneReport, Result, Session, SessionCounts, SessionId, SessionPatch, SessionStore, StoreError,
+    Tallies, Tally,
 };
 use super::{Keys, RedisStore, RedisTarget};
 
@@ -91,6 +92,14 @@ impl SessionStore for LazyRedisStore {
 
     async fn mark_draining(&self, id: &SessionId, hold: Duration) -> Result<Option<Session>> {
         self.store().await?.mark_draining(id, hold).await
+    }
+
+    async fn tally(&self, tally: Tally, n: u64) -> Result<()> {
+        self.store().await?.tally(tally, n).await
+    }
+
+    async fn tallies(&self) -> Result<Tallies> {
+        self.store().await?.tallies().await
     }
 
     async fn sessions_of_pod(&self, pod: &str, limit: usize) -> Result<Vec<SessionId>> {

@@ -28,7 +28,7 @@ pub use self::target::{RedisTarget, mask_url};
 use super::{
     Claim, ClaimOutcome, ClaimRefusal, CountSource, ListCursor, ListPage, Listed, LoggedEvent,
     MemorySample, NewSession, Origin, PruneReport, Result, Session, SessionCounts, SessionId,
-    SessionPatch, SessionRecord, SessionState, SessionStore, StoreError, Timestamp,
+    SessionPatch, SessionRecord, SessionState, SessionStore, StoreError, Tallies, Tally, Timestamp,
     UnreadableReason, UnreadableRecord,
 };
 
@@ -687,6 +687,34 @@ impl SessionStore for RedisStore {
         Ok(match outcome {
             Modified::Done(session) => Some(session),
             Modified::Missing | Modified::Refused(()) => None,
+        })
+    }
+
+    async fn tally(&self, tally: Tally, n: u64) -> Result<()> {
+        self.query::<i64>(
+            redis::cmd("HINCRBY")
+                .arg(self.keys.tallies())
+                .arg(tally.field())
+                .arg(n),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn tallies(&self) -> Result<Tallies> {
+        let fields = [Tally::Drained, Tally::Rehydrated, Tally::Lost];
+        let values: Vec<Option<u64>> = self
+            .query(
+                redis::cmd("HMGET")
+                    .arg(self.keys.tallies())
+                    .arg(&fields.map(Tally::field)[..]),
+            )
+            .await?;
+        let at = |i: usize| values.get(i).copied().flatten().unwrap_or(0);
+        Ok(Tallies {
+            drained: at(0),
+            rehydrated: at(1),
+            lost: at(2),
         })
     }
 
