@@ -2,8 +2,8 @@
 //! that a scale-down removes the emptiest pods first (the ReplicaSet controller deletes pods of
 //! lower cost first, Kubernetes 1.22+; older servers ignore the annotation).
 //!
-//! A pod's cost is rewritten only on a meaningful change (any change below 10 sessions, 10 %
-//! above) and at most once per interval per pod: the annotation is a hint for the next
+//! A pod's cost is rewritten only on a meaningful change (any change of a count below 10, else
+//! 10 % of the written cost) and at most once per interval per pod: the annotation is a hint for the next
 //! scale-down, not a live gauge, and every patch is a write to etcd.
 
 use std::collections::HashMap;
@@ -29,9 +29,8 @@ pub fn meaningful(current: Option<&str>, sessions: u64) -> bool {
     let Some(current) = current.and_then(|c| c.trim().parse::<i64>().ok()) else {
         return true; // Missing or not ours to read: write it.
     };
-    let wanted = i64::from(cost(sessions));
-    let difference = current.abs_diff(wanted);
-    difference >= 1.max(current.max(wanted).unsigned_abs() / 10)
+    // 10 % of what is written, and any change of a small count.
+    current.abs_diff(i64::from(cost(sessions))) >= 1.max(current.unsigned_abs() / 10)
 }
 
 /// When each pod's cost was last written, for the rate limit.
