@@ -837,3 +837,102 @@ async fn a_service_that_bypasses_the_proxy_is_a_condition_and_an_event() {
     .await;
     assert_eq!(condition(&routed, "ServicesRouted").1, "ThroughProxy");
 }
+
+/// A rolling update of a Deployment's pod template: the policy's `lastRollout` names the new
+/// revision, counts what the proxies reported to the store while it ran (the store calls a
+/// drained and a claiming proxy make, tested with real proxies in tests/proxy.rs) and not what
+/// they reported before it, and records when it finished.
+#[tokio::test]
+async fn a_rollout_is_tracked_and_counted_from_the_proxies_reports() {
+    use mcp_session_operator::store::Tally;
+    let _serial = SERIAL.lock().await;
+    let plane = control_plane();
+    let ns = plane.namespace("rollout").await;
+    install_crd(&ns.client).await;
+    let kubeconfig = operator_kubeconfig(plane, &ns.client, &ns.name).await;
+    let _kubelet = KubeletStandIn::start(ns.client.clone(), &ns.name, Arc::new(NoProcesses)).await;
+    // minReadySeconds keeps the rollout going for a few seconds: long enough to report into it.
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"replicas": 2, "minReadySeconds": 4, "selector": {"matchLabels": {"app": "web"}},
+                 "strategy": {"rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+                 "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "mcp", "image": "example/mcp:1"}]}}},
+    }))
+    .unwrap();
+    let deployments: Api<Deployment> = Api::namespaced(ns.client.clone(), &ns.name);
+    deployments
+        .create(&PostParams::default(), &deployment)
+        .await
+        .unwrap();
+    let redis = RedisServer::start();
+    let sessions = store(&redis, "mcp:session:").await;
+    // Reported before the rollout (an earlier one): not this rollout's.
+    sessions.tally(Tally::Drained, 7).await.unwrap();
+    sessions.tally(Tally::Rehydrated, 6).await.unwrap();
+    sessions.tally(Tally::Lost, 1).await.unwrap();
+    let _operator = Operator::start(&kubeconfig, &ns.name, Some(&ns.name), "op-rollout");
+    apply(
+        &ns.client,
+        &ns.name,
+        &policy(
+            "web",
+            json!({"selector": {"matchLabels": {"app": "web"}}, "redis": {"url": redis.url()}}),
+        ),
+    )
+    .await;
+    let steady = status_until(&ns.client, &ns.name, "web", "2 ready pods", |s| {
+        s.pods.ready == 2
+    })
+    .await;
+    assert_eq!(steady.last_rollout, None, "no rollout yet");
+
+    deployments
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"template": {"spec": {"containers": [{"name": "mcp", "image": "example/mcp:2"}]}}}})),
+        )
+        .await
+        .unwrap();
+    let started = status_until(&ns.client, &ns.name, "web", "a rollout started", |s| {
+        s.last_rollout
+            .as_ref()
+            .is_some_and(|r| r.started_at.is_some())
+    })
+    .await;
+    let rollout = started.last_rollout.unwrap();
+    assert_eq!(rollout.finished_at, None, "{rollout:?}");
+    assert_eq!(
+        (rollout.drained, rollout.rehydrated, rollout.lost),
+        (0, 0, 0)
+    );
+    // Two old pods drain one session each; other pods claim both.
+    sessions.tally(Tally::Drained, 2).await.unwrap();
+    sessions.tally(Tally::Rehydrated, 2).await.unwrap();
+    let finished = status_until(&ns.client, &ns.name, "web", "the rollout finished", |s| {
+        s.last_rollout
+            .as_ref()
+            .is_some_and(|r| r.finished_at.is_some())
+    })
+    .await;
+    let rollout = finished.last_rollout.unwrap();
+    assert_eq!(
+        (rollout.drained, rollout.rehydrated, rollout.lost),
+        (2, 2, 0),
+        "{rollout:?}"
+    );
+    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
+    let hashes: std::collections::BTreeSet<String> = pods
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter_map(|p| p.labels().get("pod-template-hash").cloned())
+        .collect();
+    assert_eq!(
+        hashes.into_iter().collect::<Vec<_>>(),
+        vec![rollout.revision.clone()]
+    );
+}

@@ -204,14 +204,29 @@ pub struct PodTotals {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RolloutStatus {
+    /// The revision rolled out (the pods' `pod-template-hash` or `controller-revision-hash`).
     pub revision: String,
+    /// Sessions marked draining by the proxies of pods that stopped, during the rollout.
     pub drained: u64,
+    /// Draining sessions claimed by another pod and replayed to its server.
     pub rehydrated: u64,
+    /// Sessions a client came back for and could not get.
     pub lost: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<String>,
+    /// The store's tallies when the rollout started: the counts are differences from these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<RolloutBaseline>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutBaseline {
+    pub drained: u64,
+    pub rehydrated: u64,
+    pub lost: u64,
 }
 
 /// Condition types.

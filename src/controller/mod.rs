@@ -7,6 +7,7 @@
 
 mod deletion_cost;
 pub mod leader;
+mod rollout;
 mod status;
 mod stores;
 
@@ -389,12 +390,19 @@ async fn reconcile(policy: Arc<McpSessionPolicy>, ctx: Arc<Context>) -> Result<A
         .collect();
     let pods = pod_totals(&selected);
 
-    let (counts, unreadable) = match count(&policy, &namespace, &ctx).await {
+    let (counts, unreadable, tallies) = match count(&policy, &namespace, &ctx).await {
         Ok((counts, unreadable, store)) => {
             sweep(&policy, &namespace, &ctx, &store, &counts).await;
-            (Ok(counts), unreadable)
+            let tallies = match store.tallies().await {
+                Ok(tallies) => Some(tallies),
+                Err(error) => {
+                    warn!(%error, "cannot read the store's tallies");
+                    None
+                }
+            };
+            (Ok(counts), unreadable, tallies)
         }
-        Err(problem) => (Err(problem), 0),
+        Err(problem) => (Err(problem), 0, None),
     };
     let mut pod_names: Vec<String> = selected.iter().map(|p| p.name_any()).collect();
     pod_names.sort();
@@ -420,15 +428,6 @@ async fn reconcile(policy: Arc<McpSessionPolicy>, ctx: Arc<Context>) -> Result<A
             .await;
         ctx.deletion_costs.retain(|pod| ctx.pods.get(pod).is_some());
     }
-    let routing = routing(&policy, &namespace, &selected, &ctx.services);
-    let observation = Observation {
-        routing,
-        generation: policy.metadata.generation,
-        counts,
-        pod_sessions,
-        pods,
-        unreadable,
-    };
     let key = ObjectRef::from_obj(&*policy);
     let remembered = ctx
         .written
@@ -437,6 +436,23 @@ async fn reconcile(policy: Arc<McpSessionPolicy>, ctx: Arc<Context>) -> Result<A
         .get(&key)
         .cloned();
     let previous = remembered.as_ref().or(policy.status.as_ref());
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let last_rollout = rollout::track(
+        previous.and_then(|p| p.last_rollout.as_ref()),
+        &selected,
+        tallies,
+        &now,
+    );
+    let routing = routing(&policy, &namespace, &selected, &ctx.services);
+    let observation = Observation {
+        routing,
+        generation: policy.metadata.generation,
+        counts,
+        pod_sessions,
+        pods,
+        unreadable,
+        last_rollout,
+    };
     let next = status::build(previous, &observation);
     if policy.status.as_ref() != Some(&next) {
         write_status(&ctx.client, &namespace, &name, &next).await?;

@@ -3,7 +3,9 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
-use crate::api::{McpSessionPolicyStatus, PodSessions, PodTotals, SessionTotals, condition};
+use crate::api::{
+    McpSessionPolicyStatus, PodSessions, PodTotals, RolloutStatus, SessionTotals, condition,
+};
 use crate::store::SessionCounts;
 
 /// Why a policy's sessions could not be counted.
@@ -54,6 +56,8 @@ pub struct Observation {
     pub unreadable: u64,
     /// How Services reach the selected pods.
     pub routing: Routing,
+    /// The last rollout of the selected pods, as tracked now.
+    pub last_rollout: Option<RolloutStatus>,
 }
 
 /// Whether traffic reaches the injected proxies.
@@ -166,7 +170,7 @@ pub fn build(
             None => previous.map(|p| p.pod_sessions.clone()).unwrap_or_default(),
         },
         pods: observation.pods.clone(),
-        last_rollout: previous.and_then(|p| p.last_rollout.clone()),
+        last_rollout: observation.last_rollout.clone(),
     }
 }
 
@@ -245,6 +249,7 @@ mod tests {
             },
             unreadable: 0,
             routing: Routing::ThroughProxy(1),
+            last_rollout: None,
         }
     }
 

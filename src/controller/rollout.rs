@@ -1,0 +1,167 @@
+//! Rollout tracking: a new revision among the selected pods starts a rollout, all pods on it and
+//! ready finishes it; its counts are the differences of the store's tallies (reported by the
+//! proxies, docs/redis-schema.md) from when it started (docs/rollouts.md).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Pod;
+
+use crate::api::{RolloutBaseline, RolloutStatus};
+use crate::store::Tallies;
+
+/// Labels naming a pod's revision: Deployments (through ReplicaSets), then StatefulSets and
+/// DaemonSets.
+const REVISION_LABELS: [&str; 2] = ["pod-template-hash", "controller-revision-hash"];
+
+fn revision(pod: &Pod) -> Option<&str> {
+    let labels = pod.metadata.labels.as_ref()?;
+    REVISION_LABELS
+        .iter()
+        .find_map(|label| labels.get(*label).map(String::as_str))
+}
+
+fn ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// The rollout status after looking at `pods` now; `tallies` is `None` when the store could not
+/// be read (counts then stay as they were).
+pub fn track(
+    previous: Option<&RolloutStatus>,
+    pods: &[Arc<Pod>],
+    tallies: Option<Tallies>,
+    now: &str,
+) -> Option<RolloutStatus> {
+    let live: Vec<&Arc<Pod>> = pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect();
+    // The revision being rolled out: that of the newest live pod.
+    let current = live
+        .iter()
+        .max_by_key(|p| p.metadata.creation_timestamp.as_ref().map(|t| t.0))
+        .and_then(|p| revision(p))?;
+    let revisions: BTreeSet<&str> = pods.iter().filter_map(|p| revision(p)).collect();
+    let settled = revisions.len() == 1 && live.iter().all(|p| ready(p));
+    let mut rollout = match previous {
+        Some(previous) if previous.revision == current => previous.clone(),
+        // A new revision next to an old one: a rollout starts.
+        _ if revisions.len() > 1 => RolloutStatus {
+            revision: current.to_owned(),
+            started_at: Some(now.to_owned()),
+            baseline: tallies.map(|t| RolloutBaseline {
+                drained: t.drained,
+                rehydrated: t.rehydrated,
+                lost: t.lost,
+            }),
+            ..Default::default()
+        },
+        // Nothing rolling (or a revision that replaced every pod unseen): nothing to report.
+        _ => return previous.cloned(),
+    };
+    if rollout.finished_at.is_none() {
+        if let (Some(tallies), Some(baseline)) = (tallies, &rollout.baseline) {
+            rollout.drained = tallies.drained.saturating_sub(baseline.drained);
+            rollout.rehydrated = tallies.rehydrated.saturating_sub(baseline.rehydrated);
+            rollout.lost = tallies.lost.saturating_sub(baseline.lost);
+        } else if let Some(tallies) = tallies {
+            // Started while the store was unreachable: count from now on.
+            rollout.baseline = Some(RolloutBaseline {
+                drained: tallies.drained,
+                rehydrated: tallies.rehydrated,
+                lost: tallies.lost,
+            });
+        }
+        if settled {
+            rollout.finished_at = Some(now.to_owned());
+        }
+    }
+    Some(rollout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(name: &str, hash: &str, created: &str, ready: bool, terminating: bool) -> Arc<Pod> {
+        let mut pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {"app": "api", "pod-template-hash": hash},
+                         "creationTimestamp": created},
+            "status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]},
+        }))
+        .unwrap();
+        if terminating {
+            pod.metadata.deletion_timestamp = pod.metadata.creation_timestamp.clone();
+        }
+        Arc::new(pod)
+    }
+
+    fn tallies(drained: u64, rehydrated: u64, lost: u64) -> Option<Tallies> {
+        Some(Tallies {
+            drained,
+            rehydrated,
+            lost,
+        })
+    }
+
+    #[test]
+    fn a_rollout_starts_counts_and_finishes() {
+        let old = [
+            pod("a", "v1", "2026-11-25T10:00:00Z", true, false),
+            pod("b", "v1", "2026-11-25T10:00:00Z", true, false),
+        ];
+        assert_eq!(track(None, &old, tallies(5, 5, 0), "t0"), None, "steady");
+
+        let rolling = [
+            old[0].clone(),
+            pod("b", "v1", "2026-11-25T10:00:00Z", true, true),
+            pod("c", "v2", "2026-11-25T11:00:00Z", false, false),
+        ];
+        let started = track(None, &rolling, tallies(5, 5, 0), "t1").unwrap();
+        assert_eq!(started.revision, "v2");
+        assert_eq!(started.started_at.as_deref(), Some("t1"));
+        assert_eq!(
+            (started.drained, started.rehydrated, started.lost),
+            (0, 0, 0)
+        );
+
+        let counted = track(Some(&started), &rolling, tallies(9, 8, 1), "t2").unwrap();
+        assert_eq!(
+            (counted.drained, counted.rehydrated, counted.lost),
+            (4, 3, 1)
+        );
+        assert_eq!(counted.finished_at, None);
+
+        let done = [
+            pod("c", "v2", "2026-11-25T11:00:00Z", true, false),
+            pod("d", "v2", "2026-11-25T11:01:00Z", true, false),
+        ];
+        let finished = track(Some(&counted), &done, tallies(10, 10, 1), "t3").unwrap();
+        assert_eq!(finished.finished_at.as_deref(), Some("t3"));
+        assert_eq!(
+            (finished.drained, finished.rehydrated, finished.lost),
+            (5, 5, 1)
+        );
+        // Finished: frozen, whatever happens to the tallies later.
+        let later = track(Some(&finished), &done, tallies(20, 20, 2), "t4").unwrap();
+        assert_eq!(later, finished);
+
+        // The store unreadable for a while: counts stay.
+        assert_eq!(
+            track(Some(&counted), &rolling, None, "t5").unwrap().drained,
+            4
+        );
+    }
+
+    #[test]
+    fn pods_without_a_revision_report_nothing() {
+        let bare: Pod = serde_json::from_value(json!({"metadata": {"name": "x"}})).unwrap();
+        assert_eq!(track(None, &[Arc::new(bare)], tallies(1, 1, 1), "t"), None);
+        assert_eq!(track(None, &[], None, "t"), None);
+    }
+}
