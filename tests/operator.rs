@@ -936,3 +936,108 @@ async fn a_rollout_is_tracked_and_counted_from_the_proxies_reports() {
         vec![rollout.revision.clone()]
     );
 }
+
+/// A rollout that loses more sessions than `rollout.maxLostSessions` (a new version that refuses
+/// the stored sessions) is paused: the Deployment gets `spec.paused`, RolloutSafe turns False
+/// with TooManyLostSessions and an Event says so; a Deployment the policy does not select is
+/// untouched, and once someone resumes it the rollout is not paused again.
+#[tokio::test]
+async fn a_rollout_that_loses_too_many_sessions_is_paused() {
+    use mcp_session_operator::store::Tally;
+    let _serial = SERIAL.lock().await;
+    let plane = control_plane();
+    let ns = plane.namespace("guard").await;
+    install_crd(&ns.client).await;
+    let kubeconfig = operator_kubeconfig(plane, &ns.client, &ns.name).await;
+    let _kubelet = KubeletStandIn::start(ns.client.clone(), &ns.name, Arc::new(NoProcesses)).await;
+    let deployments: Api<Deployment> = Api::namespaced(ns.client.clone(), &ns.name);
+    for app in ["web", "other"] {
+        let deployment: Deployment = serde_json::from_value(json!({
+            "metadata": {"name": app},
+            "spec": {"replicas": 2, "minReadySeconds": 5, "selector": {"matchLabels": {"app": app}},
+                     "strategy": {"rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+                     "template": {"metadata": {"labels": {"app": app}}, "spec": {"containers": [{"name": "mcp", "image": "example/mcp:1"}]}}},
+        }))
+        .unwrap();
+        deployments
+            .create(&PostParams::default(), &deployment)
+            .await
+            .unwrap();
+    }
+    let redis = RedisServer::start();
+    let sessions = store(&redis, "mcp:session:").await;
+    let _operator = Operator::start(&kubeconfig, &ns.name, Some(&ns.name), "op-guard");
+    apply(
+        &ns.client,
+        &ns.name,
+        &policy(
+            "web",
+            json!({"selector": {"matchLabels": {"app": "web"}}, "redis": {"url": redis.url()},
+                   "rollout": {"maxLostSessions": 1}}),
+        ),
+    )
+    .await;
+    status_until(&ns.client, &ns.name, "web", "2 ready pods", |s| {
+        s.pods.ready == 2
+    })
+    .await;
+    let new_image = json!({"spec": {"template": {"spec": {"containers": [{"name": "mcp", "image": "example/mcp:2"}]}}}});
+    for app in ["web", "other"] {
+        deployments
+            .patch(app, &PatchParams::default(), &Patch::Merge(&new_image))
+            .await
+            .unwrap();
+    }
+    status_until(&ns.client, &ns.name, "web", "a rollout started", |s| {
+        s.last_rollout
+            .as_ref()
+            .is_some_and(|r| r.started_at.is_some())
+    })
+    .await;
+    // The new version refuses the replayed sessions: the proxies report them lost.
+    sessions.tally(Tally::Drained, 2).await.unwrap();
+    sessions.tally(Tally::Lost, 2).await.unwrap();
+    let guarded = status_until(&ns.client, &ns.name, "web", "RolloutSafe False", |s| {
+        condition(s, "RolloutSafe").0 == "False"
+    })
+    .await;
+    let (_, reason) = condition(&guarded, "RolloutSafe");
+    assert_eq!(reason, "TooManyLostSessions");
+    let rollout = guarded.last_rollout.unwrap();
+    assert_eq!(rollout.lost, 2);
+    assert_eq!(rollout.paused.as_deref(), Some("Deployment/web"));
+    assert_eq!(
+        deployments.get("web").await.unwrap().spec.paused,
+        Some(true)
+    );
+    assert_ne!(
+        deployments.get("other").await.unwrap().spec.paused,
+        Some(true),
+        "not selected: never paused"
+    );
+    wait_for(TIMEOUT, "a TooManyLostSessions Event", || async {
+        events(&ns.client, &ns.name, "TooManyLostSessions").await == 1
+    })
+    .await;
+
+    // Someone resumes: the rollout finishes and is not paused again.
+    deployments
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"paused": false}})),
+        )
+        .await
+        .unwrap();
+    let finished = status_until(&ns.client, &ns.name, "web", "the rollout finished", |s| {
+        s.last_rollout
+            .as_ref()
+            .is_some_and(|r| r.finished_at.is_some())
+    })
+    .await;
+    assert_eq!(condition(&finished, "RolloutSafe").1, "TooManyLostSessions");
+    assert_ne!(
+        deployments.get("web").await.unwrap().spec.paused,
+        Some(true)
+    );
+}

@@ -216,6 +216,12 @@ pub struct RolloutStatus {
     pub started_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<String>,
+    /// When the guard paused the rollout for losing too many sessions (once per rollout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_at: Option<String>,
+    /// What the guard paused, or could not pause (`Kind/name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<String>,
     /// The store's tallies when the rollout started: the counts are differences from these.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baseline: Option<RolloutBaseline>,

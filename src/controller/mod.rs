@@ -6,6 +6,7 @@
 //! per reconcile: each one reads its pods from the store and its counts from Redis indexes.
 
 mod deletion_cost;
+mod guard;
 pub mod leader;
 mod rollout;
 mod status;
@@ -437,12 +438,37 @@ async fn reconcile(policy: Arc<McpSessionPolicy>, ctx: Arc<Context>) -> Result<A
         .cloned();
     let previous = remembered.as_ref().or(policy.status.as_ref());
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    let last_rollout = rollout::track(
+    let mut last_rollout = rollout::track(
         previous.and_then(|p| p.last_rollout.as_ref()),
         &selected,
         tallies,
         &now,
     );
+    let max_lost_sessions = u64::try_from(policy.spec.rollout.max_lost_sessions).unwrap_or(0);
+    if let Some(rollout) = &mut last_rollout
+        && rollout.finished_at.is_none()
+        && rollout.paused_at.is_none()
+        && rollout.lost > max_lost_sessions
+    {
+        let paused = guard::pause(&ctx.client, &namespace, &selected, &rollout.revision).await;
+        let mut what: Vec<String> = paused
+            .deployments
+            .iter()
+            .map(|d| format!("Deployment/{d}"))
+            .collect();
+        what.extend(
+            paused
+                .unpausable
+                .iter()
+                .map(|o| format!("{o} (cannot be paused)")),
+        );
+        rollout.paused_at = Some(now.clone());
+        rollout.paused = Some(if what.is_empty() {
+            "nothing owns the new pods".to_owned()
+        } else {
+            what.join(", ")
+        });
+    }
     let routing = routing(&policy, &namespace, &selected, &ctx.services);
     let observation = Observation {
         routing,
@@ -452,6 +478,7 @@ async fn reconcile(policy: Arc<McpSessionPolicy>, ctx: Arc<Context>) -> Result<A
         pods,
         unreadable,
         last_rollout,
+        max_lost_sessions,
     };
     let next = status::build(previous, &observation);
     if policy.status.as_ref() != Some(&next) {

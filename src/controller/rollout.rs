@@ -14,7 +14,8 @@ use crate::store::Tallies;
 /// DaemonSets.
 const REVISION_LABELS: [&str; 2] = ["pod-template-hash", "controller-revision-hash"];
 
-fn revision(pod: &Pod) -> Option<&str> {
+/// A pod's revision label.
+pub fn revision(pod: &Pod) -> Option<&str> {
     let labels = pod.metadata.labels.as_ref()?;
     REVISION_LABELS
         .iter()

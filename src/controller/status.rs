@@ -58,6 +58,8 @@ pub struct Observation {
     pub routing: Routing,
     /// The last rollout of the selected pods, as tracked now.
     pub last_rollout: Option<RolloutStatus>,
+    /// `rollout.maxLostSessions` of the policy.
+    pub max_lost_sessions: u64,
 }
 
 /// Whether traffic reaches the injected proxies.
@@ -106,10 +108,9 @@ pub fn build(
             )
         }
     };
-    let rollout = (
-        "True",
-        "NoRolloutInProgress",
-        "No rollout of the selected pods is in progress".to_owned(),
+    let rollout = rollout_safe(
+        observation.last_rollout.as_ref(),
+        observation.max_lost_sessions,
     );
     let routed = match &observation.routing {
         Routing::InjectionDisabled => (
@@ -174,6 +175,41 @@ pub fn build(
     }
 }
 
+/// The RolloutSafe condition for the last rollout.
+fn rollout_safe(
+    rollout: Option<&RolloutStatus>,
+    max_lost: u64,
+) -> (&'static str, &'static str, String) {
+    let Some(rollout) = rollout else {
+        return (
+            "True",
+            "NoRolloutInProgress",
+            "No rollout of the selected pods is in progress".to_owned(),
+        );
+    };
+    let counts = format!(
+        "rollout to revision {}: {} sessions drained, {} rehydrated, {} lost",
+        rollout.revision, rollout.drained, rollout.rehydrated, rollout.lost
+    );
+    if rollout.lost > max_lost {
+        let action = match &rollout.paused {
+            Some(paused) => format!(
+                "paused: {paused}; find why the new pods refuse the sessions, then raise rollout.maxLostSessions or `kubectl rollout resume` to go on"
+            ),
+            None => "not paused".to_owned(),
+        };
+        return (
+            "False",
+            "TooManyLostSessions",
+            format!("{counts} (at most {max_lost} allowed); {action}"),
+        );
+    }
+    match rollout.finished_at {
+        Some(_) => ("True", "RolloutFinished", counts),
+        None => ("True", "RolloutInProgress", counts),
+    }
+}
+
 fn condition(
     previous: Option<&McpSessionPolicyStatus>,
     generation: Option<i64>,
@@ -221,7 +257,11 @@ pub fn transitions(
             "Redis answers again".to_owned(),
         ));
     }
-    for type_ in [condition::READY, condition::SERVICES_ROUTED] {
+    for type_ in [
+        condition::READY,
+        condition::SERVICES_ROUTED,
+        condition::ROLLOUT_SAFE,
+    ] {
         if let Some(new) = after(type_)
             && new.status == "False"
             && before(type_)
@@ -250,6 +290,7 @@ mod tests {
             unreadable: 0,
             routing: Routing::ThroughProxy(1),
             last_rollout: None,
+            max_lost_sessions: 0,
         }
     }
 
