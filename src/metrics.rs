@@ -47,8 +47,15 @@ pub struct OperationLabels {
 pub struct DrainLabels {
     pub namespace: String,
     pub policy: String,
-    /// Who drained: `sweep` (the operator, for a pod that no longer exists).
+    /// Who drained: `proxy` (a stopping pod's proxy) or `sweep` (the operator, for a pod that
+    /// no longer exists).
     pub by: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    pub namespace: String,
+    pub policy: String,
 }
 
 /// A policy, as metric series know it.
@@ -64,6 +71,10 @@ pub struct Metrics {
     webhook_requests: Family<WebhookLabels, Counter>,
     webhook_duration: Family<WebhookLabels, Histogram>,
     drains: Family<DrainLabels, Counter>,
+    rehydrations: Family<PolicyLabels, Counter>,
+    lost: Family<PolicyLabels, Counter>,
+    /// The store tallies last added to the counters, per policy.
+    tallies_seen: Mutex<BTreeMap<PolicyKey, crate::store::Tallies>>,
     /// Pods with a series, per policy, so that series of vanished pods can be removed.
     pods_with_series: Mutex<BTreeMap<PolicyKey, BTreeSet<String>>>,
 }
@@ -128,9 +139,24 @@ impl Default for Metrics {
             "Sessions marked draining, claimable by any pod, by who drained them",
             drains.clone(),
         );
+        let rehydrations = Family::<PolicyLabels, Counter>::default();
+        registry.register(
+            "mcp_session_rehydrations",
+            "Draining sessions claimed by another pod and replayed to its server",
+            rehydrations.clone(),
+        );
+        let lost = Family::<PolicyLabels, Counter>::default();
+        registry.register(
+            "mcp_sessions_lost",
+            "Sessions a client came back for and could not get",
+            lost.clone(),
+        );
         Self {
             registry,
             drains,
+            rehydrations,
+            lost,
+            tallies_seen: Mutex::new(BTreeMap::new()),
             webhook_requests,
             webhook_duration,
             sessions,
@@ -178,6 +204,33 @@ impl Metrics {
                 by,
             })
             .inc_by(sessions);
+    }
+
+    /// Adds what the proxies reported to the store since the last call (the first call adds
+    /// it all): the counters then rise with `lastRollout`'s counts. A tally that went down
+    /// (Redis lost it) restarts the comparison without taking anything back.
+    pub fn proxy_tallies(&self, namespace: &str, policy: &str, now: crate::store::Tallies) {
+        let key = (namespace.to_owned(), policy.to_owned());
+        let mut seen = self.tallies_seen.lock().unwrap_or_else(|p| p.into_inner());
+        let before = seen.insert(key, now).unwrap_or_default();
+        let added = |now: u64, before: u64| if now >= before { now - before } else { now };
+        let labels = PolicyLabels {
+            namespace: namespace.to_owned(),
+            policy: policy.to_owned(),
+        };
+        self.drains
+            .get_or_create(&DrainLabels {
+                namespace: namespace.to_owned(),
+                policy: policy.to_owned(),
+                by: "proxy",
+            })
+            .inc_by(added(now.drained, before.drained));
+        self.rehydrations
+            .get_or_create(&labels)
+            .inc_by(added(now.rehydrated, before.rehydrated));
+        self.lost
+            .get_or_create(&labels)
+            .inc_by(added(now.lost, before.lost));
     }
 
     pub fn redis_operation(&self, operation: &'static str, took: Duration) {
@@ -241,11 +294,23 @@ impl Metrics {
                 state,
             });
         }
-        self.drains.remove(&DrainLabels {
+        for by in ["proxy", "sweep"] {
+            self.drains.remove(&DrainLabels {
+                namespace: namespace.into(),
+                policy: policy.into(),
+                by,
+            });
+        }
+        let labels = PolicyLabels {
             namespace: namespace.into(),
             policy: policy.into(),
-            by: "sweep",
-        });
+        };
+        self.rehydrations.remove(&labels);
+        self.lost.remove(&labels);
+        self.tallies_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(namespace.to_owned(), policy.to_owned()));
         let mut known = self
             .pods_with_series
             .lock()

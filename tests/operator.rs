@@ -870,7 +870,7 @@ async fn a_rollout_is_tracked_and_counted_from_the_proxies_reports() {
     sessions.tally(Tally::Drained, 7).await.unwrap();
     sessions.tally(Tally::Rehydrated, 6).await.unwrap();
     sessions.tally(Tally::Lost, 1).await.unwrap();
-    let _operator = Operator::start(&kubeconfig, &ns.name, Some(&ns.name), "op-rollout");
+    let operator = Operator::start(&kubeconfig, &ns.name, Some(&ns.name), "op-rollout");
     apply(
         &ns.client,
         &ns.name,
@@ -935,6 +935,25 @@ async fn a_rollout_is_tracked_and_counted_from_the_proxies_reports() {
         hashes.into_iter().collect::<Vec<_>>(),
         vec![rollout.revision.clone()]
     );
+    // The counters hold everything the proxies reported (7 + 2 drained, 6 + 2 rehydrated, 1
+    // lost); their increase over the rollout is its status.
+    let (_, metrics) = operator.get("/metrics").await.unwrap();
+    for series in [
+        format!(
+            r#"mcp_session_drains_total{{namespace="{}",policy="web",by="proxy"}} 9"#,
+            ns.name
+        ),
+        format!(
+            r#"mcp_session_rehydrations_total{{namespace="{}",policy="web"}} 8"#,
+            ns.name
+        ),
+        format!(
+            r#"mcp_sessions_lost_total{{namespace="{}",policy="web"}} 1"#,
+            ns.name
+        ),
+    ] {
+        assert!(metrics.contains(&series), "{series} in {metrics}");
+    }
 }
 
 /// A rollout that loses more sessions than `rollout.maxLostSessions` (a new version that refuses

@@ -526,6 +526,11 @@ async fn a_drained_pods_session_is_claimed_and_replayed_by_another_pod() {
         metrics.contains(r#"mcp_proxy_claims_total{outcome="claimed"} 1"#),
         "{metrics}"
     );
+    assert!(
+        admin_get(admin_a, "/metrics")
+            .await
+            .contains("mcp_session_drain_duration_seconds_count 1")
+    );
     // Another client's credential gets nothing from pod-b either.
     assert_eq!(
         call(proxy_b, &session, Some("Bearer other"), 4, 1)

@@ -395,7 +395,10 @@ async fn reconcile(policy: Arc<McpSessionPolicy>, ctx: Arc<Context>) -> Result<A
         Ok((counts, unreadable, store)) => {
             sweep(&policy, &namespace, &ctx, &store, &counts).await;
             let tallies = match store.tallies().await {
-                Ok(tallies) => Some(tallies),
+                Ok(tallies) => {
+                    ctx.metrics.proxy_tallies(&namespace, &name, tallies);
+                    Some(tallies)
+                }
                 Err(error) => {
                     warn!(%error, "cannot read the store's tallies");
                     None

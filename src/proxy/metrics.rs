@@ -45,6 +45,7 @@ pub struct ProxyMetrics {
     /// Streams resumed from the event log with `Last-Event-ID`.
     pub resumed: Family<KindLabels, Counter>,
     pub events_unlogged: Counter,
+    pub drain_duration: Histogram,
 }
 
 impl Default for ProxyMetrics {
@@ -116,7 +117,14 @@ impl Default for ProxyMetrics {
             "SSE events not logged for resumption because the store fell behind",
             events_unlogged.clone(),
         );
+        let drain_duration = Histogram::new(exponential_buckets(0.01, 2.0, 14));
+        registry.register(
+            "mcp_session_drain_duration_seconds",
+            "Time from the start of a drain to its sessions marked draining",
+            drain_duration.clone(),
+        );
         Self {
+            drain_duration,
             registry,
             requests,
             latency,

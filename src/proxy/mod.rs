@@ -1173,6 +1173,9 @@ impl Proxy {
         }
         self.events.flush().await;
         self.drained.store(drained, Ordering::SeqCst);
+        self.metrics
+            .drain_duration
+            .observe(started.elapsed().as_secs_f64());
         info!(
             drained,
             seconds = started.elapsed().as_secs_f64(),
