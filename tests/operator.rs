@@ -15,7 +15,7 @@ use kube::{Client, ResourceExt as _};
 use mcp_session_operator::api::{McpSessionPolicy, McpSessionPolicyStatus};
 use mcp_session_operator::store::{NewSession, RedisStore, SessionId, SessionState, SessionStore};
 use serde_json::json;
-use support::control_plane::{control_plane, wait_for};
+use support::control_plane::{TestNamespace, control_plane, wait_for};
 use support::kubelet::{KubeletStandIn, NoProcesses};
 use support::operator::{Operator, install_crd, operator_kubeconfig};
 use support::redis::RedisServer;
@@ -29,6 +29,54 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 fn policy(name: &str, spec: serde_json::Value) -> McpSessionPolicy {
     serde_json::from_value(json!({"apiVersion": "mcpsession.dev/v1alpha1", "kind": "McpSessionPolicy", "metadata": {"name": name}, "spec": spec}))
         .expect("policy")
+}
+
+/// A test namespace with the CRD, a kubeconfig of the operator's service account, and a
+/// kubelet stand-in that runs no processes.
+struct Bed {
+    ns: TestNamespace,
+    kubeconfig: std::path::PathBuf,
+    _kubelet: KubeletStandIn,
+}
+
+async fn bed(prefix: &str) -> Bed {
+    let plane = control_plane();
+    let ns = plane.namespace(prefix).await;
+    install_crd(&ns.client).await;
+    let kubeconfig = operator_kubeconfig(plane, &ns.client, &ns.name).await;
+    let kubelet = KubeletStandIn::start(ns.client.clone(), &ns.name, Arc::new(NoProcesses)).await;
+    Bed {
+        ns,
+        kubeconfig,
+        _kubelet: kubelet,
+    }
+}
+
+/// A Deployment of 2 pods labelled `app`, rolled out one surge pod at a time; `minReadySeconds`
+/// keeps a rollout going for a few seconds, long enough to report into it.
+async fn rolling_deployment(client: &Client, namespace: &str, app: &str) -> Api<Deployment> {
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": app},
+        "spec": {"replicas": 2, "minReadySeconds": 5, "selector": {"matchLabels": {"app": app}},
+                 "strategy": {"rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+                 "template": {"metadata": {"labels": {"app": app}}, "spec": {"containers": [{"name": "mcp", "image": "example/mcp:1"}]}}},
+    }))
+    .unwrap();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    deployments
+        .create(&PostParams::default(), &deployment)
+        .await
+        .unwrap();
+    deployments
+}
+
+/// A new image in the pod template: a rollout.
+async fn roll(deployments: &Api<Deployment>, app: &str) {
+    let new_image = json!({"spec": {"template": {"spec": {"containers": [{"name": "mcp", "image": "example/mcp:2"}]}}}});
+    deployments
+        .patch(app, &PatchParams::default(), &Patch::Merge(&new_image))
+        .await
+        .unwrap();
 }
 
 async fn apply(client: &Client, namespace: &str, policy: &McpSessionPolicy) {
@@ -846,31 +894,15 @@ async fn a_service_that_bypasses_the_proxy_is_a_condition_and_an_event() {
 async fn a_rollout_is_tracked_and_counted_from_the_proxies_reports() {
     use mcp_session_operator::store::Tally;
     let _serial = SERIAL.lock().await;
-    let plane = control_plane();
-    let ns = plane.namespace("rollout").await;
-    install_crd(&ns.client).await;
-    let kubeconfig = operator_kubeconfig(plane, &ns.client, &ns.name).await;
-    let _kubelet = KubeletStandIn::start(ns.client.clone(), &ns.name, Arc::new(NoProcesses)).await;
-    // minReadySeconds keeps the rollout going for a few seconds: long enough to report into it.
-    let deployment: Deployment = serde_json::from_value(json!({
-        "metadata": {"name": "web"},
-        "spec": {"replicas": 2, "minReadySeconds": 4, "selector": {"matchLabels": {"app": "web"}},
-                 "strategy": {"rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
-                 "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "mcp", "image": "example/mcp:1"}]}}},
-    }))
-    .unwrap();
-    let deployments: Api<Deployment> = Api::namespaced(ns.client.clone(), &ns.name);
-    deployments
-        .create(&PostParams::default(), &deployment)
-        .await
-        .unwrap();
+    let Bed { ns, kubeconfig, .. } = &bed("rollout").await;
+    let deployments = rolling_deployment(&ns.client, &ns.name, "web").await;
     let redis = RedisServer::start();
     let sessions = store(&redis, "mcp:session:").await;
     // Reported before the rollout (an earlier one): not this rollout's.
     sessions.tally(Tally::Drained, 7).await.unwrap();
     sessions.tally(Tally::Rehydrated, 6).await.unwrap();
     sessions.tally(Tally::Lost, 1).await.unwrap();
-    let operator = Operator::start(&kubeconfig, &ns.name, Some(&ns.name), "op-rollout");
+    let operator = Operator::start(kubeconfig, &ns.name, Some(&ns.name), "op-rollout");
     apply(
         &ns.client,
         &ns.name,
@@ -886,14 +918,7 @@ async fn a_rollout_is_tracked_and_counted_from_the_proxies_reports() {
     .await;
     assert_eq!(steady.last_rollout, None, "no rollout yet");
 
-    deployments
-        .patch(
-            "web",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"template": {"spec": {"containers": [{"name": "mcp", "image": "example/mcp:2"}]}}}})),
-        )
-        .await
-        .unwrap();
+    roll(&deployments, "web").await;
     let started = status_until(&ns.client, &ns.name, "web", "a rollout started", |s| {
         s.last_rollout
             .as_ref()
@@ -964,28 +989,12 @@ async fn a_rollout_is_tracked_and_counted_from_the_proxies_reports() {
 async fn a_rollout_that_loses_too_many_sessions_is_paused() {
     use mcp_session_operator::store::Tally;
     let _serial = SERIAL.lock().await;
-    let plane = control_plane();
-    let ns = plane.namespace("guard").await;
-    install_crd(&ns.client).await;
-    let kubeconfig = operator_kubeconfig(plane, &ns.client, &ns.name).await;
-    let _kubelet = KubeletStandIn::start(ns.client.clone(), &ns.name, Arc::new(NoProcesses)).await;
-    let deployments: Api<Deployment> = Api::namespaced(ns.client.clone(), &ns.name);
-    for app in ["web", "other"] {
-        let deployment: Deployment = serde_json::from_value(json!({
-            "metadata": {"name": app},
-            "spec": {"replicas": 2, "minReadySeconds": 5, "selector": {"matchLabels": {"app": app}},
-                     "strategy": {"rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
-                     "template": {"metadata": {"labels": {"app": app}}, "spec": {"containers": [{"name": "mcp", "image": "example/mcp:1"}]}}},
-        }))
-        .unwrap();
-        deployments
-            .create(&PostParams::default(), &deployment)
-            .await
-            .unwrap();
-    }
+    let Bed { ns, kubeconfig, .. } = &bed("guard").await;
+    let deployments = rolling_deployment(&ns.client, &ns.name, "web").await;
+    rolling_deployment(&ns.client, &ns.name, "other").await;
     let redis = RedisServer::start();
     let sessions = store(&redis, "mcp:session:").await;
-    let _operator = Operator::start(&kubeconfig, &ns.name, Some(&ns.name), "op-guard");
+    let _operator = Operator::start(kubeconfig, &ns.name, Some(&ns.name), "op-guard");
     apply(
         &ns.client,
         &ns.name,
@@ -1000,12 +1009,8 @@ async fn a_rollout_that_loses_too_many_sessions_is_paused() {
         s.pods.ready == 2
     })
     .await;
-    let new_image = json!({"spec": {"template": {"spec": {"containers": [{"name": "mcp", "image": "example/mcp:2"}]}}}});
     for app in ["web", "other"] {
-        deployments
-            .patch(app, &PatchParams::default(), &Patch::Merge(&new_image))
-            .await
-            .unwrap();
+        roll(&deployments, app).await;
     }
     status_until(&ns.client, &ns.name, "web", "a rollout started", |s| {
         s.last_rollout

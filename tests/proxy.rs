@@ -120,10 +120,6 @@ fn mcp_server(port: u16) -> Process {
     Sdk::Python.server(port)
 }
 
-fn proxy(port: u16, upstream: u16, admin: u16) -> Process {
-    proxy_with(port, upstream, admin, "proxy-0", None, &[])
-}
-
 /// A proxy as a pod would run it; with `redis`, sessions are shared through it.
 fn proxy_with(
     port: u16,
@@ -302,11 +298,8 @@ fn result_text(reply: &Reply) -> String {
 
 #[tokio::test]
 async fn a_session_survives_upstream_restarts_and_stays_bound_to_its_credential() {
-    let (upstream_port, proxy_port, admin_port) = (free_port(), free_port(), free_port());
-    let mut upstream = mcp_server(upstream_port);
-    let _proxy = proxy(proxy_port, upstream_port, admin_port);
-    wait_listening(upstream_port).await;
-    wait_listening(proxy_port).await;
+    let mut pod = Pod::start_with(Sdk::Python, Wire::Streamable, "proxy-0", None, &[]).await;
+    let (proxy_port, admin_port) = (pod.proxy_port(), pod.admin_port());
     let alice = Some("Bearer alice-token-0123456789");
 
     let session = open_session(proxy_port, alice).await;
@@ -316,8 +309,7 @@ async fn a_session_survives_upstream_restarts_and_stays_bound_to_its_credential(
 
     // The server restarts twice; the client's session id goes on working.
     for (round, a) in [(1, 100), (2, 200)] {
-        upstream.terminate();
-        upstream = mcp_server(upstream_port);
+        pod.restart_server(Sdk::Python);
         // No wait for the server: the proxy holds requests until it listens again. Eight
         // concurrent requests of the session wait on one replay.
         let replies = futures::future::join_all(
@@ -620,16 +612,15 @@ async fn client_through_restarts(
 /// 10 s while the server is stopped twice, mid-call. Through the proxy: no error, one session.
 /// Talking to the server directly: errors.
 async fn sdk_client_through_restarts(sdk: Sdk, wire: Wire) {
-    let (upstream_port, proxy_port, admin_port) = (free_port(), free_port(), free_port());
-    let mut upstream = sdk.server_for(upstream_port, wire);
-    let _proxy = proxy(proxy_port, upstream_port, admin_port);
-    wait_listening(upstream_port).await;
-    wait_listening(proxy_port).await;
+    let mut pod = Pod::start_with(sdk, wire, "proxy-0", None, &[]).await;
+    let (upstream_port, proxy_port, admin_port) =
+        (pod.server_port, pod.proxy_port(), pod.admin_port());
+    let upstream = &mut pod.server;
     let restarts = [Duration::from_secs(3), Duration::from_millis(6500)];
 
     let url = format!("http://127.0.0.1:{proxy_port}{}", wire.path());
     let through =
-        client_through_restarts(sdk, wire, &url, 10, &mut upstream, upstream_port, &restarts).await;
+        client_through_restarts(sdk, wire, &url, 10, upstream, upstream_port, &restarts).await;
     let metrics = admin_get(admin_port, "/metrics").await;
     eprintln!(
         "{sdk:?} ({wire:?}) through the proxy: {} calls, {} errors; {}",
@@ -663,7 +654,7 @@ async fn sdk_client_through_restarts(sdk: Sdk, wire: Wire) {
     wait_listening(upstream_port).await;
     let url = format!("http://127.0.0.1:{upstream_port}{}", wire.path());
     let direct =
-        client_through_restarts(sdk, wire, &url, 10, &mut upstream, upstream_port, &restarts).await;
+        client_through_restarts(sdk, wire, &url, 10, upstream, upstream_port, &restarts).await;
     eprintln!(
         "{sdk:?} ({wire:?}) without the proxy: {} calls, {} errors, {} session ids",
         direct.calls,
@@ -699,11 +690,8 @@ async fn the_typescript_sdk_client_sees_no_restart_through_the_proxy_and_does_wi
 async fn a_redis_restart_without_persistence_loses_nothing_a_live_proxy_knows() {
     use mcp_session_operator::store::{SessionId, SessionStore as _};
     let mut redis = support::redis::RedisServer::start();
-    let (server, proxy_port, admin) = (free_port(), free_port(), free_port());
-    let _upstream = mcp_server(server);
-    let _proxy = proxy_with(proxy_port, server, admin, "pod-a", Some(&redis.url()), &[]);
-    wait_listening(server).await;
-    wait_listening(proxy_port).await;
+    let pod = Pod::start(Sdk::Python, "pod-a", &redis.url()).await;
+    let proxy_port = pod.proxy_port();
     let token = Some("Bearer token-r");
     let session = open_session(proxy_port, token).await;
     let id = SessionId::parse(&session).unwrap();
@@ -777,11 +765,8 @@ async fn list_tools(port: u16, session: &str, authorization: Option<&str>) {
 /// twice.
 #[tokio::test]
 async fn a_lost_answer_is_sent_again_only_when_the_tool_is_safe_to_repeat() {
-    let (upstream_port, proxy_port, admin_port) = (free_port(), free_port(), free_port());
-    let mut upstream = mcp_server(upstream_port);
-    let _proxy = proxy(proxy_port, upstream_port, admin_port);
-    wait_listening(upstream_port).await;
-    wait_listening(proxy_port).await;
+    let mut pod = Pod::start_with(Sdk::Python, Wire::Streamable, "proxy-0", None, &[]).await;
+    let (proxy_port, admin_port) = (pod.proxy_port(), pod.admin_port());
     let token = Some("Bearer token-lost");
     let session = open_session(proxy_port, token).await;
     list_tools(proxy_port, &session, token).await;
@@ -795,8 +780,8 @@ async fn a_lost_answer_is_sent_again_only_when_the_tool_is_safe_to_repeat() {
             async move { call_tool(proxy_port, &session, token, 7, tool, arguments).await }
         });
         tokio::time::sleep(Duration::from_millis(400)).await;
-        upstream.kill();
-        upstream = mcp_server(upstream_port);
+        pod.server.kill();
+        pod.server = mcp_server(pod.server_port);
         let reply = pending.await.unwrap();
         assert_eq!(reply.status, 200, "{tool}: {}", reply.body);
         let message = reply.message();
@@ -1037,18 +1022,15 @@ async fn a_listening_stream_survives_restarts_resumes_on_another_pod_and_ends_on
 /// and ending a session frees its place.
 #[tokio::test]
 async fn sessions_per_credential_are_limited() {
-    let (upstream_port, proxy_port, admin_port) = (free_port(), free_port(), free_port());
-    let _upstream = mcp_server(upstream_port);
-    let _proxy = proxy_with(
-        proxy_port,
-        upstream_port,
-        admin_port,
+    let pod = Pod::start_with(
+        Sdk::Python,
+        Wire::Streamable,
         "pod-a",
         None,
         &["--max-sessions-per-credential", "2"],
-    );
-    wait_listening(upstream_port).await;
-    wait_listening(proxy_port).await;
+    )
+    .await;
+    let (proxy_port, admin_port) = (pod.proxy_port(), pod.admin_port());
     let greedy = Some("Bearer greedy");
     let first = open_session(proxy_port, greedy).await;
     open_session(proxy_port, greedy).await;
@@ -1086,9 +1068,21 @@ struct Pod {
 
 impl Pod {
     async fn start(sdk: Sdk, name: &str, redis: &str) -> Self {
+        Self::start_with(sdk, Wire::Streamable, name, Some(redis), &[]).await
+    }
+
+    /// A pod whose server speaks `wire`; its proxy uses `redis` (else its embedded store) and
+    /// gets the `extra` flags.
+    async fn start_with(
+        sdk: Sdk,
+        wire: Wire,
+        name: &str,
+        redis: Option<&str>,
+        extra: &[&str],
+    ) -> Self {
         let (server_port, proxy_port, admin_port) = (free_port(), free_port(), free_port());
-        let server = sdk.server(server_port);
-        let proxy = proxy_with(proxy_port, server_port, admin_port, name, Some(redis), &[]);
+        let server = sdk.server_for(server_port, wire);
+        let proxy = proxy_with(proxy_port, server_port, admin_port, name, redis, extra);
         wait_listening(server_port).await;
         wait_listening(proxy_port).await;
         let at = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
@@ -1207,11 +1201,8 @@ async fn the_typescript_sdk_client_sees_no_pod_replacement() {
 /// the client listens, is ended with a `retry` hint when the proxy drains.
 #[tokio::test]
 async fn stateless_requests_pass_through_and_their_listen_streams_are_drained() {
-    let (upstream_port, proxy_port, admin_port) = (free_port(), free_port(), free_port());
-    let _upstream = mcp_server(upstream_port);
-    let _proxy = proxy(proxy_port, upstream_port, admin_port);
-    wait_listening(upstream_port).await;
-    wait_listening(proxy_port).await;
+    let pod = Pod::start_with(Sdk::Python, Wire::Streamable, "proxy-0", None, &[]).await;
+    let (proxy_port, admin_port) = (pod.proxy_port(), pod.admin_port());
     let meta = json!({"io.modelcontextprotocol/protocolVersion": "2026-07-28",
         "io.modelcontextprotocol/clientCapabilities": {},
         "io.modelcontextprotocol/clientInfo": {"name": "modern-client", "version": "1"}});
@@ -1283,11 +1274,8 @@ async fn a_proxy_starts_while_redis_is_down_and_stores_its_sessions_when_it_is_b
     use mcp_session_operator::store::{SessionId, SessionStore as _};
     let mut redis = support::redis::RedisServer::start();
     redis.kill();
-    let (server, proxy_port, admin) = (free_port(), free_port(), free_port());
-    let _upstream = mcp_server(server);
-    let _proxy = proxy_with(proxy_port, server, admin, "pod-a", Some(&redis.url()), &[]);
-    wait_listening(server).await;
-    wait_listening(proxy_port).await;
+    let pod = Pod::start(Sdk::Python, "pod-a", &redis.url()).await;
+    let proxy_port = pod.proxy_port();
     let token = Some("Bearer early-bird");
     let session = open_session(proxy_port, token).await;
     assert_eq!(
