@@ -200,14 +200,14 @@ impl Reply {
     }
 }
 
-async fn post(
+/// One HTTP/1.1 request on a fresh connection to the proxy.
+async fn send(
     port: u16,
-    path: &str,
-    session: Option<&str>,
-    authorization: Option<&str>,
     method: &str,
-    body: Value,
-) -> Reply {
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> hyper::Response<hyper::body::Incoming> {
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connect");
@@ -218,25 +218,37 @@ async fn post(
     let mut request = hyper::Request::builder()
         .method(method)
         .uri(path)
-        .header("host", format!("127.0.0.1:{port}"))
-        .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
-        .header("mcp-protocol-version", "2025-06-18");
-    if let Some(session) = session {
-        request = request.header("mcp-session-id", session);
+        .header("host", format!("127.0.0.1:{port}"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
     }
-    if let Some(authorization) = authorization {
-        request = request.header("authorization", authorization);
-    }
+    sender
+        .send_request(request.body(Full::new(body)).unwrap())
+        .await
+        .expect("response")
+}
+
+async fn post(
+    port: u16,
+    path: &str,
+    session: Option<&str>,
+    authorization: Option<&str>,
+    method: &str,
+    body: Value,
+) -> Reply {
+    let mut headers = vec![
+        ("content-type", "application/json"),
+        ("accept", "application/json, text/event-stream"),
+        ("mcp-protocol-version", "2025-06-18"),
+    ];
+    headers.extend(session.map(|s| ("mcp-session-id", s)));
+    headers.extend(authorization.map(|a| ("authorization", a)));
     let bytes = if body.is_null() {
         Vec::new()
     } else {
         serde_json::to_vec(&body).unwrap()
     };
-    let response = sender
-        .send_request(request.body(Full::new(Bytes::from(bytes))).unwrap())
-        .await
-        .expect("response");
+    let response = send(port, method, path, &headers, Bytes::from(bytes)).await;
     let status = response.status().as_u16();
     let session = response
         .headers()
@@ -854,24 +866,7 @@ impl EventStream {
     }
 
     async fn request(port: u16, method: &str, headers: &[(&str, &str)], body: Bytes) -> Self {
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .expect("connect");
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .expect("handshake");
-        tokio::spawn(connection);
-        let mut request = hyper::Request::builder()
-            .method(method)
-            .uri("/mcp")
-            .header("host", format!("127.0.0.1:{port}"));
-        for (name, value) in headers {
-            request = request.header(*name, *value);
-        }
-        let response = sender
-            .send_request(request.body(Full::new(body)).unwrap())
-            .await
-            .expect("response");
+        let response = send(port, method, "/mcp", headers, body).await;
         Self {
             status: response.status().as_u16(),
             body: response.into_body(),
