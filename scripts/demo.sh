@@ -73,7 +73,7 @@ for label, run in rows:
 direct = rows[0][1]
 if direct["errors"]:
     print(f"\n  without the proxy the client saw: {direct['errors'][0][:110]}")
-held, replays = metric("mcp_proxy_held_requests_total"), metric('mcp_session_rehydrations_total{outcome="replayed"}')
+held, replays = metric("mcp_proxy_held_requests_total"), metric('mcp_proxy_replays_total{outcome="replayed"}')
 resent = metric('mcp_proxy_unanswered_requests_total{outcome="resent"}')
 print(f"\n  through the proxy: {held:.0f} requests held while the server was down, {resent:.0f} lost with it and")
 print(f"  sent again (the tool is read-only), the session's handshake replayed {replays:.0f} times to the")

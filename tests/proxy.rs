@@ -375,7 +375,7 @@ async fn a_session_survives_upstream_restarts_and_stays_bound_to_its_credential(
     // The admin port: what happened, in metrics.
     let metrics = admin_get(admin_port, "/metrics").await;
     assert!(
-        metrics.contains(r#"mcp_session_rehydrations_total{outcome="replayed"} 2"#),
+        metrics.contains(r#"mcp_proxy_replays_total{outcome="replayed"} 2"#),
         "{metrics}"
     );
     assert!(
@@ -641,7 +641,7 @@ async fn sdk_client_through_restarts(sdk: Sdk, wire: Wire) {
         metrics
             .lines()
             .filter(|l| l.starts_with("mcp_proxy_unanswered")
-                || l.starts_with("mcp_session_rehydrations_total"))
+                || l.starts_with("mcp_proxy_replays_total"))
             .collect::<Vec<_>>()
             .join(", ")
     );
@@ -659,7 +659,7 @@ async fn sdk_client_through_restarts(sdk: Sdk, wire: Wire) {
         through.session_ids
     );
     assert!(
-        metrics.contains("mcp_session_rehydrations_total{outcome=\"replayed\"} 2"),
+        metrics.contains("mcp_proxy_replays_total{outcome=\"replayed\"} 2"),
         "{metrics}"
     );
 

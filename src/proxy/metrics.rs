@@ -65,8 +65,8 @@ impl Default for ProxyMetrics {
         );
         let replays = Family::<OutcomeLabels, Counter>::default();
         registry.register(
-            "mcp_session_rehydrations",
-            "Handshake replays to a fresh upstream",
+            "mcp_proxy_replays",
+            "Handshake replays to a fresh upstream, by outcome",
             replays.clone(),
         );
         let held = Counter::default();
