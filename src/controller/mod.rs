@@ -393,7 +393,7 @@ async fn reconcile(policy: Arc<McpSessionPolicy>, ctx: Arc<Context>) -> Result<A
 
     let (counts, unreadable, tallies) = match count(&policy, &namespace, &ctx).await {
         Ok((counts, unreadable, store)) => {
-            sweep(&policy, &namespace, &ctx, &store, &counts).await;
+            sweep(&policy, &namespace, &ctx, &store, &counts, &selected).await;
             let tallies = match store.tallies().await {
                 Ok(tallies) => {
                     ctx.metrics.proxy_tallies(&namespace, &name, tallies);
@@ -535,17 +535,15 @@ fn error_policy(policy: Arc<McpSessionPolicy>, error: &Error, ctx: Arc<Context>)
     Action::requeue(delay)
 }
 
+/// The pod's Ready condition is True.
+fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
 fn pod_totals(pods: &[Arc<Pod>]) -> PodTotals {
-    let ready = |pod: &Pod| {
-        pod.status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|conditions| {
-                conditions
-                    .iter()
-                    .any(|c| c.type_ == "Ready" && c.status == "True")
-            })
-    };
     let terminating = pods
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_some())
@@ -554,7 +552,7 @@ fn pod_totals(pods: &[Arc<Pod>]) -> PodTotals {
         selected: pods.len() as u32,
         ready: pods
             .iter()
-            .filter(|p| p.metadata.deletion_timestamp.is_none() && ready(p))
+            .filter(|p| p.metadata.deletion_timestamp.is_none() && pod_ready(p))
             .count() as u32,
         terminating: terminating as u32,
     }
@@ -607,18 +605,31 @@ async fn sweep(
     ctx: &Context,
     store: &RedisStore,
     counts: &SessionCounts,
+    selected: &[Arc<Pod>],
 ) {
+    // Owners among the selected pods are alive: the common case costs no look at the cache.
+    let unknown: Vec<&String> = counts
+        .per_pod
+        .keys()
+        .filter(|pod| {
+            !selected
+                .iter()
+                .any(|p| p.metadata.name.as_deref() == Some(pod.as_str()))
+        })
+        .collect();
+    if unknown.is_empty() {
+        return;
+    }
+    // A pod of that name anywhere (policies in several namespaces may share a prefix) keeps
+    // its sessions.
+    let cached: std::collections::HashSet<String> = ctx
+        .pods
+        .state()
+        .iter()
+        .filter_map(|p| p.metadata.name.clone())
+        .collect();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
-    let cached = ctx.pods.state();
-    for pod in counts.per_pod.keys() {
-        // A pod of that name anywhere (policies in several namespaces may share a prefix)
-        // keeps its sessions.
-        if cached
-            .iter()
-            .any(|p| p.metadata.name.as_deref() == Some(pod.as_str()))
-        {
-            continue;
-        }
+    for pod in unknown.into_iter().filter(|pod| !cached.contains(*pod)) {
         match pods.get_opt(pod).await {
             Ok(None) => {}
             Ok(Some(_)) => continue,

@@ -9,7 +9,6 @@
 //! resumption, and its answers travel on the one stream, so a session lives on the proxy that
 //! holds that stream: it ends when the client closes the stream or the proxy drains.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,10 +22,10 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
-use super::metrics;
 use super::protocol::{self, MessageHead};
 use super::sse::{self, Event};
 use super::{Exchange, Failure, Phase, Proxy, Transport, Unknown, plain};
+use super::{metrics, relay};
 use crate::store::{NewSession, SessionId, SessionPatch};
 
 /// The revision of this transport.
@@ -36,7 +35,6 @@ pub const PROTOCOL_VERSION: &str = "2024-11-05";
 const SESSION_PARAMS: [&str; 2] = ["session_id", "sessionId"];
 /// How long an upstream may take to announce its endpoint.
 const ENDPOINT_TIMEOUT: Duration = Duration::from_secs(10);
-const RECONNECT_HINT_MS: u64 = 500;
 
 /// Requests of HTTP+SSE sessions whose answers have not come back on the stream yet: what a
 /// restarted upstream never answers. After the session is re-established, the proxy sends the
@@ -221,13 +219,7 @@ pub async fn open(
     tokio::spawn(stream.run(body, parser, after).instrument(span));
     protocol::strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::CONTENT_LENGTH);
-    let body = Body::from_stream(futures::stream::unfold(client, |mut client| async move {
-        client
-            .recv()
-            .await
-            .map(|chunk| (Ok::<_, Infallible>(chunk), client))
-    }));
-    Response::from_parts(parts, body)
+    Response::from_parts(parts, relay::channel_body(client))
 }
 
 /// A client's message POST: sent to the upstream endpoint of the session, and sent again once
@@ -330,16 +322,11 @@ fn remember_initialize(proxy: &Arc<Proxy>, id: &SessionId, body: &Bytes) {
     if !proxy.set_initialize_params(id, &params) {
         return;
     }
-    let (store, id) = (proxy.store.clone(), id.clone());
-    tokio::spawn(async move {
-        let patch = SessionPatch {
-            initialize_params: Some(params),
-            ..Default::default()
-        };
-        if let Err(error) = store.update(&id, patch).await {
-            debug!(session = %id, %error, "cannot store the initialize params");
-        }
-    });
+    let patch = SessionPatch {
+        initialize_params: Some(params),
+        ..Default::default()
+    };
+    proxy.patch_in_background(id, patch);
 }
 
 async fn wait_for_new_endpoint(
@@ -594,11 +581,7 @@ impl Stream {
     }
 
     async fn close(self) {
-        let hint = Event {
-            retry: Some(RECONNECT_HINT_MS),
-            ..Default::default()
-        };
-        let _ = self.out.send(hint.encode()).await;
+        let _ = self.out.send(relay::reconnect_hint()).await;
     }
 }
 

@@ -835,14 +835,20 @@ impl Proxy {
             }
             mapped.stored.protocol_version = Some(version.as_str().into());
         }
+        let patch = SessionPatch {
+            protocol_version: Some(version),
+            ..Default::default()
+        };
+        self.patch_in_background(id, patch);
+    }
+
+    /// Writes what the proxy learned of a session to the store, off the request path: the copy
+    /// in memory already has it, and is written back whole if the store lost the session.
+    fn patch_in_background(&self, id: &SessionId, patch: SessionPatch) {
         let (store, id) = (self.store.clone(), id.clone());
         tokio::spawn(async move {
-            let patch = SessionPatch {
-                protocol_version: Some(version),
-                ..Default::default()
-            };
             if let Err(error) = store.update(&id, patch).await {
-                debug!(session = %id, %error, "cannot record the negotiated protocol version");
+                debug!(session = %id, %error, "cannot update the session in the store");
             }
         });
     }

@@ -33,6 +33,25 @@ use crate::store::LoggedEvent;
 
 /// What a client told to reconnect waits first, in milliseconds: another pod is ready.
 const RECONNECT_HINT_MS: u64 = 500;
+
+/// The event that tells a client to reconnect (to another pod, through the Service).
+pub fn reconnect_hint() -> Bytes {
+    Event {
+        retry: Some(RECONNECT_HINT_MS),
+        ..Default::default()
+    }
+    .encode()
+}
+
+/// The client's side of a relay: a body fed by the relay task's channel.
+pub fn channel_body(client: mpsc::Receiver<Bytes>) -> Body {
+    Body::from_stream(futures::stream::unfold(client, |mut client| async move {
+        client
+            .recv()
+            .await
+            .map(|chunk| (Ok::<_, Infallible>(chunk), client))
+    }))
+}
 /// Chunks in flight to a slow client before the relay stops reading the upstream.
 const BUFFERED_CHUNKS: usize = 16;
 /// The first pause before a request is sent again; it doubles up to a second. A server that
@@ -93,12 +112,7 @@ pub fn start(
         started: Instant::now(),
     };
     tokio::spawn(relay.run(body, backlog, open).instrument(span));
-    Body::from_stream(futures::stream::unfold(client, |mut client| async move {
-        client
-            .recv()
-            .await
-            .map(|chunk| (Ok::<_, Infallible>(chunk), client))
-    }))
+    channel_body(client)
 }
 
 /// The event a client gets for a logged one.
@@ -293,11 +307,7 @@ impl Relay {
 
     /// Tells the client to reconnect (to another pod, through the Service) and ends.
     async fn close(self) {
-        let hint = Event {
-            retry: Some(RECONNECT_HINT_MS),
-            ..Default::default()
-        };
-        let _ = self.out.send(hint.encode()).await;
+        let _ = self.out.send(reconnect_hint()).await;
     }
 
     /// The response stream ended before its answer: send the request again if that is safe,
