@@ -1059,7 +1059,11 @@ async fn a_rollout_that_loses_too_many_sessions_is_paused() {
             .is_some_and(|r| r.finished_at.is_some())
     })
     .await;
-    assert_eq!(condition(&finished, "RolloutSafe").1, "TooManyLostSessions");
+    assert_eq!(
+        condition(&finished, "RolloutSafe").1,
+        "TooManyLostSessions",
+        "{finished:#?}"
+    );
     assert_ne!(
         deployments.get("web").await.unwrap().spec.paused,
         Some(true)

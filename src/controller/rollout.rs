@@ -22,11 +22,28 @@ pub fn revision(pod: &Pod) -> Option<&str> {
         .find_map(|label| labels.get(*label).map(String::as_str))
 }
 
-fn ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+/// The revision being rolled out: the one whose first live pod appeared last. By group, not
+/// by the newest pod: an old revision's pod recreated mid-rollout (an eviction) is not a new
+/// revision. Creation times have second resolution; of revisions that appeared in the same
+/// second, the one with fewer pods is the one surging in.
+fn newest_revision<'a>(live: &[&'a Arc<Pod>]) -> Option<&'a str> {
+    let mut first_seen: std::collections::BTreeMap<
+        &str,
+        (Option<k8s_openapi::jiff::Timestamp>, usize),
+    > = std::collections::BTreeMap::new();
+    for pod in live {
+        let Some(revision) = revision(pod) else {
+            continue;
+        };
+        let created = pod.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        let entry = first_seen.entry(revision).or_insert((created, 0));
+        entry.0 = entry.0.min(created);
+        entry.1 += 1;
+    }
+    first_seen
+        .into_iter()
+        .max_by_key(|(_, (created, pods))| (*created, std::cmp::Reverse(*pods)))
+        .map(|(revision, _)| revision)
 }
 
 /// The rollout status after looking at `pods` now; `tallies` is `None` when the store could not
@@ -41,13 +58,9 @@ pub fn track(
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .collect();
-    // The revision being rolled out: that of the newest live pod.
-    let current = live
-        .iter()
-        .max_by_key(|p| p.metadata.creation_timestamp.as_ref().map(|t| t.0))
-        .and_then(|p| revision(p))?;
+    let current = newest_revision(&live)?;
     let revisions: BTreeSet<&str> = pods.iter().filter_map(|p| revision(p)).collect();
-    let settled = revisions.len() == 1 && live.iter().all(|p| ready(p));
+    let settled = revisions.len() == 1 && live.iter().all(|p| super::pod_ready(p));
     let mut rollout = match previous {
         Some(previous) if previous.revision == current => previous.clone(),
         // A new revision next to an old one: a rollout starts.
@@ -157,6 +170,26 @@ mod tests {
             track(Some(&counted), &rolling, None, "t5").unwrap().drained,
             4
         );
+    }
+
+    #[test]
+    fn the_new_revision_is_the_group_that_appeared_last() {
+        let live = [
+            pod("a", "v1", "2026-11-25T10:00:00Z", true, false),
+            pod("c", "v2", "2026-11-25T11:00:00Z", false, false),
+            // An old pod recreated after the new revision appeared.
+            pod("b", "v1", "2026-11-25T11:00:05Z", true, false),
+        ];
+        let refs: Vec<&Arc<Pod>> = live.iter().collect();
+        assert_eq!(newest_revision(&refs), Some("v2"));
+        // Same second: the revision with fewer pods is the one surging in.
+        let tied = [
+            pod("a", "v1", "2026-11-25T10:00:00Z", true, false),
+            pod("b", "v1", "2026-11-25T10:00:00Z", true, false),
+            pod("c", "v2", "2026-11-25T10:00:00Z", false, false),
+        ];
+        let refs: Vec<&Arc<Pod>> = tied.iter().collect();
+        assert_eq!(newest_revision(&refs), Some("v2"));
     }
 
     #[test]
