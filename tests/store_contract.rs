@@ -414,6 +414,29 @@ async fn expiry(store: Arc<dyn SessionStore>) {
     assert!(store.get(&s).await.unwrap().is_none(), "expired");
     let counts = store.counts().await.unwrap();
     assert_eq!((counts.total, counts.per_pod.get("p")), (0, None));
+
+    // A drained session nobody claimed before its TTL ran out is lost, counted once; one that
+    // was claimed is not, even when it expires later.
+    let lost_before = store.tallies().await.unwrap().lost;
+    let (unclaimed, claimed) = (id("drained-unclaimed"), id("drained-claimed"));
+    for s in [&unclaimed, &claimed] {
+        store.create_or_rehydrate(s, owned_by("p")).await.unwrap();
+        store.mark_draining(s, Duration::ZERO).await.unwrap();
+    }
+    assert!(matches!(
+        store.claim(&claimed, claim("q", "fp-a")).await.unwrap(),
+        ClaimOutcome::Claimed(_)
+    ));
+    assert_eq!(
+        store.expire_draining().await.unwrap(),
+        0,
+        "none expired yet"
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(store.expire_draining().await.unwrap(), 1);
+    assert_eq!(store.expire_draining().await.unwrap(), 0, "counted once");
+    assert_eq!(store.tallies().await.unwrap().lost - lost_before, 1);
+    assert_eq!(store.counts().await.unwrap().draining, 0);
 }
 
 #[tokio::test]

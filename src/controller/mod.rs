@@ -394,6 +394,11 @@ async fn reconcile(policy: Arc<McpSessionPolicy>, ctx: Arc<Context>) -> Result<A
     let (counts, unreadable, tallies) = match count(&policy, &namespace, &ctx).await {
         Ok((counts, unreadable, store)) => {
             sweep(&policy, &namespace, &ctx, &store, &counts, &selected).await;
+            // Before reading the tallies, so that a session that ran out of time draining
+            // shows in this reconcile's `lost`.
+            if let Err(error) = store.expire_draining().await {
+                warn!(%error, "cannot count the draining sessions that expired");
+            }
             let tallies = match store.tallies().await {
                 Ok(tallies) => {
                     ctx.metrics.proxy_tallies(&namespace, &name, tallies);

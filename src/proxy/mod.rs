@@ -990,7 +990,8 @@ impl Proxy {
         {
             return unknown(Unknown::OtherCredential);
         }
-        let mut rehydrating = false;
+        // Whether this call moved the session here, and whether it moved from a drained pod.
+        let (mut claimed, mut rehydrating) = (false, false);
         if let Some(pod) = &self.config.pod_name
             && record.owner_pod.as_ref() != Some(pod)
         {
@@ -1000,6 +1001,7 @@ impl Proxy {
             };
             let outcome = match self.store.claim(id, claim).await {
                 Ok(ClaimOutcome::Claimed(_)) => {
+                    claimed = true;
                     rehydrating = record.state() == SessionState::Draining;
                     "claimed"
                 }
@@ -1050,7 +1052,11 @@ impl Proxy {
         let Some(upstream_id) = upstream_id.filter(|_| status.is_success()) else {
             metrics::inc(&self.metrics.replays, "refused");
             warn!(%status, "the upstream refused the replayed initialize; the session is lost");
-            self.report(Tally::Lost, 1);
+            // Counted once, by the proxy that took the session over; the client's retries
+            // (here or on other pods, which now see it owned) are the same loss.
+            if claimed {
+                self.report(Tally::Lost, 1);
+            }
             return unknown(Unknown::NotFound);
         };
         headers.insert(SESSION_HEADER, header_or_empty(&upstream_id));

@@ -27,6 +27,8 @@ struct State {
     draining: u64,
     per_pod: BTreeMap<String, u64>,
     tallies: super::Tallies,
+    /// Draining sessions that expired unclaimed, not yet tallied `lost` by `expire_draining`.
+    expired_draining: u64,
     /// Event logs of live sessions; a log goes with its record.
     events: HashMap<SessionId, VecDeque<LoggedEvent>>,
 }
@@ -34,20 +36,22 @@ struct State {
 impl State {
     /// The one place where records change, so the counters can never disagree with them.
     fn put(&mut self, id: &SessionId, entry: Option<Entry>) -> Option<Entry> {
-        let old = match entry {
-            Some(entry) => {
-                self.by_expiry.insert((entry.expires_at_ms, id.clone()));
-                self.count(&entry.record, 1);
-                self.records.insert(id.clone(), entry)
-            }
-            None => {
-                self.events.remove(id);
-                self.records.remove(id)
-            }
-        };
+        // The old entry leaves the index before the new one enters: a rewrite that keeps the
+        // expiry (an update) has the same index key.
+        let old = self.records.remove(id);
         if let Some(old) = &old {
             self.by_expiry.remove(&(old.expires_at_ms, id.clone()));
             self.count(&old.record, -1);
+        }
+        match entry {
+            Some(entry) => {
+                self.by_expiry.insert((entry.expires_at_ms, id.clone()));
+                self.count(&entry.record, 1);
+                self.records.insert(id.clone(), entry);
+            }
+            None => {
+                self.events.remove(id);
+            }
         }
         old
     }
@@ -73,7 +77,12 @@ impl State {
             if at > now_ms {
                 break;
             }
-            self.put(&id, None);
+            if self
+                .put(&id, None)
+                .is_some_and(|old| old.record.state() == SessionState::Draining)
+            {
+                self.expired_draining += 1;
+            }
             expired += 1;
         }
         expired
@@ -241,6 +250,14 @@ impl SessionStore for MemoryStore {
         Ok(self.with_state(|state, _, _| state.tallies))
     }
 
+    async fn expire_draining(&self) -> Result<u64> {
+        Ok(self.with_state(|state, _, _| {
+            let lost = std::mem::take(&mut state.expired_draining);
+            state.tallies.lost += lost;
+            lost
+        }))
+    }
+
     async fn sessions_of_pod(&self, pod: &str, limit: usize) -> Result<Vec<SessionId>> {
         Ok(self.with_state(|state, _, _| {
             state
@@ -321,7 +338,12 @@ impl SessionStore for MemoryStore {
 
     async fn prune(&self) -> Result<PruneReport> {
         // Expired entries go on every access; nothing else can dangle in one process.
-        Ok(PruneReport::default())
+        let lost = self.expire_draining().await?;
+        Ok(PruneReport {
+            expired: lost,
+            lost,
+            ..PruneReport::default()
+        })
     }
 
     async fn rebuild_index(&self) -> Result<u64> {

@@ -286,6 +286,8 @@ pub struct PruneReport {
     pub dangling: u64,
     /// Pods with no session left.
     pub pods: u64,
+    /// Of the expired entries, draining sessions nobody claimed, now tallied `lost`.
+    pub lost: u64,
 }
 
 /// `MEMORY USAGE` over a sample of records.
@@ -359,6 +361,11 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// The running tallies of the prefix (zero where none was reported).
     async fn tallies(&self) -> Result<Tallies>;
+
+    /// Tallies draining sessions whose TTL ran out before any pod claimed them as `lost`, and
+    /// drops them from the draining index, atomically, so that each is counted once however
+    /// many callers race; returns how many this call counted.
+    async fn expire_draining(&self) -> Result<u64>;
 
     /// Appends to the session's event log, keeping its newest `keep` entries. The log expires
     /// with the session (Redis: its own key, same TTL, same Cluster slot as the record).

@@ -8,6 +8,11 @@ on the server.
 A URL ending in /sse speaks the 2024-11-05 HTTP+SSE transport; any other, Streamable HTTP.
 
 The per-call lines let a test restart the server between two calls.
+
+MCP_TEST_CLIENTS=N runs N such clients at once, each a Client of its own with its own HTTP
+connections, session and credential (AUTHORIZATION with `-i` appended); each reports only its
+JSON summary, one line per client. With MCP_TEST_STOP_FILE set, the clients stop as soon as that
+file exists (SECONDS still bounds the run).
 """
 
 import asyncio
@@ -22,10 +27,13 @@ from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 
 
-async def main() -> None:
-    url, seconds = sys.argv[1], float(sys.argv[2])
-    interval = float(sys.argv[3]) if len(sys.argv) > 3 else 0.05
-    headers = {"Authorization": sys.argv[4]} if len(sys.argv) > 4 else {}
+def stopped(deadline: float) -> bool:
+    stop_file = os.environ.get("MCP_TEST_STOP_FILE")
+    return time.monotonic() >= deadline or bool(stop_file and os.path.exists(stop_file))
+
+
+async def run_client(url: str, seconds: float, interval: float, authorization: str | None, verbose: bool) -> dict:
+    headers = {"Authorization": authorization} if authorization else {}
     delay = float(os.environ.get("MCP_TEST_TOOL_DELAY", "0"))
     calls, errors, session_ids, slowest = 0, [], set(), 0.0
 
@@ -42,7 +50,7 @@ async def main() -> None:
         async with Client(transport, mode="legacy") as client:
             await client.list_tools()
             deadline = time.monotonic() + seconds
-            while time.monotonic() < deadline:
+            while not stopped(deadline):
                 failure = None
                 started = time.monotonic()
                 try:
@@ -57,11 +65,27 @@ async def main() -> None:
                 calls += 1
                 if failure:
                     errors.append(failure)
-                print(f"error {failure}" if failure else f"ok {calls}", flush=True)
+                if verbose:
+                    print(f"error {failure}" if failure else f"ok {calls}", flush=True)
                 await asyncio.sleep(interval)
     except Exception as error:  # noqa: BLE001
         errors.append(f"client crashed: {type(error).__name__}: {error}")
-    print(json.dumps({"calls": calls, "errors": errors, "session_ids": sorted(session_ids), "slowest_call_seconds": round(slowest, 3)}))
+    return {"calls": calls, "errors": errors, "session_ids": sorted(session_ids), "slowest_call_seconds": round(slowest, 3)}
+
+
+async def main() -> None:
+    url, seconds = sys.argv[1], float(sys.argv[2])
+    interval = float(sys.argv[3]) if len(sys.argv) > 3 else 0.05
+    authorization = sys.argv[4] if len(sys.argv) > 4 else None
+    clients = int(os.environ.get("MCP_TEST_CLIENTS", "1"))
+    if clients == 1:
+        print(json.dumps(await run_client(url, seconds, interval, authorization, verbose=True)))
+        return
+    summaries = await asyncio.gather(
+        *(run_client(url, seconds, interval, authorization and f"{authorization}-{i}", verbose=False) for i in range(clients))
+    )
+    for i, summary in enumerate(summaries):
+        print(json.dumps({"client": f"python-{i}", **summary}), flush=True)
 
 
 asyncio.run(main())

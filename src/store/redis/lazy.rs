@@ -102,6 +102,10 @@ impl SessionStore for LazyRedisStore {
         self.store().await?.tallies().await
     }
 
+    async fn expire_draining(&self) -> Result<u64> {
+        self.store().await?.expire_draining().await
+    }
+
     async fn sessions_of_pod(&self, pod: &str, limit: usize) -> Result<Vec<SessionId>> {
         self.store().await?.sessions_of_pod(pod, limit).await
     }

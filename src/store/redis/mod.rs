@@ -718,6 +718,28 @@ impl SessionStore for RedisStore {
         })
     }
 
+    #[instrument(level = "debug", skip_all)]
+    async fn expire_draining(&self) -> Result<u64> {
+        let now = Timestamp::now().unix_millis().to_string();
+        let (draining, tallies) = (self.keys.draining(), self.keys.tallies());
+        let mut results = self
+            .pipeline_with_scripts(|by_body| {
+                let mut pipe = redis::pipe();
+                pipe.add_command(self.scripts.expire_draining.cmd(
+                    by_body,
+                    &[&draining, &tallies],
+                    &[&now],
+                ));
+                pipe
+            })
+            .await?;
+        let lost: u64 = self.expect(results.pop().unwrap_or(Ok(Value::Nil)))?;
+        if lost > 0 {
+            debug!(lost, "draining sessions expired unclaimed");
+        }
+        Ok(lost)
+    }
+
     async fn sessions_of_pod(&self, pod: &str, limit: usize) -> Result<Vec<SessionId>> {
         let now = Timestamp::now().unix_millis();
         let members: Vec<String> = self
@@ -867,14 +889,19 @@ impl SessionStore for RedisStore {
     #[instrument(level = "debug", skip_all)]
     async fn prune(&self) -> Result<PruneReport> {
         let now = Timestamp::now().unix_millis();
-        let mut report = PruneReport::default();
-        let mut pipe = redis::pipe();
-        for set in [self.keys.expiry(), self.keys.draining()] {
-            pipe.zrembyscore(&set, "-inf", format!("({now}"));
-        }
-        for removed in self.pipeline(&pipe).await? {
-            report.expired += self.expect::<u64>(removed)?;
-        }
+        let mut report = PruneReport {
+            lost: self.expire_draining().await?,
+            ..PruneReport::default()
+        };
+        report.expired += report.lost;
+        report.expired += self
+            .query::<u64>(
+                redis::cmd("ZREMRANGEBYSCORE")
+                    .arg(self.keys.expiry())
+                    .arg("-inf")
+                    .arg(format!("({now}")),
+            )
+            .await?;
         let pods = self.indexed_pods().await?;
         for pod in &pods {
             let (pods_key, pod_key, now_arg) =

@@ -36,6 +36,7 @@ pub struct Scripts {
     pub touch: Lua,
     pub compare_and_set: Lua,
     pub prune_pod: Lua,
+    pub expire_draining: Lua,
 }
 
 impl Scripts {
@@ -44,6 +45,7 @@ impl Scripts {
             touch: Lua::new(TOUCH),
             compare_and_set: Lua::new(COMPARE_AND_SET),
             prune_pod: Lua::new(PRUNE_POD),
+            expire_draining: Lua::new(EXPIRE_DRAINING),
         }
     }
 }
@@ -90,4 +92,16 @@ if redis.call('ZCARD', KEYS[2]) == 0 then
   return {expired, 1}
 end
 return {expired, 0}
+"#;
+
+/// Counts draining sessions that expired unclaimed as lost: removes their entries from the
+/// draining index and adds as many to the `lost` tally in one step, so racing callers (two
+/// operator replicas, `sessions prune`) count each session once. The sentinel scores +inf and
+/// stays. KEYS[1] draining set; KEYS[2] tallies (same slot); ARGV[1] now in ms. Returns the count.
+const EXPIRE_DRAINING: &str = r#"
+local expired = redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])
+if expired > 0 then
+  redis.call('HINCRBY', KEYS[2], 'lost', expired)
+end
+return expired
 "#;
