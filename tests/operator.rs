@@ -210,7 +210,7 @@ async fn status_metrics_and_printer_columns_follow_the_sessions_of_selected_pods
         .await
         .unwrap();
     sessions
-        .mark_draining(&draining, Duration::from_secs(600))
+        .mark_draining(&draining, Some(&pod_names[0]), Duration::from_secs(600))
         .await
         .unwrap();
 

@@ -239,7 +239,10 @@ async fn counts_heal_after_the_index_is_evicted() {
             .await
             .unwrap();
     }
-    store.mark_draining(&id("s0"), TTL).await.unwrap();
+    store
+        .mark_draining(&id("s0"), Some("pod-0"), TTL)
+        .await
+        .unwrap();
     assert_eq!(
         store.counts().await.unwrap().source,
         CountSource::Rebuilt,
@@ -423,9 +426,9 @@ async fn survives_a_redis_restart() {
         assert!(store.get(s).await.unwrap().is_some(), "{s} lost");
     }
     // The script cache died with the server: scripted writes still work.
-    assert!(store.touch(&acknowledged[1], None).await.unwrap());
+    assert!(store.touch(&acknowledged[1], None).await.unwrap().exists());
     store
-        .mark_draining(&acknowledged[2], TTL)
+        .mark_draining(&acknowledged[2], None, TTL)
         .await
         .unwrap()
         .unwrap();

@@ -60,7 +60,11 @@ async fn the_seed_service_reads_what_this_crate_writes() {
         .await
         .unwrap();
     store
-        .mark_draining(&id("rust-written"), Duration::from_secs(60))
+        .mark_draining(
+            &id("rust-written"),
+            Some("backend-0"),
+            Duration::from_secs(60),
+        )
         .await
         .unwrap();
     store

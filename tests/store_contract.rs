@@ -84,7 +84,7 @@ async fn sessions_of_a_pod(store: &dyn SessionStore) {
             .unwrap();
     }
     store
-        .mark_draining(&c, Duration::from_secs(60))
+        .mark_draining(&c, Some("crashed"), Duration::from_secs(60))
         .await
         .unwrap();
     let mut ids = store.sessions_of_pod("crashed", 10).await.unwrap();
@@ -170,11 +170,17 @@ async fn lifecycle(store: &dyn SessionStore) {
     assert_eq!(again.record.created_at, created.record.created_at);
 
     tokio::time::sleep(Duration::from_millis(5)).await;
-    assert!(store.touch(&a, Some("pod-1")).await.unwrap());
+    assert!(store.touch(&a, Some("pod-1")).await.unwrap().exists());
     let touched = store.get(&a).await.unwrap().unwrap();
     assert!(touched.record.last_activity_at > created.record.last_activity_at);
     assert_eq!(touched.record.created_at, created.record.created_at);
-    assert!(!store.touch(&id("never-created"), None).await.unwrap());
+    assert!(
+        !store
+            .touch(&id("never-created"), None)
+            .await
+            .unwrap()
+            .exists()
+    );
 
     let patch = SessionPatch {
         protocol_version: Some("2025-11-25".into()),
@@ -230,8 +236,16 @@ async fn drain_and_claim(store: &dyn SessionStore) {
         ClaimOutcome::AlreadyOwned(_)
     ));
 
+    assert!(
+        store
+            .mark_draining(&s, Some("new-pod"), TTL)
+            .await
+            .unwrap()
+            .is_none(),
+        "only the owner drains a session"
+    );
     let drained = store
-        .mark_draining(&s, Duration::from_secs(7200))
+        .mark_draining(&s, Some("old-pod"), Duration::from_secs(7200))
         .await
         .unwrap()
         .unwrap();
@@ -265,7 +279,7 @@ async fn drain_and_claim(store: &dyn SessionStore) {
     );
     assert!(
         store
-            .mark_draining(&id("nobody"), TTL)
+            .mark_draining(&id("nobody"), None, TTL)
             .await
             .unwrap()
             .is_none()
@@ -279,7 +293,10 @@ async fn exactly_one_claimer_wins(store: Arc<dyn SessionStore>) {
         .create_or_rehydrate(&s, owned_by("dying-pod"))
         .await
         .unwrap();
-    store.mark_draining(&s, TTL).await.unwrap();
+    store
+        .mark_draining(&s, Some("dying-pod"), TTL)
+        .await
+        .unwrap();
     let claimers = (0..50).map(|i| {
         let store = store.clone();
         let s = s.clone();
@@ -317,7 +334,7 @@ async fn exactly_one_claimer_wins(store: Arc<dyn SessionStore>) {
 async fn credential_binding(store: &dyn SessionStore) {
     let s = id("bound");
     store.create_or_rehydrate(&s, owned_by("p1")).await.unwrap();
-    store.mark_draining(&s, TTL).await.unwrap();
+    store.mark_draining(&s, Some("p1"), TTL).await.unwrap();
     assert_eq!(
         store.claim(&s, claim("p2", "fp-other")).await.unwrap(),
         ClaimOutcome::CredentialMismatch
@@ -402,7 +419,7 @@ async fn expiry(store: Arc<dyn SessionStore>) {
     assert_eq!(store.counts().await.unwrap().total, 1);
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert!(
-        store.touch(&s, Some("p")).await.unwrap(),
+        store.touch(&s, Some("p")).await.unwrap().exists(),
         "touch slides the TTL"
     );
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -421,7 +438,10 @@ async fn expiry(store: Arc<dyn SessionStore>) {
     let (unclaimed, claimed) = (id("drained-unclaimed"), id("drained-claimed"));
     for s in [&unclaimed, &claimed] {
         store.create_or_rehydrate(s, owned_by("p")).await.unwrap();
-        store.mark_draining(s, Duration::ZERO).await.unwrap();
+        store
+            .mark_draining(s, Some("p"), Duration::ZERO)
+            .await
+            .unwrap();
     }
     assert!(matches!(
         store.claim(&claimed, claim("q", "fp-a")).await.unwrap(),

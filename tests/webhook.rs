@@ -9,12 +9,11 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ApiResource, DynamicObject, ListParams, PostParams};
-use kube::core::GroupVersionKind;
 use kube::{Client, ResourceExt as _};
 use mcp_session_operator::api::McpSessionPolicy;
 use serde_json::json;
 use support::control_plane::{ControlPlane, TestNamespace, control_plane, wait_for};
-use support::operator::{Operator, install_crd, operator_kubeconfig};
+use support::operator::{Operator, install_crd, operator_kubeconfig, wait_webhook_ready};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const SECRET: &str = "mcp-session-operator-webhook-tls";
@@ -37,66 +36,21 @@ async fn setup(plane: &'static ControlPlane, prefix: &str, extra: &[&str]) -> Se
     install_crd(&ns.client).await;
     let kubeconfig = operator_kubeconfig(plane, &ns.client, &operator_ns.name).await;
     let port = support::free_port();
-    let operator = start(&kubeconfig, &operator_ns.name, &ns.name, port, extra);
-    wait_ready(&ns.client, port).await;
+    let operator = Operator::start_with_webhook(
+        &kubeconfig,
+        &operator_ns.name,
+        &ns.name,
+        "op-webhook",
+        port,
+        extra,
+    );
+    wait_webhook_ready(&ns.client, port).await;
     Setup {
         ns,
         operator_ns,
         operator,
         port,
     }
-}
-
-fn start(
-    kubeconfig: &std::path::Path,
-    namespace: &str,
-    watch: &str,
-    port: u16,
-    extra: &[&str],
-) -> Operator {
-    let address = format!("127.0.0.1:{port}");
-    let url = format!("https://127.0.0.1:{port}");
-    let mut args = vec![
-        "--webhook-addr",
-        &address,
-        "--webhook-url",
-        &url,
-        "--proxy-image",
-        "example/mcp-session-operator:test",
-        "--webhook-refresh-seconds",
-        "1",
-    ];
-    args.extend_from_slice(extra);
-    Operator::start_with(kubeconfig, namespace, Some(watch), "op-webhook", &args)
-}
-
-/// Until the configuration points at this test's operator, with a caBundle.
-async fn wait_ready(client: &Client, port: u16) {
-    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(
-        "admissionregistration.k8s.io",
-        "v1",
-        "ValidatingWebhookConfiguration",
-    ));
-    let configs: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
-    wait_for(
-        TIMEOUT,
-        "the webhook configuration with a caBundle",
-        || async {
-            configs
-                .get_opt("mcp-session-operator")
-                .await
-                .ok()
-                .flatten()
-                .is_some_and(|c| {
-                    let client_config = &c.data["webhooks"][0]["clientConfig"];
-                    client_config["caBundle"].is_string()
-                        && client_config["url"]
-                            .as_str()
-                            .is_some_and(|u| u.contains(&format!(":{port}/")))
-                })
-        },
-    )
-    .await;
 }
 
 fn policy(name: &str, spec: serde_json::Value) -> DynamicObject {

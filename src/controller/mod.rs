@@ -655,7 +655,7 @@ async fn sweep(
                 .max(SWEEP_HOLD);
         let mut swept = 0_u64;
         for id in &ids {
-            match store.mark_draining(id, hold).await {
+            match store.mark_draining(id, Some(pod), hold).await {
                 Ok(Some(_)) => swept += 1,
                 Ok(None) => {}
                 Err(error) => warn!(session = %id, %error, "cannot mark a session draining"),

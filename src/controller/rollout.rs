@@ -77,7 +77,10 @@ pub fn track(
         // Nothing rolling (or a revision that replaced every pod unseen): nothing to report.
         _ => return previous.cloned(),
     };
-    if rollout.finished_at.is_none() {
+    // Counting goes on after the pods settle until every session the rollout drained is
+    // accounted for: the clients of the last old pod come back after it is gone.
+    let accounted = rollout.rehydrated + rollout.lost >= rollout.drained;
+    if rollout.finished_at.is_none() || !accounted {
         if let (Some(tallies), Some(baseline)) = (tallies, &rollout.baseline) {
             rollout.drained = tallies.drained.saturating_sub(baseline.drained);
             rollout.rehydrated = tallies.rehydrated.saturating_sub(baseline.rehydrated);
@@ -90,9 +93,9 @@ pub fn track(
                 lost: tallies.lost,
             });
         }
-        if settled {
-            rollout.finished_at = Some(now.to_owned());
-        }
+    }
+    if rollout.finished_at.is_none() && settled {
+        rollout.finished_at = Some(now.to_owned());
     }
     Some(rollout)
 }
@@ -155,15 +158,23 @@ mod tests {
             pod("c", "v2", "2026-11-25T11:00:00Z", true, false),
             pod("d", "v2", "2026-11-25T11:01:00Z", true, false),
         ];
-        let finished = track(Some(&counted), &done, tallies(10, 10, 1), "t3").unwrap();
+        // The pods settled while two drained sessions wait for their clients.
+        let finished = track(Some(&counted), &done, tallies(10, 8, 1), "t3").unwrap();
         assert_eq!(finished.finished_at.as_deref(), Some("t3"));
         assert_eq!(
             (finished.drained, finished.rehydrated, finished.lost),
+            (5, 3, 1)
+        );
+        // They come back: still this rollout's; then all are accounted for and it is frozen,
+        // whatever happens to the tallies later.
+        let accounted = track(Some(&finished), &done, tallies(10, 10, 1), "t4").unwrap();
+        assert_eq!(
+            (accounted.drained, accounted.rehydrated, accounted.lost),
             (5, 5, 1)
         );
-        // Finished: frozen, whatever happens to the tallies later.
-        let later = track(Some(&finished), &done, tallies(20, 20, 2), "t4").unwrap();
-        assert_eq!(later, finished);
+        assert_eq!(accounted.finished_at.as_deref(), Some("t3"));
+        let later = track(Some(&accounted), &done, tallies(20, 20, 2), "t5").unwrap();
+        assert_eq!(later, accounted);
 
         // The store unreadable for a while: counts stay.
         assert_eq!(

@@ -35,9 +35,10 @@ async fn readyz(State(proxy): State<Arc<Proxy>>) -> (StatusCode, &'static str) {
     }
 }
 
-/// The preStop hook: returns once the drain is done, so the backend gets SIGTERM only then.
+/// The preStop hook of every container of the pod: returns once the proxy has drained and its
+/// clients have gone, so the backend gets SIGTERM only after the proxy's last answer.
 async fn drain(State(proxy): State<Arc<Proxy>>) -> String {
-    format!("drained {} sessions\n", proxy.drain().await)
+    format!("drained {} sessions\n", proxy.retire().await)
 }
 
 async fn metrics(State(proxy): State<Arc<Proxy>>) -> impl IntoResponse {

@@ -23,7 +23,7 @@ mod upstream;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -46,8 +46,8 @@ use self::protocol::{LAST_EVENT_ID_HEADER, MessageHead, PROTOCOL_VERSION_HEADER,
 use self::retry::RetryPolicy;
 use self::upstream::{Answer, Upstream, UpstreamError};
 use crate::store::{
-    Claim, ClaimOutcome, DebouncedToucher, NewSession, SessionId, SessionPatch, SessionState,
-    SessionStore, Tally, Touched,
+    Claim, ClaimOutcome, DebouncedToucher, NewSession, Session, SessionId, SessionPatch,
+    SessionState, SessionStore, StoreError, Tally, Touched,
 };
 
 /// JSON-RPC error codes (the implementation-defined server range): the MCP server could not be
@@ -58,6 +58,8 @@ const SESSION_NOT_FOUND: i64 = -32001;
 const TOO_MANY_SESSIONS: i64 = -32002;
 /// Attempts at one request: a replay after a 404, a resend after a lost response.
 const MAX_ATTEMPTS: u32 = 6;
+/// Most sessions a drain looks up in the store's index of this pod (beyond those it holds).
+const DRAIN_BATCH: usize = 100_000;
 
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -116,7 +118,8 @@ pub struct Proxy {
     phase: watch::Sender<Phase>,
     /// Requests before their response head, and response streams until they end.
     in_flight: AtomicUsize,
-    drained: AtomicU64,
+    /// Sessions the drain handed over, once it is done; every caller of `drain` waits for it.
+    drained: tokio::sync::OnceCell<u64>,
     /// When the drain began: its deadline counts from there.
     drain_started: std::sync::OnceLock<Instant>,
     /// Open client connections.
@@ -211,6 +214,9 @@ enum Unknown {
 enum Failure {
     Unknown(Unknown),
     Upstream(UpstreamError),
+    /// The store did not answer within the hold time: the session may well exist, so never
+    /// a 404 (which ends it for the client), but an error the client may retry.
+    Store(StoreError),
 }
 
 /// A client's request, kept whole for as long as it may have to be sent again.
@@ -287,7 +293,7 @@ impl Proxy {
             draining: AtomicBool::new(false),
             phase: watch::Sender::new(Phase::Serving),
             in_flight: AtomicUsize::new(0),
-            drained: AtomicU64::new(0),
+            drained: tokio::sync::OnceCell::new(),
             drain_started: std::sync::OnceLock::new(),
             connections: Arc::default(),
             started: Instant::now(),
@@ -640,12 +646,51 @@ impl Proxy {
             .await
         {
             Ok(Touched::Gone) => self.restore(id).await,
-            Ok(_) => {}
+            Ok(Touched::Draining) => self.take_over(id).await,
+            Ok(Touched::Written | Touched::Skipped) => {}
             Err(error) => {
                 debug!(session = %id, %error, "touch failed; the store may be down");
                 self.mark_unstored(id);
             }
         }
+    }
+
+    /// Another pod drained (or the operator swept) a session this proxy serves too (requests
+    /// of one session may reach any pod): it is open upstream here already, so a claim is all
+    /// the takeover needs. Counted as a rehydration, like a replayed one.
+    async fn take_over(&self, id: &SessionId) {
+        let Some(pod) = self.config.pod_name.clone() else {
+            return;
+        };
+        if self.draining.load(Ordering::SeqCst) {
+            return; // Its own drained sessions, or any other: not for a pod that is leaving.
+        }
+        let Some(credential) = self
+            .sessions_read()
+            .by_id
+            .get(id)
+            .map(|mapped| mapped.credential.as_deref().map(str::to_owned))
+        else {
+            return;
+        };
+        let claim = Claim {
+            pod,
+            credential_fingerprint: credential,
+        };
+        let outcome = match self.store.claim(id, claim).await {
+            Ok(ClaimOutcome::Claimed(_)) => {
+                info!(session = %id, "took over a drained session served here");
+                self.report(Tally::Rehydrated, 1);
+                "claimed"
+            }
+            Ok(ClaimOutcome::CredentialMismatch) => "other_credential",
+            Ok(_) => "shared",
+            Err(error) => {
+                warn!(session = %id, %error, "cannot claim a drained session served here");
+                "failed"
+            }
+        };
+        metrics::inc(&self.metrics.claims, outcome);
     }
 
     /// Sends the request to the upstream until it answers: for a session, through its upstream
@@ -864,8 +909,8 @@ impl Proxy {
             return self.respond(exchange).await;
         };
         // Only the session's own credential reads its log.
-        if let Err(unknown) = self.authorize(bound).await {
-            return self.unknown(unknown, None, bound.id.as_str());
+        if let Err(failure) = self.authorize(bound).await {
+            return self.failure(failure, &exchange);
         }
         let log = match self.store.events(&bound.id).await {
             Ok(log) => log,
@@ -919,22 +964,40 @@ impl Proxy {
     }
 
     /// Is `bound.credential` the one the session is bound to?
-    async fn authorize(&self, bound: &Bound) -> Result<(), Unknown> {
+    async fn authorize(&self, bound: &Bound) -> Result<(), Failure> {
         if let Some(mapped) = self.mapped(bound) {
-            return mapped.map(|_| ());
+            return mapped.map(|_| ()).map_err(Failure::Unknown);
         }
-        match self.store.get(&bound.id).await {
-            Ok(Some(session)) => {
-                if session.record.credential_fingerprint.as_deref() == bound.credential.as_deref() {
-                    Ok(())
-                } else {
-                    Err(Unknown::OtherCredential)
-                }
+        match self.stored(&bound.id).await? {
+            Some(session)
+                if session.record.credential_fingerprint.as_deref()
+                    == bound.credential.as_deref() =>
+            {
+                Ok(())
             }
-            Ok(None) => Err(Unknown::NotFound),
-            Err(error) => {
-                warn!(session = %bound.id, %error, "cannot read the session from the store");
-                Err(Unknown::NotFound)
+            Some(_) => Err(Failure::Unknown(Unknown::OtherCredential)),
+            None => Err(Failure::Unknown(Unknown::NotFound)),
+        }
+    }
+
+    /// The stored session; while the store does not answer (a Redis restart or fail-over),
+    /// tried again with backoff for up to the hold time, as requests are held while the
+    /// upstream restarts.
+    async fn stored(&self, id: &SessionId) -> Result<Option<Session>, Failure> {
+        let deadline = Instant::now() + self.config.hold;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self.store.get(id).await {
+                Ok(found) => return Ok(found),
+                Err(error) if Instant::now() + pause >= deadline => {
+                    warn!(session = %id, %error, "cannot read the session from the store");
+                    return Err(Failure::Store(error));
+                }
+                Err(error) => {
+                    debug!(session = %id, %error, "the store does not answer; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
             }
         }
     }
@@ -976,13 +1039,8 @@ impl Proxy {
             return mapped.map_err(Failure::Unknown);
         }
         let unknown = |why| Err(Failure::Unknown(why));
-        let session = match self.store.get(id).await {
-            Ok(Some(session)) => session,
-            Ok(None) => return unknown(Unknown::NotFound),
-            Err(error) => {
-                warn!(%error, "cannot read the session from the store");
-                return unknown(Unknown::NotFound);
-            }
+        let Some(session) = self.stored(id).await? else {
+            return unknown(Unknown::NotFound);
         };
         let record = &session.record;
         if record.credential_fingerprint.is_some()
@@ -992,7 +1050,10 @@ impl Proxy {
         }
         // Whether this call moved the session here, and whether it moved from a drained pod.
         let (mut claimed, mut rehydrating) = (false, false);
+        // A draining proxy still answers (clients reach it until the endpoints drop it) but
+        // takes nothing over: whatever it claimed now would be orphaned when it exits.
         if let Some(pod) = &self.config.pod_name
+            && !self.draining.load(Ordering::SeqCst)
             && record.owner_pod.as_ref() != Some(pod)
         {
             let claim = Claim {
@@ -1105,6 +1166,15 @@ impl Proxy {
                 self.unknown(unknown, exchange.request_id(), id)
             }
             Failure::Upstream(error) => self.upstream_failure(error, exchange.request_id()),
+            Failure::Store(_) => {
+                let (code, message) = failure.describe();
+                error_answer(
+                    exchange.request_id(),
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    code,
+                    &message,
+                )
+            }
         }
     }
 
@@ -1129,14 +1199,11 @@ impl Proxy {
         if matches!(error, UpstreamError::Lost(_)) {
             metrics::inc(&self.metrics.unanswered, "failed");
         }
-        let status = if request_id.is_some() {
-            StatusCode::OK
-        } else {
-            StatusCode::BAD_GATEWAY
-        };
-        json_response(
-            status,
-            protocol::error_body(request_id, UPSTREAM_UNAVAILABLE, &error.to_string()),
+        error_answer(
+            request_id,
+            StatusCode::BAD_GATEWAY,
+            UPSTREAM_UNAVAILABLE,
+            &error.to_string(),
         )
     }
 
@@ -1154,20 +1221,36 @@ impl Proxy {
     /// Stops taking sessions, ends listening streams with a `retry` hint, lets in-flight
     /// requests finish (up to the drain timeout), and marks this proxy's sessions draining in
     /// the store so that any pod can claim them.
+    ///
+    /// Every caller returns when the one drain is done: each container's preStop hook calls it,
+    /// and the backend's must not return (letting the kubelet stop the backend) any earlier.
     pub async fn drain(&self) -> u64 {
-        if self.draining.swap(true, Ordering::SeqCst) {
-            return self.drained.load(Ordering::SeqCst);
-        }
+        *self.drained.get_or_init(|| self.drain_once()).await
+    }
+
+    async fn drain_once(&self) -> u64 {
+        self.draining.store(true, Ordering::SeqCst);
         let started = *self.drain_started.get_or_init(Instant::now);
         self.phase.send_replace(Phase::Draining);
         let deadline = started + self.config.drain_timeout;
         while self.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let ids: Vec<SessionId> = self.sessions_read().by_id.keys().cloned().collect();
+        // The sessions this pod owns: those it serves (the store skips any that another pod
+        // owns, requests of a session may reach any pod) and any the store names it owner of
+        // that it does not hold (a restarted proxy container).
+        let owner = self.config.pod_name.as_deref();
+        let mut ids: std::collections::BTreeSet<SessionId> =
+            self.sessions_read().by_id.keys().cloned().collect();
+        if let Some(pod) = owner {
+            match self.store.sessions_of_pod(pod, DRAIN_BATCH).await {
+                Ok(owned) => ids.extend(owned),
+                Err(error) => warn!(%error, "cannot list this pod's sessions in the store"),
+            }
+        }
         let hold = self.config.drain_timeout.max(Duration::from_secs(600));
         let marks = ids.iter().map(|id| async move {
-            match self.store.mark_draining(id, hold).await {
+            match self.store.mark_draining(id, owner, hold).await {
                 Ok(Some(_)) => 1,
                 Ok(None) => 0,
                 Err(error) => {
@@ -1184,7 +1267,6 @@ impl Proxy {
             warn!(%error, drained, "cannot report the drain to the store's tallies");
         }
         self.events.flush().await;
-        self.drained.store(drained, Ordering::SeqCst);
         self.metrics
             .drain_duration
             .observe(started.elapsed().as_secs_f64());
@@ -1198,6 +1280,15 @@ impl Proxy {
 }
 
 impl Proxy {
+    /// The whole stop of a pod: the drain, then answering on until the clients have gone (or
+    /// the drain deadline). The preStop hooks wait on it, SIGTERM runs it; concurrent callers
+    /// share the one drain.
+    pub async fn retire(&self) -> u64 {
+        let drained = self.drain().await;
+        self.linger().await;
+        drained
+    }
+
     /// After a drain, keeps answering (each answer with `Connection: close`) until the clients
     /// have closed their connections, or the drain deadline; then ends whatever still streams,
     /// with a hint to resume elsewhere.
@@ -1226,6 +1317,22 @@ fn header_or_empty(value: &str) -> HeaderValue {
 
 fn plain(status: StatusCode, message: &'static str) -> Response {
     (status, message).into_response()
+}
+
+/// A JSON-RPC error for the request (HTTP 200: the client's request failed, not the HTTP
+/// exchange), or `status` for a message without an id.
+fn error_answer(
+    request_id: Option<Value>,
+    status: StatusCode,
+    code: i64,
+    message: &str,
+) -> Response {
+    let status = if request_id.is_some() {
+        StatusCode::OK
+    } else {
+        status
+    };
+    json_response(status, protocol::error_body(request_id, code, message))
 }
 
 fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
@@ -1259,8 +1366,7 @@ pub async fn run(
     });
     let server = tokio::spawn(async move { serving.await });
     shutdown.await;
-    proxy.drain().await;
-    proxy.linger().await;
+    proxy.retire().await;
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     Ok(())

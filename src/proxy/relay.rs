@@ -415,6 +415,10 @@ impl Failure {
         match self {
             Failure::Unknown(_) => (super::SESSION_NOT_FOUND, "Session not found".into()),
             Failure::Upstream(error) => (UPSTREAM_UNAVAILABLE, error.to_string()),
+            Failure::Store(error) => (
+                UPSTREAM_UNAVAILABLE,
+                format!("the session store is unavailable, try again: {error}"),
+            ),
         }
     }
 }

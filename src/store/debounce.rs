@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{Result, SessionId, SessionStore};
+use super::{Result, SessionId, SessionStore, Touch};
 
 /// Entries older than this many intervals are forgotten when the map is trimmed.
 const TRIM_AFTER_INTERVALS: u32 = 4;
@@ -25,6 +25,8 @@ pub enum Touched {
     Skipped,
     /// Written; the session exists.
     Written,
+    /// Written; the session exists and is marked draining.
+    Draining,
     /// Written, and the store no longer has the session.
     Gone,
 }
@@ -46,11 +48,15 @@ impl DebouncedToucher {
         let result = self.store.touch(id, owner_pod).await;
         let mut last = self.lock();
         match result {
-            Ok(true) => {
+            Ok(touch @ (Touch::Active | Touch::Draining)) => {
                 last.insert(id.clone(), now);
-                Ok(Touched::Written)
+                Ok(if touch == Touch::Draining {
+                    Touched::Draining
+                } else {
+                    Touched::Written
+                })
             }
-            Ok(false) => {
+            Ok(Touch::Gone) => {
                 last.remove(id);
                 Ok(Touched::Gone)
             }

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use super::{
     Claim, ClaimOutcome, CountSource, ListCursor, ListPage, Listed, LoggedEvent, MemorySample,
     NewSession, Origin, PruneReport, Result, Session, SessionCounts, SessionId, SessionPatch,
-    SessionRecord, SessionState, SessionStore, Timestamp,
+    SessionRecord, SessionState, SessionStore, Timestamp, Touch,
 };
 
 #[derive(Debug)]
@@ -174,16 +174,20 @@ impl SessionStore for MemoryStore {
         Ok(self.with_state(|state, _, now_ms| state.session(id, now_ms)))
     }
 
-    async fn touch(&self, id: &SessionId, _owner_pod: Option<&str>) -> Result<bool> {
+    async fn touch(&self, id: &SessionId, _owner_pod: Option<&str>) -> Result<Touch> {
         let ttl_ms = self.ttl_ms(self.ttl);
         Ok(self.with_state(|state, now, now_ms| {
             let Some(entry) = state.records.get(id) else {
-                return false;
+                return Touch::Gone;
             };
             let mut record = entry.record.clone();
             record.last_activity_at = now;
+            let touched = match record.state() {
+                SessionState::Draining => Touch::Draining,
+                SessionState::Active => Touch::Active,
+            };
             state.rewrite(id, record, now_ms + ttl_ms);
-            true
+            touched
         }))
     }
 
@@ -197,10 +201,18 @@ impl SessionStore for MemoryStore {
         }))
     }
 
-    async fn mark_draining(&self, id: &SessionId, hold: Duration) -> Result<Option<Session>> {
+    async fn mark_draining(
+        &self,
+        id: &SessionId,
+        owner: Option<&str>,
+        hold: Duration,
+    ) -> Result<Option<Session>> {
         let hold_ms = self.ttl_ms(hold);
         Ok(self.with_state(|state, now, now_ms| {
-            let entry = state.records.get(id)?;
+            let entry = state
+                .records
+                .get(id)
+                .filter(|e| e.record.owner_pod.as_deref() == owner)?;
             let expires_at_ms = entry.expires_at_ms.max(now_ms + hold_ms);
             let mut record = entry.record.clone();
             record.set_state(SessionState::Draining);

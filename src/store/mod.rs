@@ -218,6 +218,21 @@ impl ClaimOutcome {
     }
 }
 
+/// What a touch found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Touch {
+    Gone,
+    Active,
+    /// Marked draining (its pod stopped, or it was swept), and still served by the caller.
+    Draining,
+}
+
+impl Touch {
+    pub fn exists(self) -> bool {
+        self != Self::Gone
+    }
+}
+
 /// Session counts. `active + draining == total`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct SessionCounts {
@@ -340,15 +355,23 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Slides the TTL and `last_activity_at`. Always writes; callers on a hot path go through a
     /// [`DebouncedToucher`]. `owner_pod` is the pod the caller believes owns the session, so its
-    /// per-pod index entry slides too. Returns false if the session is gone.
-    async fn touch(&self, id: &SessionId, owner_pod: Option<&str>) -> Result<bool>;
+    /// per-pod index entry slides too. Says whether the session is gone, or draining: a proxy
+    /// that serves a session another pod drained takes it over.
+    async fn touch(&self, id: &SessionId, owner_pod: Option<&str>) -> Result<Touch>;
 
     /// Changes fields of an existing session, keeping its TTL.
     async fn update(&self, id: &SessionId, patch: SessionPatch) -> Result<Option<Session>>;
 
     /// Marks the session draining, owned by nobody and claimable by any pod, with its TTL reset
-    /// to at least `hold` so it survives until a client comes back.
-    async fn mark_draining(&self, id: &SessionId, hold: Duration) -> Result<Option<Session>>;
+    /// to at least `hold` so it survives until a client comes back; only if `owner` owns it
+    /// (`None`: nobody does), else `None` as for a missing session. A pod drains its own
+    /// sessions, never one that another pod took over meanwhile.
+    async fn mark_draining(
+        &self,
+        id: &SessionId,
+        owner: Option<&str>,
+        hold: Duration,
+    ) -> Result<Option<Session>>;
 
     /// Ids of the active sessions `pod` owns (from the per-pod index; at most `limit`).
     async fn sessions_of_pod(&self, pod: &str, limit: usize) -> Result<Vec<SessionId>>;

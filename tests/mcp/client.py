@@ -27,6 +27,13 @@ from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 
 
+def describe(error: BaseException) -> str:
+    """The error, or the errors inside an exception group (what a TaskGroup raises)."""
+    if isinstance(error, BaseExceptionGroup):
+        return "; ".join(describe(inner) for inner in error.exceptions)
+    return f"{type(error).__name__}: {error}"
+
+
 def stopped(deadline: float) -> bool:
     stop_file = os.environ.get("MCP_TEST_STOP_FILE")
     return time.monotonic() >= deadline or bool(stop_file and os.path.exists(stop_file))
@@ -60,7 +67,7 @@ async def run_client(url: str, seconds: float, interval: float, authorization: s
                     elif str(calls + 1) not in json.dumps(result.model_dump(mode="json")):
                         failure = f"wrong result: {result}"
                 except Exception as error:  # noqa: BLE001 - every failure is what the test counts
-                    failure = f"{type(error).__name__}: {error}"
+                    failure = describe(error)
                 slowest = max(slowest, time.monotonic() - started)
                 calls += 1
                 if failure:
@@ -69,7 +76,7 @@ async def run_client(url: str, seconds: float, interval: float, authorization: s
                     print(f"error {failure}" if failure else f"ok {calls}", flush=True)
                 await asyncio.sleep(interval)
     except Exception as error:  # noqa: BLE001
-        errors.append(f"client crashed: {type(error).__name__}: {error}")
+        errors.append(f"client crashed: {describe(error)}")
     return {"calls": calls, "errors": errors, "session_ids": sorted(session_ids), "slowest_call_seconds": round(slowest, 3)}
 
 

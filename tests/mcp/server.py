@@ -1,9 +1,12 @@
 """A real MCP server (the `mcp` SDK's MCPServer, stateful) for the proxy tests.
 
-    python server.py PORT [--json] [--sse]
+    python server.py PORT [--json] [--sse] [--host HOST] [--refuse-initialize]
 
 Streamable HTTP at /mcp by default; `--sse` serves the 2024-11-05 HTTP+SSE transport instead
-(`GET /sse`, `POST /messages/?session_id=...`). Tools:
+(`GET /sse`, `POST /messages/?session_id=...`). `--host` binds another address than 127.0.0.1
+(a test pod's IP). `--refuse-initialize` makes a broken new version: every `initialize` is
+answered with a JSON-RPC error, so sessions stored by the previous version cannot be replayed
+to it. Tools:
 - `add(a, b, delay=0)`: a pure function, annotated read-only, so a proxy may run it again if a
   restart loses its answer;
 - `record(note, delay=0)`: has an effect (appends to a log, returns the log's length), carries no
@@ -13,7 +16,10 @@ Streamable HTTP at /mcp by default; `--sse` serves the 2024-11-05 HTTP+SSE trans
 """
 
 import asyncio
+import json
 import sys
+
+import uvicorn
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp_types import ToolAnnotations
@@ -46,14 +52,49 @@ async def notify(ctx: Context) -> str:
     return "sent"
 
 
+def refusing_initialize(app):
+    """Wraps an ASGI app so that it answers every `initialize` with a JSON-RPC error."""
+
+    async def wrapped(scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await app(scope, receive, send)
+        messages, body, more = [], b"", True
+        while more:
+            message = await receive()
+            messages.append(message)
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        try:
+            request = json.loads(body)
+        except ValueError:
+            request = None
+        if isinstance(request, dict) and request.get("method") == "initialize":
+            error = {"code": -32602, "message": "this server version refuses these initialize params"}
+            answer = json.dumps({"jsonrpc": "2.0", "id": request.get("id"), "error": error}).encode()
+            await send({"type": "http.response.start", "status": 400, "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": answer})
+            return None
+        pending = iter(messages)
+
+        async def replayed():
+            return next(pending, None) or await receive()
+
+        return await app(scope, replayed, send)
+
+    return wrapped
+
+
+def option(name: str, default: str) -> str:
+    return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else default
+
+
 if __name__ == "__main__":
     port = int(sys.argv[1])
+    host = option("--host", "127.0.0.1")
     if "--sse" in sys.argv:
-        server.run(transport="sse", host="127.0.0.1", port=port)
+        server.run(transport="sse", host=host, port=port)
     else:
-        server.run(
-            transport="streamable-http",
-            host="127.0.0.1",
-            port=port,
-            json_response="--json" in sys.argv,
-        )
+        app = server.streamable_http_app(host=host, json_response="--json" in sys.argv)
+        if "--refuse-initialize" in sys.argv:
+            app = refusing_initialize(app)
+        uvicorn.run(app, host=host, port=port, log_level="warning")

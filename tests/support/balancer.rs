@@ -1,5 +1,9 @@
-//! A stand-in for a Kubernetes Service: spreads TCP connections round-robin over the backends
-//! whose readiness probe passes, and follows readiness as Endpoints would (polled every 100 ms).
+//! A stand-in for a Kubernetes Service's kube-proxy: spreads TCP connections round-robin over
+//! the ready backends. Either it probes backends the test adds (readiness polled every 100 ms),
+//! or it follows a real Service's EndpointSlices, which the real EndpointSlice controller keeps
+//! to the ready, non-terminating pods (polled every 100 ms, as kube-proxy watches them). Not the
+//! Endpoints object: its validation refuses the loopback pod IPs of the kubelet stand-in, which
+//! EndpointSlice validation (discovery.k8s.io/v1beta1 on 1.20) accepts.
 //! Connections are never sticky: what an MCP client opens next may reach any ready pod.
 
 use std::net::SocketAddr;
@@ -34,20 +38,42 @@ pub struct Balancer {
 
 impl Balancer {
     pub async fn start(backends: Vec<Backend>) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let port = listener.local_addr().expect("address").port();
-        let members: Arc<Mutex<Vec<Arc<Member>>>> = Arc::default();
-        let connections: Arc<Mutex<Vec<(SocketAddr, usize)>>> = Arc::default();
-        let balancer = Self {
-            port,
-            members: members.clone(),
-            task: tokio::spawn(serve(listener, members.clone(), connections.clone())),
-            connections,
-        };
+        let balancer = Self::listen().await;
         for backend in backends {
             balancer.add(backend);
         }
         balancer
+    }
+
+    /// Routes to the ready endpoints of the Service's EndpointSlices, at their first port.
+    pub async fn follow_endpoints(client: kube::Client, namespace: &str, service: &str) -> Self {
+        let balancer = Self::listen().await;
+        let resource = kube::api::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
+            "discovery.k8s.io",
+            "v1beta1",
+            "EndpointSlice",
+        ));
+        let slices: kube::Api<kube::api::DynamicObject> =
+            kube::Api::namespaced_with(client, namespace, &resource);
+        tokio::spawn(follow(
+            slices,
+            format!("kubernetes.io/service-name={service}"),
+            Arc::downgrade(&balancer.members),
+        ));
+        balancer
+    }
+
+    async fn listen() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let members: Arc<Mutex<Vec<Arc<Member>>>> = Arc::default();
+        let connections: Arc<Mutex<Vec<(SocketAddr, usize)>>> = Arc::default();
+        Self {
+            port,
+            members: members.clone(),
+            task: tokio::spawn(serve(listener, members.clone(), connections.clone())),
+            connections,
+        }
     }
 
     /// A new pod joins (not ready until its probe says so).
@@ -102,6 +128,73 @@ impl Member {
     fn serves(&self) -> bool {
         self.ready.load(Ordering::SeqCst) && !self.removed.load(Ordering::SeqCst)
     }
+}
+
+/// Keeps the members to the slices' ready endpoints until the balancer is dropped.
+async fn follow(
+    slices: kube::Api<kube::api::DynamicObject>,
+    selector: String,
+    members: std::sync::Weak<Mutex<Vec<Arc<Member>>>>,
+) {
+    let params = kube::api::ListParams::default().labels(&selector);
+    loop {
+        let listed: Vec<SocketAddr> = match slices.list(&params).await {
+            Ok(list) => list.items.iter().flat_map(ready_endpoints).collect(),
+            // An apiserver hiccup keeps what kube-proxy last programmed.
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Some(members) = members.upgrade() else {
+            return;
+        };
+        {
+            let mut members = members.lock().unwrap();
+            for member in members.iter() {
+                if !listed.contains(&member.backend.serve) {
+                    member.removed.store(true, Ordering::SeqCst);
+                }
+            }
+            for address in listed {
+                if !members
+                    .iter()
+                    .any(|m| m.backend.serve == address && m.serves())
+                {
+                    members.push(Arc::new(Member {
+                        backend: Backend {
+                            serve: address,
+                            ready: address,
+                        },
+                        ready: AtomicBool::new(true),
+                        removed: AtomicBool::new(false),
+                    }));
+                }
+            }
+        }
+        drop(members);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The addresses of a slice's endpoints that are not known unready, at the slice's first port.
+fn ready_endpoints(slice: &kube::api::DynamicObject) -> Vec<SocketAddr> {
+    let Some(port) = slice.data["ports"][0]["port"]
+        .as_u64()
+        .and_then(|p| u16::try_from(p).ok())
+    else {
+        return Vec::new();
+    };
+    let endpoints = slice.data["endpoints"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    endpoints
+        .iter()
+        .filter(|e| e["conditions"]["ready"].as_bool() != Some(false))
+        .flat_map(|e| e["addresses"].as_array().cloned().unwrap_or_default())
+        .filter_map(|a| Some(SocketAddr::new(a.as_str()?.parse().ok()?, port)))
+        .collect()
 }
 
 async fn probe(member: Arc<Member>) {

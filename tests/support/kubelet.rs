@@ -5,6 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -125,12 +126,13 @@ impl Worker {
             .push(event);
     }
 
-    /// A loopback address of the pod's own (127.1.x.y), so that pods can listen on one port each.
+    /// A loopback address of the pod's own (127.1.x.y), so that pods can listen on one port each;
+    /// unique in the test process, as stand-ins of several tests may run at once.
     fn ip_of(&self, pod: &str) -> Ipv4Addr {
+        static NEXT: AtomicU32 = AtomicU32::new(1);
         let mut ips = self.ips.lock().unwrap_or_else(|p| p.into_inner());
-        let next = ips.len() as u32 + 1;
         *ips.entry(pod.to_owned())
-            .or_insert_with(|| Ipv4Addr::from(0x7f01_0000 + next))
+            .or_insert_with(|| Ipv4Addr::from(0x7f01_0000 + NEXT.fetch_add(1, Ordering::Relaxed)))
     }
 
     async fn run(self: Arc<Self>) {

@@ -65,6 +65,9 @@ pub async fn operator_kubeconfig(
     path
 }
 
+/// The proxy image the test operators inject.
+pub const PROXY_IMAGE: &str = "example/mcp-session-operator:test";
+
 pub struct Operator {
     pub identity: String,
     pub metrics_port: u16,
@@ -146,6 +149,33 @@ impl Operator {
         }
     }
 
+    /// As [`Operator::start_with`], serving the admission webhooks on a loopback HTTPS port
+    /// that the webhook configurations it keeps point at (the proxy image it injects is
+    /// `example/mcp-session-operator:test`).
+    pub fn start_with_webhook(
+        kubeconfig: &std::path::Path,
+        lease_namespace: &str,
+        watch: &str,
+        identity: &str,
+        port: u16,
+        extra: &[&str],
+    ) -> Self {
+        let address = format!("127.0.0.1:{port}");
+        let url = format!("https://127.0.0.1:{port}");
+        let mut args = vec![
+            "--webhook-addr",
+            &address,
+            "--webhook-url",
+            &url,
+            "--proxy-image",
+            PROXY_IMAGE,
+            "--webhook-refresh-seconds",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        Self::start_with(kubeconfig, lease_namespace, Some(watch), identity, &args)
+    }
+
     /// Resident memory of the process.
     pub fn rss_bytes(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
@@ -209,4 +239,34 @@ impl Drop for Operator {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Waits until the webhook configurations point at the operator serving on `port`, with a
+/// caBundle.
+pub async fn wait_webhook_ready(client: &Client, port: u16) {
+    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "admissionregistration.k8s.io",
+        "v1",
+        "ValidatingWebhookConfiguration",
+    ));
+    let configs: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
+    super::control_plane::wait_for(
+        Duration::from_secs(60),
+        "the webhook configuration with a caBundle",
+        || async {
+            configs
+                .get_opt("mcp-session-operator")
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|c| {
+                    let client_config = &c.data["webhooks"][0]["clientConfig"];
+                    client_config["caBundle"].is_string()
+                        && client_config["url"]
+                            .as_str()
+                            .is_some_and(|u| u.contains(&format!(":{port}/")))
+                })
+        },
+    )
+    .await;
 }

@@ -12,7 +12,7 @@ use tracing::info;
 use super::super::{
     Claim, ClaimOutcome, ListCursor, ListPage, LoggedEvent, MemorySample, NewSession, Origin,
     PruneReport, Result, Session, SessionCounts, SessionId, SessionPatch, SessionStore, StoreError,
-    Tallies, Tally,
+    Tallies, Tally, Touch,
 };
 use super::{Keys, RedisStore, RedisTarget};
 
@@ -82,7 +82,7 @@ impl SessionStore for LazyRedisStore {
         self.store().await?.get(id).await
     }
 
-    async fn touch(&self, id: &SessionId, owner_pod: Option<&str>) -> Result<bool> {
+    async fn touch(&self, id: &SessionId, owner_pod: Option<&str>) -> Result<Touch> {
         self.store().await?.touch(id, owner_pod).await
     }
 
@@ -90,8 +90,13 @@ impl SessionStore for LazyRedisStore {
         self.store().await?.update(id, patch).await
     }
 
-    async fn mark_draining(&self, id: &SessionId, hold: Duration) -> Result<Option<Session>> {
-        self.store().await?.mark_draining(id, hold).await
+    async fn mark_draining(
+        &self,
+        id: &SessionId,
+        owner: Option<&str>,
+        hold: Duration,
+    ) -> Result<Option<Session>> {
+        self.store().await?.mark_draining(id, owner, hold).await
     }
 
     async fn tally(&self, tally: Tally, n: u64) -> Result<()> {

@@ -29,7 +29,7 @@ use super::{
     Claim, ClaimOutcome, ClaimRefusal, CountSource, ListCursor, ListPage, Listed, LoggedEvent,
     MemorySample, NewSession, Origin, PruneReport, Result, Session, SessionCounts, SessionId,
     SessionPatch, SessionRecord, SessionState, SessionStore, StoreError, Tallies, Tally, Timestamp,
-    UnreadableReason, UnreadableRecord,
+    Touch, UnreadableReason, UnreadableRecord,
 };
 
 /// Records above this size are reported, not parsed (a session is a few hundred bytes).
@@ -381,7 +381,7 @@ impl RedisStore {
 
     /// Touch of the record plus, in the same round trip, the sliding scores of its index
     /// entries. `add` also indexes a session that is not indexed yet (a seed-written record).
-    async fn touch_indexed(&self, id: &SessionId, slot: IndexSlot<'_>, add: bool) -> Result<bool> {
+    async fn touch_indexed(&self, id: &SessionId, slot: IndexSlot<'_>, add: bool) -> Result<Touch> {
         let now = Timestamp::now();
         let ttl_ms = millis(self.ttl);
         let score = (now.unix_millis() + ttl_ms) as f64;
@@ -420,7 +420,11 @@ impl RedisStore {
             })
             .await?;
         let mut results = results.into_iter();
-        let touched = self.expect::<i64>(results.next().unwrap_or(Ok(Value::Int(0))))? == 1;
+        let touched = match self.expect::<i64>(results.next().unwrap_or(Ok(Value::Int(0))))? {
+            0 => Touch::Gone,
+            2 => Touch::Draining,
+            _ => Touch::Active,
+        };
         self.expect_all(results.collect())?;
         Ok(touched)
     }
@@ -653,7 +657,7 @@ impl SessionStore for RedisStore {
     }
 
     #[instrument(level = "debug", skip_all, fields(session = %id))]
-    async fn touch(&self, id: &SessionId, owner_pod: Option<&str>) -> Result<bool> {
+    async fn touch(&self, id: &SessionId, owner_pod: Option<&str>) -> Result<Touch> {
         let slot = owner_pod.map_or(IndexSlot::Unowned, IndexSlot::Pod);
         self.touch_indexed(id, slot, false).await
     }
@@ -674,14 +678,22 @@ impl SessionStore for RedisStore {
     }
 
     #[instrument(level = "debug", skip_all, fields(session = %id))]
-    async fn mark_draining(&self, id: &SessionId, hold: Duration) -> Result<Option<Session>> {
+    async fn mark_draining(
+        &self,
+        id: &SessionId,
+        owner: Option<&str>,
+        hold: Duration,
+    ) -> Result<Option<Session>> {
         let now = Timestamp::now();
         let outcome = self
             .modify(id, TtlRule::AtLeast(hold), |record| {
+                if record.owner_pod.as_deref() != owner {
+                    return Err(());
+                }
                 record.set_state(SessionState::Draining);
                 record.owner_pod = None;
                 record.draining_since = Some(now);
-                Ok::<(), ()>(())
+                Ok(())
             })
             .await?;
         Ok(match outcome {

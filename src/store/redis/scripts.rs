@@ -55,10 +55,13 @@ impl Scripts {
 /// round large numbers). The first occurrence is the top-level field because writers put it
 /// before any nested object (the seed's `json.dumps` and this crate alike), and inside a JSON
 /// string every quote is escaped, so the pattern cannot match there.
-/// KEYS[1] record; ARGV[1] TTL in ms; ARGV[2] the new timestamp. Returns 1, or 0 if gone.
+/// KEYS[1] record; ARGV[1] TTL in ms; ARGV[2] the new timestamp. Returns 0 if gone, 2 if the
+/// record says draining, else 1. (`"state":"draining"` as a pair can only be a key and its
+/// value, at worst of a nested object: then the caller's claim, which parses, finds out.)
 const TOUCH: &str = r#"
 local value = redis.call('GET', KEYS[1])
 if not value then return 0 end
+local draining = string.find(value, '"state":"draining"', 1, true) ~= nil
 local updated, n = string.gsub(value, '"last_activity_at"%s*:%s*"[^"]*"',
   '"last_activity_at":"' .. ARGV[2] .. '"', 1)
 if n == 1 then
@@ -66,6 +69,7 @@ if n == 1 then
 else
   redis.call('PEXPIRE', KEYS[1], ARGV[1])
 end
+if draining then return 2 end
 return 1
 "#;
 

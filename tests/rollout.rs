@@ -1,0 +1,660 @@
+//! Session-aware rollouts end to end, on the 1.20 control plane with every part real: a
+//! Deployment of 3 pods, each a real Python SDK MCP server that the operator's webhook injected
+//! with the session proxy, run by the kubelet stand-in as local processes from the stored pod
+//! spec (the injected preStop hook drains the proxy); a Service whose real EndpointSlices, kept
+//! by the real EndpointSlice controller, the balancer follows as kube-proxy would; a real
+//! redis-server; and
+//! 50 real SDK clients (25 Python, 25 TypeScript), each with a session and credential of its own,
+//! calling a tool every 200 ms throughout.
+
+mod support;
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Container, Pod, Service};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt as _};
+use mcp_session_operator::api::{McpSessionPolicy, McpSessionPolicyStatus, RolloutStatus};
+use mcp_session_operator::store::{RedisStore, SessionStore};
+use serde_json::{Value, json};
+use support::balancer::Balancer;
+use support::containers::LocalContainers;
+use support::control_plane::{TestNamespace, control_plane, wait_for};
+use support::kubelet::KubeletStandIn;
+use support::operator::{
+    Operator, PROXY_IMAGE, install_crd, operator_kubeconfig, wait_webhook_ready,
+};
+use support::redis::RedisServer;
+use tokio::io::AsyncBufReadExt as _;
+
+const APP: &str = "mcp";
+const TIMEOUT: Duration = Duration::from_secs(120);
+/// Clients per SDK; 50 in all.
+const CLIENTS_PER_SDK: usize = 25;
+/// The backend's versions: the image names the test's container runtime knows.
+const V1: &str = "example/mcp-server:1";
+const V2: &str = "example/mcp-server:2";
+/// A broken new version: it refuses every `initialize`, so stored sessions cannot be replayed.
+const V2_REFUSING: &str = "example/mcp-server:2-refuses-initialize";
+
+/// The webhook configurations are cluster-wide: one operator (one test) at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// What each image runs: this crate's binary for the injected proxy (its args are the pod
+/// spec's), the Python SDK test server for the backend.
+fn images(container: &Container, ip: Ipv4Addr) -> Option<std::process::Command> {
+    let image = container.image.as_deref()?;
+    let log = || {
+        if std::env::var_os("MCP_TEST_PROXY_LOG").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        }
+    };
+    if image == PROXY_IMAGE {
+        let mut proxy = std::process::Command::new(env!("CARGO_BIN_EXE_mcp-session-operator"));
+        proxy.stdout(Stdio::null()).stderr(log());
+        return Some(proxy);
+    }
+    if ![V1, V2, V2_REFUSING].contains(&image) {
+        return None;
+    }
+    let port = container
+        .ports
+        .iter()
+        .flatten()
+        .next()
+        .map_or(8000, |p| p.container_port);
+    let mut server = std::process::Command::new(
+        std::env::var("MCP_TEST_PYTHON").unwrap_or_else(|_| "python3".into()),
+    );
+    server
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/server.py"))
+        .args([port.to_string(), "--host".into(), ip.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if image == V2_REFUSING {
+        server.arg("--refuse-initialize");
+    }
+    Some(server)
+}
+
+/// The test bed of one scenario.
+struct Bed {
+    ns: TestNamespace,
+    _operator_ns: TestNamespace,
+    operator: Operator,
+    redis: RedisServer,
+    runtime: Arc<LocalContainers>,
+    _kubelet: KubeletStandIn,
+    deployments: Api<Deployment>,
+    service: Balancer,
+}
+
+impl Bed {
+    /// Everything up to 3 ready pods behind the Service; `rollout` is the policy's
+    /// `spec.rollout`.
+    async fn start(prefix: &str, rollout: Value) -> Self {
+        let plane = control_plane();
+        let ns = plane.namespace(prefix).await;
+        let operator_ns = plane.namespace(&format!("{prefix}-op")).await;
+        install_crd(&ns.client).await;
+        let kubeconfig = operator_kubeconfig(plane, &ns.client, &operator_ns.name).await;
+        // Persisted as a production Redis would be, so a restart loses nothing written.
+        let redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+        let port = support::free_port();
+        let operator = Operator::start_with_webhook(
+            &kubeconfig,
+            &operator_ns.name,
+            &ns.name,
+            "op-rollout",
+            port,
+            &[],
+        );
+        wait_webhook_ready(&ns.client, port).await;
+        let policy: McpSessionPolicy = serde_json::from_value(json!({
+            "apiVersion": "mcpsession.dev/v1alpha1", "kind": "McpSessionPolicy",
+            "metadata": {"name": APP},
+            "spec": {"selector": {"matchLabels": {"app": APP}}, "redis": {"url": redis.url()},
+                     "drain": {"timeoutSeconds": 20}, "rollout": rollout},
+        }))
+        .expect("policy");
+        Api::<McpSessionPolicy>::namespaced(ns.client.clone(), &ns.name)
+            .patch(
+                APP,
+                &PatchParams::apply("tests").force(),
+                &Patch::Apply(&policy),
+            )
+            .await
+            .expect("apply the policy");
+        wait_injecting(&ns).await;
+
+        let runtime = Arc::new(LocalContainers::new(Box::new(images)));
+        let kubelet = KubeletStandIn::start(ns.client.clone(), &ns.name, runtime.clone()).await;
+        let service: Service = serde_json::from_value(json!({
+            "metadata": {"name": APP},
+            "spec": {"selector": {"app": APP}, "ports": [{"port": 80, "targetPort": "mcp"}]},
+        }))
+        .expect("service");
+        Api::<Service>::namespaced(ns.client.clone(), &ns.name)
+            .create(&PostParams::default(), &service)
+            .await
+            .expect("create the Service");
+        let deployment: Deployment = serde_json::from_value(json!({
+            "metadata": {"name": APP},
+            "spec": {"replicas": 3, "minReadySeconds": 2, "selector": {"matchLabels": {"app": APP}},
+                     "strategy": {"rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+                     "template": {"metadata": {"labels": {"app": APP}},
+                                  "spec": {"containers": [{"name": "server", "image": V1, "ports": [{"containerPort": 8000}]}]}}},
+        }))
+        .expect("deployment");
+        let deployments: Api<Deployment> = Api::namespaced(ns.client.clone(), &ns.name);
+        deployments
+            .create(&PostParams::default(), &deployment)
+            .await
+            .expect("create the Deployment");
+        let service = Balancer::follow_endpoints(ns.client.clone(), &ns.name, APP).await;
+        service.wait_ready(3).await;
+        Self {
+            ns,
+            _operator_ns: operator_ns,
+            operator,
+            redis,
+            runtime,
+            _kubelet: kubelet,
+            deployments,
+            service,
+        }
+    }
+
+    fn client(&self) -> &Client {
+        &self.ns.client
+    }
+
+    async fn store(&self) -> RedisStore {
+        self.redis
+            .store("mcp:session:", Duration::from_secs(86_400))
+            .await
+    }
+
+    /// Waits until the store holds `n` sessions.
+    async fn wait_sessions(&self, n: u64) {
+        let store = self.store().await;
+        wait_for(TIMEOUT, &format!("{n} sessions in the store"), || async {
+            store.counts().await.is_ok_and(|c| c.total >= n)
+        })
+        .await;
+    }
+
+    /// `kubectl set image`: a new backend version in the pod template.
+    async fn set_image(&self, image: &str) {
+        let patch = json!({"spec": {"template": {"spec": {"containers": [{"name": "server", "image": image}]}}}});
+        self.deployments
+            .patch(APP, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .expect("set image");
+    }
+
+    async fn status_until(
+        &self,
+        what: &str,
+        check: impl Fn(&McpSessionPolicyStatus) -> bool,
+    ) -> McpSessionPolicyStatus {
+        let api: Api<McpSessionPolicy> = Api::namespaced(self.client().clone(), &self.ns.name);
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        let mut last = None;
+        loop {
+            if let Ok(policy) = api.get(APP).await
+                && let Some(status) = policy.status
+            {
+                if check(&status) {
+                    return status;
+                }
+                last = Some(status);
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}; last status: {last:#?}\noperator log: {}",
+                self.operator.log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The rollout once it finished and every session it drained is accounted for (rehydrated
+    /// or lost: the clients of the last old pod come back after it is gone), or as it stands
+    /// 60 s after it finished, for the test to report.
+    async fn settled_rollout(&self) -> RolloutStatus {
+        let finished = self
+            .status_until("the rollout finished", |s| {
+                s.last_rollout
+                    .as_ref()
+                    .is_some_and(|r| r.finished_at.is_some())
+            })
+            .await;
+        let mut rollout = finished.last_rollout.expect("lastRollout");
+        let api: Api<McpSessionPolicy> = Api::namespaced(self.client().clone(), &self.ns.name);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while rollout.rehydrated + rollout.lost < rollout.drained
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if let Ok(policy) = api.get(APP).await
+                && let Some(latest) = policy.status.and_then(|s| s.last_rollout)
+            {
+                rollout = latest;
+            }
+        }
+        rollout
+    }
+
+    async fn pods(&self) -> Vec<Pod> {
+        Api::<Pod>::namespaced(self.client().clone(), &self.ns.name)
+            .list(&ListParams::default().labels(&format!("app={APP}")))
+            .await
+            .expect("list pods")
+            .items
+    }
+
+    /// The operator's counter for this policy, 0 while it has none.
+    async fn counter(&self, name: &str, extra_labels: &str) -> u64 {
+        let (_, metrics) = self.operator.get("/metrics").await.expect("metrics");
+        let series = format!(
+            r#"{name}{{namespace="{}",policy="{APP}"{extra_labels}}} "#,
+            self.ns.name
+        );
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(&series))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// Until the webhook has the policy: a dry-run pod comes back with the proxy.
+async fn wait_injecting(ns: &TestNamespace) {
+    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
+    let probe: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "probe", "labels": {"app": APP}},
+        "spec": {"containers": [{"name": "server", "image": V1, "ports": [{"containerPort": 8000}]}]},
+    }))
+    .expect("pod");
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    wait_for(TIMEOUT, "the webhook to inject the proxy", || async {
+        pods.create(&dry_run, &probe).await.is_ok_and(|pod| {
+            pod.spec
+                .iter()
+                .flat_map(|s| s.containers.iter())
+                .any(|c| c.image.as_deref() == Some(PROXY_IMAGE))
+        })
+    })
+    .await;
+}
+
+/// What one SDK client reported.
+#[derive(Debug)]
+struct ClientRun {
+    name: String,
+    calls: u64,
+    errors: Vec<String>,
+    session_ids: Vec<String>,
+    slowest_call_seconds: f64,
+}
+
+/// The 50 clients: one process per SDK, each running its clients concurrently.
+struct Clients {
+    stop_file: PathBuf,
+    _dir: tempfile::TempDir,
+    runs: Vec<tokio::task::JoinHandle<Vec<ClientRun>>>,
+}
+
+impl Clients {
+    fn start(port: u16) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let stop_file = dir.path().join("stop");
+        let url = format!("http://127.0.0.1:{port}/mcp");
+        let python = std::env::var("MCP_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+        let ts = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/ts/client.mjs");
+        let py = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/client.py");
+        let runs = [(python.as_str(), py), ("node", ts)]
+            .into_iter()
+            .map(|(program, script)| {
+                let mut child = tokio::process::Command::new(program)
+                    .args([script, url.as_str(), "600", "0.2", "Bearer rollout-client"])
+                    .env("MCP_TEST_CLIENTS", CLIENTS_PER_SDK.to_string())
+                    .env("MCP_TEST_STOP_FILE", &stop_file)
+                    .env("MCP_TEST_TOOL_DELAY", "0.02")
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::inherit())
+                    .kill_on_drop(true)
+                    .spawn()
+                    .unwrap_or_else(|e| panic!("start {program} {script}: {e}"));
+                tokio::spawn(async move {
+                    let stdout = child.stdout.take().expect("stdout");
+                    let mut lines = tokio::io::BufReader::new(stdout).lines();
+                    let mut runs = Vec::new();
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        let Ok(summary) = serde_json::from_str::<Value>(&line) else {
+                            eprintln!("client output that is no summary: {line:.300}");
+                            continue;
+                        };
+                        let strings = |key: &str| -> Vec<String> {
+                            summary[key]
+                                .as_array()
+                                .into_iter()
+                                .flatten()
+                                .filter_map(|v| v.as_str().map(str::to_owned))
+                                .collect()
+                        };
+                        runs.push(ClientRun {
+                            name: summary["client"].as_str().unwrap_or("?").to_owned(),
+                            calls: summary["calls"].as_u64().unwrap_or(0),
+                            errors: strings("errors"),
+                            session_ids: strings("session_ids"),
+                            slowest_call_seconds: summary["slowest_call_seconds"]
+                                .as_f64()
+                                .unwrap_or(0.0),
+                        });
+                    }
+                    let _ = child.wait().await;
+                    runs
+                })
+            })
+            .collect();
+        Self {
+            stop_file,
+            _dir: dir,
+            runs,
+        }
+    }
+
+    /// Tells the clients to stop; their reports.
+    async fn stop(self) -> Vec<ClientRun> {
+        std::fs::write(&self.stop_file, b"").expect("stop file");
+        let mut all = Vec::new();
+        for run in self.runs {
+            all.extend(run.await.expect("client reader"));
+        }
+        all
+    }
+}
+
+/// Totals over the clients' reports, printed for docs/rollouts.md.
+fn report(scenario: &str, runs: &[ClientRun]) -> (u64, usize) {
+    let calls: u64 = runs.iter().map(|r| r.calls).sum();
+    let errors: usize = runs.iter().map(|r| r.errors.len()).sum();
+    let slowest = runs
+        .iter()
+        .map(|r| r.slowest_call_seconds)
+        .fold(0.0, f64::max);
+    let python = runs.iter().filter(|r| r.name.starts_with("python")).count();
+    eprintln!(
+        "{scenario}: {} clients ({python} Python, {} TypeScript), {calls} calls, {errors} errors, slowest call {slowest:.2} s",
+        runs.len(),
+        runs.len() - python
+    );
+    (calls, errors)
+}
+
+fn assert_every_client_kept_its_session(runs: &[ClientRun]) {
+    assert_eq!(runs.len(), 2 * CLIENTS_PER_SDK, "every client reported");
+    for run in runs {
+        assert_eq!(
+            run.session_ids.len(),
+            1,
+            "{}: one session id throughout: {run:?}",
+            run.name
+        );
+        assert!(run.calls > 0, "{run:?}");
+    }
+}
+
+/// The issue's scenario: `kubectl set image` on the Deployment while 50 clients call tools.
+/// The rollout runs to completion with no client error; every client keeps its session id;
+/// every drained session is rehydrated and none is lost; the metrics say the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rolling_update_under_50_clients_loses_no_session_and_no_call() {
+    let _serial = SERIAL.lock().await;
+    let bed = Bed::start("e2e-roll", json!({})).await;
+    let clients = Clients::start(bed.service.port);
+    bed.wait_sessions(2 * CLIENTS_PER_SDK as u64).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    bed.set_image(V2).await;
+    let rollout = bed.settled_rollout().await;
+    // Calls go on against the new pods for a moment.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let runs = clients.stop().await;
+    report("rolling update", &runs);
+    eprintln!("lastRollout: {rollout:?}");
+    for run in runs
+        .iter()
+        .filter(|r| !r.errors.is_empty() || r.session_ids.len() != 1)
+    {
+        eprintln!("{run:?}");
+    }
+
+    let errors: Vec<(&str, &String)> = runs
+        .iter()
+        .flat_map(|r| r.errors.iter().map(|e| (r.name.as_str(), e)))
+        .collect();
+    assert_eq!(errors, Vec::<(&str, &String)>::new(), "no client error");
+    assert_every_client_kept_its_session(&runs);
+    assert!(rollout.drained > 0, "{rollout:?}");
+    assert_eq!(rollout.rehydrated, rollout.drained, "{rollout:?}");
+    assert_eq!(rollout.lost, 0, "{rollout:?}");
+    let pods = bed.pods().await;
+    assert!(
+        pods.iter().all(|p| p
+            .spec
+            .iter()
+            .flat_map(|s| s.containers.iter())
+            .any(|c| c.image.as_deref() == Some(V2))),
+        "every pod runs the new version"
+    );
+    // The counters held nothing before this rollout: their values are its counts.
+    assert_eq!(
+        bed.counter("mcp_session_drains_total", r#",by="proxy""#)
+            .await,
+        rollout.drained
+    );
+    assert_eq!(
+        bed.counter("mcp_session_rehydrations_total", "").await,
+        rollout.rehydrated
+    );
+    assert_eq!(bed.counter("mcp_sessions_lost_total", "").await, 0);
+}
+
+/// A pod SIGKILLed mid-traffic (no hook runs; then it is force-deleted, as when its node is
+/// lost): the operator sweeps its sessions to draining, the other pods claim them as their
+/// clients come back, and none is lost. What no server can prevent, since the pod's TCP
+/// connections are reset: a call in flight on it fails, a Python SDK client whose listening
+/// stream was on it dies with it (the SDK ends the client when that stream breaks), and a
+/// TypeScript call whose response stream was cut waits for the SDK's own timeout (60 s). Every
+/// client keeps the one session it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_pods_sessions_are_swept_and_rehydrated() {
+    let _serial = SERIAL.lock().await;
+    let bed = Bed::start("e2e-kill", json!({})).await;
+    let clients = Clients::start(bed.service.port);
+    bed.wait_sessions(2 * CLIENTS_PER_SDK as u64).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let store = bed.store().await;
+    let counts = store.counts().await.expect("counts");
+    let (victim, owned) = counts
+        .per_pod
+        .iter()
+        .max_by_key(|(_, n)| **n)
+        .map(|(pod, n)| (pod.clone(), *n))
+        .expect("a pod owns sessions");
+    bed.runtime.kill(&victim);
+    Api::<Pod>::namespaced(bed.client().clone(), &bed.ns.name)
+        .delete(&victim, &DeleteParams::default().grace_period(0))
+        .await
+        .expect("force-delete the pod");
+
+    wait_for(TIMEOUT, "the killed pod's sessions swept", || async {
+        bed.counter("mcp_session_drains_total", r#",by="sweep""#)
+            .await
+            > 0
+    })
+    .await;
+    wait_for(TIMEOUT, "a replacement pod ready", || async {
+        let pods = bed.pods().await;
+        pods.len() == 3
+            && pods.iter().all(|p| {
+                p.name_any() != victim
+                    && p.status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            })
+    })
+    .await;
+    // Each swept session is claimed by the next pod its client reaches, or, where a pod serves
+    // it already, at that pod's next touch of it (within the proxies' touch interval, 10 s).
+    let swept_at = std::time::Instant::now();
+    let mut draining = u64::MAX;
+    while draining > 0 && swept_at.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        draining = store.counts().await.map_or(draining, |c| c.draining);
+    }
+    eprintln!(
+        "{draining} swept sessions unclaimed {:.1} s after the sweep",
+        swept_at.elapsed().as_secs_f64()
+    );
+    let runs = clients.stop().await;
+    for run in runs.iter().filter(|r| !r.errors.is_empty()) {
+        eprintln!("{run:?}");
+    }
+    let (_, errors) = report("a pod SIGKILLed", &runs);
+    let swept = bed
+        .counter("mcp_session_drains_total", r#",by="sweep""#)
+        .await;
+    let rehydrated = bed.counter("mcp_session_rehydrations_total", "").await;
+    eprintln!(
+        "{victim} owned {owned} sessions; swept {swept}, rehydrated {rehydrated}, {errors} failed calls"
+    );
+
+    let crashed = runs
+        .iter()
+        .filter(|r| r.errors.iter().any(|e| e.starts_with("client crashed")))
+        .count();
+    eprintln!("{crashed} clients ended by the SDK when their stream was reset");
+    assert_eq!(runs.len(), 2 * CLIENTS_PER_SDK, "every client reported");
+    for run in &runs {
+        assert_eq!(run.session_ids.len(), 1, "one session id: {run:?}");
+        // At most the one call in flight when the pod died.
+        assert!(run.errors.len() <= 1, "{run:?}");
+    }
+    assert_eq!(swept, owned, "every session of the killed pod swept");
+    assert_eq!(bed.counter("mcp_sessions_lost_total", "").await, 0);
+    assert!(
+        rehydrated > 0 && rehydrated <= swept,
+        "swept sessions rehydrated as their clients came back: {rehydrated} of {swept}"
+    );
+}
+
+/// Redis restarts (SIGKILL, started again on its data) in the middle of a rolling update: the
+/// proxies ride out the outage, and no session is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_restart_mid_rollout_loses_no_session() {
+    let _serial = SERIAL.lock().await;
+    let mut bed = Bed::start("e2e-redis", json!({})).await;
+    let clients = Clients::start(bed.service.port);
+    bed.wait_sessions(2 * CLIENTS_PER_SDK as u64).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    bed.set_image(V2).await;
+    bed.status_until("the rollout started", |s| s.last_rollout.is_some())
+        .await;
+    // Once the first old pod drained.
+    let store = bed.store().await;
+    wait_for(TIMEOUT, "a drain reported", || async {
+        store.tallies().await.is_ok_and(|t| t.drained > 0)
+    })
+    .await;
+    // SIGKILL and start again on the same data; waits until it answers.
+    tokio::task::block_in_place(|| bed.redis.restart());
+    let rollout = bed.settled_rollout().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let runs = clients.stop().await;
+    report("Redis restarted mid-rollout", &runs);
+    eprintln!("lastRollout: {rollout:?}");
+
+    assert_every_client_kept_its_session(&runs);
+    let errors: Vec<&String> = runs.iter().flat_map(|r| r.errors.iter()).collect();
+    assert_eq!(errors, Vec::<&String>::new(), "no client error");
+    assert_eq!(rollout.lost, 0, "{rollout:?}");
+    assert_eq!(bed.counter("mcp_sessions_lost_total", "").await, 0);
+}
+
+/// A new version that refuses the stored sessions' `initialize`: the clients that come back to
+/// it lose their sessions, `lost` passes `rollout.maxLostSessions`, and the operator pauses the
+/// Deployment; the old pods not yet replaced keep running and serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_version_that_refuses_the_sessions_is_paused() {
+    let _serial = SERIAL.lock().await;
+    let bed = Bed::start("e2e-guard", json!({"maxLostSessions": 2})).await;
+    let clients = Clients::start(bed.service.port);
+    bed.wait_sessions(2 * CLIENTS_PER_SDK as u64).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let old_pods: Vec<String> = bed.pods().await.iter().map(|p| p.name_any()).collect();
+
+    bed.set_image(V2_REFUSING).await;
+    let guarded = bed
+        .status_until("RolloutSafe False", |s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "RolloutSafe" && c.status == "False")
+        })
+        .await;
+    let rollout = guarded.last_rollout.clone().expect("lastRollout");
+    let reason = guarded
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "RolloutSafe")
+        .map(|c| c.reason.clone());
+    assert_eq!(reason.as_deref(), Some("TooManyLostSessions"));
+    assert!(rollout.lost > 2, "{rollout:?}");
+    assert_eq!(rollout.paused.as_deref(), Some("Deployment/mcp"));
+    assert_eq!(
+        bed.deployments
+            .get(APP)
+            .await
+            .expect("deployment")
+            .spec
+            .paused,
+        Some(true)
+    );
+    // Paused: the Deployment controller replaces no more old pods.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let pods = bed.pods().await;
+    let surviving: Vec<&String> = old_pods
+        .iter()
+        .filter(|name| pods.iter().any(|p| &p.name_any() == *name))
+        .collect();
+    let runs = clients.stop().await;
+    let (_, errors) = report("a version refusing the sessions", &runs);
+    eprintln!(
+        "lastRollout: {rollout:?}; old pods left: {} of 3; {errors} failed calls",
+        surviving.len()
+    );
+    assert!(
+        surviving.len() >= 2,
+        "old pods left running: {surviving:?} of {old_pods:?}"
+    );
+    assert!(
+        bed.counter("mcp_sessions_lost_total", "").await >= rollout.lost,
+        "metrics agree"
+    );
+}

@@ -1,0 +1,212 @@
+//! A container runtime for the kubelet stand-in: runs each container of a pod as a local
+//! process, from the pod spec as the apiserver stored it (after admission), so that what the
+//! webhook injected is what runs. The test maps images to programs; the runtime does the rest
+//! as a kubelet would: environment from values and the downward API, `localhost` and
+//! `0.0.0.0` as the pod's own loopback IP, readiness from the `httpGet` readiness probes,
+//! `httpGet` preStop hooks, SIGTERM and SIGKILL after the grace period.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use k8s_openapi::api::core::v1::{Container, HTTPGetAction, Pod};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::ResourceExt as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::process::{Child, Command};
+
+use super::kubelet::PodRuntime;
+
+/// The program an image runs, given the container (its args and ports) and the pod's IP;
+/// `None` for an image the test does not know (the pod then never starts).
+pub type Images = dyn Fn(&Container, Ipv4Addr) -> Option<std::process::Command> + Send + Sync;
+
+pub struct LocalContainers {
+    images: Box<Images>,
+    /// Running processes by pod name, one per container.
+    pods: Mutex<HashMap<String, Vec<(String, Child)>>>,
+}
+
+impl LocalContainers {
+    pub fn new(images: Box<Images>) -> Self {
+        Self {
+            images,
+            pods: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// SIGKILLs every process of the pod at once, as a node that dies does; no hook runs.
+    pub fn kill(&self, pod: &str) {
+        let processes = self.take(pod);
+        for (_, mut child) in processes {
+            let _ = child.start_kill();
+        }
+    }
+
+    fn take(&self, pod: &str) -> Vec<(String, Child)> {
+        self.pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(pod)
+            .unwrap_or_default()
+    }
+}
+
+/// The program line a container runs, with the pod's environment and addresses.
+fn localize(command: &mut std::process::Command, container: &Container, pod: &Pod, ip: Ipv4Addr) {
+    let mut env = HashMap::new();
+    for var in container.env.iter().flatten() {
+        let value = match (&var.value, &var.value_from) {
+            (Some(value), _) => value.clone(),
+            (None, Some(from)) => match from.field_ref.as_ref().map(|f| f.field_path.as_str()) {
+                Some("metadata.name") => pod.name_any(),
+                Some("metadata.namespace") => pod.namespace().unwrap_or_default(),
+                Some("status.podIP") => ip.to_string(),
+                other => panic!(
+                    "the container runtime resolves values and these fieldRefs only, not {other:?} of {}",
+                    var.name
+                ),
+            },
+            (None, None) => String::new(),
+        };
+        env.insert(var.name.clone(), value);
+    }
+    // `$(VAR)` in args is expanded from the container's environment, as the kubelet does; a pod
+    // has a network namespace of its own: its loopback and wildcard are its IP here.
+    let args: Vec<String> = container
+        .args
+        .iter()
+        .flatten()
+        .map(|arg| {
+            let mut arg = arg.clone();
+            for (name, value) in &env {
+                arg = arg.replace(&format!("$({name})"), value);
+            }
+            arg.replace("0.0.0.0:", &format!("{ip}:"))
+                .replace("127.0.0.1:", &format!("{ip}:"))
+        })
+        .collect();
+    command.args(args).envs(env);
+}
+
+fn port_of(action: &HTTPGetAction, container: &Container) -> Option<i32> {
+    match &action.port {
+        IntOrString::Int(port) => Some(*port),
+        IntOrString::String(name) => container
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(name))
+            .map(|p| p.container_port),
+    }
+}
+
+/// An HTTP GET to the pod, as the kubelet's probes and hooks make; the status code.
+async fn http_get(ip: Ipv4Addr, port: i32, path: &str, timeout: Duration) -> Option<u16> {
+    let attempt = async {
+        let port = u16::try_from(port).ok()?;
+        let mut stream = tokio::net::TcpStream::connect((ip, port)).await.ok()?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.ok()?;
+        let head = String::from_utf8_lossy(&answer);
+        head.split_whitespace().nth(1)?.parse().ok()
+    };
+    tokio::time::timeout(timeout, attempt).await.ok().flatten()
+}
+
+#[async_trait]
+impl PodRuntime for LocalContainers {
+    async fn start(&self, pod: &Pod, ip: Ipv4Addr) {
+        let mut processes = Vec::new();
+        for container in pod.spec.iter().flat_map(|s| s.containers.iter()) {
+            let Some(mut command) = (self.images)(container, ip) else {
+                return;
+            };
+            localize(&mut command, container, pod, ip);
+            command.stdin(Stdio::null());
+            super::die_with_parent(&mut command);
+            let child = Command::from(command)
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap_or_else(|e| panic!("start container {}: {e}", container.name));
+            processes.push((container.name.clone(), child));
+        }
+        self.pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(pod.name_any(), processes);
+    }
+
+    /// Ready when every container's readiness probe (an `httpGet`) answers 2xx, and a container
+    /// without one has a process running.
+    async fn ready(&self, pod: &Pod, ip: Ipv4Addr) -> bool {
+        if !self
+            .pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&pod.name_any())
+        {
+            return false;
+        }
+        for container in pod.spec.iter().flat_map(|s| s.containers.iter()) {
+            let Some(get) = container
+                .readiness_probe
+                .as_ref()
+                .and_then(|p| p.http_get.as_ref())
+            else {
+                continue;
+            };
+            let Some(port) = port_of(get, container) else {
+                return false;
+            };
+            let path = get.path.as_deref().unwrap_or("/");
+            if !http_get(ip, port, path, Duration::from_secs(1))
+                .await
+                .is_some_and(|status| (200..300).contains(&status))
+            {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Every container's `httpGet` preStop hook, at once; returns when all have answered.
+    async fn pre_stop(&self, pod: &Pod, ip: Ipv4Addr) {
+        let hooks = pod
+            .spec
+            .iter()
+            .flat_map(|s| s.containers.iter())
+            .filter_map(|c| {
+                let get = c.lifecycle.as_ref()?.pre_stop.as_ref()?.http_get.as_ref()?;
+                Some((port_of(get, c)?, get.path.clone().unwrap_or_default()))
+            });
+        let calls = hooks.map(|(port, path)| async move {
+            http_get(ip, port, &path, Duration::from_secs(120)).await
+        });
+        futures::future::join_all(calls).await;
+    }
+
+    /// SIGTERM to every container at once, SIGKILL to what still runs after `grace`.
+    async fn stop(&self, pod: &Pod, _ip: Ipv4Addr, grace: Duration) {
+        let processes = self.take(&pod.name_any());
+        let stops = processes.into_iter().map(|(_, mut child)| async move {
+            if let Some(pid) = child.id() {
+                // SAFETY: signalling a child of ours that has not been reaped.
+                unsafe {
+                    libc::kill(pid as i32, libc::SIGTERM);
+                }
+            }
+            if tokio::time::timeout(grace, child.wait()).await.is_err() {
+                let _ = child.kill().await;
+            }
+        });
+        futures::future::join_all(stops).await;
+    }
+}
