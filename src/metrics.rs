@@ -73,6 +73,7 @@ pub struct Metrics {
     drains: Family<DrainLabels, Counter>,
     rehydrations: Family<PolicyLabels, Counter>,
     lost: Family<PolicyLabels, Counter>,
+    redis_up: Family<PolicyLabels, Gauge>,
     /// The store tallies last added to the counters, per policy.
     tallies_seen: Mutex<BTreeMap<PolicyKey, crate::store::Tallies>>,
     /// Pods with a series, per policy, so that series of vanished pods can be removed.
@@ -151,11 +152,18 @@ impl Default for Metrics {
             "Sessions a client came back for and could not get",
             lost.clone(),
         );
+        let redis_up = Family::<PolicyLabels, Gauge>::default();
+        registry.register(
+            "mcp_session_redis_up",
+            "Whether the policy's Redis answered at the last reconcile (1) or not (0)",
+            redis_up.clone(),
+        );
         Self {
             registry,
             drains,
             rehydrations,
             lost,
+            redis_up,
             tallies_seen: Mutex::new(BTreeMap::new()),
             webhook_requests,
             webhook_duration,
@@ -285,6 +293,23 @@ impl Metrics {
         *entry = current;
     }
 
+    /// Whether the policy's Redis answered; `None`: the policy has no usable Redis target (an
+    /// invalid policy, a missing Secret), which is not an outage.
+    pub fn set_redis_up(&self, namespace: &str, policy: &str, up: Option<bool>) {
+        let labels = PolicyLabels {
+            namespace: namespace.into(),
+            policy: policy.into(),
+        };
+        match up {
+            Some(up) => {
+                self.redis_up.get_or_create(&labels).set(i64::from(up));
+            }
+            None => {
+                self.redis_up.remove(&labels);
+            }
+        }
+    }
+
     /// Removes every series of a deleted policy.
     pub fn forget_policy(&self, namespace: &str, policy: &str) {
         for state in ["active", "draining"] {
@@ -307,6 +332,7 @@ impl Metrics {
         };
         self.rehydrations.remove(&labels);
         self.lost.remove(&labels);
+        self.redis_up.remove(&labels);
         self.tallies_seen
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -413,6 +413,12 @@ async fn reconcile(policy: Arc<McpSessionPolicy>, ctx: Arc<Context>) -> Result<A
         }
         Err(problem) => (Err(problem), 0, None),
     };
+    let redis_up = match &counts {
+        Ok(_) => Some(true),
+        Err(Problem::RedisUnreachable(_) | Problem::RedisError(_)) => Some(false),
+        Err(_) => None,
+    };
+    ctx.metrics.set_redis_up(&namespace, &name, redis_up);
     let mut pod_names: Vec<String> = selected.iter().map(|p| p.name_any()).collect();
     pod_names.sort();
     let pod_sessions: Vec<(String, u64)> = match &counts {

@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::core::GroupVersionKind;
 use kube::{Client, Config};
 
 use super::{die_with_parent, free_port, require_program};
@@ -347,6 +348,31 @@ impl Drop for TestNamespace {
             });
         }
     }
+}
+
+/// Server-side applies an object of any kind (namespaced ones in their `metadata.namespace`),
+/// or with `dry_run` has the apiserver validate and admit it without storing it.
+pub async fn apply_object(
+    client: &Client,
+    object: &DynamicObject,
+    dry_run: bool,
+) -> kube::Result<()> {
+    let types = object.types.clone().unwrap_or_default();
+    let (group, version) = types
+        .api_version
+        .split_once('/')
+        .unwrap_or(("", &types.api_version));
+    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, &types.kind));
+    let api: Api<DynamicObject> = match object.metadata.namespace.as_deref() {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+        None => Api::all_with(client.clone(), &resource),
+    };
+    let mut params = PatchParams::apply("tests").force();
+    params.dry_run = dry_run;
+    let name = object.metadata.name.clone().unwrap_or_default();
+    api.patch(&name, &params, &Patch::Apply(object))
+        .await
+        .map(drop)
 }
 
 /// Polls `condition` every 100 ms until it holds; panics naming `what` after `timeout`.

@@ -6,11 +6,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use kube::Client;
-use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+use kube::api::{Api, ApiResource, DynamicObject};
 use kube::core::GroupVersionKind;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use super::control_plane::{ControlPlane, apply_crd};
+use super::control_plane::{ControlPlane, apply_crd, apply_object};
 use super::{die_with_parent, free_port};
 
 /// Installs the CRD (server-side apply, idempotent) and waits until it is served.
@@ -38,25 +38,9 @@ pub async fn operator_kubeconfig(
                 .replace("namespace: mcp-system", &format!("namespace: {namespace}"))
                 .replace("kind: ClusterRoleBinding\nmetadata:\n  name: mcp-session-operator", &format!("kind: ClusterRoleBinding\nmetadata:\n  name: mcp-session-operator-{namespace}"));
             let object: DynamicObject = serde_yaml::from_str(&text).expect("RBAC object");
-            let types = object.types.clone().expect("types");
-            let (group, version) = types
-                .api_version
-                .split_once('/')
-                .unwrap_or(("", &types.api_version));
-            let resource =
-                ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, &types.kind));
-            let api: Api<DynamicObject> = match object.metadata.namespace.as_deref() {
-                Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
-                None => Api::all_with(client.clone(), &resource),
-            };
-            let name = object.metadata.name.clone().expect("name");
-            api.patch(
-                &name,
-                &PatchParams::apply("tests").force(),
-                &Patch::Apply(&object),
-            )
-            .await
-            .expect("apply RBAC");
+            apply_object(client, &object, false)
+                .await
+                .expect("apply RBAC");
         }
     }
     let token = plane.token_for(namespace, "mcp-session-operator").await;

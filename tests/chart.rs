@@ -1,0 +1,382 @@
+//! The Helm chart, rendered by the real Helm library (Helm v4's Go SDK through helm-python-sdk,
+//! tests/chart/helm.py) and installed on the 1.20 test bed: the manifests the apiserver accepts,
+//! the service account it creates running the operator, and what that account may and may not do.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Duration;
+
+use k8s_openapi::api::authorization::v1::SubjectAccessReview;
+use kube::Client;
+use kube::api::{Api, DynamicObject, PostParams};
+use serde_json::{Value, json};
+use support::control_plane::{apply_object, control_plane, wait_for};
+use support::operator::Operator;
+use support::redis::RedisServer;
+
+const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/mcp-session-operator");
+
+/// Every option switched on.
+fn all_options() -> Value {
+    json!({
+        "webhook": {"certManager": {"enabled": true}},
+        "metrics": {"serviceMonitor": {"enabled": true, "labels": {"release": "prometheus"}},
+                    "prometheusRule": {"enabled": true}},
+        "networkPolicy": {"enabled": true, "metricsFrom": ["monitoring"]},
+        "redis": {"enabled": true},
+        "watchNamespace": "prod",
+        "podLabels": {"team": "mcp"},
+        "podAnnotations": {"example.com/owner": "mcp"},
+        "tolerations": [{"key": "dedicated", "operator": "Exists"}],
+        "priorityClassName": "system-cluster-critical",
+        "proxy": {"image": "registry.example/mcp-session-operator:0.1.0", "sidecar": "classic"},
+    })
+}
+
+fn helm(command: &str, values: &Value, extra: &[&str]) -> Value {
+    let python = std::env::var("MCP_TEST_PYTHON")
+        .unwrap_or_else(|_| panic!("MCP_TEST_PYTHON is not set: run scripts/test.sh"));
+    let output = Command::new(python)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/chart/helm.py"))
+        .args([command, CHART, &values.to_string()])
+        .args(extra)
+        .output()
+        .expect("run the Helm library");
+    assert!(
+        output.status.success(),
+        "helm.py {command}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("JSON from helm.py")
+}
+
+/// The rendered objects of the chart, template by template; panics with Helm's message if it
+/// does not render.
+fn render(values: &Value, namespace: &str) -> Vec<DynamicObject> {
+    let rendered = helm("render", values, &["mso", namespace]);
+    assert!(rendered.get("error").is_none(), "{rendered}");
+    let manifests: BTreeMap<String, String> =
+        serde_json::from_value(rendered).expect("path -> manifest");
+    let mut objects = Vec::new();
+    for (path, manifest) in manifests {
+        if path.ends_with("NOTES.txt") {
+            assert!(
+                manifest.contains("kubectl get mcpsessionpolicies"),
+                "{manifest}"
+            );
+            continue;
+        }
+        for document in manifest.split("\n---") {
+            let yaml: serde_yaml::Value = serde_yaml::from_str(document)
+                .unwrap_or_else(|e| panic!("{path} is not YAML: {e}\n{document}"));
+            if yaml.is_null() {
+                continue;
+            }
+            let object: DynamicObject = serde_yaml::from_value(yaml)
+                .unwrap_or_else(|e| panic!("{path} is not an object: {e}\n{document}"));
+            assert!(
+                object.types.is_some() && object.metadata.name.is_some(),
+                "{path}: apiVersion, kind and name: {document}"
+            );
+            objects.push(object);
+        }
+    }
+    objects
+}
+
+fn kinds(objects: &[DynamicObject]) -> Vec<String> {
+    let mut kinds: Vec<String> = objects
+        .iter()
+        .filter_map(|o| o.types.as_ref().map(|t| t.kind.clone()))
+        .collect();
+    kinds.sort();
+    kinds
+}
+
+fn find<'a>(objects: &'a [DynamicObject], kind: &str) -> &'a DynamicObject {
+    objects
+        .iter()
+        .find(|o| o.types.as_ref().is_some_and(|t| t.kind == kind))
+        .unwrap_or_else(|| panic!("no {kind} rendered"))
+}
+
+#[test]
+fn the_chart_renders_lints_and_keeps_the_crd_and_rbac_of_the_repository() {
+    let defaults = render(&json!({}), "mcp-system");
+    assert_eq!(
+        kinds(&defaults),
+        [
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Deployment",
+            "PodDisruptionBudget",
+            "Role",
+            "RoleBinding",
+            "Service",
+            "Service",
+            "ServiceAccount"
+        ]
+    );
+    let deployment = &find(&defaults, "Deployment").data["spec"];
+    assert_eq!(deployment["replicas"], 2);
+    let pod = &deployment["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    let container = &pod["containers"][0];
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(
+        container["securityContext"]["allowPrivilegeEscalation"],
+        false
+    );
+    assert_eq!(
+        container["securityContext"]["capabilities"]["drop"],
+        json!(["ALL"])
+    );
+    assert!(container["livenessProbe"].is_object() && container["readinessProbe"].is_object());
+    assert_eq!(
+        deployment["template"]["metadata"]["labels"]["mcpsession.dev/inject"], "false",
+        "the operator's pods opt out of its own webhook"
+    );
+
+    let everything = render(&all_options(), "mcp-system");
+    for kind in [
+        "Certificate",
+        "Issuer",
+        "ServiceMonitor",
+        "PrometheusRule",
+        "NetworkPolicy",
+        "ConfigMap",
+    ] {
+        find(&everything, kind);
+    }
+    let args =
+        find(&everything, "Deployment").data["spec"]["template"]["spec"]["containers"][0]["args"]
+            .to_string();
+    for flag in [
+        "--tls-cert-file=",
+        "--watch-namespace=prod",
+        "--sidecar=classic",
+    ] {
+        assert!(args.contains(flag), "{flag} in {args}");
+    }
+    let redis_conf = find(&everything, "ConfigMap").data["data"]["redis.conf"].to_string();
+    assert!(
+        redis_conf.contains("maxmemory-policy volatile-lru"),
+        "{redis_conf}"
+    );
+
+    for values in [json!({}), all_options()] {
+        let report = helm("lint", &values, &[]);
+        assert_eq!(report["errors"], json!([]), "helm lint --strict: {report}");
+    }
+
+    // The chart's CRD is the repository's (generated by `mcp-session-operator crd`).
+    assert_eq!(
+        std::fs::read_to_string(format!("{CHART}/crds/mcpsessionpolicies.yaml"))
+            .expect("chart CRD"),
+        include_str!("../crds/mcpsessionpolicies.yaml"),
+        "charts/mcp-session-operator/crds/ drifted from crds/: copy crds/mcpsessionpolicies.yaml"
+    );
+    // Its RBAC is config/rbac/'s, rule for rule.
+    let repository: Vec<DynamicObject> = include_str!("../config/rbac/role.yaml")
+        .split("\n---\n")
+        .map(|d| serde_yaml::from_str(d).expect("RBAC object"))
+        .collect();
+    for kind in ["ClusterRole", "Role"] {
+        let rules = |objects: &[DynamicObject]| {
+            let mut rules = find(objects, kind).data["rules"].clone();
+            // The chart names the Secret after its release; config/rbac/ after the default.
+            for rule in rules.as_array_mut().into_iter().flatten() {
+                if let Some(names) = rule.get_mut("resourceNames")
+                    && names.to_string().contains("-webhook-tls")
+                {
+                    *names = json!(["<webhook-tls>"]);
+                }
+            }
+            rules
+        };
+        assert_eq!(
+            rules(&defaults),
+            rules(&repository),
+            "{kind} rules drifted from config/rbac/"
+        );
+    }
+}
+
+#[test]
+fn bad_values_are_refused_by_the_schema_with_the_key_named() {
+    for (values, expected) in [
+        (json!({"replicaCount": "two"}), "/replicaCount"),
+        (json!({"replicas": 2}), "'replicas' not allowed"),
+        (
+            json!({"redis": {"enabled": true, "maxmemoryPolicy": "allkeys-lru"}}),
+            "/redis/maxmemoryPolicy",
+        ),
+        (json!({"webhook": {"port": 70000}}), "/webhook/port"),
+        (
+            json!({"image": {"pullPolicy": "Sometimes"}}),
+            "/image/pullPolicy",
+        ),
+        (
+            json!({"metrics": {"serviceMonitor": {"enabled": "yes"}}}),
+            "/metrics/serviceMonitor/enabled",
+        ),
+    ] {
+        let answer = helm("schema", &values, &[]);
+        let error = answer["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{values} accepted"));
+        assert!(error.contains(expected), "{values}: {error}");
+        // The same values fail a render (an install) too.
+        let rendered = helm("render", &values, &["mso", "mcp-system"]);
+        assert!(rendered.get("error").is_some(), "{values} rendered");
+    }
+    assert_eq!(helm("schema", &all_options(), &[]), json!({}));
+}
+
+async fn can(client: &Client, user: &str, attributes: Value) -> bool {
+    let review: SubjectAccessReview = serde_json::from_value(json!({
+        "spec": {"user": user, "groups": ["system:serviceaccounts", "system:authenticated"],
+                 "resourceAttributes": attributes}
+    }))
+    .expect("review");
+    let reviews: Api<SubjectAccessReview> = Api::all(client.clone());
+    reviews
+        .create(&PostParams::default(), &review)
+        .await
+        .expect("SubjectAccessReview")
+        .status
+        .is_some_and(|s| s.allowed)
+}
+
+/// The chart as `helm install` would apply it to the 1.20 test bed (server-side dry run of
+/// every object first, then for real), its service account's token running the operator
+/// binary (outside the cluster: there is no kubelet), a policy reconciled with that account,
+/// and SubjectAccessReviews of what the account may do (`kubectl auth can-i --as=...`).
+#[tokio::test]
+async fn the_chart_installs_and_its_service_account_runs_the_operator_and_nothing_more() {
+    let plane = control_plane();
+    let release_ns = plane.namespace("chart").await;
+    let workloads = plane.namespace("chart-apps").await;
+    let client = &release_ns.client;
+    support::operator::install_crd(client).await;
+    // 1.20 serves PodDisruptionBudget as policy/v1beta1 only; `helm install` would see that,
+    // an offline render cannot: the value says so, as a user of `helm template` would.
+    let values = json!({"podDisruptionBudget": {"apiVersion": "policy/v1beta1"}, "redis": {"enabled": true}});
+    let objects = render(&values, &release_ns.name);
+    for dry_run in [true, false] {
+        for object in &objects {
+            apply_object(client, object, dry_run)
+                .await
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "{} {:?} refused (dry run: {dry_run}): {e}",
+                        object.types.as_ref().map_or("", |t| t.kind.as_str()),
+                        object.metadata.name
+                    )
+                });
+        }
+    }
+
+    let account = "mso-mcp-session-operator";
+    let user = format!("system:serviceaccount:{}:{account}", release_ns.name);
+    let in_ns = |ns: &str, verb: &str, group: &str, resource: &str| json!({"namespace": ns, "verb": verb, "group": group, "resource": resource});
+    let (release, apps) = (release_ns.name.as_str(), workloads.name.as_str());
+    for (allowed, attributes) in [
+        (true, in_ns(apps, "watch", "", "pods")),
+        (true, in_ns(apps, "patch", "", "pods")),
+        (true, in_ns(apps, "patch", "apps", "deployments")),
+        (
+            true,
+            in_ns(apps, "patch", "mcpsession.dev", "mcpsessionpolicies/status"),
+        ),
+        (
+            true,
+            in_ns(release, "update", "coordination.k8s.io", "leases"),
+        ),
+        (false, in_ns(apps, "delete", "", "pods")),
+        (false, in_ns(apps, "create", "", "pods")),
+        (false, in_ns(apps, "update", "apps", "deployments")),
+        (false, in_ns(apps, "delete", "apps", "deployments")),
+        (
+            false,
+            in_ns(apps, "update", "mcpsession.dev", "mcpsessionpolicies"),
+        ),
+        (
+            false,
+            in_ns(apps, "update", "coordination.k8s.io", "leases"),
+        ),
+        (false, in_ns(apps, "create", "", "secrets")),
+        (false, in_ns(apps, "update", "", "secrets")),
+        (false, in_ns(release, "delete", "", "secrets")),
+        (
+            false,
+            json!({"namespace": release, "verb": "update", "resource": "secrets", "name": "someone-elses"}),
+        ),
+        (
+            true,
+            json!({"namespace": release, "verb": "update", "resource": "secrets", "name": "mso-mcp-session-operator-webhook-tls"}),
+        ),
+        (
+            false,
+            json!({"verb": "create", "group": "rbac.authorization.k8s.io", "resource": "clusterrolebindings"}),
+        ),
+        (
+            false,
+            json!({"verb": "delete", "group": "admissionregistration.k8s.io", "resource": "mutatingwebhookconfigurations", "name": "mcp-session-operator"}),
+        ),
+        (
+            false,
+            json!({"verb": "patch", "group": "admissionregistration.k8s.io", "resource": "mutatingwebhookconfigurations", "name": "someone-elses"}),
+        ),
+    ] {
+        assert_eq!(
+            can(client, &user, attributes.clone()).await,
+            allowed,
+            "can-i {attributes}"
+        );
+    }
+
+    // The operator with nothing but the chart's account.
+    let token = plane.token_for(release, account).await;
+    let kubeconfig = plane.dir.join(format!("kubeconfig-chart-{release}"));
+    plane.write_kubeconfig(&kubeconfig, &token);
+    let redis = RedisServer::start();
+    let operator = Operator::start(&kubeconfig, release, Some(apps), "op-chart");
+    let policy: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "mcpsession.dev/v1alpha1", "kind": "McpSessionPolicy",
+        "metadata": {"name": "api", "namespace": apps},
+        "spec": {"selector": {"matchLabels": {"app": "api"}}, "redis": {"url": redis.url()}},
+    }))
+    .expect("policy");
+    apply_object(client, &policy, false)
+        .await
+        .expect("apply the policy");
+    let resource =
+        kube::api::ApiResource::erase::<mcp_session_operator::api::McpSessionPolicy>(&());
+    let policies: Api<DynamicObject> = Api::namespaced_with(client.clone(), apps, &resource);
+    wait_for(
+        Duration::from_secs(60),
+        "the policy reconciled by the chart's account",
+        || async {
+            policies.get("api").await.is_ok_and(|p| {
+                p.data["status"]["conditions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            })
+        },
+    )
+    .await;
+    let log = std::fs::read_to_string(&operator.log).unwrap_or_default();
+    assert!(
+        !log.contains("403") && !log.to_lowercase().contains("forbidden"),
+        "{log}"
+    );
+}
