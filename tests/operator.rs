@@ -492,6 +492,14 @@ async fn a_redis_outage_is_a_condition_and_events_and_the_operator_keeps_running
         events(&ns.client, &ns.name, "RedisUnreachable").await == 1
     })
     .await;
+    let redis_up = |value: u8| {
+        format!(
+            r#"mcp_session_redis_up{{namespace="{}",policy="p"}} {value}"#,
+            ns.name
+        )
+    };
+    let (_, metrics) = operator.get("/metrics").await.expect("metrics");
+    assert!(metrics.contains(&redis_up(0)), "{metrics}");
 
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
@@ -509,6 +517,8 @@ async fn a_redis_outage_is_a_condition_and_events_and_the_operator_keeps_running
         events(&ns.client, &ns.name, "RedisReachable").await == 1
     })
     .await;
+    let (_, metrics) = operator.get("/metrics").await.expect("metrics");
+    assert!(metrics.contains(&redis_up(1)), "{metrics}");
     assert!(
         operator.is_running(),
         "the operator never exits: {}",

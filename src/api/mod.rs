@@ -39,10 +39,13 @@ pub struct McpSessionPolicySpec {
     pub ttl_seconds: i64,
     /// Where sessions are stored.
     pub redis: RedisSpec,
+    /// How a stopping pod hands its sessions over (docs/rollouts.md).
     #[serde(default)]
     pub drain: DrainSpec,
+    /// The session proxy the webhook injects into selected pods.
     #[serde(default)]
     pub injection: InjectionSpec,
+    /// The rollout guard.
     #[serde(default)]
     pub rollout: RolloutSpec,
 }
@@ -89,8 +92,10 @@ pub enum CountBy {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct SecretKeyRef {
+    /// The Secret's name.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
+    /// The key whose value is the Redis URL.
     #[schemars(length(min = 1, max = 253))]
     pub key: String,
 }
@@ -155,7 +160,7 @@ impl Default for InjectionSpec {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RolloutSpec {
-    /// Pause a rollout that loses more sessions than this.
+    /// Pause a rollout (`spec.paused` of its Deployment) that loses more sessions than this.
     #[serde(default)]
     #[schemars(range(min = 0))]
     pub max_lost_sessions: i64,
