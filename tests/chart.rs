@@ -283,6 +283,23 @@ async fn the_chart_installs_and_its_service_account_runs_the_operator_and_nothin
         }
     }
 
+    // The examples are accepted as they are (in this test's namespace).
+    for example in [
+        include_str!("../examples/intracker-backend.yaml"),
+        include_str!("../examples/policy.yaml"),
+        include_str!("../examples/seed-only-policy.yaml"),
+    ] {
+        for document in example.split("\n---\n") {
+            let text =
+                document.replace("namespace: prod", &format!("namespace: {}", workloads.name));
+            let mut object: DynamicObject = serde_yaml::from_str(&text).expect("example object");
+            object.metadata.namespace = Some(workloads.name.clone());
+            apply_object(client, &object, true)
+                .await
+                .unwrap_or_else(|e| panic!("example refused: {e}\n{text}"));
+        }
+    }
+
     let account = "mso-mcp-session-operator";
     let user = format!("system:serviceaccount:{}:{account}", release_ns.name);
     let in_ns = |ns: &str, verb: &str, group: &str, resource: &str| json!({"namespace": ns, "verb": verb, "group": group, "resource": resource});

@@ -230,3 +230,69 @@ fn the_configuration_reference_is_generated_from_the_crd_and_the_chart() {
         "docs/configuration.md is out of date: MCP_UPDATE_REFERENCE=1 cargo test --test reference"
     );
 }
+
+/// Metric families the binary registers, read from the registrations in the source.
+fn registered_metrics() -> Vec<String> {
+    let mut names = Vec::new();
+    for source in [
+        include_str!("../src/metrics.rs"),
+        include_str!("../src/proxy/metrics.rs"),
+    ] {
+        let mut lines = source.lines();
+        while let Some(line) = lines.next() {
+            if line.trim_end().ends_with("registry.register(")
+                && let Some(name) = lines.next()
+            {
+                names.push(
+                    name.trim()
+                        .trim_end_matches(',')
+                        .trim_matches('"')
+                        .to_owned(),
+                );
+            }
+        }
+    }
+    names
+}
+
+/// Every metric the Grafana dashboard and the chart's alerts query is one the binary exports
+/// (a counter's `_total`, a histogram's `_bucket`, `_sum`, `_count`).
+#[test]
+fn the_dashboard_and_the_alerts_query_metrics_that_exist() {
+    let registered = registered_metrics();
+    assert!(registered.len() > 20, "{registered:?}");
+    let exists = |name: &str| {
+        registered.iter().any(|family| {
+            ["", "_total", "_bucket", "_sum", "_count"]
+                .iter()
+                .any(|suffix| name == format!("{family}{suffix}"))
+        })
+    };
+    let dashboard = include_str!("../docs/grafana-dashboard.json");
+    let dashboard_json: serde_json::Value =
+        serde_json::from_str(dashboard).expect("the dashboard is JSON");
+    assert!(
+        dashboard_json["panels"]
+            .as_array()
+            .is_some_and(|p| !p.is_empty())
+    );
+    let alerts = include_str!("../charts/mcp-session-operator/templates/prometheusrule.yaml");
+    for (file, text) in [
+        ("docs/grafana-dashboard.json", dashboard),
+        ("prometheusrule.yaml", alerts),
+    ] {
+        let mut queried = 0;
+        for (at, _) in text.match_indices("mcp_") {
+            let name: String = text[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            queried += 1;
+            assert!(
+                exists(&name),
+                "{file} queries {name}, which is not exported: {registered:?}"
+            );
+        }
+        assert!(queried > 0, "{file} queries no metric");
+    }
+}
