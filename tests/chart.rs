@@ -111,12 +111,14 @@ fn the_chart_renders_lints_and_keeps_the_crd_and_rbac_of_the_repository() {
             "ClusterRole",
             "ClusterRoleBinding",
             "Deployment",
+            "MutatingWebhookConfiguration",
             "PodDisruptionBudget",
             "Role",
             "RoleBinding",
             "Service",
             "Service",
-            "ServiceAccount"
+            "ServiceAccount",
+            "ValidatingWebhookConfiguration"
         ]
     );
     let deployment = &find(&defaults, "Deployment").data["spec"];
@@ -267,8 +269,32 @@ async fn the_chart_installs_and_its_service_account_runs_the_operator_and_nothin
     support::operator::install_crd(client).await;
     // 1.20 serves PodDisruptionBudget as policy/v1beta1 only; `helm install` would see that,
     // an offline render cannot: the value says so, as a user of `helm template` would.
-    let values = json!({"podDisruptionBudget": {"apiVersion": "policy/v1beta1"}, "redis": {"enabled": true}});
+    // The operator runs outside the cluster here (no kubelet): the apiserver calls it at a
+    // loopback URL, which the chart's webhook configurations name.
+    let port = support::free_port();
+    let values = json!({"podDisruptionBudget": {"apiVersion": "policy/v1beta1"}, "redis": {"enabled": true},
+                        "webhook": {"url": format!("https://127.0.0.1:{port}")}});
     let objects = render(&values, &release_ns.name);
+    // Every option on: what the test bed can check (it has no cert-manager nor
+    // prometheus-operator CRDs), server-side dry run.
+    let mut everything = all_options();
+    everything["podDisruptionBudget"] = json!({"apiVersion": "policy/v1beta1"});
+    for object in render(&everything, &release_ns.name) {
+        let api_version = object.types.as_ref().map_or("", |t| t.api_version.as_str());
+        if api_version.starts_with("cert-manager.io/")
+            || api_version.starts_with("monitoring.coreos.com/")
+        {
+            continue;
+        }
+        apply_object(client, &object, true)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{api_version} {:?} refused (every option): {e}",
+                    object.metadata.name
+                )
+            });
+    }
     for dry_run in [true, false] {
         for object in &objects {
             apply_object(client, object, dry_run)
@@ -280,23 +306,6 @@ async fn the_chart_installs_and_its_service_account_runs_the_operator_and_nothin
                         object.metadata.name
                     )
                 });
-        }
-    }
-
-    // The examples are accepted as they are (in this test's namespace).
-    for example in [
-        include_str!("../examples/intracker-backend.yaml"),
-        include_str!("../examples/policy.yaml"),
-        include_str!("../examples/seed-only-policy.yaml"),
-    ] {
-        for document in example.split("\n---\n") {
-            let text =
-                document.replace("namespace: prod", &format!("namespace: {}", workloads.name));
-            let mut object: DynamicObject = serde_yaml::from_str(&text).expect("example object");
-            object.metadata.namespace = Some(workloads.name.clone());
-            apply_object(client, &object, true)
-                .await
-                .unwrap_or_else(|e| panic!("example refused: {e}\n{text}"));
         }
     }
 
@@ -364,7 +373,65 @@ async fn the_chart_installs_and_its_service_account_runs_the_operator_and_nothin
     let kubeconfig = plane.dir.join(format!("kubeconfig-chart-{release}"));
     plane.write_kubeconfig(&kubeconfig, &token);
     let redis = RedisServer::start();
-    let operator = Operator::start(&kubeconfig, release, Some(apps), "op-chart");
+    // The Service name is the chart's, so the certificate Secret is the one its Role names.
+    let operator = Operator::start_with_webhook(
+        &kubeconfig,
+        release,
+        apps,
+        "op-chart",
+        port,
+        &["--webhook-service", "mso-mcp-session-operator-webhook"],
+    );
+    support::operator::wait_webhook_ready(client, port).await;
+    // The operator took over the chart's webhook configurations: what it applies is what the
+    // chart rendered, but for where the apiserver calls and the caBundle it keeps.
+    for kind in [
+        "MutatingWebhookConfiguration",
+        "ValidatingWebhookConfiguration",
+    ] {
+        let resource = kube::api::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
+            "admissionregistration.k8s.io",
+            "v1",
+            kind,
+        ));
+        let live = Api::<DynamicObject>::all_with(client.clone(), &resource)
+            .get("mcp-session-operator")
+            .await
+            .expect("webhook configuration");
+        let essentials = |object: &DynamicObject| {
+            let mut webhook = object.data["webhooks"][0].clone();
+            if let Some(fields) = webhook.as_object_mut() {
+                fields.remove("clientConfig");
+                // Defaulted by the apiserver: the match policy, empty selectors.
+                fields.remove("matchPolicy");
+                fields.retain(|_, value| value != &json!({}));
+            }
+            webhook
+        };
+        assert_eq!(
+            essentials(&live),
+            essentials(find(&objects, kind)),
+            "{kind}: the chart drifted from src/webhook/configuration.rs"
+        );
+    }
+    // The examples are accepted as they are (in this test's namespace), the policies by the
+    // operator's validating webhook too.
+    for example in [
+        include_str!("../examples/intracker-backend.yaml"),
+        include_str!("../examples/policy.yaml"),
+        include_str!("../examples/seed-only-policy.yaml"),
+    ] {
+        for document in example.split("\n---\n") {
+            let text =
+                document.replace("namespace: prod", &format!("namespace: {}", workloads.name));
+            let mut object: DynamicObject = serde_yaml::from_str(&text).expect("example object");
+            object.metadata.namespace = Some(workloads.name.clone());
+            apply_object(client, &object, true)
+                .await
+                .unwrap_or_else(|e| panic!("example refused: {e}\n{text}"));
+        }
+    }
+
     let policy: DynamicObject = serde_json::from_value(json!({
         "apiVersion": "mcpsession.dev/v1alpha1", "kind": "McpSessionPolicy",
         "metadata": {"name": "api", "namespace": apps},
