@@ -98,24 +98,7 @@ async fn status_until(
     what: &str,
     check: impl Fn(&McpSessionPolicyStatus) -> bool,
 ) -> McpSessionPolicyStatus {
-    let api: Api<McpSessionPolicy> = Api::namespaced(client.clone(), namespace);
-    let mut last = None;
-    let deadline = std::time::Instant::now() + TIMEOUT;
-    loop {
-        if let Ok(policy) = api.get(name).await
-            && let Some(status) = policy.status
-        {
-            if check(&status) {
-                return status;
-            }
-            last = Some(status);
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}; last status: {last:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    support::operator::status_until(client, namespace, name, what, TIMEOUT, check).await
 }
 
 fn condition<'a>(status: &'a McpSessionPolicyStatus, type_: &str) -> (&'a str, &'a str) {

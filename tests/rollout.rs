@@ -205,25 +205,9 @@ impl Bed {
         what: &str,
         check: impl Fn(&McpSessionPolicyStatus) -> bool,
     ) -> McpSessionPolicyStatus {
-        let api: Api<McpSessionPolicy> = Api::namespaced(self.client().clone(), &self.ns.name);
-        let deadline = std::time::Instant::now() + TIMEOUT;
-        let mut last = None;
-        loop {
-            if let Ok(policy) = api.get(APP).await
-                && let Some(status) = policy.status
-            {
-                if check(&status) {
-                    return status;
-                }
-                last = Some(status);
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "timed out waiting for {what}; last status: {last:#?}\noperator log: {}",
-                self.operator.log.display()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        eprintln!("operator log: {}", self.operator.log.display());
+        support::operator::status_until(self.client(), &self.ns.name, APP, what, TIMEOUT, check)
+            .await
     }
 
     /// The rollout once it finished and every session it drained is accounted for (rehydrated

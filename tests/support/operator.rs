@@ -254,3 +254,34 @@ pub async fn wait_webhook_ready(client: &Client, port: u16) {
     )
     .await;
 }
+
+/// Waits until the policy's status satisfies `check` (for up to `timeout`); returns that
+/// status, or panics with the last one seen.
+pub async fn status_until(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    what: &str,
+    timeout: Duration,
+    check: impl Fn(&mcp_session_operator::api::McpSessionPolicyStatus) -> bool,
+) -> mcp_session_operator::api::McpSessionPolicyStatus {
+    let api: Api<mcp_session_operator::api::McpSessionPolicy> =
+        Api::namespaced(client.clone(), namespace);
+    let mut last = None;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Ok(policy) = api.get(name).await
+            && let Some(status) = policy.status
+        {
+            if check(&status) {
+                return status;
+            }
+            last = Some(status);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}; last status: {last:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
