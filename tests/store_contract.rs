@@ -170,7 +170,10 @@ async fn lifecycle(store: &dyn SessionStore) {
     assert_eq!(again.record.created_at, created.record.created_at);
 
     tokio::time::sleep(Duration::from_millis(5)).await;
-    assert!(store.touch(&a, Some("pod-1")).await.unwrap().exists());
+    assert_eq!(
+        store.touch(&a, Some("pod-1")).await.unwrap(),
+        store::Touch::Active
+    );
     let touched = store.get(&a).await.unwrap().unwrap();
     assert!(touched.record.last_activity_at > created.record.last_activity_at);
     assert_eq!(touched.record.created_at, created.record.created_at);
@@ -259,6 +262,11 @@ async fn drain_and_claim(store: &dyn SessionStore) {
     let counts = store.counts().await.unwrap();
     assert_eq!((counts.total, counts.active, counts.draining), (1, 0, 1));
     assert!(!counts.per_pod.contains_key("old-pod"));
+    assert_eq!(
+        store.touch(&s, Some("new-pod")).await.unwrap(),
+        store::Touch::Draining,
+        "a touch tells a pod that serves the session that it was drained"
+    );
 
     let ClaimOutcome::Claimed(claimed) = store.claim(&s, claim("new-pod", "fp-a")).await.unwrap()
     else {

@@ -989,6 +989,11 @@ impl Proxy {
         loop {
             match self.store.get(id).await {
                 Ok(found) => return Ok(found),
+                // A record that does not parse stays what it is: no point in waiting.
+                Err(error @ StoreError::Unreadable(_)) => {
+                    warn!(session = %id, %error, "the stored session cannot be read");
+                    return Ok(None);
+                }
                 Err(error) if Instant::now() + pause >= deadline => {
                     warn!(session = %id, %error, "cannot read the session from the store");
                     return Err(Failure::Store(error));
