@@ -15,8 +15,9 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::TryStreamExt as _;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Container, Pod, Service};
+use k8s_openapi::api::core::v1::{Container, Pod, Secret, Service};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt as _};
 use mcp_session_operator::api::{McpSessionPolicy, McpSessionPolicyStatus, RolloutStatus};
@@ -121,9 +122,19 @@ impl Bed {
             "apiVersion": "mcpsession.dev/v1alpha1", "kind": "McpSessionPolicy",
             "metadata": {"name": APP},
             "spec": {"selector": {"matchLabels": {"app": APP}}, "redis": {"url": redis.url()},
-                     "drain": {"timeoutSeconds": 20}, "rollout": rollout},
+                     "drain": {"timeoutSeconds": 20}, "rollout": rollout,
+                     "injection": {"fingerprintKeySecretRef": {"name": "mcp-keys", "key": "fingerprint"}}},
         }))
         .expect("policy");
+        // The key every proxy of the policy fingerprints credentials with.
+        let keys: Secret = serde_json::from_value(json!({
+            "metadata": {"name": "mcp-keys"}, "stringData": {"fingerprint": "rollout-test-key"},
+        }))
+        .expect("secret");
+        Api::<Secret>::namespaced(ns.client.clone(), &ns.name)
+            .create(&PostParams::default(), &keys)
+            .await
+            .expect("create the key Secret");
         Api::<McpSessionPolicy>::namespaced(ns.client.clone(), &ns.name)
             .patch(
                 APP,
@@ -134,7 +145,7 @@ impl Bed {
             .expect("apply the policy");
         wait_injecting(&ns).await;
 
-        let runtime = Arc::new(LocalContainers::new(Box::new(images)));
+        let runtime = Arc::new(LocalContainers::new(Box::new(images), ns.client.clone()));
         let kubelet = KubeletStandIn::start(ns.client.clone(), &ns.name, runtime.clone()).await;
         let service: Service = serde_json::from_value(json!({
             "metadata": {"name": APP},
@@ -411,6 +422,24 @@ async fn a_rolling_update_under_50_clients_loses_no_session_and_no_call() {
     let clients = Clients::start(bed.service.port);
     bed.wait_sessions(2 * CLIENTS_PER_SDK as u64).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // Every proxy fingerprints credentials with the key from the policy's Secret.
+    let key = mcp_session_operator::proxy::Fingerprinter::new(b"rollout-test-key");
+    let expected: std::collections::BTreeSet<String> = (0..CLIENTS_PER_SDK)
+        .filter_map(|i| key.fingerprint(Some(format!("Bearer rollout-client-{i}").as_bytes())))
+        .collect();
+    let store = bed.store().await;
+    let stored: std::collections::BTreeSet<String> =
+        mcp_session_operator::store::list_all(&store, 100)
+            .try_collect::<Vec<_>>()
+            .await
+            .expect("list the sessions")
+            .into_iter()
+            .filter_map(|listed| match listed {
+                mcp_session_operator::store::Listed::Session(s) => s.record.credential_fingerprint,
+                mcp_session_operator::store::Listed::Unreadable(_) => None,
+            })
+            .collect();
+    assert_eq!(stored, expected, "fingerprints under the policy's key");
 
     bed.set_image(V2).await;
     let rollout = bed.settled_rollout().await;

@@ -141,7 +141,7 @@ async fn this_crate_reads_what_the_seed_service_writes() {
     };
     assert!(matches!(
         store.claim(&id("seed-1"), claim).await.unwrap(),
-        ClaimOutcome::Claimed(_)
+        ClaimOutcome::Claimed { .. }
     ));
     // And the seed still reads its records after this crate rewrote them.
     let back = seed_service(&redis, &["get", "seed-1"]);

@@ -268,7 +268,10 @@ async fn drain_and_claim(store: &dyn SessionStore) {
         "a touch tells a pod that serves the session that it was drained"
     );
 
-    let ClaimOutcome::Claimed(claimed) = store.claim(&s, claim("new-pod", "fp-a")).await.unwrap()
+    let ClaimOutcome::Claimed {
+        session: claimed,
+        from_draining: true,
+    } = store.claim(&s, claim("new-pod", "fp-a")).await.unwrap()
     else {
         panic!("draining session is claimable");
     };
@@ -293,6 +296,25 @@ async fn drain_and_claim(store: &dyn SessionStore) {
             .is_none()
     );
     store.delete(&s).await.unwrap();
+
+    // An unowned active session (a seed-style writer's) is claimed, but not from a drain.
+    let unowned = id("unowned");
+    let seed_style = NewSession {
+        owner_pod: None,
+        ..owned_by("-")
+    };
+    store
+        .create_or_rehydrate(&unowned, seed_style)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.claim(&unowned, claim("p", "fp-a")).await.unwrap(),
+        ClaimOutcome::Claimed {
+            from_draining: false,
+            ..
+        }
+    ));
+    store.delete(&unowned).await.unwrap();
 }
 
 async fn exactly_one_claimer_wins(store: Arc<dyn SessionStore>) {
@@ -318,16 +340,19 @@ async fn exactly_one_claimer_wins(store: Arc<dyn SessionStore>) {
         .collect();
     let winners: Vec<&ClaimOutcome> = outcomes
         .iter()
-        .filter(|o| matches!(o, ClaimOutcome::Claimed(_)))
+        .filter(|o| matches!(o, ClaimOutcome::Claimed { .. }))
         .collect();
     assert_eq!(winners.len(), 1, "{outcomes:?}");
-    let ClaimOutcome::Claimed(winner) = winners[0] else {
+    let ClaimOutcome::Claimed {
+        session: winner, ..
+    } = winners[0]
+    else {
         unreachable!()
     };
     let owner = winner.record.owner_pod.clone().unwrap();
     for outcome in &outcomes {
         match outcome {
-            ClaimOutcome::Claimed(_) => {}
+            ClaimOutcome::Claimed { .. } => {}
             ClaimOutcome::OwnedByOther { owner: o } => assert_eq!(o, &owner),
             other => panic!("unexpected {other:?}"),
         }
@@ -362,7 +387,7 @@ async fn credential_binding(store: &dyn SessionStore) {
     );
     assert!(matches!(
         store.claim(&s, claim("p2", "fp-a")).await.unwrap(),
-        ClaimOutcome::Claimed(_)
+        ClaimOutcome::Claimed { .. }
     ));
     store.delete(&s).await.unwrap();
 }
@@ -453,7 +478,7 @@ async fn expiry(store: Arc<dyn SessionStore>) {
     }
     assert!(matches!(
         store.claim(&claimed, claim("q", "fp-a")).await.unwrap(),
-        ClaimOutcome::Claimed(_)
+        ClaimOutcome::Claimed { .. }
     ));
     assert_eq!(
         store.expire_draining().await.unwrap(),

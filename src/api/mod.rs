@@ -95,7 +95,7 @@ pub struct SecretKeyRef {
     /// The Secret's name.
     #[schemars(length(min = 1, max = 253))]
     pub name: String,
-    /// The key whose value is the Redis URL.
+    /// The key in the Secret's data.
     #[schemars(length(min = 1, max = 253))]
     pub key: String,
 }
@@ -135,6 +135,12 @@ pub struct InjectionSpec {
     #[serde(default = "default_upstream_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub upstream_port: i32,
+    /// A key of a Secret in the policy's namespace holding the key the proxies fingerprint
+    /// credentials with (HMAC-SHA-256), the same for every pod of the policy. Without it the
+    /// proxies use a built-in key: sessions stay bound to credentials, but whoever can read Redis
+    /// can test guesses of a credential against its fingerprint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint_key_secret_ref: Option<SecretKeyRef>,
 }
 
 fn default_true() -> bool {
@@ -153,6 +159,7 @@ impl Default for InjectionSpec {
             enabled: true,
             proxy_port: default_proxy_port(),
             upstream_port: default_upstream_port(),
+            fingerprint_key_secret_ref: None,
         }
     }
 }

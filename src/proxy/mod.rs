@@ -47,7 +47,7 @@ use self::retry::RetryPolicy;
 use self::upstream::{Answer, Upstream, UpstreamError};
 use crate::store::{
     Claim, ClaimOutcome, DebouncedToucher, NewSession, Session, SessionId, SessionPatch,
-    SessionState, SessionStore, StoreError, Tally, Touched,
+    SessionStore, StoreError, Tally, Touched,
 };
 
 /// JSON-RPC error codes (the implementation-defined server range): the MCP server could not be
@@ -678,9 +678,11 @@ impl Proxy {
             credential_fingerprint: credential,
         };
         let outcome = match self.store.claim(id, claim).await {
-            Ok(ClaimOutcome::Claimed(_)) => {
+            Ok(ClaimOutcome::Claimed { from_draining, .. }) => {
                 info!(session = %id, "took over a drained session served here");
-                self.report(Tally::Rehydrated, 1);
+                if from_draining {
+                    self.report(Tally::Rehydrated, 1);
+                }
                 "claimed"
             }
             Ok(ClaimOutcome::CredentialMismatch) => "other_credential",
@@ -1066,9 +1068,10 @@ impl Proxy {
                 credential_fingerprint: bound.credential.clone(),
             };
             let outcome = match self.store.claim(id, claim).await {
-                Ok(ClaimOutcome::Claimed(_)) => {
-                    claimed = true;
-                    rehydrating = record.state() == SessionState::Draining;
+                Ok(ClaimOutcome::Claimed { from_draining, .. }) => {
+                    // From the claim, not the record read before it: the session may have
+                    // been drained in between.
+                    (claimed, rehydrating) = (true, from_draining);
                     "claimed"
                 }
                 Ok(ClaimOutcome::CredentialMismatch) => return unknown(Unknown::OtherCredential),

@@ -233,16 +233,12 @@ impl SessionStore for MemoryStore {
             if let Err(refused) = ClaimOutcome::decide(&record, &claim) {
                 return refused.into();
             }
-            let already_owned = ClaimOutcome::apply(&mut record, &claim, now);
+            let handover = ClaimOutcome::apply(&mut record, &claim, now);
             state.rewrite(id, record, now_ms + ttl_ms);
             let session = state
                 .session(id, now_ms)
                 .unwrap_or_else(|| unreachable!("just written"));
-            if already_owned {
-                ClaimOutcome::AlreadyOwned(session)
-            } else {
-                ClaimOutcome::Claimed(session)
-            }
+            ClaimOutcome::applied(session, handover)
         }))
     }
 

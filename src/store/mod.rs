@@ -152,8 +152,12 @@ pub struct Claim {
 /// The result of a claim; exactly one of many concurrent claimers gets `Claimed`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClaimOutcome {
-    /// The caller now owns the session (it was draining or unowned).
-    Claimed(Session),
+    /// The caller now owns the session; `from_draining`: it was draining (its pod stopped, or
+    /// it was swept), not merely unowned: a rehydration.
+    Claimed {
+        session: Session,
+        from_draining: bool,
+    },
     /// The caller owned it already.
     AlreadyOwned(Session),
     /// A live pod owns it.
@@ -204,18 +208,44 @@ impl ClaimOutcome {
         }
     }
 
-    fn apply(record: &mut SessionRecord, claim: &Claim, now: Timestamp) -> bool {
-        let already_owned = record.owner_pod.as_deref() == Some(&claim.pod)
-            && record.state() == SessionState::Active;
-        if !already_owned {
+    fn apply(record: &mut SessionRecord, claim: &Claim, now: Timestamp) -> Handover {
+        let handover = match (record.state(), record.owner_pod.as_deref()) {
+            (SessionState::Draining, _) => Handover::Drained,
+            (SessionState::Active, Some(owner)) if owner == claim.pod => Handover::AlreadyOwned,
+            (SessionState::Active, _) => Handover::Unowned,
+        };
+        if handover != Handover::AlreadyOwned {
             record.rehydrations += 1;
         }
         record.owner_pod = Some(claim.pod.clone());
         record.set_state(SessionState::Active);
         record.draining_since = None;
         record.last_activity_at = now;
-        already_owned
+        handover
     }
+
+    /// The outcome of a claim that was applied.
+    fn applied(session: Session, handover: Handover) -> Self {
+        match handover {
+            Handover::AlreadyOwned => Self::AlreadyOwned(session),
+            Handover::Unowned => Self::Claimed {
+                session,
+                from_draining: false,
+            },
+            Handover::Drained => Self::Claimed {
+                session,
+                from_draining: true,
+            },
+        }
+    }
+}
+
+/// What an applied claim took over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Handover {
+    AlreadyOwned,
+    Unowned,
+    Drained,
 }
 
 /// What a touch found.

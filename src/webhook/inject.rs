@@ -155,6 +155,10 @@ fn proxy_container(policy: &McpSessionPolicy, config: &InjectorConfig) -> Value 
     if spec.redis.cluster {
         env.push(json!({"name": "MCP_SESSION_REDIS_CLUSTER", "value": "true"}));
     }
+    if let Some(secret) = &spec.injection.fingerprint_key_secret_ref {
+        env.push(json!({"name": "MCP_SESSION_FINGERPRINT_KEY",
+            "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}}));
+    }
     let admin = config.admin_port;
     let mut container = json!({
         "name": PROXY_CONTAINER,
@@ -237,7 +241,8 @@ mod tests {
     #[test]
     fn injects_a_classic_sidecar_with_its_wiring() {
         let policy = policy(
-            json!({"redis": {"urlSecretRef": {"name": "redis-auth", "key": "url"}}, "drain": {"timeoutSeconds": 40}}),
+            json!({"redis": {"urlSecretRef": {"name": "redis-auth", "key": "url"}}, "drain": {"timeoutSeconds": 40},
+                   "injection": {"fingerprintKeySecretRef": {"name": "mcp-keys", "key": "fingerprint"}}}),
         );
         let original = pod(json!({}));
         let pod = patched(
@@ -261,6 +266,17 @@ mod tests {
             redis["valueFrom"]["secretKeyRef"],
             json!({"name": "redis-auth", "key": "url"}),
             "never the URL itself"
+        );
+        let key = env
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "MCP_SESSION_FINGERPRINT_KEY")
+            .unwrap();
+        assert_eq!(
+            key["valueFrom"]["secretKeyRef"],
+            json!({"name": "mcp-keys", "key": "fingerprint"}),
+            "the fingerprint key from its Secret, never a literal"
         );
         let security = proxy.security_context.as_ref().unwrap();
         assert_eq!(security.read_only_root_filesystem, Some(true));

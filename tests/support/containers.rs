@@ -12,9 +12,10 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use k8s_openapi::api::core::v1::{Container, HTTPGetAction, Pod};
+use k8s_openapi::api::core::v1::{Container, HTTPGetAction, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::ResourceExt as _;
+use kube::api::Api;
+use kube::{Client, ResourceExt as _};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::process::{Child, Command};
 
@@ -26,14 +27,17 @@ pub type Images = dyn Fn(&Container, Ipv4Addr) -> Option<std::process::Command> 
 
 pub struct LocalContainers {
     images: Box<Images>,
+    /// Reads the Secrets that `secretKeyRef`s name, as the kubelet does.
+    client: Client,
     /// Running processes by pod name, one per container.
     pods: Mutex<HashMap<String, Vec<(String, Child)>>>,
 }
 
 impl LocalContainers {
-    pub fn new(images: Box<Images>) -> Self {
+    pub fn new(images: Box<Images>, client: Client) -> Self {
         Self {
             images,
+            client,
             pods: Mutex::new(HashMap::new()),
         }
     }
@@ -55,18 +59,39 @@ impl LocalContainers {
     }
 }
 
-/// The program line a container runs, with the pod's environment and addresses.
-fn localize(command: &mut std::process::Command, container: &Container, pod: &Pod, ip: Ipv4Addr) {
+/// The container's environment: values, the downward API and Secret keys.
+async fn environment(
+    client: &Client,
+    container: &Container,
+    pod: &Pod,
+    ip: Ipv4Addr,
+) -> HashMap<String, String> {
     let mut env = HashMap::new();
     for var in container.env.iter().flatten() {
         let value = match (&var.value, &var.value_from) {
             (Some(value), _) => value.clone(),
+            (None, Some(from)) if from.secret_key_ref.is_some() => {
+                let reference = from.secret_key_ref.as_ref().expect("checked");
+                let secrets: Api<Secret> =
+                    Api::namespaced(client.clone(), &pod.namespace().unwrap_or_default());
+                let secret = secrets
+                    .get(&reference.name)
+                    .await
+                    .unwrap_or_else(|e| panic!("Secret {} of {}: {e}", reference.name, var.name));
+                let bytes = secret
+                    .data
+                    .and_then(|d| d.get(&reference.key).cloned())
+                    .unwrap_or_else(|| {
+                        panic!("key {} of Secret {}", reference.key, reference.name)
+                    });
+                String::from_utf8_lossy(&bytes.0).into_owned()
+            }
             (None, Some(from)) => match from.field_ref.as_ref().map(|f| f.field_path.as_str()) {
                 Some("metadata.name") => pod.name_any(),
                 Some("metadata.namespace") => pod.namespace().unwrap_or_default(),
                 Some("status.podIP") => ip.to_string(),
                 other => panic!(
-                    "the container runtime resolves values and these fieldRefs only, not {other:?} of {}",
+                    "the container runtime resolves values, Secret keys and these fieldRefs only, not {other:?} of {}",
                     var.name
                 ),
             },
@@ -74,6 +99,16 @@ fn localize(command: &mut std::process::Command, container: &Container, pod: &Po
         };
         env.insert(var.name.clone(), value);
     }
+    env
+}
+
+/// The program line a container runs, with the pod's environment and addresses.
+fn localize(
+    command: &mut std::process::Command,
+    container: &Container,
+    env: HashMap<String, String>,
+    ip: Ipv4Addr,
+) {
     // `$(VAR)` in args is expanded from the container's environment, as the kubelet does; a pod
     // has a network namespace of its own: its loopback and wildcard are its IP here.
     let args: Vec<String> = container
@@ -129,7 +164,8 @@ impl PodRuntime for LocalContainers {
             let Some(mut command) = (self.images)(container, ip) else {
                 return;
             };
-            localize(&mut command, container, pod, ip);
+            let env = environment(&self.client, container, pod, ip).await;
+            localize(&mut command, container, env, ip);
             command.stdin(Stdio::null());
             super::die_with_parent(&mut command);
             let child = Command::from(command)

@@ -776,19 +776,20 @@ impl SessionStore for RedisStore {
     #[instrument(level = "debug", skip_all, fields(session = %id, pod = %claim.pod))]
     async fn claim(&self, id: &SessionId, claim: Claim) -> Result<ClaimOutcome> {
         let now = Timestamp::now();
-        let mut already_owned = false;
+        // Set by each attempt; the written one is the last (a compare-and-set may retry on a
+        // fresh copy).
+        let mut handover = super::Handover::Unowned;
         let outcome = self
             .modify(id, TtlRule::Reset(self.ttl), |record| {
                 ClaimOutcome::decide(record, &claim)?;
-                already_owned = ClaimOutcome::apply(record, &claim, now);
+                handover = ClaimOutcome::apply(record, &claim, now);
                 Ok::<(), ClaimRefusal>(())
             })
             .await?;
         Ok(match outcome {
             Modified::Missing => ClaimOutcome::NotFound,
             Modified::Refused(refused) => refused.into(),
-            Modified::Done(session) if already_owned => ClaimOutcome::AlreadyOwned(session),
-            Modified::Done(session) => ClaimOutcome::Claimed(session),
+            Modified::Done(session) => ClaimOutcome::applied(session, handover),
         })
     }
 

@@ -55,12 +55,15 @@ async function runClient(authorization, verbose) {
   return { calls, errors, session_ids: [...sessionIds], slowest_call_seconds: slowest };
 }
 
+let report;
 if (clients === 1) {
-  console.log(JSON.stringify(await runClient(authorization, true)));
+  report = JSON.stringify(await runClient(authorization, true));
 } else {
   const summaries = await Promise.all(
     Array.from({ length: clients }, (_, i) => runClient(authorization && `${authorization}-${i}`, false)),
   );
-  summaries.forEach((summary, i) => console.log(JSON.stringify({ client: `typescript-${i}`, ...summary })));
+  report = summaries.map((summary, i) => JSON.stringify({ client: `typescript-${i}`, ...summary })).join("\n");
 }
-process.exit(0);
+// Writes to a pipe are asynchronous: exit (pooled connections would keep node alive) only once
+// the report is out, or its tail is lost.
+process.stdout.write(`${report}\n`, () => process.exit(0));
