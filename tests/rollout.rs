@@ -662,6 +662,7 @@ async fn a_version_that_refuses_the_sessions_is_paused() {
         "lastRollout: {rollout:?}; old pods left: {} of 3; {errors} failed calls",
         surviving.len()
     );
+    assert_eq!(runs.len(), 2 * CLIENTS_PER_SDK, "every client reported");
     assert!(
         surviving.len() >= 2,
         "old pods left running: {surviving:?} of {old_pods:?}"
