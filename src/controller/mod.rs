@@ -1,9 +1,11 @@
 //! The `McpSessionPolicy` controller: counts each policy's sessions and reports them as status,
 //! Events and metrics.
 //!
-//! Policies, pods and secrets are watched through reflector stores; a pod change reconciles the
-//! policies that select it, a Secret change the policies that reference it. Nothing is listed
-//! per reconcile: each one reads its pods from the store and its counts from Redis indexes.
+//! Policies, pods and Services are watched through reflector stores; a pod change reconciles the
+//! policies that select it. Nothing is listed per reconcile: each one reads its pods from the
+//! store and its counts from Redis indexes. Secrets are not watched (that would take `list`
+//! and `watch` of every Secret): a policy's `urlSecretRef` is read with `get` when it is
+//! reconciled, so a changed Secret is seen within the requeue interval.
 
 mod deletion_cost;
 mod guard;
@@ -20,7 +22,7 @@ use std::time::{Duration, Instant};
 use futures::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use kube::api::{Api, Patch, PatchParams};
-use kube::core::{PartialObjectMeta, SelectorExt as _};
+use kube::core::SelectorExt as _;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -154,14 +156,6 @@ pub async fn run(
             }
         })
         .touched_objects();
-    // Metadata only: the operator never holds Secret data it does not need.
-    let secret_stream = watcher(
-        scoped::<PartialObjectMeta<Secret>>(&client, scope),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .touched_objects();
-
     let (service_reader, service_writer) = reflector::store();
     let service_stream = watcher(
         scoped::<Service>(&client, scope),
@@ -191,18 +185,11 @@ pub async fn run(
         written,
         deletion_costs: Default::default(),
     });
-    let (by_pod, by_secret, by_service) = (
-        policy_reader.clone(),
-        policy_reader.clone(),
-        policy_reader.clone(),
-    );
+    let (by_pod, by_service) = (policy_reader.clone(), policy_reader.clone());
     Controller::for_stream(policy_stream, policy_reader)
         .watches_stream(pod_stream, move |pod| policies_selecting(&by_pod, &pod))
         .watches_stream(service_stream, move |service| {
             policies_in_namespace(&by_service, service.namespace())
-        })
-        .watches_stream(secret_stream, move |secret| {
-            policies_referencing(&by_secret, &secret)
         })
         // Bursts of pod events (a rollout) reconcile a policy once, not once per event.
         .with_config(
@@ -268,27 +255,6 @@ fn policies_selecting(
         .state()
         .into_iter()
         .filter(|policy| policy.namespace() == namespace && selects(policy, pod))
-        .map(|policy| ObjectRef::from_obj(&*policy))
-        .collect()
-}
-
-fn policies_referencing(
-    policies: &Store<McpSessionPolicy>,
-    secret: &PartialObjectMeta<Secret>,
-) -> Vec<ObjectRef<McpSessionPolicy>> {
-    let (namespace, name) = (secret.namespace(), secret.name_any());
-    policies
-        .state()
-        .into_iter()
-        .filter(|policy| {
-            policy.namespace() == namespace
-                && policy
-                    .spec
-                    .redis
-                    .url_secret_ref
-                    .as_ref()
-                    .is_some_and(|r| r.name == name)
-        })
         .map(|policy| ObjectRef::from_obj(&*policy))
         .collect()
 }

@@ -25,8 +25,9 @@ pub fn revision(pod: &Pod) -> Option<&str> {
 /// The revision being rolled out: the one whose first live pod appeared last. By group, not
 /// by the newest pod: an old revision's pod recreated mid-rollout (an eviction) is not a new
 /// revision. Creation times have second resolution; of revisions that appeared in the same
-/// second, the one with fewer pods is the one surging in.
-fn newest_revision<'a>(live: &[&'a Arc<Pod>]) -> Option<&'a str> {
+/// second, the one already being rolled out (`tracked`) stays so (it outgrows the old one as
+/// the rollout goes on), else the one with fewer pods is the one surging in.
+fn newest_revision<'a>(live: &[&'a Arc<Pod>], tracked: Option<&str>) -> Option<&'a str> {
     let mut first_seen: std::collections::BTreeMap<
         &str,
         (Option<k8s_openapi::jiff::Timestamp>, usize),
@@ -42,7 +43,13 @@ fn newest_revision<'a>(live: &[&'a Arc<Pod>]) -> Option<&'a str> {
     }
     first_seen
         .into_iter()
-        .max_by_key(|(_, (created, pods))| (*created, std::cmp::Reverse(*pods)))
+        .max_by_key(|(revision, (created, pods))| {
+            (
+                *created,
+                Some(*revision) == tracked,
+                std::cmp::Reverse(*pods),
+            )
+        })
         .map(|(revision, _)| revision)
 }
 
@@ -58,7 +65,7 @@ pub fn track(
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .collect();
-    let current = newest_revision(&live)?;
+    let current = newest_revision(&live, previous.map(|p| p.revision.as_str()))?;
     let revisions: BTreeSet<&str> = pods.iter().filter_map(|p| revision(p)).collect();
     let settled = revisions.len() == 1 && live.iter().all(|p| super::pod_ready(p));
     let mut rollout = match previous {
@@ -192,7 +199,7 @@ mod tests {
             pod("b", "v1", "2026-11-25T11:00:05Z", true, false),
         ];
         let refs: Vec<&Arc<Pod>> = live.iter().collect();
-        assert_eq!(newest_revision(&refs), Some("v2"));
+        assert_eq!(newest_revision(&refs, None), Some("v2"));
         // Same second: the revision with fewer pods is the one surging in.
         let tied = [
             pod("a", "v1", "2026-11-25T10:00:00Z", true, false),
@@ -200,7 +207,16 @@ mod tests {
             pod("c", "v2", "2026-11-25T10:00:00Z", false, false),
         ];
         let refs: Vec<&Arc<Pod>> = tied.iter().collect();
-        assert_eq!(newest_revision(&refs), Some("v2"));
+        assert_eq!(newest_revision(&refs, None), Some("v2"));
+        // Later in that rollout the new revision has more pods than the old: it stays the one
+        // being rolled out (this flipped the tracked revision back, once, in a test).
+        let later = [
+            pod("b", "v1", "2026-11-25T10:00:00Z", true, false),
+            pod("c", "v2", "2026-11-25T10:00:00Z", true, false),
+            pod("d", "v2", "2026-11-25T10:00:09Z", false, false),
+        ];
+        let refs: Vec<&Arc<Pod>> = later.iter().collect();
+        assert_eq!(newest_revision(&refs, Some("v2")), Some("v2"));
     }
 
     #[test]
