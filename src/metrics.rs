@@ -226,13 +226,12 @@ impl Metrics {
             namespace: namespace.to_owned(),
             policy: policy.to_owned(),
         };
-        self.drains
-            .get_or_create(&DrainLabels {
-                namespace: namespace.to_owned(),
-                policy: policy.to_owned(),
-                by: "proxy",
-            })
-            .inc_by(added(now.drained, before.drained));
+        self.drained(
+            namespace,
+            policy,
+            "proxy",
+            added(now.drained, before.drained),
+        );
         self.rehydrations
             .get_or_create(&labels)
             .inc_by(added(now.rehydrated, before.rehydrated));

@@ -43,8 +43,6 @@ pub const FIELD_MANAGER: &str = "mcp-session-operator";
 const SCAN_PAGE: usize = 1000;
 /// Sessions of one vanished pod swept per reconcile (the rest at the next one).
 const SWEEP_BATCH: usize = 10_000;
-/// A swept session waits at least this long for its client to come back.
-const SWEEP_HOLD: Duration = Duration::from_secs(600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -623,16 +621,8 @@ async fn sweep(
             }
         };
         let hold =
-            Duration::from_secs(u64::try_from(policy.spec.drain.timeout_seconds).unwrap_or(0))
-                .max(SWEEP_HOLD);
-        let mut swept = 0_u64;
-        for id in &ids {
-            match store.mark_draining(id, Some(pod), hold).await {
-                Ok(Some(_)) => swept += 1,
-                Ok(None) => {}
-                Err(error) => warn!(session = %id, %error, "cannot mark a session draining"),
-            }
-        }
+            Duration::from_secs(u64::try_from(policy.spec.drain.timeout_seconds).unwrap_or(0));
+        let swept = store::mark_all_draining(store, &ids, Some(pod), hold).await;
         if swept == 0 {
             continue;
         }

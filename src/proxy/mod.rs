@@ -46,7 +46,7 @@ use self::protocol::{LAST_EVENT_ID_HEADER, MessageHead, PROTOCOL_VERSION_HEADER,
 use self::retry::RetryPolicy;
 use self::upstream::{Answer, Upstream, UpstreamError};
 use crate::store::{
-    Claim, ClaimOutcome, DebouncedToucher, NewSession, Session, SessionId, SessionPatch,
+    self, Claim, ClaimOutcome, DebouncedToucher, NewSession, Session, SessionId, SessionPatch,
     SessionStore, StoreError, Tally, Touched,
 };
 
@@ -659,12 +659,6 @@ impl Proxy {
     /// of one session may reach any pod): it is open upstream here already, so a claim is all
     /// the takeover needs. Counted as a rehydration, like a replayed one.
     async fn take_over(&self, id: &SessionId) {
-        let Some(pod) = self.config.pod_name.clone() else {
-            return;
-        };
-        if self.draining.load(Ordering::SeqCst) {
-            return; // Its own drained sessions, or any other: not for a pod that is leaving.
-        }
         let Some(credential) = self
             .sessions_read()
             .by_id
@@ -673,11 +667,10 @@ impl Proxy {
         else {
             return;
         };
-        let claim = Claim {
-            pod,
-            credential_fingerprint: credential,
+        let Some(claimed) = self.claim_here(id, credential).await else {
+            return;
         };
-        let outcome = match self.store.claim(id, claim).await {
+        let outcome = match claimed {
             Ok(ClaimOutcome::Claimed { from_draining, .. }) => {
                 info!(session = %id, "took over a drained session served here");
                 if from_draining {
@@ -693,6 +686,25 @@ impl Proxy {
             }
         };
         metrics::inc(&self.metrics.claims, outcome);
+    }
+
+    /// Claims `id` for this pod, as `credential`. `None` where no claim is made: a proxy without
+    /// a pod name, or a draining one (clients reach it until the endpoints drop it, but what it
+    /// claimed now would be orphaned when it exits).
+    async fn claim_here(
+        &self,
+        id: &SessionId,
+        credential: Option<String>,
+    ) -> Option<store::Result<ClaimOutcome>> {
+        let pod = self.config.pod_name.clone()?;
+        if self.draining.load(Ordering::SeqCst) {
+            return None;
+        }
+        let claim = Claim {
+            pod,
+            credential_fingerprint: credential,
+        };
+        Some(self.store.claim(id, claim).await)
     }
 
     /// Sends the request to the upstream until it answers: for a session, through its upstream
@@ -1057,17 +1069,10 @@ impl Proxy {
         }
         // Whether this call moved the session here, and whether it moved from a drained pod.
         let (mut claimed, mut rehydrating) = (false, false);
-        // A draining proxy still answers (clients reach it until the endpoints drop it) but
-        // takes nothing over: whatever it claimed now would be orphaned when it exits.
-        if let Some(pod) = &self.config.pod_name
-            && !self.draining.load(Ordering::SeqCst)
-            && record.owner_pod.as_ref() != Some(pod)
+        if record.owner_pod != self.config.pod_name
+            && let Some(claim) = self.claim_here(id, bound.credential.clone()).await
         {
-            let claim = Claim {
-                pod: pod.clone(),
-                credential_fingerprint: bound.credential.clone(),
-            };
-            let outcome = match self.store.claim(id, claim).await {
+            let outcome = match claim {
                 Ok(ClaimOutcome::Claimed { from_draining, .. }) => {
                     // From the claim, not the record read before it: the session may have
                     // been drained in between.
@@ -1256,18 +1261,8 @@ impl Proxy {
                 Err(error) => warn!(%error, "cannot list this pod's sessions in the store"),
             }
         }
-        let hold = self.config.drain_timeout.max(Duration::from_secs(600));
-        let marks = ids.iter().map(|id| async move {
-            match self.store.mark_draining(id, owner, hold).await {
-                Ok(Some(_)) => 1,
-                Ok(None) => 0,
-                Err(error) => {
-                    warn!(session = %id, %error, "cannot mark the session draining");
-                    0
-                }
-            }
-        });
-        let drained = futures::future::join_all(marks).await.into_iter().sum();
+        let drained =
+            store::mark_all_draining(&*self.store, &ids, owner, self.config.drain_timeout).await;
         // Awaited: the process may exit right after the drain.
         if drained > 0
             && let Err(error) = self.store.tally(Tally::Drained, drained).await

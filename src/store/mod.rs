@@ -455,6 +455,35 @@ pub trait SessionStore: Send + Sync + 'static {
     fn describe(&self) -> String;
 }
 
+/// A session marked draining is kept at least this long for its client to come back.
+pub const MIN_DRAINING_HOLD: Duration = Duration::from_secs(600);
+
+/// Marks the sessions `owner` owns among `ids` draining, all at once, held for `hold` but at
+/// least [`MIN_DRAINING_HOLD`]: a stopping pod's proxy drains its own, the operator sweeps those
+/// of a pod that vanished. Failures are logged and skipped; returns how many were marked.
+pub async fn mark_all_draining<'a, S>(
+    store: &S,
+    ids: impl IntoIterator<Item = &'a SessionId>,
+    owner: Option<&str>,
+    hold: Duration,
+) -> u64
+where
+    S: SessionStore + ?Sized,
+{
+    let hold = hold.max(MIN_DRAINING_HOLD);
+    let marks = ids.into_iter().map(|id| async move {
+        match store.mark_draining(id, owner, hold).await {
+            Ok(Some(_)) => 1,
+            Ok(None) => 0,
+            Err(error) => {
+                tracing::warn!(session = %id, %error, "cannot mark the session draining");
+                0
+            }
+        }
+    });
+    futures::future::join_all(marks).await.into_iter().sum()
+}
+
 /// Every record of the store, page by page, as a stream.
 pub fn list_all(
     store: &dyn SessionStore,

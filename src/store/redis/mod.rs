@@ -902,19 +902,21 @@ impl SessionStore for RedisStore {
     #[instrument(level = "debug", skip_all)]
     async fn prune(&self) -> Result<PruneReport> {
         let now = Timestamp::now().unix_millis();
-        let mut report = PruneReport {
-            lost: self.expire_draining().await?,
-            ..PruneReport::default()
-        };
-        report.expired += report.lost;
-        report.expired += self
-            .query::<u64>(
+        // Draining entries are counted lost as they go; expiry entries just go.
+        let lost = self.expire_draining().await?;
+        let expired: u64 = self
+            .query(
                 redis::cmd("ZREMRANGEBYSCORE")
                     .arg(self.keys.expiry())
                     .arg("-inf")
                     .arg(format!("({now}")),
             )
             .await?;
+        let mut report = PruneReport {
+            expired: lost + expired,
+            lost,
+            ..PruneReport::default()
+        };
         let pods = self.indexed_pods().await?;
         for pod in &pods {
             let (pods_key, pod_key, now_arg) =
