@@ -253,6 +253,7 @@ fn new_session() -> NewSession {
         ),
         // What the proxy stores: 128 bits of an HMAC-SHA-256, base64url.
         credential_fingerprint: Some("PwqcHStOX2BxgpOktcbX6A".into()),
+        ..Default::default()
     }
 }
 

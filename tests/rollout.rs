@@ -423,7 +423,10 @@ async fn a_rolling_update_under_50_clients_loses_no_session_and_no_call() {
     bed.wait_sessions(2 * CLIENTS_PER_SDK as u64).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     // Every proxy fingerprints credentials with the key from the policy's Secret.
-    let key = mcp_session_operator::proxy::Fingerprinter::new(b"rollout-test-key");
+    let key = mcp_session_operator::proxy::Fingerprinter::new(
+        b"rollout-test-key",
+        mcp_session_operator::store::binding::SessionBinding::Identity,
+    );
     let expected: std::collections::BTreeSet<String> = (0..CLIENTS_PER_SDK)
         .filter_map(|i| key.fingerprint(Some(format!("Bearer rollout-client-{i}").as_bytes())))
         .collect();

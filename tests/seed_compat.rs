@@ -50,6 +50,7 @@ async fn the_seed_service_reads_what_this_crate_writes() {
         protocol_version: Some("2025-06-18".into()),
         initialize_params: Some(json!({"capabilities": {}, "clientInfo": {"name": "cursor"}})),
         credential_fingerprint: Some("hmac-of-credential".into()),
+        ..Default::default()
     };
     store
         .create_or_rehydrate(&id("rust-written"), new)

@@ -30,6 +30,7 @@ fn owned_by(pod: &str) -> NewSession {
             json!({"protocolVersion": "2025-06-18", "capabilities": {"roots": []}, "clientInfo": {"name": "t", "version": "1"}}),
         ),
         credential_fingerprint: Some("fp-a".into()),
+        ..Default::default()
     }
 }
 

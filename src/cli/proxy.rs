@@ -11,6 +11,7 @@ use tracing::warn;
 use super::UsageError;
 use super::sessions::RedisArgs;
 use crate::proxy::{self, Fingerprinter, Proxy, ProxyConfig};
+use crate::store::binding::SessionBinding;
 use crate::store::redis::LazyRedisStore;
 use crate::store::{MemoryStore, SessionStore};
 
@@ -49,6 +50,11 @@ pub struct ProxyArgs {
     /// Key of the credential fingerprints; the same for every proxy of a deployment.
     #[arg(long, env = "MCP_SESSION_FINGERPRINT_KEY", hide_env_values = true)]
     fingerprint_key: Option<String>,
+    /// What a session is bound to: `identity` (a bearer JWT's issuer and subject, so a
+    /// refreshed token keeps the session; other credentials as a whole), `credential` (the
+    /// Authorization header as a whole) or `none`.
+    #[arg(long, value_enum, default_value_t = SessionBinding::Identity)]
+    binding: SessionBinding,
     /// Largest request body accepted.
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     max_body_bytes: usize,
@@ -100,7 +106,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         max_sessions_per_credential: usize::try_from(args.max_sessions_per_credential)
             .unwrap_or(usize::MAX),
     };
-    let proxy = Proxy::new(config, store, Fingerprinter::new(&key));
+    let proxy = Proxy::new(config, store, Fingerprinter::new(&key, args.binding));
     proxy::run(proxy, super::shutdown_signal())
         .await
         .context("the session proxy failed")

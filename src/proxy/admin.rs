@@ -27,11 +27,19 @@ pub async fn serve(proxy: Arc<Proxy>, listener: tokio::net::TcpListener) {
     }
 }
 
-async fn readyz(State(proxy): State<Arc<Proxy>>) -> (StatusCode, &'static str) {
+/// Ready unless draining. Sessions the store lacks (a full or unreachable Redis) do not make
+/// the proxy unready, since it serves them from memory, but are named: they are lost if this
+/// proxy stops before the store takes them.
+async fn readyz(State(proxy): State<Arc<Proxy>>) -> (StatusCode, String) {
     if proxy.draining.load(Ordering::SeqCst) {
-        (StatusCode::SERVICE_UNAVAILABLE, "draining")
-    } else {
-        (StatusCode::OK, "ok")
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining\n".into());
+    }
+    match proxy.unstored_count() {
+        0 => (StatusCode::OK, "ok\n".into()),
+        n => (
+            StatusCode::OK,
+            format!("ok; {n} sessions served from memory: the store refuses or lost them\n"),
+        ),
     }
 }
 

@@ -1,45 +1,151 @@
-//! Credential fingerprints: a session is bound to the credential that created it, without
+//! Credential fingerprints: a session is bound to the identity that created it, without
 //! storing the credential or any prefix of it.
+//!
+//! What is fingerprinted depends on the [`SessionBinding`]:
+//! - `Identity`: a bearer token that is a JWT binds by its issuer and subject, read from its
+//!   payload without checking the signature. The backend still validates every token it gets;
+//!   the proxy only needs to know which user a token names to refuse another user's token on
+//!   this session, and a refreshed token of the same user (OAuth clients refresh hourly) keeps
+//!   the session. Any other credential binds as a whole, as with `Credential`.
+//! - `Credential`: the credential as a whole, its scheme word case-insensitive.
+//! - `None`: nothing; sessions are bound to nobody.
 
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
+use serde::Deserialize;
 use sha2::Sha256;
 
-/// HMAC-SHA-256 of a request's `Authorization` header under a deployment key.
+use crate::store::binding::SessionBinding;
+
+/// Largest JWT payload read for its issuer and subject.
+const MAX_JWT_PAYLOAD: usize = 16 * 1024;
+
+/// HMAC-SHA-256 of what a request's `Authorization` header binds to, under a deployment key.
 #[derive(Clone)]
 pub struct Fingerprinter {
     key: Vec<u8>,
+    binding: SessionBinding,
 }
 
 impl std::fmt::Debug for Fingerprinter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Fingerprinter(<key>)")
+        write!(f, "Fingerprinter(<key>, {:?})", self.binding)
     }
 }
 
+/// What a credential binds a session to.
+#[derive(Debug, PartialEq, Eq)]
+enum Subject<'a> {
+    /// A JWT's issuer and subject.
+    Identity { issuer: String, subject: String },
+    /// The credential as a whole: its scheme (any case) and the rest.
+    Credential { scheme: &'a str, rest: &'a [u8] },
+}
+
 impl Fingerprinter {
-    pub fn new(key: &[u8]) -> Self {
-        Self { key: key.to_vec() }
+    pub fn new(key: &[u8], binding: SessionBinding) -> Self {
+        Self {
+            key: key.to_vec(),
+            binding,
+        }
     }
 
-    /// 128 bits of the HMAC, base64url (22 characters); `None` without a credential.
+    /// 128 bits of the HMAC, base64url (22 characters); `None` without a credential, or when
+    /// sessions are bound to nobody.
     pub fn fingerprint(&self, authorization: Option<&[u8]>) -> Option<String> {
         let credential = authorization?;
         // HMAC accepts keys of any length: `new_from_slice` cannot fail for it.
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).ok()?;
-        mac.update(credential);
+        match subject(credential, self.binding)? {
+            // Not a byte string a header can hold, so it cannot collide with a credential.
+            Subject::Identity { issuer, subject } => {
+                mac.update(b"\0jwt\0");
+                mac.update(issuer.as_bytes());
+                mac.update(b"\0");
+                mac.update(subject.as_bytes());
+            }
+            // The canonical form of the header: `Bearer abc` stays byte for byte what it was
+            // before schemes were compared without case, so stored bindings still match.
+            Subject::Credential { scheme, rest } => {
+                let mut chars = scheme.chars();
+                if let Some(first) = chars.next() {
+                    mac.update(first.to_ascii_uppercase().to_string().as_bytes());
+                    mac.update(chars.as_str().to_ascii_lowercase().as_bytes());
+                }
+                if !scheme.is_empty() && !rest.is_empty() {
+                    mac.update(b" ");
+                }
+                mac.update(rest);
+            }
+        }
         let digest = mac.finalize().into_bytes();
         Some(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&digest[..16]))
     }
+}
+
+/// What `credential` binds to under `binding`; `None` where nothing does.
+fn subject(credential: &[u8], binding: SessionBinding) -> Option<Subject<'_>> {
+    if binding == SessionBinding::None {
+        return None;
+    }
+    let trimmed = credential.trim_ascii();
+    let (scheme, rest) = match trimmed.iter().position(u8::is_ascii_whitespace) {
+        Some(at) => (&trimmed[..at], trimmed[at..].trim_ascii_start()),
+        None => (&trimmed[..0], trimmed),
+    };
+    let Ok(scheme) = std::str::from_utf8(scheme) else {
+        return Some(Subject::Credential {
+            scheme: "",
+            rest: trimmed,
+        });
+    };
+    if binding == SessionBinding::Identity
+        && scheme.eq_ignore_ascii_case("bearer")
+        && let Some((issuer, subject)) = jwt_identity(rest)
+    {
+        return Some(Subject::Identity { issuer, subject });
+    }
+    Some(Subject::Credential { scheme, rest })
+}
+
+/// The issuer and subject of a JWT (three base64url parts, a JSON payload with a string `sub`);
+/// `None` for anything else, which then binds as an opaque credential.
+fn jwt_identity(token: &[u8]) -> Option<(String, String)> {
+    #[derive(Deserialize)]
+    struct Claims {
+        #[serde(default)]
+        iss: Option<String>,
+        sub: String,
+    }
+    let token = std::str::from_utf8(token).ok()?;
+    let mut parts = token.split('.');
+    let (_header, payload, _signature) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || payload.len() > MAX_JWT_PAYLOAD {
+        return None;
+    }
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: Claims = serde_json::from_slice(&payload).ok()?;
+    (!claims.sub.is_empty()).then(|| (claims.iss.unwrap_or_default(), claims.sub))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn jwt(claims: &str, signature: &str) -> String {
+        let encode = |text: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(text);
+        format!(
+            "Bearer {}.{}.{signature}",
+            encode(r#"{"alg":"RS256","typ":"JWT"}"#),
+            encode(claims)
+        )
+    }
+
     #[test]
     fn fingerprints_bind_without_revealing() {
-        let f = Fingerprinter::new(b"deployment key");
+        let f = Fingerprinter::new(b"deployment key", SessionBinding::Credential);
         let a = f
             .fingerprint(Some(b"Bearer intracker_mcp_secret_123"))
             .unwrap();
@@ -51,9 +157,89 @@ mod tests {
         assert_ne!(Some(a.clone()), f.fingerprint(Some(b"Bearer someone_else")));
         assert_ne!(
             Some(a.clone()),
-            Fingerprinter::new(b"other key").fingerprint(Some(b"Bearer intracker_mcp_secret_123"))
+            Fingerprinter::new(b"other key", SessionBinding::Credential)
+                .fingerprint(Some(b"Bearer intracker_mcp_secret_123"))
         );
         assert!(!a.contains("intracker"));
         assert_eq!(f.fingerprint(None), None);
+    }
+
+    #[test]
+    fn the_canonical_bearer_form_is_the_bytes_it_always_was() {
+        // Sessions stored before schemes were case-insensitive keep matching.
+        let f = Fingerprinter::new(b"k", SessionBinding::Credential);
+        let mut mac = Hmac::<Sha256>::new_from_slice(b"k").unwrap();
+        mac.update(b"Bearer abc");
+        let before = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(&mac.finalize().into_bytes()[..16]);
+        assert_eq!(f.fingerprint(Some(b"Bearer abc")), Some(before.clone()));
+        for variant in [
+            &b"bearer abc"[..],
+            b"BEARER abc",
+            b"Bearer   abc",
+            b" bearer\tabc ",
+        ] {
+            assert_eq!(
+                f.fingerprint(Some(variant)),
+                Some(before.clone()),
+                "{variant:?}"
+            );
+        }
+        assert_ne!(f.fingerprint(Some(b"Bearer ABC")), Some(before));
+        assert!(f.fingerprint(Some(b"")).is_some());
+    }
+
+    #[test]
+    fn a_refreshed_token_of_the_same_subject_keeps_its_identity() {
+        let f = Fingerprinter::new(b"k", SessionBinding::Identity);
+        let first = jwt(r#"{"iss":"https://idp","sub":"alice","exp":1}"#, "sig1");
+        let refreshed = jwt(
+            r#"{"iss":"https://idp","sub":"alice","exp":2,"jti":"x"}"#,
+            "sig2",
+        );
+        let other = jwt(r#"{"iss":"https://idp","sub":"bob","exp":1}"#, "sig1");
+        let other_issuer = jwt(r#"{"iss":"https://evil","sub":"alice"}"#, "sig1");
+        let id = |token: &str| f.fingerprint(Some(token.as_bytes()));
+        assert_eq!(id(&first), id(&refreshed));
+        assert_eq!(id(&first), id(&first.replacen("Bearer", "bearer", 1)));
+        assert_ne!(id(&first), id(&other));
+        assert_ne!(id(&first), id(&other_issuer));
+        // Bound to the credential, a refresh is another credential.
+        let strict = Fingerprinter::new(b"k", SessionBinding::Credential);
+        assert_ne!(
+            strict.fingerprint(Some(first.as_bytes())),
+            strict.fingerprint(Some(refreshed.as_bytes()))
+        );
+        // Bound to nobody.
+        let open = Fingerprinter::new(b"k", SessionBinding::None);
+        assert_eq!(open.fingerprint(Some(first.as_bytes())), None);
+    }
+
+    #[test]
+    fn what_is_not_a_jwt_binds_as_a_credential() {
+        let f = Fingerprinter::new(b"k", SessionBinding::Identity);
+        let credential = Fingerprinter::new(b"k", SessionBinding::Credential);
+        for token in [
+            "Bearer opaque-token".to_owned(),
+            "Bearer a.b".to_owned(),
+            "Bearer a.b.c.d".to_owned(),
+            "Bearer x.bm90IGpzb24.y".to_owned(),
+            jwt(r#"{"iss":"https://idp"}"#, "s"),
+            jwt(r#"{"iss":"https://idp","sub":""}"#, "s"),
+            jwt(r#"{"sub":7}"#, "s"),
+            "Basic YWxpY2U6cGFzcw==".to_owned(),
+        ] {
+            assert_eq!(
+                f.fingerprint(Some(token.as_bytes())),
+                credential.fingerprint(Some(token.as_bytes())),
+                "{token}"
+            );
+        }
+        // A JWT outside the bearer scheme is a credential too.
+        let basic = jwt(r#"{"sub":"alice"}"#, "s").replacen("Bearer", "Token", 1);
+        assert_eq!(
+            f.fingerprint(Some(basic.as_bytes())),
+            credential.fingerprint(Some(basic.as_bytes()))
+        );
     }
 }

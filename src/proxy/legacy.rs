@@ -17,14 +17,13 @@ use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::Response;
 use bytes::Bytes;
 use http_body_util::BodyExt as _;
-use hyper::body::Incoming;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use super::protocol::{self, MessageHead};
 use super::sse::{self, Event};
-use super::{Exchange, Failure, Phase, Proxy, Transport, Unknown, plain};
+use super::{Exchange, Failure, Lookup, Phase, Proxy, Transport, Unknown, plain};
 use super::{metrics, relay};
 use crate::store::{NewSession, SessionId, SessionPatch};
 
@@ -146,7 +145,7 @@ pub fn session_in_query(path_and_query: &str) -> Option<String> {
 /// Reads events until the `endpoint` one; returns it and the events that came after it in the
 /// same reads.
 async fn read_endpoint(
-    body: &mut Incoming,
+    body: &mut Body,
     parser: &mut sse::Parser,
 ) -> Option<(Endpoint, Vec<Event>)> {
     let mut events = Vec::new();
@@ -173,7 +172,7 @@ async fn read_endpoint(
 pub async fn open(
     proxy: &Arc<Proxy>,
     exchange: Exchange,
-    response: hyper::Response<Incoming>,
+    response: hyper::Response<Body>,
 ) -> Response {
     let credential = match proxy.admit(&exchange) {
         Ok(credential) => credential,
@@ -198,7 +197,7 @@ pub async fn open(
     proxy.remember(&id, endpoint.upstream(), Transport::Sse, new.clone());
     if let Err(error) = proxy.store.create_or_rehydrate(&id, new).await {
         warn!(session = %id, %error, "cannot store the new session");
-        proxy.mark_unstored(&id);
+        proxy.mark_unstored(&id, "create");
     }
     info!(session = %id, transport = "sse", "session created");
     let (out, client) = mpsc::channel(16);
@@ -265,10 +264,19 @@ async fn post_until_accepted(
 ) -> Response {
     let deadline = Instant::now() + proxy.config.hold;
     loop {
-        let endpoint = match proxy.mapped_as(id, credential.as_deref(), Transport::Sse) {
-            Some(Ok(endpoint)) => endpoint,
-            Some(Err(unknown)) => return proxy.unknown(unknown, exchange.request_id(), raw_id),
-            None => return proxy.unknown(Unknown::NotFound, exchange.request_id(), raw_id),
+        // An HTTP+SSE session lives as long as its client's stream, on this proxy: it is
+        // never stale (its stream re-establishes it) and never bound later than it began.
+        let endpoint = match proxy.lookup_as(id, credential.as_deref(), Transport::Sse) {
+            Lookup::Live(endpoint) => endpoint,
+            Lookup::Refused(unknown) => {
+                return proxy.unknown(unknown, exchange.request_id(), raw_id);
+            }
+            Lookup::Unbound => {
+                return proxy.unknown(Unknown::OtherCredential, exchange.request_id(), raw_id);
+            }
+            Lookup::Stale | Lookup::Absent => {
+                return proxy.unknown(Unknown::NotFound, exchange.request_id(), raw_id);
+            }
         };
         let sent = proxy
             .upstream
@@ -302,7 +310,7 @@ async fn post_until_accepted(
                     .await;
                 let (mut parts, body) = answer.response.into_parts();
                 protocol::strip_hop_by_hop(&mut parts.headers);
-                return Response::from_parts(parts, Body::new(body));
+                return Response::from_parts(parts, body);
             }
             Err(super::UpstreamError::Lost(_))
                 if Instant::now() < deadline && proxy.may_resend(exchange) =>
@@ -361,7 +369,7 @@ enum End {
 }
 
 impl Stream {
-    async fn run(mut self, mut body: Incoming, mut parser: sse::Parser, mut pending: Vec<Event>) {
+    async fn run(mut self, mut body: Body, mut parser: sse::Parser, mut pending: Vec<Event>) {
         loop {
             for event in pending.drain(..) {
                 if !self.forward(event).await {
@@ -384,7 +392,7 @@ impl Stream {
         }
     }
 
-    async fn pump(&mut self, body: &mut Incoming, parser: &mut sse::Parser) -> End {
+    async fn pump(&mut self, body: &mut Body, parser: &mut sse::Parser) -> End {
         let mut events = Vec::new();
         loop {
             let frame = tokio::select! {
@@ -440,7 +448,7 @@ impl Stream {
     }
 
     /// Opens a new upstream stream and re-establishes the session on it.
-    async fn reconnect(&mut self) -> Option<(Incoming, sse::Parser, Vec<Event>)> {
+    async fn reconnect(&mut self) -> Option<(Body, sse::Parser, Vec<Event>)> {
         let deadline = Instant::now() + self.proxy.config.hold;
         let mut pause = Duration::from_millis(50);
         while Instant::now() < deadline {
@@ -457,7 +465,7 @@ impl Stream {
         None
     }
 
-    async fn try_reconnect(&mut self) -> Option<(Incoming, sse::Parser, Vec<Event>)> {
+    async fn try_reconnect(&mut self) -> Option<(Body, sse::Parser, Vec<Event>)> {
         let answer = self
             .proxy
             .upstream

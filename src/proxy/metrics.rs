@@ -45,7 +45,16 @@ pub struct ProxyMetrics {
     /// Streams resumed from the event log with `Last-Event-ID`.
     pub resumed: Family<KindLabels, Counter>,
     pub events_unlogged: Counter,
+    /// Writes the store refused or did not answer (a full Redis, an outage), by operation.
+    pub store_write_failures: Family<OperationLabels, Counter>,
+    /// Sessions served from memory because the store lacks them.
+    pub unstored: Gauge,
     pub drain_duration: Histogram,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabels {
+    pub operation: &'static str,
 }
 
 impl Default for ProxyMetrics {
@@ -117,6 +126,18 @@ impl Default for ProxyMetrics {
             "SSE events not logged for resumption because the store fell behind",
             events_unlogged.clone(),
         );
+        let store_write_failures = Family::<OperationLabels, Counter>::default();
+        registry.register(
+            "mcp_proxy_store_write_failures",
+            "Session writes the store refused or did not answer, by operation",
+            store_write_failures.clone(),
+        );
+        let unstored = Gauge::default();
+        registry.register(
+            "mcp_proxy_unstored_sessions",
+            "Sessions served from this proxy's memory because the store lacks them",
+            unstored.clone(),
+        );
         let drain_duration = Histogram::new(exponential_buckets(0.01, 2.0, 14));
         registry.register(
             "mcp_session_drain_duration_seconds",
@@ -137,6 +158,8 @@ impl Default for ProxyMetrics {
             streams,
             resumed,
             events_unlogged,
+            store_write_failures,
+            unstored,
         }
     }
 }

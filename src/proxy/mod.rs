@@ -14,6 +14,7 @@ mod connections;
 mod events;
 mod fingerprint;
 mod legacy;
+mod listeners;
 mod metrics;
 mod protocol;
 mod relay;
@@ -45,9 +46,10 @@ use self::metrics::{KindLabels, ProxyMetrics, RequestLabels};
 use self::protocol::{LAST_EVENT_ID_HEADER, MessageHead, PROTOCOL_VERSION_HEADER, SESSION_HEADER};
 use self::retry::RetryPolicy;
 use self::upstream::{Answer, Upstream, UpstreamError};
+use crate::store::binding::{self, Binding};
 use crate::store::{
     self, Claim, ClaimOutcome, DebouncedToucher, NewSession, Session, SessionId, SessionPatch,
-    SessionStore, StoreError, Tally, Touched,
+    SessionSetup, SessionStore, StoreError, Tally, Touched,
 };
 
 /// JSON-RPC error codes (the implementation-defined server range): the MCP server could not be
@@ -114,6 +116,8 @@ pub struct Proxy {
     events: EventLog,
     /// HTTP+SSE requests awaiting their answers on the stream.
     unanswered: legacy::Unanswered,
+    /// Listening streams, which a replay reopens.
+    listeners: Arc<listeners::Listeners>,
     draining: AtomicBool,
     phase: watch::Sender<Phase>,
     /// Requests before their response head, and response streams until they end.
@@ -147,8 +151,9 @@ enum Transport {
 /// A session this proxy has an upstream session for.
 #[derive(Debug)]
 struct Mapped {
-    /// The upstream's session id, or (HTTP+SSE) its message endpoint.
-    upstream_id: Box<str>,
+    /// The upstream's session id, or (HTTP+SSE) its message endpoint; `None` once the upstream
+    /// said it does not know it (it restarted): the next request replays the handshake.
+    upstream_id: Option<Box<str>>,
     transport: Transport,
     credential: Option<Box<str>>,
     /// Seconds since the proxy started, at the last request: idle sessions are dropped.
@@ -165,6 +170,7 @@ struct StoredCopy {
     initialize_params: Option<Box<str>>,
     protocol_version: Option<Box<str>>,
     metadata: Option<Box<str>>,
+    setup: SessionSetup,
 }
 
 impl StoredCopy {
@@ -184,6 +190,7 @@ impl StoredCopy {
                         .map(String::into_boxed_str)
                 })
                 .flatten(),
+            setup: session.setup.clone(),
         }
     }
 
@@ -197,8 +204,23 @@ impl StoredCopy {
             protocol_version: self.protocol_version.as_deref().map(String::from),
             initialize_params: parse(&self.initialize_params),
             credential_fingerprint: credential,
+            setup: self.setup.clone(),
         }
     }
+}
+
+/// What this proxy's memory says of a session, for a request presenting a credential.
+#[derive(Debug)]
+enum Lookup {
+    /// Mapped to a live upstream session.
+    Live(String),
+    /// Known here, but the upstream lost it: replay, from the store or from the copy here.
+    Stale,
+    /// Known here and bound to nobody, and the request has an identity: bind it first.
+    Unbound,
+    /// Not known here.
+    Absent,
+    Refused(Unknown),
 }
 
 /// Why a session id cannot be served.
@@ -217,6 +239,36 @@ enum Failure {
     /// The store did not answer within the hold time: the session may well exist, so never
     /// a 404 (which ends it for the client), but an error the client may retry.
     Store(StoreError),
+}
+
+/// What an upstream's answer to a session's request says of the session.
+enum Signal {
+    /// The upstream does not know the session (see [`protocol::is_unknown_session`]).
+    UnknownSession,
+    Answer(Answer),
+}
+
+/// Reads an error answer's body where it may say the session is unknown; any other answer is
+/// passed on untouched (its body still unread, so streams stay streams).
+async fn session_signal(answer: Answer) -> Signal {
+    let status = answer.response.status();
+    if !matches!(status.as_u16(), 400 | 401 | 404) {
+        return Signal::Answer(answer);
+    }
+    let Answer { response, held } = answer;
+    let (parts, body) = response.into_parts();
+    let body = http_body_util::Limited::new(body, protocol::SESSION_SIGNAL_LIMIT)
+        .collect()
+        .await
+        .map(|collected| collected.to_bytes())
+        .unwrap_or_default();
+    if protocol::is_unknown_session(status, &body) {
+        return Signal::UnknownSession;
+    }
+    Signal::Answer(Answer {
+        response: hyper::Response::from_parts(parts, Body::from(body)),
+        held,
+    })
 }
 
 /// A client's request, kept whole for as long as it may have to be sent again.
@@ -290,6 +342,7 @@ impl Proxy {
             unstored: Default::default(),
             retry: RetryPolicy::default(),
             unanswered: legacy::Unanswered::default(),
+            listeners: Arc::default(),
             draining: AtomicBool::new(false),
             phase: watch::Sender::new(Phase::Serving),
             in_flight: AtomicUsize::new(0),
@@ -313,47 +366,82 @@ impl Proxy {
         u32::try_from(self.started.elapsed().as_secs()).unwrap_or(u32::MAX)
     }
 
-    /// The upstream session id of a mapped Streamable HTTP session, if `credential` is the one
-    /// bound to it.
-    fn mapped(&self, bound: &Bound) -> Option<Result<String, Unknown>> {
-        self.mapped_as(
+    /// What memory says of a Streamable HTTP session, for `bound`'s credential.
+    fn lookup(&self, bound: &Bound) -> Lookup {
+        self.lookup_as(
             &bound.id,
             bound.credential.as_deref(),
             Transport::Streamable,
         )
     }
 
-    /// The upstream side of a mapped session of `transport`, if `credential` is the one bound
-    /// to it. A session of the other transport is unknown here.
-    fn mapped_as(
-        &self,
-        id: &SessionId,
-        credential: Option<&str>,
-        transport: Transport,
-    ) -> Option<Result<String, Unknown>> {
+    /// What memory says of a session of `transport`, for `credential`. A session of the other
+    /// transport is unknown here.
+    fn lookup_as(&self, id: &SessionId, credential: Option<&str>, transport: Transport) -> Lookup {
         let sessions = self.sessions_read();
-        let mapped = sessions.by_id.get(id)?;
-        if mapped.credential.as_deref() != credential {
-            return Some(Err(Unknown::OtherCredential));
+        let Some(mapped) = sessions.by_id.get(id) else {
+            return Lookup::Absent;
+        };
+        match binding::check(mapped.credential.as_deref(), credential) {
+            Binding::Mismatch => return Lookup::Refused(Unknown::OtherCredential),
+            Binding::Unbound => return Lookup::Unbound,
+            Binding::Matches => {}
         }
         if mapped.transport != transport {
-            return Some(Err(Unknown::NotFound));
+            return Lookup::Refused(Unknown::NotFound);
         }
         mapped.last_used.store(self.now_secs(), Ordering::Relaxed);
-        Some(Ok(mapped.upstream_id.to_string()))
+        match &mapped.upstream_id {
+            Some(upstream_id) => Lookup::Live(upstream_id.to_string()),
+            None => Lookup::Stale,
+        }
     }
 
     /// The upstream side of a mapped session, whoever asks.
     fn mapped_upstream(&self, id: &SessionId) -> Option<String> {
         let sessions = self.sessions_read();
-        sessions.by_id.get(id).map(|m| m.upstream_id.to_string())
+        sessions
+            .by_id
+            .get(id)
+            .and_then(|m| m.upstream_id.as_deref().map(str::to_owned))
     }
 
     /// Points a mapped session at a new upstream session.
     fn remap(&self, id: &SessionId, upstream_id: String) {
         if let Some(mapped) = self.sessions_write().by_id.get_mut(id) {
-            mapped.upstream_id = upstream_id.into_boxed_str();
+            mapped.upstream_id = Some(upstream_id.into_boxed_str());
         }
+    }
+
+    /// Binds a session bound to nobody (the seed's service wrote it) to `credential`: in the
+    /// store first, atomically, so that of two identities racing for it one wins everywhere;
+    /// then here. A session the store does not hold (evicted, or never written) is bound here.
+    async fn bind(&self, id: &SessionId, credential: &str) -> Result<(), Failure> {
+        let patch = SessionPatch {
+            bind_credential: Some(credential.to_owned()),
+            ..Default::default()
+        };
+        match self.store.update(id, patch).await {
+            Ok(Some(session))
+                if session.record.credential_fingerprint.as_deref() != Some(credential) =>
+            {
+                return Err(Failure::Unknown(Unknown::OtherCredential));
+            }
+            Ok(_) => {}
+            Err(error) => return Err(Failure::Store(error)),
+        }
+        let mut sessions = self.sessions_write();
+        let sessions = &mut *sessions;
+        if let Some(mapped) = sessions.by_id.get_mut(id)
+            && mapped.credential.is_none()
+        {
+            let bound: Box<str> = credential.into();
+            mapped.credential = Some(bound.clone());
+            release(&mut sessions.per_credential, &None);
+            *sessions.per_credential.entry(Some(bound)).or_default() += 1;
+        }
+        info!(session = %id, "a session bound to nobody is now bound to the identity using it");
+        Ok(())
     }
 
     /// The stored `initialize` params of a mapped session.
@@ -428,7 +516,7 @@ impl Proxy {
     ) {
         let credential: Option<Box<str>> = stored.credential_fingerprint.as_deref().map(Box::from);
         let mapped = Mapped {
-            upstream_id: upstream_id.into_boxed_str(),
+            upstream_id: Some(upstream_id.into_boxed_str()),
             transport,
             credential: credential.clone(),
             last_used: AtomicU32::new(self.now_secs()),
@@ -441,29 +529,29 @@ impl Proxy {
         self.metrics.sessions.set(sessions.by_id.len() as i64);
     }
 
-    /// Drops the mapping of `id`, if it still maps to `upstream_id` (a concurrent request may
-    /// have replayed meanwhile), or whatever it maps to.
-    fn unmap(&self, id: &SessionId, upstream_id: Option<&str>) {
-        let mut sessions = self.sessions_write();
-        let Some(mapped) = sessions.by_id.get(id) else {
-            return;
-        };
-        if upstream_id.is_some_and(|u| *mapped.upstream_id != *u) {
-            return;
-        }
-        if let Some(mapped) = sessions.by_id.remove(id)
-            && let Some(count) = sessions.per_credential.get_mut(&mapped.credential)
+    /// The upstream no longer knows the session it mapped `id` to: the next request replays the
+    /// handshake. Only if `id` still maps to `upstream_id` (a concurrent request may have
+    /// replayed meanwhile). The copy of what the store holds stays: while the store lacks the
+    /// session (Redis refused or evicted it), it is what the replay uses.
+    fn invalidate(&self, id: &SessionId, upstream_id: &str) {
+        if let Some(mapped) = self.sessions_write().by_id.get_mut(id)
+            && mapped.upstream_id.as_deref() == Some(upstream_id)
         {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                sessions.per_credential.remove(&mapped.credential);
-            }
+            mapped.upstream_id = None;
+        }
+    }
+
+    /// Drops everything this proxy knows of `id`.
+    fn unmap(&self, id: &SessionId) {
+        let mut sessions = self.sessions_write();
+        if let Some(mapped) = sessions.by_id.remove(id) {
+            release(&mut sessions.per_credential, &mapped.credential);
         }
         self.metrics.sessions.set(sessions.by_id.len() as i64);
     }
 
     fn forget(&self, id: &SessionId) {
-        self.unmap(id, None);
+        self.unmap(id);
         self.toucher.forget(id);
     }
 
@@ -484,11 +572,24 @@ impl Proxy {
         idle.len()
     }
 
-    fn mark_unstored(&self, id: &SessionId) {
+    /// A write of `operation` for `id` failed: the session is served from memory and written
+    /// back by [`Self::maintain`] when the store takes writes again.
+    fn mark_unstored(&self, id: &SessionId, operation: &'static str) {
+        self.metrics
+            .store_write_failures
+            .get_or_create(&metrics::OperationLabels { operation })
+            .inc();
+        let mut unstored = self.unstored.lock().unwrap_or_else(|p| p.into_inner());
+        unstored.insert(id.clone());
+        self.metrics.unstored.set(unstored.len() as i64);
+    }
+
+    /// Sessions served from memory because the store lacks them.
+    fn unstored_count(&self) -> usize {
         self.unstored
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id.clone());
+            .len()
     }
 
     /// Writes a session this proxy serves back into the store, which lost it or was down.
@@ -505,15 +606,15 @@ impl Proxy {
         };
         match self.store.create_or_rehydrate(id, session).await {
             Ok(_) => {
-                self.unstored
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(id);
-                info!(session = %id, "session written back to the store");
+                let mut unstored = self.unstored.lock().unwrap_or_else(|p| p.into_inner());
+                if unstored.remove(id) {
+                    info!(session = %id, "session written back to the store");
+                }
+                self.metrics.unstored.set(unstored.len() as i64);
             }
             Err(error) => {
-                debug!(session = %id, %error, "the store is still unavailable");
-                self.mark_unstored(id);
+                debug!(session = %id, %error, "the store does not take the session yet");
+                self.mark_unstored(id, "restore");
             }
         }
     }
@@ -625,10 +726,39 @@ impl Proxy {
             Err(failure) => return self.failure(failure, &exchange),
         };
         if let Some(bound) = &exchange.session {
-            self.after_answer(&exchange.method, &bound.id, answer.response.status())
-                .await;
+            let status = answer.response.status();
+            if status.is_success() {
+                self.record_setup(&bound.id, &exchange);
+            }
+            self.after_answer(&exchange.method, &bound.id, status).await;
         }
         self.deliver(exchange, answer.response, None).await
+    }
+
+    /// Keeps what a request set up in the session (a subscription, the log level), in memory
+    /// and in the store, for the replays to set it up again.
+    fn record_setup(&self, id: &SessionId, exchange: &Exchange) {
+        let Some(change) = exchange
+            .head
+            .as_ref()
+            .and_then(|head| head.method.as_deref())
+            .filter(|method| protocol::SETUP_METHODS.contains(method))
+            .and_then(|_| protocol::setup_change(&exchange.body))
+        else {
+            return;
+        };
+        let changed = self
+            .sessions_write()
+            .by_id
+            .get_mut(id)
+            .is_some_and(|mapped| mapped.stored.setup.apply(change.clone()));
+        if changed {
+            let patch = SessionPatch {
+                setup: Some(change),
+                ..Default::default()
+            };
+            self.patch_in_background(id, patch);
+        }
     }
 
     /// Bookkeeping after the upstream answered a session's request.
@@ -649,8 +779,8 @@ impl Proxy {
             Ok(Touched::Draining) => self.take_over(id).await,
             Ok(Touched::Written | Touched::Skipped) => {}
             Err(error) => {
-                debug!(session = %id, %error, "touch failed; the store may be down");
-                self.mark_unstored(id);
+                debug!(session = %id, %error, "touch failed; the store may be down or full");
+                self.mark_unstored(id, "touch");
             }
         }
     }
@@ -735,16 +865,23 @@ impl Proxy {
             match sent {
                 Ok(answer) => {
                     held |= answer.held;
-                    let gone = answer.response.status() == StatusCode::NOT_FOUND;
-                    if let (true, Some(bound)) = (gone, &exchange.session)
-                        && attempt < MAX_ATTEMPTS
-                    {
+                    let (Some(bound), Some(upstream_id)) = (&exchange.session, &upstream_id) else {
+                        break Ok(answer);
+                    };
+                    match session_signal(answer).await {
                         // The upstream lost the session (it restarted): replay and send again.
-                        debug!(session = %bound.id, "upstream answered 404; replaying the handshake");
-                        self.unmap(&bound.id, upstream_id.as_deref());
-                        continue;
+                        Signal::UnknownSession if attempt < MAX_ATTEMPTS => {
+                            debug!(session = %bound.id, "the upstream does not know the session; replaying the handshake");
+                            self.invalidate(&bound.id, upstream_id);
+                        }
+                        Signal::UnknownSession => {
+                            break Err(Failure::Upstream(UpstreamError::Unavailable(
+                                self.config.hold,
+                                "the MCP server keeps refusing the replayed session".into(),
+                            )));
+                        }
+                        Signal::Answer(answer) => break Ok(answer),
                     }
-                    break Ok(answer);
                 }
                 Err(UpstreamError::Lost(reason))
                     if attempt < MAX_ATTEMPTS && self.may_resend(exchange) =>
@@ -773,10 +910,15 @@ impl Proxy {
         bound: &Bound,
         exchange: &Exchange,
     ) -> Result<String, Failure> {
-        match self.mapped(bound) {
-            Some(Ok(upstream_id)) => Ok(upstream_id),
-            Some(Err(unknown)) => Err(Failure::Unknown(unknown)),
-            None => self.replay(bound, exchange).await,
+        let mut lookup = self.lookup(bound);
+        if let (Lookup::Unbound, Some(credential)) = (&lookup, &bound.credential) {
+            self.bind(&bound.id, credential).await?;
+            lookup = self.lookup(bound);
+        }
+        match lookup {
+            Lookup::Live(upstream_id) => Ok(upstream_id),
+            Lookup::Refused(unknown) => Err(Failure::Unknown(unknown)),
+            Lookup::Stale | Lookup::Absent | Lookup::Unbound => self.replay(bound, exchange).await,
         }
     }
 
@@ -785,7 +927,7 @@ impl Proxy {
     async fn deliver(
         self: &Arc<Self>,
         exchange: Exchange,
-        response: hyper::Response<hyper::body::Incoming>,
+        response: hyper::Response<Body>,
         resumed: Option<relay::Resumed>,
     ) -> Response {
         let (mut parts, body) = response.into_parts();
@@ -822,7 +964,7 @@ impl Proxy {
                 ),
             };
         }
-        Response::from_parts(parts, Body::new(body))
+        Response::from_parts(parts, body)
     }
 
     /// A new session: forward `initialize`, then give the client an id of our own.
@@ -859,7 +1001,7 @@ impl Proxy {
         if let Err(error) = self.store.create_or_rehydrate(&id, new).await {
             // Served from memory meanwhile, and written as soon as the store is back.
             warn!(session = %id, %error, "cannot store the new session");
-            self.mark_unstored(&id);
+            self.mark_unstored(&id, "create");
         }
         info!(session = %id, "session created");
         exchange.session = Some(Bound { id, credential });
@@ -905,9 +1047,15 @@ impl Proxy {
     /// in memory already has it, and is written back whole if the store lost the session.
     fn patch_in_background(&self, id: &SessionId, patch: SessionPatch) {
         let (store, id) = (self.store.clone(), id.clone());
+        let failures = self.metrics.store_write_failures.clone();
         tokio::spawn(async move {
             if let Err(error) = store.update(&id, patch).await {
-                debug!(session = %id, %error, "cannot update the session in the store");
+                failures
+                    .get_or_create(&metrics::OperationLabels {
+                        operation: "update",
+                    })
+                    .inc();
+                warn!(session = %id, %error, "cannot update the session in the store");
             }
         });
     }
@@ -977,20 +1125,25 @@ impl Proxy {
         }
     }
 
-    /// Is `bound.credential` the one the session is bound to?
+    /// Is `bound.credential` the one the session is bound to (binding a session bound to
+    /// nobody)?
     async fn authorize(&self, bound: &Bound) -> Result<(), Failure> {
-        if let Some(mapped) = self.mapped(bound) {
-            return mapped.map(|_| ()).map_err(Failure::Unknown);
-        }
-        match self.stored(&bound.id).await? {
-            Some(session)
-                if session.record.credential_fingerprint.as_deref()
-                    == bound.credential.as_deref() =>
-            {
-                Ok(())
-            }
-            Some(_) => Err(Failure::Unknown(Unknown::OtherCredential)),
-            None => Err(Failure::Unknown(Unknown::NotFound)),
+        let binding = match self.lookup(bound) {
+            Lookup::Live(_) | Lookup::Stale => return Ok(()),
+            Lookup::Refused(unknown) => return Err(Failure::Unknown(unknown)),
+            Lookup::Unbound => Binding::Unbound,
+            Lookup::Absent => match self.stored(&bound.id).await? {
+                Some(session) => binding::check(
+                    session.record.credential_fingerprint.as_deref(),
+                    bound.credential.as_deref(),
+                ),
+                None => return Err(Failure::Unknown(Unknown::NotFound)),
+            },
+        };
+        match (binding, &bound.credential) {
+            (Binding::Matches, _) => Ok(()),
+            (Binding::Unbound, Some(credential)) => self.bind(&bound.id, credential).await,
+            _ => Err(Failure::Unknown(Unknown::OtherCredential)),
         }
     }
 
@@ -1022,7 +1175,8 @@ impl Proxy {
     }
 
     /// Makes a fresh upstream session for the client's session from the stored handshake,
-    /// at the MCP endpoint the client uses.
+    /// at the MCP endpoint the client uses; then, unless the request is the listening stream's
+    /// own, lets that stream reopen before the request goes on.
     async fn replay(&self, bound: &Bound, exchange: &Exchange) -> Result<String, Failure> {
         let id = &bound.id;
         let lock = self
@@ -1040,36 +1194,78 @@ impl Proxy {
         };
         // The lock only orders the requests that arrive during a replay: the last one out
         // removes it, so the map does not keep an entry per session ever replayed.
-        let mut replays = self.replays.lock().await;
-        if replays
-            .get(id)
-            .is_some_and(|current| Arc::ptr_eq(current, &lock))
-            && Arc::strong_count(&lock) == 2
         {
-            replays.remove(id);
+            let mut replays = self.replays.lock().await;
+            if replays
+                .get(id)
+                .is_some_and(|current| Arc::ptr_eq(current, &lock))
+                && Arc::strong_count(&lock) == 2
+            {
+                replays.remove(id);
+            }
+        }
+        if result.is_ok() && exchange.stream_kind() != StreamKind::Listen {
+            self.listeners.reopen(id).await;
         }
         result
     }
 
+    /// What a replay starts from: the store's record where it has one (another pod may have
+    /// changed it), else the copy in memory (the store refused or evicted the session, or is
+    /// down): an upstream restart never loses a session this proxy serves.
+    async fn replay_source(&self, id: &SessionId) -> Result<Option<(NewSession, bool)>, Failure> {
+        let in_memory = {
+            let sessions = self.sessions_read();
+            sessions.by_id.get(id).map(|mapped| {
+                mapped.stored.to_new_session(
+                    self.config.pod_name.clone(),
+                    mapped.credential.as_deref().map(String::from),
+                )
+            })
+        };
+        let Some(in_memory) = in_memory else {
+            // Nothing here to fall back on: wait out a store outage.
+            return Ok(self
+                .stored(id)
+                .await?
+                .map(|session| (NewSession::from_record(session.record), true)));
+        };
+        match self.store.get(id).await {
+            Ok(Some(session)) => Ok(Some((NewSession::from_record(session.record), true))),
+            Ok(None) => {
+                warn!(session = %id, "the store lacks a session served here; replaying from memory");
+                Ok(Some((in_memory, false)))
+            }
+            Err(error) => {
+                debug!(session = %id, %error, "the store is unavailable; replaying from memory");
+                Ok(Some((in_memory, false)))
+            }
+        }
+    }
+
     async fn replay_locked(&self, bound: &Bound, exchange: &Exchange) -> Result<String, Failure> {
         let id = &bound.id;
-        if let Some(mapped) = self.mapped(bound) {
-            // Another request of this session replayed meanwhile.
-            return mapped.map_err(Failure::Unknown);
-        }
         let unknown = |why| Err(Failure::Unknown(why));
-        let Some(session) = self.stored(id).await? else {
+        match self.lookup(bound) {
+            // Another request of this session replayed meanwhile.
+            Lookup::Live(upstream_id) => return Ok(upstream_id),
+            Lookup::Refused(why) => return unknown(why),
+            Lookup::Stale | Lookup::Absent | Lookup::Unbound => {}
+        }
+        let Some((session, in_store)) = self.replay_source(id).await? else {
             return unknown(Unknown::NotFound);
         };
-        let record = &session.record;
-        if record.credential_fingerprint.is_some()
-            && record.credential_fingerprint != bound.credential
-        {
+        let binding = binding::check(
+            session.credential_fingerprint.as_deref(),
+            bound.credential.as_deref(),
+        );
+        if binding == Binding::Mismatch {
             return unknown(Unknown::OtherCredential);
         }
         // Whether this call moved the session here, and whether it moved from a drained pod.
         let (mut claimed, mut rehydrating) = (false, false);
-        if record.owner_pod != self.config.pod_name
+        if in_store
+            && session.owner_pod != self.config.pod_name
             && let Some(claim) = self.claim_here(id, bound.credential.clone()).await
         {
             let outcome = match claim {
@@ -1090,7 +1286,55 @@ impl Proxy {
             };
             metrics::inc(&self.metrics.claims, outcome);
         }
-        let params = record.initialize_params.clone().unwrap_or(Value::Null);
+        // A claim binds a session bound to nobody; a session served without one is bound here.
+        let credential = match (binding, &bound.credential) {
+            (Binding::Unbound, Some(credential)) => {
+                if !claimed {
+                    self.bind(id, credential).await?;
+                }
+                Some(credential.clone())
+            }
+            _ => session.credential_fingerprint.clone(),
+        };
+        let path = exchange.path.split('?').next().unwrap_or(&exchange.path);
+        let headers = self.replay_headers(exchange);
+        let upstream_id = match self.handshake(path, headers, &session).await? {
+            Some(upstream_id) => upstream_id,
+            None => {
+                metrics::inc(&self.metrics.replays, "refused");
+                warn!("the upstream refused the replayed initialize; the session is lost");
+                // Counted once, by the proxy that took the session over; the client's retries
+                // (here or on other pods, which now see it owned) are the same loss.
+                if claimed {
+                    self.report(Tally::Lost, 1);
+                }
+                return unknown(Unknown::NotFound);
+            }
+        };
+        metrics::inc(&self.metrics.replays, "replayed");
+        info!(
+            subscriptions = session.setup.subscriptions.len(),
+            from_memory = !in_store,
+            "handshake replayed to the upstream"
+        );
+        if rehydrating {
+            self.report(Tally::Rehydrated, 1);
+        }
+        let stored = NewSession {
+            owner_pod: self.config.pod_name.clone(),
+            credential_fingerprint: credential,
+            ..session
+        };
+        self.remember(id, upstream_id.clone(), Transport::Streamable, stored);
+        if !in_store {
+            self.restore(id).await;
+        }
+        Ok(upstream_id)
+    }
+
+    /// Headers of the messages a replay sends: the client's credential, JSON in, JSON or an
+    /// event stream out.
+    fn replay_headers(&self, exchange: &Exchange) -> HeaderMap {
         let mut headers = HeaderMap::new();
         if let Some(value) = exchange.headers.get(header::AUTHORIZATION) {
             headers.insert(header::AUTHORIZATION, value.clone());
@@ -1103,7 +1347,19 @@ impl Proxy {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        let path = exchange.path.split('?').next().unwrap_or(&exchange.path);
+        headers
+    }
+
+    /// Sends `session`'s handshake (`initialize`, `notifications/initialized`) and then the
+    /// requests that set up what the client had set up (subscriptions, the log level) to the
+    /// upstream at `path`; the new upstream session id, `None` if the upstream refused it.
+    async fn handshake(
+        &self,
+        path: &str,
+        mut headers: HeaderMap,
+        session: &NewSession,
+    ) -> Result<Option<String>, Failure> {
+        let params = session.initialize_params.clone().unwrap_or(Value::Null);
         let answer = self
             .upstream
             .send(
@@ -1124,49 +1380,35 @@ impl Proxy {
         // The initialize result (JSON or one SSE event) is not the client's to see.
         let _ = answer.response.into_body().collect().await;
         let Some(upstream_id) = upstream_id.filter(|_| status.is_success()) else {
-            metrics::inc(&self.metrics.replays, "refused");
-            warn!(%status, "the upstream refused the replayed initialize; the session is lost");
-            // Counted once, by the proxy that took the session over; the client's retries
-            // (here or on other pods, which now see it owned) are the same loss.
-            if claimed {
-                self.report(Tally::Lost, 1);
-            }
-            return unknown(Unknown::NotFound);
+            return Ok(None);
         };
         headers.insert(SESSION_HEADER, header_or_empty(&upstream_id));
-        if let Some(version) = record
+        if let Some(version) = session
             .protocol_version
             .as_deref()
             .and_then(protocol::header_value)
         {
             headers.insert(PROTOCOL_VERSION_HEADER, version);
         }
-        if let Ok(answer) = self
-            .upstream
-            .send(
-                &Method::POST,
-                path,
-                &headers,
-                protocol::initialized_notification(),
-            )
-            .await
-        {
-            let _ = answer.response.into_body().collect().await;
+        let messages = std::iter::once(protocol::initialized_notification())
+            .chain(protocol::setup_requests(&session.setup));
+        for message in messages {
+            match self
+                .upstream
+                .send(&Method::POST, path, &headers, message)
+                .await
+            {
+                Ok(answer) => {
+                    let status = answer.response.status();
+                    let _ = answer.response.into_body().collect().await;
+                    if !status.is_success() {
+                        warn!(%status, "the upstream refused a replayed setup request");
+                    }
+                }
+                Err(error) => warn!(%error, "cannot replay a setup request"),
+            }
         }
-        metrics::inc(&self.metrics.replays, "replayed");
-        info!("handshake replayed to the upstream");
-        if rehydrating {
-            self.report(Tally::Rehydrated, 1);
-        }
-        let stored = NewSession {
-            owner_pod: self.config.pod_name.clone(),
-            metadata: record.metadata.clone(),
-            protocol_version: record.protocol_version.clone(),
-            initialize_params: record.initialize_params.clone(),
-            credential_fingerprint: record.credential_fingerprint.clone(),
-        };
-        self.remember(id, upstream_id.clone(), Transport::Streamable, stored);
-        Ok(upstream_id)
+        Ok(Some(upstream_id))
     }
 
     fn failure(&self, failure: Failure, exchange: &Exchange) -> Response {
@@ -1314,6 +1556,16 @@ impl Proxy {
     }
 }
 
+/// One session fewer for `credential`.
+fn release(per_credential: &mut HashMap<Option<Box<str>>, usize>, credential: &Option<Box<str>>) {
+    if let Some(count) = per_credential.get_mut(credential) {
+        *count = count.saturating_sub(1);
+        if *count == 0 {
+            per_credential.remove(credential);
+        }
+    }
+}
+
 fn header_or_empty(value: &str) -> HeaderValue {
     HeaderValue::from_str(value).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
@@ -1392,6 +1644,10 @@ mod tests {
                 serde_json::json!({"capabilities": {"roots": []}, "clientInfo": {"name": "c"}}),
             ),
             credential_fingerprint: Some("fp".into()),
+            setup: SessionSetup {
+                subscriptions: vec!["demo://resource/1".into()],
+                log_level: Some("debug".into()),
+            },
         };
         let copy = StoredCopy::of(&session);
         let restored = copy.to_new_session(Some("pod-b".into()), Some("fp".into()));
@@ -1400,6 +1656,7 @@ mod tests {
         assert_eq!(restored.protocol_version, session.protocol_version);
         assert_eq!(restored.initialize_params, session.initialize_params);
         assert_eq!(restored.credential_fingerprint.as_deref(), Some("fp"));
+        assert_eq!(restored.setup, session.setup);
         let empty = StoredCopy::of(&NewSession::default());
         assert!(empty.metadata.is_none() && empty.initialize_params.is_none());
     }

@@ -6,6 +6,8 @@ use serde::Deserialize;
 use serde::de::IgnoredAny;
 use serde_json::{Value, json};
 
+use crate::store::{SessionSetup, SetupChange};
+
 pub const SESSION_HEADER: HeaderName = HeaderName::from_static("mcp-session-id");
 pub const PROTOCOL_VERSION_HEADER: HeaderName = HeaderName::from_static("mcp-protocol-version");
 pub const LAST_EVENT_ID_HEADER: HeaderName = HeaderName::from_static("last-event-id");
@@ -55,6 +57,57 @@ impl MessageHead {
     pub fn tool(&self) -> Option<&str> {
         self.params.as_ref()?.name.as_ref()?.as_str()
     }
+}
+
+/// Largest error body read to tell an unknown session from a genuine refusal.
+pub const SESSION_SIGNAL_LIMIT: usize = 16 * 1024;
+
+/// Does an upstream's answer to a request that carried `Mcp-Session-Id` say it does not know
+/// that session (it restarted, or never had it)? The spec says 404; servers in the field also
+/// answer 400 (the TypeScript SDK's example servers and `server-everything`: "Bad Request: No
+/// valid session ID provided"; a single-transport TypeScript server: "Server not initialized")
+/// and some 401 ("Session not found"). A 400 or 401 counts only when its message speaks of the
+/// session, so a genuine bad request (a parse error, an expired token) is passed to the client
+/// and never replayed. docs/proxy.md has the survey behind these rules.
+pub fn is_unknown_session(status: axum::http::StatusCode, body: &[u8]) -> bool {
+    match status.as_u16() {
+        404 => true,
+        400 | 401 => {
+            let text =
+                error_message(body).unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
+            speaks_of_unknown_session(&text.to_ascii_lowercase())
+        }
+        _ => false,
+    }
+}
+
+/// The `error.message` of a JSON-RPC error body.
+fn error_message(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct ErrorBody {
+        error: ErrorObject,
+    }
+    #[derive(Deserialize)]
+    struct ErrorObject {
+        message: String,
+    }
+    serde_json::from_slice::<ErrorBody>(body)
+        .ok()
+        .map(|b| b.error.message)
+}
+
+fn speaks_of_unknown_session(message: &str) -> bool {
+    const UNKNOWN: [&str; 7] = [
+        "not found",
+        "no valid",
+        "invalid",
+        "unknown",
+        "missing",
+        "expired",
+        "terminated",
+    ];
+    (message.contains("session") && UNKNOWN.iter().any(|word| message.contains(word)))
+        || message.contains("server not initialized")
 }
 
 /// Headers that belong to one connection, never forwarded (RFC 9110 §7.6.1).
@@ -120,6 +173,96 @@ pub fn error_body(id: Option<Value>, code: i64, message: &str) -> Vec<u8> {
         .unwrap_or_default()
 }
 
+/// The token and value of a `notifications/progress` message.
+pub fn progress(message: &[u8]) -> Option<(String, f64)> {
+    #[derive(Deserialize)]
+    struct Notification {
+        method: String,
+        params: Params,
+    }
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Params {
+        progress_token: Value,
+        progress: f64,
+    }
+    // Cheap refusal of everything else before any parse: this runs on every relayed event.
+    if !message
+        .windows(b"notifications/progress".len())
+        .any(|w| w == b"notifications/progress")
+    {
+        return None;
+    }
+    let notification: Notification = serde_json::from_slice(message).ok()?;
+    (notification.method == "notifications/progress").then(|| {
+        (
+            notification.params.progress_token.to_string(),
+            notification.params.progress,
+        )
+    })
+}
+
+/// Requests that set up session state a fresh upstream does not have (MCP 2025-11-25).
+pub const SETUP_METHODS: [&str; 3] = [
+    "resources/subscribe",
+    "resources/unsubscribe",
+    "logging/setLevel",
+];
+
+/// The change a setup request (one of [`SETUP_METHODS`]) makes.
+pub fn setup_change(body: &[u8]) -> Option<SetupChange> {
+    #[derive(Deserialize)]
+    struct Request {
+        method: String,
+        params: Params,
+    }
+    #[derive(Deserialize)]
+    struct Params {
+        #[serde(default)]
+        uri: Option<String>,
+        #[serde(default)]
+        level: Option<String>,
+    }
+    let request: Request = serde_json::from_slice(body).ok()?;
+    match (request.method.as_str(), request.params) {
+        ("resources/subscribe", Params { uri: Some(uri), .. }) => Some(SetupChange::Subscribe(uri)),
+        ("resources/unsubscribe", Params { uri: Some(uri), .. }) => {
+            Some(SetupChange::Unsubscribe(uri))
+        }
+        (
+            "logging/setLevel",
+            Params {
+                level: Some(level), ..
+            },
+        ) => Some(SetupChange::LogLevel(level)),
+        _ => None,
+    }
+}
+
+/// The requests that set `setup` up again on a fresh upstream session, ids of the proxy's own.
+pub fn setup_requests(setup: &SessionSetup) -> impl Iterator<Item = Bytes> + '_ {
+    let level = setup
+        .log_level
+        .iter()
+        .map(|level| ("logging/setLevel", json!({"level": level})));
+    let subscriptions = setup
+        .subscriptions
+        .iter()
+        .map(|uri| ("resources/subscribe", json!({"uri": uri})));
+    level
+        .chain(subscriptions)
+        .enumerate()
+        .map(|(n, (method, params))| {
+            let id = format!("{REPLAY_REQUEST_ID}-setup-{n}");
+            Bytes::from(
+                serde_json::to_vec(
+                    &json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}),
+                )
+                .unwrap_or_default(),
+            )
+        })
+}
+
 /// The id of the `initialize` requests the proxy replays: their answers are the proxy's.
 pub const REPLAY_REQUEST_ID: &str = "mcp-session-proxy-replay";
 
@@ -177,6 +320,104 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn unknown_sessions_as_the_servers_in_the_field_say_it() {
+        use axum::http::StatusCode;
+        let unknown = [
+            // The spec, the Python SDK, the TypeScript SDK's transport.
+            (404, &br#"{"jsonrpc":"2.0","id":"x","error":{"code":-32001,"message":"Session not found"}}"#[..]),
+            (404, b""),
+            // server-everything and the TypeScript SDK's example servers.
+            (400, br#"{"jsonrpc":"2.0","error":{"code":-32000,"message":"Bad Request: No valid session ID provided"},"id":1}"#),
+            // A single-transport TypeScript server that restarted.
+            (400, br#"{"jsonrpc":"2.0","error":{"code":-32000,"message":"Bad Request: Server not initialized"},"id":null}"#),
+            // Plain-text answers (the conformance suite's servers on GET, some Python servers).
+            (400, b"Invalid or missing session ID"),
+            (400, b"Bad Request: No valid session ID provided"),
+            (401, b"Unauthorized: Session not found"),
+        ];
+        for (status, body) in unknown {
+            let status = StatusCode::from_u16(status).unwrap();
+            assert!(
+                is_unknown_session(status, body),
+                "{status} {}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        let genuine = [
+            (400, &br#"{"jsonrpc":"2.0","error":{"code":-32700,"message":"Parse error"},"id":null}"#[..]),
+            (400, br#"{"jsonrpc":"2.0","error":{"code":-32600,"message":"Invalid Request"},"id":1}"#),
+            (400, br#"{"jsonrpc":"2.0","error":{"code":-32000,"message":"Bad Request: Unsupported protocol version"},"id":1}"#),
+            (400, b"Bad Request"),
+            (401, br#"{"error":"invalid_token","error_description":"The access token expired"}"#),
+            (403, b"Session forbidden"),
+            (500, b"session not found"),
+            (200, b"session not found"),
+        ];
+        for (status, body) in genuine {
+            let status = StatusCode::from_u16(status).unwrap();
+            assert!(
+                !is_unknown_session(status, body),
+                "{status} {}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn progress_of_notifications() {
+        assert_eq!(
+            progress(br#"{"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":"t","progress":3,"total":10}}"#),
+            Some(("\"t\"".into(), 3.0))
+        );
+        assert_eq!(
+            progress(br#"{"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":7,"progress":0.5}}"#),
+            Some(("7".into(), 0.5))
+        );
+        assert_eq!(progress(br#"{"jsonrpc":"2.0","id":1,"result":{}}"#), None);
+        assert_eq!(
+            progress(br#"{"method":"notifications/progress","params":{}}"#),
+            None
+        );
+    }
+
+    #[test]
+    fn setup_requests_are_recorded_and_replayed() {
+        let subscribe = br#"{"jsonrpc":"2.0","id":4,"method":"resources/subscribe","params":{"uri":"demo://resource/static/document/architecture.md"}}"#;
+        assert_eq!(
+            setup_change(subscribe),
+            Some(SetupChange::Subscribe(
+                "demo://resource/static/document/architecture.md".into()
+            ))
+        );
+        let level =
+            br#"{"jsonrpc":"2.0","id":5,"method":"logging/setLevel","params":{"level":"debug"}}"#;
+        assert_eq!(
+            setup_change(level),
+            Some(SetupChange::LogLevel("debug".into()))
+        );
+        for other in [
+            &br#"{"jsonrpc":"2.0","id":6,"method":"resources/subscribe","params":{}}"#[..],
+            br#"{"jsonrpc":"2.0","id":6,"method":"tools/call","params":{"name":"x"}}"#,
+            b"[]",
+        ] {
+            assert_eq!(setup_change(other), None);
+        }
+        let setup = SessionSetup {
+            subscriptions: vec!["a://1".into(), "a://2".into()],
+            log_level: Some("debug".into()),
+        };
+        let requests: Vec<Value> = setup_requests(&setup)
+            .map(|body| serde_json::from_slice(&body).unwrap())
+            .collect();
+        assert_eq!(requests.len(), 3);
+        assert_eq!(requests[0]["method"], "logging/setLevel");
+        assert_eq!(requests[2]["params"]["uri"], "a://2");
+        let ids: std::collections::HashSet<String> =
+            requests.iter().map(|r| r["id"].to_string()).collect();
+        assert_eq!(ids.len(), 3, "distinct ids");
     }
 
     #[test]

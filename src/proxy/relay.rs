@@ -4,7 +4,11 @@
 //! - numbers the events of a session's stream with the proxy's own ids and logs them for
 //!   `Last-Event-ID` resumption ([`super::events`]);
 //! - keeps a listening (GET) stream open across upstream restarts by opening a new upstream
-//!   stream behind it;
+//!   stream behind it, at once when a replay asks ([`super::listeners`]);
+//! - resumes a response stream the upstream closed on purpose before its answer (SSE polling,
+//!   2025-11-25) with the upstream's own `Last-Event-ID`, so the client's stream simply goes on;
+//! - never lets a progress notification go backwards (a resent request starts its progress
+//!   over, under the same token);
 //! - on a response (POST) stream that ends before the request's answer (the upstream died), sends
 //!   the request again if executing it twice is safe ([`super::retry`]), else answers for it with
 //!   a JSON-RPC error: the client always gets an answer, never a stream that just stops;
@@ -19,14 +23,14 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use bytes::Bytes;
 use http_body_util::BodyExt as _;
-use hyper::body::Incoming;
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use super::events::{StreamKind, StreamTag};
+use super::listeners::Registration;
 use super::metrics::{self, KindLabels};
-use super::protocol::{self, MessageHead};
+use super::protocol::{self, LAST_EVENT_ID_HEADER, MessageHead, SESSION_HEADER};
 use super::sse::{self, Event};
 use super::{Exchange, Failure, Phase, Proxy, UPSTREAM_UNAVAILABLE};
 use crate::store::LoggedEvent;
@@ -58,6 +62,9 @@ const BUFFERED_CHUNKS: usize = 16;
 /// is shutting down still accepts requests and drops them: the resend waits for its successor.
 const FIRST_RESEND_PAUSE: Duration = Duration::from_millis(50);
 
+/// Resumptions in a row that brought no new event before a response stream gives up on them.
+const MAX_IDLE_RESUMPTIONS: u32 = 3;
+
 /// A resumed listening stream: its identity, where the client left it, and the logged events
 /// it missed.
 pub struct Resumed {
@@ -67,12 +74,7 @@ pub struct Resumed {
 }
 
 /// Starts relaying `body` and returns the client's side of it.
-pub fn start(
-    proxy: Arc<Proxy>,
-    exchange: Exchange,
-    body: Incoming,
-    resumed: Option<Resumed>,
-) -> Body {
+pub fn start(proxy: Arc<Proxy>, exchange: Exchange, body: Body, resumed: Option<Resumed>) -> Body {
     let (out, client) = mpsc::channel(BUFFERED_CHUNKS);
     let kind = exchange.stream_kind();
     let open = Open::new(proxy.clone(), kind);
@@ -89,6 +91,10 @@ pub fn start(
             0,
             Vec::new(),
         ),
+    };
+    let listening = match (kind, &exchange.session) {
+        (StreamKind::Listen, Some(bound)) => Some(proxy.listeners.register(&bound.id)),
+        _ => None,
     };
     let span = info_span!(
         "stream",
@@ -110,6 +116,10 @@ pub fn start(
         out,
         resend_pause: FIRST_RESEND_PAUSE,
         started: Instant::now(),
+        listening,
+        upstream_event: None,
+        upstream_retry: None,
+        progress: Default::default(),
     };
     tokio::spawn(relay.run(body, backlog, open).instrument(span));
     channel_body(client)
@@ -166,8 +176,10 @@ fn labels(kind: StreamKind) -> KindLabels {
 
 /// Why pumping stopped.
 enum End {
-    /// The upstream's stream ended or broke.
-    Upstream,
+    /// The upstream ended its stream, with its terminating chunk: on purpose.
+    UpstreamClosed,
+    /// The upstream's stream broke (the server went away).
+    UpstreamBroke,
     /// The client went away.
     ClientGone,
     /// The drain reached this stream.
@@ -190,6 +202,14 @@ struct Relay {
     /// upstream.
     resend_pause: Duration,
     started: Instant,
+    /// A listening stream's place among the session's, which a replay wakes.
+    listening: Option<Registration>,
+    /// The id of the upstream's last event on this stream, and the reconnection delay it
+    /// asked for: where a stream it closed on purpose resumes.
+    upstream_event: Option<String>,
+    upstream_retry: Option<u64>,
+    /// The highest progress relayed per progress token: a resent request starts over.
+    progress: std::collections::HashMap<String, f64>,
 }
 
 /// Resolves once the drain has reached streams of `kind`.
@@ -204,29 +224,45 @@ async fn closing(phase: &mut watch::Receiver<Phase>, kind: StreamKind) {
 }
 
 impl Relay {
-    async fn run(mut self, mut body: Incoming, backlog: Vec<(u64, LoggedEvent)>, _open: Open) {
+    async fn run(mut self, mut body: Body, backlog: Vec<(u64, LoggedEvent)>, _open: Open) {
         for (_, logged) in backlog {
             if self.out.send(logged_event(logged).encode()).await.is_err() {
                 return;
             }
         }
         let mut quick_ends = 0_u32;
+        let mut idle_resumptions = 0_u32;
         loop {
             let opened = Instant::now();
-            match self.pump(&mut body).await {
-                End::ClientGone => return,
-                End::Closing => return self.close().await,
-                End::Upstream => {}
-            }
-            let next = match self.kind {
-                StreamKind::Response if self.answered || self.awaited.is_none() => return,
-                StreamKind::Response => self.resend().await,
-                StreamKind::Listen => {
-                    // An upstream that ends every stream at once must not be hammered.
+            let resumable_from = self.upstream_event.clone();
+            let end = self.pump(&mut body).await;
+            let next = match (end, self.kind) {
+                (End::ClientGone, _) => return,
+                (End::Closing, _) => return self.close().await,
+                (_, StreamKind::Response) if self.answered || self.awaited.is_none() => return,
+                // Closed on purpose after an event with an id: the server keeps the answer
+                // for a resumption (SSE polling).
+                (End::UpstreamClosed, StreamKind::Response)
+                    if self.upstream_event.is_some() && idle_resumptions < MAX_IDLE_RESUMPTIONS =>
+                {
+                    if self.upstream_event == resumable_from {
+                        idle_resumptions += 1;
+                    } else {
+                        idle_resumptions = 0;
+                    }
+                    match self.resume_upstream().await {
+                        Some(next) => Some(next),
+                        None => self.resend().await,
+                    }
+                }
+                (_, StreamKind::Response) => self.resend().await,
+                (_, StreamKind::Listen) => {
+                    // An upstream that ends every stream at once must not be hammered; a
+                    // replay wakes the relay at once.
                     if opened.elapsed() < Duration::from_secs(1) {
                         quick_ends = (quick_ends + 1).min(6);
                         let pause = Duration::from_millis(50 << quick_ends);
-                        tokio::time::sleep(pause).await;
+                        self.backoff(pause).await;
                     } else {
                         quick_ends = 0;
                     }
@@ -244,8 +280,68 @@ impl Relay {
         }
     }
 
+    /// Waits `pause`, or less if a replay asks the listening stream to reopen.
+    async fn backoff(&self, pause: Duration) {
+        match &self.listening {
+            Some(listening) => {
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = listening.woken() => {}
+                }
+            }
+            None => tokio::time::sleep(pause).await,
+        }
+    }
+
+    /// Resumes a response stream the upstream closed on purpose: after the delay it asked
+    /// for, a GET with its last event id on the same upstream session (never a replay: a fresh
+    /// upstream session would not know the events). `None` if the upstream will not resume it.
+    async fn resume_upstream(&mut self) -> Option<Body> {
+        let bound = self.exchange.session.as_ref()?;
+        let last = self.upstream_event.clone()?;
+        let super::Lookup::Live(upstream_id) = self.proxy.lookup(bound) else {
+            return None;
+        };
+        let delay = Duration::from_millis(self.upstream_retry.unwrap_or(0).min(60_000));
+        tokio::select! {
+            () = closing(&mut self.phase, self.kind) => return None,
+            () = tokio::time::sleep(delay) => {}
+        }
+        let mut headers = self.exchange.headers.clone();
+        headers.remove(axum::http::header::CONTENT_TYPE);
+        headers.insert(SESSION_HEADER, protocol::header_value(&upstream_id)?);
+        headers.insert(LAST_EVENT_ID_HEADER, protocol::header_value(&last)?);
+        headers.insert(
+            axum::http::header::ACCEPT,
+            axum::http::HeaderValue::from_static("text/event-stream"),
+        );
+        let path = self.exchange.path.clone();
+        let sent = tokio::select! {
+            () = closing(&mut self.phase, self.kind) => return None,
+            sent = self.proxy.upstream.send(&axum::http::Method::GET, &path, &headers, Bytes::new()) => sent,
+        };
+        match sent {
+            Ok(answer)
+                if answer.response.status().is_success()
+                    && protocol::is_event_stream(answer.response.headers()) =>
+            {
+                metrics::inc(&self.proxy.metrics.unanswered, "resumed");
+                info!(last_event = %last, "the upstream closed the response stream before its answer; resumed it");
+                Some(answer.response.into_body())
+            }
+            Ok(answer) => {
+                debug!(status = %answer.response.status(), "the upstream did not resume the stream");
+                None
+            }
+            Err(error) => {
+                debug!(%error, "cannot resume the stream");
+                None
+            }
+        }
+    }
+
     /// Relays events until the upstream's stream ends, the client leaves or the drain comes.
-    async fn pump(&mut self, body: &mut Incoming) -> End {
+    async fn pump(&mut self, body: &mut Body) -> End {
         let mut parser = sse::Parser::default();
         let mut events = Vec::new();
         loop {
@@ -256,10 +352,10 @@ impl Relay {
                 frame = body.frame() => frame,
             };
             let chunk = match frame {
-                None => return End::Upstream,
+                None => return End::UpstreamClosed,
                 Some(Err(error)) => {
                     debug!(%error, "the upstream's event stream broke");
-                    return End::Upstream;
+                    return End::UpstreamBroke;
                 }
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(chunk) => chunk,
@@ -268,7 +364,7 @@ impl Relay {
             };
             if let Err(error) = parser.feed(&chunk, &mut events) {
                 warn!(%error, "the upstream sent a malformed event stream; ending it");
-                return End::Upstream;
+                return End::UpstreamBroke;
             }
             for event in events.drain(..) {
                 if !self.forward(event).await {
@@ -280,6 +376,23 @@ impl Relay {
 
     /// Sends one event to the client, numbered and logged if it belongs to a session.
     async fn forward(&mut self, mut event: Event) -> bool {
+        // The upstream's id and retry hint are for resuming the upstream stream, which the
+        // proxy does itself; the client gets the proxy's ids, and its hints when it must move.
+        // A sessionless (stateless) stream keeps the upstream's ids: its client resumes with
+        // the upstream itself.
+        if self.tag.is_some() {
+            if let Some(id) = event.id.take() {
+                self.upstream_event = Some(id);
+            }
+            if let Some(retry) = event.retry.take() {
+                self.upstream_retry = Some(retry);
+            }
+        }
+        if let Some(data) = &event.data
+            && !self.progress_advances(data)
+        {
+            return true;
+        }
         if let (Some(data), Some(awaited)) = (&event.data, &self.awaited)
             && !self.answered
             && MessageHead::of(data.as_bytes()).is_some_and(|head| head.answers(awaited))
@@ -305,6 +418,24 @@ impl Relay {
         self.out.send(event.encode()).await.is_ok()
     }
 
+    /// False for a progress notification that does not advance its token's progress (MCP:
+    /// progress only increases), which the relay then drops.
+    fn progress_advances(&mut self, data: &str) -> bool {
+        let Some((token, progress)) = protocol::progress(data.as_bytes()) else {
+            return true;
+        };
+        match self.progress.get(&token) {
+            Some(&highest) if progress <= highest => {
+                debug!(%token, progress, highest, "dropped a progress notification that went backwards");
+                false
+            }
+            _ => {
+                self.progress.insert(token, progress);
+                true
+            }
+        }
+    }
+
     /// Tells the client to reconnect (to another pod, through the Service) and ends.
     async fn close(self) {
         let _ = self.out.send(reconnect_hint()).await;
@@ -312,7 +443,7 @@ impl Relay {
 
     /// The response stream ended before its answer: send the request again if that is safe,
     /// else answer for it.
-    async fn resend(&mut self) -> Option<Incoming> {
+    async fn resend(&mut self) -> Option<Body> {
         let out_of_time = self.started.elapsed() + self.resend_pause > self.proxy.config.hold;
         if out_of_time || !self.proxy.may_resend(&self.exchange) {
             metrics::inc(&self.proxy.metrics.unanswered, "failed");
@@ -384,7 +515,7 @@ impl Relay {
 
     /// Opens a new upstream stream behind the client's listening stream (the upstream
     /// restarted, or ended it); `None` if it cannot, or the proxy drains meanwhile.
-    async fn reconnect(&mut self) -> Option<Incoming> {
+    async fn reconnect(&mut self) -> Option<Body> {
         let answer = tokio::select! {
             () = closing(&mut self.phase, self.kind) => return None,
             answer = self.proxy.exchange(&self.exchange) => answer,
@@ -395,6 +526,9 @@ impl Relay {
                     && protocol::is_event_stream(answer.response.headers()) =>
             {
                 info!("listening stream reconnected to the upstream");
+                if let Some(listening) = &self.listening {
+                    listening.opened();
+                }
                 Some(answer.response.into_body())
             }
             Ok(answer) => {

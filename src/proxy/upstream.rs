@@ -2,10 +2,10 @@
 
 use std::time::{Duration, Instant};
 
+use axum::body::Body;
 use axum::http::{HeaderMap, Method, Request, Response, Uri};
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -33,7 +33,7 @@ pub struct Upstream {
 
 /// What came back, and whether it was held (the upstream was down for a while).
 pub struct Answer {
-    pub response: Response<Incoming>,
+    pub response: Response<Body>,
     pub held: bool,
 }
 
@@ -87,7 +87,12 @@ impl Upstream {
                 Ok(response) if matches!(response.status().as_u16(), 502 | 503) => {
                     format!("status {}", response.status())
                 }
-                Ok(response) => return Ok(Answer { response, held }),
+                Ok(response) => {
+                    return Ok(Answer {
+                        response: response.map(Body::new),
+                        held,
+                    });
+                }
                 Err(error) if error.is_connect() => error.to_string(),
                 Err(error) => return Err(UpstreamError::Lost(error.to_string())),
             };

@@ -5,6 +5,7 @@
 //! `docs/redis-schema.md`: the seed's record JSON under `{prefix}{id}` with a sliding TTL, plus
 //! sorted-set indexes that make counting O(log n).
 
+pub mod binding;
 mod debounce;
 mod error;
 mod id;
@@ -24,7 +25,7 @@ pub use self::debounce::{DebouncedToucher, Touched};
 pub use self::error::{StoreError, UnreadableReason, UnreadableRecord};
 pub use self::id::{InvalidSessionId, MAX_SESSION_ID_LEN, SessionId};
 pub use self::memory::MemoryStore;
-pub use self::record::{SessionRecord, SessionState, Timestamp};
+pub use self::record::{SessionRecord, SessionSetup, SessionState, SetupChange, Timestamp};
 pub use self::redis::{RedisStore, RedisTarget};
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -93,9 +94,22 @@ pub struct NewSession {
     pub protocol_version: Option<String>,
     pub initialize_params: Option<Value>,
     pub credential_fingerprint: Option<String>,
+    pub setup: SessionSetup,
 }
 
 impl NewSession {
+    /// What a stored session would be created with, to write it again.
+    pub fn from_record(record: SessionRecord) -> Self {
+        Self {
+            owner_pod: record.owner_pod,
+            metadata: record.metadata,
+            protocol_version: record.protocol_version,
+            initialize_params: record.initialize_params,
+            credential_fingerprint: record.credential_fingerprint,
+            setup: record.setup,
+        }
+    }
+
     pub fn into_record(self, id: &SessionId, now: Timestamp) -> SessionRecord {
         let mut record = SessionRecord::new(id.as_str(), now);
         record.set_state(SessionState::Active);
@@ -104,6 +118,7 @@ impl NewSession {
         record.protocol_version = self.protocol_version;
         record.initialize_params = self.initialize_params;
         record.credential_fingerprint = self.credential_fingerprint;
+        record.setup = self.setup;
         record
     }
 }
@@ -122,6 +137,11 @@ pub struct SessionPatch {
     pub protocol_version: Option<String>,
     pub initialize_params: Option<Value>,
     pub credential_fingerprint: Option<String>,
+    /// Binds an unbound session (a seed-written record) to this fingerprint; a session bound
+    /// already keeps its binding, which the caller reads back from the result.
+    pub bind_credential: Option<String>,
+    /// A change to what the client set up after `initialize`.
+    pub setup: Option<SetupChange>,
     /// Merged key by key into the record's metadata.
     pub metadata: Map<String, Value>,
 }
@@ -136,6 +156,14 @@ impl SessionPatch {
         }
         if let Some(fingerprint) = self.credential_fingerprint {
             record.credential_fingerprint = Some(fingerprint);
+        }
+        if let Some(fingerprint) = self.bind_credential
+            && record.credential_fingerprint.is_none()
+        {
+            record.credential_fingerprint = Some(fingerprint);
+        }
+        if let Some(change) = self.setup {
+            record.setup.apply(change);
         }
         record.metadata.extend(self.metadata);
     }
@@ -188,14 +216,11 @@ impl From<ClaimRefusal> for ClaimOutcome {
 impl ClaimOutcome {
     /// Decides a claim on a record as read; shared by both stores so they agree to the letter.
     fn decide(record: &SessionRecord, claim: &Claim) -> Result<(), ClaimRefusal> {
-        if let (Some(stored), Some(offered)) = (
+        let binding = binding::check(
             record.credential_fingerprint.as_deref(),
             claim.credential_fingerprint.as_deref(),
-        ) && stored != offered
-        {
-            return Err(ClaimRefusal::CredentialMismatch);
-        }
-        if record.credential_fingerprint.is_some() && claim.credential_fingerprint.is_none() {
+        );
+        if binding == binding::Binding::Mismatch {
             return Err(ClaimRefusal::CredentialMismatch);
         }
         match (&record.owner_pod, record.state()) {
@@ -216,6 +241,10 @@ impl ClaimOutcome {
         };
         if handover != Handover::AlreadyOwned {
             record.rehydrations += 1;
+        }
+        // A seed-written record is bound to the first identity that claims it.
+        if record.credential_fingerprint.is_none() {
+            record.credential_fingerprint = claim.credential_fingerprint.clone();
         }
         record.owner_pod = Some(claim.pod.clone());
         record.set_state(SessionState::Active);

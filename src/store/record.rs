@@ -119,9 +119,71 @@ pub struct SessionRecord {
     pub rehydrations: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub draining_since: Option<Timestamp>,
+    /// What the client set up after `initialize`, re-established after a replay.
+    #[serde(default, skip_serializing_if = "SessionSetup::is_empty")]
+    pub setup: SessionSetup,
     /// Fields written by other (newer) writers, kept verbatim.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+}
+
+/// Session state a client sets up with requests after `initialize` (MCP 2025-11-25): resource
+/// subscriptions and the log level. A fresh upstream knows none of it, so a replay sends these
+/// requests again after the handshake.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionSetup {
+    /// URIs of `resources/subscribe`, in the order they were made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subscriptions: Vec<String>,
+    /// The level of the last `logging/setLevel`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
+}
+
+/// A request that changes a session's [`SessionSetup`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetupChange {
+    Subscribe(String),
+    Unsubscribe(String),
+    LogLevel(String),
+}
+
+impl SessionSetup {
+    /// Subscriptions kept per session: a bound on what one client makes the proxy store.
+    pub const MAX_SUBSCRIPTIONS: usize = 256;
+    /// Longest URI or level kept.
+    pub const MAX_VALUE_BYTES: usize = 2048;
+
+    pub fn is_empty(&self) -> bool {
+        self.subscriptions.is_empty() && self.log_level.is_none()
+    }
+
+    /// Applies a change; false if it was refused by the bounds, or changed nothing.
+    pub fn apply(&mut self, change: SetupChange) -> bool {
+        match change {
+            SetupChange::Subscribe(uri) => {
+                if uri.len() > Self::MAX_VALUE_BYTES
+                    || self.subscriptions.len() >= Self::MAX_SUBSCRIPTIONS
+                    || self.subscriptions.contains(&uri)
+                {
+                    return false;
+                }
+                self.subscriptions.push(uri);
+            }
+            SetupChange::Unsubscribe(uri) => {
+                let before = self.subscriptions.len();
+                self.subscriptions.retain(|kept| *kept != uri);
+                return self.subscriptions.len() != before;
+            }
+            SetupChange::LogLevel(level) => {
+                if level.len() > Self::MAX_VALUE_BYTES || self.log_level.as_ref() == Some(&level) {
+                    return false;
+                }
+                self.log_level = Some(level);
+            }
+        }
+        true
+    }
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -142,6 +204,7 @@ impl SessionRecord {
             credential_fingerprint: None,
             rehydrations: 0,
             draining_since: None,
+            setup: SessionSetup::default(),
             extra: Map::new(),
         }
     }
@@ -212,6 +275,33 @@ mod tests {
             "2026-01-15T08:00:00.000000"
         );
         assert!(record.to_json().contains(r#""future":{"a":[1,2]}"#));
+    }
+
+    #[test]
+    fn setup_changes_are_bounded_and_survive_a_rewrite() {
+        let mut setup = SessionSetup::default();
+        assert!(setup.apply(SetupChange::Subscribe("file:///a".into())));
+        assert!(!setup.apply(SetupChange::Subscribe("file:///a".into())));
+        assert!(setup.apply(SetupChange::Subscribe("file:///b".into())));
+        assert!(setup.apply(SetupChange::Unsubscribe("file:///a".into())));
+        assert!(!setup.apply(SetupChange::Unsubscribe("file:///zz".into())));
+        assert!(setup.apply(SetupChange::LogLevel("debug".into())));
+        assert!(!setup.apply(SetupChange::Subscribe("x".repeat(5000))));
+        for n in 0..SessionSetup::MAX_SUBSCRIPTIONS {
+            setup.apply(SetupChange::Subscribe(format!("u{n}")));
+        }
+        assert_eq!(setup.subscriptions.len(), SessionSetup::MAX_SUBSCRIPTIONS);
+        let mut record = SessionRecord::new("x", Timestamp::now());
+        record.setup = setup.clone();
+        let read = SessionRecord::from_json(record.to_json().as_bytes()).unwrap();
+        assert_eq!(read.setup, setup);
+        assert_eq!(read.setup.subscriptions[0], "file:///b");
+        // Without setup, nothing is written (seed-shaped records stay seed-shaped).
+        assert!(
+            !SessionRecord::new("y", Timestamp::now())
+                .to_json()
+                .contains("setup")
+        );
     }
 
     #[test]
