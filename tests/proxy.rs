@@ -420,7 +420,7 @@ async fn admin_get(port: u16, path: &str) -> String {
 }
 
 /// Two pods, each an MCP server behind its own proxy, sharing Redis. The first pod drains (its
-/// preStop calls /drain); the client's next request reaches the second pod, whose proxy claims
+/// pod stops: /retire, what its SIGTERM does); the client's next request reaches the second pod, whose proxy claims
 /// the session and replays the handshake to its own server.
 #[tokio::test]
 async fn a_drained_pods_session_is_claimed_and_replayed_by_another_pod() {
@@ -489,7 +489,7 @@ async fn a_drained_pods_session_is_claimed_and_replayed_by_another_pod() {
     assert_eq!(ended.status, 200, "{}", ended.body);
 
     // pod-a drains: readiness fails, its sessions are handed to whoever gets the next request.
-    let drained = admin_get(admin_a, "/drain").await;
+    let drained = admin_get(admin_a, "/retire").await;
     assert_eq!(
         drained.lines().last(),
         Some("drained 1 sessions"),
@@ -1004,7 +1004,7 @@ async fn a_listening_stream_survives_restarts_resumes_on_another_pod_and_ends_on
     );
 
     // pod-b drains: the stream gets a hint to reconnect (elsewhere) and ends.
-    let drain = tokio::spawn(async move { admin_get(admin_b, "/drain").await });
+    let drain = tokio::spawn(async move { admin_get(admin_b, "/retire").await });
     let mut hint = None;
     while let Some(event) = resumed.next().await {
         hint = event.retry.or(hint);
@@ -1253,7 +1253,7 @@ async fn stateless_requests_pass_through_and_their_listen_streams_are_drained() 
         acknowledged.id, None,
         "no session: the events are the server's own"
     );
-    let drain = tokio::spawn(async move { admin_get(admin_port, "/drain").await });
+    let drain = tokio::spawn(async move { admin_get(admin_port, "/retire").await });
     let mut hint = None;
     while let Some(event) = stream.next().await {
         hint = event.retry.or(hint);
@@ -1288,4 +1288,249 @@ async fn a_proxy_starts_while_redis_is_down_and_stores_its_sessions_when_it_is_b
     let stored = store.get(&id).await.unwrap().unwrap();
     assert_eq!(stored.record.owner_pod.as_deref(), Some("pod-a"));
     assert!(stored.record.credential_fingerprint.is_some());
+}
+
+/// A bearer JWT for `subject` (the proxy reads its claims; the signature is the backend's to
+/// check, and these test servers check none).
+fn jwt(subject: &str, serial: u32) -> String {
+    use base64::Engine as _;
+    let encode =
+        |value: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(value.to_string());
+    let claims = json!({"iss": "https://idp.example", "sub": subject, "exp": 1_900_000_000 + serial, "jti": serial});
+    format!(
+        "Bearer {}.{}.signature-{serial}",
+        encode(json!({"alg": "RS256", "typ": "JWT"})),
+        encode(claims)
+    )
+}
+
+/// OAuth clients refresh their access token (hourly, typically): a session is bound to the
+/// token's issuer and subject, so the refreshed token keeps it, through replays too; another
+/// subject, or no token, is refused. Bound to the credential instead, a refresh is refused.
+#[tokio::test]
+async fn a_refreshed_token_keeps_its_session_and_another_subject_is_refused() {
+    let mut pod = Pod::start_with(Sdk::Python, Wire::Streamable, "pod-a", None, &[]).await;
+    let port = pod.proxy_port();
+    let (alice, refreshed, bob) = (jwt("alice", 1), jwt("alice", 2), jwt("bob", 3));
+    let session = open_session(port, Some(&alice)).await;
+    assert_eq!(
+        result_text(&call(port, &session, Some(&alice), 2, 1).await),
+        "2"
+    );
+    let reply = call(port, &session, Some(&refreshed), 3, 2).await;
+    assert_eq!(result_text(&reply), "3", "{}", reply.body);
+    pod.restart_server(Sdk::Python);
+    let reply = call(port, &session, Some(&refreshed), 4, 3).await;
+    assert_eq!(
+        result_text(&reply),
+        "4",
+        "replayed with the refreshed token: {}",
+        reply.body
+    );
+    let lowercase = refreshed.replacen("Bearer", "bearer", 1);
+    assert_eq!(
+        result_text(&call(port, &session, Some(&lowercase), 5, 4).await),
+        "5"
+    );
+    assert_eq!(call(port, &session, Some(&bob), 6, 5).await.status, 404);
+    assert_eq!(call(port, &session, None, 7, 6).await.status, 404);
+    assert_eq!(
+        result_text(&call(port, &session, Some(&alice), 8, 7).await),
+        "8"
+    );
+
+    let strict = Pod::start_with(
+        Sdk::Python,
+        Wire::Streamable,
+        "pod-b",
+        None,
+        &["--binding", "credential"],
+    )
+    .await;
+    let session = open_session(strict.proxy_port(), Some(&alice)).await;
+    assert_eq!(
+        call(strict.proxy_port(), &session, Some(&refreshed), 2, 1)
+            .await
+            .status,
+        404,
+        "bound to the credential, a refreshed token is another credential"
+    );
+    assert_eq!(
+        result_text(&call(strict.proxy_port(), &session, Some(&alice), 3, 1).await),
+        "2"
+    );
+}
+
+/// A session the seed's service wrote (its four fields: no handshake, no binding) is served
+/// through the proxy and bound, atomically in Redis, to the first identity that uses it; it
+/// keeps working for that identity across calls and replays, and no other identity gets it.
+#[tokio::test]
+async fn a_seed_written_session_is_bound_to_the_first_identity_that_uses_it() {
+    use mcp_session_operator::store::{SessionId, SessionStore as _};
+    let redis = support::redis::RedisServer::start();
+    let mut pod = Pod::start(Sdk::Python, "pod-a", &redis.url()).await;
+    let port = pod.proxy_port();
+    let id = "5eedc0ffee5eedc0ffee5eedc0ffee00";
+    let record = json!({"connection_id": id, "created_at": "2026-11-29T10:00:00.000000",
+        "last_activity_at": "2026-11-29T10:00:00.000000",
+        "metadata": {"user_id": "user-7", "api_key_prefix": "intracker_mcp"}});
+    let set = redis
+        .cli(&[
+            "SET",
+            &format!("mcp:session:{id}"),
+            &record.to_string(),
+            "EX",
+            "3600",
+        ])
+        .expect("redis-cli");
+    assert_eq!(set.trim(), "OK");
+    let (alice, mallory) = (Some("Bearer alice-opaque-token"), Some("Bearer mallory"));
+    for n in 1..=3 {
+        let reply = call(port, id, alice, n, n as i64).await;
+        assert_eq!(
+            result_text(&reply),
+            (n + 1).to_string(),
+            "call {n}: {}",
+            reply.body
+        );
+    }
+    let store = redis.store("mcp:session:", Duration::from_secs(3600)).await;
+    let stored = store
+        .get(&SessionId::parse(id).unwrap())
+        .await
+        .unwrap()
+        .expect("still in Redis");
+    assert!(
+        stored.record.credential_fingerprint.is_some(),
+        "bound in Redis"
+    );
+    assert_eq!(
+        stored.record.user_id(),
+        Some("user-7"),
+        "the seed's fields kept"
+    );
+    assert_eq!(call(port, id, mallory, 10, 1).await.status, 404);
+    pod.restart_server(Sdk::Python);
+    assert_eq!(result_text(&call(port, id, alice, 11, 41).await), "42");
+    assert_eq!(call(port, id, mallory, 12, 1).await.status, 404);
+}
+
+/// Parses a Prometheus counter or gauge sample.
+fn sample(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter_map(|line| line.strip_prefix(name))
+        .filter_map(|rest| rest.rsplit_once(' '))
+        .filter_map(|(_, value)| value.trim().parse::<f64>().ok())
+        .sum()
+}
+
+/// With Redis refusing writes (full, `noeviction`) or evicting session records (`allkeys-lru`,
+/// the seed's own setting), an upstream restart loses no session this proxy serves: what Redis
+/// lacks is replayed from the proxy's memory, counted, named by /readyz, and written back when
+/// Redis takes writes again.
+#[tokio::test]
+async fn an_upstream_restart_loses_no_session_while_redis_is_full_or_evicting() {
+    const SESSIONS: i64 = 30;
+    let redis = support::redis::RedisServer::start();
+    let mut pod = Pod::start(Sdk::Python, "pod-a", &redis.url()).await;
+    let (port, admin) = (pod.proxy_port(), pod.admin_port());
+    let token = Some("Bearer under-pressure");
+
+    // Full: every write refused.
+    redis
+        .cli(&["CONFIG", "SET", "maxmemory-policy", "noeviction"])
+        .unwrap();
+    redis.cli(&["CONFIG", "SET", "maxmemory", "1"]).unwrap();
+    let mut sessions = Vec::new();
+    for _ in 0..SESSIONS {
+        sessions.push(open_session(port, token).await);
+    }
+    let metrics = admin_get(admin, "/metrics").await;
+    assert!(
+        sample(&metrics, "mcp_proxy_store_write_failures_total") >= SESSIONS as f64,
+        "{metrics}"
+    );
+    assert!(
+        admin_get(admin, "/readyz")
+            .await
+            .contains("served from memory")
+    );
+    pod.restart_server(Sdk::Python);
+    for (n, session) in sessions.iter().enumerate() {
+        let reply = call(port, session, token, 100 + n as u64, n as i64).await;
+        assert_eq!(
+            result_text(&reply),
+            (n + 1).to_string(),
+            "full Redis, session {n}: {}",
+            reply.body
+        );
+    }
+    // Redis takes writes again: the sessions reach it.
+    redis.cli(&["CONFIG", "SET", "maxmemory", "0"]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !redis
+        .cli(&["DBSIZE"])
+        .unwrap()
+        .trim()
+        .parse::<i64>()
+        .is_ok_and(|n| n > SESSIONS)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the sessions never reached Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Evicting: fill Redis past its limit with other keys until it evicts session records.
+    redis
+        .cli(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"])
+        .unwrap();
+    let used: i64 = redis
+        .cli(&["INFO", "memory"])
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("used_memory");
+    redis
+        .cli(&["CONFIG", "SET", "maxmemory", &(used + 200_000).to_string()])
+        .unwrap();
+    let filler = "x".repeat(1024);
+    for n in 0..2000 {
+        redis
+            .cli(&["SET", &format!("filler:{n}"), &filler])
+            .unwrap();
+    }
+    let stats = redis.cli(&["INFO", "stats"]).unwrap();
+    let evicted: i64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("evicted_keys:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    let kept = sessions
+        .iter()
+        .filter(|s| {
+            redis
+                .cli(&["EXISTS", &format!("mcp:session:{s}")])
+                .unwrap()
+                .trim()
+                == "1"
+        })
+        .count();
+    assert!(
+        evicted > 0 && kept < sessions.len(),
+        "evicted {evicted}, {kept} sessions kept"
+    );
+    pod.restart_server(Sdk::Python);
+    for (n, session) in sessions.iter().enumerate() {
+        let reply = call(port, session, token, 200 + n as u64, n as i64).await;
+        assert_eq!(
+            result_text(&reply),
+            (n + 1).to_string(),
+            "evicting Redis, session {n}: {}",
+            reply.body
+        );
+    }
 }

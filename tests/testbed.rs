@@ -369,6 +369,14 @@ impl support::kubelet::PodRuntime for HttpServerPods {
         tokio::net::TcpStream::connect((ip, 8000)).await.is_ok()
     }
 
+    async fn stop(&self, pod: &Pod, ip: std::net::Ipv4Addr, grace: Duration) {
+        self.pre_stop(pod, ip).await;
+        self.terminate(pod, grace).await;
+    }
+}
+
+impl HttpServerPods {
+    /// The preStop hook: an HTTP call to the pod's server.
     async fn pre_stop(&self, pod: &Pod, ip: std::net::Ipv4Addr) {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let Ok(mut stream) = tokio::net::TcpStream::connect((ip, 8000)).await else {
@@ -382,7 +390,8 @@ impl support::kubelet::PodRuntime for HttpServerPods {
         }
     }
 
-    async fn stop(&self, pod: &Pod, _ip: std::net::Ipv4Addr, grace: Duration) {
+    /// SIGTERM, SIGKILL after `grace`.
+    async fn terminate(&self, pod: &Pod, grace: Duration) {
         let Some(mut child) = self.processes.lock().unwrap().remove(&pod.name_any()) else {
             return;
         };

@@ -11,6 +11,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use self::validate::{PolicyError, validate_spec};
+use crate::store::binding::SessionBinding;
 use crate::store::{DEFAULT_KEY_PREFIX, DEFAULT_TTL};
 
 /// Which pods serve MCP, how their sessions are stored, and how they drain.
@@ -48,6 +49,12 @@ pub struct McpSessionPolicySpec {
     /// The rollout guard.
     #[serde(default)]
     pub rollout: RolloutSpec,
+    /// What a session is bound to, so that no other client can use its id: `Identity` (a
+    /// bearer JWT's issuer and subject, so that a refreshed token keeps the session; any other
+    /// credential as a whole), `Credential` (the Authorization header as a whole: a refreshed
+    /// token is refused), or `None` (anyone who knows the session id).
+    #[serde(default)]
+    pub binding: SessionBinding,
 }
 
 fn default_ttl_seconds() -> i64 {

@@ -19,6 +19,7 @@ pub async fn serve(proxy: Arc<Proxy>, listener: tokio::net::TcpListener) {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/drain", get(drain).post(drain))
+        .route("/retire", get(retire).post(retire))
         .route("/metrics", get(metrics))
         .route("/sessions", get(sessions))
         .with_state(proxy);
@@ -27,12 +28,18 @@ pub async fn serve(proxy: Arc<Proxy>, listener: tokio::net::TcpListener) {
     }
 }
 
-/// Ready unless draining. Sessions the store lacks (a full or unreachable Redis) do not make
+/// Ready unless draining or quiesced (new connections go to other pods meanwhile). Sessions the store lacks (a full or unreachable Redis) do not make
 /// the proxy unready, since it serves them from memory, but are named: they are lost if this
 /// proxy stops before the store takes them.
 async fn readyz(State(proxy): State<Arc<Proxy>>) -> (StatusCode, String) {
     if proxy.draining.load(Ordering::SeqCst) {
         return (StatusCode::SERVICE_UNAVAILABLE, "draining\n".into());
+    }
+    if proxy.quiesced() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "quiesced: the MCP server is restarting\n".into(),
+        );
     }
     match proxy.unstored_count() {
         0 => (StatusCode::OK, "ok\n".into()),
@@ -43,9 +50,21 @@ async fn readyz(State(proxy): State<Arc<Proxy>>) -> (StatusCode, String) {
     }
 }
 
-/// The preStop hook of every container of the pod: returns once the proxy has drained and its
-/// clients have gone, so the backend gets SIGTERM only after the proxy's last answer.
+/// The preStop hook of the backend container: returns once the upstream has finished what it
+/// was working on and new requests are held for its restart (see [`super::quiesce`]); in a
+/// terminating pod, once the proxy has retired.
 async fn drain(State(proxy): State<Arc<Proxy>>) -> String {
+    match proxy.quiesce().await {
+        super::Quiesced::Holding => {
+            "quiesced: requests are held until the server restarts\n".into()
+        }
+        super::Quiesced::Retired => "retired: the pod's sessions were handed over\n".into(),
+    }
+}
+
+/// The pod stops: hands this proxy's sessions over and answers until its clients have moved
+/// (what SIGTERM does; the backend's preStop in the native-sidecar form).
+async fn retire(State(proxy): State<Arc<Proxy>>) -> String {
     format!("drained {} sessions\n", proxy.retire().await)
 }
 

@@ -544,7 +544,7 @@ impl Stream {
         if let Some(params) = self.proxy.initialize_params(&self.id) {
             let headers = self.message_headers();
             for message in [
-                protocol::initialize_request(&params),
+                protocol::initialize_request(&params, None),
                 protocol::initialized_notification(),
             ] {
                 let answer = self

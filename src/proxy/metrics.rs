@@ -50,6 +50,7 @@ pub struct ProxyMetrics {
     /// Sessions served from memory because the store lacks them.
     pub unstored: Gauge,
     pub drain_duration: Histogram,
+    pub quiesce_duration: Histogram,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -144,7 +145,14 @@ impl Default for ProxyMetrics {
             "Time from the start of a drain to its sessions marked draining",
             drain_duration.clone(),
         );
+        let quiesce_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "mcp_proxy_quiesce_duration_seconds",
+            "Time from a quiesce (the backend's preStop) to nothing in flight",
+            quiesce_duration.clone(),
+        );
         Self {
+            quiesce_duration,
             drain_duration,
             registry,
             requests,

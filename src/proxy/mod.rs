@@ -17,6 +17,7 @@ mod legacy;
 mod listeners;
 mod metrics;
 mod protocol;
+mod quiesce;
 mod relay;
 mod retry;
 mod sse;
@@ -126,6 +127,10 @@ pub struct Proxy {
     drained: tokio::sync::OnceCell<u64>,
     /// When the drain began: its deadline counts from there.
     drain_started: std::sync::OnceLock<Instant>,
+    /// One quiesce at a time; concurrent callers share it.
+    quiescing: Mutex<()>,
+    /// Set while a quiesced proxy follows its upstream's restart.
+    following_restart: AtomicBool,
     /// Open client connections.
     connections: Arc<AtomicUsize>,
     started: Instant,
@@ -348,6 +353,8 @@ impl Proxy {
             in_flight: AtomicUsize::new(0),
             drained: tokio::sync::OnceCell::new(),
             drain_started: std::sync::OnceLock::new(),
+            quiescing: Mutex::new(()),
+            following_restart: AtomicBool::new(false),
             connections: Arc::default(),
             started: Instant::now(),
             metrics,
@@ -1366,7 +1373,7 @@ impl Proxy {
                 &Method::POST,
                 path,
                 &headers,
-                protocol::initialize_request(&params),
+                protocol::initialize_request(&params, session.protocol_version.as_deref()),
             )
             .await
             .map_err(Failure::Upstream)?;
@@ -1524,11 +1531,81 @@ impl Proxy {
     }
 }
 
+/// How long a quiesce waits for the proxy's own SIGTERM: a terminating pod stops every
+/// container at once, so a retirement that starts this soon after the backend's preStop is the
+/// same pod stop, not an in-place restart of the backend.
+const RETIRE_SETTLE: Duration = Duration::from_secs(1);
+
+/// What a quiesce ended in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quiesced {
+    /// Nothing is in flight and new requests wait for the upstream's restart.
+    Holding,
+    /// The pod is terminating: the proxy retired, its sessions handed over.
+    Retired,
+}
+
 impl Proxy {
+    /// The upstream is about to stop (its preStop hook, or `dev` before a restart): new
+    /// requests are held, and this returns once those the upstream is working on have finished
+    /// (or the drain timeout). Held requests go to the upstream once it has restarted, or at
+    /// the drain deadline if it never stops. In a terminating pod, waits for the retirement
+    /// instead. See [`quiesce`].
+    pub async fn quiesce(self: &Arc<Self>) -> Quiesced {
+        let _one_at_a_time = self.quiescing.lock().await;
+        let started = Instant::now();
+        let deadline = started + self.config.drain_timeout;
+        let gate = self.upstream.gate();
+        if *self.phase.borrow() == Phase::Serving {
+            gate.close();
+        }
+        if !gate.idle(deadline).await {
+            warn!(
+                in_flight = gate.in_flight(),
+                "quiesce: the upstream did not finish its requests within the drain timeout"
+            );
+        }
+        let mut phase = self.phase.subscribe();
+        let retiring =
+            tokio::time::timeout(RETIRE_SETTLE, phase.wait_for(|p| *p >= Phase::Draining))
+                .await
+                .is_ok_and(|changed| changed.is_ok());
+        if retiring {
+            gate.open();
+            self.retire().await;
+            info!("quiesce: the pod is terminating; retired");
+            return Quiesced::Retired;
+        }
+        self.metrics
+            .quiesce_duration
+            .observe(started.elapsed().as_secs_f64());
+        info!(
+            held_from = ?started.elapsed(),
+            "quiesced: new requests wait for the upstream's restart"
+        );
+        if !self.following_restart.swap(true, Ordering::SeqCst) {
+            let proxy = self.clone();
+            tokio::spawn(async move {
+                let restart = quiesce::follow_restart(&proxy.upstream.address(), deadline).await;
+                proxy.upstream.gate().open();
+                proxy.following_restart.store(false, Ordering::SeqCst);
+                info!(?restart, held_for = ?started.elapsed(), "resumed: held requests go to the upstream");
+            });
+        }
+        Quiesced::Holding
+    }
+
+    /// Whether new requests are held for a restarting upstream.
+    pub fn quiesced(&self) -> bool {
+        self.upstream.gate().state() == quiesce::GateState::Quiesced
+    }
+
     /// The whole stop of a pod: the drain, then answering on until the clients have gone (or
-    /// the drain deadline). The preStop hooks wait on it, SIGTERM runs it; concurrent callers
-    /// share the one drain.
+    /// the drain deadline). SIGTERM runs it, and a quiesce in a terminating pod waits on it;
+    /// concurrent callers share the one drain. A retiring pod's backend serves until its
+    /// clients have moved: retiring lifts a quiesce.
     pub async fn retire(&self) -> u64 {
+        self.upstream.gate().open();
         let drained = self.drain().await;
         self.linger().await;
         drained

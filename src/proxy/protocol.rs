@@ -266,8 +266,22 @@ pub fn setup_requests(setup: &SessionSetup) -> impl Iterator<Item = Bytes> + '_ 
 /// The id of the `initialize` requests the proxy replays: their answers are the proxy's.
 pub const REPLAY_REQUEST_ID: &str = "mcp-session-proxy-replay";
 
-/// The `initialize` request the proxy replays to a fresh upstream.
-pub fn initialize_request(params: &Value) -> Bytes {
+/// The protocol version a replay announces for a session whose record has none.
+pub const DEFAULT_REPLAY_VERSION: &str = "2025-06-18";
+
+/// The `initialize` request the proxy replays to a fresh upstream: the client's own params, or,
+/// for a session the seed's service wrote (no handshake stored), a minimal handshake that asks
+/// for the session's protocol version.
+pub fn initialize_request(params: &Value, protocol_version: Option<&str>) -> Bytes {
+    let params = if params.is_object() {
+        params.clone()
+    } else {
+        json!({
+            "protocolVersion": protocol_version.unwrap_or(DEFAULT_REPLAY_VERSION),
+            "capabilities": {},
+            "clientInfo": {"name": "mcp-session-proxy", "version": env!("CARGO_PKG_VERSION")},
+        })
+    };
     Bytes::from(
         serde_json::to_vec(&json!({"jsonrpc": "2.0", "id": REPLAY_REQUEST_ID, "method": "initialize", "params": params}))
             .unwrap_or_default(),
@@ -364,6 +378,22 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
+    }
+
+    #[test]
+    fn a_replay_without_stored_params_asks_for_the_sessions_version() {
+        let replay = |params: Value, version| {
+            serde_json::from_slice::<Value>(&initialize_request(&params, version)).unwrap()
+        };
+        let own = json!({"protocolVersion": "2025-03-26", "capabilities": {"roots": {}}, "clientInfo": {"name": "c"}});
+        assert_eq!(replay(own.clone(), Some("2025-06-18"))["params"], own);
+        let seed = replay(Value::Null, Some("2025-11-25"));
+        assert_eq!(seed["params"]["protocolVersion"], "2025-11-25");
+        assert_eq!(seed["method"], "initialize");
+        assert_eq!(
+            replay(Value::Null, None)["params"]["protocolVersion"],
+            DEFAULT_REPLAY_VERSION
+        );
     }
 
     #[test]

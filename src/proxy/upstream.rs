@@ -12,6 +12,7 @@ use hyper_util::rt::TokioExecutor;
 use tracing::debug;
 
 use super::protocol::strip_hop_by_hop;
+use super::quiesce::{Gate, GateState, Tracked};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -29,6 +30,8 @@ pub struct Upstream {
     client: Client<HttpConnector, Full<Bytes>>,
     base: Uri,
     hold: Duration,
+    /// Holds requests while the upstream is quiesced, and counts what it is working on.
+    gate: Gate,
 }
 
 /// What came back, and whether it was held (the upstream was down for a while).
@@ -45,7 +48,26 @@ impl Upstream {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
-        Self { client, base, hold }
+        Self {
+            client,
+            base,
+            hold,
+            gate: Gate::default(),
+        }
+    }
+
+    pub fn gate(&self) -> &Gate {
+        &self.gate
+    }
+
+    /// `host:port` of the upstream, for probes.
+    pub fn address(&self) -> String {
+        let authority = self.base.authority().map_or("", |a| a.as_str());
+        if self.base.port().is_some() {
+            authority.to_owned()
+        } else {
+            format!("{authority}:80")
+        }
     }
 
     fn uri(&self, path_and_query: &str) -> Result<Uri, UpstreamError> {
@@ -58,8 +80,10 @@ impl Upstream {
         Uri::from_parts(parts).map_err(|e| UpstreamError::Request(e.to_string()))
     }
 
-    /// Sends the request; while the upstream refuses connections or answers 502/503 (it is
-    /// restarting), retries with backoff for up to the hold time.
+    /// Sends the request; while the upstream is quiesced, refuses connections or answers
+    /// 502/503 (it is restarting), holds it, for up to the hold time. The request counts as in
+    /// flight from its sending until its response body ends (a GET's listening stream: until
+    /// its head, as it never ends by itself).
     pub async fn send(
         &self,
         method: &Method,
@@ -72,6 +96,13 @@ impl Upstream {
         let mut delay = Duration::from_millis(25);
         let mut held = false;
         loop {
+            held |= self.gate.state() == GateState::Quiesced;
+            if !self.gate.pass(deadline).await {
+                return Err(UpstreamError::Unavailable(
+                    self.hold,
+                    "the MCP server is restarting".into(),
+                ));
+            }
             let mut request = Request::builder().method(method.clone()).uri(uri.clone());
             let mut forwarded = headers.clone();
             strip_hop_by_hop(&mut forwarded);
@@ -83,13 +114,20 @@ impl Upstream {
             let request = request
                 .body(Full::new(body.clone()))
                 .map_err(|e| UpstreamError::Request(e.to_string()))?;
+            let sending = self.gate.sending();
             let failure = match self.client.request(request).await {
                 Ok(response) if matches!(response.status().as_u16(), 502 | 503) => {
                     format!("status {}", response.status())
                 }
-                Ok(response) => {
+                Ok(response) if method == Method::GET => {
                     return Ok(Answer {
                         response: response.map(Body::new),
+                        held,
+                    });
+                }
+                Ok(response) => {
+                    return Ok(Answer {
+                        response: response.map(|body| Tracked::body(Body::new(body), sending)),
                         held,
                     });
                 }
@@ -101,6 +139,7 @@ impl Upstream {
             }
             debug!(%failure, retry_in = ?delay, "upstream unavailable; holding the request");
             held = true;
+            drop(sending);
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_millis(500));
         }

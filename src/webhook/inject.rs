@@ -98,8 +98,17 @@ pub fn inject(pod: &Pod, policy: &McpSessionPolicy, config: &InjectorConfig) -> 
     } else {
         operations.push(add("/spec/containers/-", proxy));
     }
-    // Backend containers keep serving until the proxy has drained: their preStop waits on it.
-    let drain_hook = json!({"httpGet": {"path": "/drain", "port": config.admin_port}});
+    // The backend's preStop waits on the proxy. A classic sidecar gets SIGTERM with the
+    // backend's preStop when the pod stops, and retires then, so the hook quiesces: in place
+    // restarts hold requests, a pod stop waits for the retirement. A native sidecar is stopped
+    // only after the backend, so the backend's hook is all the proxy hears of a pod stop: it
+    // retires (an in-place restart of the backend then retires the proxy too).
+    let hook_path = if config.native_sidecar {
+        "/retire"
+    } else {
+        "/drain"
+    };
+    let drain_hook = json!({"httpGet": {"path": hook_path, "port": config.admin_port}});
     for (index, container) in spec.containers.iter().enumerate() {
         match &container.lifecycle {
             None => operations.push(add(
@@ -170,6 +179,7 @@ fn proxy_container(policy: &McpSessionPolicy, config: &InjectorConfig) -> Value 
             "--admin-addr", format!("0.0.0.0:{admin}"),
             "--pod-name", "$(POD_NAME)",
             "--drain-timeout", spec.drain.timeout_seconds.to_string(),
+            "--binding", spec.binding.as_flag(),
             "--key-prefix", spec.redis.key_prefix,
             "--ttl-seconds", spec.ttl_seconds.to_string(),
         ],
@@ -180,7 +190,6 @@ fn proxy_container(policy: &McpSessionPolicy, config: &InjectorConfig) -> Value 
         ],
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": admin}, "periodSeconds": 2, "failureThreshold": 1},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": admin}, "periodSeconds": 10, "failureThreshold": 3},
-        "lifecycle": {"preStop": {"httpGet": {"path": "/drain", "port": admin}}},
         "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
         "securityContext": {
             "runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
@@ -297,6 +306,10 @@ mod tests {
             Some("/drain")
         );
         assert_eq!(spec.termination_grace_period_seconds, Some(55));
+        assert!(
+            proxy.lifecycle.is_none(),
+            "the proxy retires on SIGTERM, which a classic sidecar gets at once"
+        );
         assert_eq!(pod.metadata.annotations.unwrap()[INJECTED_BY], "api");
     }
 
@@ -315,6 +328,18 @@ mod tests {
         let init = spec.init_containers.unwrap();
         assert_eq!(init[1].name, PROXY_CONTAINER);
         assert_eq!(init[1].restart_policy.as_deref(), Some("Always"));
+        let hook = spec.containers[0]
+            .lifecycle
+            .as_ref()
+            .unwrap()
+            .pre_stop
+            .as_ref()
+            .unwrap();
+        assert_eq!(
+            hook.http_get.as_ref().unwrap().path.as_deref(),
+            Some("/retire"),
+            "a native sidecar hears of a pod stop only through the backend's hook"
+        );
         let env = serde_json::to_value(&init[1].env).unwrap();
         assert!(env.to_string().contains(r#""value":"redis://r:6379""#));
     }

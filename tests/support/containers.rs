@@ -3,7 +3,7 @@
 //! webhook injected is what runs. The test maps images to programs; the runtime does the rest
 //! as a kubelet would: environment from values and the downward API, `localhost` and
 //! `0.0.0.0` as the pod's own loopback IP, readiness from the `httpGet` readiness probes,
-//! `httpGet` preStop hooks, SIGTERM and SIGKILL after the grace period.
+//! each container's `httpGet` preStop hook then its SIGTERM, SIGKILL after the grace period.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -213,34 +213,50 @@ impl PodRuntime for LocalContainers {
         true
     }
 
-    /// Every container's `httpGet` preStop hook, at once; returns when all have answered.
-    async fn pre_stop(&self, pod: &Pod, ip: Ipv4Addr) {
-        let hooks = pod
+    /// Stops every container at once, each as a kubelet does: its `httpGet` preStop hook, then
+    /// SIGTERM, then SIGKILL at the end of the grace period. A container without a hook gets
+    /// SIGTERM at once, while the others' hooks still run.
+    async fn stop(&self, pod: &Pod, ip: Ipv4Addr, grace: Duration) {
+        let deadline = tokio::time::Instant::now() + grace;
+        let hooks: HashMap<String, (i32, String)> = pod
             .spec
             .iter()
-            .flat_map(|s| s.containers.iter())
+            .flat_map(|s| {
+                s.containers
+                    .iter()
+                    .chain(s.init_containers.iter().flatten())
+            })
             .filter_map(|c| {
                 let get = c.lifecycle.as_ref()?.pre_stop.as_ref()?.http_get.as_ref()?;
-                Some((port_of(get, c)?, get.path.clone().unwrap_or_default()))
-            });
-        let calls = hooks.map(|(port, path)| async move {
-            http_get(ip, port, &path, Duration::from_secs(120)).await
-        });
-        futures::future::join_all(calls).await;
-    }
-
-    /// SIGTERM to every container at once, SIGKILL to what still runs after `grace`.
-    async fn stop(&self, pod: &Pod, _ip: Ipv4Addr, grace: Duration) {
+                Some((
+                    c.name.clone(),
+                    (port_of(get, c)?, get.path.clone().unwrap_or_default()),
+                ))
+            })
+            .collect();
         let processes = self.take(&pod.name_any());
-        let stops = processes.into_iter().map(|(_, mut child)| async move {
-            if let Some(pid) = child.id() {
-                // SAFETY: signalling a child of ours that has not been reaped.
-                unsafe {
-                    libc::kill(pid as i32, libc::SIGTERM);
+        let stops = processes.into_iter().map(|(name, mut child)| {
+            let hook = hooks.get(&name).cloned();
+            async move {
+                if let Some((port, path)) = hook {
+                    let _ = tokio::time::timeout_at(
+                        deadline,
+                        http_get(ip, port, &path, Duration::from_secs(120)),
+                    )
+                    .await;
                 }
-            }
-            if tokio::time::timeout(grace, child.wait()).await.is_err() {
-                let _ = child.kill().await;
+                if let Some(pid) = child.id() {
+                    // SAFETY: signalling a child of ours that has not been reaped.
+                    unsafe {
+                        libc::kill(pid as i32, libc::SIGTERM);
+                    }
+                }
+                if tokio::time::timeout_at(deadline, child.wait())
+                    .await
+                    .is_err()
+                {
+                    let _ = child.kill().await;
+                }
             }
         });
         futures::future::join_all(stops).await;

@@ -24,9 +24,8 @@ pub trait PodRuntime: Send + Sync + 'static {
     async fn ready(&self, _pod: &Pod, _ip: Ipv4Addr) -> bool {
         true
     }
-    /// The preStop hook of a pod being deleted gracefully.
-    async fn pre_stop(&self, _pod: &Pod, _ip: Ipv4Addr) {}
-    /// SIGTERM, and SIGKILL after `grace`.
+    /// The stop of a pod deleted gracefully: each container's preStop hook, then its SIGTERM,
+    /// SIGKILL after `grace`.
     async fn stop(&self, _pod: &Pod, _ip: Ipv4Addr, _grace: Duration) {}
 }
 
@@ -272,7 +271,6 @@ impl Worker {
             .pods
             .patch_status(&name, &PatchParams::default(), &Patch::Strategic(not_ready))
             .await;
-        let _ = tokio::time::timeout(grace, self.runtime.pre_stop(&pod, ip)).await;
         self.runtime
             .stop(&pod, ip, grace.saturating_sub(started.elapsed()))
             .await;

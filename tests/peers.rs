@@ -1,0 +1,340 @@
+//! The proxy with MCP software nobody on this project wrote: the reference `server-everything`
+//! (npm) and the official conformance suite (`@modelcontextprotocol/conformance`, under the Node
+//! 22 of the `node` npm package), with the TypeScript and Python SDK clients. scripts/test.sh
+//! installs them in tests/mcp/ts.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{die_with_parent, free_port};
+
+const PEERS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/ts");
+
+fn peer(path: &str) -> PathBuf {
+    let path = Path::new(PEERS).join(path);
+    assert!(
+        path.exists(),
+        "{} is missing: scripts/test.sh runs `npm ci` in tests/mcp/ts",
+        path.display()
+    );
+    path
+}
+
+/// The Node 22 that the conformance suite needs (the `node` npm package ships it).
+fn node22() -> PathBuf {
+    peer("node_modules/.bin/node")
+}
+
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Process {
+    fn start(command: &mut Command, what: &str) -> Self {
+        Self(
+            die_with_parent(command)
+                .spawn()
+                .unwrap_or_else(|e| panic!("start {what}: {e}")),
+        )
+    }
+
+    /// SIGTERM, as the kubelet stops a container, and wait for the exit.
+    fn terminate(&mut self) {
+        // SAFETY: signalling our own child, not yet reaped.
+        unsafe {
+            libc::kill(self.0.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.0.wait();
+    }
+}
+
+fn server_everything(port: u16) -> Process {
+    let mut command = Command::new(node22());
+    command
+        .arg(peer(
+            "node_modules/@modelcontextprotocol/server-everything/dist/index.js",
+        ))
+        .arg("streamableHttp")
+        .env("PORT", port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    Process::start(&mut command, "server-everything")
+}
+
+/// A proxy in front of `upstream`, with the embedded store or `redis`.
+fn proxy(port: u16, upstream: u16, admin: u16, redis: Option<&str>) -> Process {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mcp-session-operator"));
+    command
+        .args(["proxy", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--upstream", &format!("http://127.0.0.1:{upstream}")])
+        .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
+        .args(["--pod-name", "peer-pod", "--hold-seconds", "20"])
+        .env_remove("MCP_SESSION_REDIS_URL")
+        .env("MCP_SESSION_FINGERPRINT_KEY", "peers-test-key")
+        .stdout(Stdio::null())
+        .stderr(if std::env::var_os("MCP_TEST_PROXY_LOG").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        });
+    if let Some(url) = redis {
+        command.args(["--redis-url", url]);
+    }
+    Process::start(&mut command, "the proxy")
+}
+
+async fn wait_listening(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn admin_get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("admin");
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.expect("read");
+    text
+}
+
+/// The outcome of every scenario of a conformance run: name → passed.
+fn scenario_outcomes(output: &str) -> BTreeMap<String, bool> {
+    output
+        .lines()
+        .filter_map(|line| {
+            let line = line.trim();
+            let passed = line.starts_with('✓');
+            let rest = line.strip_prefix('✓').or_else(|| line.strip_prefix('✗'))?;
+            let (name, counts) = rest.trim().split_once(':')?;
+            counts
+                .contains("passed")
+                .then(|| (name.trim().to_owned(), passed))
+        })
+        .collect()
+}
+
+fn conformance(args: &[&str], env: &[(&str, &str)]) -> BTreeMap<String, bool> {
+    let output = Command::new(node22())
+        .arg(peer(
+            "node_modules/@modelcontextprotocol/conformance/dist/index.js",
+        ))
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(std::env::temp_dir())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the conformance suite");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let outcomes = scenario_outcomes(&text);
+    assert!(!outcomes.is_empty(), "no scenario ran:\n{text}");
+    outcomes
+}
+
+/// Prints the table of a suite run directly and through the proxy, and returns the scenarios
+/// that pass directly but fail through the proxy.
+fn compare(
+    suite: &str,
+    direct: &BTreeMap<String, bool>,
+    proxied: &BTreeMap<String, bool>,
+) -> Vec<String> {
+    let mark = |passed: Option<&bool>| match passed {
+        Some(true) => "pass",
+        Some(false) => "fail",
+        None => "-",
+    };
+    eprintln!("| {suite} scenario | directly | through the proxy |\n|---|---|---|");
+    for (name, passed) in direct {
+        eprintln!(
+            "| {name} | {} | {} |",
+            mark(Some(passed)),
+            mark(proxied.get(name))
+        );
+    }
+    direct
+        .iter()
+        .filter(|(name, passed)| **passed && proxied.get(*name) != Some(&true))
+        .map(|(name, _)| name.clone())
+        .collect()
+}
+
+/// Every server scenario of the conformance suite that `server-everything` passes directly
+/// passes through the proxy; every client scenario that a TypeScript SDK client passes against
+/// the suite's servers passes when the client talks to them through a proxy.
+#[tokio::test]
+async fn the_conformance_suite_passes_through_the_proxy_what_it_passes_directly() {
+    let (server_port, proxy_port, admin_port) = (free_port(), free_port(), free_port());
+    let _server = server_everything(server_port);
+    let _proxy = proxy(proxy_port, server_port, admin_port, None);
+    wait_listening(server_port).await;
+    wait_listening(proxy_port).await;
+
+    let server_suite = |port: u16| {
+        let url = format!("http://127.0.0.1:{port}/mcp");
+        conformance(&["server", "--url", &url, "--suite", "all"], &[])
+    };
+    let direct = server_suite(server_port);
+    let proxied = server_suite(proxy_port);
+    let broken = compare("server", &direct, &proxied);
+    assert!(
+        direct.values().any(|p| *p),
+        "server-everything passes nothing directly?"
+    );
+    assert!(broken.is_empty(), "fail only through the proxy: {broken:?}");
+
+    let client = format!("node {}", peer("conformance-client.mjs").display());
+    let client_suite = |env: &[(&str, &str)]| {
+        conformance(&["client", "--command", &client, "--suite", "all"], env)
+    };
+    let direct = client_suite(&[]);
+    let proxied = client_suite(&[(
+        "MCP_CONFORMANCE_PROXY",
+        env!("CARGO_BIN_EXE_mcp-session-operator"),
+    )]);
+    let broken = compare("client", &direct, &proxied);
+    assert!(broken.is_empty(), "fail only through the proxy: {broken:?}");
+    // SSE polling (SEP-1699): the server closes a response stream on purpose and keeps the
+    // answer for a resumption with Last-Event-ID, which the proxy makes upstream.
+    assert_eq!(proxied.get("sse-retry"), Some(&true), "{proxied:?}");
+}
+
+/// What a client reported (see tests/mcp/ts/everything-client.mjs).
+#[derive(Debug, serde::Deserialize)]
+struct Report {
+    calls: u64,
+    errors: Vec<String>,
+    session_ids: Vec<String>,
+    updates_per_epoch: Vec<Option<u64>>,
+    progress: Progress,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Progress {
+    runs: u64,
+    completed: u64,
+    backwards: u64,
+    notifications: u64,
+}
+
+/// server-everything restarted twice behind the proxy, as Kubernetes restarts a container in
+/// place (its preStop quiesces the proxy, then SIGTERM, then a new process), under a TypeScript
+/// and a Python SDK client that call a tool every 50 ms: no call fails, no client gets a new
+/// session, resource updates for the subscription the client made before the restarts keep
+/// coming (the proxy replays it), and long operations report progress that never goes back.
+#[tokio::test]
+async fn server_everything_restarts_cost_its_sdk_clients_nothing() {
+    let redis = support::redis::RedisServer::start();
+    let (server_port, proxy_port, admin_port) = (free_port(), free_port(), free_port());
+    let mut server = server_everything(server_port);
+    let _proxy = proxy(proxy_port, server_port, admin_port, Some(&redis.url()));
+    wait_listening(server_port).await;
+    wait_listening(proxy_port).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let epoch_file = dir.path().join("epoch");
+    std::fs::write(&epoch_file, "0").expect("epoch");
+
+    let url = format!("http://127.0.0.1:{proxy_port}/mcp");
+    let python = std::env::var("MCP_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut clients: Vec<(&str, Command)> = vec![
+        ("typescript", Command::new("node")),
+        ("python", Command::new(python)),
+    ];
+    clients[0].1.arg(peer("everything-client.mjs"));
+    clients[1].1.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/mcp/everything_client.py"
+    ));
+    let runs: Vec<(&str, Child)> = clients
+        .into_iter()
+        .map(|(name, mut command)| {
+            command
+                .args([&url, "14", "0.05"])
+                .env("MCP_TEST_EPOCH_FILE", &epoch_file)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            (
+                name,
+                die_with_parent(&mut command)
+                    .spawn()
+                    .expect("start a client"),
+            )
+        })
+        .collect();
+
+    for epoch in 1..=2 {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let quiesced = admin_get(admin_port, "/drain").await;
+        assert!(quiesced.contains("quiesced"), "{quiesced}");
+        server.terminate();
+        server = server_everything(server_port);
+        wait_listening(server_port).await;
+        std::fs::write(&epoch_file, epoch.to_string()).expect("epoch");
+    }
+
+    for (name, child) in runs {
+        let output = child.wait_with_output().expect("client");
+        let text = String::from_utf8_lossy(&output.stdout);
+        let report: Report = serde_json::from_str(text.trim()).unwrap_or_else(|e| {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            panic!("{name} client report {text:?}: {e}\n{stderr}")
+        });
+        eprintln!("{name}: {report:?}");
+        assert!(report.errors.is_empty(), "{name}: {:?}", report.errors);
+        assert!(report.calls > 100, "{name}: {} calls", report.calls);
+        assert_eq!(
+            report.session_ids.len(),
+            1,
+            "{name}: {:?}",
+            report.session_ids
+        );
+        assert_eq!(report.updates_per_epoch.len(), 3, "{name}: {report:?}");
+        for (epoch, updates) in report.updates_per_epoch.iter().enumerate() {
+            assert!(
+                updates.unwrap_or(0) >= 1,
+                "{name}: no resource update for the subscription in epoch {epoch}: {report:?}"
+            );
+        }
+        let progress = &report.progress;
+        assert_eq!(
+            (progress.runs, progress.completed),
+            (3, 3),
+            "{name}: {progress:?}"
+        );
+        assert_eq!(progress.backwards, 0, "{name}: {progress:?}");
+        assert!(progress.notifications >= 3 * 6, "{name}: {progress:?}");
+    }
+    let metrics = admin_get(admin_port, "/metrics").await;
+    let replays: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"mcp_proxy_replays_total{outcome="replayed"} "#))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        replays >= 4,
+        "two sessions, two restarts: {replays} replays\n{metrics}"
+    );
+    assert!(!metrics.contains(r#"outcome="refused""#), "{metrics}");
+}
