@@ -261,6 +261,8 @@ pub mod condition {
     pub const ROLLOUT_SAFE: &str = "RolloutSafe";
     /// Services selecting the pods target the proxy's port, not the backend's.
     pub const SERVICES_ROUTED: &str = "ServicesRouted";
+    /// Redis keeps session records until their TTL: it neither evicts them nor refuses writes.
+    pub const SESSIONS_RETAINED: &str = "SessionsRetained";
 }
 
 /// The CustomResourceDefinition as YAML: what `mcp-session-operator crd` prints and

@@ -355,7 +355,7 @@ async fn reconcile(policy: Arc<McpSessionPolicy>, ctx: Arc<Context>) -> Result<A
         .collect();
     let pods = pod_totals(&selected);
 
-    let (counts, unreadable, tallies) = match count(&policy, &namespace, &ctx).await {
+    let (counts, unreadable, tallies, retention) = match count(&policy, &namespace, &ctx).await {
         Ok((counts, unreadable, store)) => {
             sweep(&policy, &namespace, &ctx, &store, &counts, &selected).await;
             // Before reading the tallies, so that a session that ran out of time draining
@@ -373,9 +373,16 @@ async fn reconcile(policy: Arc<McpSessionPolicy>, ctx: Arc<Context>) -> Result<A
                     None
                 }
             };
-            (Ok(counts), unreadable, tallies)
+            let retention = match store.retention().await {
+                Ok(retention) => Some(retention.verdict()),
+                Err(error) => {
+                    debug!(%error, "cannot read Redis's eviction policy and memory");
+                    None
+                }
+            };
+            (Ok(counts), unreadable, tallies, retention)
         }
-        Err(problem) => (Err(problem), 0, None),
+        Err(problem) => (Err(problem), 0, None, None),
     };
     let redis_up = match &counts {
         Ok(_) => Some(true),
@@ -450,6 +457,7 @@ async fn reconcile(policy: Arc<McpSessionPolicy>, ctx: Arc<Context>) -> Result<A
     let routing = routing(&policy, &namespace, &selected, &ctx.services);
     let observation = Observation {
         routing,
+        retention,
         generation: policy.metadata.generation,
         counts,
         pod_sessions,

@@ -7,6 +7,7 @@ use crate::api::{
     McpSessionPolicyStatus, PodSessions, PodTotals, RolloutStatus, SessionTotals, condition,
 };
 use crate::store::SessionCounts;
+use crate::store::redis::RetentionVerdict;
 
 /// Why a policy's sessions could not be counted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +61,9 @@ pub struct Observation {
     pub last_rollout: Option<RolloutStatus>,
     /// `rollout.maxLostSessions` of the policy.
     pub max_lost_sessions: u64,
+    /// Whether Redis keeps session records (`None`: not known, e.g. unreachable, or `INFO`
+    /// refused).
+    pub retention: Option<RetentionVerdict>,
 }
 
 /// Whether traffic reaches the injected proxies.
@@ -70,6 +74,44 @@ pub enum Routing {
     ThroughProxy(usize),
     /// Descriptions of Services that target the backend's port directly.
     Bypassed(Vec<String>),
+}
+
+/// The `SessionsRetained` condition: proxies serve sessions Redis lacks from memory, but one
+/// that restarts then loses them, so an evicting or full Redis is worth an operator's look.
+fn sessions_retained(verdict: Option<&RetentionVerdict>) -> (&'static str, &'static str, String) {
+    match verdict {
+        None => (
+            "Unknown",
+            "NotChecked",
+            "Redis's eviction policy and memory could not be read".to_owned(),
+        ),
+        Some(RetentionVerdict::Retained) => (
+            "True",
+            "Retained",
+            "Redis neither evicts session records nor refuses writes".to_owned(),
+        ),
+        Some(RetentionVerdict::EvictionPolicy(policy)) => (
+            "False",
+            "EvictionPolicy",
+            format!(
+                "maxmemory-policy {policy} evicts session records under memory pressure; proxies serve evicted sessions from memory, but lose them when they restart: use volatile-lru or noeviction with headroom"
+            ),
+        ),
+        Some(RetentionVerdict::WritesRefused { used, max }) => (
+            "False",
+            "WritesRefused",
+            format!(
+                "Redis is full ({used} of maxmemory {max} bytes, noeviction) and refuses writes: new sessions live only in their proxy's memory"
+            ),
+        ),
+        Some(RetentionVerdict::KeysEvicted { policy, evicted }) => (
+            "False",
+            "KeysEvicted",
+            format!(
+                "Redis evicted {evicted} keys with a TTL ({policy}); session records have one: give it more memory"
+            ),
+        ),
+    }
 }
 
 /// The status for `observation`, keeping `lastTransitionTime` of conditions whose status did
@@ -135,6 +177,10 @@ pub fn build(
         (condition::REDIS_REACHABLE, redis),
         (condition::ROLLOUT_SAFE, rollout),
         (condition::SERVICES_ROUTED, routed),
+        (
+            condition::SESSIONS_RETAINED,
+            sessions_retained(observation.retention.as_ref()),
+        ),
     ]
     .into_iter()
     .map(|(type_, (status, reason, message))| {
@@ -270,6 +316,13 @@ pub fn transitions(
             events.push((true, new.reason.clone(), new.message.clone()));
         }
     }
+    // Its message counts evictions, which grow: a new reason is news, a new count is not.
+    if let Some(new) = after(condition::SESSIONS_RETAINED)
+        && new.status == "False"
+        && before(condition::SESSIONS_RETAINED).is_none_or(|old| old.reason != new.reason)
+    {
+        events.push((true, new.reason.clone(), new.message.clone()));
+    }
     events
 }
 
@@ -291,7 +344,73 @@ mod tests {
             routing: Routing::ThroughProxy(1),
             last_rollout: None,
             max_lost_sessions: 0,
+            retention: Some(RetentionVerdict::Retained),
         }
+    }
+
+    #[test]
+    fn an_evicting_or_full_redis_is_a_condition_and_one_event_per_reason() {
+        let counts = || Ok(SessionCounts::default());
+        let retained = build(None, &observation(counts()));
+        let evicting = Observation {
+            retention: Some(RetentionVerdict::EvictionPolicy("allkeys-lru".into())),
+            ..observation(counts())
+        };
+        let next = build(Some(&retained), &evicting);
+        let condition = find(&next.conditions, "SessionsRetained").unwrap();
+        assert_eq!(
+            (condition.status.as_str(), condition.reason.as_str()),
+            ("False", "EvictionPolicy")
+        );
+        assert!(condition.message.contains("allkeys-lru"));
+        assert!(
+            find(&next.conditions, "Ready").unwrap().status == "True",
+            "still ready"
+        );
+        let events = transitions(Some(&retained), &next);
+        assert!(
+            events
+                .iter()
+                .any(|(warning, reason, _)| *warning && reason == "EvictionPolicy")
+        );
+        let evicted = |n| Observation {
+            retention: Some(RetentionVerdict::KeysEvicted {
+                policy: "volatile-lru".into(),
+                evicted: n,
+            }),
+            ..observation(counts())
+        };
+        let first = build(Some(&next), &evicted(3));
+        let more = build(Some(&first), &evicted(9));
+        assert!(
+            transitions(Some(&next), &first)
+                .iter()
+                .any(|(_, reason, _)| reason == "KeysEvicted")
+        );
+        assert!(
+            transitions(Some(&first), &more).is_empty(),
+            "more evictions, same news"
+        );
+        let full = Observation {
+            retention: Some(RetentionVerdict::WritesRefused { used: 10, max: 10 }),
+            ..observation(counts())
+        };
+        assert_eq!(
+            find(&build(None, &full).conditions, "SessionsRetained")
+                .unwrap()
+                .reason,
+            "WritesRefused"
+        );
+        let unknown = Observation {
+            retention: None,
+            ..observation(counts())
+        };
+        assert_eq!(
+            find(&build(None, &unknown).conditions, "SessionsRetained")
+                .unwrap()
+                .status,
+            "Unknown"
+        );
     }
 
     #[test]

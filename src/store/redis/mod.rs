@@ -8,6 +8,7 @@
 
 mod keys;
 mod lazy;
+mod retention;
 mod scripts;
 mod target;
 
@@ -22,6 +23,7 @@ use tracing::{debug, info, instrument, warn};
 pub use self::keys::Keys;
 use self::keys::SENTINEL;
 pub use self::lazy::LazyRedisStore;
+pub use self::retention::{Retention, Verdict as RetentionVerdict};
 use self::scripts::{Lua, Scripts};
 pub(crate) use self::target::Conn;
 pub use self::target::{RedisTarget, mask_url};
@@ -129,6 +131,14 @@ impl RedisStore {
 
     pub fn keys(&self) -> &Keys {
         &self.keys
+    }
+
+    /// Whether this Redis keeps what is written to it (its eviction policy, memory and
+    /// evictions). On a Cluster, the node the command reaches speaks for all.
+    pub async fn retention(&self) -> Result<Retention> {
+        let memory: String = self.query(redis::cmd("INFO").arg("memory")).await?;
+        let stats: String = self.query(redis::cmd("INFO").arg("stats")).await?;
+        Ok(Retention::parse(&format!("{memory}\n{stats}")))
     }
 
     fn error(&self, source: RedisError) -> StoreError {
