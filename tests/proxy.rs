@@ -564,6 +564,7 @@ async fn client_through_restarts(
     upstream: &mut Process,
     upstream_port: u16,
     restarts_at: &[Duration],
+    quiesce_at: Option<u16>,
 ) -> ClientRun {
     use tokio::io::AsyncBufReadExt as _;
     let mut child = tokio::process::Command::from(sdk.command("client"))
@@ -588,6 +589,11 @@ async fn client_through_restarts(
             line = lines.next_line() => line.expect("client output"),
             () = tokio::time::sleep_until(next_restart) => {
                 let (n, _) = restarts.next().expect("peeked");
+                // Signalled as the kubelet does: the preStop hook quiesces the proxy first.
+                if let Some(admin) = quiesce_at {
+                    let quiesced = admin_get(admin, "/drain").await;
+                    assert!(quiesced.contains("quiesced"), "{quiesced}");
+                }
                 if n % 2 == 0 {
                     upstream.terminate();
                 } else {
@@ -620,9 +626,11 @@ async fn client_through_restarts(
     }
 }
 
-/// The issue's scenario for an SDK's client and the same SDK's server: calls every 50 ms for
-/// 10 s while the server is stopped twice, mid-call. Through the proxy: no error, one session.
-/// Talking to the server directly: errors.
+/// The issue's scenario for an SDK's client and the same SDK's server: calls of the unannotated
+/// `add` every 50 ms for 10 s (20 ms each) while the server is restarted twice as Kubernetes
+/// restarts a container in place (the preStop hook quiesces the proxy, then SIGTERM, the second
+/// time SIGKILL). Through the proxy: no error, one session. Talking to the server directly (no
+/// proxy to quiesce): errors.
 async fn sdk_client_through_restarts(sdk: Sdk, wire: Wire) {
     let mut pod = Pod::start_with(sdk, wire, "proxy-0", None, &[]).await;
     let (upstream_port, proxy_port, admin_port) =
@@ -631,8 +639,17 @@ async fn sdk_client_through_restarts(sdk: Sdk, wire: Wire) {
     let restarts = [Duration::from_secs(3), Duration::from_millis(6500)];
 
     let url = format!("http://127.0.0.1:{proxy_port}{}", wire.path());
-    let through =
-        client_through_restarts(sdk, wire, &url, 10, upstream, upstream_port, &restarts).await;
+    let through = client_through_restarts(
+        sdk,
+        wire,
+        &url,
+        10,
+        upstream,
+        upstream_port,
+        &restarts,
+        Some(admin_port),
+    )
+    .await;
     let metrics = admin_get(admin_port, "/metrics").await;
     eprintln!(
         "{sdk:?} ({wire:?}) through the proxy: {} calls, {} errors; {}",
@@ -665,8 +682,17 @@ async fn sdk_client_through_restarts(sdk: Sdk, wire: Wire) {
 
     wait_listening(upstream_port).await;
     let url = format!("http://127.0.0.1:{upstream_port}{}", wire.path());
-    let direct =
-        client_through_restarts(sdk, wire, &url, 10, upstream, upstream_port, &restarts).await;
+    let direct = client_through_restarts(
+        sdk,
+        wire,
+        &url,
+        10,
+        upstream,
+        upstream_port,
+        &restarts,
+        None,
+    )
+    .await;
     eprintln!(
         "{sdk:?} ({wire:?}) without the proxy: {} calls, {} errors, {} session ids",
         direct.calls,
@@ -764,11 +790,23 @@ async fn call_tool(
 async fn list_tools(port: u16, session: &str, authorization: Option<&str>) {
     let request = json!({"jsonrpc": "2.0", "id": 900, "method": "tools/list"});
     let reply = post(port, "/mcp", Some(session), authorization, "POST", request).await;
+    let tools = reply.message()["result"]["tools"].clone();
+    let declared = |name: &str| {
+        tools
+            .as_array()
+            .and_then(|t| t.iter().find(|tool| tool["name"] == name))
+            .map(|tool| tool["annotations"]["readOnlyHint"].clone())
+    };
     assert_eq!(
-        reply.message()["result"]["tools"][0]["annotations"]["readOnlyHint"],
-        true,
+        declared("add_read_only"),
+        Some(json!(true)),
         "{}",
         reply.body
+    );
+    assert_eq!(
+        declared("add"),
+        Some(Value::Null),
+        "the main tool is unannotated"
     );
 }
 
@@ -784,9 +822,12 @@ async fn a_lost_answer_is_sent_again_only_when_the_tool_is_safe_to_repeat() {
     list_tools(proxy_port, &session, token).await;
 
     for (tool, arguments) in [
+        ("add_read_only", json!({"a": 20, "b": 22, "delay": 1.0})),
         ("add", json!({"a": 20, "b": 22, "delay": 1.0})),
         ("record", json!({"note": "once", "delay": 1.0})),
     ] {
+        // The call must reach the server before it dies: not be held for a restarting one.
+        wait_listening(pod.server_port).await;
         let pending = tokio::spawn({
             let session = session.clone();
             async move { call_tool(proxy_port, &session, token, 7, tool, arguments).await }
@@ -802,7 +843,7 @@ async fn a_lost_answer_is_sent_again_only_when_the_tool_is_safe_to_repeat() {
             "{tool}: an answer for the request: {}",
             reply.body
         );
-        if tool == "add" {
+        if tool == "add_read_only" {
             assert_eq!(result_text(&reply), "42", "{}", reply.body);
         } else {
             assert_eq!(message["error"]["code"], -32000, "{}", reply.body);
@@ -823,7 +864,7 @@ async fn a_lost_answer_is_sent_again_only_when_the_tool_is_safe_to_repeat() {
     assert_eq!(result_text(&reply), "1", "{}", reply.body);
     let metrics = admin_get(admin_port, "/metrics").await;
     assert!(
-        metrics.contains(r#"mcp_proxy_unanswered_requests_total{outcome="failed"} 1"#),
+        metrics.contains(r#"mcp_proxy_unanswered_requests_total{outcome="failed"} 2"#),
         "{metrics}"
     );
     assert!(

@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use super::protocol::{self, MessageHead};
+use super::quiesce::InFlight;
 use super::sse::{self, Event};
 use super::{Exchange, Failure, Lookup, Phase, Proxy, Transport, Unknown, plain};
 use super::{metrics, relay};
@@ -48,6 +49,9 @@ struct Request {
     id: Value,
     body: Bytes,
     resendable: bool,
+    /// Once the upstream accepted it, the request is in flight until its answer comes on the
+    /// stream, long after its POST was answered: a quiesce waits for it.
+    in_flight: Option<Arc<InFlight>>,
 }
 
 impl Unanswered {
@@ -73,6 +77,35 @@ impl Unanswered {
                 by_session.remove(session);
             }
         }
+    }
+
+    /// The upstream accepted the request with `id`: in flight until its answer.
+    fn delivered(&self, session: &SessionId, id: &Value, in_flight: InFlight) {
+        let in_flight = Arc::new(in_flight);
+        if let Some(request) = self
+            .lock()
+            .get_mut(session)
+            .and_then(|requests| requests.iter_mut().find(|r| r.id == *id))
+        {
+            request.in_flight = Some(in_flight);
+        }
+    }
+
+    /// The requests the upstream accepted and has not answered; those still on their way (held
+    /// for the restarting upstream) stay: their own POSTs deliver them.
+    fn take_delivered(&self, session: &SessionId) -> Vec<Request> {
+        let mut by_session = self.lock();
+        let Some(requests) = by_session.get_mut(session) else {
+            return Vec::new();
+        };
+        let (delivered, on_their_way) = std::mem::take(requests)
+            .into_iter()
+            .partition(|request| request.in_flight.is_some());
+        *requests = on_their_way;
+        if requests.is_empty() {
+            by_session.remove(session);
+        }
+        delivered
     }
 
     fn take(&self, session: &SessionId) -> Vec<Request> {
@@ -242,6 +275,7 @@ pub async fn post(proxy: &Arc<Proxy>, exchange: Exchange, raw_id: &str) -> Respo
             id: request_id,
             body: exchange.body.clone(),
             resendable: proxy.may_resend(&exchange),
+            in_flight: None,
         });
     if let Some(request) = &request {
         proxy.unanswered.add(&id, request.clone());
@@ -304,6 +338,13 @@ async fn post_until_accepted(
             Ok(answer) => {
                 if answer.held {
                     proxy.metrics.held.inc();
+                }
+                // Taken while the POST's own count still stands (its body is not read yet).
+                if let Some(request_id) = exchange.request_id()
+                    && answer.response.status().is_success()
+                {
+                    let in_flight = proxy.upstream.gate().sending();
+                    proxy.unanswered.delivered(id, &request_id, in_flight);
                 }
                 proxy
                     .after_answer(&Method::POST, id, answer.response.status())
@@ -493,7 +534,7 @@ impl Stream {
     /// again (their answers come on the new stream), the others get an error.
     async fn settle_unanswered(&mut self, target: &str) {
         let headers = self.message_headers();
-        for request in self.proxy.unanswered.take(&self.id) {
+        for request in self.proxy.unanswered.take_delivered(&self.id) {
             let outcome = if request.resendable {
                 let sent = self
                     .proxy

@@ -143,8 +143,9 @@ impl hyper::body::Body for Tracked {
     }
 }
 
-/// How often a quiesced proxy looks for its upstream going away and coming back.
-pub const PROBE_INTERVAL: Duration = Duration::from_millis(100);
+/// How often a quiesced proxy looks for its upstream going away and coming back: well inside
+/// the time any server process takes to start, so that no restart goes unseen.
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(50);
 
 /// What the upstream did after a quiesce, as the probe saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

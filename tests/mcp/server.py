@@ -7,8 +7,10 @@ Streamable HTTP at /mcp by default; `--sse` serves the 2024-11-05 HTTP+SSE trans
 (a test pod's IP). `--refuse-initialize` makes a broken new version: every `initialize` is
 answered with a JSON-RPC error, so sessions stored by the previous version cannot be replayed
 to it. Tools:
-- `add(a, b, delay=0)`: a pure function, annotated read-only, so a proxy may run it again if a
-  restart loses its answer;
+- `add(a, b, delay=0)`: the main tool, without annotations, as most real tools are: a proxy
+  may never run it twice, so a restart costs no call only if it is signalled (quiesced) first;
+- `add_read_only(a, b, delay=0)`: the same, annotated read-only, the special case a proxy may
+  run again if a restart loses its answer;
 - `record(note, delay=0)`: has an effect (appends to a log, returns the log's length), carries no
   annotation, so a proxy must never run it twice;
 - `notify()`: sends `notifications/resources/list_changed`, which travels on the session's
@@ -28,9 +30,17 @@ server = MCPServer("proxy-test-server", log_level="WARNING")
 notes: list[str] = []
 
 
-@server.tool(annotations=ToolAnnotations(readOnlyHint=True))
+@server.tool()
 async def add(a: int, b: int, delay: float = 0) -> int:
     """Adds two numbers, after `delay` seconds."""
+    if delay:
+        await asyncio.sleep(delay)
+    return a + b
+
+
+@server.tool(annotations=ToolAnnotations(readOnlyHint=True))
+async def add_read_only(a: int, b: int, delay: float = 0) -> int:
+    """Adds two numbers, after `delay` seconds; declared read-only."""
     if delay:
         await asyncio.sleep(delay)
     return a + b

@@ -15,21 +15,25 @@ const transports = {};
 const notes = [];
 const sleep = (seconds) => new Promise((resolve) => setTimeout(resolve, seconds * 1000));
 
-// The same tools as ../server.py: `add` pure and annotated read-only, `record` with an effect
-// and no annotation, `notify` sending on the listening stream.
+// The same tools as ../server.py: `add` pure and unannotated (as most real tools are),
+// `add_read_only` the same but annotated read-only, `record` with an effect and no annotation,
+// `notify` sending on the listening stream.
 function mcpServer() {
   const server = new McpServer({ name: "ts-test-server", version: "1.0.0" });
+  const add = async ({ a, b, delay }) => {
+    if (delay) await sleep(delay);
+    return { content: [{ type: "text", text: String(a + b) }] };
+  };
+  const addSchema = { a: z.number(), b: z.number(), delay: z.number().optional() };
+  server.registerTool("add", { description: "Adds two numbers, after `delay` seconds.", inputSchema: addSchema }, add);
   server.registerTool(
-    "add",
+    "add_read_only",
     {
-      description: "Adds two numbers, after `delay` seconds.",
-      inputSchema: { a: z.number(), b: z.number(), delay: z.number().optional() },
+      description: "Adds two numbers, after `delay` seconds; declared read-only.",
+      inputSchema: addSchema,
       annotations: { readOnlyHint: true },
     },
-    async ({ a, b, delay }) => {
-      if (delay) await sleep(delay);
-      return { content: [{ type: "text", text: String(a + b) }] };
-    },
+    add,
   );
   server.registerTool(
     "record",
@@ -50,8 +54,10 @@ function mcpServer() {
   return server;
 }
 
+// An unknown session is answered as the SDK's own example servers answer it (400), not with the
+// spec's 404: the proxy must recognise what servers in the field say.
 const notFound = (res) =>
-  res.status(404).json({ jsonrpc: "2.0", error: { code: -32001, message: "Session not found" }, id: null });
+  res.status(400).json({ jsonrpc: "2.0", error: { code: -32000, message: "Bad Request: No valid session ID provided" }, id: null });
 
 const app = createMcpExpressApp();
 app.post("/mcp", async (req, res) => {
