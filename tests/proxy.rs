@@ -551,21 +551,34 @@ struct ClientRun {
     session_ids: Vec<String>,
 }
 
+/// How the server is restarted under a client.
+struct Restarts<'a> {
+    server: &'a mut Process,
+    port: u16,
+    /// Times after the client's start.
+    at: &'a [Duration],
+    /// The proxy's admin port, whose /drain quiesces it first (as the backend's preStop does).
+    quiesce_at: Option<u16>,
+}
+
 /// Runs an SDK's client against `url` for `seconds`: it lists the tools, then calls `add` every
 /// 50 ms, each call taking 20 ms on the server. Meanwhile the server goes down at the given
-/// times after the start (SIGTERM the first time, SIGKILL the second: a call is in flight
-/// about a third of the time, and either way the server drops it) and is started again at
-/// once.
+/// times after the start (SIGTERM the first time, SIGKILL the second: unquiesced, a call is in
+/// flight about a third of the time, and either way the server drops it) and is started again
+/// at once.
 async fn client_through_restarts(
     sdk: Sdk,
     wire: Wire,
     url: &str,
     seconds: u32,
-    upstream: &mut Process,
-    upstream_port: u16,
-    restarts_at: &[Duration],
-    quiesce_at: Option<u16>,
+    restarts: Restarts<'_>,
 ) -> ClientRun {
+    let Restarts {
+        server: upstream,
+        port: upstream_port,
+        at: restarts_at,
+        quiesce_at,
+    } = restarts;
     use tokio::io::AsyncBufReadExt as _;
     let mut child = tokio::process::Command::from(sdk.command("client"))
         .args([url, &seconds.to_string(), "0.05", "Bearer client-token"])
@@ -644,10 +657,12 @@ async fn sdk_client_through_restarts(sdk: Sdk, wire: Wire) {
         wire,
         &url,
         10,
-        upstream,
-        upstream_port,
-        &restarts,
-        Some(admin_port),
+        Restarts {
+            server: &mut *upstream,
+            port: upstream_port,
+            at: &restarts,
+            quiesce_at: Some(admin_port),
+        },
     )
     .await;
     let metrics = admin_get(admin_port, "/metrics").await;
@@ -687,10 +702,12 @@ async fn sdk_client_through_restarts(sdk: Sdk, wire: Wire) {
         wire,
         &url,
         10,
-        upstream,
-        upstream_port,
-        &restarts,
-        None,
+        Restarts {
+            server: upstream,
+            port: upstream_port,
+            at: &restarts,
+            quiesce_at: None,
+        },
     )
     .await;
     eprintln!(
