@@ -5,6 +5,8 @@
 //! - [`api`]: the `McpSessionPolicy` custom resource.
 //! - [`controller`]: reconciles policies into status, Events and metrics; leader election.
 //! - [`webhook`]: admission webhooks: proxy injection into pods, policy validation, their TLS.
+//! - [`proxy`]: the session proxy in front of an MCP server.
+//! - [`dev`]: the laptop loop: an MCP server restarted on code changes behind the proxy.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`cli`]: the command line of the one binary.
 //! - [`telemetry`]: logging and tracing set-up.
@@ -12,6 +14,7 @@
 pub mod api;
 pub mod cli;
 pub mod controller;
+pub mod dev;
 pub mod metrics;
 pub mod proxy;
 pub mod store;

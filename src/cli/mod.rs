@@ -1,5 +1,6 @@
-//! The command line: `run`, `proxy`, `sessions`, `crd`.
+//! The command line: `run`, `proxy`, `dev`, `sessions`, `crd`.
 
+mod dev;
 mod output;
 mod proxy;
 mod run;
@@ -43,6 +44,8 @@ pub enum Command {
     Run(Box<run::RunArgs>),
     /// Run the session proxy in front of an MCP server.
     Proxy(Box<proxy::ProxyArgs>),
+    /// Run an MCP server behind the session proxy, restarting it when its code changes.
+    Dev(Box<dev::DevArgs>),
     /// Inspect and manage the session store.
     Sessions(sessions::SessionsArgs),
     /// Print the McpSessionPolicy CustomResourceDefinition as YAML.
@@ -96,6 +99,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Proxy(args) => {
             telemetry::init(cli.log_format, "info");
             proxy::run(*args).await
+        }
+        Command::Dev(args) => {
+            telemetry::init(cli.log_format, "info");
+            dev::run(*args).await
         }
     }
 }

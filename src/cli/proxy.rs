@@ -77,21 +77,8 @@ fn parse_upstream(raw: &str) -> Result<axum::http::Uri, String> {
 
 pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let ttl = Duration::from_secs(args.ttl_seconds);
-    let store: Arc<dyn SessionStore> = match &args.redis.redis_url {
-        Some(_) => Arc::new(connect_redis(&args.redis, ttl).await?),
-        None => Arc::new(MemoryStore::new(ttl)),
-    };
-    let key = match (&args.fingerprint_key, &args.redis.redis_url) {
-        (Some(key), _) => key.as_bytes().to_vec(),
-        (None, Some(_)) => {
-            warn!(
-                "MCP_SESSION_FINGERPRINT_KEY is not set: using the built-in default key; set one per deployment"
-            );
-            DEFAULT_FINGERPRINT_KEY.to_vec()
-        }
-        // Embedded store: sessions live and die with this process, so does the key.
-        (None, None) => rand::random::<[u8; 32]>().to_vec(),
-    };
+    let store = open_store(&args.redis, ttl).await?;
+    let key = fingerprint_key(args.fingerprint_key.as_deref(), &args.redis);
     let config = ProxyConfig {
         listen: args.listen,
         upstream: args.upstream,
@@ -110,6 +97,33 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     proxy::run(proxy, super::shutdown_signal())
         .await
         .context("the session proxy failed")
+}
+
+/// The embedded store without a Redis URL, else Redis (see [`connect_redis`]).
+pub(super) async fn open_store(
+    redis: &RedisArgs,
+    ttl: Duration,
+) -> anyhow::Result<Arc<dyn SessionStore>> {
+    Ok(match &redis.redis_url {
+        Some(_) => Arc::new(connect_redis(redis, ttl).await?),
+        None => Arc::new(MemoryStore::new(ttl)),
+    })
+}
+
+/// The fingerprint key: the configured one; with Redis and none configured, the built-in
+/// default (with a warning: every deployment should have its own); with the embedded store, a
+/// random one (sessions live and die with this process, and so does the key).
+pub(super) fn fingerprint_key(configured: Option<&str>, redis: &RedisArgs) -> Vec<u8> {
+    match (configured, &redis.redis_url) {
+        (Some(key), _) => key.as_bytes().to_vec(),
+        (None, Some(_)) => {
+            warn!(
+                "MCP_SESSION_FINGERPRINT_KEY is not set: using the built-in default key; set one per deployment"
+            );
+            DEFAULT_FINGERPRINT_KEY.to_vec()
+        }
+        (None, None) => rand::random::<[u8; 32]>().to_vec(),
+    }
 }
 
 /// Redis for the proxy: if it is down now, the proxy starts all the same and connects when it

@@ -1555,44 +1555,70 @@ impl Proxy {
         let _one_at_a_time = self.quiescing.lock().await;
         let started = Instant::now();
         let deadline = started + self.config.drain_timeout;
-        let gate = self.upstream.gate();
-        if *self.phase.borrow() == Phase::Serving {
-            gate.close();
-        }
-        if !gate.idle(deadline).await {
-            warn!(
-                in_flight = gate.in_flight(),
-                "quiesce: the upstream did not finish its requests within the drain timeout"
-            );
-        }
+        self.hold_upstream().await;
         let mut phase = self.phase.subscribe();
         let retiring =
             tokio::time::timeout(RETIRE_SETTLE, phase.wait_for(|p| *p >= Phase::Draining))
                 .await
                 .is_ok_and(|changed| changed.is_ok());
         if retiring {
-            gate.open();
+            self.resume_upstream();
             self.retire().await;
             info!("quiesce: the pod is terminating; retired");
             return Quiesced::Retired;
         }
-        self.metrics
-            .quiesce_duration
-            .observe(started.elapsed().as_secs_f64());
-        info!(
-            held_from = ?started.elapsed(),
-            "quiesced: new requests wait for the upstream's restart"
-        );
+        info!("quiesced: new requests wait for the upstream's restart");
         if !self.following_restart.swap(true, Ordering::SeqCst) {
             let proxy = self.clone();
             tokio::spawn(async move {
                 let restart = quiesce::follow_restart(&proxy.upstream.address(), deadline).await;
-                proxy.upstream.gate().open();
+                proxy.resume_upstream();
                 proxy.following_restart.store(false, Ordering::SeqCst);
                 info!(?restart, held_for = ?started.elapsed(), "resumed: held requests go to the upstream");
             });
         }
         Quiesced::Holding
+    }
+
+    /// Holds new requests (unless the proxy retires, which needs the upstream to the end) and
+    /// returns once the upstream has finished those it was working on, or the drain timeout:
+    /// the upstream may stop now without losing a call. `dev` calls it before restarting its
+    /// child; [`Self::resume_upstream`] lets the held requests go.
+    pub async fn hold_upstream(&self) {
+        let started = Instant::now();
+        let gate = self.upstream.gate();
+        if *self.phase.borrow() == Phase::Serving {
+            gate.close();
+        }
+        if !gate.idle(started + self.config.drain_timeout).await {
+            warn!(
+                in_flight = gate.in_flight(),
+                "quiesce: the upstream did not finish its requests within the drain timeout"
+            );
+        }
+        self.metrics
+            .quiesce_duration
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Sends held requests (and every new one) to the upstream again.
+    pub fn resume_upstream(&self) {
+        self.upstream.gate().open();
+    }
+
+    /// Requests waiting for the upstream to be resumed.
+    pub fn held_requests(&self) -> usize {
+        self.upstream.gate().waiting()
+    }
+
+    /// Handshakes replayed since the proxy started.
+    pub fn replays(&self) -> u64 {
+        self.metrics
+            .replays
+            .get_or_create(&metrics::OutcomeLabels {
+                outcome: "replayed",
+            })
+            .get()
     }
 
     /// Whether new requests are held for a restarting upstream.
@@ -1605,7 +1631,7 @@ impl Proxy {
     /// concurrent callers share the one drain. A retiring pod's backend serves until its
     /// clients have moved: retiring lifts a quiesce.
     pub async fn retire(&self) -> u64 {
-        self.upstream.gate().open();
+        self.resume_upstream();
         let drained = self.drain().await;
         self.linger().await;
         drained

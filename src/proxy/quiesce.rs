@@ -36,6 +36,8 @@ pub struct Gate {
     state: watch::Sender<GateState>,
     /// Requests sent and not fully answered (for a POST: until its response body ends).
     in_flight: watch::Sender<usize>,
+    /// Requests waiting at the closed gate.
+    waiting: std::sync::atomic::AtomicUsize,
 }
 
 impl Default for Gate {
@@ -43,6 +45,7 @@ impl Default for Gate {
         Self {
             state: watch::Sender::new(GateState::Open),
             in_flight: watch::Sender::new(0),
+            waiting: Default::default(),
         }
     }
 }
@@ -62,12 +65,30 @@ impl Gate {
 
     /// Waits until the gate is open; false if `deadline` comes first.
     pub async fn pass(&self, deadline: Instant) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.state() == GateState::Open {
+            return true;
+        }
+        /// Counts a waiting request until it passes or is dropped (its client went away).
+        struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.waiting);
         let mut state = self.state.subscribe();
         let open = state.wait_for(|s| *s == GateState::Open);
         matches!(
             tokio::time::timeout_at(deadline.into(), open).await,
             Ok(Ok(_))
         )
+    }
+
+    /// Requests waiting at the closed gate.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Counts a request as in flight until the guard drops.
