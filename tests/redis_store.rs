@@ -206,6 +206,7 @@ async fn bad_event_log_entries_are_skipped_and_a_wrong_type_is_an_error() {
         id: "g1-1".into(),
         event: None,
         data: "{}".into(),
+        ..Default::default()
     };
     store
         .append_events(&s, std::slice::from_ref(&good), 10)

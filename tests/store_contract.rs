@@ -110,6 +110,8 @@ async fn event_log(store: &dyn SessionStore) {
         id: format!("g1-{n}"),
         event: n.is_multiple_of(2).then(|| "message".to_owned()),
         data: format!(r#"{{"n":{n}}}"#),
+        // The upstream's own id travels with the event, where there is one.
+        upstream_id: n.is_multiple_of(3).then(|| format!("upstream-{n}")),
     };
     assert!(store.events(&s).await.unwrap().is_empty());
     store.create_or_rehydrate(&s, owned_by("p1")).await.unwrap();

@@ -91,6 +91,15 @@ pub fn after(log: Vec<LoggedEvent>, tag: StreamTag, seq: u64) -> Vec<(u64, Logge
         .collect()
 }
 
+/// The upstream's id of the newest logged event of a stream that has one: where the upstream
+/// resumes it.
+pub fn last_upstream_id(log: &[LoggedEvent], tag: StreamTag) -> Option<String> {
+    log.iter()
+        .rev()
+        .filter(|event| StreamTag::parse(&event.id).is_some_and(|(t, _)| t == tag))
+        .find_map(|event| event.upstream_id.clone())
+}
+
 enum Command {
     Append(SessionId, LoggedEvent),
     Flush(oneshot::Sender<()>),
@@ -193,6 +202,7 @@ mod tests {
             id: tag.event_id(n),
             event: None,
             data: n.to_string(),
+            ..Default::default()
         };
         let log = vec![
             logged(a, 1),
@@ -200,12 +210,20 @@ mod tests {
             logged(a, 2),
             LoggedEvent {
                 id: "junk".into(),
-                event: None,
-                data: String::new(),
+                ..Default::default()
             },
             logged(a, 3),
         ];
-        let next: Vec<u64> = after(log, a, 1).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(last_upstream_id(&log, a), None);
+        let next: Vec<u64> = after(log.clone(), a, 1)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
         assert_eq!(next, [2, 3]);
+        let mut with_ids = log;
+        with_ids[0].upstream_id = Some("u-a1".into());
+        with_ids[1].upstream_id = Some("u-b1".into());
+        assert_eq!(last_upstream_id(&with_ids, a).as_deref(), Some("u-a1"));
+        assert_eq!(last_upstream_id(&with_ids, b).as_deref(), Some("u-b1"));
     }
 }

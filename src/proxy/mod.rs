@@ -1088,6 +1088,7 @@ impl Proxy {
                 Vec::new()
             }
         };
+        let upstream_last = events::last_upstream_id(&log, tag);
         let backlog = events::after(log, tag, seq);
         let kind = match tag.kind {
             StreamKind::Listen => "listen",
@@ -1110,8 +1111,31 @@ impl Proxy {
                 }
                 Err(failure) => self.failure(failure, &exchange),
             },
-            // A POST's stream: what was logged of it, which ends with its response.
+            // A POST's stream: what was logged of it, which ends with its response; if the log
+            // ends before the response (the stream was cut), what the upstream kept after its
+            // own last event id, where it still has the session.
             StreamKind::Response => {
+                let answered = backlog.iter().any(|(_, e)| {
+                    MessageHead::of(e.data.as_bytes()).is_some_and(|h| h.is_response())
+                });
+                if !answered
+                    && let Some(upstream_last) = upstream_last
+                    && let Some(body) = self
+                        .upstream_events_after(bound, &exchange, &upstream_last)
+                        .await
+                {
+                    let resumed = relay::Resumed {
+                        tag,
+                        after: seq,
+                        backlog,
+                    };
+                    let response = hyper::Response::builder()
+                        .status(StatusCode::OK)
+                        .header(header::CONTENT_TYPE, "text/event-stream")
+                        .body(body)
+                        .unwrap_or_default();
+                    return self.deliver(exchange, response, Some(resumed)).await;
+                }
                 let mut body = Vec::new();
                 for (_, event) in backlog {
                     body.extend_from_slice(&relay::logged_event(event).encode());
@@ -1130,6 +1154,30 @@ impl Proxy {
                     .into_response()
             }
         }
+    }
+
+    /// The events the upstream kept after its event `last`, from the session's live upstream
+    /// session (never a replayed one, which cannot know them); `None` if it keeps none.
+    async fn upstream_events_after(
+        &self,
+        bound: &Bound,
+        exchange: &Exchange,
+        last: &str,
+    ) -> Option<Body> {
+        let Lookup::Live(upstream_id) = self.lookup(bound) else {
+            return None;
+        };
+        let mut headers = exchange.headers.clone();
+        headers.insert(SESSION_HEADER, protocol::header_value(&upstream_id)?);
+        headers.insert(LAST_EVENT_ID_HEADER, protocol::header_value(last)?);
+        let answer = self
+            .upstream
+            .send(&Method::GET, &exchange.path, &headers, Bytes::new())
+            .await
+            .ok()?;
+        let resumed = answer.response.status().is_success()
+            && protocol::is_event_stream(answer.response.headers());
+        resumed.then(|| answer.response.into_body())
     }
 
     /// Is `bound.credential` the one the session is bound to (binding a session bound to

@@ -46,6 +46,11 @@ impl MessageHead {
         self.method.is_some() && self.id.is_some()
     }
 
+    /// A response (a result or an error) to some request.
+    pub fn is_response(&self) -> bool {
+        self.method.is_none() && (self.result.is_some() || self.error.is_some())
+    }
+
     /// A response to the request with `id`.
     pub fn answers(&self, id: &Value) -> bool {
         self.method.is_none()

@@ -65,8 +65,7 @@ const FIRST_RESEND_PAUSE: Duration = Duration::from_millis(50);
 /// Resumptions in a row that brought no new event before a response stream gives up on them.
 const MAX_IDLE_RESUMPTIONS: u32 = 3;
 
-/// A resumed listening stream: its identity, where the client left it, and the logged events
-/// it missed.
+/// A resumed stream: its identity, where the client left it, and the logged events it missed.
 pub struct Resumed {
     pub tag: StreamTag,
     pub after: u64,
@@ -76,7 +75,10 @@ pub struct Resumed {
 /// Starts relaying `body` and returns the client's side of it.
 pub fn start(proxy: Arc<Proxy>, exchange: Exchange, body: Body, resumed: Option<Resumed>) -> Body {
     let (out, client) = mpsc::channel(BUFFERED_CHUNKS);
-    let kind = exchange.stream_kind();
+    // A resumed stream is of the kind it was, whatever request resumes it (always a GET).
+    let kind = resumed
+        .as_ref()
+        .map_or_else(|| exchange.stream_kind(), |r| r.tag.kind);
     let open = Open::new(proxy.clone(), kind);
     let (tag, seq, backlog) = match resumed {
         Some(resumed) => {
@@ -96,6 +98,8 @@ pub fn start(proxy: Arc<Proxy>, exchange: Exchange, body: Body, resumed: Option<
         (StreamKind::Listen, Some(bound)) => Some(proxy.listeners.register(&bound.id)),
         _ => None,
     };
+    // A response stream resumed by a GET: its request is not at hand, its answer is the first.
+    let resumed_response = kind == StreamKind::Response && exchange.head.is_none();
     let span = info_span!(
         "stream",
         session = exchange.session.as_ref().map(|b| b.id.to_string()),
@@ -106,6 +110,7 @@ pub fn start(proxy: Arc<Proxy>, exchange: Exchange, body: Body, resumed: Option<
             .then(|| exchange.head.as_ref().filter(|h| h.is_request()))
             .flatten()
             .and_then(|h| h.id.clone()),
+        any_answer: resumed_response,
         phase: proxy.phase.subscribe(),
         proxy,
         exchange,
@@ -195,6 +200,8 @@ struct Relay {
     seq: u64,
     /// The id of the request whose answer a response stream carries.
     awaited: Option<Value>,
+    /// A resumed response stream, whose request's id is not known here: any answer is its.
+    any_answer: bool,
     answered: bool,
     out: mpsc::Sender<Bytes>,
     phase: watch::Receiver<Phase>,
@@ -371,6 +378,11 @@ impl Relay {
                     return End::ClientGone;
                 }
             }
+            // Nothing follows a request's answer on its stream: an upstream that keeps a
+            // resumed stream open after it is not waited for.
+            if self.answered && self.kind == StreamKind::Response {
+                return End::UpstreamClosed;
+            }
         }
     }
 
@@ -380,9 +392,11 @@ impl Relay {
         // proxy does itself; the client gets the proxy's ids, and its hints when it must move.
         // A sessionless (stateless) stream keeps the upstream's ids: its client resumes with
         // the upstream itself.
+        let mut upstream_id = None;
         if self.tag.is_some() {
             if let Some(id) = event.id.take() {
-                self.upstream_event = Some(id);
+                self.upstream_event = Some(id.clone());
+                upstream_id = Some(id);
             }
             if let Some(retry) = event.retry.take() {
                 self.upstream_retry = Some(retry);
@@ -393,9 +407,12 @@ impl Relay {
         {
             return true;
         }
-        if let (Some(data), Some(awaited)) = (&event.data, &self.awaited)
+        if let Some(data) = &event.data
             && !self.answered
-            && MessageHead::of(data.as_bytes()).is_some_and(|head| head.answers(awaited))
+            && MessageHead::of(data.as_bytes()).is_some_and(|head| match &self.awaited {
+                Some(awaited) => head.answers(awaited),
+                None => self.any_answer && head.is_response(),
+            })
         {
             self.answered = true;
             self.proxy.observe(&self.exchange, data.as_bytes());
@@ -410,6 +427,7 @@ impl Relay {
                     id: id.clone(),
                     event: event.event.clone(),
                     data: data.clone(),
+                    upstream_id,
                 };
                 self.proxy.events.append(&bound.id, logged);
             }

@@ -47,13 +47,17 @@ pub struct Session {
 
 /// One event of a session's resumption log: an SSE event the proxy sent a client, kept so that
 /// a client that lost its stream resumes it with `Last-Event-ID`, on any proxy.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoggedEvent {
     /// The id the client saw (the proxy's, never the upstream's).
     pub id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event: Option<String>,
     pub data: String,
+    /// The upstream's own id of the event, where it gave one: a resumption whose log ends before
+    /// the answer asks the upstream for what followed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_id: Option<String>,
 }
 
 /// Sessions changing hands, as proxies report them: running totals per prefix, from which the
