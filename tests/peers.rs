@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use support::{die_with_parent, free_port};
 
+/// The token the test proxies' /drain requires.
+const DRAIN_TOKEN: &str = "peers-drain-token";
+
 const PEERS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/ts");
 
 /// The tests run one at a time: each runs several Node and Python processes, and their timing
@@ -84,6 +87,7 @@ fn proxy(port: u16, upstream: u16, admin: u16, redis: Option<&str>) -> Process {
         .args(["--pod-name", "peer-pod", "--hold-seconds", "20"])
         .env_remove("MCP_SESSION_REDIS_URL")
         .env("MCP_SESSION_FINGERPRINT_KEY", "peers-test-key")
+        .env("MCP_SESSION_DRAIN_TOKEN", DRAIN_TOKEN)
         .stdout(Stdio::null())
         .stderr(if std::env::var_os("MCP_TEST_PROXY_LOG").is_some() {
             Stdio::inherit()
@@ -113,7 +117,10 @@ async fn admin_get(port: u16, path: &str) -> String {
         .await
         .expect("admin");
     stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .write_all(
+            format!("GET {path} HTTP/1.0\r\nHost: x\r\nX-Mcp-Drain-Token: {DRAIN_TOKEN}\r\n\r\n")
+                .as_bytes(),
+        )
         .await
         .expect("write");
     let mut text = String::new();

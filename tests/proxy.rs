@@ -12,6 +12,9 @@ use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use support::{die_with_parent, free_port};
 
+/// The token every test proxy's /drain, /retire and /sessions require.
+const DRAIN_TOKEN: &str = "test-drain-token";
+
 /// The Python with the `mcp` SDK that scripts/test.sh prepares.
 fn python() -> String {
     std::env::var("MCP_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
@@ -149,6 +152,7 @@ fn proxy_with(
         .env_remove("MCP_SESSION_REDIS_URL")
         .args(["--touch-interval-seconds", "1"])
         .env("MCP_SESSION_FINGERPRINT_KEY", "test-deployment-key")
+        .env("MCP_SESSION_DRAIN_TOKEN", DRAIN_TOKEN)
         .stdout(Stdio::null())
         .stderr(proxy_log());
     if let Some(url) = redis {
@@ -411,7 +415,10 @@ async fn admin_get(port: u16, path: &str) -> String {
         .await
         .expect("admin");
     stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .write_all(
+            format!("GET {path} HTTP/1.0\r\nHost: x\r\nX-Mcp-Drain-Token: {DRAIN_TOKEN}\r\n\r\n")
+                .as_bytes(),
+        )
         .await
         .expect("write");
     let mut text = String::new();
@@ -1591,4 +1598,55 @@ async fn an_upstream_restart_loses_no_session_while_redis_is_full_or_evicting() 
             reply.body
         );
     }
+}
+
+/// Quiescing, retiring and listing sessions answer only the drain token: without it, or with
+/// another, 401 and nothing happens; a proxy configured without one answers nobody.
+#[tokio::test]
+async fn the_admin_port_changes_state_only_for_the_drain_token() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let pod = Pod::start_with(Sdk::Python, Wire::Streamable, "pod-a", None, &[]).await;
+    let (port, admin) = (pod.proxy_port(), pod.admin_port());
+    let session = open_session(port, None).await;
+    let raw = |path: &'static str, token: Option<&'static str>| async move {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", admin))
+            .await
+            .expect("admin");
+        let header = token.map_or(String::new(), |t| format!("X-Mcp-Drain-Token: {t}\r\n"));
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n{header}\r\n").as_bytes())
+            .await
+            .expect("write");
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await.expect("read");
+        text
+    };
+    for path in ["/drain", "/retire", "/sessions"] {
+        for token in [None, Some("wrong-token"), Some("test-drain-tokeN")] {
+            let answer = raw(path, token).await;
+            assert!(
+                answer.starts_with("HTTP/1.0 401"),
+                "{path} {token:?}: {answer}"
+            );
+        }
+    }
+    assert!(
+        admin_get(admin, "/readyz")
+            .await
+            .starts_with("HTTP/1.0 200"),
+        "not quiesced"
+    );
+    assert!(raw("/sessions", Some(DRAIN_TOKEN)).await.contains(&session));
+    assert_eq!(result_text(&call(port, &session, None, 2, 1).await), "2");
+
+    let open = Pod::start_with(
+        Sdk::Python,
+        Wire::Streamable,
+        "pod-b",
+        None,
+        &["--drain-token", ""],
+    )
+    .await;
+    let answer = admin_get(open.admin_port(), "/drain").await;
+    assert!(answer.starts_with("HTTP/1.0 403"), "{answer}");
 }

@@ -71,6 +71,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         session_ttl: ttl,
         event_log_size: 100,
         max_sessions_per_credential: 10_000,
+        // dev quiesces in process; its admin port lists no sessions without a token.
+        drain_token: std::env::var("MCP_SESSION_DRAIN_TOKEN").ok(),
     };
     let proxy = Proxy::new(
         config,

@@ -55,6 +55,10 @@ pub struct ProxyArgs {
     /// Authorization header as a whole) or `none`.
     #[arg(long, value_enum, default_value_t = SessionBinding::Identity)]
     binding: SessionBinding,
+    /// The token /drain, /retire and /sessions require in `X-Mcp-Drain-Token` (the webhook
+    /// injects one per pod); without it they answer nobody.
+    #[arg(long, env = "MCP_SESSION_DRAIN_TOKEN", hide_env_values = true)]
+    drain_token: Option<String>,
     /// Largest request body accepted.
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     max_body_bytes: usize,
@@ -92,6 +96,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         event_log_size: usize::try_from(args.event_log_size).unwrap_or(usize::MAX),
         max_sessions_per_credential: usize::try_from(args.max_sessions_per_credential)
             .unwrap_or(usize::MAX),
+        drain_token: args.drain_token.filter(|token| !token.is_empty()),
     };
     let proxy = Proxy::new(config, store, Fingerprinter::new(&key, args.binding));
     proxy::run(proxy, super::shutdown_signal())

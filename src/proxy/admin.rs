@@ -12,20 +12,58 @@ use axum::routing::get;
 use serde_json::Value;
 use tracing::warn;
 
-use super::Proxy;
+use super::{DRAIN_TOKEN_HEADER, Proxy};
 
 pub async fn serve(proxy: Arc<Proxy>, listener: tokio::net::TcpListener) {
+    // What changes the proxy's state or lists its sessions answers only the pod's drain token.
+    let guarded = Router::new()
+        .route("/drain", get(drain).post(drain))
+        .route("/retire", get(retire).post(retire))
+        .route("/sessions", get(sessions))
+        .route_layer(axum::middleware::from_fn_with_state(
+            proxy.clone(),
+            require_drain_token,
+        ));
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/drain", get(drain).post(drain))
-        .route("/retire", get(retire).post(retire))
         .route("/metrics", get(metrics))
-        .route("/sessions", get(sessions))
+        .merge(guarded)
         .with_state(proxy);
     if let Err(error) = axum::serve(listener, app).await {
         warn!(%error, "admin server failed");
     }
+}
+
+async fn require_drain_token(
+    State(proxy): State<Arc<Proxy>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let presented = request
+        .headers()
+        .get(DRAIN_TOKEN_HEADER)
+        .map(|value| value.as_bytes());
+    match (&proxy.config.drain_token, presented) {
+        (Some(token), Some(presented)) if constant_time_eq(token.as_bytes(), presented) => {
+            next.run(request).await
+        }
+        (None, _) => (
+            StatusCode::FORBIDDEN,
+            "no drain token is configured (MCP_SESSION_DRAIN_TOKEN): this endpoint answers nobody\n",
+        )
+            .into_response(),
+        _ => {
+            warn!(path = %request.uri().path(), "refused an admin request without the drain token");
+            (StatusCode::UNAUTHORIZED, "the X-Mcp-Drain-Token header is missing or wrong\n")
+                .into_response()
+        }
+    }
+}
+
+/// Compares without an early exit, so that timing tells nothing of a token's prefix.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0_u8, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
 /// Ready unless draining or quiesced (new connections go to other pods meanwhile). Sessions the store lacks (a full or unreachable Redis) do not make

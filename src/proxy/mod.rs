@@ -64,6 +64,10 @@ const MAX_ATTEMPTS: u32 = 6;
 /// Most sessions a drain looks up in the store's index of this pod (beyond those it holds).
 const DRAIN_BATCH: usize = 100_000;
 
+/// The header in which `/drain`, `/retire` and `/sessions` require the pod's drain token (the
+/// webhook puts it into the backend's preStop hook).
+pub const DRAIN_TOKEN_HEADER: &str = "X-Mcp-Drain-Token";
+
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
     pub listen: SocketAddr,
@@ -81,6 +85,9 @@ pub struct ProxyConfig {
     pub event_log_size: usize,
     /// Sessions one credential may hold in this proxy.
     pub max_sessions_per_credential: usize,
+    /// What `/drain`, `/retire` and `/sessions` require in `X-Mcp-Drain-Token`; without one
+    /// they answer nobody.
+    pub drain_token: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -90,7 +90,7 @@ pub fn mutate_pod(
         .clone()
         .or(pod.metadata.generate_name.clone())
         .unwrap_or_default();
-    match inject(&pod, policy, config) {
+    match inject(&pod, policy, config, &super::inject::drain_token()) {
         Injection::Patch(patch) => match response.clone().with_patch(patch) {
             Ok(patched) => {
                 info!(%namespace, pod = %name, policy = %policy.name_any(), "injecting the session proxy");

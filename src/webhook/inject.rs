@@ -51,7 +51,21 @@ pub enum Injection {
     Conflict(String),
 }
 
-pub fn inject(pod: &Pod, policy: &McpSessionPolicy, config: &InjectorConfig) -> Injection {
+/// A pod's drain token: 256 random bits, base64url. One per pod, made at admission: it goes
+/// into the proxy's environment and the backend's preStop hook (whose `httpHeaders` cannot
+/// reference a Secret), so that only the kubelet, and whoever can read the pod's spec, can
+/// quiesce or retire that pod's proxy or list its sessions.
+pub fn drain_token() -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>())
+}
+
+pub fn inject(
+    pod: &Pod,
+    policy: &McpSessionPolicy,
+    config: &InjectorConfig,
+    drain_token: &str,
+) -> Injection {
     let opted_out = |map: &std::collections::BTreeMap<String, String>| {
         map.get(INJECT_KEY).is_some_and(|v| v == "false")
     };
@@ -89,7 +103,7 @@ pub fn inject(pod: &Pod, policy: &McpSessionPolicy, config: &InjectorConfig) -> 
     }
 
     let mut operations = Vec::new();
-    let proxy = proxy_container(policy, config);
+    let proxy = proxy_container(policy, config, drain_token);
     if config.native_sidecar {
         match spec.init_containers {
             Some(_) => operations.push(add("/spec/initContainers/-", proxy)),
@@ -108,7 +122,8 @@ pub fn inject(pod: &Pod, policy: &McpSessionPolicy, config: &InjectorConfig) -> 
     } else {
         "/drain"
     };
-    let drain_hook = json!({"httpGet": {"path": hook_path, "port": config.admin_port}});
+    let drain_hook = json!({"httpGet": {"path": hook_path, "port": config.admin_port,
+        "httpHeaders": [{"name": crate::proxy::DRAIN_TOKEN_HEADER, "value": drain_token}]}});
     for (index, container) in spec.containers.iter().enumerate() {
         match &container.lifecycle {
             None => operations.push(add(
@@ -146,7 +161,7 @@ pub fn inject(pod: &Pod, policy: &McpSessionPolicy, config: &InjectorConfig) -> 
     Injection::Patch(Patch(operations))
 }
 
-fn proxy_container(policy: &McpSessionPolicy, config: &InjectorConfig) -> Value {
+fn proxy_container(policy: &McpSessionPolicy, config: &InjectorConfig, drain_token: &str) -> Value {
     let spec = &policy.spec;
     let field = |path: &str| json!({"fieldRef": {"fieldPath": path}});
     let mut env = vec![
@@ -168,6 +183,7 @@ fn proxy_container(policy: &McpSessionPolicy, config: &InjectorConfig) -> Value 
         env.push(json!({"name": "MCP_SESSION_FINGERPRINT_KEY",
             "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}}));
     }
+    env.push(json!({"name": "MCP_SESSION_DRAIN_TOKEN", "value": drain_token}));
     let admin = config.admin_port;
     let mut container = json!({
         "name": PROXY_CONTAINER,
@@ -221,6 +237,8 @@ fn add(path: &str, value: Value) -> PatchOperation {
 mod tests {
     use super::*;
 
+    const TOKEN: &str = "test-drain-token";
+
     fn policy(spec: Value) -> McpSessionPolicy {
         let mut spec = spec;
         spec["selector"] = json!({"matchLabels": {"app": "api"}});
@@ -256,7 +274,7 @@ mod tests {
         let original = pod(json!({}));
         let pod = patched(
             &original,
-            inject(&original, &policy, &InjectorConfig::default()),
+            inject(&original, &policy, &InjectorConfig::default(), TOKEN),
         );
         let spec = pod.spec.unwrap();
         assert_eq!(spec.containers.len(), 2);
@@ -301,10 +319,20 @@ mod tests {
             .pre_stop
             .as_ref()
             .unwrap();
+        let hook = backend_hook.http_get.as_ref().unwrap();
+        assert_eq!(hook.path.as_deref(), Some("/drain"));
+        // The pod's drain token, in the hook and in the proxy's environment.
+        let headers = hook.http_headers.as_ref().unwrap();
         assert_eq!(
-            backend_hook.http_get.as_ref().unwrap().path.as_deref(),
-            Some("/drain")
+            (headers[0].name.as_str(), headers[0].value.as_str()),
+            ("X-Mcp-Drain-Token", TOKEN)
         );
+        let env = serde_json::to_value(&proxy.env).unwrap().to_string();
+        assert!(
+            env.contains(r#"{"name":"MCP_SESSION_DRAIN_TOKEN","value":"test-drain-token"}"#),
+            "{env}"
+        );
+        assert_ne!(drain_token(), drain_token(), "one per pod");
         assert_eq!(spec.termination_grace_period_seconds, Some(55));
         assert!(
             proxy.lifecycle.is_none(),
@@ -322,7 +350,7 @@ mod tests {
         };
         let original =
             pod(json!({"spec": {"initContainers": [{"name": "migrate", "image": "x"}]}}));
-        let pod = patched(&original, inject(&original, &policy, &config));
+        let pod = patched(&original, inject(&original, &policy, &config, TOKEN));
         let spec = pod.spec.unwrap();
         assert_eq!(spec.containers.len(), 1);
         let init = spec.init_containers.unwrap();
@@ -349,19 +377,19 @@ mod tests {
         let policy = policy(json!({"redis": {"url": "redis://r:6379"}}));
         let config = InjectorConfig::default();
         let original = pod(json!({}));
-        let once = patched(&original, inject(&original, &policy, &config));
+        let once = patched(&original, inject(&original, &policy, &config, TOKEN));
         assert_eq!(
-            inject(&once, &policy, &config),
+            inject(&once, &policy, &config, TOKEN),
             Injection::Skip("already injected")
         );
         let opted = pod(json!({"metadata": {"annotations": {INJECT_KEY: "false"}}}));
         assert_eq!(
-            inject(&opted, &policy, &config),
+            inject(&opted, &policy, &config, TOKEN),
             Injection::Skip("opted out")
         );
         let own = pod(json!({"spec": {"terminationGracePeriodSeconds": 600,
             "containers": [{"name": "server", "image": "x", "lifecycle": {"preStop": {"exec": {"command": ["sleep", "5"]}}}}]}}));
-        let patched_own = patched(&own, inject(&own, &policy, &config));
+        let patched_own = patched(&own, inject(&own, &policy, &config, TOKEN));
         let spec = patched_own.spec.unwrap();
         assert!(
             spec.containers[0]
@@ -388,7 +416,8 @@ mod tests {
         let clash = pod(
             json!({"spec": {"containers": [{"name": "server", "image": "x", "ports": [{"containerPort": 8090}]}]}}),
         );
-        let Injection::Conflict(message) = inject(&clash, &policy, &InjectorConfig::default())
+        let Injection::Conflict(message) =
+            inject(&clash, &policy, &InjectorConfig::default(), TOKEN)
         else {
             panic!()
         };
@@ -397,7 +426,7 @@ mod tests {
             serde_json::from_value(json!({"metadata": {"name": "x"}, "spec": {"containers": []}}))
                 .unwrap();
         assert_eq!(
-            inject(&empty, &policy, &InjectorConfig::default()),
+            inject(&empty, &policy, &InjectorConfig::default(), TOKEN),
             Injection::Skip("no containers")
         );
     }

@@ -140,12 +140,22 @@ fn port_of(action: &HTTPGetAction, container: &Container) -> Option<i32> {
 }
 
 /// An HTTP GET to the pod, as the kubelet's probes and hooks make; the status code.
-async fn http_get(ip: Ipv4Addr, port: i32, path: &str, timeout: Duration) -> Option<u16> {
+async fn http_get(
+    ip: Ipv4Addr,
+    port: i32,
+    path: &str,
+    headers: &[(String, String)],
+    timeout: Duration,
+) -> Option<u16> {
     let attempt = async {
         let port = u16::try_from(port).ok()?;
         let mut stream = tokio::net::TcpStream::connect((ip, port)).await.ok()?;
+        let headers: String = headers
+            .iter()
+            .map(|(name, value)| format!("{name}: {value}\r\n"))
+            .collect();
         stream
-            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\n{headers}\r\n").as_bytes())
             .await
             .ok()?;
         let mut answer = Vec::new();
@@ -203,7 +213,7 @@ impl PodRuntime for LocalContainers {
                 return false;
             };
             let path = get.path.as_deref().unwrap_or("/");
-            if !http_get(ip, port, path, Duration::from_secs(1))
+            if !http_get(ip, port, path, &[], Duration::from_secs(1))
                 .await
                 .is_some_and(|status| (200..300).contains(&status))
             {
@@ -218,7 +228,7 @@ impl PodRuntime for LocalContainers {
     /// SIGTERM at once, while the others' hooks still run.
     async fn stop(&self, pod: &Pod, ip: Ipv4Addr, grace: Duration) {
         let deadline = tokio::time::Instant::now() + grace;
-        let hooks: HashMap<String, (i32, String)> = pod
+        let hooks: HashMap<String, (i32, String, Vec<(String, String)>)> = pod
             .spec
             .iter()
             .flat_map(|s| {
@@ -228,9 +238,19 @@ impl PodRuntime for LocalContainers {
             })
             .filter_map(|c| {
                 let get = c.lifecycle.as_ref()?.pre_stop.as_ref()?.http_get.as_ref()?;
+                let headers = get
+                    .http_headers
+                    .iter()
+                    .flatten()
+                    .map(|h| (h.name.clone(), h.value.clone()))
+                    .collect();
                 Some((
                     c.name.clone(),
-                    (port_of(get, c)?, get.path.clone().unwrap_or_default()),
+                    (
+                        port_of(get, c)?,
+                        get.path.clone().unwrap_or_default(),
+                        headers,
+                    ),
                 ))
             })
             .collect();
@@ -238,10 +258,10 @@ impl PodRuntime for LocalContainers {
         let stops = processes.into_iter().map(|(name, mut child)| {
             let hook = hooks.get(&name).cloned();
             async move {
-                if let Some((port, path)) = hook {
+                if let Some((port, path, headers)) = hook {
                     let _ = tokio::time::timeout_at(
                         deadline,
-                        http_get(ip, port, &path, Duration::from_secs(120)),
+                        http_get(ip, port, &path, &headers, Duration::from_secs(120)),
                     )
                     .await;
                 }
