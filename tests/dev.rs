@@ -6,7 +6,7 @@ mod support;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{die_with_parent, free_port};
+use support::{die_with_parent, free_port, wait_listening};
 
 fn python() -> String {
     std::env::var("MCP_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
@@ -51,17 +51,6 @@ fn dev(listen: u16, watched: &std::path::Path, server: &[&str]) -> Process {
             Stdio::null()
         });
     Process(die_with_parent(&mut command).spawn().expect("start dev"))
-}
-
-async fn wait_answering(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "nothing listens on {port}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -127,7 +116,7 @@ async fn code_edits_restart_the_server_without_a_failed_call() {
             dir.path(),
             &[&python, source.to_str().expect("path"), "{port}"],
         );
-        wait_answering(port).await;
+        wait_listening(port).await;
         let edits = async {
             for n in 1..=2 {
                 tokio::time::sleep(Duration::from_secs(3)).await;
@@ -157,7 +146,7 @@ async fn sighup_restarts_the_server() {
         dir.path(),
         &[&python, source.to_str().expect("path"), "{port}"],
     );
-    wait_answering(port).await;
+    wait_listening(port).await;
     let pid = nix::unistd::Pid::from_raw(dev.0.id() as i32);
     let hangups = async {
         for _ in 0..2 {

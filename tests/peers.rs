@@ -8,9 +8,9 @@ mod support;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use support::{die_with_parent, free_port};
+use support::{die_with_parent, free_port, wait_listening};
 
 /// The token the test proxies' /drain requires.
 const DRAIN_TOKEN: &str = "peers-drain-token";
@@ -100,32 +100,35 @@ fn proxy(port: u16, upstream: u16, admin: u16, redis: Option<&str>) -> Process {
     Process::start(&mut command, "the proxy")
 }
 
-async fn wait_listening(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "nothing listens on {port}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+async fn admin_get(port: u16, path: &str) -> String {
+    support::admin_get(port, path, DRAIN_TOKEN).await
 }
 
-async fn admin_get(port: u16, path: &str) -> String {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("admin");
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.0\r\nHost: x\r\nX-Mcp-Drain-Token: {DRAIN_TOKEN}\r\n\r\n")
-                .as_bytes(),
-        )
-        .await
-        .expect("write");
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.expect("read");
-    text
+/// server-everything behind a proxy, both answering.
+struct Everything {
+    server: Process,
+    _proxy: Process,
+    server_port: u16,
+    proxy_port: u16,
+    admin_port: u16,
+}
+
+impl Everything {
+    /// With the embedded store, or `redis`.
+    async fn start(redis: Option<&str>) -> Self {
+        let (server_port, proxy_port, admin_port) = (free_port(), free_port(), free_port());
+        let server = server_everything(server_port);
+        let proxy = proxy(proxy_port, server_port, admin_port, redis);
+        wait_listening(server_port).await;
+        wait_listening(proxy_port).await;
+        Self {
+            server,
+            _proxy: proxy,
+            server_port,
+            proxy_port,
+            admin_port,
+        }
+    }
 }
 
 /// The outcome of every scenario of a conformance run: name → passed.
@@ -198,11 +201,8 @@ fn compare(
 #[tokio::test]
 async fn the_conformance_suite_passes_through_the_proxy_what_it_passes_directly() {
     let _serial = SERIAL.lock().await;
-    let (server_port, proxy_port, admin_port) = (free_port(), free_port(), free_port());
-    let _server = server_everything(server_port);
-    let _proxy = proxy(proxy_port, server_port, admin_port, None);
-    wait_listening(server_port).await;
-    wait_listening(proxy_port).await;
+    let everything = Everything::start(None).await;
+    let (server_port, proxy_port) = (everything.server_port, everything.proxy_port);
 
     let server_suite = |port: u16| {
         let url = format!("http://127.0.0.1:{port}/mcp");
@@ -260,11 +260,12 @@ struct Progress {
 async fn server_everything_restarts_cost_its_sdk_clients_nothing() {
     let _serial = SERIAL.lock().await;
     let redis = support::redis::RedisServer::start();
-    let (server_port, proxy_port, admin_port) = (free_port(), free_port(), free_port());
-    let mut server = server_everything(server_port);
-    let _proxy = proxy(proxy_port, server_port, admin_port, Some(&redis.url()));
-    wait_listening(server_port).await;
-    wait_listening(proxy_port).await;
+    let mut everything = Everything::start(Some(&redis.url())).await;
+    let (server_port, proxy_port, admin_port) = (
+        everything.server_port,
+        everything.proxy_port,
+        everything.admin_port,
+    );
     let dir = tempfile::tempdir().expect("tempdir");
     let epoch_file = dir.path().join("epoch");
     std::fs::write(&epoch_file, "0").expect("epoch");
@@ -301,8 +302,8 @@ async fn server_everything_restarts_cost_its_sdk_clients_nothing() {
         tokio::time::sleep(Duration::from_secs(4)).await;
         let quiesced = admin_get(admin_port, "/drain").await;
         assert!(quiesced.contains("quiesced"), "{quiesced}");
-        server.terminate();
-        server = server_everything(server_port);
+        everything.server.terminate();
+        everything.server = server_everything(server_port);
         wait_listening(server_port).await;
         std::fs::write(&epoch_file, epoch.to_string()).expect("epoch");
     }
@@ -412,13 +413,10 @@ fn events(text: &str) -> Vec<(Option<String>, String)> {
 /// the last logged event, and the client gets the rest of the progress and the answer.
 #[tokio::test]
 async fn a_cut_response_stream_resumes_from_the_upstreams_events() {
-    let _serial = SERIAL.lock().await;
     use http_body_util::BodyExt as _;
-    let (server_port, proxy_port, admin_port) = (free_port(), free_port(), free_port());
-    let _server = server_everything(server_port);
-    let _proxy = proxy(proxy_port, server_port, admin_port, None);
-    wait_listening(server_port).await;
-    wait_listening(proxy_port).await;
+    let _serial = SERIAL.lock().await;
+    let everything = Everything::start(None).await;
+    let proxy_port = everything.proxy_port;
 
     let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"raw","version":"1"}}}"#;
     let reply = request(proxy_port, "POST", &[], init.into()).await;

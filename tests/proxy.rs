@@ -10,7 +10,7 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
-use support::{die_with_parent, free_port};
+use support::{die_with_parent, free_port, wait_listening};
 
 /// The token every test proxy's /drain, /retire and /sessions require.
 const DRAIN_TOKEN: &str = "test-drain-token";
@@ -172,17 +172,6 @@ fn proxy_log() -> Stdio {
         Stdio::inherit()
     } else {
         Stdio::null()
-    }
-}
-
-async fn wait_listening(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "nothing listens on {port}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -410,20 +399,7 @@ async fn a_session_survives_upstream_restarts_and_stays_bound_to_its_credential(
 }
 
 async fn admin_get(port: u16, path: &str) -> String {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("admin");
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.0\r\nHost: x\r\nX-Mcp-Drain-Token: {DRAIN_TOKEN}\r\n\r\n")
-                .as_bytes(),
-        )
-        .await
-        .expect("write");
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.expect("read");
-    text
+    support::admin_get(port, path, DRAIN_TOKEN).await
 }
 
 /// Two pods, each an MCP server behind its own proxy, sharing Redis. The first pod drains (its

@@ -239,6 +239,18 @@ mod tests {
 
     const TOKEN: &str = "test-drain-token";
 
+    /// A container's preStop `httpGet`.
+    fn pre_stop_get(
+        container: &k8s_openapi::api::core::v1::Container,
+    ) -> &k8s_openapi::api::core::v1::HTTPGetAction {
+        container
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.pre_stop.as_ref())
+            .and_then(|h| h.http_get.as_ref())
+            .expect("a preStop httpGet")
+    }
+
     fn policy(spec: Value) -> McpSessionPolicy {
         let mut spec = spec;
         spec["selector"] = json!({"matchLabels": {"app": "api"}});
@@ -312,14 +324,7 @@ mod tests {
             Some(vec!["ALL".to_owned()])
         );
         assert!(proxy.readiness_probe.is_some() && proxy.liveness_probe.is_some());
-        let backend_hook = spec.containers[0]
-            .lifecycle
-            .as_ref()
-            .unwrap()
-            .pre_stop
-            .as_ref()
-            .unwrap();
-        let hook = backend_hook.http_get.as_ref().unwrap();
+        let hook = pre_stop_get(&spec.containers[0]);
         assert_eq!(hook.path.as_deref(), Some("/drain"));
         // The pod's drain token, in the hook and in the proxy's environment.
         let headers = hook.http_headers.as_ref().unwrap();
@@ -356,15 +361,8 @@ mod tests {
         let init = spec.init_containers.unwrap();
         assert_eq!(init[1].name, PROXY_CONTAINER);
         assert_eq!(init[1].restart_policy.as_deref(), Some("Always"));
-        let hook = spec.containers[0]
-            .lifecycle
-            .as_ref()
-            .unwrap()
-            .pre_stop
-            .as_ref()
-            .unwrap();
         assert_eq!(
-            hook.http_get.as_ref().unwrap().path.as_deref(),
+            pre_stop_get(&spec.containers[0]).path.as_deref(),
             Some("/retire"),
             "a native sidecar hears of a pod stop only through the backend's hook"
         );

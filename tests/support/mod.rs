@@ -20,6 +20,35 @@ pub fn free_port() -> u16 {
     listener.local_addr().expect("local address").port()
 }
 
+/// Waits until something accepts connections on the loopback `port` (30 s at most).
+pub async fn wait_listening(port: u16) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing listens on {port}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// A GET on a proxy's admin port with `drain_token`: the whole HTTP/1.0 answer.
+pub async fn admin_get(port: u16, path: &str, drain_token: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("admin");
+    let request =
+        format!("GET {path} HTTP/1.0\r\nHost: x\r\nX-Mcp-Drain-Token: {drain_token}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.expect("read");
+    text
+}
+
 /// Makes `command` die with the test process, so no server outlives a killed test run.
 pub fn die_with_parent(command: &mut Command) -> &mut Command {
     use std::os::unix::process::CommandExt as _;
