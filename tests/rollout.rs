@@ -580,6 +580,63 @@ async fn a_killed_pods_sessions_are_swept_and_rehydrated() {
     );
 }
 
+/// Kubernetes restarts a pod's MCP server in place (a failed liveness probe): the server's
+/// preStop quiesces the pod's proxy, the server gets SIGTERM, a new process starts from the
+/// same spec. The pod is not deleted: its proxy holds the requests that arrive meanwhile, sends
+/// them to the new process (the sessions' handshakes replayed) and is Ready again; 50 clients
+/// calling an unannotated tool see no error and keep their sessions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_in_place_restart_of_a_server_costs_no_call_and_leaves_the_pod_ready() {
+    let _serial = SERIAL.lock().await;
+    let bed = Bed::start("e2e-inplace", json!({})).await;
+    let clients = Clients::start(bed.service.port);
+    bed.wait_sessions(2 * CLIENTS_PER_SDK as u64).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pods = bed.pods().await;
+    let pod = pods.first().expect("a pod").clone();
+    let ip: std::net::Ipv4Addr = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.as_deref())
+        .and_then(|ip| ip.parse().ok())
+        .expect("pod IP");
+    let started = std::time::Instant::now();
+    bed.runtime
+        .restart_in_place(&pod, "server", Duration::from_secs(30))
+        .await;
+    let restarted_in = started.elapsed();
+    // Ready again (the proxy's readiness probe), without the pod being replaced.
+    let runtime = bed.runtime.clone();
+    wait_for(TIMEOUT, "the pod ready again", || {
+        let (runtime, pod) = (runtime.clone(), pod.clone());
+        async move {
+            use support::kubelet::PodRuntime as _;
+            runtime.ready(&pod, ip).await
+        }
+    })
+    .await;
+    let ready_in = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let runs = clients.stop().await;
+    let (_, errors) = report("a server restarted in place", &runs);
+    eprintln!(
+        "{} restarted in place in {:.1} s, Ready again after {:.1} s; {errors} failed calls",
+        pod.name_any(),
+        restarted_in.as_secs_f64(),
+        ready_in.as_secs_f64()
+    );
+    assert!(
+        bed.pods()
+            .await
+            .iter()
+            .any(|p| p.name_any() == pod.name_any() && p.metadata.deletion_timestamp.is_none()),
+        "the pod stays"
+    );
+    assert_every_client_kept_its_session(&runs);
+    let errors: Vec<&String> = runs.iter().flat_map(|r| r.errors.iter()).collect();
+    assert_eq!(errors, Vec::<&String>::new(), "no client error");
+}
+
 /// Redis restarts (SIGKILL, started again on its data) in the middle of a rolling update: the
 /// proxies ride out the outage, and no session is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

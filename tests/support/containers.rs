@@ -50,6 +50,85 @@ impl LocalContainers {
         }
     }
 
+    /// A container's process, from the stored spec; `None` for an image the test does not know.
+    async fn spawn(&self, pod: &Pod, container: &Container, ip: Ipv4Addr) -> Option<Child> {
+        let mut command = (self.images)(container, ip)?;
+        let env = environment(&self.client, container, pod, ip).await;
+        localize(&mut command, container, env, ip);
+        command.stdin(Stdio::null());
+        super::die_with_parent(&mut command);
+        Some(
+            Command::from(command)
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap_or_else(|e| panic!("start container {}: {e}", container.name)),
+        )
+    }
+
+    /// Restarts one container of a running pod in place, as a kubelet does after a failed
+    /// liveness probe: its `httpGet` preStop hook, SIGTERM (SIGKILL after `grace`), then a new
+    /// process from the same spec. The pod and its other containers stay.
+    pub async fn restart_in_place(&self, pod: &Pod, name: &str, grace: Duration) {
+        let ip: Ipv4Addr = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.as_deref())
+            .and_then(|ip| ip.parse().ok())
+            .expect("a running pod's IP");
+        let container = pod
+            .spec
+            .iter()
+            .flat_map(|s| s.containers.iter())
+            .find(|c| c.name == name)
+            .expect("the container")
+            .clone();
+        if let Some(get) = container
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.pre_stop.as_ref())
+            .and_then(|h| h.http_get.as_ref())
+            && let Some(port) = port_of(get, &container)
+        {
+            let headers: Vec<(String, String)> = get
+                .http_headers
+                .iter()
+                .flatten()
+                .map(|h| (h.name.clone(), h.value.clone()))
+                .collect();
+            let path = get.path.clone().unwrap_or_default();
+            http_get(ip, port, &path, &headers, grace).await;
+        }
+        let old = {
+            let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+            let processes = pods.get_mut(&pod.name_any()).expect("a running pod");
+            let at = processes
+                .iter()
+                .position(|(n, _)| n == name)
+                .expect("the container's process");
+            processes.remove(at).1
+        };
+        let mut old = old;
+        if let Some(pid) = old.id() {
+            // SAFETY: signalling a child of ours that has not been reaped.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGTERM);
+            }
+        }
+        if tokio::time::timeout(grace, old.wait()).await.is_err() {
+            let _ = old.kill().await;
+        }
+        let child = self
+            .spawn(pod, &container, ip)
+            .await
+            .expect("the container's image");
+        self.pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&pod.name_any())
+            .expect("a running pod")
+            .push((name.to_owned(), child));
+    }
+
     fn take(&self, pod: &str) -> Vec<(String, Child)> {
         self.pods
             .lock()
@@ -171,17 +250,9 @@ impl PodRuntime for LocalContainers {
     async fn start(&self, pod: &Pod, ip: Ipv4Addr) {
         let mut processes = Vec::new();
         for container in pod.spec.iter().flat_map(|s| s.containers.iter()) {
-            let Some(mut command) = (self.images)(container, ip) else {
+            let Some(child) = self.spawn(pod, container, ip).await else {
                 return;
             };
-            let env = environment(&self.client, container, pod, ip).await;
-            localize(&mut command, container, env, ip);
-            command.stdin(Stdio::null());
-            super::die_with_parent(&mut command);
-            let child = Command::from(command)
-                .kill_on_drop(true)
-                .spawn()
-                .unwrap_or_else(|e| panic!("start container {}: {e}", container.name));
             processes.push((container.name.clone(), child));
         }
         self.pods
