@@ -722,6 +722,105 @@ async fn the_typescript_sdk_client_sees_no_restart_through_the_proxy_and_does_wi
     sdk_client_through_restarts(Sdk::TypeScript, Wire::Streamable).await;
 }
 
+/// Signalled restarts, repeated: 20 runs of a client calling the unannotated `add` every 50 ms
+/// (20 ms each) for 4 s while the server is restarted once as the kubelet does (quiesce, then
+/// SIGTERM, every other run SIGKILL): no run may see an error or a new session.
+async fn signalled_restarts_repeated(sdk: Sdk) {
+    const RUNS: usize = 20;
+    let mut pod = Pod::start_with(sdk, Wire::Streamable, "proxy-0", None, &[]).await;
+    let (server_port, proxy_port, admin_port) =
+        (pod.server_port, pod.proxy_port(), pod.admin_port());
+    let url = format!("http://127.0.0.1:{proxy_port}/mcp");
+    let mut calls = 0;
+    for run in 0..RUNS {
+        wait_listening(server_port).await;
+        let offset = if run % 2 == 0 { 1500 } else { 2300 };
+        let at = [Duration::from_millis(offset)];
+        let outcome = client_through_restarts(
+            sdk,
+            Wire::Streamable,
+            &url,
+            4,
+            Restarts {
+                server: &mut pod.server,
+                port: server_port,
+                at: &at,
+                quiesce_at: Some(admin_port),
+            },
+        )
+        .await;
+        assert_eq!(outcome.errors, Vec::<String>::new(), "{sdk:?}, run {run}");
+        assert_eq!(outcome.session_ids.len(), 1, "{sdk:?}, run {run}");
+        calls += outcome.calls;
+    }
+    eprintln!("{sdk:?}: {RUNS} signalled restarts, {calls} calls, 0 errors");
+}
+
+#[tokio::test]
+async fn twenty_signalled_restarts_cost_the_python_sdk_client_no_call() {
+    signalled_restarts_repeated(Sdk::Python).await;
+}
+
+#[tokio::test]
+async fn twenty_signalled_restarts_cost_the_typescript_sdk_client_no_call() {
+    signalled_restarts_repeated(Sdk::TypeScript).await;
+}
+
+/// Unsignalled stops (SIGTERM, then SIGKILL, mid-traffic, no quiesce) with the unannotated tool:
+/// a call the server had started may have run, so it is answered "may have been executed" and
+/// never sent again; no client dies and every client keeps its session.
+async fn unsignalled_stops_get_honest_answers(sdk: Sdk) {
+    let mut pod = Pod::start_with(sdk, Wire::Streamable, "proxy-0", None, &[]).await;
+    let (server_port, proxy_port) = (pod.server_port, pod.proxy_port());
+    let url = format!("http://127.0.0.1:{proxy_port}/mcp");
+    let at = [Duration::from_secs(3), Duration::from_millis(6500)];
+    let outcome = client_through_restarts(
+        sdk,
+        Wire::Streamable,
+        &url,
+        10,
+        Restarts {
+            server: &mut pod.server,
+            port: server_port,
+            at: &at,
+            quiesce_at: None,
+        },
+    )
+    .await;
+    eprintln!(
+        "{sdk:?}, unsignalled: {} calls, errors {:?}",
+        outcome.calls, outcome.errors
+    );
+    assert_eq!(
+        outcome.session_ids.len(),
+        1,
+        "{sdk:?}: {:?}",
+        outcome.session_ids
+    );
+    assert!(
+        outcome.calls > 40,
+        "{sdk:?}: the client went on: {} calls",
+        outcome.calls
+    );
+    assert!(
+        outcome.errors.len() <= at.len(),
+        "{sdk:?}: at most the call in flight per stop"
+    );
+    for error in &outcome.errors {
+        assert!(error.contains("may have been executed"), "{sdk:?}: {error}");
+    }
+}
+
+#[tokio::test]
+async fn unsignalled_stops_cost_the_python_sdk_client_only_honest_answers() {
+    unsignalled_stops_get_honest_answers(Sdk::Python).await;
+}
+
+#[tokio::test]
+async fn unsignalled_stops_cost_the_typescript_sdk_client_only_honest_answers() {
+    unsignalled_stops_get_honest_answers(Sdk::TypeScript).await;
+}
+
 /// Redis goes away and comes back empty (no persistence) mid-session: the client keeps working
 /// from the proxy's memory, and the proxy writes the session back once Redis answers again.
 #[tokio::test]
