@@ -20,7 +20,9 @@ pub enum UpstreamError {
     #[error("the MCP server did not answer within {0:?}: {1}")]
     Unavailable(Duration, String),
     /// Sent, but no response came back: the request may have been processed.
-    #[error("the MCP server closed the connection before answering: {0}")]
+    #[error(
+        "the MCP server closed the connection before answering ({0}); the request may have been executed, so it was not sent again"
+    )]
     Lost(String),
     #[error("bad upstream request: {0}")]
     Request(String),
