@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use support::{die_with_parent, free_port, wait_listening};
+use support::{Process, die_with_parent, free_port, wait_listening};
 
 /// The token the test proxies' /drain requires.
 const DRAIN_TOKEN: &str = "peers-drain-token";
@@ -34,34 +34,6 @@ fn peer(path: &str) -> PathBuf {
 /// The Node 22 that the conformance suite needs (the `node` npm package ships it).
 fn node22() -> PathBuf {
     peer("node_modules/.bin/node")
-}
-
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Process {
-    fn start(command: &mut Command, what: &str) -> Self {
-        Self(
-            die_with_parent(command)
-                .spawn()
-                .unwrap_or_else(|e| panic!("start {what}: {e}")),
-        )
-    }
-
-    /// SIGTERM, as the kubelet stops a container, and wait for the exit.
-    fn terminate(&mut self) {
-        // SAFETY: signalling our own child, not yet reaped.
-        unsafe {
-            libc::kill(self.0.id() as i32, libc::SIGTERM);
-        }
-        let _ = self.0.wait();
-    }
 }
 
 fn server_everything(port: u16) -> Process {

@@ -3,14 +3,14 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
-use support::{die_with_parent, free_port, wait_listening};
+use support::{Process, die_with_parent, free_port, wait_listening};
 
 /// The token every test proxy's /drain, /retire and /sessions require.
 const DRAIN_TOKEN: &str = "test-drain-token";
@@ -18,32 +18,6 @@ const DRAIN_TOKEN: &str = "test-drain-token";
 /// The Python with the `mcp` SDK that scripts/test.sh prepares.
 fn python() -> String {
     std::env::var("MCP_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Process {
-    /// SIGKILL, and wait for the exit.
-    fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-
-    /// SIGTERM, and wait for the exit.
-    fn terminate(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe {
-            libc::kill(self.0.id() as i32, libc::SIGTERM);
-        }
-        let _ = self.0.wait();
-    }
 }
 
 /// The MCP SDKs whose real servers and clients the tests run.

@@ -1164,7 +1164,8 @@ impl Proxy {
     }
 
     /// The events the upstream kept after its event `last`, from the session's live upstream
-    /// session (never a replayed one, which cannot know them); `None` if it keeps none.
+    /// session (never a replayed one, which cannot know them): how a response stream the
+    /// upstream closed, or the client lost, goes on. `None` if the upstream keeps none.
     async fn upstream_events_after(
         &self,
         bound: &Bound,
@@ -1175,16 +1176,31 @@ impl Proxy {
             return None;
         };
         let mut headers = exchange.headers.clone();
+        headers.remove(header::CONTENT_TYPE);
         headers.insert(SESSION_HEADER, protocol::header_value(&upstream_id)?);
         headers.insert(LAST_EVENT_ID_HEADER, protocol::header_value(last)?);
-        let answer = self
+        headers.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        let answer = match self
             .upstream
             .send(&Method::GET, &exchange.path, &headers, Bytes::new())
             .await
-            .ok()?;
-        let resumed = answer.response.status().is_success()
-            && protocol::is_event_stream(answer.response.headers());
-        resumed.then(|| answer.response.into_body())
+        {
+            Ok(answer) => answer,
+            Err(error) => {
+                debug!(%error, "cannot resume the stream upstream");
+                return None;
+            }
+        };
+        let status = answer.response.status();
+        if status.is_success() && protocol::is_event_stream(answer.response.headers()) {
+            Some(answer.response.into_body())
+        } else {
+            debug!(%status, "the upstream did not resume the stream");
+            None
+        }
     }
 
     /// Is `bound.credential` the one the session is bound to (binding a session bound to

@@ -30,7 +30,7 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 use super::events::{StreamKind, StreamTag};
 use super::listeners::Registration;
 use super::metrics::{self, KindLabels};
-use super::protocol::{self, LAST_EVENT_ID_HEADER, MessageHead, SESSION_HEADER};
+use super::protocol::{self, MessageHead};
 use super::sse::{self, Event};
 use super::{Exchange, Failure, Phase, Proxy, UPSTREAM_UNAVAILABLE};
 use crate::store::LoggedEvent;
@@ -306,45 +306,21 @@ impl Relay {
     async fn resume_upstream(&mut self) -> Option<Body> {
         let bound = self.exchange.session.as_ref()?;
         let last = self.upstream_event.clone()?;
-        let super::Lookup::Live(upstream_id) = self.proxy.lookup(bound) else {
+        if !matches!(self.proxy.lookup(bound), super::Lookup::Live(_)) {
             return None;
-        };
+        }
         let delay = Duration::from_millis(self.upstream_retry.unwrap_or(0).min(60_000));
         tokio::select! {
             () = closing(&mut self.phase, self.kind) => return None,
             () = tokio::time::sleep(delay) => {}
         }
-        let mut headers = self.exchange.headers.clone();
-        headers.remove(axum::http::header::CONTENT_TYPE);
-        headers.insert(SESSION_HEADER, protocol::header_value(&upstream_id)?);
-        headers.insert(LAST_EVENT_ID_HEADER, protocol::header_value(&last)?);
-        headers.insert(
-            axum::http::header::ACCEPT,
-            axum::http::HeaderValue::from_static("text/event-stream"),
-        );
-        let path = self.exchange.path.clone();
-        let sent = tokio::select! {
+        let resumed = tokio::select! {
             () = closing(&mut self.phase, self.kind) => return None,
-            sent = self.proxy.upstream.send(&axum::http::Method::GET, &path, &headers, Bytes::new()) => sent,
+            resumed = self.proxy.upstream_events_after(bound, &self.exchange, &last) => resumed?,
         };
-        match sent {
-            Ok(answer)
-                if answer.response.status().is_success()
-                    && protocol::is_event_stream(answer.response.headers()) =>
-            {
-                metrics::inc(&self.proxy.metrics.unanswered, "resumed");
-                info!(last_event = %last, "the upstream closed the response stream before its answer; resumed it");
-                Some(answer.response.into_body())
-            }
-            Ok(answer) => {
-                debug!(status = %answer.response.status(), "the upstream did not resume the stream");
-                None
-            }
-            Err(error) => {
-                debug!(%error, "cannot resume the stream");
-                None
-            }
-        }
+        metrics::inc(&self.proxy.metrics.unanswered, "resumed");
+        info!(last_event = %last, "the upstream closed the response stream before its answer; resumed it");
+        Some(resumed)
     }
 
     /// Relays events until the upstream's stream ends, the client leaves or the drain comes.

@@ -20,6 +20,42 @@ pub fn free_port() -> u16 {
     listener.local_addr().expect("local address").port()
 }
 
+/// A test's child process, killed (SIGKILL) when dropped, also when the test panics.
+pub struct Process(pub std::process::Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Process {
+    /// Starts `command`, dying with the test process.
+    pub fn start(command: &mut Command, what: &str) -> Self {
+        Self(
+            die_with_parent(command)
+                .spawn()
+                .unwrap_or_else(|e| panic!("start {what}: {e}")),
+        )
+    }
+
+    /// SIGKILL, and wait for the exit.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+
+    /// SIGTERM, as the kubelet stops a container, and wait for the exit.
+    pub fn terminate(&mut self) {
+        // SAFETY: signalling our own child, not yet reaped.
+        unsafe {
+            libc::kill(self.0.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.0.wait();
+    }
+}
+
 /// Waits until something accepts connections on the loopback `port` (30 s at most).
 pub async fn wait_listening(port: u16) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
