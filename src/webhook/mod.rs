@@ -103,6 +103,14 @@ pub async fn run(
     let resolver = Arc::new(CertResolver::default());
     // A certificate before the first connection; the loop below keeps it fresh.
     let mut ca_bundle = tls::refresh(&config.tls, &secrets, &resolver).await?;
+    // Bound before the configurations point the apiserver here: with `failurePolicy: Fail`
+    // a configuration that names a port nobody listens on yet refuses every admission.
+    let listener = tokio::net::TcpListener::bind(config.address)
+        .await
+        .map_err(|source| WebhookError::Listen {
+            address: config.address,
+            source,
+        })?;
     configuration::apply(
         &client,
         &config.endpoint,
@@ -144,12 +152,6 @@ pub async fn run(
         .route("/healthz", get(|| async { "ok" }))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state);
-    let listener = tokio::net::TcpListener::bind(config.address)
-        .await
-        .map_err(|source| WebhookError::Listen {
-            address: config.address,
-            source,
-        })?;
     info!(address = %config.address, "serving admission webhooks over HTTPS");
 
     let refresher = {
