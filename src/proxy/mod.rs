@@ -11,6 +11,7 @@
 
 mod admin;
 mod connections;
+mod connector;
 mod events;
 mod fingerprint;
 mod legacy;

@@ -11,6 +11,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tracing::debug;
 
+use super::connector::{Connector, was_not_delivered, with_causes};
 use super::protocol::strip_hop_by_hop;
 use super::quiesce::{Gate, GateState, Tracked};
 
@@ -29,7 +30,7 @@ pub enum UpstreamError {
 }
 
 pub struct Upstream {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<Connector, Full<Bytes>>,
     base: Uri,
     hold: Duration,
     /// Holds requests while the upstream is quiesced, and counts what it is working on.
@@ -49,7 +50,7 @@ impl Upstream {
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
+            .build(Connector::new(connector));
         Self {
             client,
             base,
@@ -133,8 +134,11 @@ impl Upstream {
                         held,
                     });
                 }
-                Err(error) if error.is_connect() => error.to_string(),
-                Err(error) => return Err(UpstreamError::Lost(error.to_string())),
+                // Never reached the server: held and sent again, whatever the request.
+                Err(error) if error.is_connect() || was_not_delivered(&error) => {
+                    with_causes(&error)
+                }
+                Err(error) => return Err(UpstreamError::Lost(with_causes(&error))),
             };
             if Instant::now() + delay > deadline {
                 return Err(UpstreamError::Unavailable(self.hold, failure));

@@ -69,6 +69,8 @@ async def run_client(url: str, seconds: float, interval: float, authorization: s
                 except Exception as error:  # noqa: BLE001 - every failure is what the test counts
                     failure = describe(error)
                 slowest = max(slowest, time.monotonic() - started)
+                if failure:
+                    failure = f"call {calls}: {failure}"
                 calls += 1
                 if failure:
                     errors.append(failure)

@@ -19,6 +19,7 @@ to it. Tools:
 
 import asyncio
 import json
+import os
 import sys
 
 import uvicorn
@@ -30,9 +31,19 @@ server = MCPServer("proxy-test-server", log_level="WARNING")
 notes: list[str] = []
 
 
+def log_call(what: str, a) -> None:
+    """Appends `WHAT A` to MCP_TEST_CALL_LOG, if set: the `add` calls this server (any of its
+    processes) received (`received`) and began to run (`began`)."""
+    path = os.environ.get("MCP_TEST_CALL_LOG")
+    if path:
+        with open(path, "a", encoding="utf-8") as log:
+            log.write(f"{what} {a}\n")
+
+
 @server.tool()
 async def add(a: int, b: int, delay: float = 0) -> int:
     """Adds two numbers, after `delay` seconds."""
+    log_call("began", a)
     if delay:
         await asyncio.sleep(delay)
     return a + b
@@ -62,34 +73,64 @@ async def notify(ctx: Context) -> str:
     return "sent"
 
 
+async def read_json(receive):
+    """The JSON body of a request (or None), and a `receive` that hands the app the body again."""
+    messages, body, more = [], b"", True
+    while more:
+        message = await receive()
+        messages.append(message)
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+    try:
+        request = json.loads(body)
+    except ValueError:
+        request = None
+    pending = iter(messages)
+
+    async def replayed():
+        return next(pending, None) or await receive()
+
+    return (request if isinstance(request, dict) else None), replayed
+
+
 def refusing_initialize(app):
     """Wraps an ASGI app so that it answers every `initialize` with a JSON-RPC error."""
 
     async def wrapped(scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST":
             return await app(scope, receive, send)
-        messages, body, more = [], b"", True
-        while more:
-            message = await receive()
-            messages.append(message)
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-        try:
-            request = json.loads(body)
-        except ValueError:
-            request = None
-        if isinstance(request, dict) and request.get("method") == "initialize":
+        request, replayed = await read_json(receive)
+        if request and request.get("method") == "initialize":
             error = {"code": -32602, "message": "this server version refuses these initialize params"}
             answer = json.dumps({"jsonrpc": "2.0", "id": request.get("id"), "error": error}).encode()
             await send({"type": "http.response.start", "status": 400, "headers": [(b"content-type", b"application/json")]})
             await send({"type": "http.response.body", "body": answer})
             return None
-        pending = iter(messages)
-
-        async def replayed():
-            return next(pending, None) or await receive()
-
         return await app(scope, replayed, send)
+
+    return wrapped
+
+
+def logging_calls(app):
+    """Wraps an ASGI app so that each `add` call is logged as it arrives (`received A`), and
+    again if the server refuses it without running it (`refused A`: an unknown session)."""
+
+    async def wrapped(scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await app(scope, receive, send)
+        request, replayed = await read_json(receive)
+        params = (request or {}).get("params") or {}
+        call = None
+        if request and request.get("method") == "tools/call" and params.get("name") == "add":
+            call = (params.get("arguments") or {}).get("a")
+            log_call("received", call)
+
+        async def watched(message):
+            if call is not None and message["type"] == "http.response.start" and message["status"] in (400, 404):
+                log_call("refused", call)
+            await send(message)
+
+        return await app(scope, replayed, watched)
 
     return wrapped
 
@@ -107,4 +148,6 @@ if __name__ == "__main__":
         app = server.streamable_http_app(host=host, json_response="--json" in sys.argv)
         if "--refuse-initialize" in sys.argv:
             app = refusing_initialize(app)
+        if os.environ.get("MCP_TEST_CALL_LOG"):
+            app = logging_calls(app)
         uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -42,6 +42,7 @@ async function runClient(authorization, verbose) {
         failure = `${error?.name}: ${error?.message}${cause} at ${new Date().toISOString()}`;
       }
       slowest = Math.max(slowest, (Date.now() - started) / 1000);
+      if (failure) failure = `call ${calls}: ${failure}`;
       calls += 1;
       if (transport.sessionId) sessionIds.add(transport.sessionId);
       if (failure) errors.push(failure);

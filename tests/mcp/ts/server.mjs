@@ -2,6 +2,7 @@
 // transport per session as the SDK's examples do) for the proxy tests.
 //     node server.mjs PORT
 import { randomUUID } from "node:crypto";
+import { appendFileSync } from "node:fs";
 
 import { createMcpExpressApp } from "@modelcontextprotocol/sdk/server/express.js";
 import { McpServer } from "@modelcontextprotocol/sdk/server/mcp.js";
@@ -10,6 +11,13 @@ import { isInitializeRequest } from "@modelcontextprotocol/sdk/types.js";
 import { z } from "zod";
 
 const port = Number(process.argv[2]);
+
+// With MCP_TEST_CALL_LOG set, the `add` calls this server (any of its processes) received in a
+// session it knew (`received A`) and began to run (`began A`), for tests that ask which calls
+// reached it.
+const logCall = (what, a) => {
+  if (process.env.MCP_TEST_CALL_LOG) appendFileSync(process.env.MCP_TEST_CALL_LOG, `${what} ${a}\n`);
+};
 const transports = {};
 
 const notes = [];
@@ -21,6 +29,7 @@ const sleep = (seconds) => new Promise((resolve) => setTimeout(resolve, seconds 
 function mcpServer() {
   const server = new McpServer({ name: "ts-test-server", version: "1.0.0" });
   const add = async ({ a, b, delay }) => {
+    logCall("began", a);
     if (delay) await sleep(delay);
     return { content: [{ type: "text", text: String(a + b) }] };
   };
@@ -63,6 +72,10 @@ const app = createMcpExpressApp();
 app.post("/mcp", async (req, res) => {
   const id = req.headers["mcp-session-id"];
   let transport = id ? transports[id] : undefined;
+  // Received in a session this process knows (an unknown session's call is refused unrun).
+  if (transport && req.body?.method === "tools/call" && req.body.params?.name === "add") {
+    logCall("received", req.body.params.arguments?.a);
+  }
   if (!transport) {
     if (id || !isInitializeRequest(req.body)) return notFound(res);
     transport = new StreamableHTTPServerTransport({
