@@ -1290,23 +1290,29 @@ impl Pod {
     }
 }
 
-/// Pods replaced under an SDK's client, as in a rolling update: it reaches them through a
-/// Service stand-in, calling a tool every 50 ms for 10 s. Pod A is deleted at 3 s, pod C joins
-/// at 5 s, pod B is deleted at 7 s: every session moves twice, by drain and claim, with no error.
+/// Pods replaced under an SDK's client one after another, as in a rolling update, reached
+/// through a Service stand-in: two pods serve, and twenty times a new pod joins and the oldest is
+/// deleted (out of the endpoints, its proxy retired by SIGTERM, then its server stopped). The
+/// client calls the unannotated `add` every 50 ms throughout: no error, one session, which moves
+/// by retirement and claim twenty times.
 async fn sdk_client_through_pod_replacements(sdk: Sdk) {
     use tokio::io::AsyncBufReadExt as _;
+    const RETIREMENTS: usize = 20;
     let redis = support::redis::RedisServer::start();
-    let (a, b) = (
-        Pod::start(sdk, "pod-a", &redis.url()).await,
-        Pod::start(sdk, "pod-b", &redis.url()).await,
-    );
+    let mut pods = std::collections::VecDeque::new();
+    for name in ["pod-0", "pod-1"] {
+        pods.push_back(Pod::start(sdk, name, &redis.url()).await);
+    }
     let service =
-        support::balancer::Balancer::start(vec![a.backend.clone(), b.backend.clone()]).await;
+        support::balancer::Balancer::start(pods.iter().map(|p| p.backend.clone()).collect()).await;
     service.wait_ready(2).await;
     let url = format!("http://127.0.0.1:{}/mcp", service.port);
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let stop_file = dir.path().join("stop");
     let mut client = tokio::process::Command::from(sdk.command("client"))
-        .args([url.as_str(), "10", "0.05", "Bearer rolling-client"])
+        .args([url.as_str(), "300", "0.05", "Bearer rolling-client"])
         .env("MCP_TEST_TOOL_DELAY", "0.02")
+        .env("MCP_TEST_STOP_FILE", &stop_file)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true)
@@ -1323,38 +1329,39 @@ async fn sdk_client_through_pod_replacements(sdk: Sdk) {
         summary
     });
 
-    // The kubelet stops a pod's containers while the Service goes on serving: off this thread.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    service.remove(a.backend.serve);
-    let stopping_a = tokio::task::spawn_blocking(move || a.stop());
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let c = Pod::start(sdk, "pod-c", &redis.url()).await;
-    service.add(c.backend.clone());
-    service.wait_ready(2).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    service.remove(b.backend.serve);
-    let stopping_b = tokio::task::spawn_blocking(move || b.stop());
+    for n in 0..RETIREMENTS {
+        let joining = Pod::start(sdk, &format!("pod-{}", n + 2), &redis.url()).await;
+        service.add(joining.backend.clone());
+        service.wait_ready(3).await;
+        let leaving = pods.pop_front().expect("two pods serve");
+        // The kubelet stops a deleted pod's containers while the Service goes on serving.
+        service.remove(leaving.backend.serve);
+        tokio::task::spawn_blocking(move || leaving.stop())
+            .await
+            .expect("stop the pod");
+        pods.push_back(joining);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    std::fs::write(&stop_file, b"").expect("stop the client");
 
     let summary: Value = serde_json::from_str(&output.await.unwrap().expect("a summary line"))
         .expect("JSON summary");
-    eprintln!("{sdk:?} through pod replacements: {summary}");
-    stopping_a.await.unwrap();
-    stopping_b.await.unwrap();
+    eprintln!("{sdk:?} through {RETIREMENTS} pod replacements: {summary}");
     assert_eq!(summary["errors"], json!([]), "{sdk:?}: {summary}");
     assert_eq!(
         summary["session_ids"].as_array().map(Vec::len),
         Some(1),
         "{summary}"
     );
-    assert!(summary["calls"].as_u64().unwrap_or(0) >= 40, "{summary}");
-    // The session ended on pod-c, which claimed it from a drained pod. (The Python client
-    // ends its session with DELETE on exit, so the store may no longer have it.)
-    let metrics = admin_get(c.backend.ready.port(), "/metrics").await;
-    assert!(
-        metrics.contains(r#"mcp_proxy_claims_total{outcome="claimed"} 1"#),
-        "{metrics}"
-    );
-    drop(c);
+    assert!(summary["calls"].as_u64().unwrap_or(0) >= 100, "{summary}");
+    // The session ended on one of the last two pods, which claimed it from a retired one.
+    let mut claims = 0.0;
+    for pod in &pods {
+        let metrics = admin_get(pod.backend.ready.port(), "/metrics").await;
+        claims += sample(&metrics, r#"mcp_proxy_claims_total{outcome="claimed"}"#);
+    }
+    assert!(claims >= 1.0, "{sdk:?}: no claim on the last pods");
 }
 
 #[tokio::test]
