@@ -1364,6 +1364,87 @@ async fn sdk_client_through_pod_replacements(sdk: Sdk) {
     assert!(claims >= 1.0, "{sdk:?}: no claim on the last pods");
 }
 
+/// The native-sidecar form, where the backend's preStop hook retires the proxy (its only news
+/// of a pod stop), under an in-place restart of the backend (as the kubelet restarts it after a
+/// failed liveness probe: the hook, then SIGTERM, then the same container again). Two pods behind
+/// a Service stand-in; pod A's backend is restarted so, then pod B's: each time the client moves
+/// to the other pod, the restarted pod is Ready again (a fresh proxy succeeds the retired one),
+/// and the client, calling the unannotated `add` every 50 ms, sees no error and one session.
+#[tokio::test]
+async fn in_place_restarts_behind_a_retiring_hook_leave_the_pod_ready_and_cost_no_call() {
+    use tokio::io::AsyncBufReadExt as _;
+    let sdk = Sdk::TypeScript;
+    let redis = support::redis::RedisServer::start();
+    let mut pods = [
+        Pod::start(sdk, "pod-a", &redis.url()).await,
+        Pod::start(sdk, "pod-b", &redis.url()).await,
+    ];
+    let service =
+        support::balancer::Balancer::start(pods.iter().map(|p| p.backend.clone()).collect()).await;
+    service.wait_ready(2).await;
+    let url = format!("http://127.0.0.1:{}/mcp", service.port);
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let stop_file = dir.path().join("stop");
+    let mut client = tokio::process::Command::from(sdk.command("client"))
+        .args([url.as_str(), "120", "0.05", "Bearer native-client"])
+        .env("MCP_TEST_TOOL_DELAY", "0.02")
+        .env("MCP_TEST_STOP_FILE", &stop_file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the SDK client");
+    let output = tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(client.stdout.take().expect("stdout")).lines();
+        let mut summary = None;
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.starts_with('{') {
+                summary = Some(line);
+            }
+        }
+        summary
+    });
+
+    for pod in &mut pods {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let admin = pod.admin_port();
+        let retired = admin_get(admin, "/retire").await;
+        assert!(retired.contains("drained"), "{retired}");
+        pod.restart_server(sdk);
+        wait_for_ready(admin).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    std::fs::write(&stop_file, b"").expect("stop the client");
+
+    let summary: Value = serde_json::from_str(&output.await.unwrap().expect("a summary line"))
+        .expect("JSON summary");
+    eprintln!("in-place restarts behind a retiring hook: {summary}");
+    assert_eq!(summary["errors"], json!([]), "{summary}");
+    assert_eq!(
+        summary["session_ids"].as_array().map(Vec::len),
+        Some(1),
+        "{summary}"
+    );
+    assert!(summary["calls"].as_u64().unwrap_or(0) >= 60, "{summary}");
+    service.wait_ready(2).await;
+}
+
+/// Waits until the proxy's /readyz answers 200 (30 s at most).
+async fn wait_for_ready(admin: u16) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = admin_get(admin, "/readyz").await;
+        if answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200") {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pod stays unready: {answer}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn the_python_sdk_client_sees_no_pod_replacement() {
     sdk_client_through_pod_replacements(Sdk::Python).await;

@@ -1,27 +1,41 @@
 //! The admin port: probes, the drain hook, metrics and this proxy's sessions. Thin handlers
-//! over [`Proxy`].
+//! over the serving [`Proxy`].
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use axum::Router;
-use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use serde_json::Value;
 use tracing::warn;
 
+use super::succession::Current;
 use super::{DRAIN_TOKEN_HEADER, Proxy};
 
-pub async fn serve(proxy: Arc<Proxy>, listener: tokio::net::TcpListener) {
+/// The serving proxy, for each request (a retired proxy may have a successor).
+struct Serving(Arc<Proxy>);
+
+impl axum::extract::FromRequestParts<Current> for Serving {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        _parts: &mut axum::http::request::Parts,
+        current: &Current,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Self(current.get()))
+    }
+}
+
+pub async fn serve(current: Current, listener: tokio::net::TcpListener) {
     // What changes the proxy's state or lists its sessions answers only the pod's drain token.
     let guarded = Router::new()
         .route("/drain", get(drain).post(drain))
         .route("/retire", get(retire).post(retire))
         .route("/sessions", get(sessions))
         .route_layer(axum::middleware::from_fn_with_state(
-            proxy.clone(),
+            current.clone(),
             require_drain_token,
         ));
     let app = Router::new()
@@ -29,14 +43,14 @@ pub async fn serve(proxy: Arc<Proxy>, listener: tokio::net::TcpListener) {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(guarded)
-        .with_state(proxy);
+        .with_state(current);
     if let Err(error) = axum::serve(listener, app).await {
         warn!(%error, "admin server failed");
     }
 }
 
 async fn require_drain_token(
-    State(proxy): State<Arc<Proxy>>,
+    Serving(proxy): Serving,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
@@ -69,7 +83,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// Ready unless draining or quiesced (new connections go to other pods meanwhile). Sessions the store lacks (a full or unreachable Redis) do not make
 /// the proxy unready, since it serves them from memory, but are named: they are lost if this
 /// proxy stops before the store takes them.
-async fn readyz(State(proxy): State<Arc<Proxy>>) -> (StatusCode, String) {
+async fn readyz(Serving(proxy): Serving) -> (StatusCode, String) {
     if proxy.draining.load(Ordering::SeqCst) {
         return (StatusCode::SERVICE_UNAVAILABLE, "draining\n".into());
     }
@@ -91,7 +105,7 @@ async fn readyz(State(proxy): State<Arc<Proxy>>) -> (StatusCode, String) {
 /// The preStop hook of the backend container: returns once the upstream has finished what it
 /// was working on and new requests are held for its restart (see [`super::quiesce`]); in a
 /// terminating pod, once the proxy has retired.
-async fn drain(State(proxy): State<Arc<Proxy>>) -> String {
+async fn drain(Serving(proxy): Serving) -> String {
     match proxy.quiesce().await {
         super::Quiesced::Holding => {
             "quiesced: requests are held until the server restarts\n".into()
@@ -102,11 +116,11 @@ async fn drain(State(proxy): State<Arc<Proxy>>) -> String {
 
 /// The pod stops: hands this proxy's sessions over and answers until its clients have moved
 /// (what SIGTERM does; the backend's preStop in the native-sidecar form).
-async fn retire(State(proxy): State<Arc<Proxy>>) -> String {
+async fn retire(Serving(proxy): Serving) -> String {
     format!("drained {} sessions\n", proxy.retire().await)
 }
 
-async fn metrics(State(proxy): State<Arc<Proxy>>) -> impl IntoResponse {
+async fn metrics(Serving(proxy): Serving) -> impl IntoResponse {
     let mut out = String::new();
     let _ = prometheus_client::encoding::text::encode(&mut out, &proxy.metrics.registry);
     (
@@ -119,7 +133,7 @@ async fn metrics(State(proxy): State<Arc<Proxy>>) -> impl IntoResponse {
 }
 
 /// This proxy's sessions: ids only (the upstream's ids are the upstream's secrets).
-async fn sessions(State(proxy): State<Arc<Proxy>>) -> axum::Json<Value> {
+async fn sessions(Serving(proxy): Serving) -> axum::Json<Value> {
     let ids: Vec<String> = proxy
         .sessions_read()
         .by_id

@@ -22,6 +22,7 @@ mod quiesce;
 mod relay;
 mod retry;
 mod sse;
+mod succession;
 mod upstream;
 
 use std::collections::{HashMap, HashSet};
@@ -338,6 +339,26 @@ impl Proxy {
         store: Arc<dyn SessionStore>,
         fingerprints: Fingerprinter,
     ) -> Arc<Self> {
+        Self::build(config, store, fingerprints, Arc::default())
+    }
+
+    /// A fresh proxy of the same configuration, store and key on the same listeners, for a
+    /// pod whose proxy retired without the pod stopping (see [`succession`]).
+    fn successor(&self) -> Arc<Self> {
+        Self::build(
+            self.config.clone(),
+            self.store.clone(),
+            self.fingerprints.clone(),
+            self.connections.clone(),
+        )
+    }
+
+    fn build(
+        config: ProxyConfig,
+        store: Arc<dyn SessionStore>,
+        fingerprints: Fingerprinter,
+        connections: Arc<AtomicUsize>,
+    ) -> Arc<Self> {
         let metrics = ProxyMetrics::default();
         Arc::new(Self {
             upstream: Upstream::new(config.upstream.clone(), config.hold),
@@ -363,7 +384,7 @@ impl Proxy {
             drain_started: std::sync::OnceLock::new(),
             quiescing: Mutex::new(()),
             following_restart: AtomicBool::new(false),
-            connections: Arc::default(),
+            connections,
             started: Instant::now(),
             metrics,
         })
@@ -1783,20 +1804,19 @@ pub async fn run(
     };
     let (listener, admin_listener) = (bind(listen).await?, bind(admin).await?);
     let listener = connections::CountedListener::new(listener, proxy.connections.clone());
+    let (succeed, current) = succession::current(proxy.clone());
     let app = Router::new().fallback({
-        let proxy = proxy.clone();
-        move |request: Request| proxy.clone().handle(request)
+        let current = current.clone();
+        move |request: Request| current.get().handle(request)
     });
     info!(%listen, upstream = %proxy.config.upstream, %admin, store = %proxy.store.describe(), "session proxy serving");
-    tokio::spawn(proxy.clone().maintain());
-    tokio::spawn(admin::serve(proxy.clone(), admin_listener));
+    tokio::spawn(admin::serve(current, admin_listener));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let serving = axum::serve(listener, app).with_graceful_shutdown(async move {
         let _ = stopped.await;
     });
     let server = tokio::spawn(async move { serving.await });
-    shutdown.await;
-    proxy.retire().await;
+    succession::serve(proxy, succeed, shutdown).await;
     let _ = stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     Ok(())

@@ -116,7 +116,7 @@ pub fn inject(
     // backend's preStop when the pod stops, and retires then, so the hook quiesces: in place
     // restarts hold requests, a pod stop waits for the retirement. A native sidecar is stopped
     // only after the backend, so the backend's hook is all the proxy hears of a pod stop: it
-    // retires (an in-place restart of the backend then retires the proxy too).
+    // retires (after an in-place restart of the backend, a fresh proxy succeeds it).
     let hook_path = if config.native_sidecar {
         "/retire"
     } else {

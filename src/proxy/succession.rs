@@ -1,0 +1,82 @@
+//! The proxy that serves right now, and its succession.
+//!
+//! A retirement normally ends a proxy's life: its pod stops. In the native-sidecar form,
+//! though, the backend's preStop hook retires the proxy (a native sidecar is stopped only after
+//! the backend, so that hook is all it hears of a pod stop), and the kubelet runs the hook also
+//! when it restarts the backend in place, after a failed liveness probe. A retired proxy whose
+//! upstream then stops and answers again, with no SIGTERM of its own, is in a pod that goes on:
+//! a fresh proxy succeeds it on the same listeners, and the pod is Ready again. The sessions the
+//! retired one handed over wait in the store, where the successor (or any pod) claims them.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tracing::info;
+
+use super::quiesce::{Restart, follow_restart};
+use super::{Phase, Proxy};
+
+/// The serving proxy, as the listeners' handlers reach it.
+#[derive(Clone)]
+pub struct Current(watch::Receiver<Arc<Proxy>>);
+
+impl Current {
+    pub fn get(&self) -> Arc<Proxy> {
+        self.0.borrow().clone()
+    }
+}
+
+/// Hands the serving proxy over to its successor.
+pub struct Succeed(watch::Sender<Arc<Proxy>>);
+
+/// `proxy` as the serving one.
+pub fn current(proxy: Arc<Proxy>) -> (Succeed, Current) {
+    let (sender, receiver) = watch::channel(proxy);
+    (Succeed(sender), Current(receiver))
+}
+
+/// Serves with `proxy`, and its successors, until `shutdown`; then retires the serving one.
+pub async fn serve(mut proxy: Arc<Proxy>, succeed: Succeed, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    loop {
+        let maintenance = AbortOnDrop(tokio::spawn(proxy.clone().maintain()));
+        let restarted_in_place = tokio::select! {
+            () = &mut shutdown => false,
+            () = restarted_after_retiring(&proxy) => true,
+        };
+        if !restarted_in_place {
+            proxy.retire().await;
+            drop(maintenance);
+            return;
+        }
+        info!(
+            "the MCP server restarted in place after the proxy retired, and the pod is not stopping: a fresh proxy serves"
+        );
+        proxy = proxy.successor();
+        succeed.0.send_replace(proxy.clone());
+    }
+}
+
+/// Returns once `proxy` has retired and its upstream has since stopped and answers again.
+async fn restarted_after_retiring(proxy: &Proxy) {
+    let _ = proxy
+        .phase
+        .subscribe()
+        .wait_for(|phase| *phase == Phase::Closing)
+        .await;
+    let address = proxy.upstream.address();
+    // However long the kubelet's restart back-off keeps the backend down.
+    while follow_restart(&address, Instant::now() + Duration::from_secs(3600)).await
+        != Restart::Restarted
+    {}
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
