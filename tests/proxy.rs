@@ -1028,6 +1028,8 @@ struct EventStream {
     status: u16,
     body: hyper::body::Incoming,
     buffer: String,
+    /// Why the stream broke off (no terminating chunk), if it did.
+    broken: Option<String>,
 }
 
 impl EventStream {
@@ -1054,10 +1056,11 @@ impl EventStream {
             status: response.status().as_u16(),
             body: response.into_body(),
             buffer: String::new(),
+            broken: None,
         }
     }
 
-    /// The next event, `None` when the stream ends; panics after 20 s of silence.
+    /// The next event, `None` when the stream ends (see `broken`); panics after 20 s of silence.
     async fn next(&mut self) -> Option<SseEvent> {
         loop {
             if let Some(end) = self.buffer.find("\n\n") {
@@ -1078,7 +1081,14 @@ impl EventStream {
             let frame = tokio::time::timeout(Duration::from_secs(20), self.body.frame())
                 .await
                 .expect("an event within 20 s")?;
-            let Ok(data) = frame.ok()?.into_data() else {
+            let frame = match frame {
+                Ok(frame) => frame,
+                Err(error) => {
+                    self.broken = Some(error.to_string());
+                    return None;
+                }
+            };
+            let Ok(data) = frame.into_data() else {
                 continue;
             };
             self.buffer.push_str(&String::from_utf8_lossy(&data));
@@ -1193,7 +1203,57 @@ async fn a_listening_stream_survives_restarts_resumes_on_another_pod_and_ends_on
         hint = event.retry.or(hint);
     }
     assert_eq!(hint, Some(500), "a retry hint before the end");
+    assert_eq!(resumed.broken, None, "the stream's terminating chunk");
     assert!(drain.await.unwrap().contains("drained"));
+}
+
+/// A retiring proxy ends every stream it still holds as a stream should end, with a `retry`
+/// hint and the terminating chunk, never by cutting it: the listening stream at once, a response
+/// stream still waiting for a long call at the drain deadline (3 s here). SDK clients treat a
+/// stream cut without its terminating chunk as a broken transport, and some end the client.
+#[tokio::test]
+async fn a_retiring_proxy_ends_its_streams_cleanly_with_a_retry_hint() {
+    let pod = Pod::start_with(
+        Sdk::Python,
+        Wire::Streamable,
+        "proxy-0",
+        None,
+        &["--drain-timeout", "3"],
+    )
+    .await;
+    let (proxy_port, admin_port) = (pod.proxy_port(), pod.admin_port());
+    let token = Some("Bearer streams");
+    let session = open_session(proxy_port, token).await;
+    let mut listening = EventStream::open(proxy_port, &session, token, None).await;
+    assert_eq!(listening.status, 200);
+    let call = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+        "params": {"name": "add", "arguments": {"a": 1, "b": 2, "delay": 30}}});
+    let body = Bytes::from(call.to_string());
+    let mut responding = EventStream::request(
+        proxy_port,
+        "POST",
+        &[
+            ("accept", "application/json, text/event-stream"),
+            ("content-type", "application/json"),
+            ("mcp-protocol-version", "2025-06-18"),
+            ("mcp-session-id", &session),
+            ("authorization", "Bearer streams"),
+        ],
+        body,
+    )
+    .await;
+    assert_eq!(responding.status, 200);
+
+    let retiring = tokio::spawn(async move { admin_get(admin_port, "/retire").await });
+    for (what, stream) in [("listening", &mut listening), ("response", &mut responding)] {
+        let mut hint = None;
+        while let Some(event) = stream.next().await {
+            hint = event.retry.or(hint);
+        }
+        assert!(hint.is_some(), "{what} stream: a retry hint before the end");
+        assert_eq!(stream.broken, None, "{what} stream: its terminating chunk");
+    }
+    assert!(retiring.await.unwrap().contains("drained"));
 }
 
 /// One credential may hold a bounded number of sessions in a proxy; others are not affected,
