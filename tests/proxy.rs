@@ -1357,13 +1357,64 @@ impl Pod {
     }
 }
 
+/// An SDK's client calling the unannotated `add` (20 ms in the server) every 50 ms until
+/// stopped (5 minutes at most).
+struct SdkClient {
+    stop_file: tempfile::TempDir,
+    summary: tokio::task::JoinHandle<Option<String>>,
+}
+
+impl SdkClient {
+    fn start(sdk: Sdk, url: &str, authorization: &str) -> Self {
+        use tokio::io::AsyncBufReadExt as _;
+        let stop_file = tempfile::tempdir().expect("temporary directory");
+        let mut client = tokio::process::Command::from(sdk.command("client"))
+            .args([url, "300", "0.05", authorization])
+            .env("MCP_TEST_TOOL_DELAY", "0.02")
+            .env("MCP_TEST_STOP_FILE", stop_file.path().join("stop"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the SDK client");
+        let summary = tokio::spawn(async move {
+            // The child whole, not just its stdout: it is killed when dropped.
+            let mut client = client;
+            let stdout = client.stdout.take().expect("stdout");
+            let mut lines = tokio::io::BufReader::new(stdout).lines();
+            let mut summary = None;
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.starts_with('{') {
+                    summary = Some(line);
+                }
+            }
+            summary
+        });
+        Self { stop_file, summary }
+    }
+
+    /// Stops the client, and asserts that it saw no error, one session and at least
+    /// `min_calls` calls.
+    async fn stop_unbroken(self, what: &str, min_calls: u64) {
+        std::fs::write(self.stop_file.path().join("stop"), b"").expect("stop the client");
+        let summary = self.summary.await.expect("the client's output");
+        let summary: Value =
+            serde_json::from_str(&summary.expect("a summary line")).expect("JSON summary");
+        eprintln!("{what}: {summary}");
+        assert_eq!(summary["errors"], json!([]), "{what}: {summary}");
+        let sessions = summary["session_ids"].as_array().map(Vec::len);
+        assert_eq!(sessions, Some(1), "{what}: {summary}");
+        let calls = summary["calls"].as_u64().unwrap_or(0);
+        assert!(calls >= min_calls, "{what}: {summary}");
+    }
+}
+
 /// Pods replaced under an SDK's client one after another, as in a rolling update, reached
 /// through a Service stand-in: two pods serve, and twenty times a new pod joins and the oldest is
 /// deleted (out of the endpoints, its proxy retired by SIGTERM, then its server stopped). The
 /// client calls the unannotated `add` every 50 ms throughout: no error, one session, which moves
 /// by retirement and claim twenty times.
 async fn sdk_client_through_pod_replacements(sdk: Sdk) {
-    use tokio::io::AsyncBufReadExt as _;
     const RETIREMENTS: usize = 20;
     let redis = support::redis::RedisServer::start();
     let mut pods = std::collections::VecDeque::new();
@@ -1374,27 +1425,7 @@ async fn sdk_client_through_pod_replacements(sdk: Sdk) {
         support::balancer::Balancer::start(pods.iter().map(|p| p.backend.clone()).collect()).await;
     service.wait_ready(2).await;
     let url = format!("http://127.0.0.1:{}/mcp", service.port);
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let stop_file = dir.path().join("stop");
-    let mut client = tokio::process::Command::from(sdk.command("client"))
-        .args([url.as_str(), "300", "0.05", "Bearer rolling-client"])
-        .env("MCP_TEST_TOOL_DELAY", "0.02")
-        .env("MCP_TEST_STOP_FILE", &stop_file)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the SDK client");
-    let output = tokio::spawn(async move {
-        let mut lines = tokio::io::BufReader::new(client.stdout.take().expect("stdout")).lines();
-        let mut summary = None;
-        while let Ok(Some(line)) = lines.next_line().await {
-            if line.starts_with('{') {
-                summary = Some(line);
-            }
-        }
-        summary
-    });
+    let client = SdkClient::start(sdk, &url, "Bearer rolling-client");
 
     tokio::time::sleep(Duration::from_secs(2)).await;
     for n in 0..RETIREMENTS {
@@ -1410,18 +1441,12 @@ async fn sdk_client_through_pod_replacements(sdk: Sdk) {
         pods.push_back(joining);
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    std::fs::write(&stop_file, b"").expect("stop the client");
-
-    let summary: Value = serde_json::from_str(&output.await.unwrap().expect("a summary line"))
-        .expect("JSON summary");
-    eprintln!("{sdk:?} through {RETIREMENTS} pod replacements: {summary}");
-    assert_eq!(summary["errors"], json!([]), "{sdk:?}: {summary}");
-    assert_eq!(
-        summary["session_ids"].as_array().map(Vec::len),
-        Some(1),
-        "{summary}"
-    );
-    assert!(summary["calls"].as_u64().unwrap_or(0) >= 100, "{summary}");
+    client
+        .stop_unbroken(
+            &format!("{sdk:?} through {RETIREMENTS} pod replacements"),
+            100,
+        )
+        .await;
     // The session ended on one of the last two pods, which claimed it from a retired one.
     let mut claims = 0.0;
     for pod in &pods {
@@ -1439,7 +1464,6 @@ async fn sdk_client_through_pod_replacements(sdk: Sdk) {
 /// and the client, calling the unannotated `add` every 50 ms, sees no error and one session.
 #[tokio::test]
 async fn in_place_restarts_behind_a_retiring_hook_leave_the_pod_ready_and_cost_no_call() {
-    use tokio::io::AsyncBufReadExt as _;
     let sdk = Sdk::TypeScript;
     let redis = support::redis::RedisServer::start();
     let mut pods = [
@@ -1450,27 +1474,7 @@ async fn in_place_restarts_behind_a_retiring_hook_leave_the_pod_ready_and_cost_n
         support::balancer::Balancer::start(pods.iter().map(|p| p.backend.clone()).collect()).await;
     service.wait_ready(2).await;
     let url = format!("http://127.0.0.1:{}/mcp", service.port);
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let stop_file = dir.path().join("stop");
-    let mut client = tokio::process::Command::from(sdk.command("client"))
-        .args([url.as_str(), "120", "0.05", "Bearer native-client"])
-        .env("MCP_TEST_TOOL_DELAY", "0.02")
-        .env("MCP_TEST_STOP_FILE", &stop_file)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the SDK client");
-    let output = tokio::spawn(async move {
-        let mut lines = tokio::io::BufReader::new(client.stdout.take().expect("stdout")).lines();
-        let mut summary = None;
-        while let Ok(Some(line)) = lines.next_line().await {
-            if line.starts_with('{') {
-                summary = Some(line);
-            }
-        }
-        summary
-    });
+    let client = SdkClient::start(sdk, &url, "Bearer native-client");
 
     for pod in &mut pods {
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -1481,18 +1485,9 @@ async fn in_place_restarts_behind_a_retiring_hook_leave_the_pod_ready_and_cost_n
         wait_for_ready(admin).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    std::fs::write(&stop_file, b"").expect("stop the client");
-
-    let summary: Value = serde_json::from_str(&output.await.unwrap().expect("a summary line"))
-        .expect("JSON summary");
-    eprintln!("in-place restarts behind a retiring hook: {summary}");
-    assert_eq!(summary["errors"], json!([]), "{summary}");
-    assert_eq!(
-        summary["session_ids"].as_array().map(Vec::len),
-        Some(1),
-        "{summary}"
-    );
-    assert!(summary["calls"].as_u64().unwrap_or(0) >= 60, "{summary}");
+    client
+        .stop_unbroken("in-place restarts behind a retiring hook", 60)
+        .await;
     service.wait_ready(2).await;
 }
 
