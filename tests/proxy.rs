@@ -1368,7 +1368,7 @@ impl SdkClient {
     fn start(sdk: Sdk, url: &str, authorization: &str) -> Self {
         use tokio::io::AsyncBufReadExt as _;
         let stop_file = tempfile::tempdir().expect("temporary directory");
-        let mut client = tokio::process::Command::from(sdk.command("client"))
+        let client = tokio::process::Command::from(sdk.command("client"))
             .args([url, "300", "0.05", authorization])
             .env("MCP_TEST_TOOL_DELAY", "0.02")
             .env("MCP_TEST_STOP_FILE", stop_file.path().join("stop"))
