@@ -188,6 +188,13 @@ async fn the_conformance_suite_passes_through_the_proxy_what_it_passes_directly(
         "server-everything passes nothing directly?"
     );
     assert!(broken.is_empty(), "fail only through the proxy: {broken:?}");
+    // The proxy checks Origin itself (and forwards Host), so a server without its own
+    // DNS-rebinding protection (server-everything fails the scenario directly) gains it.
+    assert_eq!(
+        proxied.get("dns-rebinding-protection"),
+        Some(&true),
+        "{proxied:?}"
+    );
 
     let client = format!("node {}", peer("conformance-client.mjs").display());
     let client_suite = |env: &[(&str, &str)]| {

@@ -191,10 +191,13 @@ async fn send(
         .await
         .expect("handshake");
     tokio::spawn(connection);
-    let mut request = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", format!("127.0.0.1:{port}"));
+    let mut request = hyper::Request::builder().method(method).uri(path);
+    if !headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("host"))
+    {
+        request = request.header("host", format!("127.0.0.1:{port}"));
+    }
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
@@ -383,6 +386,70 @@ async fn a_session_survives_upstream_restarts_and_stays_bound_to_its_credential(
 
 async fn admin_get(port: u16, path: &str) -> String {
     support::admin_get(port, path, DRAIN_TOKEN).await
+}
+
+/// An `initialize` with extra headers, on a fresh connection: status and body.
+async fn initialize_with(port: u16, headers: &[(&str, &str)]) -> (u16, String) {
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18",
+        "capabilities": {}, "clientInfo": {"name": "raw-test-client", "version": "1.0"}}});
+    let mut all = vec![
+        ("content-type", "application/json"),
+        ("accept", "application/json, text/event-stream"),
+    ];
+    all.extend_from_slice(headers);
+    let response = send(port, "POST", "/mcp", &all, Bytes::from(init.to_string())).await;
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// DNS rebinding and cross-site pages. The client's `Host` reaches the server, whose own check
+/// answers as it does directly (the Python SDK's: 421 for a foreign host); a page of an origin
+/// the proxy does not allow gets the proxy's 403, while a localhost page and a client without
+/// `Origin` are served; `MCP_SESSION_ALLOWED_ORIGINS` (what the webhook injects from the policy)
+/// replaces the localhost default.
+#[tokio::test]
+async fn a_foreign_host_reaches_the_servers_check_and_a_foreign_page_is_refused() {
+    let pod = Pod::start_with(Sdk::Python, Wire::Streamable, "proxy-0", None, &[]).await;
+    let (server_port, proxy_port) = (pod.server_port, pod.proxy_port());
+    let foreign_host = [("host", "evil.example.com")];
+    let (direct, _) = initialize_with(server_port, &foreign_host).await;
+    assert_eq!(direct, 421, "the server's own DNS-rebinding check");
+    let (proxied, body) = initialize_with(proxy_port, &foreign_host).await;
+    assert_eq!(proxied, direct, "through the proxy: {body}");
+
+    let (status, body) =
+        initialize_with(proxy_port, &[("origin", "http://evil.example.com")]).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains("--allowed-origin"),
+        "the proxy's own answer: {body}"
+    );
+    let (status, body) = initialize_with(proxy_port, &[("origin", "http://localhost:6274")]).await;
+    assert_eq!(status, 200, "a localhost page: {body}");
+    let (status, body) = initialize_with(proxy_port, &[]).await;
+    assert_eq!(status, 200, "no Origin: {body}");
+
+    let listed_port = free_port();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mcp-session-operator"));
+    command
+        .args(["proxy", "--listen", &format!("127.0.0.1:{listed_port}")])
+        .args(["--upstream", &format!("http://127.0.0.1:{server_port}")])
+        .args(["--admin-addr", &format!("127.0.0.1:{}", free_port())])
+        .env_remove("MCP_SESSION_REDIS_URL")
+        .env("MCP_SESSION_ALLOWED_ORIGINS", "https://app.example.com")
+        .stdout(Stdio::null())
+        .stderr(proxy_log());
+    let _listed = Process::start(&mut command, "a proxy with an origin list");
+    wait_listening(listed_port).await;
+    let (status, body) = initialize_with(listed_port, &[("origin", "http://localhost:6274")]).await;
+    assert_eq!(status, 403, "the list replaces the default: {body}");
+    assert!(body.contains("--allowed-origin"), "{body}");
 }
 
 /// Two pods, each an MCP server behind its own proxy, sharing Redis. The first pod drains (its

@@ -148,6 +148,11 @@ pub struct InjectionSpec {
     /// can test guesses of a credential against its fingerprint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fingerprint_key_secret_ref: Option<SecretKeyRef>,
+    /// Web page origins (`https://app.example.com`, `null`, or `*` for any) whose requests the
+    /// proxy passes; a request with another `Origin` gets 403. Requests without `Origin` (clients
+    /// that are not browsers) always pass. Empty: pages of localhost only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_origins: Vec<String>,
 }
 
 fn default_true() -> bool {
@@ -167,6 +172,7 @@ impl Default for InjectionSpec {
             proxy_port: default_proxy_port(),
             upstream_port: default_upstream_port(),
             fingerprint_key_secret_ref: None,
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -340,6 +346,12 @@ mod tests {
         let mut clash = base();
         clash.injection.upstream_port = 8090;
         assert_eq!(validate_spec(&clash), Err(PolicyError::PortClash(8090)));
+        let mut bad_origin = base();
+        bad_origin.injection.allowed_origins = vec!["app.example.com".into()];
+        assert_eq!(
+            validate_spec(&bad_origin).map_err(|e| e.to_string()),
+            Err("spec.injection.allowedOrigins: \"app.example.com\" is not an origin: use scheme://host[:port], `null` or `*`".into())
+        );
         let mut bad_url = base();
         bad_url.redis.url = Some("redis://:pw@host:notaport".into());
         let err = validate_spec(&bad_url).unwrap_err().to_string();

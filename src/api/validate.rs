@@ -21,6 +21,8 @@ pub enum PolicyError {
     BadKeyPrefix(String),
     #[error("spec.injection: proxyPort and upstreamPort must differ (both are {0})")]
     PortClash(i32),
+    #[error("spec.injection.allowedOrigins: {0}")]
+    BadOrigin(#[from] crate::proxy::InvalidOrigin),
 }
 
 /// Checks a spec beyond its schema.
@@ -37,6 +39,7 @@ pub fn validate_spec(spec: &McpSessionPolicySpec) -> Result<(), PolicyError> {
     if spec.injection.proxy_port == spec.injection.upstream_port {
         return Err(PolicyError::PortClash(spec.injection.proxy_port));
     }
+    crate::proxy::AllowedOrigins::parse(&spec.injection.allowed_origins)?;
     Ok(())
 }
 

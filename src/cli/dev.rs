@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use super::proxy::{fingerprint_key, open_store};
 use super::sessions::RedisArgs;
 use crate::dev::{self, DevConfig};
-use crate::proxy::{self, Fingerprinter, Proxy, ProxyConfig};
+use crate::proxy::{self, AllowedOrigins, Fingerprinter, Proxy, ProxyConfig};
 use crate::store::binding::SessionBinding;
 
 #[derive(Debug, Args)]
@@ -73,6 +73,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         max_sessions_per_credential: 10_000,
         // dev quiesces in process; its admin port lists no sessions without a token.
         drain_token: std::env::var("MCP_SESSION_DRAIN_TOKEN").ok(),
+        // A laptop's server: pages of localhost only, as the SDKs' own default.
+        allowed_origins: AllowedOrigins::Local,
     };
     let proxy = Proxy::new(
         config,

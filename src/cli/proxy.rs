@@ -10,7 +10,7 @@ use tracing::warn;
 
 use super::UsageError;
 use super::sessions::RedisArgs;
-use crate::proxy::{self, Fingerprinter, Proxy, ProxyConfig};
+use crate::proxy::{self, AllowedOrigins, Fingerprinter, Proxy, ProxyConfig};
 use crate::store::binding::SessionBinding;
 use crate::store::redis::LazyRedisStore;
 use crate::store::{MemoryStore, SessionStore};
@@ -59,6 +59,16 @@ pub struct ProxyArgs {
     /// injects one per pod); without it they answer nobody.
     #[arg(long, env = "MCP_SESSION_DRAIN_TOKEN", hide_env_values = true)]
     drain_token: Option<String>,
+    /// A web page origin (`scheme://host[:port]`, `null` or `*`) that may send requests;
+    /// repeat it, or separate them with commas. Requests without `Origin` (clients that are
+    /// not browsers) always pass. Default: pages of localhost, 127.0.0.1 and [::1] only.
+    #[arg(
+        long = "allowed-origin",
+        env = "MCP_SESSION_ALLOWED_ORIGINS",
+        value_delimiter = ',',
+        value_parser = parse_origin
+    )]
+    allowed_origins: Vec<String>,
     /// Largest request body accepted.
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     max_body_bytes: usize,
@@ -69,6 +79,12 @@ pub struct ProxyArgs {
     /// credential) may hold in this proxy.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     max_sessions_per_credential: u64,
+}
+
+fn parse_origin(raw: &str) -> Result<String, String> {
+    AllowedOrigins::parse(&[raw])
+        .map(|_| raw.to_owned())
+        .map_err(|e| e.to_string())
 }
 
 fn parse_upstream(raw: &str) -> Result<axum::http::Uri, String> {
@@ -97,6 +113,8 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         max_sessions_per_credential: usize::try_from(args.max_sessions_per_credential)
             .unwrap_or(usize::MAX),
         drain_token: args.drain_token.filter(|token| !token.is_empty()),
+        allowed_origins: AllowedOrigins::parse(&args.allowed_origins)
+            .map_err(|e| UsageError(e.to_string()))?,
     };
     let proxy = Proxy::new(config, store, Fingerprinter::new(&key, args.binding));
     proxy::run(proxy, super::shutdown_signal())

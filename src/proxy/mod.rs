@@ -17,6 +17,7 @@ mod fingerprint;
 mod legacy;
 mod listeners;
 mod metrics;
+mod origin;
 mod protocol;
 mod quiesce;
 mod relay;
@@ -46,6 +47,7 @@ use tracing::{debug, info, info_span, warn};
 use self::events::{EventLog, StreamKind, StreamTag};
 pub use self::fingerprint::Fingerprinter;
 use self::metrics::{KindLabels, ProxyMetrics, RequestLabels};
+pub use self::origin::{AllowedOrigins, InvalidOrigin};
 use self::protocol::{LAST_EVENT_ID_HEADER, MessageHead, PROTOCOL_VERSION_HEADER, SESSION_HEADER};
 use self::retry::RetryPolicy;
 use self::upstream::{Answer, Upstream, UpstreamError};
@@ -90,6 +92,8 @@ pub struct ProxyConfig {
     /// What `/drain`, `/retire` and `/sessions` require in `X-Mcp-Drain-Token`; without one
     /// they answer nobody.
     pub drain_token: Option<String>,
+    /// The web pages (by `Origin`) that may send requests.
+    pub allowed_origins: AllowedOrigins,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -685,7 +689,21 @@ impl Proxy {
         let started = Instant::now();
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         let method = request.method().clone();
-        let mut response = self.route(request).await;
+        let mut response = match request.headers().get(header::ORIGIN) {
+            Some(origin) if !self.config.allowed_origins.allows(origin) => {
+                warn!(
+                    ?origin,
+                    "refused a request from a web page whose origin is not allowed"
+                );
+                error_answer(
+                    None,
+                    StatusCode::FORBIDDEN,
+                    -32000,
+                    "Forbidden: this Origin may not send requests (see --allowed-origin)",
+                )
+            }
+            _ => self.route(request).await,
+        };
         if self.draining.load(Ordering::SeqCst) {
             // Clients reconnect through the Service, to another pod.
             response

@@ -184,6 +184,10 @@ fn proxy_container(policy: &McpSessionPolicy, config: &InjectorConfig, drain_tok
             "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}}));
     }
     env.push(json!({"name": "MCP_SESSION_DRAIN_TOKEN", "value": drain_token}));
+    if !spec.injection.allowed_origins.is_empty() {
+        env.push(json!({"name": "MCP_SESSION_ALLOWED_ORIGINS",
+            "value": spec.injection.allowed_origins.join(",")}));
+    }
     let admin = config.admin_port;
     let mut container = json!({
         "name": PROXY_CONTAINER,
@@ -281,7 +285,8 @@ mod tests {
     fn injects_a_classic_sidecar_with_its_wiring() {
         let policy = policy(
             json!({"redis": {"urlSecretRef": {"name": "redis-auth", "key": "url"}}, "drain": {"timeoutSeconds": 40},
-                   "injection": {"fingerprintKeySecretRef": {"name": "mcp-keys", "key": "fingerprint"}}}),
+                   "injection": {"fingerprintKeySecretRef": {"name": "mcp-keys", "key": "fingerprint"},
+                                 "allowedOrigins": ["https://app.example.com", "http://localhost:6274"]}}),
         );
         let original = pod(json!({}));
         let pod = patched(
@@ -336,6 +341,10 @@ mod tests {
         assert!(
             env.contains(r#"{"name":"MCP_SESSION_DRAIN_TOKEN","value":"test-drain-token"}"#),
             "{env}"
+        );
+        assert!(
+            env.contains(r#"{"name":"MCP_SESSION_ALLOWED_ORIGINS","value":"https://app.example.com,http://localhost:6274"}"#),
+            "the policy's origins, as the proxy's --allowed-origin reads them: {env}"
         );
         assert_ne!(drain_token(), drain_token(), "one per pod");
         assert_eq!(spec.termination_grace_period_seconds, Some(55));
