@@ -17,6 +17,7 @@ pub mod controller;
 pub mod dev;
 pub mod metrics;
 pub mod proxy;
+pub mod serve;
 pub mod store;
 pub mod telemetry;
 pub mod webhook;

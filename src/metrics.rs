@@ -11,6 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::serve::ListenerMetrics;
 use crate::store::SessionCounts;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -78,6 +79,8 @@ pub struct Metrics {
     tallies_seen: Mutex<BTreeMap<PolicyKey, crate::store::Tallies>>,
     /// Pods with a series, per policy, so that series of vanished pods can be removed.
     pods_with_series: Mutex<BTreeMap<PolicyKey, BTreeSet<String>>>,
+    /// The webhook's and the metrics port's connections.
+    listeners: ListenerMetrics,
 }
 
 fn latency_buckets() -> Histogram {
@@ -158,7 +161,10 @@ impl Default for Metrics {
             "Whether the policy's Redis answered at the last reconcile (1) or not (0)",
             redis_up.clone(),
         );
+        let listeners = ListenerMetrics::default();
+        listeners.register(&mut registry, "mcp_operator");
         Self {
+            listeners,
             registry,
             drains,
             rehydrations,
@@ -179,6 +185,11 @@ impl Default for Metrics {
 
 impl Metrics {
     /// Prometheus text exposition format.
+    /// The connection metrics of the operator's listeners.
+    pub fn listeners(&self) -> &ListenerMetrics {
+        &self.listeners
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.

@@ -452,6 +452,122 @@ async fn a_foreign_host_reaches_the_servers_check_and_a_foreign_page_is_refused(
     assert!(body.contains("--allowed-origin"), "{body}");
 }
 
+/// Open file descriptors of process `pid`.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+}
+
+/// Reads from `stream` until the far end closes it (10 s at most): what it sent.
+async fn until_closed(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt as _;
+    let mut seen = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut seen)).await;
+    assert!(read.is_ok(), "the proxy kept the connection open");
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+/// Slow clients cannot hold the proxy: connections over `--max-connections` are closed at once
+/// and counted; idle ones, a half-sent head, a stalled upload and an endless chunked body are
+/// closed at their timeouts (5 s for a head, 2 s for a body here), their file descriptors
+/// released; a stalled upload is not in flight, so a retirement does not wait for it.
+#[tokio::test]
+async fn slow_and_idle_clients_are_closed_and_connections_capped() {
+    use tokio::io::AsyncWriteExt as _;
+    let pod = Pod::start_with(
+        Sdk::Python,
+        Wire::Streamable,
+        "proxy-0",
+        None,
+        &[
+            "--max-connections",
+            "300",
+            "--header-timeout-seconds",
+            "5",
+            "--body-timeout-seconds",
+            "2",
+        ],
+    )
+    .await;
+    let (proxy_port, admin_port, pid) = (pod.proxy_port(), pod.admin_port(), pod.proxy.0.id());
+    let baseline = open_fds(pid);
+    let connect = || tokio::net::TcpStream::connect(("127.0.0.1", proxy_port));
+
+    let mut idle = Vec::new();
+    for _ in 0..310 {
+        idle.push(connect().await.expect("connect"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let metrics = admin_get(admin_port, "/metrics").await;
+        if sample(
+            &metrics,
+            r#"mcp_proxy_connections_refused_total{listener="mcp"}"#,
+        ) >= 10.0
+        {
+            break metrics;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "10 refused connections: {metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        sample(&metrics, r#"mcp_proxy_connections{listener="mcp"}"#),
+        300.0,
+        "{metrics}"
+    );
+    let held = open_fds(pid);
+    assert!(held >= baseline + 300, "{held} fds held, {baseline} before");
+    let started = Instant::now();
+    for stream in &mut idle {
+        assert_eq!(until_closed(stream).await, "");
+    }
+    eprintln!(
+        "310 idle connections: 10 refused at once, 300 closed after {:?}; proxy fds {baseline} -> {held} -> {}",
+        started.elapsed(),
+        open_fds(pid)
+    );
+    drop(idle);
+    assert!(open_fds(pid) < baseline + 20, "fds released");
+
+    let session = open_session(proxy_port, None).await;
+    let mut half = connect().await.expect("connect");
+    half.write_all(b"POST /mcp HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    let mut stalled = connect().await.expect("connect");
+    let head = format!(
+        "POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nMcp-Session-Id: {session}\r\nContent-Length: 100\r\n\r\n{{\"jsonrpc\""
+    );
+    stalled.write_all(head.as_bytes()).await.expect("write");
+    let mut endless = connect().await.expect("connect");
+    endless
+        .write_all(b"POST /mcp HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .await
+        .expect("write");
+    let trickle = tokio::spawn(async move {
+        while endless.write_all(b"1\r\n \r\n").await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    // A retirement now waits for none of them (the drain timeout is 30 s).
+    let retiring = Instant::now();
+    let retired = admin_get(admin_port, "/retire").await;
+    assert!(retired.contains("drained"), "{retired}");
+    assert!(
+        retiring.elapsed() < Duration::from_secs(10),
+        "the retirement waited {:?}",
+        retiring.elapsed()
+    );
+    assert!(!until_closed(&mut half).await.contains("200 OK"));
+    assert!(!until_closed(&mut stalled).await.contains("200 OK"));
+    tokio::time::timeout(Duration::from_secs(10), trickle)
+        .await
+        .expect("the endless body is cut off")
+        .expect("trickle");
+}
+
 /// Two pods, each an MCP server behind its own proxy, sharing Redis. The first pod drains (its
 /// pod stops: /retire, what its SIGTERM does); the client's next request reaches the second pod, whose proxy claims
 /// the session and replays the handshake to its own server.

@@ -75,6 +75,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         drain_token: std::env::var("MCP_SESSION_DRAIN_TOKEN").ok(),
         // A laptop's server: pages of localhost only, as the SDKs' own default.
         allowed_origins: AllowedOrigins::Local,
+        limits: crate::serve::Limits::default(),
     };
     let proxy = Proxy::new(
         config,

@@ -69,6 +69,16 @@ pub struct ProxyArgs {
         value_parser = parse_origin
     )]
     allowed_origins: Vec<String>,
+    /// How long a client may take to send a request's head, and how long its connection may
+    /// idle between requests.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    header_timeout_seconds: u64,
+    /// How long a client may take to send a request's body.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    body_timeout_seconds: u64,
+    /// Client connections open at once; more are closed as they come (and counted).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: u64,
     /// Largest request body accepted.
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     max_body_bytes: usize,
@@ -115,6 +125,11 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         drain_token: args.drain_token.filter(|token| !token.is_empty()),
         allowed_origins: AllowedOrigins::parse(&args.allowed_origins)
             .map_err(|e| UsageError(e.to_string()))?,
+        limits: crate::serve::Limits {
+            header_timeout: Duration::from_secs(args.header_timeout_seconds),
+            body_timeout: Duration::from_secs(args.body_timeout_seconds),
+            max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+        },
     };
     let proxy = Proxy::new(config, store, Fingerprinter::new(&key, args.binding));
     proxy::run(proxy, super::shutdown_signal())

@@ -296,14 +296,13 @@ async fn signalled(mut flag: watch::Receiver<bool>) {
 }
 
 async fn serve(listener: tokio::net::TcpListener, health: Health) {
+    let connections = health.metrics.listeners().of("metrics");
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .with_state(health);
-    if let Err(error) = axum::serve(listener, app).await {
-        tracing::error!(%error, "metrics server failed");
-    }
+    crate::serve::serve_probes(listener, app, connections).await;
 }
 
 async fn metrics(State(health): State<Health>) -> impl axum::response::IntoResponse {

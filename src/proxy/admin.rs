@@ -28,7 +28,11 @@ impl axum::extract::FromRequestParts<Current> for Serving {
     }
 }
 
-pub async fn serve(current: Current, listener: tokio::net::TcpListener) {
+pub async fn serve(
+    current: Current,
+    listener: tokio::net::TcpListener,
+    connections: crate::serve::ConnectionMetrics,
+) {
     // What changes the proxy's state or lists its sessions answers only the pod's drain token.
     let guarded = Router::new()
         .route("/drain", get(drain).post(drain))
@@ -44,9 +48,7 @@ pub async fn serve(current: Current, listener: tokio::net::TcpListener) {
         .route("/metrics", get(metrics))
         .merge(guarded)
         .with_state(current);
-    if let Err(error) = axum::serve(listener, app).await {
-        warn!(%error, "admin server failed");
-    }
+    crate::serve::serve_probes(listener, app, connections).await;
 }
 
 async fn require_drain_token(

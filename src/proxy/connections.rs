@@ -4,27 +4,13 @@
 //! under a request the client is sending at that moment.
 
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tracing::warn;
-
-pub struct CountedListener {
-    inner: TcpListener,
-    open: Arc<AtomicUsize>,
-}
-
-impl CountedListener {
-    pub fn new(inner: TcpListener, open: Arc<AtomicUsize>) -> Self {
-        Self { inner, open }
-    }
-}
+use tokio::net::TcpStream;
 
 /// A client connection; the count drops when it closes.
 pub struct Counted {
@@ -32,37 +18,19 @@ pub struct Counted {
     open: Arc<AtomicUsize>,
 }
 
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.open.fetch_sub(1, Ordering::SeqCst);
+impl Counted {
+    /// `io`, counted in `open` until it closes.
+    pub fn new(io: TcpStream, open: Arc<AtomicUsize>) -> Self {
+        // Small JSON-RPC messages: no Nagle delay on the answer.
+        let _ = io.set_nodelay(true);
+        open.fetch_add(1, Ordering::SeqCst);
+        Self { io, open }
     }
 }
 
-impl axum::serve::Listener for CountedListener {
-    type Io = Counted;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            match self.inner.accept().await {
-                Ok((io, address)) => {
-                    // Small JSON-RPC messages: no Nagle delay on the answer.
-                    let _ = io.set_nodelay(true);
-                    self.open.fetch_add(1, Ordering::SeqCst);
-                    let open = self.open.clone();
-                    return (Counted { io, open }, address);
-                }
-                Err(error) => {
-                    // Out of file descriptors, typically: back off rather than spin.
-                    warn!(%error, "cannot accept a connection");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.inner.local_addr()
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

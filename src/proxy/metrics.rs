@@ -8,6 +8,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::serve::ListenerMetrics;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub method: String,
@@ -51,6 +53,9 @@ pub struct ProxyMetrics {
     pub unstored: Gauge,
     pub drain_duration: Histogram,
     pub quiesce_duration: Histogram,
+    /// The client and admin listeners' connections (shared by a proxy and its successors,
+    /// which serve on the same listeners).
+    pub listeners: ListenerMetrics,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -58,9 +63,10 @@ pub struct OperationLabels {
     pub operation: &'static str,
 }
 
-impl Default for ProxyMetrics {
-    fn default() -> Self {
+impl ProxyMetrics {
+    pub fn new(listeners: ListenerMetrics) -> Self {
         let mut registry = Registry::default();
+        listeners.register(&mut registry, "mcp_proxy");
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "mcp_proxy_requests",
@@ -152,6 +158,7 @@ impl Default for ProxyMetrics {
             quiesce_duration.clone(),
         );
         Self {
+            listeners,
             quiesce_duration,
             drain_duration,
             registry,

@@ -51,6 +51,7 @@ pub use self::origin::{AllowedOrigins, InvalidOrigin};
 use self::protocol::{LAST_EVENT_ID_HEADER, MessageHead, PROTOCOL_VERSION_HEADER, SESSION_HEADER};
 use self::retry::RetryPolicy;
 use self::upstream::{Answer, Upstream, UpstreamError};
+use crate::serve::{self, ListenerMetrics};
 use crate::store::binding::{self, Binding};
 use crate::store::{
     self, Claim, ClaimOutcome, DebouncedToucher, NewSession, Session, SessionId, SessionPatch,
@@ -94,6 +95,8 @@ pub struct ProxyConfig {
     pub drain_token: Option<String>,
     /// The web pages (by `Origin`) that may send requests.
     pub allowed_origins: AllowedOrigins,
+    /// Timeouts and the connection cap of the client listener.
+    pub limits: serve::Limits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -343,7 +346,13 @@ impl Proxy {
         store: Arc<dyn SessionStore>,
         fingerprints: Fingerprinter,
     ) -> Arc<Self> {
-        Self::build(config, store, fingerprints, Arc::default())
+        Self::build(
+            config,
+            store,
+            fingerprints,
+            Arc::default(),
+            ListenerMetrics::default(),
+        )
     }
 
     /// A fresh proxy of the same configuration, store and key on the same listeners, for a
@@ -354,6 +363,7 @@ impl Proxy {
             self.store.clone(),
             self.fingerprints.clone(),
             self.connections.clone(),
+            self.metrics.listeners.clone(),
         )
     }
 
@@ -362,8 +372,9 @@ impl Proxy {
         store: Arc<dyn SessionStore>,
         fingerprints: Fingerprinter,
         connections: Arc<AtomicUsize>,
+        listeners: ListenerMetrics,
     ) -> Arc<Self> {
-        let metrics = ProxyMetrics::default();
+        let metrics = ProxyMetrics::new(listeners);
         Arc::new(Self {
             upstream: Upstream::new(config.upstream.clone(), config.hold),
             toucher: DebouncedToucher::new(store.clone(), config.touch_interval),
@@ -687,30 +698,14 @@ impl Proxy {
 
     async fn handle(self: Arc<Self>, request: Request) -> Response {
         let started = Instant::now();
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
         let method = request.method().clone();
-        let mut response = match request.headers().get(header::ORIGIN) {
-            Some(origin) if !self.config.allowed_origins.allows(origin) => {
-                warn!(
-                    ?origin,
-                    "refused a request from a web page whose origin is not allowed"
-                );
-                error_answer(
-                    None,
-                    StatusCode::FORBIDDEN,
-                    -32000,
-                    "Forbidden: this Origin may not send requests (see --allowed-origin)",
-                )
-            }
-            _ => self.route(request).await,
-        };
+        let mut response = self.receive(request).await;
         if self.draining.load(Ordering::SeqCst) {
             // Clients reconnect through the Service, to another pod.
             response
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
-        self.in_flight.fetch_sub(1, Ordering::SeqCst);
         let labels = RequestLabels {
             method: method.to_string(),
             status: response.status().as_u16(),
@@ -722,12 +717,46 @@ impl Proxy {
         response
     }
 
-    async fn route(self: &Arc<Self>, request: Request) -> Response {
+    /// Refuses a page of a foreign origin, reads the request whole (its body bounded in size,
+    /// and in time by the listener), and routes it. A request counts as in flight only once it
+    /// has arrived, so a stalled upload never holds a drain.
+    async fn receive(self: &Arc<Self>, request: Request) -> Response {
+        if let Some(origin) = request.headers().get(header::ORIGIN)
+            && !self.config.allowed_origins.allows(origin)
+        {
+            warn!(
+                ?origin,
+                "refused a request from a web page whose origin is not allowed"
+            );
+            return error_answer(
+                None,
+                StatusCode::FORBIDDEN,
+                -32000,
+                "Forbidden: this Origin may not send requests (see --allowed-origin)",
+            );
+        }
         let (parts, body) = request.into_parts();
-        let body = match axum::body::to_bytes(body, self.config.max_body_bytes).await {
-            Ok(body) => body,
-            Err(_) => return plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large"),
+        let body = match http_body_util::Limited::new(body, self.config.max_body_bytes)
+            .collect()
+            .await
+        {
+            Ok(collected) => collected.to_bytes(),
+            Err(error) if error.is::<http_body_util::LengthLimitError>() => {
+                return plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+            }
+            Err(error) => {
+                debug!(%error, "a request body that never arrived whole");
+                return plain(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "the request body did not arrive in time",
+                );
+            }
         };
+        let _in_flight = InFlight::count(&self.in_flight);
+        self.route(parts, body).await
+    }
+
+    async fn route(self: &Arc<Self>, parts: axum::http::request::Parts, body: Bytes) -> Response {
         let path = parts
             .uri
             .path_and_query()
@@ -1770,6 +1799,22 @@ impl Proxy {
     }
 }
 
+/// A request in flight, until dropped (also when its client goes away mid-request).
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn count(in_flight: &'a AtomicUsize) -> Self {
+        in_flight.fetch_add(1, Ordering::SeqCst);
+        Self(in_flight)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// One session fewer for `credential`.
 fn release(per_credential: &mut HashMap<Option<Box<str>>, usize>, credential: &Option<Box<str>>) {
     if let Some(count) = per_credential.get_mut(credential) {
@@ -1821,22 +1866,32 @@ pub async fn run(
             .map_err(|source| ProxyError::Listen { address, source })
     };
     let (listener, admin_listener) = (bind(listen).await?, bind(admin).await?);
-    let listener = connections::CountedListener::new(listener, proxy.connections.clone());
     let (succeed, current) = succession::current(proxy.clone());
     let app = Router::new().fallback({
         let current = current.clone();
         move |request: Request| current.get().handle(request)
     });
     info!(%listen, upstream = %proxy.config.upstream, %admin, store = %proxy.store.describe(), "session proxy serving");
-    tokio::spawn(admin::serve(current, admin_listener));
+    let listeners = proxy.metrics.listeners.clone();
+    tokio::spawn(admin::serve(current, admin_listener, listeners.of("admin")));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = axum::serve(listener, app).with_graceful_shutdown(async move {
-        let _ = stopped.await;
-    });
-    let server = tokio::spawn(async move { serving.await });
+    let open = proxy.connections.clone();
+    let server = tokio::spawn(serve::serve(
+        listener,
+        app,
+        proxy.config.limits,
+        listeners.of("mcp"),
+        move |tcp| {
+            let open = open.clone();
+            async move { Some(connections::Counted::new(tcp, open)) }
+        },
+        async move {
+            let _ = stopped.await;
+        },
+    ));
     succession::serve(proxy, succeed, shutdown).await;
     let _ = stop.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    let _ = server.await;
     Ok(())
 }
 

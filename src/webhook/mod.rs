@@ -130,6 +130,7 @@ pub async fn run(
     .for_each(|_| async {});
     tokio::spawn(policy_watch);
 
+    let connections = metrics.listeners().of("webhook");
     let state = AppState {
         client: client.clone(),
         policies,
@@ -180,7 +181,7 @@ pub async fn run(
         }
     };
     tokio::select! {
-        () = server::serve(listener, resolver, app, shutdown) => {}
+        () = server::serve(listener, resolver, app, connections, shutdown) => {}
         () = refresher => {}
     }
     Ok(())

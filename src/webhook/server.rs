@@ -4,8 +4,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
@@ -13,11 +11,19 @@ use super::tls::CertResolver;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The apiserver's calls: it gives a webhook at most 30 s, and opens few connections.
+const LIMITS: crate::serve::Limits = crate::serve::Limits {
+    header_timeout: Duration::from_secs(30),
+    body_timeout: Duration::from_secs(10),
+    max_connections: 1_000,
+};
+
 /// Serves `app` over TLS on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
     resolver: Arc<CertResolver>,
     app: Router,
+    metrics: crate::serve::ConnectionMetrics,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -33,36 +39,22 @@ pub async fn serve(
     let mut config = config;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let accept = async {
-        loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    warn!(%error, "accept failed");
-                    continue;
+    let handshake = move |tcp: tokio::net::TcpStream| {
+        let acceptor = acceptor.clone();
+        async move {
+            let peer = tcp.peer_addr().ok();
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => Some(tls),
+                Ok(Err(error)) => {
+                    debug!(?peer, %error, "TLS handshake failed");
+                    None
                 }
-            };
-            let (acceptor, app) = (acceptor.clone(), app.clone());
-            tokio::spawn(async move {
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-                {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(error)) => return debug!(%peer, %error, "TLS handshake failed"),
-                    Err(_) => return debug!(%peer, "TLS handshake timed out"),
-                };
-                let service = TowerToHyperService::new(app);
-                if let Err(error) =
-                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tls), service)
-                        .await
-                {
-                    debug!(%peer, %error, "connection ended with an error");
+                Err(_) => {
+                    debug!(?peer, "TLS handshake timed out");
+                    None
                 }
-            });
+            }
         }
     };
-    tokio::select! {
-        () = accept => {}
-        () = shutdown => {}
-    }
+    crate::serve::serve(listener, app, LIMITS, metrics, handshake, shutdown).await;
 }

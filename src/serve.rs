@@ -1,0 +1,347 @@
+//! HTTP/1.1 serving with the limits every listener of this project keeps.
+//!
+//! A slow or idle client must not hold a connection, a file descriptor or a drain for long: a
+//! request's head must arrive within `header_timeout` (hyper's header-read timer, which also
+//! runs while a keep-alive connection waits for its next request, so it closes idle ones), its
+//! body within `body_timeout`, and at most `max_connections` are open at once: those over the
+//! cap are closed as they come, and counted.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::Request;
+use bytes::Bytes;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tracing::{debug, warn};
+
+/// What a listener allows one client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// For a request's head, and for a keep-alive connection's idling between requests.
+    pub header_timeout: Duration,
+    /// For a request's body, from its head on.
+    pub body_timeout: Duration,
+    /// Connections open at once.
+    pub max_connections: usize,
+}
+
+impl Limits {
+    /// A port for the kubelet's probes and hooks, and Prometheus: few clients, quick requests.
+    pub const PROBES: Self = Self {
+        header_timeout: Duration::from_secs(10),
+        body_timeout: Duration::from_secs(10),
+        max_connections: 256,
+    };
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(60),
+            max_connections: 10_000,
+        }
+    }
+}
+
+/// What one listener counts.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionMetrics {
+    pub open: Gauge,
+    /// Connections closed at once because `max_connections` were open.
+    pub refused: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: &'static str,
+}
+
+/// The connection metrics of a process's listeners, by `listener` label.
+#[derive(Debug, Clone, Default)]
+pub struct ListenerMetrics {
+    open: Family<ListenerLabels, Gauge>,
+    refused: Family<ListenerLabels, Counter>,
+}
+
+impl ListenerMetrics {
+    /// Registers `{prefix}_connections` and `{prefix}_connections_refused_total`.
+    pub fn register(&self, registry: &mut Registry, prefix: &str) {
+        registry.register(
+            format!("{prefix}_connections"),
+            "Open client connections, by listener",
+            self.open.clone(),
+        );
+        registry.register(
+            format!("{prefix}_connections_refused"),
+            "Connections closed at once because the listener's connection cap was reached",
+            self.refused.clone(),
+        );
+    }
+
+    /// The metrics of the listener named `listener`.
+    pub fn of(&self, listener: &'static str) -> ConnectionMetrics {
+        let labels = ListenerLabels { listener };
+        ConnectionMetrics {
+            open: self.open.get_or_create(&labels).clone(),
+            refused: self.refused.get_or_create(&labels).clone(),
+        }
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown`, each accepted connection first made what the
+/// protocol runs on by `accept` (TLS, a counted stream; `None` drops it).
+pub async fn serve<Io, Accept, Accepting>(
+    listener: TcpListener,
+    app: Router,
+    limits: Limits,
+    metrics: ConnectionMetrics,
+    accept: Accept,
+    shutdown: impl Future<Output = ()>,
+) where
+    Accept: Fn(TcpStream) -> Accepting + Clone + Send + 'static,
+    Accepting: Future<Output = Option<Io>> + Send,
+    Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let app = app.layer(axum::middleware::map_request(
+        move |request: Request| async move { with_body_deadline(request, limits.body_timeout) },
+    ));
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let accepting = async {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors, typically: back off rather than spin.
+                    warn!(%error, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                metrics.refused.inc();
+                debug!(%peer, limit = limits.max_connections, "too many connections: closed");
+                drop(tcp);
+                continue;
+            };
+            let (accept, app, open) = (accept.clone(), app.clone(), metrics.open.clone());
+            tokio::spawn(async move {
+                let _slot = slot;
+                open.inc();
+                if let Some(io) = accept(tcp).await {
+                    let served = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(limits.header_timeout)
+                        .serve_connection(TokioIo::new(io), TowerToHyperService::new(app))
+                        .with_upgrades()
+                        .await;
+                    if let Err(error) = served {
+                        debug!(%peer, %error, "connection ended with an error");
+                    }
+                }
+                open.dec();
+            });
+        }
+    };
+    tokio::select! {
+        () = accepting => {}
+        () = shutdown => {}
+    }
+}
+
+/// Serves a port of probes and metrics ([`Limits::PROBES`], plain TCP) for the process's life.
+pub async fn serve_probes(listener: TcpListener, app: Router, metrics: ConnectionMetrics) {
+    serve(
+        listener,
+        app,
+        Limits::PROBES,
+        metrics,
+        plain,
+        std::future::pending(),
+    )
+    .await;
+}
+
+/// The request, its body bounded by `timeout` from now.
+fn with_body_deadline(request: Request, timeout: Duration) -> Request {
+    request.map(|body| Body::new(Deadline::new(body, timeout)))
+}
+
+/// A request body that fails if it has not ended by its deadline.
+struct Deadline {
+    body: Body,
+    expires: Pin<Box<tokio::time::Sleep>>,
+    timeout: Duration,
+}
+
+impl Deadline {
+    fn new(body: Body, timeout: Duration) -> Self {
+        Self {
+            body,
+            expires: Box::pin(tokio::time::sleep(timeout)),
+            timeout,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive within {0:?}")]
+pub struct BodyTimeout(Duration);
+
+impl http_body::Body for Deadline {
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        if let Poll::Ready(frame) = Pin::new(&mut self.body).poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        match self.expires.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(BodyTimeout(self.timeout).into()))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Plain TCP, no nagle delay on small answers.
+pub async fn plain(tcp: TcpStream) -> Option<TcpStream> {
+    let _ = tcp.set_nodelay(true);
+    Some(tcp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    async fn start(limits: Limits) -> (u16, ConnectionMetrics) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let metrics = ConnectionMetrics::default();
+        let app = Router::new().route(
+            "/",
+            axum::routing::post(|body: Bytes| async move { format!("{} bytes", body.len()) }),
+        );
+        tokio::spawn(serve(
+            listener,
+            app,
+            limits,
+            metrics.clone(),
+            plain,
+            std::future::pending(),
+        ));
+        (port, metrics)
+    }
+
+    /// Reads until the server closes; what it sent.
+    async fn until_closed(stream: &mut TcpStream) -> String {
+        let mut seen = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut seen)).await;
+        String::from_utf8_lossy(&seen).into_owned()
+    }
+
+    #[tokio::test]
+    async fn idle_half_sent_and_stalled_clients_are_closed() {
+        let limits = Limits {
+            header_timeout: Duration::from_millis(300),
+            body_timeout: Duration::from_millis(300),
+            max_connections: 100,
+        };
+        let (port, metrics) = start(limits).await;
+        let connect = || TcpStream::connect(("127.0.0.1", port));
+        let mut idle = connect().await.expect("connect");
+        let mut half = connect().await.expect("connect");
+        half.write_all(b"POST / HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .expect("write");
+        let mut stalled = connect().await.expect("connect");
+        stalled
+            .write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+            .await
+            .expect("write");
+        let started = std::time::Instant::now();
+        assert_eq!(until_closed(&mut idle).await, "", "an idle connection");
+        assert!(
+            !until_closed(&mut half).await.contains("200"),
+            "a half-sent head"
+        );
+        let answer = until_closed(&mut stalled).await;
+        assert!(!answer.contains("200 OK"), "a stalled body: {answer}");
+        assert!(started.elapsed() < Duration::from_secs(3));
+        // A client that sends its request whole is served, and may keep its connection.
+        let mut client = connect().await.expect("connect");
+        client
+            .write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok")
+            .await
+            .expect("write");
+        let mut answer = [0u8; 256];
+        let n = client.read(&mut answer).await.expect("read");
+        assert!(String::from_utf8_lossy(&answer[..n]).contains("2 bytes"));
+        assert_eq!(metrics.refused.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_cap_are_closed_at_once_and_counted() {
+        let limits = Limits {
+            max_connections: 3,
+            ..Limits::default()
+        };
+        let (port, metrics) = start(limits).await;
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(
+                TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .expect("connect"),
+            );
+        }
+        // Accepted in order: let the three take their slots.
+        while metrics.open.get() < 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut over = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        assert_eq!(until_closed(&mut over).await, "");
+        assert_eq!(metrics.refused.get(), 1);
+        drop(held);
+        while metrics.open.get() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut again = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        again
+            .write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+            .await
+            .expect("write");
+        let mut answer = [0u8; 256];
+        let n = again.read(&mut answer).await.expect("read");
+        assert!(String::from_utf8_lossy(&answer[..n]).contains("200 OK"));
+    }
+}
