@@ -1813,6 +1813,71 @@ fn jwt(subject: &str, serial: u32) -> String {
     )
 }
 
+/// The per-credential session limit holds under concurrency and counts the identity the binding
+/// sees: 48 concurrent `initialize`s with a limit of 10, under one credential spelt three ways
+/// (`Bearer`, `bearer`, `BEARER`), open exactly 10 sessions (the check and the count were
+/// apart: all 48 passed); 20 concurrent ones with refreshed JWTs of one subject open 10 more.
+/// An `initialize` whose params exceed `--max-initialize-bytes` gets a JSON-RPC error, and
+/// nothing of it is kept.
+#[tokio::test]
+async fn session_limits_hold_under_concurrency_and_initialize_params_are_bounded() {
+    let pod = Pod::start_with(
+        Sdk::Python,
+        Wire::Streamable,
+        "pod-a",
+        None,
+        &[
+            "--max-sessions-per-credential",
+            "10",
+            "--max-initialize-bytes",
+            "4096",
+        ],
+    )
+    .await;
+    let (port, admin_port) = (pod.proxy_port(), pod.admin_port());
+    let init = |name: &str| {
+        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18",
+            "capabilities": {}, "clientInfo": {"name": name, "version": "1"}}})
+    };
+    let admitted = |credentials: Vec<String>| {
+        let init = init("greedy");
+        async move {
+            let replies = futures::future::join_all(credentials.iter().map(|credential| {
+                post(port, "/mcp", None, Some(credential), "POST", init.clone())
+            }))
+            .await;
+            for reply in &replies {
+                assert!(matches!(reply.status, 200 | 429), "{}", reply.body);
+            }
+            replies.iter().filter(|r| r.status == 200).count()
+        }
+    };
+    let spellings = ["Bearer greedy", "bearer greedy", "BEARER greedy"];
+    let spelt: Vec<String> = (0..48).map(|i| spellings[i % 3].to_owned()).collect();
+    assert_eq!(admitted(spelt).await, 10, "one credential, however spelt");
+    let refreshed: Vec<String> = (0..20).map(|serial| jwt("alice", serial)).collect();
+    assert_eq!(
+        admitted(refreshed).await,
+        10,
+        "one identity, however refreshed"
+    );
+
+    let large = init(&"x".repeat(5000));
+    let refused = post(port, "/mcp", None, Some("Bearer other"), "POST", large).await;
+    assert_eq!(refused.status, 200, "{}", refused.body);
+    let error = &refused.message()["error"];
+    assert_eq!(error["code"], -32602, "{}", refused.body);
+    assert!(
+        error["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("--max-initialize-bytes")),
+        "{error}"
+    );
+    assert!(refused.session.is_none(), "no session for it");
+    let metrics = admin_get(admin_port, "/metrics").await;
+    assert_eq!(sample(&metrics, "mcp_proxy_sessions"), 20.0, "{metrics}");
+}
+
 /// OAuth clients refresh their access token (hourly, typically): a session is bound to the
 /// token's issuer and subject, so the refreshed token keeps it, through replays too; another
 /// subject, or no token, is refused. Bound to the credential instead, a refresh is refused.

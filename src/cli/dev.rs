@@ -76,6 +76,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         // A laptop's server: pages of localhost only, as the SDKs' own default.
         allowed_origins: AllowedOrigins::Local,
         limits: crate::serve::Limits::default(),
+        max_initialize_bytes: 64 * 1024,
     };
     let proxy = Proxy::new(
         config,

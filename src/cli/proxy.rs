@@ -79,6 +79,10 @@ pub struct ProxyArgs {
     /// Client connections open at once; more are closed as they come (and counted).
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     max_connections: u64,
+    /// Largest `initialize` params a session may keep (they are stored with it and replayed to
+    /// a new server); a larger `initialize` is refused with a JSON-RPC error.
+    #[arg(long, default_value_t = 64 * 1024)]
+    max_initialize_bytes: usize,
     /// Largest request body accepted.
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     max_body_bytes: usize,
@@ -130,6 +134,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             body_timeout: Duration::from_secs(args.body_timeout_seconds),
             max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
         },
+        max_initialize_bytes: args.max_initialize_bytes,
     };
     let proxy = Proxy::new(config, store, Fingerprinter::new(&key, args.binding));
     proxy::run(proxy, super::shutdown_signal())

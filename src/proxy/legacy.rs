@@ -207,8 +207,8 @@ pub async fn open(
     exchange: Exchange,
     response: hyper::Response<Body>,
 ) -> Response {
-    let credential = match proxy.admit(&exchange) {
-        Ok(credential) => credential,
+    let slot = match proxy.admit(&exchange) {
+        Ok(slot) => slot,
         Err(refusal) => return refusal,
     };
     let (mut parts, mut body) = response.into_parts();
@@ -224,10 +224,16 @@ pub async fn open(
     let new = NewSession {
         owner_pod: proxy.config.pod_name.clone(),
         protocol_version: Some(PROTOCOL_VERSION.to_owned()),
-        credential_fingerprint: credential,
+        credential_fingerprint: slot.credential.clone(),
         ..Default::default()
     };
-    proxy.remember(&id, endpoint.upstream(), Transport::Sse, new.clone());
+    proxy.remember(
+        &id,
+        endpoint.upstream(),
+        Transport::Sse,
+        new.clone(),
+        Some(slot),
+    );
     if let Err(error) = proxy.store.create_or_rehydrate(&id, new).await {
         warn!(session = %id, %error, "cannot store the new session");
         proxy.mark_unstored(&id, "create");

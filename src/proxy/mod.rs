@@ -64,6 +64,8 @@ use crate::store::{
 const UPSTREAM_UNAVAILABLE: i64 = -32000;
 const SESSION_NOT_FOUND: i64 = -32001;
 const TOO_MANY_SESSIONS: i64 = -32002;
+/// JSON-RPC's own code for parameters a method cannot take (here: too large to keep).
+const INVALID_PARAMS: i64 = -32602;
 /// Attempts at one request: a replay after a 404, a resend after a lost response.
 const MAX_ATTEMPTS: u32 = 6;
 /// Most sessions a drain looks up in the store's index of this pod (beyond those it holds).
@@ -97,6 +99,8 @@ pub struct ProxyConfig {
     pub allowed_origins: AllowedOrigins,
     /// Timeouts and the connection cap of the client listener.
     pub limits: serve::Limits,
+    /// Largest `initialize` params kept for a session (they live as long as it does).
+    pub max_initialize_bytes: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -523,10 +527,11 @@ impl Proxy {
             .fingerprint(headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()))
     }
 
-    /// Admits a new session: not while draining, nor for a credential that holds as many as
-    /// it may. Returns the credential's fingerprint.
+    /// Admits a new session: not while draining, nor for a credential (as the binding sees
+    /// it: a refreshed token is the same identity) that holds as many as it may. The slot is
+    /// taken now, so concurrent `initialize`s cannot all pass the check.
     #[allow(clippy::result_large_err)] // The refusal is the response, built once.
-    fn admit(&self, exchange: &Exchange) -> Result<Option<String>, Response> {
+    fn admit(&self, exchange: &Exchange) -> Result<Slot<'_>, Response> {
         if self.draining.load(Ordering::SeqCst) {
             return Err(plain(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -534,15 +539,21 @@ impl Proxy {
             ));
         }
         let credential = self.credential_of(&exchange.headers);
-        let held = self
-            .sessions_read()
-            .per_credential
-            .get(&credential.as_deref().map(Box::from))
-            .copied()
-            .unwrap_or(0);
-        if held < self.config.max_sessions_per_credential {
-            return Ok(credential);
-        }
+        let key: Option<Box<str>> = credential.as_deref().map(Box::from);
+        let held = {
+            let mut sessions = self.sessions_write();
+            let held = sessions.per_credential.entry(key.clone()).or_default();
+            if *held < self.config.max_sessions_per_credential {
+                *held += 1;
+                return Ok(Slot {
+                    sessions: &self.sessions,
+                    key,
+                    credential,
+                    used: false,
+                });
+            }
+            *held
+        };
         metrics::inc(&self.metrics.refused, "too_many_sessions");
         warn!(
             sessions = held,
@@ -558,12 +569,15 @@ impl Proxy {
         ))
     }
 
+    /// Maps `id`; a new session counts against its credential's limit, in the `slot` its
+    /// admission took if it has one.
     fn remember(
         &self,
         id: &SessionId,
         upstream_id: String,
         transport: Transport,
         stored: NewSession,
+        slot: Option<Slot<'_>>,
     ) {
         let credential: Option<Box<str>> = stored.credential_fingerprint.as_deref().map(Box::from);
         let mapped = Mapped {
@@ -574,10 +588,15 @@ impl Proxy {
             stored: StoredCopy::of(&stored),
         };
         let mut sessions = self.sessions_write();
-        if sessions.by_id.insert(id.clone(), mapped).is_none() {
-            *sessions.per_credential.entry(credential).or_default() += 1;
-        }
+        let new = sessions.by_id.insert(id.clone(), mapped).is_none();
         self.metrics.sessions.set(sessions.by_id.len() as i64);
+        match slot {
+            Some(mut slot) if new && slot.key == credential => slot.used = true,
+            _ if new => *sessions.per_credential.entry(credential).or_default() += 1,
+            _ => {}
+        }
+        // An unused slot gives itself back, taking the lock: not while this holds it.
+        drop(sessions);
     }
 
     /// The upstream no longer knows the session it mapped `id` to: the next request replays the
@@ -1052,10 +1071,27 @@ impl Proxy {
 
     /// A new session: forward `initialize`, then give the client an id of our own.
     async fn initialize(self: &Arc<Self>, mut exchange: Exchange) -> Response {
-        let credential = match self.admit(&exchange) {
-            Ok(credential) => credential,
+        let params = protocol::initialize_params(protocol::message(&exchange.body).as_ref())
+            .unwrap_or(Value::Null);
+        // Kept for the session's life, in memory and in the store: bounded.
+        let size = serde_json::to_string(&params).map_or(0, |text| text.len());
+        if size > self.config.max_initialize_bytes {
+            metrics::inc(&self.metrics.refused, "initialize_too_large");
+            return error_answer(
+                exchange.request_id(),
+                StatusCode::PAYLOAD_TOO_LARGE,
+                INVALID_PARAMS,
+                &format!(
+                    "initialize params of {size} bytes exceed this proxy's limit of {} (--max-initialize-bytes)",
+                    self.config.max_initialize_bytes
+                ),
+            );
+        }
+        let slot = match self.admit(&exchange) {
+            Ok(slot) => slot,
             Err(refusal) => return refusal,
         };
+        let credential = slot.credential.clone();
         let answer = match self.exchange(&exchange).await {
             Ok(answer) => answer,
             Err(failure) => return self.failure(failure, &exchange),
@@ -1070,8 +1106,6 @@ impl Proxy {
             // A server that issues no session id: nothing to keep.
             return self.deliver(exchange, answer.response, None).await;
         };
-        let params = protocol::initialize_params(protocol::message(&exchange.body).as_ref())
-            .unwrap_or(Value::Null);
         let id = SessionId::random();
         let new = NewSession {
             owner_pod: self.config.pod_name.clone(),
@@ -1080,7 +1114,13 @@ impl Proxy {
             credential_fingerprint: credential.clone(),
             ..Default::default()
         };
-        self.remember(&id, upstream_id, Transport::Streamable, new.clone());
+        self.remember(
+            &id,
+            upstream_id,
+            Transport::Streamable,
+            new.clone(),
+            Some(slot),
+        );
         if let Err(error) = self.store.create_or_rehydrate(&id, new).await {
             // Served from memory meanwhile, and written as soon as the store is back.
             warn!(session = %id, %error, "cannot store the new session");
@@ -1472,7 +1512,7 @@ impl Proxy {
             credential_fingerprint: credential,
             ..session
         };
-        self.remember(id, upstream_id.clone(), Transport::Streamable, stored);
+        self.remember(id, upstream_id.clone(), Transport::Streamable, stored, None);
         if !in_store {
             self.restore(id).await;
         }
@@ -1795,6 +1835,26 @@ impl Proxy {
             info!(open, "drain deadline: closing the remaining connections");
             // The relays write their hints before the connections go.
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// A session a credential may still open, taken at admission; given back when dropped unless
+/// a session was remembered in it.
+struct Slot<'a> {
+    sessions: &'a RwLock<Sessions>,
+    /// The key it counts under.
+    key: Option<Box<str>>,
+    /// The credential's fingerprint, for the new session.
+    credential: Option<String>,
+    used: bool,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if !self.used {
+            let mut sessions = self.sessions.write().unwrap_or_else(|p| p.into_inner());
+            release(&mut sessions.per_credential, &self.key);
         }
     }
 }
