@@ -333,39 +333,21 @@ async fn server_everything_restarts_cost_its_sdk_clients_nothing() {
     assert!(!metrics.contains(r#"outcome="refused""#), "{metrics}");
 }
 
-/// One HTTP/1.1 request to the proxy on a fresh connection; the response with its body unread.
+/// An MCP request (`POST`/`GET` on /mcp, protocol 2025-11-25) to the proxy on a fresh
+/// connection; the response with its body unread.
 async fn request(
     port: u16,
     method: &str,
     headers: &[(&str, &str)],
     body: String,
 ) -> hyper::Response<hyper::body::Incoming> {
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("connect");
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-            .await
-            .expect("handshake");
-    tokio::spawn(connection);
-    let mut builder = hyper::Request::builder()
-        .method(method)
-        .uri("/mcp")
-        .header("host", format!("127.0.0.1:{port}"))
-        .header("accept", "application/json, text/event-stream")
-        .header("content-type", "application/json")
-        .header("mcp-protocol-version", "2025-11-25");
-    for (name, value) in headers {
-        builder = builder.header(*name, *value);
-    }
-    sender
-        .send_request(
-            builder
-                .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
-                .expect("request"),
-        )
-        .await
-        .expect("response")
+    let mut all = vec![
+        ("accept", "application/json, text/event-stream"),
+        ("content-type", "application/json"),
+        ("mcp-protocol-version", "2025-11-25"),
+    ];
+    all.extend_from_slice(headers);
+    support::http_request(port, method, "/mcp", &all, body.into()).await
 }
 
 /// `(id, data)` of each event in `text`.

@@ -6,11 +6,10 @@ mod support;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt as _, Full};
+use http_body_util::BodyExt as _;
 use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
-use support::{Process, die_with_parent, free_port, wait_listening};
+use support::{Process, die_with_parent, free_port, http_request, wait_listening};
 
 /// The token every test proxy's /drain, /retire and /sessions require.
 const DRAIN_TOKEN: &str = "test-drain-token";
@@ -176,37 +175,6 @@ impl Reply {
     }
 }
 
-/// One HTTP/1.1 request on a fresh connection to the proxy.
-async fn send(
-    port: u16,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: Bytes,
-) -> hyper::Response<hyper::body::Incoming> {
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("connect");
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .expect("handshake");
-    tokio::spawn(connection);
-    let mut request = hyper::Request::builder().method(method).uri(path);
-    if !headers
-        .iter()
-        .any(|(name, _)| name.eq_ignore_ascii_case("host"))
-    {
-        request = request.header("host", format!("127.0.0.1:{port}"));
-    }
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    sender
-        .send_request(request.body(Full::new(body)).unwrap())
-        .await
-        .expect("response")
-}
-
 async fn post(
     port: u16,
     path: &str,
@@ -227,7 +195,7 @@ async fn post(
     } else {
         serde_json::to_vec(&body).unwrap()
     };
-    let response = send(port, method, path, &headers, Bytes::from(bytes)).await;
+    let response = http_request(port, method, path, &headers, Bytes::from(bytes)).await;
     let status = response.status().as_u16();
     let session = response
         .headers()
@@ -397,7 +365,7 @@ async fn initialize_with(port: u16, headers: &[(&str, &str)]) -> (u16, String) {
         ("accept", "application/json, text/event-stream"),
     ];
     all.extend_from_slice(headers);
-    let response = send(port, "POST", "/mcp", &all, Bytes::from(init.to_string())).await;
+    let response = http_request(port, "POST", "/mcp", &all, Bytes::from(init.to_string())).await;
     let status = response.status().as_u16();
     let body = response
         .into_body()
@@ -1234,7 +1202,7 @@ impl EventStream {
     }
 
     async fn request(port: u16, method: &str, headers: &[(&str, &str)], body: Bytes) -> Self {
-        let response = send(port, method, "/mcp", headers, body).await;
+        let response = http_request(port, method, "/mcp", headers, body).await;
         Self {
             status: response.status().as_u16(),
             body: response.into_body(),

@@ -85,6 +85,39 @@ pub async fn admin_get(port: u16, path: &str, drain_token: &str) -> String {
     text
 }
 
+/// One HTTP/1.1 request to a loopback `port` on a fresh connection: the response, its body
+/// unread. `Host` is `127.0.0.1:PORT` unless `headers` name another.
+pub async fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: hyper::body::Bytes,
+) -> hyper::Response<hyper::body::Incoming> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("handshake");
+    tokio::spawn(connection);
+    let mut request = hyper::Request::builder().method(method).uri(path);
+    if !headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("host"))
+    {
+        request = request.header("host", format!("127.0.0.1:{port}"));
+    }
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request
+        .body(http_body_util::Full::new(body))
+        .expect("request");
+    sender.send_request(request).await.expect("response")
+}
+
 /// Makes `command` die with the test process, so no server outlives a killed test run.
 pub fn die_with_parent(command: &mut Command) -> &mut Command {
     use std::os::unix::process::CommandExt as _;
