@@ -25,7 +25,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
 /// What a listener allows one client.
@@ -138,10 +138,12 @@ pub async fn serve<Io, Accept, Accepting>(
                 drop(tcp);
                 continue;
             };
-            let (accept, app, open) = (accept.clone(), app.clone(), metrics.open.clone());
+            // Counted here, not in the task: on a busy runtime the task may start much later,
+            // and the gauge must say what the cap counts.
+            let open = Open::new(slot, metrics.open.clone());
+            let (accept, app) = (accept.clone(), app.clone());
             tokio::spawn(async move {
-                let _slot = slot;
-                open.inc();
+                let _open = open;
                 if let Some(io) = accept(tcp).await {
                     let served = hyper::server::conn::http1::Builder::new()
                         .timer(TokioTimer::new())
@@ -153,13 +155,31 @@ pub async fn serve<Io, Accept, Accepting>(
                         debug!(%peer, %error, "connection ended with an error");
                     }
                 }
-                open.dec();
             });
         }
     };
     tokio::select! {
         () = accepting => {}
         () = shutdown => {}
+    }
+}
+
+/// An accepted connection's place under the cap, shown in the `open` gauge while it lasts.
+struct Open {
+    _slot: OwnedSemaphorePermit,
+    gauge: Gauge,
+}
+
+impl Open {
+    fn new(slot: OwnedSemaphorePermit, gauge: Gauge) -> Self {
+        gauge.inc();
+        Self { _slot: slot, gauge }
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.gauge.dec();
     }
 }
 

@@ -14,10 +14,49 @@ pub mod redis;
 use std::net::TcpListener;
 use std::process::Command;
 
-/// A port nobody listens on right now.
+/// A loopback port nobody listens on right now, handed out once in this test process.
+///
+/// Not the kernel's pick of an ephemeral port: the kernel may give the same port to another
+/// test moments after a server of this one stopped on it (a test that restarts its server then
+/// talks to the other test's), or to a client connection's local end before the server binds
+/// it. So the ports come from below the ephemeral range, in turn, each at most once.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral loopback port");
-    listener.local_addr().expect("local address").port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (low, high) = outside_ephemeral_range();
+    let span = u32::from(high - low);
+    assert!(span > 0, "no unprivileged port outside the ephemeral range");
+    // Test processes run one at a time, but a lingering child of the last may hold its ports:
+    // each process starts elsewhere in the range.
+    let start = std::process::id() * 7919 % span;
+    for _ in 0..span {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = low + u16::try_from(offset).expect("within the range");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {low}..{high}");
+}
+
+/// The widest run of ports that neither needs privileges nor is in the kernel's ephemeral range.
+fn outside_ephemeral_range() -> (u16, u16) {
+    let range =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let mut bounds = range
+        .split_whitespace()
+        .filter_map(|n| n.parse::<u16>().ok());
+    let (first, last) = match (bounds.next(), bounds.next()) {
+        (Some(first), Some(last)) => (first, last),
+        _ => (32768, 60999),
+    };
+    let below = (1024, first.max(1024));
+    let above = (last.saturating_add(1).max(1024), u16::MAX);
+    if below.1 - below.0 >= above.1 - above.0 {
+        below
+    } else {
+        above
+    }
 }
 
 /// A test's child process, killed (SIGKILL) when dropped, also when the test panics.
