@@ -178,6 +178,51 @@ fn unreachable_redis_is_one_clear_line_with_the_password_masked() {
 }
 
 #[test]
+fn a_full_redis_and_a_port_that_is_not_redis_are_one_line_each() {
+    let redis = RedisServer::start();
+    seed(&redis);
+    // Full, refusing writes: `stats` rebuilds a missing index, which writes.
+    redis.cli(&["DEL", "{mcp:session:}:expiry"]).unwrap();
+    redis
+        .cli(&["CONFIG", "SET", "maxmemory-policy", "noeviction"])
+        .unwrap();
+    redis.cli(&["CONFIG", "SET", "maxmemory", "1"]).unwrap();
+    let output = cli(&["sessions", "stats"], Some(&redis.url()));
+    assert_eq!(output.status.code(), Some(1));
+    let err = stderr(&output);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("is full and refuses writes"), "{err}");
+
+    // Something that answers HTTP where Redis was expected.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            use std::io::Write as _;
+            let mut stream = stream;
+            let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    let output = cli(
+        &[
+            "sessions",
+            "stats",
+            "--redis-url",
+            &format!("redis://127.0.0.1:{port}"),
+        ],
+        None,
+    );
+    assert_eq!(output.status.code(), Some(1));
+    let err = stderr(&output);
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "error: the server at redis://127.0.0.1:{port} does not speak the Redis protocol: is this the Redis port?"
+        )
+    );
+}
+
+#[test]
 fn usage_errors_exit_2() {
     let cases: [(&[&str], Option<&str>, &str); 6] = [
         (&["sessions", "list"], None, "no Redis URL"),

@@ -1855,6 +1855,74 @@ async fn session_limits_hold_under_concurrency_and_initialize_params_are_bounded
     assert_eq!(sample(&metrics, "mcp_proxy_sessions"), 20.0, "{metrics}");
 }
 
+/// Tools that return large results (a file reader's) leave the session's event log in Redis
+/// within `--event-log-bytes`: twenty results of 200 KiB keep the newest that fit in 1 MiB; a
+/// 2 MiB result is not logged at all, and counted; the session serves on.
+#[tokio::test]
+async fn a_sessions_event_log_stays_within_its_byte_bound() {
+    let redis = support::redis::RedisServer::start();
+    let pod = Pod::start(Sdk::Python, "pod-a", &redis.url()).await;
+    let (port, admin_port) = (pod.proxy_port(), pod.admin_port());
+    let session = open_session(port, None).await;
+    let log = format!("{{mcp:session:{session}}}:events");
+    let used_memory = || -> u64 {
+        let info = redis.cli(&["INFO", "memory"]).expect("INFO");
+        info.lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("used_memory")
+    };
+    let before = used_memory();
+    let large = |id: u64, times: u64| {
+        call_tool(
+            port,
+            &session,
+            None,
+            id,
+            "repeat",
+            json!({"text": "0123456789abcdef", "times": times}),
+        )
+    };
+    for id in 0..20 {
+        let reply = large(10 + id, 200 * 64).await;
+        assert_eq!(result_text(&reply).len(), 200 * 1024, "{}", reply.status);
+    }
+    // The log is written behind the stream.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let number = |args: &[&str]| -> u64 {
+        let answer = redis.cli(args).expect("redis-cli");
+        answer
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{args:?}: {answer}"))
+    };
+    let entries = number(&["LLEN", &log]);
+    let logged = number(&["MEMORY", "USAGE", &log, "SAMPLES", "0"]);
+    // Each result is 400 KiB of JSON (text and structured content): two fit.
+    assert!(
+        (1..20).contains(&entries) && logged <= 1024 * 1024 + 4096,
+        "{entries} entries, {logged} bytes"
+    );
+    let grown = used_memory().saturating_sub(before);
+    assert!(grown < 2 * 1024 * 1024, "Redis grew by {grown} bytes");
+
+    let reply = large(40, 2 * 1024 * 64).await;
+    assert_eq!(result_text(&reply).len(), 2 * 1024 * 1024);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let metrics = admin_get(admin_port, "/metrics").await;
+    assert_eq!(
+        sample(&metrics, "mcp_proxy_events_unlogged_total"),
+        1.0,
+        "{metrics}"
+    );
+    let grown = used_memory().saturating_sub(before);
+    assert!(grown < 2 * 1024 * 1024, "Redis grew by {grown} bytes");
+    eprintln!(
+        "event log after 20 results of 200 KiB and one of 2 MiB: {entries} entries, {logged} bytes; Redis +{grown} bytes"
+    );
+    assert_eq!(result_text(&call(port, &session, None, 50, 1).await), "2");
+}
+
 /// OAuth clients refresh their access token (hourly, typically): a session is bound to the
 /// token's issuer and subject, so the refreshed token keeps it, through replays too; another
 /// subject, or no token, is refused. Bound to the credential instead, a refresh is refused.

@@ -209,7 +209,7 @@ async fn bad_event_log_entries_are_skipped_and_a_wrong_type_is_an_error() {
         ..Default::default()
     };
     store
-        .append_events(&s, std::slice::from_ref(&good), 10)
+        .append_events(&s, std::slice::from_ref(&good), store::LogBound::DEFAULT)
         .await
         .unwrap();
     let key = "{mcp:session:logged}:events";
@@ -263,6 +263,36 @@ async fn counts_heal_after_the_index_is_evicted() {
     assert_eq!(healed.source, CountSource::Rebuilt);
     assert_eq!((healed.total, healed.active, healed.draining), (30, 29, 1));
     assert_eq!(healed.per_pod, before.per_pod);
+
+    // What allkeys-lru does as well: drop records but not their index entries. A rebuild
+    // counts the records there are, not the entries it found.
+    for i in 20..30 {
+        redis.cli(&["DEL", &format!("mcp:session:s{i}")]).unwrap();
+    }
+    redis.cli(&["DEL", "{mcp:session:}:expiry"]).unwrap();
+    let rebuilt = store.counts().await.unwrap();
+    assert_eq!(
+        (rebuilt.total, rebuilt.source),
+        (20, CountSource::Rebuilt),
+        "{rebuilt:?}"
+    );
+    assert_eq!(rebuilt.per_pod.values().sum::<u64>(), 19, "{rebuilt:?}");
+
+    // On a Redis that evicts, a whole index is checked against the records before it counts.
+    for i in 10..15 {
+        redis.cli(&["DEL", &format!("mcp:session:s{i}")]).unwrap();
+    }
+    assert_eq!(store.counts().await.unwrap().total, 20, "trusted as it is");
+    redis
+        .cli(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"])
+        .unwrap();
+    let verified = store.counts().await.unwrap();
+    assert_eq!(
+        (verified.total, verified.draining, verified.source),
+        (15, 1, CountSource::Verified),
+        "{verified:?}"
+    );
+    assert_eq!(verified.per_pod.values().sum::<u64>(), 14, "{verified:?}");
 }
 
 #[tokio::test]

@@ -113,21 +113,59 @@ async fn event_log(store: &dyn SessionStore) {
         // The upstream's own id travels with the event, where there is one.
         upstream_id: n.is_multiple_of(3).then(|| format!("upstream-{n}")),
     };
+    let three = store::LogBound {
+        events: 3,
+        bytes: 1 << 20,
+    };
     assert!(store.events(&s).await.unwrap().is_empty());
     store.create_or_rehydrate(&s, owned_by("p1")).await.unwrap();
     store
-        .append_events(&s, &[event(1), event(2)], 3)
+        .append_events(&s, &[event(1), event(2)], three)
         .await
         .unwrap();
-    store.append_events(&s, &[], 3).await.unwrap();
+    store.append_events(&s, &[], three).await.unwrap();
     store
-        .append_events(&s, &[event(3), event(4)], 3)
+        .append_events(&s, &[event(3), event(4)], three)
         .await
         .unwrap();
     assert_eq!(
         store.events(&s).await.unwrap(),
         vec![event(2), event(3), event(4)],
         "bounded: the newest entries, oldest first"
+    );
+
+    // Bounded in bytes too: 2.5 entries' worth keeps two; one larger than the bound is not kept
+    // (the older ones stay: other streams of the session resume from them).
+    let sized = |n: u32, len: usize| store::LoggedEvent {
+        id: format!("p1-{n}"),
+        data: "x".repeat(len),
+        ..Default::default()
+    };
+    let size = sized(5, 1000).to_entry().len();
+    let bytes = store::LogBound {
+        events: 100,
+        bytes: size * 5 / 2,
+    };
+    store
+        .append_events(&s, &[sized(5, 1000), sized(6, 1000)], bytes)
+        .await
+        .unwrap();
+    store
+        .append_events(&s, &[sized(7, 1000)], bytes)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.events(&s).await.unwrap(),
+        vec![sized(6, 1000), sized(7, 1000)]
+    );
+    store
+        .append_events(&s, &[sized(8, 3000)], bytes)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.events(&s).await.unwrap(),
+        vec![sized(6, 1000), sized(7, 1000)],
+        "an entry over the whole bound is not kept"
     );
     store.delete(&s).await.unwrap();
     assert!(

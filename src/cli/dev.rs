@@ -13,6 +13,7 @@ use super::proxy::{fingerprint_key, open_store};
 use super::sessions::RedisArgs;
 use crate::dev::{self, DevConfig};
 use crate::proxy::{self, AllowedOrigins, Fingerprinter, Proxy, ProxyConfig};
+use crate::store::LogBound;
 use crate::store::binding::SessionBinding;
 
 #[derive(Debug, Args)]
@@ -69,7 +70,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         touch_interval: Duration::from_secs(10),
         max_body_bytes: 4 * 1024 * 1024,
         session_ttl: ttl,
-        event_log_size: 100,
+        event_log: LogBound::DEFAULT,
         max_sessions_per_credential: 10_000,
         // dev quiesces in process; its admin port lists no sessions without a token.
         drain_token: std::env::var("MCP_SESSION_DRAIN_TOKEN").ok(),

@@ -66,6 +66,27 @@ pub fn exit_code(error: &anyhow::Error) -> u8 {
     }
 }
 
+/// An error and its causes on one line, each said once: a store error names its cause in its
+/// own message, and a Redis error may span lines.
+pub fn error_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause
+            .to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        if text.is_empty() || line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
 /// Resolves on SIGTERM or Ctrl-C.
 pub(crate) async fn shutdown_signal() {
     let terminate = async {
@@ -104,5 +125,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             telemetry::init(cli.log_format, "info");
             dev::run(*args).await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot reach Redis at redis://x: {source}")]
+    struct Wrapping {
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn an_error_is_one_line_with_each_cause_once() {
+        let io = std::io::Error::other("Parse error at 1\nUnexpected `33`");
+        let error = anyhow::Error::new(Wrapping { source: io }).context("sessions stats");
+        assert_eq!(
+            error_line(&error),
+            "sessions stats: cannot reach Redis at redis://x: Parse error at 1 Unexpected `33`"
+        );
     }
 }

@@ -13,7 +13,7 @@ use super::sessions::RedisArgs;
 use crate::proxy::{self, AllowedOrigins, Fingerprinter, Proxy, ProxyConfig};
 use crate::store::binding::SessionBinding;
 use crate::store::redis::LazyRedisStore;
-use crate::store::{MemoryStore, SessionStore};
+use crate::store::{LogBound, MemoryStore, SessionStore};
 
 /// Used when no key is configured: fingerprints still bind sessions to credentials, but anyone
 /// who knows this constant can test guesses of low-entropy credentials against stored ones.
@@ -87,8 +87,12 @@ pub struct ProxyArgs {
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     max_body_bytes: usize,
     /// SSE events kept per session for `Last-Event-ID` resumption.
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    #[arg(long, default_value_t = LogBound::DEFAULT.events as u64, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     event_log_size: u64,
+    /// Bytes of SSE events kept per session for resumption (an event larger than this is not
+    /// kept: a stream cut during it cannot resume past it).
+    #[arg(long, default_value_t = LogBound::DEFAULT.bytes as u64, value_parser = clap::value_parser!(u64).range(1024..))]
+    event_log_bytes: u64,
     /// Sessions one credential (one Authorization header; requests without one count as one
     /// credential) may hold in this proxy.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
@@ -123,7 +127,10 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         touch_interval: Duration::from_secs(args.touch_interval_seconds),
         max_body_bytes: args.max_body_bytes,
         session_ttl: ttl,
-        event_log_size: usize::try_from(args.event_log_size).unwrap_or(usize::MAX),
+        event_log: LogBound {
+            events: usize::try_from(args.event_log_size).unwrap_or(usize::MAX),
+            bytes: usize::try_from(args.event_log_bytes).unwrap_or(usize::MAX),
+        },
         max_sessions_per_credential: usize::try_from(args.max_sessions_per_credential)
             .unwrap_or(usize::MAX),
         drain_token: args.drain_token.filter(|token| !token.is_empty()),

@@ -15,7 +15,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
-use crate::store::{LoggedEvent, SessionId, SessionStore};
+use crate::store::{LogBound, LoggedEvent, SessionId, SessionStore};
 
 /// Events buffered for the writer; beyond this the log skips events rather than grow memory
 /// while the store is slow (the stream itself is never held up).
@@ -114,10 +114,10 @@ pub struct EventLog {
 }
 
 impl EventLog {
-    /// Starts the writer task; it keeps the newest `keep` events per session.
-    pub fn start(store: Arc<dyn SessionStore>, keep: usize, skipped: Counter) -> Self {
+    /// Starts the writer task; it keeps what `bound` allows of each session's newest events.
+    pub fn start(store: Arc<dyn SessionStore>, bound: LogBound, skipped: Counter) -> Self {
         let (queue, commands) = mpsc::channel(QUEUE);
-        tokio::spawn(write(store, keep, commands));
+        tokio::spawn(write(store, bound, skipped.clone(), commands));
         Self { queue, skipped }
     }
 
@@ -140,13 +140,23 @@ impl EventLog {
     }
 }
 
-async fn write(store: Arc<dyn SessionStore>, keep: usize, mut commands: mpsc::Receiver<Command>) {
+async fn write(
+    store: Arc<dyn SessionStore>,
+    bound: LogBound,
+    skipped: Counter,
+    mut commands: mpsc::Receiver<Command>,
+) {
     let mut batch = Vec::with_capacity(BATCH);
     while commands.recv_many(&mut batch, BATCH).await > 0 {
         let mut by_session: HashMap<SessionId, Vec<LoggedEvent>> = HashMap::new();
         let mut flushed = Vec::new();
         for command in batch.drain(..) {
             match command {
+                // Larger than a whole log may be: the store would not keep it.
+                Command::Append(id, event) if event.to_entry().len() > bound.bytes => {
+                    skipped.inc();
+                    warn!(session = %id, event = %event.id, limit = bound.bytes, "an event too large for the resumption log; not logged (--event-log-bytes)");
+                }
                 Command::Append(id, event) => by_session.entry(id).or_default().push(event),
                 Command::Flush(done) => flushed.push(done),
             }
@@ -154,7 +164,7 @@ async fn write(store: Arc<dyn SessionStore>, keep: usize, mut commands: mpsc::Re
         let writes = by_session.iter().map(|(id, events)| {
             let store = &store;
             async move {
-                if let Err(error) = store.append_events(id, events, keep).await {
+                if let Err(error) = store.append_events(id, events, bound).await {
                     warn!(session = %id, %error, events = events.len(), "cannot log events for resumption");
                 }
             }

@@ -54,8 +54,8 @@ use self::upstream::{Answer, Upstream, UpstreamError};
 use crate::serve::{self, ListenerMetrics};
 use crate::store::binding::{self, Binding};
 use crate::store::{
-    self, Claim, ClaimOutcome, DebouncedToucher, NewSession, Session, SessionId, SessionPatch,
-    SessionSetup, SessionStore, StoreError, Tally, Touched,
+    self, Claim, ClaimOutcome, DebouncedToucher, LogBound, NewSession, Session, SessionId,
+    SessionPatch, SessionSetup, SessionStore, StoreError, Tally, Touched,
 };
 
 /// JSON-RPC error codes (the implementation-defined server range): the MCP server could not be
@@ -88,8 +88,8 @@ pub struct ProxyConfig {
     pub max_body_bytes: usize,
     /// Sessions unused this long are dropped from memory (the store's sliding TTL).
     pub session_ttl: Duration,
-    /// Events kept per session for `Last-Event-ID` resumption.
-    pub event_log_size: usize,
+    /// What each session's log of events for `Last-Event-ID` resumption keeps.
+    pub event_log: LogBound,
     /// Sessions one credential may hold in this proxy.
     pub max_sessions_per_credential: usize,
     /// What `/drain`, `/retire` and `/sessions` require in `X-Mcp-Drain-Token`; without one
@@ -384,7 +384,7 @@ impl Proxy {
             toucher: DebouncedToucher::new(store.clone(), config.touch_interval),
             events: EventLog::start(
                 store.clone(),
-                config.event_log_size,
+                config.event_log,
                 metrics.events_unlogged.clone(),
             ),
             config,

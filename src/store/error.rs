@@ -56,6 +56,14 @@ pub enum StoreError {
         url: String,
         source: redis::RedisError,
     },
+    /// Redis is at its `maxmemory` with the `noeviction` policy: it refuses every write.
+    #[error(
+        "Redis at {url} is full and refuses writes (maxmemory reached, policy noeviction): raise its maxmemory or free memory"
+    )]
+    Full { url: String },
+    /// Something answers at the address, but not in the Redis protocol.
+    #[error("the server at {url} does not speak the Redis protocol: is this the Redis port?")]
+    NotRedis { url: String },
     /// Redis has not been reached yet; the next attempt is due shortly.
     #[error("not connected to Redis at {url} yet")]
     NotConnected { url: String },
@@ -84,15 +92,17 @@ impl StoreError {
 
     pub(crate) fn from_redis(url: &str, source: redis::RedisError) -> Self {
         let url = url.to_owned();
-        if source.is_io_error()
+        let unreachable = source.is_io_error()
             || source.is_timeout()
             || source.is_connection_dropped()
             || source.is_connection_refusal()
-            || source.is_unrecoverable_error()
-        {
-            Self::Unavailable { url, source }
-        } else {
-            Self::Redis { url, source }
+            || source.is_unrecoverable_error();
+        match (unreachable, source.kind()) {
+            // An answer the client could not parse, on connecting: an HTTP server, say.
+            (true, redis::ErrorKind::Parse) => Self::NotRedis { url },
+            (true, _) => Self::Unavailable { url, source },
+            (false, _) if source.code() == Some("OOM") => Self::Full { url },
+            (false, _) => Self::Redis { url, source },
         }
     }
 }

@@ -8,9 +8,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    Claim, ClaimOutcome, CountSource, ListCursor, ListPage, Listed, LoggedEvent, MemorySample,
-    NewSession, Origin, PruneReport, Result, Session, SessionCounts, SessionId, SessionPatch,
-    SessionRecord, SessionState, SessionStore, Timestamp, Touch,
+    Claim, ClaimOutcome, CountSource, ListCursor, ListPage, Listed, LogBound, LoggedEvent,
+    MemorySample, NewSession, Origin, PruneReport, Result, Session, SessionCounts, SessionId,
+    SessionPatch, SessionRecord, SessionState, SessionStore, Timestamp, Touch,
 };
 
 #[derive(Debug)]
@@ -30,7 +30,8 @@ struct State {
     /// Draining sessions that expired unclaimed, not yet tallied `lost` by `expire_draining`.
     expired_draining: u64,
     /// Event logs of live sessions; a log goes with its record.
-    events: HashMap<SessionId, VecDeque<LoggedEvent>>,
+    /// Each entry with its stored size, for the log's byte bound.
+    events: HashMap<SessionId, VecDeque<(usize, LoggedEvent)>>,
 }
 
 impl State {
@@ -285,16 +286,21 @@ impl SessionStore for MemoryStore {
         &self,
         id: &SessionId,
         events: &[LoggedEvent],
-        keep: usize,
+        bound: LogBound,
     ) -> Result<()> {
         self.with_state(|state, _, _| {
             if !state.records.contains_key(id) {
                 return; // Nothing would ever resume it, and nothing would remove it.
             }
             let log = state.events.entry(id.clone()).or_default();
-            log.extend(events.iter().cloned());
-            let excess = log.len().saturating_sub(keep);
-            log.drain(..excess);
+            log.extend(
+                events
+                    .iter()
+                    .map(|event| (event.to_entry().len(), event.clone()))
+                    .filter(|(size, _)| *size <= bound.bytes),
+            );
+            let kept = bound.kept(log.iter().rev().map(|(size, _)| *size));
+            log.drain(..log.len() - kept);
         });
         Ok(())
     }
@@ -304,7 +310,7 @@ impl SessionStore for MemoryStore {
             state
                 .events
                 .get(id)
-                .map(|log| log.iter().cloned().collect())
+                .map(|log| log.iter().map(|(_, event)| event.clone()).collect())
                 .unwrap_or_default()
         }))
     }

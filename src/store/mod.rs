@@ -60,6 +60,44 @@ pub struct LoggedEvent {
     pub upstream_id: Option<String>,
 }
 
+impl LoggedEvent {
+    /// The entry as a log stores it.
+    pub fn to_entry(&self) -> Vec<u8> {
+        // A struct of strings always serializes.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// How much of a session's event log is kept: the newest entries, at most `events` of them and
+/// at most `bytes` of stored entries in all. An entry larger than `bytes` is never kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogBound {
+    pub events: usize,
+    pub bytes: usize,
+}
+
+impl LogBound {
+    /// A hundred events, 1 MiB.
+    pub const DEFAULT: Self = Self {
+        events: 100,
+        bytes: 1024 * 1024,
+    };
+
+    /// How many of the newest entries a log of entries of these sizes (newest first) keeps,
+    /// none of them over `bytes` (those are never appended).
+    pub fn kept(&self, newest_first: impl IntoIterator<Item = usize>) -> usize {
+        let mut total = 0_usize;
+        newest_first
+            .into_iter()
+            .take(self.events)
+            .take_while(|size| {
+                total = total.saturating_add(*size);
+                total <= self.bytes
+            })
+            .count()
+    }
+}
+
 /// Sessions changing hands, as proxies report them: running totals per prefix, from which the
 /// operator takes a rollout's differences.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -316,6 +354,9 @@ pub enum CountSource {
     Index,
     /// The index was missing (never built, or evicted) and was rebuilt by a scan first.
     Rebuilt,
+    /// The index, after dropping the entries of records gone behind its back: Redis may evict
+    /// records (an `allkeys-*` policy, or evictions seen), and an index counts what it holds.
+    Verified,
     /// A full incremental SCAN of the records (seed-only prefixes).
     Scan,
 }
@@ -453,13 +494,14 @@ pub trait SessionStore: Send + Sync + 'static {
     /// many callers race; returns how many this call counted.
     async fn expire_draining(&self) -> Result<u64>;
 
-    /// Appends to the session's event log, keeping its newest `keep` entries. The log expires
-    /// with the session (Redis: its own key, same TTL, same Cluster slot as the record).
+    /// Appends to the session's event log, keeping what `bound` allows of its newest entries.
+    /// The log expires with the session (Redis: its own key, same TTL, same Cluster slot as the
+    /// record).
     async fn append_events(
         &self,
         id: &SessionId,
         events: &[LoggedEvent],
-        keep: usize,
+        bound: LogBound,
     ) -> Result<()>;
 
     /// The session's event log, oldest first. Entries that do not parse are skipped and logged.

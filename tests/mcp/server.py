@@ -13,6 +13,7 @@ to it. Tools:
   run again if a restart loses its answer;
 - `record(note, delay=0)`: has an effect (appends to a log, returns the log's length), carries no
   annotation, so a proxy must never run it twice;
+- `repeat(text, times)`: returns `text` repeated: a large result, as a file-reading tool gives;
 - `notify()`: sends `notifications/resources/list_changed`, which travels on the session's
   listening (GET) stream.
 """
@@ -64,6 +65,12 @@ async def record(note: str, delay: float = 0) -> int:
         await asyncio.sleep(delay)
     notes.append(note)
     return len(notes)
+
+
+@server.tool()
+async def repeat(text: str, times: int) -> str:
+    """Returns `text` repeated `times` times."""
+    return text * times
 
 
 @server.tool()

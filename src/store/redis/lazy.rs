@@ -10,9 +10,9 @@ use tokio::sync::OnceCell;
 use tracing::info;
 
 use super::super::{
-    Claim, ClaimOutcome, ListCursor, ListPage, LoggedEvent, MemorySample, NewSession, Origin,
-    PruneReport, Result, Session, SessionCounts, SessionId, SessionPatch, SessionStore, StoreError,
-    Tallies, Tally, Touch,
+    Claim, ClaimOutcome, ListCursor, ListPage, LogBound, LoggedEvent, MemorySample, NewSession,
+    Origin, PruneReport, Result, Session, SessionCounts, SessionId, SessionPatch, SessionStore,
+    StoreError, Tallies, Tally, Touch,
 };
 use super::{Keys, RedisStore, RedisTarget};
 
@@ -123,9 +123,9 @@ impl SessionStore for LazyRedisStore {
         &self,
         id: &SessionId,
         events: &[LoggedEvent],
-        keep: usize,
+        bound: LogBound,
     ) -> Result<()> {
-        self.store().await?.append_events(id, events, keep).await
+        self.store().await?.append_events(id, events, bound).await
     }
 
     async fn events(&self, id: &SessionId) -> Result<Vec<LoggedEvent>> {

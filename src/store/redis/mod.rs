@@ -28,10 +28,10 @@ use self::scripts::{Lua, Scripts};
 pub(crate) use self::target::Conn;
 pub use self::target::{RedisTarget, mask_url};
 use super::{
-    Claim, ClaimOutcome, ClaimRefusal, CountSource, ListCursor, ListPage, Listed, LoggedEvent,
-    MemorySample, NewSession, Origin, PruneReport, Result, Session, SessionCounts, SessionId,
-    SessionPatch, SessionRecord, SessionState, SessionStore, StoreError, Tallies, Tally, Timestamp,
-    Touch, UnreadableReason, UnreadableRecord,
+    Claim, ClaimOutcome, ClaimRefusal, CountSource, ListCursor, ListPage, Listed, LogBound,
+    LoggedEvent, MemorySample, NewSession, Origin, PruneReport, Result, Session, SessionCounts,
+    SessionId, SessionPatch, SessionRecord, SessionState, SessionStore, StoreError, Tallies, Tally,
+    Timestamp, Touch, UnreadableReason, UnreadableRecord,
 };
 
 /// Records above this size are reported, not parsed (a session is a few hundred bytes).
@@ -492,6 +492,17 @@ impl RedisStore {
     }
 
     /// Index members of `set` whose records no longer exist are removed; returns how many.
+    /// Drops the index entries (every set) whose record is gone; returns how many.
+    async fn drop_dangling_entries(&self) -> Result<u64> {
+        let mut sets = vec![self.keys.expiry(), self.keys.draining()];
+        sets.extend(self.indexed_pods().await?.iter().map(|p| self.keys.pod(p)));
+        let mut dropped = 0;
+        for set in sets {
+            dropped += self.remove_dangling(&set).await?;
+        }
+        Ok(dropped)
+    }
+
     async fn remove_dangling(&self, set: &str) -> Result<u64> {
         let mut removed = 0;
         let mut position = 0_u64;
@@ -808,22 +819,28 @@ impl SessionStore for RedisStore {
         &self,
         id: &SessionId,
         events: &[LoggedEvent],
-        keep: usize,
+        bound: LogBound,
     ) -> Result<()> {
         if events.is_empty() {
             return Ok(());
         }
         let key = self.keys.events(id);
-        let entries: Vec<Vec<u8>> = events
-            .iter()
-            .filter_map(|event| serde_json::to_vec(event).ok())
-            .collect();
-        let keep = i64::try_from(keep).unwrap_or(i64::MAX);
-        let mut pipe = redis::pipe();
-        pipe.cmd("RPUSH").arg(&key).arg(entries);
-        pipe.cmd("LTRIM").arg(&key).arg(-keep).arg(-1);
-        pipe.cmd("PEXPIRE").arg(&key).arg(millis(self.ttl));
-        self.expect_all(self.pipeline(&pipe).await?)
+        let entries: Vec<Vec<u8>> = events.iter().map(LoggedEvent::to_entry).collect();
+        let (keep, bytes, ttl) = (
+            bound.events.to_string(),
+            bound.bytes.to_string(),
+            millis(self.ttl).to_string(),
+        );
+        let results = self
+            .pipeline_with_scripts(|by_body| {
+                let mut cmd = self.scripts.append_events.cmd(by_body, &[&key], &[]);
+                cmd.arg(&keep).arg(&bytes).arg(&ttl).arg(&entries);
+                let mut pipe = redis::pipe();
+                pipe.add_command(cmd);
+                pipe
+            })
+            .await?;
+        self.expect_all(results)
     }
 
     async fn events(&self, id: &SessionId) -> Result<Vec<LoggedEvent>> {
@@ -895,6 +912,23 @@ impl SessionStore for RedisStore {
     #[instrument(level = "debug", skip_all)]
     async fn counts(&self) -> Result<SessionCounts> {
         if let Some(counts) = self.indexed_counts().await? {
+            // A user without INFO (an ACL) keeps the plain count.
+            let may_evict = self
+                .retention()
+                .await
+                .is_ok_and(|retention| retention.verdict().may_evict());
+            if may_evict {
+                let dropped = self.drop_dangling_entries().await?;
+                debug!(
+                    dropped,
+                    "dropped index entries of evicted records before counting"
+                );
+                let counts = self.indexed_counts().await?.unwrap_or(counts);
+                return Ok(SessionCounts {
+                    source: CountSource::Verified,
+                    ..counts
+                });
+            }
             return Ok(counts);
         }
         info!(
@@ -947,11 +981,7 @@ impl SessionStore for RedisStore {
             report.expired += expired;
             report.pods += dropped;
         }
-        let mut sets = vec![self.keys.expiry(), self.keys.draining()];
-        sets.extend(self.indexed_pods().await?.iter().map(|p| self.keys.pod(p)));
-        for set in sets {
-            report.dangling += self.remove_dangling(&set).await?;
-        }
+        report.dangling = self.drop_dangling_entries().await?;
         Ok(report)
     }
 
@@ -972,6 +1002,9 @@ impl SessionStore for RedisStore {
             }
             self.expect_all(self.pipeline(&pipe).await?)?;
         }
+        // What the index held of records gone since (evicted, deleted behind its back) would
+        // be counted with the rest.
+        self.drop_dangling_entries().await?;
         // Sentinels last: the index counts as whole only once every record is in.
         let mut pipe = redis::pipe();
         for set in [self.keys.expiry(), self.keys.draining(), self.keys.pods()] {

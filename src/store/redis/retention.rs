@@ -30,6 +30,13 @@ pub enum Verdict {
     },
 }
 
+impl Verdict {
+    /// Whether Redis may have dropped session records before their TTL.
+    pub fn may_evict(&self) -> bool {
+        matches!(self, Self::EvictionPolicy(_) | Self::KeysEvicted { .. })
+    }
+}
+
 impl Retention {
     /// Reads the fields of `INFO memory` and `INFO stats` output (`name:value` lines).
     pub fn parse(info: &str) -> Self {

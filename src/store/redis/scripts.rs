@@ -37,6 +37,7 @@ pub struct Scripts {
     pub compare_and_set: Lua,
     pub prune_pod: Lua,
     pub expire_draining: Lua,
+    pub append_events: Lua,
 }
 
 impl Scripts {
@@ -46,6 +47,7 @@ impl Scripts {
             compare_and_set: Lua::new(COMPARE_AND_SET),
             prune_pod: Lua::new(PRUNE_POD),
             expire_draining: Lua::new(EXPIRE_DRAINING),
+            append_events: Lua::new(APPEND_EVENTS),
         }
     }
 }
@@ -108,4 +110,30 @@ if expired > 0 then
   redis.call('HINCRBY', KEYS[2], 'lost', expired)
 end
 return expired
+"#;
+
+/// Appends to an event log and keeps its newest entries within a count and a byte bound
+/// ([`crate::store::LogBound`]: the same rule; an entry over the byte bound is not appended),
+/// sliding its TTL; a log left empty is deleted.
+/// KEYS[1] log; ARGV[1] entries to keep; ARGV[2] bytes to keep; ARGV[3] TTL in ms; ARGV[4..]
+/// the new entries, oldest first. Returns the entries kept.
+const APPEND_EVENTS: &str = r#"
+local budget = tonumber(ARGV[2])
+for i = 4, #ARGV do
+  if #ARGV[i] <= budget then redis.call('RPUSH', KEYS[1], ARGV[i]) end
+end
+local entries = redis.call('LRANGE', KEYS[1], -tonumber(ARGV[1]), -1)
+local kept = 0
+for i = #entries, 1, -1 do
+  budget = budget - #entries[i]
+  if budget < 0 then break end
+  kept = kept + 1
+end
+if kept == 0 then
+  redis.call('DEL', KEYS[1])
+  return 0
+end
+redis.call('LTRIM', KEYS[1], -kept, -1)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return kept
 "#;
