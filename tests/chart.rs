@@ -340,8 +340,10 @@ async fn the_chart_installs_and_its_service_account_runs_the_operator_and_nothin
         (true, in_ns(apps, "get", "", "secrets")),
         (false, in_ns(apps, "list", "", "secrets")),
         (false, in_ns(apps, "watch", "", "secrets")),
-        (false, in_ns(apps, "create", "", "secrets")),
+        // A policy's generated fingerprint key; never changed or deleted once made.
+        (true, in_ns(apps, "create", "", "secrets")),
         (false, in_ns(apps, "update", "", "secrets")),
+        (false, in_ns(apps, "delete", "", "secrets")),
         (false, in_ns(release, "delete", "", "secrets")),
         (
             false,

@@ -810,6 +810,105 @@ async fn two_operators_elect_one_leader_and_fail_over_when_it_dies() {
     eprintln!("leader handover after SIGTERM took {handover:?}");
 }
 
+/// A policy that names no fingerprint key gets its own, in a Secret the policy owns, never
+/// replaced; a named Secret that is missing is a condition and an Event, and the condition
+/// clears when the Secret appears. Counting goes on meanwhile.
+#[tokio::test]
+async fn each_policy_gets_its_own_fingerprint_key_and_a_missing_named_one_is_a_condition() {
+    let _serial = SERIAL.lock().await;
+    let plane = control_plane();
+    let ns = plane.namespace("keys").await;
+    install_crd(&ns.client).await;
+    let kubeconfig = operator_kubeconfig(plane, &ns.client, &ns.name).await;
+    let redis = RedisServer::start();
+    let mut operator = Operator::start(&kubeconfig, &ns.name, Some(&ns.name), "op-keys");
+    let spec = |app: &str, injection: serde_json::Value| json!({"selector": {"matchLabels": {"app": app}}, "redis": {"url": redis.url()}, "injection": injection});
+    for name in ["gen-a", "gen-b"] {
+        apply(&ns.client, &ns.name, &policy(name, spec(name, json!({})))).await;
+    }
+    let named = json!({"fingerprintKeySecretRef": {"name": "keys", "key": "fingerprint"}});
+    apply(&ns.client, &ns.name, &policy("named", spec("named", named))).await;
+
+    let secrets: Api<Secret> = Api::namespaced(ns.client.clone(), &ns.name);
+    let mut keys = Vec::new();
+    for name in ["gen-a", "gen-b"] {
+        status_until(&ns.client, &ns.name, name, "a generated key", |s| {
+            condition(s, "FingerprintKeyReady") == ("True", "Generated")
+        })
+        .await;
+        let secret = secrets
+            .get(&format!("{name}-fingerprint-key"))
+            .await
+            .expect("the generated Secret");
+        let owner = &secret.metadata.owner_references.as_ref().expect("owned")[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str()),
+            ("McpSessionPolicy", name)
+        );
+        let key = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get("key"))
+            .expect("key")
+            .0
+            .clone();
+        assert_eq!(key.len(), 64, "256 bits, hex");
+        keys.push(key);
+    }
+    assert_ne!(keys[0], keys[1], "one key per policy");
+
+    let missing = status_until(
+        &ns.client,
+        &ns.name,
+        "named",
+        "the named Secret missing",
+        |s| condition(s, "FingerprintKeyReady") == ("False", "SecretNotFound"),
+    )
+    .await;
+    assert_eq!(condition(&missing, "Ready").0, "True", "counting goes on");
+    assert!(
+        missing
+            .conditions
+            .iter()
+            .any(|c| c.message.contains(&format!("{}/keys", ns.name))),
+        "{missing:?}"
+    );
+    wait_for(TIMEOUT, "a SecretNotFound event", || async {
+        events(&ns.client, &ns.name, "SecretNotFound").await >= 1
+    })
+    .await;
+    let secret: Secret = serde_json::from_value(
+        json!({"metadata": {"name": "keys"}, "stringData": {"fingerprint": "a key of our own"}}),
+    )
+    .unwrap();
+    secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    // A spec change reconciles at once (Secrets are not watched).
+    apply(
+        &ns.client,
+        &ns.name,
+        &policy(
+            "named",
+            json!({"selector": {"matchLabels": {"app": "named"}}, "redis": {"url": redis.url()}, "ttlSeconds": 7200,
+                   "injection": {"fingerprintKeySecretRef": {"name": "keys", "key": "fingerprint"}}}),
+        ),
+    )
+    .await;
+    status_until(&ns.client, &ns.name, "named", "the named key", |s| {
+        condition(s, "FingerprintKeyReady") == ("True", "Named")
+    })
+    .await;
+    let again = secrets.get("gen-a-fingerprint-key").await.unwrap();
+    assert_eq!(
+        again.data.as_ref().and_then(|d| d.get("key")).map(|k| &k.0),
+        Some(&keys[0]),
+        "never replaced"
+    );
+    assert!(operator.is_running(), "{}", operator.logs());
+}
+
 #[tokio::test]
 async fn a_service_that_bypasses_the_proxy_is_a_condition_and_an_event() {
     let _serial = SERIAL.lock().await;

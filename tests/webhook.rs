@@ -8,7 +8,7 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, ApiResource, DynamicObject, ListParams, PostParams};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, PostParams};
 use kube::{Client, ResourceExt as _};
 use mcp_session_operator::api::McpSessionPolicy;
 use serde_json::json;
@@ -171,6 +171,10 @@ async fn selected_pods_get_the_proxy_and_invalid_policies_are_refused() {
             env.contains(r#""secretKeyRef":{"key":"url","name":"redis-auth"}"#),
             "{env}"
         );
+        assert!(
+            env.contains(r#""secretKeyRef":{"key":"key","name":"api-fingerprint-key"}"#),
+            "the policy's generated fingerprint key: {env}"
+        );
         assert_eq!(
             spec.containers[0]
                 .lifecycle
@@ -189,6 +193,52 @@ async fn selected_pods_get_the_proxy_and_invalid_policies_are_refused() {
         assert_eq!(spec.termination_grace_period_seconds, Some(35));
         assert_eq!(stored.annotations()["mcpsession.dev/injected-by"], "api");
     }
+
+    // The generated key exists before the pod that reads it (made by the webhook, or by the
+    // operator's reconcile, whichever came first).
+    let secrets: Api<Secret> = Api::namespaced(ns.client.clone(), &ns.name);
+    let generated = secrets.get("api-fingerprint-key").await.expect("generated");
+    assert!(generated.data.is_some_and(|d| d.contains_key("key")));
+
+    // A policy naming a key Secret that does not exist: its pods are refused, saying why, until
+    // the Secret exists.
+    create_policy(&ns.client, &ns.name, policy("keyed", json!({"selector": {"matchLabels": {"app": "keyed"}},
+        "redis": {"url": "redis://127.0.0.1:6379"}, "injection": {"fingerprintKeySecretRef": {"name": "keyed-keys", "key": "fp"}}})))
+    .await
+    .expect("a valid policy is admitted");
+    let keyed = |name: &str| pod(name, json!({"app": "keyed"}), json!({}), &[8000]);
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let refusal = loop {
+        match pods.create(&PostParams::default(), &keyed("keyed-0")).await {
+            Err(error) => break error.to_string(),
+            Ok(created) => {
+                // Admitted before the webhook knew the policy: try again.
+                assert!(std::time::Instant::now() < deadline, "never refused");
+                let _ = pods
+                    .delete(
+                        &created.name_any(),
+                        &DeleteParams::default().grace_period(0),
+                    )
+                    .await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert!(
+        refusal.contains(&format!("Secret {}/keyed-keys", ns.name))
+            && refusal.contains("does not exist"),
+        "{refusal}"
+    );
+    let key: Secret = serde_json::from_value(
+        json!({"metadata": {"name": "keyed-keys"}, "stringData": {"fp": "our own key"}}),
+    )
+    .unwrap();
+    secrets.create(&PostParams::default(), &key).await.unwrap();
+    let admitted = pods
+        .create(&PostParams::default(), &keyed("keyed-1"))
+        .await
+        .expect("admitted once the Secret exists");
+    assert!(containers(&admitted).contains(&"mcp-session-proxy".to_owned()));
 
     // Opted out, or not selected: untouched.
     let opted = pods

@@ -6,7 +6,7 @@
 mod validate;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
-use kube::CustomResource;
+use kube::{CustomResource, ResourceExt as _};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -144,8 +144,8 @@ pub struct InjectionSpec {
     pub upstream_port: i32,
     /// A key of a Secret in the policy's namespace holding the key the proxies fingerprint
     /// credentials with (HMAC-SHA-256), the same for every pod of the policy. Without it the
-    /// proxies use a built-in key: sessions stay bound to credentials, but whoever can read Redis
-    /// can test guesses of a credential against its fingerprint.
+    /// operator generates one for the policy: the Secret `<policy>-fingerprint-key`, owned by
+    /// the policy (deleted with it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fingerprint_key_secret_ref: Option<SecretKeyRef>,
     /// Web page origins (`https://app.example.com`, `null`, or `*` for any) whose requests the
@@ -261,6 +261,37 @@ pub struct RolloutBaseline {
 }
 
 /// Condition types.
+/// Where a policy's proxies get the key they fingerprint credentials with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FingerprintKey {
+    /// The Secret key the policy names (`spec.injection.fingerprintKeySecretRef`).
+    Named(SecretKeyRef),
+    /// The Secret the operator generates for a policy that names none, owned by the policy.
+    Generated(SecretKeyRef),
+}
+
+impl FingerprintKey {
+    pub fn secret(&self) -> &SecretKeyRef {
+        match self {
+            Self::Named(secret) | Self::Generated(secret) => secret,
+        }
+    }
+}
+
+impl McpSessionPolicy {
+    /// The key of the Secret holding this policy's fingerprint key: the one its spec names,
+    /// else `<policy>-fingerprint-key`, key `key`, which the operator generates.
+    pub fn fingerprint_key(&self) -> FingerprintKey {
+        match &self.spec.injection.fingerprint_key_secret_ref {
+            Some(secret) => FingerprintKey::Named(secret.clone()),
+            None => FingerprintKey::Generated(SecretKeyRef {
+                name: format!("{}-fingerprint-key", self.name_any()),
+                key: "key".to_owned(),
+            }),
+        }
+    }
+}
+
 pub mod condition {
     pub const READY: &str = "Ready";
     pub const REDIS_REACHABLE: &str = "RedisReachable";
@@ -269,6 +300,8 @@ pub mod condition {
     pub const SERVICES_ROUTED: &str = "ServicesRouted";
     /// Redis keeps session records until their TTL: it neither evicts them nor refuses writes.
     pub const SESSIONS_RETAINED: &str = "SessionsRetained";
+    /// The Secret with the key the proxies fingerprint credentials with exists and holds it.
+    pub const FINGERPRINT_KEY_READY: &str = "FingerprintKeyReady";
 }
 
 /// The CustomResourceDefinition as YAML: what `mcp-session-operator crd` prints and

@@ -31,7 +31,7 @@ use kube::{Client, Resource, ResourceExt as _};
 use serde_json::json;
 use tracing::{debug, info, instrument, warn};
 
-use self::status::{Observation, Problem, Routing};
+use self::status::{KeyState, Observation, Problem, Routing};
 use self::stores::StorePool;
 use crate::api::{CountBy, McpSessionPolicy, McpSessionPolicyStatus, PodTotals, validate_spec};
 use crate::metrics::Metrics;
@@ -455,7 +455,19 @@ async fn reconcile(policy: Arc<McpSessionPolicy>, ctx: Arc<Context>) -> Result<A
         });
     }
     let routing = routing(&policy, &namespace, &selected, &ctx.services);
+    let fingerprint_key = if policy.spec.injection.enabled {
+        match crate::fingerprint_key::ensure(&ctx.client, &policy, false).await {
+            Ok(key) => KeyState::Ready(key),
+            Err(error) => KeyState::Missing {
+                reason: error.reason(),
+                message: error.to_string(),
+            },
+        }
+    } else {
+        KeyState::NotNeeded
+    };
     let observation = Observation {
+        fingerprint_key,
         routing,
         retention,
         generation: policy.metadata.generation,

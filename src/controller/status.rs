@@ -4,7 +4,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
 use crate::api::{
-    McpSessionPolicyStatus, PodSessions, PodTotals, RolloutStatus, SessionTotals, condition,
+    FingerprintKey, McpSessionPolicyStatus, PodSessions, PodTotals, RolloutStatus, SessionTotals,
+    condition,
 };
 use crate::store::SessionCounts;
 use crate::store::redis::RetentionVerdict;
@@ -64,6 +65,47 @@ pub struct Observation {
     /// Whether Redis keeps session records (`None`: not known, e.g. unreachable, or `INFO`
     /// refused).
     pub retention: Option<RetentionVerdict>,
+    pub fingerprint_key: KeyState,
+}
+
+/// The Secret with the proxies' fingerprint key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyState {
+    /// No proxy is injected: no key is needed.
+    NotNeeded,
+    Ready(FingerprintKey),
+    Missing {
+        reason: &'static str,
+        message: String,
+    },
+}
+
+/// The `FingerprintKeyReady` condition.
+fn fingerprint_key_ready(state: &KeyState) -> (&'static str, &'static str, String) {
+    match state {
+        KeyState::NotNeeded => (
+            "True",
+            "InjectionDisabled",
+            "No proxy is injected: no key is needed".to_owned(),
+        ),
+        KeyState::Ready(FingerprintKey::Named(secret)) => (
+            "True",
+            "Named",
+            format!(
+                "Proxies fingerprint credentials with key {:?} of Secret {}",
+                secret.key, secret.name
+            ),
+        ),
+        KeyState::Ready(FingerprintKey::Generated(secret)) => (
+            "True",
+            "Generated",
+            format!(
+                "Proxies fingerprint credentials with the key generated for this policy (Secret {})",
+                secret.name
+            ),
+        ),
+        KeyState::Missing { reason, message } => ("False", reason, message.clone()),
+    }
 }
 
 /// Whether traffic reaches the injected proxies.
@@ -180,6 +222,10 @@ pub fn build(
         (
             condition::SESSIONS_RETAINED,
             sessions_retained(observation.retention.as_ref()),
+        ),
+        (
+            condition::FINGERPRINT_KEY_READY,
+            fingerprint_key_ready(&observation.fingerprint_key),
         ),
     ]
     .into_iter()
@@ -307,6 +353,7 @@ pub fn transitions(
         condition::READY,
         condition::SERVICES_ROUTED,
         condition::ROLLOUT_SAFE,
+        condition::FINGERPRINT_KEY_READY,
     ] {
         if let Some(new) = after(type_)
             && new.status == "False"
@@ -329,6 +376,7 @@ pub fn transitions(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::SecretKeyRef;
 
     fn observation(counts: Result<SessionCounts, Problem>) -> Observation {
         Observation {
@@ -345,7 +393,46 @@ mod tests {
             last_rollout: None,
             max_lost_sessions: 0,
             retention: Some(RetentionVerdict::Retained),
+            fingerprint_key: KeyState::Ready(FingerprintKey::Generated(SecretKeyRef {
+                name: "web-fingerprint-key".into(),
+                key: "key".into(),
+            })),
         }
+    }
+
+    #[test]
+    fn a_missing_fingerprint_key_is_a_condition_and_an_event_once() {
+        let counts = || Ok(SessionCounts::default());
+        let generated = build(None, &observation(counts()));
+        let ready = find(&generated.conditions, "FingerprintKeyReady").unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("True", "Generated")
+        );
+        let missing = Observation {
+            fingerprint_key: KeyState::Missing {
+                reason: "SecretNotFound",
+                message: "Secret apps/keys does not exist".into(),
+            },
+            ..observation(counts())
+        };
+        let next = build(Some(&generated), &missing);
+        let condition = find(&next.conditions, "FingerprintKeyReady").unwrap();
+        assert_eq!(
+            (condition.status.as_str(), condition.reason.as_str()),
+            ("False", "SecretNotFound")
+        );
+        assert!(transitions(Some(&generated), &next).iter().any(
+            |(warning, reason, note)| *warning
+                && reason == "SecretNotFound"
+                && note.contains("apps/keys")
+        ));
+        let again = build(Some(&next), &missing);
+        assert!(transitions(Some(&next), &again).is_empty(), "once");
+        assert!(
+            find(&again.conditions, "Ready").unwrap().status == "True",
+            "sessions are still counted"
+        );
     }
 
     #[test]

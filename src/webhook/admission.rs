@@ -2,6 +2,7 @@
 //! purpose: the decisions live in `inject` and in `api::validate_spec` / `overlap`.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -49,29 +50,48 @@ pub struct Exclusions {
     pub namespaces: Vec<String>,
 }
 
+/// What the pod webhook decided for one pod.
+pub struct Mutation {
+    pub response: AdmissionResponse,
+    /// The policy whose proxy the response's patch injects.
+    pub injected: Option<Arc<McpSessionPolicy>>,
+    /// A policy that selects the pod but whose proxy cannot be injected, and why.
+    pub conflict: Option<(McpSessionPolicy, String)>,
+}
+
+impl Mutation {
+    fn unchanged(response: AdmissionResponse) -> Self {
+        Self {
+            response,
+            injected: None,
+            conflict: None,
+        }
+    }
+}
+
 /// `POST /mutate-pods`.
 pub fn mutate_pod(
     request: &AdmissionRequest<DynamicObject>,
     policies: &Store<McpSessionPolicy>,
     config: &InjectorConfig,
     exclusions: &Exclusions,
-) -> (AdmissionResponse, Option<(McpSessionPolicy, String)>) {
+) -> Mutation {
     let response = AdmissionResponse::from(request);
     let namespace = request.namespace.clone().unwrap_or_default();
     if request.operation != Operation::Create || exclusions.namespaces.contains(&namespace) {
-        return (response, None);
+        return Mutation::unchanged(response);
     }
     let Some(object) = &request.object else {
-        return (response, None);
+        return Mutation::unchanged(response);
     };
     let pod: Pod = match serde_json::to_value(object).and_then(serde_json::from_value) {
         Ok(pod) => pod,
         Err(error) => {
             warn!(%namespace, %error, "admitting a pod that does not decode, unchanged");
-            return (response, None);
+            return Mutation::unchanged(response);
         }
     };
-    let mut matching: Vec<std::sync::Arc<McpSessionPolicy>> = policies
+    let mut matching: Vec<Arc<McpSessionPolicy>> = policies
         .state()
         .into_iter()
         .filter(|p| {
@@ -82,7 +102,7 @@ pub fn mutate_pod(
     // Overlaps are refused by the validating webhook; should one exist, the oldest policy wins.
     matching.sort_by_key(|p| (p.creation_timestamp().map(|t| t.0), p.name_any()));
     let Some(policy) = matching.first() else {
-        return (response, None);
+        return Mutation::unchanged(response);
     };
     let name = pod
         .metadata
@@ -94,22 +114,30 @@ pub fn mutate_pod(
         Injection::Patch(patch) => match response.clone().with_patch(patch) {
             Ok(patched) => {
                 info!(%namespace, pod = %name, policy = %policy.name_any(), "injecting the session proxy");
-                (patched, None)
+                Mutation {
+                    response: patched,
+                    injected: Some(policy.clone()),
+                    conflict: None,
+                }
             }
             Err(error) => {
                 warn!(%error, "cannot encode the patch; admitting unchanged");
-                (response, None)
+                Mutation::unchanged(response)
             }
         },
         Injection::Skip(reason) => {
             info!(%namespace, pod = %name, reason, "not injecting");
-            (response, None)
+            Mutation::unchanged(response)
         }
         Injection::Conflict(message) => {
             warn!(%namespace, pod = %name, %message, "not injecting");
             let mut response = response;
             response.warnings = Some(vec![message.clone()]);
-            (response, Some(((**policy).clone(), message)))
+            Mutation {
+                response,
+                injected: None,
+                conflict: Some(((**policy).clone(), message)),
+            }
         }
     }
 }

@@ -88,7 +88,8 @@ pub async fn apply(
             "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"], "scope": "Namespaced"}],
             // A down operator must never block workloads.
             "failurePolicy": "Ignore",
-            "sideEffects": "None",
+            // It may create the policy's generated fingerprint key Secret, never on a dry run.
+            "sideEffects": "NoneOnDryRun",
             "admissionReviewVersions": ["v1"],
             "timeoutSeconds": 5,
             "reinvocationPolicy": "IfNeeded",

@@ -179,10 +179,10 @@ fn proxy_container(policy: &McpSessionPolicy, config: &InjectorConfig, drain_tok
     if spec.redis.cluster {
         env.push(json!({"name": "MCP_SESSION_REDIS_CLUSTER", "value": "true"}));
     }
-    if let Some(secret) = &spec.injection.fingerprint_key_secret_ref {
-        env.push(json!({"name": "MCP_SESSION_FINGERPRINT_KEY",
-            "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}}));
-    }
+    let key = policy.fingerprint_key();
+    let secret = key.secret();
+    env.push(json!({"name": "MCP_SESSION_FINGERPRINT_KEY",
+        "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}}));
     env.push(json!({"name": "MCP_SESSION_DRAIN_TOKEN", "value": drain_token}));
     if !spec.injection.allowed_origins.is_empty() {
         env.push(json!({"name": "MCP_SESSION_ALLOWED_ORIGINS",

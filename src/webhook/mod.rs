@@ -205,34 +205,50 @@ fn review_response(
 
 async fn mutate(State(state): State<AppState>, body: Bytes) -> Response {
     let started = Instant::now();
-    let result = decode(&body).map(|request| {
-        let (response, conflict) = admission::mutate_pod(
-            &request,
-            &state.policies,
-            &state.injector,
-            &state.exclusions,
-        );
-        if let Some((policy, message)) = conflict {
-            let recorder = state.recorder.clone();
-            tokio::spawn(async move {
-                let event = Event {
-                    type_: EventType::Warning,
-                    reason: "ProxyNotInjected".into(),
-                    note: Some(message.chars().take(1024).collect()),
-                    action: "InjectProxy".into(),
-                    secondary: None,
-                };
-                if let Err(error) = recorder.publish(&event, &policy.object_ref(&())).await {
-                    warn!(%error, "cannot publish an Event");
-                }
-            });
-        }
-        response.into_review()
-    });
+    let result = match decode(&body) {
+        Ok(request) => Ok(mutate_and_key(&state, &request).await.into_review()),
+        Err(error) => Err(error),
+    };
     state
         .metrics
         .webhook_request("mutate-pods", result.is_ok(), started.elapsed());
     review_response(result)
+}
+
+/// The pod's mutation; a pod whose proxy would find no fingerprint key is refused, with the
+/// reason, rather than created to wait for a Secret (a generated key is made here if the
+/// operator has not made it yet).
+async fn mutate_and_key(
+    state: &AppState,
+    request: &kube::core::admission::AdmissionRequest<kube::core::DynamicObject>,
+) -> kube::core::admission::AdmissionResponse {
+    let mutation =
+        admission::mutate_pod(request, &state.policies, &state.injector, &state.exclusions);
+    if let Some((policy, message)) = mutation.conflict {
+        let recorder = state.recorder.clone();
+        tokio::spawn(async move {
+            let event = Event {
+                type_: EventType::Warning,
+                reason: "ProxyNotInjected".into(),
+                note: Some(message.chars().take(1024).collect()),
+                action: "InjectProxy".into(),
+                secondary: None,
+            };
+            if let Err(error) = recorder.publish(&event, &policy.object_ref(&())).await {
+                warn!(%error, "cannot publish an Event");
+            }
+        });
+    }
+    let Some(policy) = mutation.injected else {
+        return mutation.response;
+    };
+    match crate::fingerprint_key::ensure(&state.client, &policy, request.dry_run).await {
+        Ok(_) => mutation.response,
+        Err(error) => {
+            warn!(policy = %policy.name_any(), %error, "refusing a pod whose proxy would have no fingerprint key");
+            kube::core::admission::AdmissionResponse::from(request).deny(error.to_string())
+        }
+    }
 }
 
 async fn validate(State(state): State<AppState>, body: Bytes) -> Response {
