@@ -24,7 +24,7 @@ fn all_options() -> Value {
         "webhook": {"certManager": {"enabled": true}},
         "metrics": {"serviceMonitor": {"enabled": true, "labels": {"release": "prometheus"}},
                     "prometheusRule": {"enabled": true}},
-        "networkPolicy": {"enabled": true, "metricsFrom": ["monitoring"]},
+        "networkPolicy": {"enabled": true, "metricsFrom": ["monitoring"], "injectedPods": true},
         "redis": {"enabled": true},
         "watchNamespace": "prod",
         "podLabels": {"team": "mcp"},
@@ -163,9 +163,16 @@ fn the_chart_renders_lints_and_keeps_the_crd_and_rbac_of_the_repository() {
         "--tls-cert-file=",
         "--watch-namespace=prod",
         "--sidecar=classic",
+        "--network-policies",
+        "--metrics-namespace=monitoring",
     ] {
         assert!(args.contains(flag), "{flag} in {args}");
     }
+    let rules = find(&everything, "ClusterRole").data["rules"].to_string();
+    assert!(
+        rules.contains(r#""resources":["networkpolicies"],"verbs":["get","create","patch"]"#),
+        "{rules}"
+    );
     let redis_conf = find(&everything, "ConfigMap").data["data"]["redis.conf"].to_string();
     assert!(
         redis_conf.contains("maxmemory-policy volatile-lru"),

@@ -812,7 +812,8 @@ async fn two_operators_elect_one_leader_and_fail_over_when_it_dies() {
 
 /// A policy that names no fingerprint key gets its own, in a Secret the policy owns, never
 /// replaced; a named Secret that is missing is a condition and an Event, and the condition
-/// clears when the Secret appears. Counting goes on meanwhile.
+/// clears when the Secret appears. Counting goes on meanwhile. With `--network-policies`, each
+/// policy's pods get a NetworkPolicy (the chart's option, and the RBAC rule it adds).
 #[tokio::test]
 async fn each_policy_gets_its_own_fingerprint_key_and_a_missing_named_one_is_a_condition() {
     let _serial = SERIAL.lock().await;
@@ -820,8 +821,31 @@ async fn each_policy_gets_its_own_fingerprint_key_and_a_missing_named_one_is_a_c
     let ns = plane.namespace("keys").await;
     install_crd(&ns.client).await;
     let kubeconfig = operator_kubeconfig(plane, &ns.client, &ns.name).await;
+    let rbac = [
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "network-policies", "namespace": ns.name},
+               "rules": [{"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["get", "create", "patch"]}]}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "network-policies", "namespace": ns.name},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "network-policies"},
+               "subjects": [{"kind": "ServiceAccount", "name": "mcp-session-operator", "namespace": ns.name}]}),
+    ];
+    for object in rbac {
+        let object: kube::api::DynamicObject = serde_json::from_value(object).unwrap();
+        support::control_plane::apply_object(&ns.client, &object, false)
+            .await
+            .expect("RBAC");
+    }
     let redis = RedisServer::start();
-    let mut operator = Operator::start(&kubeconfig, &ns.name, Some(&ns.name), "op-keys");
+    let mut operator = Operator::start_with(
+        &kubeconfig,
+        &ns.name,
+        Some(&ns.name),
+        "op-keys",
+        &[
+            "--no-webhook",
+            "--network-policies",
+            "--metrics-namespace=monitoring",
+        ],
+    );
     let spec = |app: &str, injection: serde_json::Value| json!({"selector": {"matchLabels": {"app": app}}, "redis": {"url": redis.url()}, "injection": injection});
     for name in ["gen-a", "gen-b"] {
         apply(&ns.client, &ns.name, &policy(name, spec(name, json!({})))).await;
@@ -856,6 +880,21 @@ async fn each_policy_gets_its_own_fingerprint_key_and_a_missing_named_one_is_a_c
         keys.push(key);
     }
     assert_ne!(keys[0], keys[1], "one key per policy");
+
+    let network_policies: Api<k8s_openapi::api::networking::v1::NetworkPolicy> =
+        Api::namespaced(ns.client.clone(), &ns.name);
+    let written = network_policies
+        .get("gen-a-mcp-session-proxy")
+        .await
+        .expect("the pods' NetworkPolicy");
+    let spec = serde_json::to_value(written.spec).unwrap();
+    assert_eq!(spec["podSelector"]["matchLabels"], json!({"app": "gen-a"}));
+    assert_eq!(
+        spec["ingress"],
+        json!([{"ports": [{"port": 8090, "protocol": "TCP"}]},
+               {"ports": [{"port": 8091, "protocol": "TCP"}],
+                "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]}])
+    );
 
     let missing = status_until(
         &ns.client,

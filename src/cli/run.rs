@@ -94,6 +94,14 @@ struct WebhookArgs {
     /// How to inject: a native sidecar (Kubernetes >= 1.29), a classic one, or by the server's version.
     #[arg(long, value_enum, default_value_t = SidecarMode::Auto)]
     sidecar: SidecarMode,
+    /// Give each policy's injected pods a NetworkPolicy: the proxy's port open to all, its admin
+    /// port only to --metrics-namespace, the backend's own port to none.
+    #[arg(long)]
+    network_policies: bool,
+    /// A namespace (by name) whose pods may reach the injected proxies' admin port, for
+    /// Prometheus; repeatable.
+    #[arg(long = "metrics-namespace", requires = "network_policies")]
+    metrics_namespaces: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -233,6 +241,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         identity,
         namespace: args.watch_namespace.clone(),
         deletion_cost_interval: Duration::from_secs(args.deletion_cost_interval_seconds),
+        network_policies: args.webhook.network_policies.then(|| {
+            controller::network_policy::Settings {
+                admin_port: args.webhook.proxy_admin_port,
+                metrics_from: args.webhook.metrics_namespaces.clone(),
+            }
+        }),
         ..Default::default()
     };
     let (lost, lost_rx) = watch::channel(false);

@@ -10,6 +10,7 @@
 mod deletion_cost;
 mod guard;
 pub mod leader;
+pub mod network_policy;
 mod rollout;
 mod status;
 mod stores;
@@ -72,6 +73,8 @@ pub struct Config {
     pub namespace: Option<String>,
     /// A pod's deletion cost is rewritten at most this often.
     pub deletion_cost_interval: Duration,
+    /// Write a NetworkPolicy for each policy's injected pods.
+    pub network_policies: Option<network_policy::Settings>,
 }
 
 impl Default for Config {
@@ -83,6 +86,7 @@ impl Default for Config {
             identity: "mcp-session-operator".into(),
             namespace: None,
             deletion_cost_interval: Duration::from_secs(30),
+            network_policies: None,
         }
     }
 }
@@ -455,6 +459,13 @@ async fn reconcile(policy: Arc<McpSessionPolicy>, ctx: Arc<Context>) -> Result<A
         });
     }
     let routing = routing(&policy, &namespace, &selected, &ctx.services);
+    if let Some(settings) = &ctx.config.network_policies
+        && policy.spec.injection.enabled
+        && selector.is_some()
+        && let Err(error) = network_policy::apply(&ctx.client, &policy, settings).await
+    {
+        warn!(%error, "cannot write the NetworkPolicy of the policy's pods");
+    }
     let fingerprint_key = if policy.spec.injection.enabled {
         match crate::fingerprint_key::ensure(&ctx.client, &policy, false).await {
             Ok(key) => KeyState::Ready(key),
