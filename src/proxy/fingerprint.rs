@@ -242,4 +242,28 @@ mod tests {
             credential.fingerprint(Some(basic.as_bytes()))
         );
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config { cases: 2000, ..Default::default() })]
+        /// Any Authorization header, including JWT-shaped ones with arbitrary parts, gives a
+        /// fingerprint (the same each time) or none, never a panic; the binding `None` binds
+        /// nothing.
+        #[test]
+        fn any_header_fingerprints_or_not_and_never_panics(
+            header in proptest::collection::vec(proptest::num::u8::ANY, 0..200),
+            parts in proptest::collection::vec("[A-Za-z0-9_=+/-]{0,40}", 3),
+        ) {
+            let jwt = format!("Bearer {}", parts.join("."));
+            for binding in [SessionBinding::Identity, SessionBinding::Credential, SessionBinding::None] {
+                let f = Fingerprinter::new(b"key", binding);
+                for presented in [header.as_slice(), jwt.as_bytes()] {
+                    let first = f.fingerprint(Some(presented));
+                    proptest::prop_assert_eq!(&first, &f.fingerprint(Some(presented)));
+                    if binding == SessionBinding::None {
+                        proptest::prop_assert!(first.is_none());
+                    }
+                }
+            }
+        }
+    }
 }

@@ -29,10 +29,75 @@ pub struct MessageHead {
     error: Option<IgnoredAny>,
 }
 
-#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
+/// The `name` of by-name params; by-position params (an array, which JSON-RPC allows) and
+/// anything else name nothing, and are skipped unbuilt like the rest.
+#[derive(Debug, Default, Clone, PartialEq)]
 struct ParamsHead {
-    #[serde(default)]
     name: Option<Value>,
+}
+
+impl<'de> Deserialize<'de> for ParamsHead {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::{MapAccess, SeqAccess, Visitor};
+
+        /// Whether a key is `name`, without allocating it.
+        struct IsName(bool);
+        impl<'de> Deserialize<'de> for IsName {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct Key;
+                impl Visitor<'_> for Key {
+                    type Value = IsName;
+                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                        f.write_str("a key")
+                    }
+                    fn visit_str<E>(self, key: &str) -> Result<IsName, E> {
+                        Ok(IsName(key == "name"))
+                    }
+                }
+                d.deserialize_str(Key)
+            }
+        }
+
+        struct Params;
+        impl<'de> Visitor<'de> for Params {
+            type Value = ParamsHead;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("JSON-RPC params")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ParamsHead, A::Error> {
+                let mut head = ParamsHead::default();
+                while let Some(IsName(is_name)) = map.next_key()? {
+                    if is_name {
+                        head.name = Some(map.next_value()?);
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(head)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ParamsHead, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(ParamsHead::default())
+            }
+            // Scalars are no valid params, but the server is the one to say so.
+            fn visit_bool<E>(self, _: bool) -> Result<ParamsHead, E> {
+                Ok(ParamsHead::default())
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<ParamsHead, E> {
+                Ok(ParamsHead::default())
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<ParamsHead, E> {
+                Ok(ParamsHead::default())
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<ParamsHead, E> {
+                Ok(ParamsHead::default())
+            }
+            fn visit_str<E>(self, _: &str) -> Result<ParamsHead, E> {
+                Ok(ParamsHead::default())
+            }
+        }
+        deserializer.deserialize_any(Params)
+    }
 }
 
 impl MessageHead {
@@ -488,5 +553,64 @@ mod tests {
         assert!(initialize_params(super::message(&call).as_ref()).is_none());
         assert!(super::message(&Bytes::from_static(b"[1,2]")).is_none());
         assert!(super::message(&Bytes::from_static(b"\xff")).is_none());
+    }
+
+    /// Any JSON value, a few levels deep: what a client may put anywhere in a message.
+    fn any_json() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            "\\PC{0,20}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                proptest::collection::btree_map("[a-zA-Z]{1,8}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config { cases: 2000, ..Default::default() })]
+        /// What a client sends (arbitrary bytes, or a message of a known method with arbitrary
+        /// params and id) never panics the proxy's reading of it, and reads as what it is.
+        #[test]
+        fn client_messages_never_panic_and_read_as_what_they_are(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256),
+            method in proptest::sample::select(vec!["initialize", "tools/call", "resources/subscribe",
+                "resources/unsubscribe", "logging/setLevel", "notifications/progress", "ping", ""]),
+            params in any_json(),
+            id in any_json(),
+            status in 100_u16..600,
+        ) {
+            let _ = MessageHead::of(&bytes);
+            let _ = message(&Bytes::from(bytes.clone()));
+            let _ = progress(&bytes);
+            let _ = setup_change(&bytes);
+            if let Ok(status) = axum::http::StatusCode::from_u16(status) {
+                let _ = is_unknown_session(status, &bytes);
+            }
+            let _ = header_value(&String::from_utf8_lossy(&bytes));
+
+            let request = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+            let body = Bytes::from(serde_json::to_vec(&request).unwrap());
+            let head = MessageHead::of(&body);
+            proptest::prop_assert!(head.is_some());
+            let parsed = message(&body);
+            proptest::prop_assert_eq!(parsed.as_ref(), Some(&request));
+            let initialize = initialize_params(parsed.as_ref());
+            proptest::prop_assert_eq!(initialize.is_some(), method == "initialize");
+            if let Some(uri) = params.get("uri").and_then(Value::as_str)
+                && method == "resources/subscribe"
+            {
+                proptest::prop_assert_eq!(setup_change(&body), Some(SetupChange::Subscribe(uri.to_owned())));
+            }
+            let _ = progress(&body);
+            let _ = requested_version(&params);
+        }
     }
 }

@@ -193,4 +193,40 @@ mod tests {
             "a field without a colon has an empty value"
         );
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config { cases: 1000, ..Default::default() })]
+        /// An upstream's stream, cut anywhere: the events it encodes come out whole; arbitrary
+        /// bytes never panic the parser.
+        #[test]
+        fn encoded_events_parse_back_whatever_the_chunks(
+            events in proptest::collection::vec(
+                (proptest::option::of("[^\\r\\n\\x00]{1,16}"), proptest::option::of("[a-z]{1,8}"),
+                 "[^\\r\\x00]{0,40}", proptest::option::of(0_u64..100_000)),
+                1..5),
+            cuts in proptest::collection::vec(0_usize..400, 0..6),
+            noise in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
+        ) {
+            let events: Vec<Event> = events
+                .into_iter()
+                .map(|(id, event, data, retry)| Event { id: id.map(|i| i.trim_start().to_owned()).filter(|i| !i.is_empty()), event, data: Some(data), retry })
+                .collect();
+            let stream: Vec<u8> = events.iter().flat_map(|e| e.encode().to_vec()).collect();
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(stream.len())).collect();
+            cuts.sort_unstable();
+            let mut chunks = Vec::new();
+            let mut from = 0;
+            for cut in cuts.into_iter().chain([stream.len()]) {
+                chunks.push(&stream[from..cut]);
+                from = cut;
+            }
+            proptest::prop_assert_eq!(parse(&chunks), events);
+
+            let mut parser = Parser::default();
+            let mut out = Vec::new();
+            for chunk in noise.chunks(7) {
+                let _ = parser.feed(chunk, &mut out);
+            }
+        }
+    }
 }

@@ -139,4 +139,19 @@ mod tests {
         assert!(serde_json::from_str::<SessionId>("\"ok-id\"").is_ok());
         assert!(serde_json::from_str::<SessionId>("\"bad id\"").is_err());
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config { cases: 2000, ..Default::default() })]
+        /// Whatever a client sends as a session id, what parses is made of the allowed
+        /// characters only (nothing that means something in a Redis key or a log line) and
+        /// round-trips.
+        #[test]
+        fn parsed_ids_hold_only_safe_characters(raw in "\\PC{0,140}") {
+            if let Ok(id) = SessionId::parse(&raw) {
+                proptest::prop_assert_eq!(id.as_str(), raw.as_str());
+                proptest::prop_assert!(id.as_str().bytes().all(|b| b.is_ascii_alphanumeric() || b".-_~+/=".contains(&b)));
+                proptest::prop_assert!((1..=128).contains(&id.as_str().len()));
+            }
+        }
+    }
 }
