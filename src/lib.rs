@@ -15,6 +15,7 @@ pub mod api;
 pub mod cli;
 pub mod controller;
 pub mod dev;
+pub mod events;
 pub mod fingerprint_key;
 pub mod metrics;
 pub mod proxy;

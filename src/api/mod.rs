@@ -6,6 +6,7 @@
 mod validate;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::core::SelectorExt as _;
 use kube::{CustomResource, ResourceExt as _};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -278,7 +279,26 @@ impl FingerprintKey {
     }
 }
 
+/// A label selector as a policy uses it: `None` if it is invalid or would select every pod (a
+/// policy whose selector selects everything selects nothing).
+pub fn pod_selector(selector: &LabelSelector) -> Option<kube::core::Selector> {
+    kube::core::Selector::try_from(selector.clone())
+        .ok()
+        .filter(|selector| !selector.selects_all())
+}
+
 impl McpSessionPolicy {
+    /// Whether this policy selects a pod with these `labels` in `namespace`: the one rule of
+    /// the controller and the webhook.
+    pub fn selects(
+        &self,
+        namespace: &str,
+        labels: &std::collections::BTreeMap<String, String>,
+    ) -> bool {
+        self.namespace().as_deref() == Some(namespace)
+            && pod_selector(&self.spec.selector).is_some_and(|selector| selector.matches(labels))
+    }
+
     /// The key of the Secret holding this policy's fingerprint key: the one its spec names,
     /// else `<policy>-fingerprint-key`, key `key`, which the operator generates.
     pub fn fingerprint_key(&self) -> FingerprintKey {

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
+
+use super::env;
 use tokio::sync::watch;
 
 use super::proxy::{fingerprint_key, open_store};
@@ -28,7 +30,7 @@ pub struct DevArgs {
     #[command(flatten)]
     redis: RedisArgs,
     /// Key of the credential fingerprints (with Redis, shared with the cluster's proxies).
-    #[arg(long, env = "MCP_SESSION_FINGERPRINT_KEY", hide_env_values = true)]
+    #[arg(long, env = env::FINGERPRINT_KEY, hide_env_values = true)]
     fingerprint_key: Option<String>,
     /// Address of the proxy's /metrics and /sessions (an ephemeral loopback port by default).
     #[arg(long, default_value = "127.0.0.1:0")]
@@ -73,7 +75,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         event_log: LogBound::DEFAULT,
         max_sessions_per_credential: 10_000,
         // dev quiesces in process; its admin port lists no sessions without a token.
-        drain_token: std::env::var("MCP_SESSION_DRAIN_TOKEN").ok(),
+        drain_token: std::env::var(super::env::DRAIN_TOKEN).ok(),
         // A laptop's server: pages of localhost only, as the SDKs' own default.
         allowed_origins: AllowedOrigins::Local,
         limits: crate::serve::Limits::default(),

@@ -1,6 +1,7 @@
 //! The command line: `run`, `proxy`, `dev`, `sessions`, `crd`.
 
 mod dev;
+pub mod env;
 mod output;
 mod proxy;
 mod run;

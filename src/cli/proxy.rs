@@ -8,8 +8,8 @@ use anyhow::Context as _;
 use clap::Args;
 use tracing::warn;
 
-use super::UsageError;
 use super::sessions::RedisArgs;
+use super::{UsageError, env};
 use crate::proxy::{self, AllowedOrigins, Fingerprinter, Proxy, ProxyConfig};
 use crate::store::binding::SessionBinding;
 use crate::store::redis::LazyRedisStore;
@@ -33,7 +33,7 @@ pub struct ProxyArgs {
     #[arg(long, default_value = "127.0.0.1:8091")]
     admin_addr: SocketAddr,
     /// This pod's name: the owner recorded for its sessions.
-    #[arg(long, env = "POD_NAME")]
+    #[arg(long, env = env::POD_NAME)]
     pod_name: Option<String>,
     /// How long a drain waits for in-flight requests.
     #[arg(long, default_value_t = 30)]
@@ -48,7 +48,7 @@ pub struct ProxyArgs {
     #[arg(long, default_value_t = 10)]
     touch_interval_seconds: u64,
     /// Key of the credential fingerprints; the same for every proxy of a deployment.
-    #[arg(long, env = "MCP_SESSION_FINGERPRINT_KEY", hide_env_values = true)]
+    #[arg(long, env = env::FINGERPRINT_KEY, hide_env_values = true)]
     fingerprint_key: Option<String>,
     /// What a session is bound to: `identity` (a bearer JWT's issuer and subject, so a
     /// refreshed token keeps the session; other credentials as a whole), `credential` (the
@@ -57,14 +57,14 @@ pub struct ProxyArgs {
     binding: SessionBinding,
     /// The token /drain, /retire and /sessions require in `X-Mcp-Drain-Token` (the webhook
     /// injects one per pod); without it they answer nobody.
-    #[arg(long, env = "MCP_SESSION_DRAIN_TOKEN", hide_env_values = true)]
+    #[arg(long, env = env::DRAIN_TOKEN, hide_env_values = true)]
     drain_token: Option<String>,
     /// A web page origin (`scheme://host[:port]`, `null` or `*`) that may send requests;
     /// repeat it, or separate them with commas. Requests without `Origin` (clients that are
     /// not browsers) always pass. Default: pages of localhost, 127.0.0.1 and [::1] only.
     #[arg(
         long = "allowed-origin",
-        env = "MCP_SESSION_ALLOWED_ORIGINS",
+        env = env::ALLOWED_ORIGINS,
         value_delimiter = ',',
         value_parser = parse_origin
     )]
@@ -182,4 +182,97 @@ async fn connect_redis(args: &RedisArgs, ttl: Duration) -> anyhow::Result<LazyRe
     let target = args.target()?;
     crate::store::redis::Keys::new(&args.key_prefix).map_err(|e| UsageError(e.to_string()))?;
     Ok(LazyRedisStore::new(target, &args.key_prefix, ttl).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory as _, Parser as _};
+    use serde_json::json;
+
+    use super::*;
+    use crate::api::McpSessionPolicy;
+    use crate::cli::{Cli, Command};
+    use crate::webhook::{InjectorConfig, proxy_container};
+
+    /// The contract between the webhook and the CLI: the proxy the webhook injects, with every
+    /// option a policy can set, parses with the CLI's own parser to what the policy says, and
+    /// every environment variable it sets is one the proxy reads.
+    #[test]
+    fn the_injected_command_line_is_the_cli_s_proxy() {
+        let policy: McpSessionPolicy = serde_json::from_value(json!({
+            "apiVersion": "mcpsession.dev/v1alpha1", "kind": "McpSessionPolicy",
+            "metadata": {"name": "api", "namespace": "apps"},
+            "spec": {"selector": {"matchLabels": {"app": "api"}},
+                     "redis": {"urlSecretRef": {"name": "redis", "key": "url"}, "cluster": true, "keyPrefix": "team:"},
+                     "ttlSeconds": 7200, "binding": "Credential", "drain": {"timeoutSeconds": 45},
+                     "injection": {"proxyPort": 9000, "upstreamPort": 3000, "allowedOrigins": ["https://app.example.com"]}}
+        }))
+        .expect("policy");
+        let config = InjectorConfig {
+            admin_port: 9001,
+            ..InjectorConfig::default()
+        };
+        let container = proxy_container(&policy, &config, "token");
+        let args: Vec<String> = container["args"]
+            .as_array()
+            .expect("args")
+            .iter()
+            .map(|a| {
+                a.as_str()
+                    .expect("a string")
+                    .replace("$(POD_NAME)", "api-0")
+            })
+            .collect();
+        let cli =
+            Cli::try_parse_from(std::iter::once("mcp-session-operator".to_owned()).chain(args))
+                .unwrap_or_else(|e| panic!("the injected command line does not parse: {e}"));
+        let Command::Proxy(parsed) = cli.command else {
+            panic!("not the proxy");
+        };
+        assert_eq!(parsed.listen, "0.0.0.0:9000".parse().unwrap());
+        assert_eq!(parsed.upstream, "http://127.0.0.1:3000");
+        assert_eq!(parsed.admin_addr, "0.0.0.0:9001".parse().unwrap());
+        assert_eq!(parsed.pod_name.as_deref(), Some("api-0"));
+        assert_eq!(parsed.drain_timeout, 45);
+        assert_eq!(parsed.binding, SessionBinding::Credential);
+        assert_eq!(parsed.redis.key_prefix, "team:");
+        assert_eq!(parsed.ttl_seconds, 7200);
+
+        let read: Vec<String> = Cli::command()
+            .find_subcommand("proxy")
+            .expect("the proxy subcommand")
+            .get_arguments()
+            .filter_map(|arg| arg.get_env())
+            .map(|name| name.to_string_lossy().into_owned())
+            .collect();
+        let set: Vec<&str> = container["env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .filter_map(|e| e["name"].as_str())
+            .collect();
+        for name in &set {
+            assert!(
+                read.iter().any(|r| r == name),
+                "{name} is set but not read: {read:?}"
+            );
+        }
+        for name in [
+            env::REDIS_URL,
+            env::REDIS_CLUSTER,
+            env::FINGERPRINT_KEY,
+            env::DRAIN_TOKEN,
+            env::ALLOWED_ORIGINS,
+        ] {
+            assert!(set.contains(&name), "{name} is not set: {set:?}");
+        }
+        let origins = container["env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .find(|e| e["name"] == env::ALLOWED_ORIGINS)
+            .and_then(|e| e["value"].as_str())
+            .expect("origins");
+        assert!(parse_origin(origins).is_ok(), "{origins}");
+    }
 }

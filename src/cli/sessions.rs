@@ -12,8 +12,8 @@ use futures::TryStreamExt as _;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
-use super::UsageError;
 use super::output::{self, OutputFormat, human_duration};
+use super::{UsageError, env};
 use crate::store::{
     self, DEFAULT_KEY_PREFIX, DEFAULT_TTL, Listed, MemorySample, RedisStore, RedisTarget,
     ScanReport, Session, SessionCounts, SessionId, SessionState, SessionStore,
@@ -33,18 +33,18 @@ pub struct RedisArgs {
     #[arg(
         long,
         global = true,
-        env = "MCP_SESSION_REDIS_URL",
+        env = env::REDIS_URL,
         hide_env_values = true
     )]
     pub redis_url: Option<String>,
     /// Key prefix of session records.
-    #[arg(long, global = true, env = "MCP_SESSION_KEY_PREFIX", default_value = DEFAULT_KEY_PREFIX)]
+    #[arg(long, global = true, env = env::KEY_PREFIX, default_value = DEFAULT_KEY_PREFIX)]
     pub key_prefix: String,
     /// The URL names a Redis Cluster node.
-    #[arg(long, global = true, env = "MCP_SESSION_REDIS_CLUSTER")]
+    #[arg(long, global = true, env = env::REDIS_CLUSTER)]
     pub redis_cluster: bool,
     /// PEM CA certificate to trust for rediss:// (default: the system roots).
-    #[arg(long, global = true, env = "MCP_SESSION_REDIS_CA_FILE")]
+    #[arg(long, global = true, env = env::REDIS_CA_FILE)]
     pub redis_ca_file: Option<PathBuf>,
 }
 

@@ -7,44 +7,42 @@
 //! and `watch` of every Secret): a policy's `urlSecretRef` is read with `get` when it is
 //! reconciled, so a changed Secret is seen within the requeue interval.
 
+mod counting;
 mod deletion_cost;
 mod guard;
 pub mod leader;
 pub mod network_policy;
+mod observe;
 mod rollout;
 mod status;
 mod stores;
+mod watch;
+
+pub use self::watch::run;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use futures::{StreamExt as _, TryStreamExt as _};
-use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, Patch, PatchParams};
-use kube::core::SelectorExt as _;
-use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt as _};
 use serde_json::json;
-use tracing::{debug, info, instrument, warn};
+use tracing::{debug, instrument, warn};
 
-use self::status::{KeyState, Observation, Problem, Routing};
+use self::counting::{count, sweep};
+use self::observe::{pod_totals, routing};
+use self::status::{KeyState, Observation, Problem};
 use self::stores::StorePool;
-use crate::api::{CountBy, McpSessionPolicy, McpSessionPolicyStatus, PodTotals, validate_spec};
+use crate::api::{McpSessionPolicy, McpSessionPolicyStatus};
+use crate::events::PolicyEvents;
 use crate::metrics::Metrics;
-use crate::store::{self, RedisStore, SessionCounts, SessionStore, StoreError};
+use crate::store::SessionStore;
 
 /// Field manager of the status the operator applies.
 pub const FIELD_MANAGER: &str = "mcp-session-operator";
-/// Records fetched per SCAN page when counting seed-only prefixes.
-const SCAN_PAGE: usize = 1000;
-/// Sessions of one vanished pod swept per reconcile (the rest at the next one).
-const SWEEP_BATCH: usize = 10_000;
-
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("policy has no namespace")]
@@ -97,7 +95,7 @@ pub struct Context {
     services: Store<Service>,
     redis: StorePool,
     metrics: Arc<Metrics>,
-    recorder: Recorder,
+    events: PolicyEvents,
     config: Config,
     failures: std::sync::Mutex<HashMap<ObjectRef<McpSessionPolicy>, u32>>,
     /// The status last written per policy. The policy in the store can lag behind our own
@@ -106,255 +104,18 @@ pub struct Context {
     deletion_costs: deletion_cost::Writer,
 }
 
-/// Runs the controller until `shutdown` resolves. `ready` turns true once every store synced.
-pub async fn run(
-    client: Client,
-    metrics: Arc<Metrics>,
-    config: Config,
-    ready: Arc<AtomicBool>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
-    let scope = config.namespace.as_deref();
-    let policies: Api<McpSessionPolicy> = scoped(&client, scope);
-    let synced = Arc::new(Synced {
-        ready,
-        policies: AtomicBool::new(false),
-        pods: AtomicBool::new(false),
-    });
-    let written: Arc<std::sync::Mutex<HashMap<_, _>>> = Default::default();
-    let (policy_reader, policy_writer) = reflector::store();
-    let forget = metrics.clone();
-    let policy_stream = watcher(policies, watcher::Config::default())
-        .default_backoff()
-        .reflect(policy_writer)
-        .inspect_ok({
-            let (synced, written) = (synced.clone(), written.clone());
-            move |event| match event {
-                watcher::Event::Delete(policy) => {
-                    let namespace = policy.namespace().unwrap_or_default();
-                    forget.forget_policy(&namespace, &policy.name_any());
-                    written
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&ObjectRef::from_obj(policy));
-                }
-                watcher::Event::InitDone => synced.policies_listed(),
-                _ => {}
-            }
-        })
-        .applied_objects();
-
-    let (pod_reader, pod_writer) = reflector::store();
-    let pod_stream = watcher(scoped::<Pod>(&client, scope), watcher::Config::default())
-        .default_backoff()
-        .modify(|pod| pod.managed_fields_mut().clear())
-        .reflect(pod_writer)
-        .inspect_ok({
-            let synced = synced.clone();
-            move |event| {
-                if matches!(event, watcher::Event::InitDone) {
-                    synced.pods_listed();
-                }
-            }
-        })
-        .touched_objects();
-    let (service_reader, service_writer) = reflector::store();
-    let service_stream = watcher(
-        scoped::<Service>(&client, scope),
-        watcher::Config::default(),
-    )
-    .default_backoff()
-    .modify(|service| service.managed_fields_mut().clear())
-    .reflect(service_writer)
-    .touched_objects();
-
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: FIELD_MANAGER.into(),
-            instance: Some(config.identity.clone()),
-        },
-    );
-    let context = Arc::new(Context {
-        client,
-        pods: pod_reader.clone(),
-        services: service_reader,
-        redis: StorePool::default(),
-        metrics,
-        recorder,
-        config,
-        failures: Default::default(),
-        written,
-        deletion_costs: Default::default(),
-    });
-    let (by_pod, by_service) = (policy_reader.clone(), policy_reader.clone());
-    Controller::for_stream(policy_stream, policy_reader)
-        .watches_stream(pod_stream, move |pod| policies_selecting(&by_pod, &pod))
-        .watches_stream(service_stream, move |service| {
-            policies_in_namespace(&by_service, service.namespace())
-        })
-        // Bursts of pod events (a rollout) reconcile a policy once, not once per event.
-        .with_config(
-            kube::runtime::controller::Config::default().debounce(Duration::from_millis(500)),
-        )
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, context)
-        .for_each(|result| async move {
-            match result {
-                Ok((policy, _)) => debug!(%policy, "reconciled"),
-                Err(error) => warn!(%error, "reconcile failed"),
-            }
-        })
-        .await;
-}
-
-/// Readiness: both stores have completed their initial list.
-struct Synced {
-    ready: Arc<AtomicBool>,
-    policies: AtomicBool,
-    pods: AtomicBool,
-}
-
-impl Synced {
-    fn policies_listed(&self) {
-        self.policies.store(true, Ordering::SeqCst);
-        self.update();
-    }
-
-    fn pods_listed(&self) {
-        self.pods.store(true, Ordering::SeqCst);
-        self.update();
-    }
-
-    fn update(&self) {
-        if self.policies.load(Ordering::SeqCst)
-            && self.pods.load(Ordering::SeqCst)
-            && !self.ready.swap(true, Ordering::SeqCst)
-        {
-            info!("policy and pod stores synced");
-        }
-    }
-}
-
-/// All of a namespaced kind, cluster-wide or in one namespace.
-fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
-where
-    K: Resource<Scope = kube::core::NamespaceResourceScope>,
-    K::DynamicType: Default,
-{
-    match namespace {
-        Some(namespace) => Api::namespaced(client.clone(), namespace),
-        None => Api::all(client.clone()),
-    }
-}
-
-fn policies_selecting(
-    policies: &Store<McpSessionPolicy>,
-    pod: &Pod,
-) -> Vec<ObjectRef<McpSessionPolicy>> {
-    let namespace = pod.namespace();
-    policies
-        .state()
-        .into_iter()
-        .filter(|policy| policy.namespace() == namespace && selects(policy, pod))
-        .map(|policy| ObjectRef::from_obj(&*policy))
-        .collect()
-}
-
-fn policies_in_namespace(
-    policies: &Store<McpSessionPolicy>,
-    namespace: Option<String>,
-) -> Vec<ObjectRef<McpSessionPolicy>> {
-    policies
-        .state()
-        .into_iter()
-        .filter(|policy| policy.namespace() == namespace && policy.spec.injection.enabled)
-        .map(|policy| ObjectRef::from_obj(&*policy))
-        .collect()
-}
-
-/// How the Services that select `pods` reach them: a Service whose port targets the backend's
-/// port (by number, or by a container port's name) bypasses the session proxy.
-fn routing(
-    policy: &McpSessionPolicy,
-    namespace: &str,
-    pods: &[Arc<Pod>],
-    services: &Store<Service>,
-) -> Routing {
-    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-    let injection = &policy.spec.injection;
-    if !injection.enabled {
-        return Routing::InjectionDisabled;
-    }
-    let upstream_names: Vec<String> = pods
-        .iter()
-        .flat_map(|p| p.spec.iter().flat_map(|s| s.containers.iter()))
-        .flat_map(|c| c.ports.iter().flatten())
-        .filter(|p| p.container_port == injection.upstream_port)
-        .filter_map(|p| p.name.clone())
-        .collect();
-    let mut routed = 0;
-    let mut bypassing = Vec::new();
-    for service in services.state() {
-        let Some(spec) = &service.spec else { continue };
-        let Some(selector) = spec.selector.as_ref().filter(|s| !s.is_empty()) else {
-            continue;
-        };
-        let selects_ours = pods
-            .iter()
-            .any(|pod| selector.iter().all(|(k, v)| pod.labels().get(k) == Some(v)));
-        if service.namespace().as_deref() != Some(namespace) || !selects_ours {
-            continue;
-        }
-        routed += 1;
-        for port in spec.ports.iter().flatten() {
-            let direct = match &port.target_port {
-                Some(IntOrString::Int(target)) => *target == injection.upstream_port,
-                Some(IntOrString::String(name)) => upstream_names.contains(name),
-                None => port.port == injection.upstream_port,
-            };
-            if direct {
-                bypassing.push(format!(
-                    "Service {} port {} targets {}, the backend's port: set targetPort to {} (the session proxy)",
-                    service.name_any(),
-                    port.port,
-                    injection.upstream_port,
-                    injection.proxy_port
-                ));
-            }
-        }
-    }
-    if bypassing.is_empty() {
-        Routing::ThroughProxy(routed)
-    } else {
-        Routing::Bypassed(bypassing)
-    }
-}
-
-/// The policy's pod selector; `None` if it is invalid or would select every pod.
-fn pod_selector(policy: &McpSessionPolicy) -> Option<kube::core::Selector> {
-    kube::core::Selector::try_from(policy.spec.selector.clone())
-        .ok()
-        .filter(|selector| !selector.selects_all())
-}
-
-fn selects(policy: &McpSessionPolicy, pod: &Pod) -> bool {
-    pod_selector(policy).is_some_and(|selector| selector.matches(pod.labels()))
-}
-
 #[instrument(skip_all, fields(namespace = policy.namespace().unwrap_or_default(), policy = %policy.name_any()))]
 async fn reconcile(policy: Arc<McpSessionPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let namespace = policy.namespace().ok_or(Error::NoNamespace)?;
     let name = policy.name_any();
-    let selector = pod_selector(&policy);
     let selected: Vec<Arc<Pod>> = ctx
         .pods
         .state()
         .into_iter()
         .filter(|pod| {
-            pod.namespace().as_deref() == Some(namespace.as_str())
-                && selector.as_ref().is_some_and(|s| s.matches(pod.labels()))
+            pod.namespace()
+                .is_some_and(|ns| policy.selects(&ns, pod.labels()))
         })
         .collect();
     let pods = pod_totals(&selected);
@@ -461,7 +222,7 @@ async fn reconcile(policy: Arc<McpSessionPolicy>, ctx: Arc<Context>) -> Result<A
     let routing = routing(&policy, &namespace, &selected, &ctx.services);
     if let Some(settings) = &ctx.config.network_policies
         && policy.spec.injection.enabled
-        && selector.is_some()
+        && crate::api::pod_selector(&policy.spec.selector).is_some()
         && let Err(error) = network_policy::apply(&ctx.client, &policy, settings).await
     {
         warn!(%error, "cannot write the NetworkPolicy of the policy's pods");
@@ -541,202 +302,6 @@ fn error_policy(policy: Arc<McpSessionPolicy>, error: &Error, ctx: Arc<Context>)
     Action::requeue(delay)
 }
 
-/// The pod's Ready condition is True.
-fn pod_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
-fn pod_totals(pods: &[Arc<Pod>]) -> PodTotals {
-    let terminating = pods
-        .iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_some())
-        .count();
-    PodTotals {
-        selected: pods.len() as u32,
-        ready: pods
-            .iter()
-            .filter(|p| p.metadata.deletion_timestamp.is_none() && pod_ready(p))
-            .count() as u32,
-        terminating: terminating as u32,
-    }
-}
-
-/// Counts the policy's sessions; any failure becomes a [`Problem`] for the status.
-async fn count(
-    policy: &McpSessionPolicy,
-    namespace: &str,
-    ctx: &Context,
-) -> Result<(SessionCounts, u64, RedisStore), Problem> {
-    validate_spec(&policy.spec).map_err(|e| Problem::InvalidPolicy(e.to_string()))?;
-    let url = redis_url(policy, namespace, &ctx.client).await?;
-    let redis = &policy.spec.redis;
-    let ttl = Duration::from_secs(u64::try_from(policy.spec.ttl_seconds).unwrap_or(0));
-    let started = Instant::now();
-    let store = ctx
-        .redis
-        .store(&url, redis.cluster, &redis.key_prefix, ttl)
-        .await
-        .map_err(store_problem)?;
-    ctx.metrics.redis_operation("connect", started.elapsed());
-    let started = Instant::now();
-    let result = match redis.count_by {
-        CountBy::Index => store.counts().await.map(|c| (c, 0)),
-        CountBy::Scan => store::scan_report(&store, SCAN_PAGE, &|_| {})
-            .await
-            .map(|report| (report.counts, report.unreadable.len() as u64)),
-    };
-    ctx.metrics.redis_operation(
-        if redis.count_by == CountBy::Index {
-            "count"
-        } else {
-            "scan"
-        },
-        started.elapsed(),
-    );
-    result
-        .map(|(counts, unreadable)| (counts, unreadable, store))
-        .map_err(store_problem)
-}
-
-/// Sessions owned by pods that no longer exist (a crash, a SIGKILL, an evicted node: no proxy
-/// drained them) are marked draining, so that whichever pod the client reaches next claims
-/// them. A pod missing from the watch cache is looked up in the apiserver first: a pod that
-/// was just created must not lose its sessions to a lagging cache.
-async fn sweep(
-    policy: &McpSessionPolicy,
-    namespace: &str,
-    ctx: &Context,
-    store: &RedisStore,
-    counts: &SessionCounts,
-    selected: &[Arc<Pod>],
-) {
-    // Owners among the selected pods are alive: the common case costs no look at the cache.
-    let unknown: Vec<&String> = counts
-        .per_pod
-        .keys()
-        .filter(|pod| {
-            !selected
-                .iter()
-                .any(|p| p.metadata.name.as_deref() == Some(pod.as_str()))
-        })
-        .collect();
-    if unknown.is_empty() {
-        return;
-    }
-    // A pod of that name anywhere (policies in several namespaces may share a prefix) keeps
-    // its sessions.
-    let cached: std::collections::HashSet<String> = ctx
-        .pods
-        .state()
-        .iter()
-        .filter_map(|p| p.metadata.name.clone())
-        .collect();
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
-    for pod in unknown.into_iter().filter(|pod| !cached.contains(*pod)) {
-        match pods.get_opt(pod).await {
-            Ok(None) => {}
-            Ok(Some(_)) => continue,
-            Err(error) => {
-                warn!(%pod, %error, "cannot check whether a session owner exists; not sweeping");
-                continue;
-            }
-        }
-        let ids = match store.sessions_of_pod(pod, SWEEP_BATCH).await {
-            Ok(ids) => ids,
-            Err(error) => {
-                warn!(%pod, %error, "cannot list the sessions of a vanished pod");
-                continue;
-            }
-        };
-        let hold =
-            Duration::from_secs(u64::try_from(policy.spec.drain.timeout_seconds).unwrap_or(0));
-        let swept = store::mark_all_draining(store, &ids, Some(pod), hold).await;
-        if swept == 0 {
-            continue;
-        }
-        info!(%pod, swept, "swept the sessions of a pod that no longer exists");
-        ctx.metrics
-            .drained(namespace, &policy.name_any(), "sweep", swept);
-        publish(
-            ctx,
-            policy,
-            false,
-            "SessionsSwept".into(),
-            format!(
-                "{swept} sessions of pod {pod}, which no longer exists, marked draining: the next pod each client reaches claims its session"
-            ),
-        )
-        .await;
-    }
-}
-
-fn store_problem(error: StoreError) -> Problem {
-    match error {
-        StoreError::Unavailable { .. } => Problem::RedisUnreachable(error.to_string()),
-        other => Problem::RedisError(other.to_string()),
-    }
-}
-
-/// The policy's Redis URL, from the spec or from its Secret.
-async fn redis_url(
-    policy: &McpSessionPolicy,
-    namespace: &str,
-    client: &Client,
-) -> Result<String, Problem> {
-    let redis = &policy.spec.redis;
-    if let Some(url) = &redis.url {
-        return Ok(url.clone());
-    }
-    let Some(reference) = &redis.url_secret_ref else {
-        return Err(Problem::InvalidPolicy(
-            "spec.redis: set url or urlSecretRef".into(),
-        ));
-    };
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let secret = match secrets.get_opt(&reference.name).await {
-        Ok(Some(secret)) => secret,
-        Ok(None) => {
-            return Err(Problem::SecretNotFound(format!(
-                "Secret {namespace}/{} not found",
-                reference.name
-            )));
-        }
-        Err(e) => {
-            return Err(Problem::SecretNotFound(format!(
-                "cannot read Secret {namespace}/{}: {e}",
-                reference.name
-            )));
-        }
-    };
-    let value = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(&reference.key))
-        .ok_or_else(|| {
-            Problem::SecretKeyNotFound(format!(
-                "Secret {namespace}/{} has no key {:?}",
-                reference.name, reference.key
-            ))
-        })?;
-    let url = String::from_utf8(value.0.clone()).map_err(|_| {
-        Problem::InvalidPolicy(format!(
-            "Secret {namespace}/{} key {:?} is not UTF-8",
-            reference.name, reference.key
-        ))
-    })?;
-    let url = url.trim().to_owned();
-    store::RedisTarget::parse(&url).map_err(|e| {
-        Problem::InvalidPolicy(format!(
-            "Secret {namespace}/{} key {:?}: {e}",
-            reference.name, reference.key
-        ))
-    })?;
-    Ok(url)
-}
-
 async fn write_status(
     client: &Client,
     namespace: &str,
@@ -769,18 +334,7 @@ async fn publish(
     reason: String,
     note: String,
 ) {
-    let event = Event {
-        type_: if warning {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        },
-        reason,
-        note: Some(note.chars().take(1024).collect()),
-        action: "CountSessions".into(),
-        secondary: None,
-    };
-    if let Err(error) = ctx.recorder.publish(&event, &policy.object_ref(&())).await {
-        warn!(%error, "cannot publish an Event");
-    }
+    ctx.events
+        .publish(policy, warning, &reason, "CountSessions", &note)
+        .await;
 }

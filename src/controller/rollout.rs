@@ -67,7 +67,7 @@ pub fn track(
         .collect();
     let current = newest_revision(&live, previous.map(|p| p.revision.as_str()))?;
     let revisions: BTreeSet<&str> = pods.iter().filter_map(|p| revision(p)).collect();
-    let settled = revisions.len() == 1 && live.iter().all(|p| super::pod_ready(p));
+    let settled = revisions.len() == 1 && live.iter().all(|p| super::observe::pod_ready(p));
     let mut rollout = match previous {
         Some(previous) if previous.revision == current => previous.clone(),
         // A new revision next to an old one: a rollout starts.

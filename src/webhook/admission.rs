@@ -8,12 +8,12 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::ResourceExt as _;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
-use kube::core::{DynamicObject, Selector, SelectorExt as _};
+use kube::core::{DynamicObject, SelectorExt as _};
 use kube::runtime::reflector::Store;
 use tracing::{info, warn};
 
 use super::inject::{Injection, InjectorConfig, inject};
-use crate::api::{McpSessionPolicy, validate_spec};
+use crate::api::{McpSessionPolicy, pod_selector, validate_spec};
 
 pub const REVIEW_API_VERSION: &str = "admission.k8s.io/v1";
 
@@ -94,10 +94,7 @@ pub fn mutate_pod(
     let mut matching: Vec<Arc<McpSessionPolicy>> = policies
         .state()
         .into_iter()
-        .filter(|p| {
-            p.namespace().as_deref() == Some(namespace.as_str()) && p.spec.injection.enabled
-        })
-        .filter(|p| selector(&p.spec.selector).is_some_and(|s| s.matches(pod.labels())))
+        .filter(|p| p.spec.injection.enabled && p.selects(&namespace, pod.labels()))
         .collect();
     // Overlaps are refused by the validating webhook; should one exist, the oldest policy wins.
     matching.sort_by_key(|p| (p.creation_timestamp().map(|t| t.0), p.name_any()));
@@ -184,12 +181,6 @@ pub fn validate_policy(
     response
 }
 
-fn selector(selector: &LabelSelector) -> Option<Selector> {
-    Selector::try_from(selector.clone())
-        .ok()
-        .filter(|s| !s.selects_all())
-}
-
 /// Whether two selectors can select one pod; returns a description of such a pod. Checks the
 /// pods that exist, and a pod labelled exactly as each selector requires (complete for
 /// `matchLabels`, `In` and `Exists`; `NotIn`/`DoesNotExist` only narrow).
@@ -198,7 +189,7 @@ pub fn overlap(
     b: &LabelSelector,
     pods: &[BTreeMap<String, String>],
 ) -> Option<String> {
-    let (sa, sb) = (selector(a)?, selector(b)?);
+    let (sa, sb) = (pod_selector(a)?, pod_selector(b)?);
     let describe = |labels: &BTreeMap<String, String>| {
         let text: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         format!("pods labelled {}", text.join(","))

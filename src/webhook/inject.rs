@@ -9,6 +9,7 @@ use kube::ResourceExt as _;
 use serde_json::{Value, json};
 
 use crate::api::McpSessionPolicy;
+use crate::cli::env;
 
 /// Name of the injected container.
 pub const PROXY_CONTAINER: &str = "mcp-session-proxy";
@@ -161,31 +162,33 @@ pub fn inject(
     Injection::Patch(Patch(operations))
 }
 
-fn proxy_container(policy: &McpSessionPolicy, config: &InjectorConfig, drain_token: &str) -> Value {
+/// The proxy container injected for `policy`: its command line is the CLI's `proxy` (a test
+/// parses it with the CLI's own parser).
+pub(crate) fn proxy_container(
+    policy: &McpSessionPolicy,
+    config: &InjectorConfig,
+    drain_token: &str,
+) -> Value {
     let spec = &policy.spec;
     let field = |path: &str| json!({"fieldRef": {"fieldPath": path}});
-    let mut env = vec![
-        json!({"name": "POD_NAME", "valueFrom": field("metadata.name")}),
-        json!({"name": "POD_NAMESPACE", "valueFrom": field("metadata.namespace")}),
-        json!({"name": "POD_IP", "valueFrom": field("status.podIP")}),
-    ];
+    let mut env = vec![json!({"name": env::POD_NAME, "valueFrom": field("metadata.name")})];
     // The URL may hold a password: from the Secret by reference, never copied into the pod.
     match (&spec.redis.url_secret_ref, &spec.redis.url) {
-        (Some(secret), _) => env.push(json!({"name": "MCP_SESSION_REDIS_URL",
+        (Some(secret), _) => env.push(json!({"name": env::REDIS_URL,
             "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}})),
-        (None, Some(url)) => env.push(json!({"name": "MCP_SESSION_REDIS_URL", "value": url})),
+        (None, Some(url)) => env.push(json!({"name": env::REDIS_URL, "value": url})),
         (None, None) => {}
     }
     if spec.redis.cluster {
-        env.push(json!({"name": "MCP_SESSION_REDIS_CLUSTER", "value": "true"}));
+        env.push(json!({"name": env::REDIS_CLUSTER, "value": "true"}));
     }
     let key = policy.fingerprint_key();
     let secret = key.secret();
-    env.push(json!({"name": "MCP_SESSION_FINGERPRINT_KEY",
+    env.push(json!({"name": env::FINGERPRINT_KEY,
         "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}}));
-    env.push(json!({"name": "MCP_SESSION_DRAIN_TOKEN", "value": drain_token}));
+    env.push(json!({"name": env::DRAIN_TOKEN, "value": drain_token}));
     if !spec.injection.allowed_origins.is_empty() {
-        env.push(json!({"name": "MCP_SESSION_ALLOWED_ORIGINS",
+        env.push(json!({"name": env::ALLOWED_ORIGINS,
             "value": spec.injection.allowed_origins.join(",")}));
     }
     let admin = config.admin_port;

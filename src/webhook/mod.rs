@@ -20,21 +20,22 @@ use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, ListParams};
 use kube::core::PartialObjectMeta;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt as _, watcher};
-use kube::{Client, Resource as _, ResourceExt as _};
+use kube::{Client, ResourceExt as _};
 use tracing::{info, warn};
 
 use self::admission::Exclusions;
 pub use self::admission::{ReviewError, decode, overlap};
 pub use self::configuration::{Endpoint, MUTATE_PATH, NAME as CONFIGURATION_NAME, VALIDATE_PATH};
+#[cfg(test)]
+pub(crate) use self::inject::proxy_container;
 pub use self::inject::{
     INJECT_KEY, INJECTED_BY, Injection, InjectorConfig, PROXY_CONTAINER, inject,
 };
 pub use self::tls::{CertResolver, TlsSource};
 use crate::api::McpSessionPolicy;
-use crate::controller::FIELD_MANAGER;
+use crate::events::PolicyEvents;
 use crate::metrics::Metrics;
 
 /// Largest AdmissionReview accepted (the apiserver's own request limit).
@@ -74,7 +75,7 @@ struct AppState {
     injector: Arc<InjectorConfig>,
     exclusions: Arc<Exclusions>,
     metrics: Arc<Metrics>,
-    recorder: Recorder,
+    events: PolicyEvents,
 }
 
 /// The native-sidecar form needs Kubernetes ≥ 1.29 (SidecarContainers on by default).
@@ -139,13 +140,7 @@ pub async fn run(
             namespaces: vec!["kube-system".into(), config.namespace.clone()],
         }),
         metrics,
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: FIELD_MANAGER.into(),
-                instance: Some(config.identity.clone()),
-            },
-        ),
+        events: PolicyEvents::new(client.clone(), &config.identity),
     };
     let app = Router::new()
         .route(MUTATE_PATH, post(mutate))
@@ -225,18 +220,11 @@ async fn mutate_and_key(
     let mutation =
         admission::mutate_pod(request, &state.policies, &state.injector, &state.exclusions);
     if let Some((policy, message)) = mutation.conflict {
-        let recorder = state.recorder.clone();
+        let events = state.events.clone();
         tokio::spawn(async move {
-            let event = Event {
-                type_: EventType::Warning,
-                reason: "ProxyNotInjected".into(),
-                note: Some(message.chars().take(1024).collect()),
-                action: "InjectProxy".into(),
-                secondary: None,
-            };
-            if let Err(error) = recorder.publish(&event, &policy.object_ref(&())).await {
-                warn!(%error, "cannot publish an Event");
-            }
+            events
+                .publish(&policy, true, "ProxyNotInjected", "InjectProxy", &message)
+                .await;
         });
     }
     let Some(policy) = mutation.injected else {

@@ -1,0 +1,193 @@
+//! What a reconcile reads of Redis: the policy's store, its counts, and the sessions of pods
+//! that are gone.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::Api;
+use kube::{Client, ResourceExt as _};
+use tracing::{info, warn};
+
+use super::status::Problem;
+use super::{Context, publish};
+use crate::api::{CountBy, McpSessionPolicy, validate_spec};
+use crate::store::{self, RedisStore, SessionCounts, SessionStore, StoreError};
+
+/// Records fetched per SCAN page when counting seed-only prefixes.
+const SCAN_PAGE: usize = 1000;
+/// Sessions of one vanished pod swept per reconcile (the rest at the next one).
+const SWEEP_BATCH: usize = 10_000;
+
+/// Counts the policy's sessions; any failure becomes a [`Problem`] for the status.
+pub(super) async fn count(
+    policy: &McpSessionPolicy,
+    namespace: &str,
+    ctx: &Context,
+) -> Result<(SessionCounts, u64, RedisStore), Problem> {
+    validate_spec(&policy.spec).map_err(|e| Problem::InvalidPolicy(e.to_string()))?;
+    let url = redis_url(policy, namespace, &ctx.client).await?;
+    let redis = &policy.spec.redis;
+    let ttl = Duration::from_secs(u64::try_from(policy.spec.ttl_seconds).unwrap_or(0));
+    let started = Instant::now();
+    let store = ctx
+        .redis
+        .store(&url, redis.cluster, &redis.key_prefix, ttl)
+        .await
+        .map_err(store_problem)?;
+    ctx.metrics.redis_operation("connect", started.elapsed());
+    let started = Instant::now();
+    let result = match redis.count_by {
+        CountBy::Index => store.counts().await.map(|c| (c, 0)),
+        CountBy::Scan => store::scan_report(&store, SCAN_PAGE, &|_| {})
+            .await
+            .map(|report| (report.counts, report.unreadable.len() as u64)),
+    };
+    ctx.metrics.redis_operation(
+        if redis.count_by == CountBy::Index {
+            "count"
+        } else {
+            "scan"
+        },
+        started.elapsed(),
+    );
+    result
+        .map(|(counts, unreadable)| (counts, unreadable, store))
+        .map_err(store_problem)
+}
+
+/// Sessions owned by pods that no longer exist (a crash, a SIGKILL, an evicted node: no proxy
+/// drained them) are marked draining, so that whichever pod the client reaches next claims
+/// them. A pod missing from the watch cache is looked up in the apiserver first: a pod that
+/// was just created must not lose its sessions to a lagging cache.
+pub(super) async fn sweep(
+    policy: &McpSessionPolicy,
+    namespace: &str,
+    ctx: &Context,
+    store: &RedisStore,
+    counts: &SessionCounts,
+    selected: &[Arc<Pod>],
+) {
+    // Owners among the selected pods are alive: the common case costs no look at the cache.
+    let unknown: Vec<&String> = counts
+        .per_pod
+        .keys()
+        .filter(|pod| {
+            !selected
+                .iter()
+                .any(|p| p.metadata.name.as_deref() == Some(pod.as_str()))
+        })
+        .collect();
+    if unknown.is_empty() {
+        return;
+    }
+    // A pod of that name anywhere (policies in several namespaces may share a prefix) keeps
+    // its sessions.
+    let cached: std::collections::HashSet<String> = ctx
+        .pods
+        .state()
+        .iter()
+        .filter_map(|p| p.metadata.name.clone())
+        .collect();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
+    for pod in unknown.into_iter().filter(|pod| !cached.contains(*pod)) {
+        match pods.get_opt(pod).await {
+            Ok(None) => {}
+            Ok(Some(_)) => continue,
+            Err(error) => {
+                warn!(%pod, %error, "cannot check whether a session owner exists; not sweeping");
+                continue;
+            }
+        }
+        let ids = match store.sessions_of_pod(pod, SWEEP_BATCH).await {
+            Ok(ids) => ids,
+            Err(error) => {
+                warn!(%pod, %error, "cannot list the sessions of a vanished pod");
+                continue;
+            }
+        };
+        let hold =
+            Duration::from_secs(u64::try_from(policy.spec.drain.timeout_seconds).unwrap_or(0));
+        let swept = store::mark_all_draining(store, &ids, Some(pod), hold).await;
+        if swept == 0 {
+            continue;
+        }
+        info!(%pod, swept, "swept the sessions of a pod that no longer exists");
+        ctx.metrics
+            .drained(namespace, &policy.name_any(), "sweep", swept);
+        publish(
+            ctx,
+            policy,
+            false,
+            "SessionsSwept".into(),
+            format!(
+                "{swept} sessions of pod {pod}, which no longer exists, marked draining: the next pod each client reaches claims its session"
+            ),
+        )
+        .await;
+    }
+}
+
+pub(super) fn store_problem(error: StoreError) -> Problem {
+    match error {
+        StoreError::Unavailable { .. } => Problem::RedisUnreachable(error.to_string()),
+        other => Problem::RedisError(other.to_string()),
+    }
+}
+
+/// The policy's Redis URL, from the spec or from its Secret.
+pub(super) async fn redis_url(
+    policy: &McpSessionPolicy,
+    namespace: &str,
+    client: &Client,
+) -> Result<String, Problem> {
+    let redis = &policy.spec.redis;
+    if let Some(url) = &redis.url {
+        return Ok(url.clone());
+    }
+    let Some(reference) = &redis.url_secret_ref else {
+        return Err(Problem::InvalidPolicy(
+            "spec.redis: set url or urlSecretRef".into(),
+        ));
+    };
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let secret = match secrets.get_opt(&reference.name).await {
+        Ok(Some(secret)) => secret,
+        Ok(None) => {
+            return Err(Problem::SecretNotFound(format!(
+                "Secret {namespace}/{} not found",
+                reference.name
+            )));
+        }
+        Err(e) => {
+            return Err(Problem::SecretNotFound(format!(
+                "cannot read Secret {namespace}/{}: {e}",
+                reference.name
+            )));
+        }
+    };
+    let value = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&reference.key))
+        .ok_or_else(|| {
+            Problem::SecretKeyNotFound(format!(
+                "Secret {namespace}/{} has no key {:?}",
+                reference.name, reference.key
+            ))
+        })?;
+    let url = String::from_utf8(value.0.clone()).map_err(|_| {
+        Problem::InvalidPolicy(format!(
+            "Secret {namespace}/{} key {:?} is not UTF-8",
+            reference.name, reference.key
+        ))
+    })?;
+    let url = url.trim().to_owned();
+    store::RedisTarget::parse(&url).map_err(|e| {
+        Problem::InvalidPolicy(format!(
+            "Secret {namespace}/{} key {:?}: {e}",
+            reference.name, reference.key
+        ))
+    })?;
+    Ok(url)
+}

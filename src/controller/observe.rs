@@ -1,0 +1,91 @@
+//! What a reconcile reads of Kubernetes: the selected pods' totals and how Services reach them.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::ResourceExt as _;
+use kube::runtime::reflector::Store;
+
+use super::status::Routing;
+use crate::api::{McpSessionPolicy, PodTotals};
+
+/// How the Services that select `pods` reach them: a Service whose port targets the backend's
+/// port (by number, or by a container port's name) bypasses the session proxy.
+pub(super) fn routing(
+    policy: &McpSessionPolicy,
+    namespace: &str,
+    pods: &[Arc<Pod>],
+    services: &Store<Service>,
+) -> Routing {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let injection = &policy.spec.injection;
+    if !injection.enabled {
+        return Routing::InjectionDisabled;
+    }
+    let upstream_names: Vec<String> = pods
+        .iter()
+        .flat_map(|p| p.spec.iter().flat_map(|s| s.containers.iter()))
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter(|p| p.container_port == injection.upstream_port)
+        .filter_map(|p| p.name.clone())
+        .collect();
+    let mut routed = 0;
+    let mut bypassing = Vec::new();
+    for service in services.state() {
+        let Some(spec) = &service.spec else { continue };
+        let Some(selector) = spec.selector.as_ref().filter(|s| !s.is_empty()) else {
+            continue;
+        };
+        let selects_ours = pods
+            .iter()
+            .any(|pod| selector.iter().all(|(k, v)| pod.labels().get(k) == Some(v)));
+        if service.namespace().as_deref() != Some(namespace) || !selects_ours {
+            continue;
+        }
+        routed += 1;
+        for port in spec.ports.iter().flatten() {
+            let direct = match &port.target_port {
+                Some(IntOrString::Int(target)) => *target == injection.upstream_port,
+                Some(IntOrString::String(name)) => upstream_names.contains(name),
+                None => port.port == injection.upstream_port,
+            };
+            if direct {
+                bypassing.push(format!(
+                    "Service {} port {} targets {}, the backend's port: set targetPort to {} (the session proxy)",
+                    service.name_any(),
+                    port.port,
+                    injection.upstream_port,
+                    injection.proxy_port
+                ));
+            }
+        }
+    }
+    if bypassing.is_empty() {
+        Routing::ThroughProxy(routed)
+    } else {
+        Routing::Bypassed(bypassing)
+    }
+}
+
+/// The pod's Ready condition is True.
+pub(super) fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+pub(super) fn pod_totals(pods: &[Arc<Pod>]) -> PodTotals {
+    let terminating = pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_some())
+        .count();
+    PodTotals {
+        selected: pods.len() as u32,
+        ready: pods
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none() && pod_ready(p))
+            .count() as u32,
+        terminating: terminating as u32,
+    }
+}
