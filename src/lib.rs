@@ -10,6 +10,10 @@
 //! - [`metrics`]: Prometheus metrics.
 //! - [`cli`]: the command line of the one binary.
 //! - [`telemetry`]: logging and tracing set-up.
+//! - [`serve`]: HTTP serving with timeouts and a connection cap, for every listener.
+//! - [`events`], [`fingerprint_key`]: Events on policies; a policy's fingerprint key Secret.
+
+#![forbid(unsafe_code)]
 
 pub mod api;
 pub mod cli;

@@ -5,11 +5,14 @@
 //! NetworkPolicies add up: an application with other ports to open adds its own. The kubelet's
 //! probes and preStop hook come from the node, which common network plugins always let through.
 
-use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    NetworkPolicySpec,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
-use kube::api::{Api, Patch, PatchParams};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams};
 use kube::{Client, Resource as _, ResourceExt as _};
-use serde_json::json;
 
 use super::FIELD_MANAGER;
 use crate::api::McpSessionPolicy;
@@ -40,32 +43,61 @@ pub fn build(policy: &McpSessionPolicy, settings: &Settings) -> NetworkPolicy {
             operator: "NotIn".to_owned(),
             values: Some(vec!["false".to_owned()]),
         });
-    let port = |port: i32| json!({"port": port, "protocol": "TCP"});
-    let mut ingress = vec![json!({"ports": [port(policy.spec.injection.proxy_port)]})];
+    let port = |port: i32| {
+        Some(vec![NetworkPolicyPort {
+            port: Some(IntOrString::Int(port)),
+            protocol: Some("TCP".to_owned()),
+            ..NetworkPolicyPort::default()
+        }])
+    };
+    let mut ingress = vec![NetworkPolicyIngressRule {
+        ports: port(policy.spec.injection.proxy_port),
+        from: None,
+    }];
     if !settings.metrics_from.is_empty() {
-        let from: Vec<_> = settings
+        let from = settings
             .metrics_from
             .iter()
-            .map(|namespace| json!({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}}))
+            .map(|namespace| NetworkPolicyPeer {
+                namespace_selector: Some(LabelSelector {
+                    match_labels: Some(
+                        [("kubernetes.io/metadata.name".to_owned(), namespace.clone())].into(),
+                    ),
+                    match_expressions: None,
+                }),
+                ..NetworkPolicyPeer::default()
+            })
             .collect();
-        ingress.push(json!({"ports": [port(settings.admin_port)], "from": from}));
+        ingress.push(NetworkPolicyIngressRule {
+            ports: port(settings.admin_port),
+            from: Some(from),
+        });
     }
     let owner = policy.controller_owner_ref(&()).map(|mut owner| {
         owner.block_owner_deletion = None;
-        owner
+        vec![owner]
     });
-    let object = json!({
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": {
-            "name": name(policy),
-            "namespace": policy.namespace(),
-            "labels": {"app.kubernetes.io/managed-by": FIELD_MANAGER},
-            "ownerReferences": owner.into_iter().collect::<Vec<_>>(),
+    NetworkPolicy {
+        metadata: ObjectMeta {
+            name: Some(name(policy)),
+            namespace: policy.namespace(),
+            labels: Some(
+                [(
+                    "app.kubernetes.io/managed-by".to_owned(),
+                    FIELD_MANAGER.to_owned(),
+                )]
+                .into(),
+            ),
+            owner_references: owner,
+            ..ObjectMeta::default()
         },
-        "spec": {"podSelector": pods, "policyTypes": ["Ingress"], "ingress": ingress},
-    });
-    serde_json::from_value(object).unwrap_or_else(|e| unreachable!("a NetworkPolicy: {e}"))
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(pods),
+            policy_types: Some(vec!["Ingress".to_owned()]),
+            ingress: Some(ingress),
+            egress: None,
+        }),
+    }
 }
 
 /// Writes `policy`'s NetworkPolicy (server-side apply: unchanged, it costs no write).
@@ -87,6 +119,8 @@ pub async fn apply(
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     #[test]

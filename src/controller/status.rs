@@ -47,6 +47,42 @@ impl Problem {
     }
 }
 
+/// A condition's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    True,
+    False,
+    Unknown,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::True => "True",
+            Self::False => "False",
+            Self::Unknown => "Unknown",
+        }
+    }
+}
+
+/// What one condition says: its status, why (a reason in CamelCase), and in words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Assessment {
+    pub status: Status,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Assessment {
+    fn new(status: Status, reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
 /// What one reconcile saw.
 pub struct Observation {
     pub generation: Option<i64>,
@@ -81,30 +117,32 @@ pub enum KeyState {
 }
 
 /// The `FingerprintKeyReady` condition.
-fn fingerprint_key_ready(state: &KeyState) -> (&'static str, &'static str, String) {
+fn fingerprint_key_ready(state: &KeyState) -> Assessment {
     match state {
-        KeyState::NotNeeded => (
-            "True",
+        KeyState::NotNeeded => Assessment::new(
+            Status::True,
             "InjectionDisabled",
             "No proxy is injected: no key is needed".to_owned(),
         ),
-        KeyState::Ready(FingerprintKey::Named(secret)) => (
-            "True",
+        KeyState::Ready(FingerprintKey::Named(secret)) => Assessment::new(
+            Status::True,
             "Named",
             format!(
                 "Proxies fingerprint credentials with key {:?} of Secret {}",
                 secret.key, secret.name
             ),
         ),
-        KeyState::Ready(FingerprintKey::Generated(secret)) => (
-            "True",
+        KeyState::Ready(FingerprintKey::Generated(secret)) => Assessment::new(
+            Status::True,
             "Generated",
             format!(
                 "Proxies fingerprint credentials with the key generated for this policy (Secret {})",
                 secret.name
             ),
         ),
-        KeyState::Missing { reason, message } => ("False", reason, message.clone()),
+        KeyState::Missing { reason, message } => {
+            Assessment::new(Status::False, reason, message.clone())
+        }
     }
 }
 
@@ -120,34 +158,34 @@ pub enum Routing {
 
 /// The `SessionsRetained` condition: proxies serve sessions Redis lacks from memory, but one
 /// that restarts then loses them, so an evicting or full Redis is worth an operator's look.
-fn sessions_retained(verdict: Option<&RetentionVerdict>) -> (&'static str, &'static str, String) {
+fn sessions_retained(verdict: Option<&RetentionVerdict>) -> Assessment {
     match verdict {
-        None => (
-            "Unknown",
+        None => Assessment::new(
+            Status::Unknown,
             "NotChecked",
             "Redis's eviction policy and memory could not be read".to_owned(),
         ),
-        Some(RetentionVerdict::Retained) => (
-            "True",
+        Some(RetentionVerdict::Retained) => Assessment::new(
+            Status::True,
             "Retained",
             "Redis neither evicts session records nor refuses writes".to_owned(),
         ),
-        Some(RetentionVerdict::EvictionPolicy(policy)) => (
-            "False",
+        Some(RetentionVerdict::EvictionPolicy(policy)) => Assessment::new(
+            Status::False,
             "EvictionPolicy",
             format!(
                 "maxmemory-policy {policy} evicts session records under memory pressure; proxies serve evicted sessions from memory, but lose them when they restart: use volatile-lru or noeviction with headroom"
             ),
         ),
-        Some(RetentionVerdict::WritesRefused { used, max }) => (
-            "False",
+        Some(RetentionVerdict::WritesRefused { used, max }) => Assessment::new(
+            Status::False,
             "WritesRefused",
             format!(
                 "Redis is full ({used} of maxmemory {max} bytes, noeviction) and refuses writes: new sessions live only in their proxy's memory"
             ),
         ),
-        Some(RetentionVerdict::KeysEvicted { policy, evicted }) => (
-            "False",
+        Some(RetentionVerdict::KeysEvicted { policy, evicted }) => Assessment::new(
+            Status::False,
             "KeysEvicted",
             format!(
                 "Redis evicted {evicted} keys with a TTL ({policy}); session records have one: give it more memory"
@@ -172,22 +210,28 @@ pub fn build(
                 ),
             };
             (
-                ("True", "SessionsCounted", message),
-                ("True", "Connected", "Redis answers".to_owned()),
+                Assessment::new(Status::True, "SessionsCounted", message),
+                Assessment::new(Status::True, "Connected", "Redis answers".to_owned()),
             )
         }
         Err(problem) => {
             let redis = match problem {
-                Problem::RedisUnreachable(m) => ("False", "Unreachable", m.clone()),
-                Problem::RedisError(m) => ("False", "RedisError", m.clone()),
-                _ => (
-                    "Unknown",
+                Problem::RedisUnreachable(m) => {
+                    Assessment::new(Status::False, "Unreachable", m.clone())
+                }
+                Problem::RedisError(m) => Assessment::new(Status::False, "RedisError", m.clone()),
+                _ => Assessment::new(
+                    Status::Unknown,
                     "NotChecked",
                     "Redis is not contacted until the policy's target resolves".to_owned(),
                 ),
             };
             (
-                ("False", problem.reason(), problem.message().to_owned()),
+                Assessment::new(
+                    Status::False,
+                    problem.reason(),
+                    problem.message().to_owned(),
+                ),
                 redis,
             )
         }
@@ -197,22 +241,24 @@ pub fn build(
         observation.max_lost_sessions,
     );
     let routed = match &observation.routing {
-        Routing::InjectionDisabled => (
-            "True",
+        Routing::InjectionDisabled => Assessment::new(
+            Status::True,
             "InjectionDisabled",
             "No proxy is injected; Services are not checked".to_owned(),
         ),
-        Routing::ThroughProxy(0) => (
-            "True",
+        Routing::ThroughProxy(0) => Assessment::new(
+            Status::True,
             "NoService",
             "No Service selects the pods".to_owned(),
         ),
-        Routing::ThroughProxy(n) => (
-            "True",
+        Routing::ThroughProxy(n) => Assessment::new(
+            Status::True,
             "ThroughProxy",
             format!("{n} Services route to the session proxy"),
         ),
-        Routing::Bypassed(services) => ("False", "ServiceBypassesProxy", services.join("; ")),
+        Routing::Bypassed(services) => {
+            Assessment::new(Status::False, "ServiceBypassesProxy", services.join("; "))
+        }
     };
     let conditions = [
         (condition::READY, ready),
@@ -229,16 +275,7 @@ pub fn build(
         ),
     ]
     .into_iter()
-    .map(|(type_, (status, reason, message))| {
-        condition(
-            previous,
-            observation.generation,
-            type_,
-            status,
-            reason,
-            message,
-        )
-    })
+    .map(|(type_, assessment)| condition(previous, observation.generation, type_, assessment))
     .collect();
     let counts = observation.counts.as_ref().ok();
     let previous_sessions = previous.map(|p| p.sessions.clone()).unwrap_or_default();
@@ -268,13 +305,10 @@ pub fn build(
 }
 
 /// The RolloutSafe condition for the last rollout.
-fn rollout_safe(
-    rollout: Option<&RolloutStatus>,
-    max_lost: u64,
-) -> (&'static str, &'static str, String) {
+fn rollout_safe(rollout: Option<&RolloutStatus>, max_lost: u64) -> Assessment {
     let Some(rollout) = rollout else {
-        return (
-            "True",
+        return Assessment::new(
+            Status::True,
             "NoRolloutInProgress",
             "No rollout of the selected pods is in progress".to_owned(),
         );
@@ -290,15 +324,15 @@ fn rollout_safe(
             ),
             None => "not paused".to_owned(),
         };
-        return (
-            "False",
+        return Assessment::new(
+            Status::False,
             "TooManyLostSessions",
             format!("{counts} (at most {max_lost} allowed); {action}"),
         );
     }
     match rollout.finished_at {
-        Some(_) => ("True", "RolloutFinished", counts),
-        None => ("True", "RolloutInProgress", counts),
+        Some(_) => Assessment::new(Status::True, "RolloutFinished", counts),
+        None => Assessment::new(Status::True, "RolloutInProgress", counts),
     }
 }
 
@@ -306,10 +340,9 @@ fn condition(
     previous: Option<&McpSessionPolicyStatus>,
     generation: Option<i64>,
     type_: &str,
-    status: &str,
-    reason: &str,
-    message: String,
+    assessment: Assessment,
 ) -> Condition {
+    let status = assessment.status.as_str();
     let before = previous.and_then(|p| find(&p.conditions, type_));
     let last_transition_time = match before {
         Some(before) if before.status == status => before.last_transition_time.clone(),
@@ -318,8 +351,8 @@ fn condition(
     Condition {
         type_: type_.to_owned(),
         status: status.to_owned(),
-        reason: reason.to_owned(),
-        message,
+        reason: assessment.reason.to_owned(),
+        message: assessment.message,
         observed_generation: generation,
         last_transition_time,
     }
@@ -340,8 +373,8 @@ pub fn transitions(
     if let (Some(old), Some(new)) = (
         before(condition::REDIS_REACHABLE),
         after(condition::REDIS_REACHABLE),
-    ) && old.status == "False"
-        && new.status == "True"
+    ) && old.status == Status::False.as_str()
+        && new.status == Status::True.as_str()
     {
         events.push((
             false,
@@ -356,7 +389,7 @@ pub fn transitions(
         condition::FINGERPRINT_KEY_READY,
     ] {
         if let Some(new) = after(type_)
-            && new.status == "False"
+            && new.status == Status::False.as_str()
             && before(type_)
                 .is_none_or(|old| old.reason != new.reason || old.message != new.message)
         {
@@ -365,7 +398,7 @@ pub fn transitions(
     }
     // Its message counts evictions, which grow: a new reason is news, a new count is not.
     if let Some(new) = after(condition::SESSIONS_RETAINED)
-        && new.status == "False"
+        && new.status == Status::False.as_str()
         && before(condition::SESSIONS_RETAINED).is_none_or(|old| old.reason != new.reason)
     {
         events.push((true, new.reason.clone(), new.message.clone()));

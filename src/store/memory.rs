@@ -97,8 +97,19 @@ impl State {
         })
     }
 
-    /// Replaces a live record, keeping or resetting its expiry.
-    fn rewrite(&mut self, id: &SessionId, record: SessionRecord, expires_at_ms: i64) {
+    /// Replaces a live record, keeping or resetting its expiry; the session as it now is.
+    fn rewrite(
+        &mut self,
+        id: &SessionId,
+        record: SessionRecord,
+        expires_at_ms: i64,
+        now_ms: i64,
+    ) -> Session {
+        let session = Session {
+            id: id.clone(),
+            record: record.clone(),
+            ttl_millis: Some(u64::try_from(expires_at_ms - now_ms).unwrap_or(0)),
+        };
         self.put(
             id,
             Some(Entry {
@@ -106,6 +117,7 @@ impl State {
                 expires_at_ms,
             }),
         );
+        session
     }
 }
 
@@ -152,22 +164,15 @@ impl SessionStore for MemoryStore {
     ) -> Result<(Session, Origin)> {
         let ttl_ms = self.ttl_ms(self.ttl);
         Ok(self.with_state(|state, now, now_ms| {
-            let origin = match state.records.get(id) {
+            let (record, origin) = match state.records.get(id) {
                 Some(existing) => {
                     let mut record = existing.record.clone();
                     record.last_activity_at = now;
-                    state.rewrite(id, record, now_ms + ttl_ms);
-                    Origin::Rehydrated
+                    (record, Origin::Rehydrated)
                 }
-                None => {
-                    state.rewrite(id, new.into_record(id, now), now_ms + ttl_ms);
-                    Origin::Created
-                }
+                None => (new.into_record(id, now), Origin::Created),
             };
-            let session = state
-                .session(id, now_ms)
-                .unwrap_or_else(|| unreachable!("just written"));
-            (session, origin)
+            (state.rewrite(id, record, now_ms + ttl_ms, now_ms), origin)
         }))
     }
 
@@ -187,7 +192,7 @@ impl SessionStore for MemoryStore {
                 SessionState::Draining => Touch::Draining,
                 SessionState::Active => Touch::Active,
             };
-            state.rewrite(id, record, now_ms + ttl_ms);
+            state.rewrite(id, record, now_ms + ttl_ms, now_ms);
             touched
         }))
     }
@@ -197,8 +202,7 @@ impl SessionStore for MemoryStore {
             let entry = state.records.get(id)?;
             let (mut record, expires_at_ms) = (entry.record.clone(), entry.expires_at_ms);
             patch.apply(&mut record);
-            state.rewrite(id, record, expires_at_ms);
-            state.session(id, now_ms)
+            Some(state.rewrite(id, record, expires_at_ms, now_ms))
         }))
     }
 
@@ -219,8 +223,7 @@ impl SessionStore for MemoryStore {
             record.set_state(SessionState::Draining);
             record.owner_pod = None;
             record.draining_since = Some(now);
-            state.rewrite(id, record, expires_at_ms);
-            state.session(id, now_ms)
+            Some(state.rewrite(id, record, expires_at_ms, now_ms))
         }))
     }
 
@@ -235,10 +238,7 @@ impl SessionStore for MemoryStore {
                 return refused.into();
             }
             let handover = ClaimOutcome::apply(&mut record, &claim, now);
-            state.rewrite(id, record, now_ms + ttl_ms);
-            let session = state
-                .session(id, now_ms)
-                .unwrap_or_else(|| unreachable!("just written"));
+            let session = state.rewrite(id, record, now_ms + ttl_ms, now_ms);
             ClaimOutcome::applied(session, handover)
         }))
     }

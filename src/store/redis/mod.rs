@@ -194,16 +194,17 @@ impl RedisStore {
     }
 
     /// The value of a command that must succeed.
-    fn expect<T: FromRedisValue>(&self, result: RedisResult<Value>) -> Result<T> {
+    fn value_of<T: FromRedisValue>(&self, result: RedisResult<Value>) -> Result<T> {
         result
             .and_then(|v| redis::from_redis_value(v).map_err(RedisError::from))
             .map_err(|e| self.error(e))
     }
 
-    fn expect_all(&self, results: Vec<RedisResult<Value>>) -> Result<()> {
+    /// Ok if every command of a pipeline succeeded; else the first failure.
+    fn all_succeeded(&self, results: Vec<RedisResult<Value>>) -> Result<()> {
         results
             .into_iter()
-            .try_for_each(|r| self.expect::<Value>(r).map(drop))
+            .try_for_each(|r| self.value_of::<Value>(r).map(drop))
     }
 
     async fn fetch(&self, keys: Vec<Vec<u8>>) -> Result<Vec<Fetched>> {
@@ -218,13 +219,13 @@ impl RedisStore {
         let mut fetched = Vec::with_capacity(keys.len());
         for key in keys {
             let (value, pttl) = (results.next(), results.next());
-            let pttl_ms = self.expect::<i64>(pttl.unwrap_or(Ok(Value::Int(-2))))?;
+            let pttl_ms = self.value_of::<i64>(pttl.unwrap_or(Ok(Value::Int(-2))))?;
             let value = match value.unwrap_or(Ok(Value::Nil)) {
                 Err(e) if e.code() == Some("WRONGTYPE") => {
                     let kind: String = self.query(redis::cmd("TYPE").arg(&key)).await?;
                     Err(UnreadableReason::WrongType(kind))
                 }
-                other => match self.expect::<Option<Vec<u8>>>(other)? {
+                other => match self.value_of::<Option<Vec<u8>>>(other)? {
                     Some(bytes) if bytes.len() > self.max_record_bytes => {
                         Err(UnreadableReason::Oversize {
                             bytes: bytes.len() as u64,
@@ -327,13 +328,13 @@ impl RedisStore {
                 })
                 .await?
                 .pop()
-                .map(|r| self.expect::<i64>(r))
+                .map(|r| self.value_of::<i64>(r))
                 .transpose()?
                 == Some(1);
             if swapped {
                 let mut pipe = redis::pipe();
                 self.reindex(&mut pipe, id, Some(&old.record), Some(&record), expiry_ms);
-                self.expect_all(self.pipeline(&pipe).await?)?;
+                self.all_succeeded(self.pipeline(&pipe).await?)?;
                 let ttl_millis = u64::try_from(expiry_ms - now_ms).ok();
                 return Ok(Modified::Done(Session {
                     id: id.clone(),
@@ -430,12 +431,12 @@ impl RedisStore {
             })
             .await?;
         let mut results = results.into_iter();
-        let touched = match self.expect::<i64>(results.next().unwrap_or(Ok(Value::Int(0))))? {
+        let touched = match self.value_of::<i64>(results.next().unwrap_or(Ok(Value::Int(0))))? {
             0 => Touch::Gone,
             2 => Touch::Draining,
             _ => Touch::Active,
         };
-        self.expect_all(results.collect())?;
+        self.all_succeeded(results.collect())?;
         Ok(touched)
     }
 
@@ -531,12 +532,12 @@ impl RedisStore {
                 let exists = self.pipeline(&pipe).await?;
                 let mut zrem = redis::pipe();
                 for (id, exists) in members.iter().zip(exists) {
-                    if !self.expect::<bool>(exists)? {
+                    if !self.value_of::<bool>(exists)? {
                         zrem.zrem(set, id.as_str());
                         removed += 1;
                     }
                 }
-                self.expect_all(self.pipeline(&zrem).await?)?;
+                self.all_succeeded(self.pipeline(&zrem).await?)?;
             }
             if next == 0 {
                 return Ok(removed);
@@ -563,12 +564,12 @@ impl RedisStore {
         pipe.cmd("ZRANGE").arg(self.keys.pods()).arg(0).arg(-1);
         let mut results = self.pipeline(&pipe).await?.into_iter();
         let mut next = || results.next().unwrap_or(Ok(Value::Nil));
-        let total: u64 = self.expect(next())?;
-        let expiry_sentinel: Option<f64> = self.expect(next())?;
-        let draining: u64 = self.expect(next())?;
-        let draining_sentinel: Option<f64> = self.expect(next())?;
-        let pods_sentinel: Option<f64> = self.expect(next())?;
-        let pods: Vec<String> = self.expect(next())?;
+        let total: u64 = self.value_of(next())?;
+        let expiry_sentinel: Option<f64> = self.value_of(next())?;
+        let draining: u64 = self.value_of(next())?;
+        let draining_sentinel: Option<f64> = self.value_of(next())?;
+        let pods_sentinel: Option<f64> = self.value_of(next())?;
+        let pods: Vec<String> = self.value_of(next())?;
         if expiry_sentinel.is_none() || draining_sentinel.is_none() || pods_sentinel.is_none() {
             return Ok(None);
         }
@@ -579,7 +580,7 @@ impl RedisStore {
         }
         let mut per_pod = std::collections::BTreeMap::new();
         for (pod, count) in pods.into_iter().zip(self.pipeline(&pipe).await?) {
-            let count: u64 = self.expect(count)?;
+            let count: u64 = self.value_of(count)?;
             if count > 0 {
                 per_pod.insert(pod, count);
             }
@@ -646,7 +647,7 @@ impl SessionStore for RedisStore {
                 Some(&record),
                 now.unix_millis() + ttl_ms,
             );
-            self.expect_all(self.pipeline(&pipe).await?)?;
+            self.all_succeeded(self.pipeline(&pipe).await?)?;
             let session = Session {
                 id: id.clone(),
                 record,
@@ -766,7 +767,7 @@ impl SessionStore for RedisStore {
                 pipe
             })
             .await?;
-        let lost: u64 = self.expect(results.pop().unwrap_or(Ok(Value::Nil)))?;
+        let lost: u64 = self.value_of(results.pop().unwrap_or(Ok(Value::Nil)))?;
         if lost > 0 {
             debug!(lost, "draining sessions expired unclaimed");
         }
@@ -840,7 +841,7 @@ impl SessionStore for RedisStore {
                 pipe
             })
             .await?;
-        self.expect_all(results)
+        self.all_succeeded(results)
     }
 
     async fn events(&self, id: &SessionId) -> Result<Vec<LoggedEvent>> {
@@ -875,7 +876,7 @@ impl SessionStore for RedisStore {
         let old = SessionRecord::from_json(&previous).ok();
         let mut pipe = redis::pipe();
         self.reindex(&mut pipe, id, old.as_ref(), None, 0);
-        self.expect_all(self.pipeline(&pipe).await?)?;
+        self.all_succeeded(self.pipeline(&pipe).await?)?;
         Ok(true)
     }
 
@@ -977,7 +978,7 @@ impl SessionStore for RedisStore {
                 })
                 .await?;
             let (expired, dropped): (u64, u64) =
-                self.expect(results.pop().unwrap_or(Ok(Value::Nil)))?;
+                self.value_of(results.pop().unwrap_or(Ok(Value::Nil)))?;
             report.expired += expired;
             report.pods += dropped;
         }
@@ -1000,7 +1001,7 @@ impl SessionStore for RedisStore {
                     indexed += 1;
                 }
             }
-            self.expect_all(self.pipeline(&pipe).await?)?;
+            self.all_succeeded(self.pipeline(&pipe).await?)?;
         }
         // What the index held of records gone since (evicted, deleted behind its back) would
         // be counted with the rest.
@@ -1010,7 +1011,7 @@ impl SessionStore for RedisStore {
         for set in [self.keys.expiry(), self.keys.draining(), self.keys.pods()] {
             pipe.zadd(set, SENTINEL, "+inf");
         }
-        self.expect_all(self.pipeline(&pipe).await?)?;
+        self.all_succeeded(self.pipeline(&pipe).await?)?;
         debug!(indexed, "session index rebuilt");
         Ok(indexed)
     }
@@ -1043,7 +1044,7 @@ impl SessionStore for RedisStore {
         }
         let mut sizes = Vec::with_capacity(keys.len());
         for size in self.pipeline(&pipe).await? {
-            if let Some(bytes) = self.expect::<Option<u64>>(size)? {
+            if let Some(bytes) = self.value_of::<Option<u64>>(size)? {
                 sizes.push(bytes);
             }
         }
