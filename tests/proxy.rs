@@ -711,6 +711,19 @@ async fn client_through_restarts(
         .spawn()
         .expect("start the SDK client");
     let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    // With a call log, the stops are timed from the client's first call, not from its start:
+    // on a loaded machine a Python client takes a second or two to import its SDK, and stops
+    // timed from its start would fall before it had called at all.
+    if let Some(log) = call_log {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(log).is_ok_and(|l| l.contains("received")) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the client never called"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     let started = tokio::time::Instant::now();
     let mut restarts = restarts_at.iter().enumerate().peekable();
     let mut summary = None;
@@ -909,7 +922,7 @@ async fn twenty_signalled_restarts_cost_the_typescript_sdk_client_no_call() {
 }
 
 /// Unsignalled stops (SIGTERM, then SIGKILL, mid-traffic, no quiesce) with the unannotated tool,
-/// 20 of them (10 runs of 5 s, two stops each): a call the server had begun may have run, so it
+/// 20 of them (10 runs of 6 s, two stops each, 1.5 s and 3.2 s after the client's first call): a call the server had begun may have run, so it
 /// is answered "may have been executed" and never sent again; a call it never received (a
 /// refused connection, a keep-alive connection it had closed) is sent again and succeeds. No
 /// client dies, every client keeps its session, no call reaches the server twice, and every
@@ -933,7 +946,7 @@ async fn unsignalled_stops_get_honest_answers(sdk: Sdk) {
             sdk,
             Wire::Streamable,
             &url,
-            5,
+            6,
             Restarts {
                 server: &mut pod.server,
                 port: server_port,

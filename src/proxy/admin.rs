@@ -136,12 +136,7 @@ async fn metrics(Serving(proxy): Serving) -> impl IntoResponse {
 
 /// This proxy's sessions: ids only (the upstream's ids are the upstream's secrets).
 async fn sessions(Serving(proxy): Serving) -> axum::Json<Value> {
-    let ids: Vec<String> = proxy
-        .sessions_read()
-        .by_id
-        .keys()
-        .map(|id| id.to_string())
-        .collect();
+    let ids: Vec<String> = proxy.table.ids().iter().map(|id| id.to_string()).collect();
     axum::Json(serde_json::json!({
         "pod": proxy.config.pod_name,
         "draining": proxy.draining.load(Ordering::SeqCst),

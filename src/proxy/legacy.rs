@@ -227,7 +227,7 @@ pub async fn open(
         credential_fingerprint: slot.credential.clone(),
         ..Default::default()
     };
-    proxy.remember(
+    proxy.table.remember(
         &id,
         endpoint.upstream(),
         Transport::Sse,
@@ -306,7 +306,10 @@ async fn post_until_accepted(
     loop {
         // An HTTP+SSE session lives as long as its client's stream, on this proxy: it is
         // never stale (its stream re-establishes it) and never bound later than it began.
-        let endpoint = match proxy.lookup_as(id, credential.as_deref(), Transport::Sse) {
+        let endpoint = match proxy
+            .table
+            .lookup(id, credential.as_deref(), Transport::Sse)
+        {
             Lookup::Live(endpoint) => endpoint,
             Lookup::Refused(unknown) => {
                 return proxy.unknown(unknown, exchange.request_id(), raw_id);
@@ -374,7 +377,7 @@ fn remember_initialize(proxy: &Arc<Proxy>, id: &SessionId, body: &Bytes) {
     let Some(params) = protocol::initialize_params(protocol::message(body).as_ref()) else {
         return;
     };
-    if !proxy.set_initialize_params(id, &params) {
+    if !proxy.table.set_initialize_params(id, &params) {
         return;
     }
     let patch = SessionPatch {
@@ -391,7 +394,7 @@ async fn wait_for_new_endpoint(
     deadline: Instant,
 ) -> bool {
     while Instant::now() < deadline {
-        match proxy.mapped_upstream(id) {
+        match proxy.table.upstream_of(id) {
             Some(current) if current != old => return true,
             Some(_) => tokio::time::sleep(Duration::from_millis(25)).await,
             None => return false,
@@ -588,7 +591,7 @@ impl Stream {
     /// Sends the stored handshake to the new endpoint, then points the session at it.
     async fn replay(&self, endpoint: &Endpoint) -> Result<(), Failure> {
         let target = endpoint.upstream();
-        if let Some(params) = self.proxy.initialize_params(&self.id) {
+        if let Some(params) = self.proxy.table.initialize_params(&self.id) {
             let headers = self.message_headers();
             for message in [
                 protocol::initialize_request(&params, None),
@@ -609,7 +612,7 @@ impl Stream {
             }
             metrics::inc(&self.proxy.metrics.replays, "replayed");
         }
-        self.proxy.remap(&self.id, target);
+        self.proxy.table.remap(&self.id, target);
         Ok(())
     }
 

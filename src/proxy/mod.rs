@@ -24,12 +24,13 @@ mod relay;
 mod retry;
 mod sse;
 mod succession;
+mod table;
 mod upstream;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -50,12 +51,13 @@ use self::metrics::{KindLabels, ProxyMetrics, RequestLabels};
 pub use self::origin::{AllowedOrigins, InvalidOrigin};
 use self::protocol::{LAST_EVENT_ID_HEADER, MessageHead, PROTOCOL_VERSION_HEADER, SESSION_HEADER};
 use self::retry::RetryPolicy;
+use self::table::{Lookup, SessionTable, Slot, Transport};
 use self::upstream::{Answer, Upstream, UpstreamError};
 use crate::serve::{self, ListenerMetrics};
 use crate::store::binding::{self, Binding};
 use crate::store::{
     self, Claim, ClaimOutcome, DebouncedToucher, LogBound, NewSession, Session, SessionId,
-    SessionPatch, SessionSetup, SessionStore, StoreError, Tally, Touched,
+    SessionPatch, SessionStore, StoreError, Tally, Touched,
 };
 
 /// JSON-RPC error codes (the implementation-defined server range): the MCP server could not be
@@ -127,8 +129,8 @@ pub struct Proxy {
     store: Arc<dyn SessionStore>,
     toucher: DebouncedToucher,
     fingerprints: Fingerprinter,
-    /// Proxy session id → the upstream's session id and the credential bound to it.
-    sessions: RwLock<Sessions>,
+    /// The sessions this proxy serves.
+    table: SessionTable,
     /// One replay at a time per session; concurrent requests wait on it.
     replays: Mutex<HashMap<SessionId, Arc<Mutex<()>>>>,
     /// Sessions the store does not have right now (it was down, or lost them).
@@ -153,99 +155,7 @@ pub struct Proxy {
     following_restart: AtomicBool,
     /// Open client connections.
     connections: Arc<AtomicUsize>,
-    started: Instant,
     metrics: ProxyMetrics,
-}
-
-/// The sessions this proxy has upstream sessions for.
-#[derive(Default)]
-struct Sessions {
-    by_id: HashMap<SessionId, Mapped>,
-    per_credential: HashMap<Option<Box<str>>, usize>,
-}
-
-/// How a session reaches its upstream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Transport {
-    /// Streamable HTTP: the upstream session id goes in `Mcp-Session-Id`.
-    Streamable,
-    /// HTTP+SSE (2024-11-05): the upstream's message endpoint, session included.
-    Sse,
-}
-
-/// A session this proxy has an upstream session for.
-#[derive(Debug)]
-struct Mapped {
-    /// The upstream's session id, or (HTTP+SSE) its message endpoint; `None` once the upstream
-    /// said it does not know it (it restarted): the next request replays the handshake.
-    upstream_id: Option<Box<str>>,
-    transport: Transport,
-    credential: Option<Box<str>>,
-    /// Seconds since the proxy started, at the last request: idle sessions are dropped.
-    last_used: AtomicU32,
-    /// What the store holds of the session, to write it again if the store loses it (a Redis
-    /// restarted without persistence): a live proxy's sessions are never lost with it.
-    stored: StoredCopy,
-}
-
-/// The stored handshake as compact JSON text: a parsed JSON tree takes several times the
-/// memory of its text, per session, for a copy that is read only if the store loses it.
-#[derive(Debug, Clone)]
-struct StoredCopy {
-    initialize_params: Option<Box<str>>,
-    protocol_version: Option<Box<str>>,
-    metadata: Option<Box<str>>,
-    setup: SessionSetup,
-}
-
-impl StoredCopy {
-    fn of(session: &NewSession) -> Self {
-        let text = |value: &Value| {
-            serde_json::to_string(value)
-                .ok()
-                .map(String::into_boxed_str)
-        };
-        Self {
-            initialize_params: session.initialize_params.as_ref().and_then(text),
-            protocol_version: session.protocol_version.as_deref().map(Box::from),
-            metadata: (!session.metadata.is_empty())
-                .then(|| {
-                    serde_json::to_string(&session.metadata)
-                        .ok()
-                        .map(String::into_boxed_str)
-                })
-                .flatten(),
-            setup: session.setup.clone(),
-        }
-    }
-
-    fn to_new_session(&self, owner_pod: Option<String>, credential: Option<String>) -> NewSession {
-        fn parse<T: serde::de::DeserializeOwned>(text: &Option<Box<str>>) -> Option<T> {
-            text.as_deref().and_then(|t| serde_json::from_str(t).ok())
-        }
-        NewSession {
-            owner_pod,
-            metadata: parse(&self.metadata).unwrap_or_default(),
-            protocol_version: self.protocol_version.as_deref().map(String::from),
-            initialize_params: parse(&self.initialize_params),
-            credential_fingerprint: credential,
-            setup: self.setup.clone(),
-        }
-    }
-}
-
-/// What this proxy's memory says of a session, for a request presenting a credential.
-#[derive(Debug)]
-enum Lookup {
-    /// Mapped to a live upstream session.
-    Live(String),
-    /// Known here, but the upstream lost it: replay, from the store or from the copy here.
-    Stale,
-    /// Known here and bound to nobody, and the request has an identity: bind it first.
-    Unbound,
-    /// Not known here.
-    Absent,
-    Refused(Unknown),
 }
 
 /// Why a session id cannot be served.
@@ -387,10 +297,10 @@ impl Proxy {
                 config.event_log,
                 metrics.events_unlogged.clone(),
             ),
+            table: SessionTable::new(config.max_sessions_per_credential, metrics.sessions.clone()),
             config,
             store,
             fingerprints,
-            sessions: Default::default(),
             replays: Default::default(),
             unstored: Default::default(),
             retry: RetryPolicy::default(),
@@ -404,68 +314,17 @@ impl Proxy {
             quiescing: Mutex::new(()),
             following_restart: AtomicBool::new(false),
             connections,
-            started: Instant::now(),
             metrics,
         })
     }
 
-    fn sessions_read(&self) -> std::sync::RwLockReadGuard<'_, Sessions> {
-        self.sessions.read().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn sessions_write(&self) -> std::sync::RwLockWriteGuard<'_, Sessions> {
-        self.sessions.write().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn now_secs(&self) -> u32 {
-        u32::try_from(self.started.elapsed().as_secs()).unwrap_or(u32::MAX)
-    }
-
     /// What memory says of a Streamable HTTP session, for `bound`'s credential.
     fn lookup(&self, bound: &Bound) -> Lookup {
-        self.lookup_as(
+        self.table.lookup(
             &bound.id,
             bound.credential.as_deref(),
             Transport::Streamable,
         )
-    }
-
-    /// What memory says of a session of `transport`, for `credential`. A session of the other
-    /// transport is unknown here.
-    fn lookup_as(&self, id: &SessionId, credential: Option<&str>, transport: Transport) -> Lookup {
-        let sessions = self.sessions_read();
-        let Some(mapped) = sessions.by_id.get(id) else {
-            return Lookup::Absent;
-        };
-        match binding::check(mapped.credential.as_deref(), credential) {
-            Binding::Mismatch => return Lookup::Refused(Unknown::OtherCredential),
-            Binding::Unbound => return Lookup::Unbound,
-            Binding::Matches => {}
-        }
-        if mapped.transport != transport {
-            return Lookup::Refused(Unknown::NotFound);
-        }
-        mapped.last_used.store(self.now_secs(), Ordering::Relaxed);
-        match &mapped.upstream_id {
-            Some(upstream_id) => Lookup::Live(upstream_id.to_string()),
-            None => Lookup::Stale,
-        }
-    }
-
-    /// The upstream side of a mapped session, whoever asks.
-    fn mapped_upstream(&self, id: &SessionId) -> Option<String> {
-        let sessions = self.sessions_read();
-        sessions
-            .by_id
-            .get(id)
-            .and_then(|m| m.upstream_id.as_deref().map(str::to_owned))
-    }
-
-    /// Points a mapped session at a new upstream session.
-    fn remap(&self, id: &SessionId, upstream_id: String) {
-        if let Some(mapped) = self.sessions_write().by_id.get_mut(id) {
-            mapped.upstream_id = Some(upstream_id.into_boxed_str());
-        }
     }
 
     /// Binds a session bound to nobody (the seed's service wrote it) to `credential`: in the
@@ -485,41 +344,9 @@ impl Proxy {
             Ok(_) => {}
             Err(error) => return Err(Failure::Store(error)),
         }
-        let mut sessions = self.sessions_write();
-        let sessions = &mut *sessions;
-        if let Some(mapped) = sessions.by_id.get_mut(id)
-            && mapped.credential.is_none()
-        {
-            let bound: Box<str> = credential.into();
-            mapped.credential = Some(bound.clone());
-            release(&mut sessions.per_credential, &None);
-            *sessions.per_credential.entry(Some(bound)).or_default() += 1;
-        }
+        self.table.bind(id, credential);
         info!(session = %id, "a session bound to nobody is now bound to the identity using it");
         Ok(())
-    }
-
-    /// The stored `initialize` params of a mapped session.
-    fn initialize_params(&self, id: &SessionId) -> Option<Value> {
-        let sessions = self.sessions_read();
-        let text = sessions.by_id.get(id)?.stored.initialize_params.clone()?;
-        serde_json::from_str(&text).ok()
-    }
-
-    /// Keeps `params` as the session's `initialize` params; false if it is not mapped or
-    /// already has them.
-    fn set_initialize_params(&self, id: &SessionId, params: &Value) -> bool {
-        let mut sessions = self.sessions_write();
-        let Some(mapped) = sessions.by_id.get_mut(id) else {
-            return false;
-        };
-        if mapped.stored.initialize_params.is_some() {
-            return false;
-        }
-        mapped.stored.initialize_params = serde_json::to_string(params)
-            .ok()
-            .map(String::into_boxed_str);
-        true
     }
 
     fn credential_of(&self, headers: &HeaderMap) -> Option<String> {
@@ -538,21 +365,9 @@ impl Proxy {
                 "draining: no new sessions here",
             ));
         }
-        let credential = self.credential_of(&exchange.headers);
-        let key: Option<Box<str>> = credential.as_deref().map(Box::from);
-        let held = {
-            let mut sessions = self.sessions_write();
-            let held = sessions.per_credential.entry(key.clone()).or_default();
-            if *held < self.config.max_sessions_per_credential {
-                *held += 1;
-                return Ok(Slot {
-                    sessions: &self.sessions,
-                    key,
-                    credential,
-                    used: false,
-                });
-            }
-            *held
+        let held = match self.table.admit(self.credential_of(&exchange.headers)) {
+            Ok(slot) => return Ok(slot),
+            Err(held) => held,
         };
         metrics::inc(&self.metrics.refused, "too_many_sessions");
         warn!(
@@ -569,73 +384,14 @@ impl Proxy {
         ))
     }
 
-    /// Maps `id`; a new session counts against its credential's limit, in the `slot` its
-    /// admission took if it has one.
-    fn remember(
-        &self,
-        id: &SessionId,
-        upstream_id: String,
-        transport: Transport,
-        stored: NewSession,
-        slot: Option<Slot<'_>>,
-    ) {
-        let credential: Option<Box<str>> = stored.credential_fingerprint.as_deref().map(Box::from);
-        let mapped = Mapped {
-            upstream_id: Some(upstream_id.into_boxed_str()),
-            transport,
-            credential: credential.clone(),
-            last_used: AtomicU32::new(self.now_secs()),
-            stored: StoredCopy::of(&stored),
-        };
-        let mut sessions = self.sessions_write();
-        let new = sessions.by_id.insert(id.clone(), mapped).is_none();
-        self.metrics.sessions.set(sessions.by_id.len() as i64);
-        match slot {
-            Some(mut slot) if new && slot.key == credential => slot.used = true,
-            _ if new => *sessions.per_credential.entry(credential).or_default() += 1,
-            _ => {}
-        }
-        // An unused slot gives itself back, taking the lock: not while this holds it.
-        drop(sessions);
-    }
-
-    /// The upstream no longer knows the session it mapped `id` to: the next request replays the
-    /// handshake. Only if `id` still maps to `upstream_id` (a concurrent request may have
-    /// replayed meanwhile). The copy of what the store holds stays: while the store lacks the
-    /// session (Redis refused or evicted it), it is what the replay uses.
-    fn invalidate(&self, id: &SessionId, upstream_id: &str) {
-        if let Some(mapped) = self.sessions_write().by_id.get_mut(id)
-            && mapped.upstream_id.as_deref() == Some(upstream_id)
-        {
-            mapped.upstream_id = None;
-        }
-    }
-
-    /// Drops everything this proxy knows of `id`.
-    fn unmap(&self, id: &SessionId) {
-        let mut sessions = self.sessions_write();
-        if let Some(mapped) = sessions.by_id.remove(id) {
-            release(&mut sessions.per_credential, &mapped.credential);
-        }
-        self.metrics.sessions.set(sessions.by_id.len() as i64);
-    }
-
     fn forget(&self, id: &SessionId) {
-        self.unmap(id);
+        self.table.unmap(id);
         self.toucher.forget(id);
     }
 
     /// Drops sessions unused for longer than the session TTL: the store has let them expire.
     fn forget_idle(&self) -> usize {
-        let ttl = u32::try_from(self.config.session_ttl.as_secs()).unwrap_or(u32::MAX);
-        let now = self.now_secs();
-        let idle: Vec<SessionId> = self
-            .sessions_read()
-            .by_id
-            .iter()
-            .filter(|(_, m)| now.saturating_sub(m.last_used.load(Ordering::Relaxed)) > ttl)
-            .map(|(id, _)| id.clone())
-            .collect();
+        let idle = self.table.idle(self.config.session_ttl);
         for id in &idle {
             self.forget(id);
         }
@@ -664,15 +420,8 @@ impl Proxy {
 
     /// Writes a session this proxy serves back into the store, which lost it or was down.
     async fn restore(&self, id: &SessionId) {
-        let session = {
-            let sessions = self.sessions_read();
-            let Some(mapped) = sessions.by_id.get(id) else {
-                return;
-            };
-            mapped.stored.to_new_session(
-                self.config.pod_name.clone(),
-                mapped.credential.as_deref().map(String::from),
-            )
+        let Some(session) = self.table.stored_copy(id, self.config.pod_name.clone()) else {
+            return;
         };
         match self.store.create_or_rehydrate(id, session).await {
             Ok(_) => {
@@ -849,12 +598,7 @@ impl Proxy {
         else {
             return;
         };
-        let changed = self
-            .sessions_write()
-            .by_id
-            .get_mut(id)
-            .is_some_and(|mapped| mapped.stored.setup.apply(change.clone()));
-        if changed {
+        if self.table.record_setup(id, change.clone()) {
             let patch = SessionPatch {
                 setup: Some(change),
                 ..Default::default()
@@ -891,12 +635,7 @@ impl Proxy {
     /// of one session may reach any pod): it is open upstream here already, so a claim is all
     /// the takeover needs. Counted as a rehydration, like a replayed one.
     async fn take_over(&self, id: &SessionId) {
-        let Some(credential) = self
-            .sessions_read()
-            .by_id
-            .get(id)
-            .map(|mapped| mapped.credential.as_deref().map(str::to_owned))
-        else {
+        let Some(credential) = self.table.credential_of(id) else {
             return;
         };
         let Some(claimed) = self.claim_here(id, credential).await else {
@@ -974,7 +713,7 @@ impl Proxy {
                         // The upstream lost the session (it restarted): replay and send again.
                         Signal::UnknownSession if attempt < MAX_ATTEMPTS => {
                             debug!(session = %bound.id, "the upstream does not know the session; replaying the handshake");
-                            self.invalidate(&bound.id, upstream_id);
+                            self.table.invalidate(&bound.id, upstream_id);
                         }
                         Signal::UnknownSession => {
                             break Err(Failure::Upstream(UpstreamError::Unavailable(
@@ -1114,7 +853,7 @@ impl Proxy {
             credential_fingerprint: credential.clone(),
             ..Default::default()
         };
-        self.remember(
+        self.table.remember(
             &id,
             upstream_id,
             Transport::Streamable,
@@ -1149,15 +888,8 @@ impl Proxy {
         let Some(version) = protocol::negotiated_version(answer) else {
             return;
         };
-        {
-            let mut sessions = self.sessions_write();
-            let Some(mapped) = sessions.by_id.get_mut(id) else {
-                return;
-            };
-            if mapped.stored.protocol_version.as_deref() == Some(version.as_str()) {
-                return;
-            }
-            mapped.stored.protocol_version = Some(version.as_str().into());
+        if !self.table.set_protocol_version(id, &version) {
+            return;
         }
         let patch = SessionPatch {
             protocol_version: Some(version),
@@ -1401,15 +1133,7 @@ impl Proxy {
     /// changed it), else the copy in memory (the store refused or evicted the session, or is
     /// down): an upstream restart never loses a session this proxy serves.
     async fn replay_source(&self, id: &SessionId) -> Result<Option<(NewSession, bool)>, Failure> {
-        let in_memory = {
-            let sessions = self.sessions_read();
-            sessions.by_id.get(id).map(|mapped| {
-                mapped.stored.to_new_session(
-                    self.config.pod_name.clone(),
-                    mapped.credential.as_deref().map(String::from),
-                )
-            })
-        };
+        let in_memory = self.table.stored_copy(id, self.config.pod_name.clone());
         let Some(in_memory) = in_memory else {
             // Nothing here to fall back on: wait out a store outage.
             return Ok(self
@@ -1512,7 +1236,8 @@ impl Proxy {
             credential_fingerprint: credential,
             ..session
         };
-        self.remember(id, upstream_id.clone(), Transport::Streamable, stored, None);
+        self.table
+            .remember(id, upstream_id.clone(), Transport::Streamable, stored, None);
         if !in_store {
             self.restore(id).await;
         }
@@ -1682,8 +1407,7 @@ impl Proxy {
         // owns, requests of a session may reach any pod) and any the store names it owner of
         // that it does not hold (a restarted proxy container).
         let owner = self.config.pod_name.as_deref();
-        let mut ids: std::collections::BTreeSet<SessionId> =
-            self.sessions_read().by_id.keys().cloned().collect();
+        let mut ids: std::collections::BTreeSet<SessionId> = self.table.ids().into_iter().collect();
         if let Some(pod) = owner {
             match self.store.sessions_of_pod(pod, DRAIN_BATCH).await {
                 Ok(owned) => ids.extend(owned),
@@ -1839,26 +1563,6 @@ impl Proxy {
     }
 }
 
-/// A session a credential may still open, taken at admission; given back when dropped unless
-/// a session was remembered in it.
-struct Slot<'a> {
-    sessions: &'a RwLock<Sessions>,
-    /// The key it counts under.
-    key: Option<Box<str>>,
-    /// The credential's fingerprint, for the new session.
-    credential: Option<String>,
-    used: bool,
-}
-
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        if !self.used {
-            let mut sessions = self.sessions.write().unwrap_or_else(|p| p.into_inner());
-            release(&mut sessions.per_credential, &self.key);
-        }
-    }
-}
-
 /// A request in flight, until dropped (also when its client goes away mid-request).
 struct InFlight<'a>(&'a AtomicUsize);
 
@@ -1872,16 +1576,6 @@ impl<'a> InFlight<'a> {
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// One session fewer for `credential`.
-fn release(per_credential: &mut HashMap<Option<Box<str>>, usize>, credential: &Option<Box<str>>) {
-    if let Some(count) = per_credential.get_mut(credential) {
-        *count = count.saturating_sub(1);
-        if *count == 0 {
-            per_credential.remove(credential);
-        }
     }
 }
 
@@ -1953,39 +1647,4 @@ pub async fn run(
     let _ = stop.send(());
     let _ = server.await;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_compact_copy_restores_what_was_stored() {
-        let session = NewSession {
-            owner_pod: Some("old".into()),
-            metadata: serde_json::json!({"user_id": "u-1"})
-                .as_object()
-                .cloned()
-                .unwrap_or_default(),
-            protocol_version: Some("2025-06-18".into()),
-            initialize_params: Some(
-                serde_json::json!({"capabilities": {"roots": []}, "clientInfo": {"name": "c"}}),
-            ),
-            credential_fingerprint: Some("fp".into()),
-            setup: SessionSetup {
-                subscriptions: vec!["demo://resource/1".into()],
-                log_level: Some("debug".into()),
-            },
-        };
-        let copy = StoredCopy::of(&session);
-        let restored = copy.to_new_session(Some("pod-b".into()), Some("fp".into()));
-        assert_eq!(restored.owner_pod.as_deref(), Some("pod-b"));
-        assert_eq!(restored.metadata, session.metadata);
-        assert_eq!(restored.protocol_version, session.protocol_version);
-        assert_eq!(restored.initialize_params, session.initialize_params);
-        assert_eq!(restored.credential_fingerprint.as_deref(), Some("fp"));
-        assert_eq!(restored.setup, session.setup);
-        let empty = StoredCopy::of(&NewSession::default());
-        assert!(empty.metadata.is_none() && empty.initialize_params.is_none());
-    }
 }

@@ -1,0 +1,409 @@
+//! The sessions this proxy serves: the upstream session each maps to, the identity it is bound
+//! to, what the store holds of it (to write it back, or replay from it, when the store lacks
+//! it), and how many sessions each identity holds. One lock, behind methods: nothing outside
+//! this file sees the map.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::gauge::Gauge;
+use serde_json::Value;
+
+use super::Unknown;
+use crate::store::binding::{self, Binding};
+use crate::store::{NewSession, SessionId, SessionSetup, SetupChange};
+
+/// The session table of one proxy.
+pub struct SessionTable {
+    sessions: RwLock<Sessions>,
+    /// Sessions one identity may hold.
+    limit: usize,
+    /// `mcp_proxy_sessions`.
+    gauge: Gauge,
+    /// Last use is kept in seconds since this, in 32 bits per session.
+    started: Instant,
+}
+
+impl SessionTable {
+    pub fn new(limit: usize, gauge: Gauge) -> Self {
+        Self {
+            sessions: RwLock::default(),
+            limit,
+            gauge,
+            started: Instant::now(),
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Sessions> {
+        self.sessions.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Sessions> {
+        self.sessions.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn now_secs(&self) -> u32 {
+        u32::try_from(self.started.elapsed().as_secs()).unwrap_or(u32::MAX)
+    }
+
+    /// What the table says of a session of `transport`, for `credential` (marking it used). A
+    /// session of the other transport is unknown here.
+    pub fn lookup(&self, id: &SessionId, credential: Option<&str>, transport: Transport) -> Lookup {
+        let sessions = self.read();
+        let Some(mapped) = sessions.by_id.get(id) else {
+            return Lookup::Absent;
+        };
+        match binding::check(mapped.credential.as_deref(), credential) {
+            Binding::Mismatch => return Lookup::Refused(Unknown::OtherCredential),
+            Binding::Unbound => return Lookup::Unbound,
+            Binding::Matches => {}
+        }
+        if mapped.transport != transport {
+            return Lookup::Refused(Unknown::NotFound);
+        }
+        mapped.last_used.store(self.now_secs(), Ordering::Relaxed);
+        match &mapped.upstream_id {
+            Some(upstream_id) => Lookup::Live(upstream_id.to_string()),
+            None => Lookup::Stale,
+        }
+    }
+
+    /// The upstream side of a mapped session, whoever asks.
+    pub fn upstream_of(&self, id: &SessionId) -> Option<String> {
+        self.read()
+            .by_id
+            .get(id)
+            .and_then(|m| m.upstream_id.as_deref().map(str::to_owned))
+    }
+
+    /// The identity a mapped session is bound to (`Some(None)`: to nobody).
+    pub fn credential_of(&self, id: &SessionId) -> Option<Option<String>> {
+        self.read()
+            .by_id
+            .get(id)
+            .map(|mapped| mapped.credential.as_deref().map(str::to_owned))
+    }
+
+    /// Points a mapped session at a new upstream session.
+    pub fn remap(&self, id: &SessionId, upstream_id: String) {
+        if let Some(mapped) = self.write().by_id.get_mut(id) {
+            mapped.upstream_id = Some(upstream_id.into_boxed_str());
+        }
+    }
+
+    /// The upstream no longer knows the session it mapped `id` to: the next request replays
+    /// the handshake. Only if `id` still maps to `upstream_id` (a concurrent request may have
+    /// replayed meanwhile). The copy of what the store holds stays: while the store lacks the
+    /// session (Redis refused or evicted it), it is what the replay uses.
+    pub fn invalidate(&self, id: &SessionId, upstream_id: &str) {
+        if let Some(mapped) = self.write().by_id.get_mut(id)
+            && mapped.upstream_id.as_deref() == Some(upstream_id)
+        {
+            mapped.upstream_id = None;
+        }
+    }
+
+    /// Binds a mapped session bound to nobody to `credential` (the store bound it first).
+    pub fn bind(&self, id: &SessionId, credential: &str) {
+        let mut sessions = self.write();
+        let sessions = &mut *sessions;
+        if let Some(mapped) = sessions.by_id.get_mut(id)
+            && mapped.credential.is_none()
+        {
+            let bound: Box<str> = credential.into();
+            mapped.credential = Some(bound.clone());
+            release(&mut sessions.per_credential, &None);
+            *sessions.per_credential.entry(Some(bound)).or_default() += 1;
+        }
+    }
+
+    /// The stored `initialize` params of a mapped session.
+    pub fn initialize_params(&self, id: &SessionId) -> Option<Value> {
+        let text = self
+            .read()
+            .by_id
+            .get(id)?
+            .stored
+            .initialize_params
+            .clone()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Keeps `params` as the session's `initialize` params; false if it is not mapped or
+    /// already has them.
+    pub fn set_initialize_params(&self, id: &SessionId, params: &Value) -> bool {
+        let mut sessions = self.write();
+        let Some(mapped) = sessions.by_id.get_mut(id) else {
+            return false;
+        };
+        if mapped.stored.initialize_params.is_some() {
+            return false;
+        }
+        mapped.stored.initialize_params = serde_json::to_string(params)
+            .ok()
+            .map(String::into_boxed_str);
+        true
+    }
+
+    /// Applies a setup request's change to the session's copy; whether it changed anything.
+    pub fn record_setup(&self, id: &SessionId, change: SetupChange) -> bool {
+        self.write()
+            .by_id
+            .get_mut(id)
+            .is_some_and(|mapped| mapped.stored.setup.apply(change))
+    }
+
+    /// Keeps the protocol version the upstream negotiated; whether it is news.
+    pub fn set_protocol_version(&self, id: &SessionId, version: &str) -> bool {
+        let mut sessions = self.write();
+        let Some(mapped) = sessions.by_id.get_mut(id) else {
+            return false;
+        };
+        if mapped.stored.protocol_version.as_deref() == Some(version) {
+            return false;
+        }
+        mapped.stored.protocol_version = Some(version.into());
+        true
+    }
+
+    /// What the store should hold of a mapped session, owned by `owner_pod`.
+    pub fn stored_copy(&self, id: &SessionId, owner_pod: Option<String>) -> Option<NewSession> {
+        self.read().by_id.get(id).map(|mapped| {
+            mapped
+                .stored
+                .to_new_session(owner_pod, mapped.credential.as_deref().map(String::from))
+        })
+    }
+
+    /// A place for a new session of `credential` (as the binding sees it), taken now so that
+    /// concurrent `initialize`s cannot all pass the check; or how many it holds already.
+    pub fn admit(&self, credential: Option<String>) -> Result<Slot<'_>, usize> {
+        let key: Option<Box<str>> = credential.as_deref().map(Box::from);
+        let mut sessions = self.write();
+        let held = sessions.per_credential.entry(key.clone()).or_default();
+        if *held >= self.limit {
+            return Err(*held);
+        }
+        *held += 1;
+        Ok(Slot {
+            sessions: &self.sessions,
+            key,
+            credential,
+            used: false,
+        })
+    }
+
+    /// Maps `id`; a new session counts against its credential's limit, in the `slot` its
+    /// admission took if it has one.
+    pub fn remember(
+        &self,
+        id: &SessionId,
+        upstream_id: String,
+        transport: Transport,
+        stored: NewSession,
+        slot: Option<Slot<'_>>,
+    ) {
+        let credential: Option<Box<str>> = stored.credential_fingerprint.as_deref().map(Box::from);
+        let mapped = Mapped {
+            upstream_id: Some(upstream_id.into_boxed_str()),
+            transport,
+            credential: credential.clone(),
+            last_used: AtomicU32::new(self.now_secs()),
+            stored: StoredCopy::of(&stored),
+        };
+        let mut sessions = self.write();
+        let new = sessions.by_id.insert(id.clone(), mapped).is_none();
+        self.gauge.set(sessions.by_id.len() as i64);
+        match slot {
+            Some(mut slot) if new && slot.key == credential => slot.used = true,
+            _ if new => *sessions.per_credential.entry(credential).or_default() += 1,
+            _ => {}
+        }
+        // An unused slot gives itself back, taking the lock: not while this holds it.
+        drop(sessions);
+    }
+
+    /// Drops everything the table knows of `id`.
+    pub fn unmap(&self, id: &SessionId) {
+        let mut sessions = self.write();
+        if let Some(mapped) = sessions.by_id.remove(id) {
+            release(&mut sessions.per_credential, &mapped.credential);
+        }
+        self.gauge.set(sessions.by_id.len() as i64);
+    }
+
+    /// Sessions unused for longer than `ttl`.
+    pub fn idle(&self, ttl: Duration) -> Vec<SessionId> {
+        let ttl = u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX);
+        let now = self.now_secs();
+        self.read()
+            .by_id
+            .iter()
+            .filter(|(_, m)| now.saturating_sub(m.last_used.load(Ordering::Relaxed)) > ttl)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Every mapped session's id.
+    pub fn ids(&self) -> Vec<SessionId> {
+        self.read().by_id.keys().cloned().collect()
+    }
+}
+
+/// The sessions this proxy has upstream sessions for.
+#[derive(Default)]
+struct Sessions {
+    by_id: HashMap<SessionId, Mapped>,
+    per_credential: HashMap<Option<Box<str>>, usize>,
+}
+
+/// How a session reaches its upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Streamable HTTP: the upstream session id goes in `Mcp-Session-Id`.
+    Streamable,
+    /// HTTP+SSE (2024-11-05): the upstream's message endpoint, session included.
+    Sse,
+}
+
+/// A session this proxy has an upstream session for.
+#[derive(Debug)]
+struct Mapped {
+    /// The upstream's session id, or (HTTP+SSE) its message endpoint; `None` once the upstream
+    /// said it does not know it (it restarted): the next request replays the handshake.
+    upstream_id: Option<Box<str>>,
+    transport: Transport,
+    credential: Option<Box<str>>,
+    /// Seconds since the proxy started, at the last request: idle sessions are dropped.
+    last_used: AtomicU32,
+    /// What the store holds of the session, to write it again if the store loses it (a Redis
+    /// restarted without persistence): a live proxy's sessions are never lost with it.
+    stored: StoredCopy,
+}
+
+/// The stored handshake as compact JSON text: a parsed JSON tree takes several times the
+/// memory of its text, per session, for a copy that is read only if the store loses it.
+#[derive(Debug, Clone)]
+struct StoredCopy {
+    initialize_params: Option<Box<str>>,
+    protocol_version: Option<Box<str>>,
+    metadata: Option<Box<str>>,
+    setup: SessionSetup,
+}
+
+impl StoredCopy {
+    fn of(session: &NewSession) -> Self {
+        let text = |value: &Value| {
+            serde_json::to_string(value)
+                .ok()
+                .map(String::into_boxed_str)
+        };
+        Self {
+            initialize_params: session.initialize_params.as_ref().and_then(text),
+            protocol_version: session.protocol_version.as_deref().map(Box::from),
+            metadata: (!session.metadata.is_empty())
+                .then(|| {
+                    serde_json::to_string(&session.metadata)
+                        .ok()
+                        .map(String::into_boxed_str)
+                })
+                .flatten(),
+            setup: session.setup.clone(),
+        }
+    }
+
+    fn to_new_session(&self, owner_pod: Option<String>, credential: Option<String>) -> NewSession {
+        fn parse<T: serde::de::DeserializeOwned>(text: &Option<Box<str>>) -> Option<T> {
+            text.as_deref().and_then(|t| serde_json::from_str(t).ok())
+        }
+        NewSession {
+            owner_pod,
+            metadata: parse(&self.metadata).unwrap_or_default(),
+            protocol_version: self.protocol_version.as_deref().map(String::from),
+            initialize_params: parse(&self.initialize_params),
+            credential_fingerprint: credential,
+            setup: self.setup.clone(),
+        }
+    }
+}
+
+/// What this proxy's memory says of a session, for a request presenting a credential.
+#[derive(Debug)]
+pub enum Lookup {
+    /// Mapped to a live upstream session.
+    Live(String),
+    /// Known here, but the upstream lost it: replay, from the store or from the copy here.
+    Stale,
+    /// Known here and bound to nobody, and the request has an identity: bind it first.
+    Unbound,
+    /// Not known here.
+    Absent,
+    Refused(Unknown),
+}
+
+/// A session a credential may still open, taken at admission; given back when dropped unless
+/// a session was remembered in it.
+pub struct Slot<'a> {
+    sessions: &'a RwLock<Sessions>,
+    /// The key it counts under.
+    key: Option<Box<str>>,
+    /// The credential's fingerprint, for the new session.
+    pub credential: Option<String>,
+    used: bool,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if !self.used {
+            let mut sessions = self.sessions.write().unwrap_or_else(|p| p.into_inner());
+            release(&mut sessions.per_credential, &self.key);
+        }
+    }
+}
+
+/// One session fewer for `credential`.
+fn release(per_credential: &mut HashMap<Option<Box<str>>, usize>, credential: &Option<Box<str>>) {
+    if let Some(count) = per_credential.get_mut(credential) {
+        *count = count.saturating_sub(1);
+        if *count == 0 {
+            per_credential.remove(credential);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_compact_copy_restores_what_was_stored() {
+        let session = NewSession {
+            owner_pod: Some("old".into()),
+            metadata: serde_json::json!({"user_id": "u-1"})
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+            protocol_version: Some("2025-06-18".into()),
+            initialize_params: Some(
+                serde_json::json!({"capabilities": {"roots": []}, "clientInfo": {"name": "c"}}),
+            ),
+            credential_fingerprint: Some("fp".into()),
+            setup: SessionSetup {
+                subscriptions: vec!["demo://resource/1".into()],
+                log_level: Some("debug".into()),
+            },
+        };
+        let copy = StoredCopy::of(&session);
+        let restored = copy.to_new_session(Some("pod-b".into()), Some("fp".into()));
+        assert_eq!(restored.owner_pod.as_deref(), Some("pod-b"));
+        assert_eq!(restored.metadata, session.metadata);
+        assert_eq!(restored.protocol_version, session.protocol_version);
+        assert_eq!(restored.initialize_params, session.initialize_params);
+        assert_eq!(restored.credential_fingerprint.as_deref(), Some("fp"));
+        assert_eq!(restored.setup, session.setup);
+        let empty = StoredCopy::of(&NewSession::default());
+        assert!(empty.metadata.is_none() && empty.initialize_params.is_none());
+    }
+}
