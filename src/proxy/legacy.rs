@@ -553,23 +553,23 @@ impl Stream {
                 match sent {
                     Ok(answer) if answer.response.status().is_success() => {
                         self.proxy.unanswered.add(&self.id, request.clone());
-                        "resent"
+                        metrics::Unanswered::Resent
                     }
                     Ok(answer) => {
                         let status = answer.response.status();
                         warn!(%status, "the new upstream refused a resent request");
-                        "failed"
+                        metrics::Unanswered::Failed
                     }
                     Err(error) => {
                         warn!(%error, "cannot resend a request");
-                        "failed"
+                        metrics::Unanswered::Failed
                     }
                 }
             } else {
-                "failed"
+                metrics::Unanswered::Failed
             };
             metrics::inc(&self.proxy.metrics.unanswered, outcome);
-            if outcome == "failed" {
+            if outcome == metrics::Unanswered::Failed {
                 warn!(
                     "the upstream restarted before answering; the request may have been executed, so it is not sent again"
                 );
@@ -606,11 +606,11 @@ impl Stream {
                 let status = answer.response.status();
                 let _ = answer.response.into_body().collect().await;
                 if !status.is_success() {
-                    metrics::inc(&self.proxy.metrics.replays, "refused");
+                    metrics::inc(&self.proxy.metrics.replays, metrics::Replay::Refused);
                     return Err(Failure::Unknown(Unknown::NotFound));
                 }
             }
-            metrics::inc(&self.proxy.metrics.replays, "replayed");
+            metrics::inc(&self.proxy.metrics.replays, metrics::Replay::Replayed);
         }
         self.proxy.table.remap(&self.id, target);
         Ok(())

@@ -1,7 +1,7 @@
 //! The proxy's metrics (DESIGN.md names): requests by method and status, latency, replays,
 //! held and resent requests, claims, refusals, sessions and streams.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, LabelSetEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -16,10 +16,69 @@ pub struct RequestLabels {
     pub status: u16,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OutcomeLabels {
-    pub outcome: &'static str,
+/// The `outcome` label of a family whose outcomes are the variants of `T`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct OutcomeLabels<T> {
+    pub outcome: T,
 }
+
+impl<T: Outcome> EncodeLabelSet for OutcomeLabels<T> {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> std::fmt::Result {
+        use prometheus_client::encoding::EncodeLabel as _;
+        ("outcome", self.outcome.as_str()).encode(encoder.encode_label())
+    }
+}
+
+/// A family's outcomes, in code by variant and in Prometheus in snake_case.
+pub trait Outcome: Clone + std::fmt::Debug + std::hash::Hash + Eq + Send + Sync + 'static {
+    fn as_str(&self) -> &'static str;
+}
+
+macro_rules! outcomes {
+    ($(#[$doc:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+        pub enum $name {
+            $($variant),+
+        }
+
+        impl Outcome for $name {
+            fn as_str(&self) -> &'static str {
+                match self {
+                    $(Self::$variant => $text),+
+                }
+            }
+        }
+    };
+}
+
+outcomes!(
+    /// `mcp_proxy_replays_total`.
+    Replay { Replayed => "replayed", Refused => "refused" }
+);
+outcomes!(
+    /// `mcp_proxy_unanswered_requests_total`: what became of a request whose answer was lost.
+    Unanswered { Resent => "resent", Failed => "failed", Resumed => "resumed" }
+);
+outcomes!(
+    /// `mcp_proxy_claims_total`.
+    Claim {
+        Claimed => "claimed",
+        Shared => "shared",
+        OtherCredential => "other_credential",
+        Failed => "failed",
+    }
+);
+outcomes!(
+    /// `mcp_proxy_refused_sessions_total`: why a session was refused.
+    Refusal {
+        NotFound => "not_found",
+        OtherCredential => "other_credential",
+        InvalidId => "invalid_id",
+        TooManySessions => "too_many_sessions",
+        InitializeTooLarge => "initialize_too_large",
+    }
+);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
@@ -27,7 +86,7 @@ pub struct KindLabels {
 }
 
 /// Counts one `outcome` in a family of outcome counters.
-pub fn inc(family: &Family<OutcomeLabels, Counter>, outcome: &'static str) {
+pub fn inc<T: Outcome>(family: &Family<OutcomeLabels<T>, Counter>, outcome: T) {
     family.get_or_create(&OutcomeLabels { outcome }).inc();
 }
 
@@ -35,13 +94,13 @@ pub struct ProxyMetrics {
     pub registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
     pub latency: Histogram,
-    pub replays: Family<OutcomeLabels, Counter>,
+    pub replays: Family<OutcomeLabels<Replay>, Counter>,
     pub held: Counter,
     /// Requests whose response the upstream lost: `resent` (safe to execute twice) or
     /// `failed` (answered with a JSON-RPC error).
-    pub unanswered: Family<OutcomeLabels, Counter>,
-    pub claims: Family<OutcomeLabels, Counter>,
-    pub refused: Family<OutcomeLabels, Counter>,
+    pub unanswered: Family<OutcomeLabels<Unanswered>, Counter>,
+    pub claims: Family<OutcomeLabels<Claim>, Counter>,
+    pub refused: Family<OutcomeLabels<Refusal>, Counter>,
     pub sessions: Gauge,
     pub streams: Family<KindLabels, Gauge>,
     /// Streams resumed from the event log with `Last-Event-ID`.
@@ -79,7 +138,7 @@ impl ProxyMetrics {
             "Time to the response head",
             latency.clone(),
         );
-        let replays = Family::<OutcomeLabels, Counter>::default();
+        let replays = Family::<OutcomeLabels<Replay>, Counter>::default();
         registry.register(
             "mcp_proxy_replays",
             "Handshake replays to a fresh upstream, by outcome",
@@ -91,19 +150,19 @@ impl ProxyMetrics {
             "Requests held while the upstream was down",
             held.clone(),
         );
-        let unanswered = Family::<OutcomeLabels, Counter>::default();
+        let unanswered = Family::<OutcomeLabels<Unanswered>, Counter>::default();
         registry.register(
             "mcp_proxy_unanswered_requests",
             "Requests whose response the upstream lost, by what the proxy did",
             unanswered.clone(),
         );
-        let claims = Family::<OutcomeLabels, Counter>::default();
+        let claims = Family::<OutcomeLabels<Claim>, Counter>::default();
         registry.register(
             "mcp_proxy_claims",
             "Claims of sessions from other pods",
             claims.clone(),
         );
-        let refused = Family::<OutcomeLabels, Counter>::default();
+        let refused = Family::<OutcomeLabels<Refusal>, Counter>::default();
         registry.register(
             "mcp_proxy_refused_sessions",
             "Session ids answered as unknown",
@@ -175,6 +234,28 @@ impl ProxyMetrics {
             events_unlogged,
             store_write_failures,
             unstored,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_are_exposed_in_snake_case() {
+        let metrics = ProxyMetrics::new(ListenerMetrics::default());
+        inc(&metrics.claims, Claim::OtherCredential);
+        inc(&metrics.refused, Refusal::InitializeTooLarge);
+        inc(&metrics.replays, Replay::Replayed);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &metrics.registry).unwrap();
+        for line in [
+            r#"mcp_proxy_claims_total{outcome="other_credential"} 1"#,
+            r#"mcp_proxy_refused_sessions_total{outcome="initialize_too_large"} 1"#,
+            r#"mcp_proxy_replays_total{outcome="replayed"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
         }
     }
 }

@@ -369,7 +369,7 @@ impl Proxy {
             Ok(slot) => return Ok(slot),
             Err(held) => held,
         };
-        metrics::inc(&self.metrics.refused, "too_many_sessions");
+        metrics::inc(&self.metrics.refused, metrics::Refusal::TooManySessions);
         warn!(
             sessions = held,
             "a credential reached its session limit; new session refused"
@@ -647,13 +647,13 @@ impl Proxy {
                 if from_draining {
                     self.report(Tally::Rehydrated, 1);
                 }
-                "claimed"
+                metrics::Claim::Claimed
             }
-            Ok(ClaimOutcome::CredentialMismatch) => "other_credential",
-            Ok(_) => "shared",
+            Ok(ClaimOutcome::CredentialMismatch) => metrics::Claim::OtherCredential,
+            Ok(_) => metrics::Claim::Shared,
             Err(error) => {
                 warn!(session = %id, %error, "cannot claim a drained session served here");
-                "failed"
+                metrics::Claim::Failed
             }
         };
         metrics::inc(&self.metrics.claims, outcome);
@@ -730,7 +730,7 @@ impl Proxy {
                     debug!(%reason, "the upstream lost a request that is safe to send again");
                     // A server shutting down may still take connections: let it go first.
                     tokio::time::sleep(Duration::from_millis(50) * attempt).await;
-                    metrics::inc(&self.metrics.unanswered, "resent");
+                    metrics::inc(&self.metrics.unanswered, metrics::Unanswered::Resent);
                 }
                 Err(error) => break Err(Failure::Upstream(error)),
             }
@@ -815,7 +815,7 @@ impl Proxy {
         // Kept for the session's life, in memory and in the store: bounded.
         let size = serde_json::to_string(&params).map_or(0, |text| text.len());
         if size > self.config.max_initialize_bytes {
-            metrics::inc(&self.metrics.refused, "initialize_too_large");
+            metrics::inc(&self.metrics.refused, metrics::Refusal::InitializeTooLarge);
             return error_answer(
                 exchange.request_id(),
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -1184,15 +1184,15 @@ impl Proxy {
                     // From the claim, not the record read before it: the session may have
                     // been drained in between.
                     (claimed, rehydrating) = (true, from_draining);
-                    "claimed"
+                    metrics::Claim::Claimed
                 }
                 Ok(ClaimOutcome::CredentialMismatch) => return unknown(Unknown::OtherCredential),
                 Ok(ClaimOutcome::NotFound) => return unknown(Unknown::NotFound),
                 // Any proxy serves any session; ownership follows the GET stream.
-                Ok(_) => "shared",
+                Ok(_) => metrics::Claim::Shared,
                 Err(error) => {
                     warn!(%error, "cannot claim the session");
-                    "failed"
+                    metrics::Claim::Failed
                 }
             };
             metrics::inc(&self.metrics.claims, outcome);
@@ -1212,7 +1212,7 @@ impl Proxy {
         let upstream_id = match self.handshake(path, headers, &session).await? {
             Some(upstream_id) => upstream_id,
             None => {
-                metrics::inc(&self.metrics.replays, "refused");
+                metrics::inc(&self.metrics.replays, metrics::Replay::Refused);
                 warn!("the upstream refused the replayed initialize; the session is lost");
                 // Counted once, by the proxy that took the session over; the client's retries
                 // (here or on other pods, which now see it owned) are the same loss.
@@ -1222,7 +1222,7 @@ impl Proxy {
                 return unknown(Unknown::NotFound);
             }
         };
-        metrics::inc(&self.metrics.replays, "replayed");
+        metrics::inc(&self.metrics.replays, metrics::Replay::Replayed);
         info!(
             subscriptions = session.setup.subscriptions.len(),
             from_memory = !in_store,
@@ -1347,9 +1347,9 @@ impl Proxy {
 
     fn unknown(&self, why: Unknown, request_id: Option<Value>, id: &str) -> Response {
         let outcome = match why {
-            Unknown::NotFound => "not_found",
-            Unknown::OtherCredential => "other_credential",
-            Unknown::Invalid => "invalid_id",
+            Unknown::NotFound => metrics::Refusal::NotFound,
+            Unknown::OtherCredential => metrics::Refusal::OtherCredential,
+            Unknown::Invalid => metrics::Refusal::InvalidId,
         };
         metrics::inc(&self.metrics.refused, outcome);
         if matches!(why, Unknown::OtherCredential) {
@@ -1364,7 +1364,7 @@ impl Proxy {
     fn upstream_failure(&self, error: UpstreamError, request_id: Option<Value>) -> Response {
         warn!(%error, "upstream request failed");
         if matches!(error, UpstreamError::Lost(_)) {
-            metrics::inc(&self.metrics.unanswered, "failed");
+            metrics::inc(&self.metrics.unanswered, metrics::Unanswered::Failed);
         }
         error_answer(
             request_id,
@@ -1520,7 +1520,7 @@ impl Proxy {
         self.metrics
             .replays
             .get_or_create(&metrics::OutcomeLabels {
-                outcome: "replayed",
+                outcome: metrics::Replay::Replayed,
             })
             .get()
     }

@@ -318,7 +318,7 @@ impl Relay {
             () = closing(&mut self.phase, self.kind) => return None,
             resumed = self.proxy.upstream_events_after(bound, &self.exchange, &last) => resumed?,
         };
-        metrics::inc(&self.proxy.metrics.unanswered, "resumed");
+        metrics::inc(&self.proxy.metrics.unanswered, metrics::Unanswered::Resumed);
         info!(last_event = %last, "the upstream closed the response stream before its answer; resumed it");
         Some(resumed)
     }
@@ -440,7 +440,7 @@ impl Relay {
     async fn resend(&mut self) -> Option<Body> {
         let out_of_time = self.started.elapsed() + self.resend_pause > self.proxy.config.hold;
         if out_of_time || !self.proxy.may_resend(&self.exchange) {
-            metrics::inc(&self.proxy.metrics.unanswered, "failed");
+            metrics::inc(&self.proxy.metrics.unanswered, metrics::Unanswered::Failed);
             warn!(
                 method = self.exchange.rpc_method(),
                 "the upstream ended the stream before answering; the request may have been executed, so it is not sent again"
@@ -454,7 +454,7 @@ impl Relay {
         }
         tokio::time::sleep(self.resend_pause).await;
         self.resend_pause = (self.resend_pause * 2).min(Duration::from_secs(1));
-        metrics::inc(&self.proxy.metrics.unanswered, "resent");
+        metrics::inc(&self.proxy.metrics.unanswered, metrics::Unanswered::Resent);
         info!(
             method = self.exchange.rpc_method(),
             "the upstream ended the stream before answering; sending the request again (safe to repeat)"
