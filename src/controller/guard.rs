@@ -13,6 +13,9 @@ use kube::{Client, ResourceExt as _};
 use serde_json::json;
 use tracing::{info, warn};
 
+use crate::api::{McpSessionPolicyStatus, RolloutStatus};
+use crate::store::Tallies;
+
 /// What the guard did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Paused {
@@ -78,4 +81,48 @@ pub async fn pause(client: &Client, namespace: &str, pods: &[Arc<Pod>], revision
         }
     }
     paused
+}
+
+/// The last rollout of the selected pods, tracked from the previous status and the tallies;
+/// one that has lost more sessions than allowed is paused, once.
+pub(super) async fn track_and_guard(
+    client: &Client,
+    namespace: &str,
+    selected: &[Arc<Pod>],
+    previous: Option<&McpSessionPolicyStatus>,
+    tallies: Option<Tallies>,
+    max_lost_sessions: u64,
+) -> Option<RolloutStatus> {
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let mut last_rollout = super::rollout::track(
+        previous.and_then(|p| p.last_rollout.as_ref()),
+        selected,
+        tallies,
+        &now,
+    );
+    if let Some(rollout) = &mut last_rollout
+        && rollout.finished_at.is_none()
+        && rollout.paused_at.is_none()
+        && rollout.lost > max_lost_sessions
+    {
+        let paused = pause(client, namespace, selected, &rollout.revision).await;
+        let mut what: Vec<String> = paused
+            .deployments
+            .iter()
+            .map(|d| format!("Deployment/{d}"))
+            .collect();
+        what.extend(
+            paused
+                .unpausable
+                .iter()
+                .map(|o| format!("{o} (cannot be paused)")),
+        );
+        rollout.paused_at = Some(now);
+        rollout.paused = Some(if what.is_empty() {
+            "nothing owns the new pods".to_owned()
+        } else {
+            what.join(", ")
+        });
+    }
+    last_rollout
 }

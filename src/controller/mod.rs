@@ -39,7 +39,8 @@ use self::stores::StorePool;
 use crate::api::{McpSessionPolicy, McpSessionPolicyStatus};
 use crate::events::PolicyEvents;
 use crate::metrics::Metrics;
-use crate::store::SessionStore;
+use crate::store::redis::RetentionVerdict;
+use crate::store::{self, SessionCounts, SessionStore};
 
 /// Field manager of the status the operator applies.
 pub const FIELD_MANAGER: &str = "mcp-session-operator";
@@ -104,11 +105,21 @@ pub struct Context {
     deletion_costs: deletion_cost::Writer,
 }
 
+/// What Redis said in one reconcile.
+struct FromRedis {
+    counts: Result<SessionCounts, Problem>,
+    unreadable: u64,
+    tallies: Option<store::Tallies>,
+    retention: Option<RetentionVerdict>,
+}
+
+/// Observe (pods, Redis, Services, the key Secret), act where the observation calls for it
+/// (sweep vanished pods' sessions, pause a rollout that loses sessions, deletion costs, the
+/// NetworkPolicy), then report: the status [`status::build`] derives, its transitions as Events.
 #[instrument(skip_all, fields(namespace = policy.namespace().unwrap_or_default(), policy = %policy.name_any()))]
 async fn reconcile(policy: Arc<McpSessionPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let namespace = policy.namespace().ok_or(Error::NoNamespace)?;
-    let name = policy.name_any();
     let selected: Vec<Arc<Pod>> = ctx
         .pods
         .state()
@@ -118,67 +129,8 @@ async fn reconcile(policy: Arc<McpSessionPolicy>, ctx: Arc<Context>) -> Result<A
                 .is_some_and(|ns| policy.selects(&ns, pod.labels()))
         })
         .collect();
-    let pods = pod_totals(&selected);
-
-    let (counts, unreadable, tallies, retention) = match count(&policy, &namespace, &ctx).await {
-        Ok((counts, unreadable, store)) => {
-            sweep(&policy, &namespace, &ctx, &store, &counts, &selected).await;
-            // Before reading the tallies, so that a session that ran out of time draining
-            // shows in this reconcile's `lost`.
-            if let Err(error) = store.expire_draining().await {
-                warn!(%error, "cannot count the draining sessions that expired");
-            }
-            let tallies = match store.tallies().await {
-                Ok(tallies) => {
-                    ctx.metrics.proxy_tallies(&namespace, &name, tallies);
-                    Some(tallies)
-                }
-                Err(error) => {
-                    warn!(%error, "cannot read the store's tallies");
-                    None
-                }
-            };
-            let retention = match store.retention().await {
-                Ok(retention) => Some(retention.verdict()),
-                Err(error) => {
-                    debug!(%error, "cannot read Redis's eviction policy and memory");
-                    None
-                }
-            };
-            (Ok(counts), unreadable, tallies, retention)
-        }
-        Err(problem) => (Err(problem), 0, None, None),
-    };
-    let redis_up = match &counts {
-        Ok(_) => Some(true),
-        Err(Problem::RedisUnreachable(_) | Problem::RedisError(_)) => Some(false),
-        Err(_) => None,
-    };
-    ctx.metrics.set_redis_up(&namespace, &name, redis_up);
-    let mut pod_names: Vec<String> = selected.iter().map(|p| p.name_any()).collect();
-    pod_names.sort();
-    let pod_sessions: Vec<(String, u64)> = match &counts {
-        Ok(counts) => pod_names
-            .iter()
-            .map(|pod| (pod.clone(), counts.per_pod.get(pod).copied().unwrap_or(0)))
-            .collect(),
-        Err(_) => Vec::new(),
-    };
-    if let Ok(counts) = &counts {
-        ctx.metrics
-            .set_sessions(&namespace, &name, counts, &pod_sessions);
-        let costs: Vec<(Arc<Pod>, u64)> = selected
-            .iter()
-            .map(|pod| {
-                let sessions = counts.per_pod.get(&pod.name_any()).copied().unwrap_or(0);
-                (pod.clone(), sessions)
-            })
-            .collect();
-        ctx.deletion_costs
-            .sync(&ctx.client, &costs, ctx.config.deletion_cost_interval)
-            .await;
-        ctx.deletion_costs.retain(|pod| ctx.pods.get(pod).is_some());
-    }
+    let redis = from_redis(&policy, &namespace, &ctx, &selected).await;
+    let pod_sessions = sessions_per_pod(&ctx, &policy, &namespace, &selected, &redis).await;
     let key = ObjectRef::from_obj(&*policy);
     let remembered = ctx
         .written
@@ -187,39 +139,16 @@ async fn reconcile(policy: Arc<McpSessionPolicy>, ctx: Arc<Context>) -> Result<A
         .get(&key)
         .cloned();
     let previous = remembered.as_ref().or(policy.status.as_ref());
-    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    let mut last_rollout = rollout::track(
-        previous.and_then(|p| p.last_rollout.as_ref()),
-        &selected,
-        tallies,
-        &now,
-    );
     let max_lost_sessions = u64::try_from(policy.spec.rollout.max_lost_sessions).unwrap_or(0);
-    if let Some(rollout) = &mut last_rollout
-        && rollout.finished_at.is_none()
-        && rollout.paused_at.is_none()
-        && rollout.lost > max_lost_sessions
-    {
-        let paused = guard::pause(&ctx.client, &namespace, &selected, &rollout.revision).await;
-        let mut what: Vec<String> = paused
-            .deployments
-            .iter()
-            .map(|d| format!("Deployment/{d}"))
-            .collect();
-        what.extend(
-            paused
-                .unpausable
-                .iter()
-                .map(|o| format!("{o} (cannot be paused)")),
-        );
-        rollout.paused_at = Some(now.clone());
-        rollout.paused = Some(if what.is_empty() {
-            "nothing owns the new pods".to_owned()
-        } else {
-            what.join(", ")
-        });
-    }
-    let routing = routing(&policy, &namespace, &selected, &ctx.services);
+    let last_rollout = guard::track_and_guard(
+        &ctx.client,
+        &namespace,
+        &selected,
+        previous,
+        redis.tallies,
+        max_lost_sessions,
+    )
+    .await;
     if let Some(settings) = &ctx.config.network_policies
         && policy.spec.injection.enabled
         && crate::api::pod_selector(&policy.spec.selector).is_some()
@@ -227,32 +156,21 @@ async fn reconcile(policy: Arc<McpSessionPolicy>, ctx: Arc<Context>) -> Result<A
     {
         warn!(%error, "cannot write the NetworkPolicy of the policy's pods");
     }
-    let fingerprint_key = if policy.spec.injection.enabled {
-        match crate::fingerprint_key::ensure(&ctx.client, &policy, false).await {
-            Ok(key) => KeyState::Ready(key),
-            Err(error) => KeyState::Missing {
-                reason: error.reason(),
-                message: error.to_string(),
-            },
-        }
-    } else {
-        KeyState::NotNeeded
-    };
     let observation = Observation {
-        fingerprint_key,
-        routing,
-        retention,
+        fingerprint_key: fingerprint_key(&ctx, &policy).await,
+        routing: routing(&policy, &namespace, &selected, &ctx.services),
+        retention: redis.retention,
         generation: policy.metadata.generation,
-        counts,
+        pods: pod_totals(&selected),
+        counts: redis.counts,
         pod_sessions,
-        pods,
-        unreadable,
+        unreadable: redis.unreadable,
         last_rollout,
         max_lost_sessions,
     };
     let next = status::build(previous, &observation);
     if policy.status.as_ref() != Some(&next) {
-        write_status(&ctx.client, &namespace, &name, &next).await?;
+        write_status(&ctx.client, &namespace, &policy.name_any(), &next).await?;
     }
     for (warning, reason, note) in status::transitions(previous, &next) {
         publish(&ctx, &policy, warning, reason, note).await;
@@ -260,14 +178,14 @@ async fn reconcile(policy: Arc<McpSessionPolicy>, ctx: Arc<Context>) -> Result<A
     ctx.written
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .insert(key, next);
+        .insert(key.clone(), next);
 
     let result = match observation.counts {
         Ok(_) => {
             ctx.failures
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .remove(&ObjectRef::from_obj(&*policy));
+                .remove(&key);
             Ok(Action::requeue(jittered(ctx.config.requeue)))
         }
         Err(problem) if problem.is_transient() => Err(Error::Degraded {
@@ -282,6 +200,111 @@ async fn reconcile(policy: Arc<McpSessionPolicy>, ctx: Arc<Context>) -> Result<A
         .reconciled(if result.is_ok() { "ok" } else { "error" }, took);
     debug!(took_us = took.as_micros() as u64, "reconciled");
     result
+}
+
+/// The policy's counts, tallies and Redis's retention; on the way, the sessions of vanished
+/// pods are swept and draining sessions that expired are counted lost (before the tallies are
+/// read, so that they show in this reconcile's `lost`).
+async fn from_redis(
+    policy: &McpSessionPolicy,
+    namespace: &str,
+    ctx: &Context,
+    selected: &[Arc<Pod>],
+) -> FromRedis {
+    let name = policy.name_any();
+    let (counts, unreadable, store) = match count(policy, namespace, ctx).await {
+        Ok(counted) => counted,
+        Err(problem) => {
+            let redis_up = match &problem {
+                Problem::RedisUnreachable(_) | Problem::RedisError(_) => Some(false),
+                _ => None,
+            };
+            ctx.metrics.set_redis_up(namespace, &name, redis_up);
+            return FromRedis {
+                counts: Err(problem),
+                unreadable: 0,
+                tallies: None,
+                retention: None,
+            };
+        }
+    };
+    ctx.metrics.set_redis_up(namespace, &name, Some(true));
+    sweep(policy, namespace, ctx, &store, &counts, selected).await;
+    if let Err(error) = store.expire_draining().await {
+        warn!(%error, "cannot count the draining sessions that expired");
+    }
+    let tallies = match store.tallies().await {
+        Ok(tallies) => {
+            ctx.metrics.proxy_tallies(namespace, &name, tallies);
+            Some(tallies)
+        }
+        Err(error) => {
+            warn!(%error, "cannot read the store's tallies");
+            None
+        }
+    };
+    let retention = match store.retention().await {
+        Ok(retention) => Some(retention.verdict()),
+        Err(error) => {
+            debug!(%error, "cannot read Redis's eviction policy and memory");
+            None
+        }
+    };
+    FromRedis {
+        counts: Ok(counts),
+        unreadable,
+        tallies,
+        retention,
+    }
+}
+
+/// Sessions of every selected pod (zero included, by pod name), as metrics and as the pods'
+/// deletion costs.
+async fn sessions_per_pod(
+    ctx: &Context,
+    policy: &McpSessionPolicy,
+    namespace: &str,
+    selected: &[Arc<Pod>],
+    redis: &FromRedis,
+) -> Vec<(String, u64)> {
+    let Ok(counts) = &redis.counts else {
+        return Vec::new();
+    };
+    let of = |pod: &str| counts.per_pod.get(pod).copied().unwrap_or(0);
+    let mut pod_sessions: Vec<(String, u64)> = selected
+        .iter()
+        .map(|pod| {
+            let name = pod.name_any();
+            let sessions = of(&name);
+            (name, sessions)
+        })
+        .collect();
+    pod_sessions.sort();
+    ctx.metrics
+        .set_sessions(namespace, &policy.name_any(), counts, &pod_sessions);
+    let costs: Vec<(Arc<Pod>, u64)> = selected
+        .iter()
+        .map(|pod| (pod.clone(), of(&pod.name_any())))
+        .collect();
+    ctx.deletion_costs
+        .sync(&ctx.client, &costs, ctx.config.deletion_cost_interval)
+        .await;
+    ctx.deletion_costs.retain(|pod| ctx.pods.get(pod).is_some());
+    pod_sessions
+}
+
+/// The proxies' fingerprint key Secret, made sure of ([`crate::fingerprint_key::ensure`]).
+async fn fingerprint_key(ctx: &Context, policy: &McpSessionPolicy) -> KeyState {
+    if !policy.spec.injection.enabled {
+        return KeyState::NotNeeded;
+    }
+    match crate::fingerprint_key::ensure(&ctx.client, policy, false).await {
+        Ok(key) => KeyState::Ready(key),
+        Err(error) => KeyState::Missing {
+            reason: error.reason(),
+            message: error.to_string(),
+        },
+    }
 }
 
 /// `period` ± 10 %, so that policies created together do not all re-count at the same instant.
