@@ -8,8 +8,8 @@
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, ObjectMeta, PostParams};
-use kube::{Client, Resource as _, ResourceExt as _};
+use kube::api::{Api, PostParams};
+use kube::{Client, ResourceExt as _};
 use tracing::info;
 
 use crate::api::{FingerprintKey, McpSessionPolicy, SecretKeyRef};
@@ -118,24 +118,7 @@ fn generated(policy: &McpSessionPolicy, name: &str, field: &str) -> Secret {
         .map(|b| format!("{b:02x}"))
         .collect();
     Secret {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            namespace: policy.namespace(),
-            labels: Some(
-                [(
-                    "app.kubernetes.io/managed-by".to_owned(),
-                    "mcp-session-operator".to_owned(),
-                )]
-                .into(),
-            ),
-            // Deleted with the policy. Not blocking its deletion, which would take `update` of
-            // policies' finalizers under OwnerReferencesPermissionEnforcement.
-            owner_references: policy.controller_owner_ref(&()).map(|mut owner| {
-                owner.block_owner_deletion = None;
-                vec![owner]
-            }),
-            ..ObjectMeta::default()
-        },
+        metadata: policy.owned_object_meta(name.to_owned()),
         type_: Some("Opaque".to_owned()),
         data: Some([(field.to_owned(), ByteString(value.into_bytes()))].into()),
         ..Secret::default()

@@ -5,7 +5,7 @@
 
 mod validate;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, ObjectMeta};
 use kube::core::SelectorExt as _;
 use kube::{CustomResource, ResourceExt as _};
 use schemars::JsonSchema;
@@ -297,6 +297,31 @@ impl McpSessionPolicy {
     ) -> bool {
         self.namespace().as_deref() == Some(namespace)
             && pod_selector(&self.spec.selector).is_some_and(|selector| selector.matches(labels))
+    }
+
+    /// Metadata of an object the operator makes for this policy (its key Secret, its pods'
+    /// NetworkPolicy): in the policy's namespace, labelled as the operator's, owned by the
+    /// policy so that it is deleted with it. The owner reference does not block the policy's
+    /// deletion, which would take `update` of policies' finalizers under
+    /// OwnerReferencesPermissionEnforcement.
+    pub fn owned_object_meta(&self, name: String) -> ObjectMeta {
+        use kube::Resource as _;
+        ObjectMeta {
+            name: Some(name),
+            namespace: self.namespace(),
+            labels: Some(
+                [(
+                    "app.kubernetes.io/managed-by".to_owned(),
+                    "mcp-session-operator".to_owned(),
+                )]
+                .into(),
+            ),
+            owner_references: self.controller_owner_ref(&()).map(|mut owner| {
+                owner.block_owner_deletion = None;
+                vec![owner]
+            }),
+            ..ObjectMeta::default()
+        }
     }
 
     /// The key of the Secret holding this policy's fingerprint key: the one its spec names,

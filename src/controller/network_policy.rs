@@ -11,8 +11,8 @@ use k8s_openapi::api::networking::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::api::{Api, ObjectMeta, Patch, PatchParams};
-use kube::{Client, Resource as _, ResourceExt as _};
+use kube::api::{Api, Patch, PatchParams};
+use kube::{Client, ResourceExt as _};
 
 use super::FIELD_MANAGER;
 use crate::api::McpSessionPolicy;
@@ -73,24 +73,8 @@ pub fn build(policy: &McpSessionPolicy, settings: &Settings) -> NetworkPolicy {
             from: Some(from),
         });
     }
-    let owner = policy.controller_owner_ref(&()).map(|mut owner| {
-        owner.block_owner_deletion = None;
-        vec![owner]
-    });
     NetworkPolicy {
-        metadata: ObjectMeta {
-            name: Some(name(policy)),
-            namespace: policy.namespace(),
-            labels: Some(
-                [(
-                    "app.kubernetes.io/managed-by".to_owned(),
-                    FIELD_MANAGER.to_owned(),
-                )]
-                .into(),
-            ),
-            owner_references: owner,
-            ..ObjectMeta::default()
-        },
+        metadata: policy.owned_object_meta(name(policy)),
         spec: Some(NetworkPolicySpec {
             pod_selector: Some(pods),
             policy_types: Some(vec!["Ingress".to_owned()]),

@@ -19,6 +19,17 @@ struct Entry {
     expires_at_ms: i64,
 }
 
+impl Entry {
+    /// The entry as the store hands it out at `now_ms`.
+    fn session(&self, id: &SessionId, now_ms: i64) -> Session {
+        Session {
+            id: id.clone(),
+            record: self.record.clone(),
+            ttl_millis: Some(u64::try_from(self.expires_at_ms - now_ms).unwrap_or(0)),
+        }
+    }
+}
+
 /// Records plus the counters that the Redis store keeps as sorted sets.
 #[derive(Debug, Default)]
 struct State {
@@ -90,11 +101,7 @@ impl State {
     }
 
     fn session(&self, id: &SessionId, now_ms: i64) -> Option<Session> {
-        self.records.get(id).map(|entry| Session {
-            id: id.clone(),
-            record: entry.record.clone(),
-            ttl_millis: Some(u64::try_from(entry.expires_at_ms - now_ms).unwrap_or(0)),
-        })
+        self.records.get(id).map(|entry| entry.session(id, now_ms))
     }
 
     /// Replaces a live record, keeping or resetting its expiry; the session as it now is.
@@ -105,18 +112,12 @@ impl State {
         expires_at_ms: i64,
         now_ms: i64,
     ) -> Session {
-        let session = Session {
-            id: id.clone(),
-            record: record.clone(),
-            ttl_millis: Some(u64::try_from(expires_at_ms - now_ms).unwrap_or(0)),
+        let entry = Entry {
+            record,
+            expires_at_ms,
         };
-        self.put(
-            id,
-            Some(Entry {
-                record,
-                expires_at_ms,
-            }),
-        );
+        let session = entry.session(id, now_ms);
+        self.put(id, Some(entry));
         session
     }
 }
