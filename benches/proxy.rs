@@ -1,15 +1,19 @@
-//! Proxy overhead: `cargo bench --bench proxy` (`-- --quick` for a short run).
+//! Proxy overhead: `scripts/bench.sh proxy` (installs nginx and HAProxy from Debian first), or
+//! `cargo bench --bench proxy` where they are installed (`-- --quick` for a short run).
 //!
-//! In one run: a minimal MCP server written here (JSON responses, sessions, an echo tool: as fast
-//! as an upstream gets), one redis-server, and the proxy binary with Redis. A load generator
-//! calls the tool with 16 concurrent sessions, first directly, then through the proxy, and
-//! compares throughput and latency; then 100,000 sessions are created through the proxy and left
-//! idle to measure its memory per session.
+//! In one run: a minimal MCP server written here (JSON answers, sessions, an echo tool: as fast
+//! as an upstream gets), one redis-server, and three reverse proxies in front of the server: nginx
+//! (2 workers, keep-alive connections to the upstream), HAProxy (2 threads, connection reuse) and
+//! this proxy with Redis. Each path, the direct one first, is loaded the same way: `tools/call`
+//! over 16 sessions at a fixed 2,000 calls per second (the latency each proxy adds to the direct
+//! path's), then back to back (throughput at saturation). Then 100,000 sessions are created
+//! through this proxy and left idle, for its memory per session.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, StatusCode};
@@ -21,7 +25,10 @@ use serde_json::{Value, json};
 use support::redis::RedisServer;
 use support::{die_with_parent, free_port};
 
+/// Sessions, each on its own connection.
 const WORKERS: usize = 16;
+/// The moderate load at which latency is compared.
+const PACED_RATE: f64 = 2000.0;
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
@@ -124,6 +131,7 @@ async fn open_session(sender: &mut Sender) -> String {
     session
 }
 
+/// What one load on one path measured.
 struct Load {
     rate: f64,
     p50: Duration,
@@ -131,20 +139,31 @@ struct Load {
     errors: usize,
 }
 
-/// `WORKERS` sessions, each calling the echo tool back to back on its own connection.
-async fn load(port: u16, duration: Duration) -> Load {
+/// `WORKERS` sessions on `port`, each on its own connection, calling the echo tool for
+/// `duration`: back to back, or at `rate` calls per second in all. A paced call's latency counts
+/// from when it was due, so a stall delays the calls behind it in the numbers too.
+async fn load(port: u16, duration: Duration, rate: Option<f64>) -> Load {
     let started = Instant::now();
     let tasks: Vec<_> = (0..WORKERS)
-        .map(|_| {
+        .map(|worker| {
             tokio::spawn(async move {
                 let mut sender = connect(port).await;
                 let session = open_session(&mut sender).await;
+                let mut ticks = rate.map(|rate| {
+                    let period = Duration::from_secs_f64(WORKERS as f64 / rate);
+                    // Workers staggered over one period: calls arrive evenly.
+                    let first = tokio::time::Instant::now() + period.mul_f64(worker as f64 / WORKERS as f64);
+                    tokio::time::interval_at(first, period)
+                });
                 let (mut latencies, mut errors, mut n) = (Vec::new(), 0, 0_u64);
                 while started.elapsed() < duration {
+                    let due = match &mut ticks {
+                        Some(ticks) => ticks.tick().await.into_std(),
+                        None => Instant::now(),
+                    };
                     let call = json!({"jsonrpc": "2.0", "id": n, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "hello"}}});
-                    let sent = Instant::now();
                     let (status, _) = post(&mut sender, Some(&session), call).await;
-                    latencies.push(sent.elapsed());
+                    latencies.push(due.elapsed());
                     errors += usize::from(status != StatusCode::OK);
                     n += 1;
                 }
@@ -178,53 +197,142 @@ fn rss_bytes(pid: u32) -> u64 {
         .map_or(0, |k| k * 1024)
 }
 
-async fn run(duration: Duration, idle: usize) {
-    let redis = RedisServer::start();
-    let (upstream, proxy_port, admin) = (free_port(), free_port(), free_port());
-    echo_server(upstream).await;
-    let mut command = Command::new(env!("CARGO_BIN_EXE_mcp-session-operator"));
-    command
-        .args([
-            "proxy",
-            "--listen",
-            &format!("127.0.0.1:{proxy_port}"),
-            "--upstream",
-            &format!("http://127.0.0.1:{upstream}"),
-        ])
-        .args([
-            "--admin-addr",
-            &format!("127.0.0.1:{admin}"),
-            "--redis-url",
-            &redis.url(),
-            "--pod-name",
-            "bench-0",
-            // All bench sessions are anonymous: one credential.
-            "--max-sessions-per-credential",
-            "1000000",
-        ])
-        .env("MCP_SESSION_FINGERPRINT_KEY", "bench")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut proxy = die_with_parent(&mut command)
+/// A process that is killed when dropped.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(command: &mut Command, what: &str) -> Running {
+    let child = die_with_parent(command.stdout(Stdio::null()).stderr(Stdio::null()))
         .spawn()
-        .expect("start the proxy");
+        .unwrap_or_else(|e| {
+            panic!("cannot start {what} ({e}): scripts/bench.sh installs nginx and HAProxy")
+        });
+    Running(child)
+}
+
+/// nginx as a reverse proxy is usually configured: 2 workers (one per core), keep-alive
+/// connections to the upstream, no access log, responses not buffered.
+fn nginx(dir: &Path, port: u16, upstream: u16) -> Running {
+    let root = std::env::var("USER").is_ok_and(|user| user == "root")
+        || std::fs::read_to_string("/proc/self/status")
+            .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:\t0\t")));
+    let d = dir.display();
+    let config = format!(
+        "{user}worker_processes 2;\npid {d}/nginx.pid;\nerror_log stderr;\ndaemon off;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+         upstream mcp {{ server 127.0.0.1:{upstream}; keepalive 64; }}\n\
+         server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://mcp;\n\
+         proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_buffering off;\n    }}\n  }}\n}}\n",
+        user = if root { "user root;\n" } else { "" },
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, config).expect("nginx.conf");
+    start(
+        Command::new("nginx")
+            .arg("-p")
+            .arg(dir)
+            .arg("-c")
+            .arg(&path)
+            .args(["-e", "stderr"]),
+        "nginx",
+    )
+}
+
+/// HAProxy in HTTP mode with 2 threads, server connections reused across client connections.
+fn haproxy(dir: &Path, port: u16, upstream: u16) -> Running {
+    let config = format!(
+        "global\n  nbthread 2\n  maxconn 4096\n\
+         defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  option http-keep-alive\n\
+         frontend mcp\n  bind 127.0.0.1:{port}\n  default_backend upstream\n\
+         backend upstream\n  http-reuse always\n  server echo 127.0.0.1:{upstream}\n"
+    );
+    let path = dir.join("haproxy.cfg");
+    std::fs::write(&path, config).expect("haproxy.cfg");
+    start(
+        Command::new("haproxy").arg("-f").arg(&path).arg("-db"),
+        "HAProxy",
+    )
+}
+
+/// This proxy, as a pod runs it: with Redis, a pod name, a fingerprint key.
+fn session_proxy(port: u16, upstream: u16, admin: u16, redis: &str) -> Running {
+    start(
+        Command::new(env!("CARGO_BIN_EXE_mcp-session-operator"))
+            .args(["proxy", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--upstream", &format!("http://127.0.0.1:{upstream}")])
+            .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
+            .args(["--redis-url", redis, "--pod-name", "bench-0"])
+            // All bench sessions are one client's: one credential.
+            .args(["--max-sessions-per-credential", "1000000"])
+            .env("MCP_SESSION_FINGERPRINT_KEY", "bench")
+            .env("RUST_LOG", "warn"),
+        "the proxy",
+    )
+}
+
+async fn wait_listening(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while tokio::net::TcpStream::connect(("127.0.0.1", proxy_port))
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .is_err()
     {
-        assert!(Instant::now() < deadline, "the proxy did not start");
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Warm both paths, then measure.
-    load(upstream, Duration::from_millis(500)).await;
-    load(proxy_port, Duration::from_millis(500)).await;
-    let direct = load(upstream, duration).await;
-    let proxied = load(proxy_port, duration).await;
+}
+
+/// One path's measurements: paced, then saturated.
+struct Measured {
+    name: &'static str,
+    paced: Load,
+    saturated: Load,
+}
+
+async fn measure(name: &'static str, port: u16, duration: Duration) -> Measured {
+    // Warm the connections, the pools and the caches.
+    load(port, Duration::from_millis(500), None).await;
+    let paced = load(port, duration, Some(PACED_RATE)).await;
+    let saturated = load(port, duration, None).await;
+    Measured {
+        name,
+        paced,
+        saturated,
+    }
+}
+
+async fn run(duration: Duration, idle: usize) {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let upstream = free_port();
+    echo_server(upstream).await;
+    let ports = [free_port(), free_port(), free_port(), free_port()];
+    let [nginx_port, haproxy_port, proxy_port, admin] = ports;
+    let _nginx = nginx(dir.path(), nginx_port, upstream);
+    let _haproxy = haproxy(dir.path(), haproxy_port, upstream);
+    let proxy = session_proxy(proxy_port, upstream, admin, &redis.url());
+    for port in [upstream, nginx_port, haproxy_port, proxy_port] {
+        wait_listening(port).await;
+    }
+
+    let mut paths = Vec::new();
+    for (name, port) in [
+        ("direct", upstream),
+        ("nginx 1.22", nginx_port),
+        ("HAProxy 2.6", haproxy_port),
+        ("mcp-session-operator proxy", proxy_port),
+    ] {
+        paths.push(measure(name, port, duration).await);
+    }
 
     // Idle sessions: memory of the proxy per session it maps.
-    let before = rss_bytes(proxy.id());
+    let before = rss_bytes(proxy.0.id());
     let per_worker = idle / 32;
     let creators: Vec<_> = (0..32)
         .map(|_| {
@@ -242,61 +350,59 @@ async fn run(duration: Duration, idle: usize) {
     }
     let creation = created_at.elapsed();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let after = rss_bytes(proxy.id());
+    let after = rss_bytes(proxy.0.id());
     let sessions = per_worker * 32;
-    let _ = proxy.kill();
-    let _ = proxy.wait();
+    drop(proxy);
 
     let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let direct = &paths[0];
+    let nginx = &paths[1];
     println!();
     println!(
-        "proxy benchmark: {WORKERS} sessions calling an echo tool back to back for {duration:?}, one redis-server"
+        "proxy benchmark: tools/call over {WORKERS} sessions, at {PACED_RATE:.0}/s and back to back, {duration:?} each; one redis-server"
     );
     println!(
-        "{:<34} {:>12} {:>12} {:>12}  target",
-        "measure", "direct", "proxy", "ratio/added"
+        "{:<28} {:>9} {:>9} {:>10} {:>10} {:>11} {:>9} {:>9} {:>7}",
+        "path",
+        "p50 us",
+        "p99 us",
+        "added p50",
+        "added p99",
+        "saturation",
+        "x direct",
+        "x nginx",
+        "errors"
+    );
+    for path in &paths {
+        println!(
+            "{:<28} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>11.0} {:>8.2}x {:>8.2}x {:>7}",
+            path.name,
+            us(path.paced.p50),
+            us(path.paced.p99),
+            us(path.paced.p50) - us(direct.paced.p50),
+            us(path.paced.p99) - us(direct.paced.p99),
+            path.saturated.rate,
+            path.saturated.rate / direct.saturated.rate,
+            path.saturated.rate / nginx.saturated.rate,
+            path.paced.errors + path.saturated.errors,
+        );
+    }
+    let proxy = &paths[3];
+    println!(
+        "target: the proxy's added p50 and p99 at most nginx's ({:.1} and {:.1} us), its saturation at least nginx's",
+        us(nginx.paced.p50) - us(direct.paced.p50),
+        us(nginx.paced.p99) - us(direct.paced.p99),
     );
     println!(
-        "{:<34} {:>12.0} {:>12.0} {:>11.2}x  >= 0.9x",
-        "calls per second",
-        direct.rate,
-        proxied.rate,
-        proxied.rate / direct.rate
+        "saturation back to back: p50 {:.1} us direct, {:.1} us nginx, {:.1} us proxy",
+        us(direct.saturated.p50),
+        us(nginx.saturated.p50),
+        us(proxy.saturated.p50)
     );
     println!(
-        "{:<34} {:>12.1} {:>12.1} {:>12.1}  < 100 us",
-        "p50 latency (us)",
-        us(direct.p50),
-        us(proxied.p50),
-        us(proxied.p50) - us(direct.p50)
-    );
-    println!(
-        "{:<34} {:>12.1} {:>12.1} {:>12.1}  < 1000 us",
-        "p99 latency (us)",
-        us(direct.p99),
-        us(proxied.p99),
-        us(proxied.p99) - us(direct.p99)
-    );
-    println!(
-        "{:<34} {:>12} {:>12}",
-        "errors", direct.errors, proxied.errors
-    );
-    println!(
-        "{:<34} {:>12} {:>12.1}",
-        "sessions created (per second)",
-        sessions,
-        sessions as f64 / creation.as_secs_f64()
-    );
-    println!(
-        "{:<34} {:>12} {:>12}  <= 2048",
-        "proxy RSS per idle session (bytes)",
-        "",
-        (after.saturating_sub(before)) / sessions as u64
-    );
-    println!(
-        "{:<34} {:>12} {:>12.1}",
-        "proxy RSS with them (MiB)",
-        "",
+        "sessions created through the proxy: {sessions} at {:.0}/s; its RSS per idle session {} bytes (target <= 2048), {:.1} MiB with them",
+        sessions as f64 / creation.as_secs_f64(),
+        after.saturating_sub(before) / sessions as u64,
         after as f64 / 1_048_576.0
     );
 }

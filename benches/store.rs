@@ -24,6 +24,8 @@ struct Scale {
     requests: usize,
     counted: usize,
     seed_counted: usize,
+    /// Seed-only records (no index) that `sessions stats` reads.
+    stats_records: usize,
 }
 
 struct Row {
@@ -42,12 +44,14 @@ fn main() {
             requests: 20_000,
             counted: 100_000,
             seed_counted: 10_000,
+            stats_records: 20_000,
         }
     } else {
         Scale {
             requests: 200_000,
             counted: 1_000_000,
             seed_counted: 100_000,
+            stats_records: 200_000,
         }
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -163,6 +167,13 @@ async fn run(redis: &RedisServer, scale: &Scale) -> Vec<Row> {
     })
     .await;
 
+    // `sessions stats` over records only the seed's service wrote (no index yet), next to the
+    // seed's KEYS + GET over the same records.
+    let stats_url = redis.url().replace("/0", "/2");
+    seed_records(&stats_url, scale.stats_records).await;
+    let seed_stats_time = seed_count(&stats_url, scale.stats_records).await;
+    let stats_time = sessions_stats(&stats_url, scale.stats_records);
+
     let ratio = |ours: f64, theirs: f64| Some(ours / theirs);
     vec![
         Row {
@@ -204,6 +215,14 @@ async fn run(redis: &RedisServer, scale: &Scale) -> Vec<Row> {
             baseline: format!("KEYS+GET {:.0} ms", ms(seed_time)),
             ratio: Some(seed_time.as_secs_f64() / index_small.as_secs_f64()),
             target: "(x faster)",
+        },
+        Row {
+            what: format!("sessions stats {} seed records", scale.stats_records),
+            value: ms(stats_time),
+            unit: "ms",
+            baseline: format!("KEYS+GET {:.0} ms", ms(seed_stats_time)),
+            ratio: Some(seed_stats_time.as_secs_f64() / stats_time.as_secs_f64()),
+            target: ">= 25x faster",
         },
         Row {
             what: "MEMORY USAGE seed record".into(),
@@ -343,6 +362,44 @@ where
 }
 
 /// The seed's `get_all_sessions`: `KEYS mcp:session:*`, then one `GET` per key.
+/// Writes `n` records as the seed's service does (`SETEX` of its JSON), pipelined.
+async fn seed_records(url: &str, n: usize) {
+    let client = redis::Client::open(url).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+        let mut pipe = redis::pipe();
+        for i in chunk {
+            let id = format!("{:032x}", (*i as u128) << 64 | 0x5eed);
+            let record = serde_json::json!({"connection_id": id, "created_at": "2026-11-29T10:00:00.000000",
+                "last_activity_at": "2026-11-29T10:00:00.000000", "metadata": {"user_id": format!("user-{}", i % 97)}});
+            pipe.set_ex(format!("mcp:session:{id}"), record.to_string(), 86_400)
+                .ignore();
+        }
+        let () = pipe.query_async(&mut conn).await.expect("seed records");
+    }
+}
+
+/// `mcp-session-operator sessions stats` against `url`, timed whole (the process included).
+fn sessions_stats(url: &str, expected: usize) -> Duration {
+    let started = Instant::now();
+    let output = Command::new(env!("CARGO_BIN_EXE_mcp-session-operator"))
+        .args(["sessions", "stats", "--output", "json", "--redis-url", url])
+        .output()
+        .expect("run sessions stats");
+    let elapsed = started.elapsed();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stats: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON stats");
+    assert_eq!(stats["scanned"]["total"], expected, "{stats}");
+    elapsed
+}
+
 async fn seed_count(url: &str, expected: usize) -> Duration {
     let client = redis::Client::open(url).expect("url");
     let mut conn = client

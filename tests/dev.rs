@@ -6,11 +6,9 @@ mod support;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use support::clients::ClientRun;
+use support::mcp::{Sdk, python};
 use support::{die_with_parent, free_port, wait_listening};
-
-fn python() -> String {
-    std::env::var("MCP_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
-}
 
 const MCP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp");
 
@@ -53,35 +51,16 @@ fn dev(listen: u16, watched: &std::path::Path, server: &[&str]) -> Process {
     Process(die_with_parent(&mut command).spawn().expect("start dev"))
 }
 
-#[derive(Debug, serde::Deserialize)]
-struct Summary {
-    calls: u64,
-    errors: Vec<String>,
-    session_ids: Vec<String>,
-}
-
-/// A client of `sdk` ("python" or "typescript") calling `add` every 50 ms for `seconds` (20 ms
-/// each in the server) through `port`, while `during` edits or signals; its summary.
+/// A client of `sdk` calling `add` every 50 ms for `seconds` (20 ms each in the server)
+/// through `port`, while `during` edits or signals; its summary.
 async fn client_while(
-    sdk: &str,
+    sdk: Sdk,
     port: u16,
     seconds: u32,
     during: impl std::future::Future<Output = ()>,
-) -> Summary {
+) -> ClientRun {
     let url = format!("http://127.0.0.1:{port}/mcp");
-    let mut command = match sdk {
-        "python" => {
-            let mut command = tokio::process::Command::new(python());
-            command.arg(format!("{MCP}/client.py"));
-            command
-        }
-        _ => {
-            let mut command = tokio::process::Command::new("node");
-            command.arg(format!("{MCP}/ts/client.mjs"));
-            command
-        }
-    };
-    let child = command
+    let child = tokio::process::Command::from(sdk.command("client"))
         .args([&url, &seconds.to_string(), "0.05", "Bearer dev-client"])
         .env("MCP_TEST_TOOL_DELAY", "0.02")
         .stdout(Stdio::piped())
@@ -96,8 +75,8 @@ async fn client_while(
         .lines()
         .rev()
         .find(|line| line.starts_with('{'))
-        .unwrap_or_else(|| panic!("{sdk}: no summary in {text}"));
-    serde_json::from_str(summary).expect("summary JSON")
+        .unwrap_or_else(|| panic!("{sdk:?}: no summary in {text}"));
+    ClientRun::parse(summary).unwrap_or_else(|| panic!("{sdk:?}: not a summary: {summary}"))
 }
 
 /// What a developer does to a server while Cursor is connected: edits its source twice. Each
@@ -105,7 +84,7 @@ async fn client_while(
 /// every 50 ms, sees no error and keeps its session, for both SDKs' clients.
 #[tokio::test]
 async fn code_edits_restart_the_server_without_a_failed_call() {
-    for sdk in ["python", "typescript"] {
+    for sdk in [Sdk::Python, Sdk::TypeScript] {
         let dir = tempfile::tempdir().expect("tempdir");
         let source = dir.path().join("server.py");
         std::fs::copy(format!("{MCP}/server.py"), &source).expect("copy the server");
@@ -126,10 +105,10 @@ async fn code_edits_restart_the_server_without_a_failed_call() {
             }
         };
         let summary = client_while(sdk, port, 10, edits).await;
-        eprintln!("{sdk} through dev, two edits: {summary:?}");
-        assert!(summary.errors.is_empty(), "{sdk}: {:?}", summary.errors);
-        assert_eq!(summary.session_ids.len(), 1, "{sdk}: {summary:?}");
-        assert!(summary.calls > 40, "{sdk}: {summary:?}");
+        eprintln!("{sdk:?} through dev, two edits: {summary:?}");
+        assert!(summary.errors.is_empty(), "{sdk:?}: {:?}", summary.errors);
+        assert_eq!(summary.session_ids.len(), 1, "{sdk:?}: {summary:?}");
+        assert!(summary.calls > 40, "{sdk:?}: {summary:?}");
     }
 }
 
@@ -154,7 +133,7 @@ async fn sighup_restarts_the_server() {
             nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
         }
     };
-    let summary = client_while("python", port, 7, hangups).await;
+    let summary = client_while(Sdk::Python, port, 7, hangups).await;
     assert!(summary.errors.is_empty(), "{:?}", summary.errors);
     assert_eq!(summary.session_ids.len(), 1, "{summary:?}");
     let mut dev = dev;

@@ -17,7 +17,7 @@ use mcp_session_operator::store::{NewSession, RedisStore, SessionId, SessionStat
 use serde_json::json;
 use support::control_plane::{TestNamespace, control_plane, wait_for};
 use support::kubelet::{KubeletStandIn, NoProcesses};
-use support::operator::{Operator, install_crd, operator_kubeconfig};
+use support::operator::{Operator, OperatorNamespace, install_crd};
 use support::redis::RedisServer;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -40,10 +40,7 @@ struct Bed {
 }
 
 async fn bed(prefix: &str) -> Bed {
-    let plane = control_plane();
-    let ns = plane.namespace(prefix).await;
-    install_crd(&ns.client).await;
-    let kubeconfig = operator_kubeconfig(plane, &ns.client, &ns.name).await;
+    let OperatorNamespace { ns, kubeconfig } = OperatorNamespace::create(prefix).await;
     let kubelet = KubeletStandIn::start(ns.client.clone(), &ns.name, Arc::new(NoProcesses)).await;
     Bed {
         ns,
@@ -129,10 +126,7 @@ async fn events(client: &Client, namespace: &str, reason: &str) -> usize {
 #[tokio::test]
 async fn status_metrics_and_printer_columns_follow_the_sessions_of_selected_pods() {
     let _serial = SERIAL.lock().await;
-    let plane = control_plane();
-    let ns = plane.namespace("status").await;
-    install_crd(&ns.client).await;
-    let kubeconfig = operator_kubeconfig(plane, &ns.client, &ns.name).await;
+    let OperatorNamespace { ns, kubeconfig } = OperatorNamespace::create("status").await;
     let _kubelet = KubeletStandIn::start(ns.client.clone(), &ns.name, Arc::new(NoProcesses)).await;
     let deployment: Deployment = serde_json::from_value(json!({
         "metadata": {"name": "api"},
@@ -370,10 +364,7 @@ async fn status_metrics_and_printer_columns_follow_the_sessions_of_selected_pods
 #[tokio::test]
 async fn seed_written_sessions_are_counted_by_scan_and_by_a_rebuilt_index() {
     let _serial = SERIAL.lock().await;
-    let plane = control_plane();
-    let ns = plane.namespace("seed").await;
-    install_crd(&ns.client).await;
-    let kubeconfig = operator_kubeconfig(plane, &ns.client, &ns.name).await;
+    let OperatorNamespace { ns, kubeconfig } = OperatorNamespace::create("seed").await;
     let redis = RedisServer::start();
     let _operator = Operator::start(&kubeconfig, &ns.name, Some(&ns.name), "op-seed");
     let selector = json!({"matchLabels": {"app": "legacy"}});
@@ -429,10 +420,7 @@ async fn seed_written_sessions_are_counted_by_scan_and_by_a_rebuilt_index() {
 #[tokio::test]
 async fn a_redis_outage_is_a_condition_and_events_and_the_operator_keeps_running() {
     let _serial = SERIAL.lock().await;
-    let plane = control_plane();
-    let ns = plane.namespace("outage").await;
-    install_crd(&ns.client).await;
-    let kubeconfig = operator_kubeconfig(plane, &ns.client, &ns.name).await;
+    let OperatorNamespace { ns, kubeconfig } = OperatorNamespace::create("outage").await;
     let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
     store(&redis, "mcp:session:")
         .await
@@ -512,11 +500,8 @@ async fn a_redis_outage_is_a_condition_and_events_and_the_operator_keeps_running
 #[tokio::test]
 async fn bad_input_is_a_condition_and_other_policies_and_namespaces_are_unaffected() {
     let _serial = SERIAL.lock().await;
-    let plane = control_plane();
-    let ns = plane.namespace("bad").await;
-    let other = plane.namespace("other").await;
-    install_crd(&ns.client).await;
-    let kubeconfig = operator_kubeconfig(plane, &ns.client, &ns.name).await;
+    let OperatorNamespace { ns, kubeconfig } = OperatorNamespace::create("bad").await;
+    let other = control_plane().namespace("other").await;
     let redis = RedisServer::start();
     for (prefix, n) in [("a:", 3), ("b:", 5)] {
         let sessions = store(&redis, prefix).await;
@@ -717,10 +702,7 @@ async fn the_schema_rejects_invalid_specs_with_readable_messages() {
 #[tokio::test]
 async fn two_operators_elect_one_leader_and_fail_over_when_it_dies() {
     let _serial = SERIAL.lock().await;
-    let plane = control_plane();
-    let ns = plane.namespace("leader").await;
-    install_crd(&ns.client).await;
-    let kubeconfig = operator_kubeconfig(plane, &ns.client, &ns.name).await;
+    let OperatorNamespace { ns, kubeconfig } = OperatorNamespace::create("leader").await;
     let redis = RedisServer::start();
     let sessions = store(&redis, "mcp:session:").await;
     let mut first = Operator::start(&kubeconfig, &ns.name, Some(&ns.name), "op-one");
@@ -817,10 +799,7 @@ async fn two_operators_elect_one_leader_and_fail_over_when_it_dies() {
 #[tokio::test]
 async fn each_policy_gets_its_own_fingerprint_key_and_a_missing_named_one_is_a_condition() {
     let _serial = SERIAL.lock().await;
-    let plane = control_plane();
-    let ns = plane.namespace("keys").await;
-    install_crd(&ns.client).await;
-    let kubeconfig = operator_kubeconfig(plane, &ns.client, &ns.name).await;
+    let OperatorNamespace { ns, kubeconfig } = OperatorNamespace::create("keys").await;
     let rbac = [
         json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "network-policies", "namespace": ns.name},
                "rules": [{"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["get", "create", "patch"]}]}),
@@ -951,10 +930,7 @@ async fn each_policy_gets_its_own_fingerprint_key_and_a_missing_named_one_is_a_c
 #[tokio::test]
 async fn a_service_that_bypasses_the_proxy_is_a_condition_and_an_event() {
     let _serial = SERIAL.lock().await;
-    let plane = control_plane();
-    let ns = plane.namespace("routing").await;
-    install_crd(&ns.client).await;
-    let kubeconfig = operator_kubeconfig(plane, &ns.client, &ns.name).await;
+    let OperatorNamespace { ns, kubeconfig } = OperatorNamespace::create("routing").await;
     let redis = RedisServer::start();
     let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
     let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "api-0", "labels": {"app": "api"}},

@@ -235,7 +235,8 @@ fn the_configuration_reference_is_generated_from_the_crd_and_the_chart() {
 fn registered_metrics() -> Vec<String> {
     let mut names = Vec::new();
     for source in [
-        include_str!("../src/metrics.rs"),
+        include_str!("../src/metrics/controller.rs"),
+        include_str!("../src/metrics/webhook.rs"),
         include_str!("../src/proxy/metrics.rs"),
     ] {
         let mut lines = source.lines();

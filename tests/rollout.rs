@@ -24,6 +24,7 @@ use mcp_session_operator::api::{McpSessionPolicy, McpSessionPolicyStatus, Rollou
 use mcp_session_operator::store::{RedisStore, SessionStore};
 use serde_json::{Value, json};
 use support::balancer::Balancer;
+use support::clients::ClientRun;
 use support::containers::LocalContainers;
 use support::control_plane::{TestNamespace, control_plane, wait_for};
 use support::kubelet::KubeletStandIn;
@@ -294,16 +295,6 @@ async fn wait_injecting(ns: &TestNamespace) {
     .await;
 }
 
-/// What one SDK client reported.
-#[derive(Debug)]
-struct ClientRun {
-    name: String,
-    calls: u64,
-    errors: Vec<String>,
-    session_ids: Vec<String>,
-    slowest_call_seconds: f64,
-}
-
 /// The 50 clients: one process per SDK, each running its clients concurrently.
 struct Clients {
     stop_file: PathBuf,
@@ -337,27 +328,10 @@ impl Clients {
                     let mut lines = tokio::io::BufReader::new(stdout).lines();
                     let mut runs = Vec::new();
                     while let Ok(Some(line)) = lines.next_line().await {
-                        let Ok(summary) = serde_json::from_str::<Value>(&line) else {
-                            eprintln!("client output that is no summary: {line:.300}");
-                            continue;
-                        };
-                        let strings = |key: &str| -> Vec<String> {
-                            summary[key]
-                                .as_array()
-                                .into_iter()
-                                .flatten()
-                                .filter_map(|v| v.as_str().map(str::to_owned))
-                                .collect()
-                        };
-                        runs.push(ClientRun {
-                            name: summary["client"].as_str().unwrap_or("?").to_owned(),
-                            calls: summary["calls"].as_u64().unwrap_or(0),
-                            errors: strings("errors"),
-                            session_ids: strings("session_ids"),
-                            slowest_call_seconds: summary["slowest_call_seconds"]
-                                .as_f64()
-                                .unwrap_or(0.0),
-                        });
+                        match ClientRun::parse(&line) {
+                            Some(run) => runs.push(run),
+                            None => eprintln!("client output that is no summary: {line:.300}"),
+                        }
                     }
                     let _ = child.wait().await;
                     runs

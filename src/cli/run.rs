@@ -310,7 +310,7 @@ async fn signalled(mut flag: watch::Receiver<bool>) {
 }
 
 async fn serve(listener: tokio::net::TcpListener, health: Health) {
-    let connections = health.metrics.listeners().of("metrics");
+    let connections = health.metrics.listeners.of("metrics");
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))

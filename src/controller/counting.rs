@@ -35,7 +35,9 @@ pub(super) async fn count(
         .store(&url, redis.cluster, &redis.key_prefix, ttl)
         .await
         .map_err(store_problem)?;
-    ctx.metrics.redis_operation("connect", started.elapsed());
+    ctx.metrics
+        .controller
+        .redis_operation("connect", started.elapsed());
     let started = Instant::now();
     let result = match redis.count_by {
         CountBy::Index => store.counts().await.map(|c| (c, 0)),
@@ -43,7 +45,7 @@ pub(super) async fn count(
             .await
             .map(|report| (report.counts, report.unreadable.len() as u64)),
     };
-    ctx.metrics.redis_operation(
+    ctx.metrics.controller.redis_operation(
         if redis.count_by == CountBy::Index {
             "count"
         } else {
@@ -114,6 +116,7 @@ pub(super) async fn sweep(
         }
         info!(%pod, swept, "swept the sessions of a pod that no longer exists");
         ctx.metrics
+            .controller
             .drained(namespace, &policy.name_any(), "sweep", swept);
         publish(
             ctx,

@@ -58,6 +58,17 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// The `result` of `mcp_session_operator_reconciles_total` for a reconcile that failed so.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::NoNamespace => "no_namespace",
+            Self::WriteStatus { .. } => "write_status",
+            Self::Degraded { .. } => "degraded",
+        }
+    }
+}
+
 /// Tuning of the controller.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -119,6 +130,18 @@ struct FromRedis {
 #[instrument(skip_all, fields(namespace = policy.namespace().unwrap_or_default(), policy = %policy.name_any()))]
 async fn reconcile(policy: Arc<McpSessionPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
+    let result = reconcile_policy(policy, &ctx).await;
+    let took = started.elapsed();
+    let outcome = result.as_ref().err().map_or("ok", Error::metric_label);
+    ctx.metrics.controller.reconciled(outcome, took);
+    debug!(took_us = took.as_micros() as u64, outcome, "reconciled");
+    result
+}
+
+async fn reconcile_policy(
+    policy: Arc<McpSessionPolicy>,
+    ctx: &Arc<Context>,
+) -> Result<Action, Error> {
     let namespace = policy.namespace().ok_or(Error::NoNamespace)?;
     let selected: Vec<Arc<Pod>> = ctx
         .pods
@@ -129,8 +152,8 @@ async fn reconcile(policy: Arc<McpSessionPolicy>, ctx: Arc<Context>) -> Result<A
                 .is_some_and(|ns| policy.selects(&ns, pod.labels()))
         })
         .collect();
-    let redis = from_redis(&policy, &namespace, &ctx, &selected).await;
-    let pod_sessions = sessions_per_pod(&ctx, &policy, &namespace, &selected, &redis).await;
+    let redis = from_redis(&policy, &namespace, ctx, &selected).await;
+    let pod_sessions = sessions_per_pod(ctx, &policy, &namespace, &selected, &redis).await;
     let key = ObjectRef::from_obj(&*policy);
     let remembered = ctx
         .written
@@ -157,7 +180,7 @@ async fn reconcile(policy: Arc<McpSessionPolicy>, ctx: Arc<Context>) -> Result<A
         warn!(%error, "cannot write the NetworkPolicy of the policy's pods");
     }
     let observation = Observation {
-        fingerprint_key: fingerprint_key(&ctx, &policy).await,
+        fingerprint_key: fingerprint_key(ctx, &policy).await,
         routing: routing(&policy, &namespace, &selected, &ctx.services),
         retention: redis.retention,
         generation: policy.metadata.generation,
@@ -173,14 +196,14 @@ async fn reconcile(policy: Arc<McpSessionPolicy>, ctx: Arc<Context>) -> Result<A
         write_status(&ctx.client, &namespace, &policy.name_any(), &next).await?;
     }
     for (warning, reason, note) in status::transitions(previous, &next) {
-        publish(&ctx, &policy, warning, reason, note).await;
+        publish(ctx, &policy, warning, reason, note).await;
     }
     ctx.written
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .insert(key.clone(), next);
 
-    let result = match observation.counts {
+    match observation.counts {
         Ok(_) => {
             ctx.failures
                 .lock()
@@ -194,12 +217,7 @@ async fn reconcile(policy: Arc<McpSessionPolicy>, ctx: Arc<Context>) -> Result<A
         }),
         // Nothing to retry until the spec changes, which triggers a reconcile by itself.
         Err(_) => Ok(Action::requeue(ctx.config.requeue * 4)),
-    };
-    let took = started.elapsed();
-    ctx.metrics
-        .reconciled(if result.is_ok() { "ok" } else { "error" }, took);
-    debug!(took_us = took.as_micros() as u64, "reconciled");
-    result
+    }
 }
 
 /// The policy's counts, tallies and Redis's retention; on the way, the sessions of vanished
@@ -219,7 +237,9 @@ async fn from_redis(
                 Problem::RedisUnreachable(_) | Problem::RedisError(_) => Some(false),
                 _ => None,
             };
-            ctx.metrics.set_redis_up(namespace, &name, redis_up);
+            ctx.metrics
+                .controller
+                .set_redis_up(namespace, &name, redis_up);
             return FromRedis {
                 counts: Err(problem),
                 unreadable: 0,
@@ -228,14 +248,18 @@ async fn from_redis(
             };
         }
     };
-    ctx.metrics.set_redis_up(namespace, &name, Some(true));
+    ctx.metrics
+        .controller
+        .set_redis_up(namespace, &name, Some(true));
     sweep(policy, namespace, ctx, &store, &counts, selected).await;
     if let Err(error) = store.expire_draining().await {
         warn!(%error, "cannot count the draining sessions that expired");
     }
     let tallies = match store.tallies().await {
         Ok(tallies) => {
-            ctx.metrics.proxy_tallies(namespace, &name, tallies);
+            ctx.metrics
+                .controller
+                .proxy_tallies(namespace, &name, tallies);
             Some(tallies)
         }
         Err(error) => {
@@ -281,6 +305,7 @@ async fn sessions_per_pod(
         .collect();
     pod_sessions.sort();
     ctx.metrics
+        .controller
         .set_sessions(namespace, &policy.name_any(), counts, &pod_sessions);
     let costs: Vec<(Arc<Pod>, u64)> = selected
         .iter()

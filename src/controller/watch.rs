@@ -47,7 +47,9 @@ pub async fn run(
             move |event| match event {
                 watcher::Event::Delete(policy) => {
                     let namespace = policy.namespace().unwrap_or_default();
-                    forget.forget_policy(&namespace, &policy.name_any());
+                    forget
+                        .controller
+                        .forget_policy(&namespace, &policy.name_any());
                     written
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())

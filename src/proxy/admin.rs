@@ -2,7 +2,6 @@
 //! over the serving [`Proxy`].
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::http::{StatusCode, header};
@@ -86,7 +85,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// the proxy unready, since it serves them from memory, but are named: they are lost if this
 /// proxy stops before the store takes them.
 async fn readyz(Serving(proxy): Serving) -> (StatusCode, String) {
-    if proxy.draining.load(Ordering::SeqCst) {
+    if proxy.lifecycle.draining() {
         return (StatusCode::SERVICE_UNAVAILABLE, "draining\n".into());
     }
     if proxy.quiesced() {
@@ -95,7 +94,7 @@ async fn readyz(Serving(proxy): Serving) -> (StatusCode, String) {
             "quiesced: the MCP server is restarting\n".into(),
         );
     }
-    match proxy.unstored_count() {
+    match proxy.unstored.len() {
         0 => (StatusCode::OK, "ok\n".into()),
         n => (
             StatusCode::OK,
@@ -139,7 +138,7 @@ async fn sessions(Serving(proxy): Serving) -> axum::Json<Value> {
     let ids: Vec<String> = proxy.table.ids().iter().map(|id| id.to_string()).collect();
     axum::Json(serde_json::json!({
         "pod": proxy.config.pod_name,
-        "draining": proxy.draining.load(Ordering::SeqCst),
+        "draining": proxy.lifecycle.draining(),
         "sessions": ids,
     }))
 }

@@ -5,36 +5,31 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-/// A client connection; the count drops when it closes.
-pub struct Counted {
+use super::count::{Count, Counted};
+
+/// A client connection, counted in its [`Count`] until it closes.
+pub struct Connection {
     io: TcpStream,
-    open: Arc<AtomicUsize>,
+    _open: Counted,
 }
 
-impl Counted {
-    /// `io`, counted in `open` until it closes.
-    pub fn new(io: TcpStream, open: Arc<AtomicUsize>) -> Self {
+impl Connection {
+    pub fn new(io: TcpStream, open: &Count) -> Self {
         // Small JSON-RPC messages: no Nagle delay on the answer.
         let _ = io.set_nodelay(true);
-        open.fetch_add(1, Ordering::SeqCst);
-        Self { io, open }
+        Self {
+            io,
+            _open: open.enter(),
+        }
     }
 }
 
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.open.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-impl AsyncRead for Counted {
+impl AsyncRead for Connection {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -44,7 +39,7 @@ impl AsyncRead for Counted {
     }
 }
 
-impl AsyncWrite for Counted {
+impl AsyncWrite for Connection {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

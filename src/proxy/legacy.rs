@@ -21,10 +21,13 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
+use super::answers::{Failure, UPSTREAM_UNAVAILABLE, Unknown, plain};
+use super::backoff;
+use super::count::Counted;
+use super::exchange::Exchange;
 use super::protocol::{self, MessageHead};
-use super::quiesce::InFlight;
 use super::sse::{self, Event};
-use super::{Exchange, Failure, Lookup, Phase, Proxy, Transport, Unknown, plain};
+use super::{Lookup, Phase, Proxy, Transport};
 use super::{metrics, relay};
 use crate::store::{NewSession, SessionId, SessionPatch};
 
@@ -51,7 +54,7 @@ struct Request {
     resendable: bool,
     /// Once the upstream accepted it, the request is in flight until its answer comes on the
     /// stream, long after its POST was answered: a quiesce waits for it.
-    in_flight: Option<Arc<InFlight>>,
+    in_flight: Option<Arc<Counted>>,
 }
 
 impl Unanswered {
@@ -80,7 +83,7 @@ impl Unanswered {
     }
 
     /// The upstream accepted the request with `id`: in flight until its answer.
-    fn delivered(&self, session: &SessionId, id: &Value, in_flight: InFlight) {
+    fn delivered(&self, session: &SessionId, id: &Value, in_flight: Counted) {
         let in_flight = Arc::new(in_flight);
         if let Some(request) = self
             .lock()
@@ -247,7 +250,7 @@ pub async fn open(
     };
     let _ = out.try_send(announce.encode());
     let stream = Stream {
-        phase: proxy.phase.subscribe(),
+        phase: proxy.lifecycle.watch(),
         proxy: proxy.clone(),
         exchange,
         id: id.clone(),
@@ -303,6 +306,7 @@ async fn post_until_accepted(
     credential: Option<String>,
 ) -> Response {
     let deadline = Instant::now() + proxy.config.hold;
+    let mut resend = backoff::RETRY.until(deadline);
     loop {
         // An HTTP+SSE session lives as long as its client's stream, on this proxy: it is
         // never stale (its stream re-establishes it) and never bound later than it began.
@@ -334,7 +338,7 @@ async fn post_until_accepted(
             // The upstream restarted and does not know the session yet: the stream re-establishes
             // it; the message was not processed, so it is sent again then.
             Ok(answer) if answer.response.status() == StatusCode::NOT_FOUND => {
-                if !wait_for_new_endpoint(proxy, id, &endpoint, deadline).await {
+                if !proxy.table.remapped_from(id, &endpoint, deadline).await {
                     return proxy.failure(
                         Failure::Upstream(super::UpstreamError::Unavailable(
                             proxy.config.hold,
@@ -363,10 +367,7 @@ async fn post_until_accepted(
                 return Response::from_parts(parts, body);
             }
             Err(super::UpstreamError::Lost(_))
-                if Instant::now() < deadline && proxy.may_resend(exchange) =>
-            {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+                if proxy.may_resend(exchange) && resend.wait().await => {}
             Err(error) => return proxy.failure(Failure::Upstream(error), exchange),
         }
     }
@@ -385,22 +386,6 @@ fn remember_initialize(proxy: &Arc<Proxy>, id: &SessionId, body: &Bytes) {
         ..Default::default()
     };
     proxy.patch_in_background(id, patch);
-}
-
-async fn wait_for_new_endpoint(
-    proxy: &Proxy,
-    id: &SessionId,
-    old: &str,
-    deadline: Instant,
-) -> bool {
-    while Instant::now() < deadline {
-        match proxy.table.upstream_of(id) {
-            Some(current) if current != old => return true,
-            Some(_) => tokio::time::sleep(Duration::from_millis(25)).await,
-            None => return false,
-        }
-    }
-    false
 }
 
 /// Relays a session's upstream stream to the client, across upstream restarts.
@@ -499,17 +484,17 @@ impl Stream {
 
     /// Opens a new upstream stream and re-establishes the session on it.
     async fn reconnect(&mut self) -> Option<(Body, sse::Parser, Vec<Event>)> {
-        let deadline = Instant::now() + self.proxy.config.hold;
-        let mut pause = Duration::from_millis(50);
-        while Instant::now() < deadline {
+        let mut backoff = backoff::RETRY.until(Instant::now() + self.proxy.config.hold);
+        loop {
             if *self.phase.borrow() >= Phase::Draining {
                 return None;
             }
             if let Some(reconnected) = self.try_reconnect().await {
                 return Some(reconnected);
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(1));
+            if !backoff.wait().await {
+                break;
+            }
         }
         warn!("cannot re-establish the session with the upstream");
         None
@@ -575,7 +560,7 @@ impl Stream {
                 );
                 let body = protocol::error_body(
                     Some(request.id),
-                    super::UPSTREAM_UNAVAILABLE,
+                    UPSTREAM_UNAVAILABLE,
                     "The MCP server went away before answering; the request may have been executed, so it was not sent again",
                 );
                 let event = Event {

@@ -22,6 +22,8 @@ use bytes::Bytes;
 use hyper::body::{Frame, SizeHint};
 use tokio::sync::watch;
 
+use super::count::{Count, Counted};
+
 /// Whether requests may go to the upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GateState {
@@ -35,7 +37,7 @@ pub enum GateState {
 pub struct Gate {
     state: watch::Sender<GateState>,
     /// Requests sent and not fully answered (for a POST: until its response body ends).
-    in_flight: watch::Sender<usize>,
+    in_flight: Count,
     /// Requests waiting at the closed gate.
     waiting: std::sync::atomic::AtomicUsize,
 }
@@ -44,7 +46,7 @@ impl Default for Gate {
     fn default() -> Self {
         Self {
             state: watch::Sender::new(GateState::Open),
-            in_flight: watch::Sender::new(0),
+            in_flight: Count::default(),
             waiting: Default::default(),
         }
     }
@@ -92,47 +94,28 @@ impl Gate {
     }
 
     /// Counts a request as in flight until the guard drops.
-    pub fn sending(&self) -> InFlight {
-        self.in_flight.send_modify(|n| *n += 1);
-        InFlight {
-            in_flight: self.in_flight.clone(),
-        }
+    pub fn sending(&self) -> Counted {
+        self.in_flight.enter()
     }
 
     pub fn in_flight(&self) -> usize {
-        *self.in_flight.borrow()
+        self.in_flight.get()
     }
 
     /// Waits until nothing is in flight; false if `deadline` comes first.
     pub async fn idle(&self, deadline: Instant) -> bool {
-        let mut in_flight = self.in_flight.subscribe();
-        let idle = in_flight.wait_for(|n| *n == 0);
-        matches!(
-            tokio::time::timeout_at(deadline.into(), idle).await,
-            Ok(Ok(_))
-        )
-    }
-}
-
-/// One request the upstream is working on.
-pub struct InFlight {
-    in_flight: watch::Sender<usize>,
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.in_flight.send_modify(|n| *n = n.saturating_sub(1));
+        self.in_flight.zero_by(deadline).await
     }
 }
 
 /// A response body that keeps its request in flight until it ends (or is dropped).
 pub struct Tracked {
     inner: Body,
-    in_flight: Option<InFlight>,
+    in_flight: Option<Counted>,
 }
 
 impl Tracked {
-    pub fn body(inner: Body, in_flight: InFlight) -> Body {
+    pub fn body(inner: Body, in_flight: Counted) -> Body {
         Body::new(Self {
             inner,
             in_flight: Some(in_flight),

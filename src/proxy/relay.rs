@@ -17,7 +17,6 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -27,12 +26,16 @@ use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
+use super::answers::UPSTREAM_UNAVAILABLE;
+use super::backoff::{self, Backoff};
+use super::count::Counted;
 use super::events::{StreamKind, StreamTag};
+use super::exchange::Exchange;
 use super::listeners::Registration;
 use super::metrics::{self, KindLabels};
 use super::protocol::{self, MessageHead};
 use super::sse::{self, Event};
-use super::{Exchange, Failure, Phase, Proxy, UPSTREAM_UNAVAILABLE};
+use super::{Phase, Proxy};
 use crate::store::LoggedEvent;
 
 /// What a client told to reconnect waits first, in milliseconds: another pod is ready.
@@ -58,9 +61,6 @@ pub fn channel_body(client: mpsc::Receiver<Bytes>) -> Body {
 }
 /// Chunks in flight to a slow client before the relay stops reading the upstream.
 const BUFFERED_CHUNKS: usize = 16;
-/// The first pause before a request is sent again; it doubles up to a second. A server that
-/// is shutting down still accepts requests and drops them: the resend waits for its successor.
-const FIRST_RESEND_PAUSE: Duration = Duration::from_millis(50);
 
 /// Resumptions in a row that brought no new event before a response stream gives up on them.
 const MAX_IDLE_RESUMPTIONS: u32 = 3;
@@ -105,13 +105,14 @@ pub fn start(proxy: Arc<Proxy>, exchange: Exchange, body: Body, resumed: Option<
         session = exchange.session.as_ref().map(|b| b.id.to_string()),
         stream = tag.map(|t| t.to_string()),
     );
+    let proxy_hold = proxy.config.hold;
     let relay = Relay {
         awaited: (kind == StreamKind::Response)
             .then(|| exchange.head.as_ref().filter(|h| h.is_request()))
             .flatten()
             .and_then(|h| h.id.clone()),
         any_answer: resumed_response,
-        phase: proxy.phase.subscribe(),
+        phase: proxy.lifecycle.watch(),
         proxy,
         exchange,
         kind,
@@ -119,8 +120,9 @@ pub fn start(proxy: Arc<Proxy>, exchange: Exchange, body: Body, resumed: Option<
         seq,
         answered: false,
         out,
-        resend_pause: FIRST_RESEND_PAUSE,
-        started: Instant::now(),
+        // A server that is shutting down still accepts requests and drops them: a resend
+        // waits for its successor, for as long as a request is held.
+        resend: backoff::RETRY.until(Instant::now() + proxy_hold),
         listening,
         upstream_event: None,
         upstream_retry: None,
@@ -145,23 +147,23 @@ pub fn logged_event(logged: LoggedEvent) -> Event {
 struct Open {
     proxy: Arc<Proxy>,
     kind: StreamKind,
+    _in_flight: Option<Counted>,
 }
 
 impl Open {
     fn new(proxy: Arc<Proxy>, kind: StreamKind) -> Self {
-        if kind == StreamKind::Response {
-            proxy.in_flight.fetch_add(1, Ordering::SeqCst);
-        }
+        let in_flight = (kind == StreamKind::Response).then(|| proxy.lifecycle.in_flight());
         proxy.metrics.streams.get_or_create(&labels(kind)).inc();
-        Self { proxy, kind }
+        Self {
+            proxy,
+            kind,
+            _in_flight: in_flight,
+        }
     }
 }
 
 impl Drop for Open {
     fn drop(&mut self) {
-        if self.kind == StreamKind::Response {
-            self.proxy.in_flight.fetch_sub(1, Ordering::SeqCst);
-        }
         self.proxy
             .metrics
             .streams
@@ -207,8 +209,7 @@ struct Relay {
     phase: watch::Receiver<Phase>,
     /// Resends go on, with growing pauses, for as long as a request is held for a restarting
     /// upstream.
-    resend_pause: Duration,
-    started: Instant,
+    resend: Backoff,
     /// A listening stream's place among the session's, which a replay wakes.
     listening: Option<Registration>,
     /// The id of the upstream's last event on this stream, and the reconnection delay it
@@ -237,7 +238,7 @@ impl Relay {
                 return;
             }
         }
-        let mut quick_ends = 0_u32;
+        let mut reopen = backoff::REOPEN;
         let mut idle_resumptions = 0_u32;
         loop {
             let opened = Instant::now();
@@ -267,11 +268,10 @@ impl Relay {
                     // An upstream that ends every stream at once must not be hammered; a
                     // replay wakes the relay at once.
                     if opened.elapsed() < Duration::from_secs(1) {
-                        quick_ends = (quick_ends + 1).min(6);
-                        let pause = Duration::from_millis(50 << quick_ends);
+                        let pause = reopen.next_pause().unwrap_or_default();
                         self.backoff(pause).await;
                     } else {
-                        quick_ends = 0;
+                        reopen = backoff::REOPEN;
                     }
                     let next = self.reconnect().await;
                     if next.is_none() {
@@ -438,8 +438,8 @@ impl Relay {
     /// The response stream ended before its answer: send the request again if that is safe,
     /// else answer for it.
     async fn resend(&mut self) -> Option<Body> {
-        let out_of_time = self.started.elapsed() + self.resend_pause > self.proxy.config.hold;
-        if out_of_time || !self.proxy.may_resend(&self.exchange) {
+        let pause = self.resend.next_pause();
+        let Some(pause) = pause.filter(|_| self.proxy.may_resend(&self.exchange)) else {
             metrics::inc(&self.proxy.metrics.unanswered, metrics::Unanswered::Failed);
             warn!(
                 method = self.exchange.rpc_method(),
@@ -451,9 +451,8 @@ impl Relay {
             )
             .await;
             return None;
-        }
-        tokio::time::sleep(self.resend_pause).await;
-        self.resend_pause = (self.resend_pause * 2).min(Duration::from_secs(1));
+        };
+        tokio::time::sleep(pause).await;
         metrics::inc(&self.proxy.metrics.unanswered, metrics::Unanswered::Resent);
         info!(
             method = self.exchange.rpc_method(),
@@ -533,20 +532,6 @@ impl Relay {
                 debug!(?failure, "cannot reopen the listening stream");
                 None
             }
-        }
-    }
-}
-
-impl Failure {
-    /// The JSON-RPC error a client gets for this failure.
-    pub(super) fn describe(&self) -> (i64, String) {
-        match self {
-            Failure::Unknown(_) => (super::SESSION_NOT_FOUND, "Session not found".into()),
-            Failure::Upstream(error) => (UPSTREAM_UNAVAILABLE, error.to_string()),
-            Failure::Store(error) => (
-                UPSTREAM_UNAVAILABLE,
-                format!("the session store is unavailable, try again: {error}"),
-            ),
         }
     }
 }

@@ -62,8 +62,8 @@ pub async fn serve(mut proxy: Arc<Proxy>, succeed: Succeed, shutdown: impl Futur
 /// Returns once `proxy` has retired and its upstream has since stopped and answers again.
 async fn restarted_after_retiring(proxy: &Proxy) {
     let _ = proxy
-        .phase
-        .subscribe()
+        .lifecycle
+        .watch()
         .wait_for(|phase| *phase == Phase::Closing)
         .await;
     let address = proxy.upstream.address();

@@ -24,6 +24,8 @@ pub struct SessionTable {
     gauge: Gauge,
     /// Last use is kept in seconds since this, in 32 bits per session.
     started: Instant,
+    /// Wakes whoever waits for a session's upstream side to change.
+    remapped: tokio::sync::Notify,
 }
 
 impl SessionTable {
@@ -33,6 +35,7 @@ impl SessionTable {
             limit,
             gauge,
             started: Instant::now(),
+            remapped: tokio::sync::Notify::new(),
         }
     }
 
@@ -91,6 +94,29 @@ impl SessionTable {
         if let Some(mapped) = self.write().by_id.get_mut(id) {
             mapped.upstream_id = Some(upstream_id.into_boxed_str());
         }
+        self.remapped.notify_waiters();
+    }
+
+    /// Waits until `id` maps to an upstream session other than `old` (true), or to none, or
+    /// `deadline` (false).
+    pub async fn remapped_from(&self, id: &SessionId, old: &str, deadline: Instant) -> bool {
+        loop {
+            // Registered before the look, so that a change in between is not missed.
+            let changed = self.remapped.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            match self.upstream_of(id) {
+                Some(current) if current != old => return true,
+                Some(_) => {}
+                None => return false,
+            }
+            if tokio::time::timeout_at(deadline.into(), changed)
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
     }
 
     /// The upstream no longer knows the session it mapped `id` to: the next request replays
@@ -103,6 +129,7 @@ impl SessionTable {
         {
             mapped.upstream_id = None;
         }
+        self.remapped.notify_waiters();
     }
 
     /// Binds a mapped session bound to nobody to `credential` (the store bound it first).
@@ -223,6 +250,7 @@ impl SessionTable {
         }
         // An unused slot gives itself back, taking the lock: not while this holds it.
         drop(sessions);
+        self.remapped.notify_waiters();
     }
 
     /// Drops everything the table knows of `id`.
@@ -232,6 +260,8 @@ impl SessionTable {
             release(&mut sessions.per_credential, &mapped.credential);
         }
         self.gauge.set(sessions.by_id.len() as i64);
+        drop(sessions);
+        self.remapped.notify_waiters();
     }
 
     /// Sessions unused for longer than `ttl`.

@@ -11,6 +11,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tracing::debug;
 
+use super::backoff;
 use super::connector::{Connector, was_not_delivered, with_causes};
 use super::protocol::strip_hop_by_hop;
 use super::quiesce::{Gate, GateState, Tracked};
@@ -96,7 +97,7 @@ impl Upstream {
     ) -> Result<Answer, UpstreamError> {
         let uri = self.uri(path_and_query)?;
         let deadline = Instant::now() + self.hold;
-        let mut delay = Duration::from_millis(25);
+        let mut backoff = backoff::HOLD.until(deadline);
         let mut held = false;
         loop {
             held |= self.gate.state() == GateState::Quiesced;
@@ -141,14 +142,13 @@ impl Upstream {
                 }
                 Err(error) => return Err(UpstreamError::Lost(with_causes(&error))),
             };
-            if Instant::now() + delay > deadline {
+            let Some(pause) = backoff.next_pause() else {
                 return Err(UpstreamError::Unavailable(self.hold, failure));
-            }
-            debug!(%failure, retry_in = ?delay, "upstream unavailable; holding the request");
+            };
+            debug!(%failure, retry_in = ?pause, "upstream unavailable; holding the request");
             held = true;
             drop(sending);
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_millis(500));
+            tokio::time::sleep(pause).await;
         }
     }
 }

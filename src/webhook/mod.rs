@@ -131,7 +131,7 @@ pub async fn run(
     .for_each(|_| async {});
     tokio::spawn(policy_watch);
 
-    let connections = metrics.listeners().of("webhook");
+    let connections = metrics.listeners.of("webhook");
     let state = AppState {
         client: client.clone(),
         policies,
@@ -206,7 +206,8 @@ async fn mutate(State(state): State<AppState>, body: Bytes) -> Response {
     };
     state
         .metrics
-        .webhook_request("mutate-pods", result.is_ok(), started.elapsed());
+        .webhook
+        .request("mutate-pods", result.is_ok(), started.elapsed());
     review_response(result)
 }
 
@@ -260,6 +261,7 @@ async fn validate(State(state): State<AppState>, body: Bytes) -> Response {
     };
     state
         .metrics
-        .webhook_request("validate-policies", result.is_ok(), started.elapsed());
+        .webhook
+        .request("validate-policies", result.is_ok(), started.elapsed());
     review_response(result)
 }

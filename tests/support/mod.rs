@@ -4,10 +4,12 @@
 #![allow(dead_code)] // Each test binary uses a different part of this module.
 
 pub mod balancer;
+pub mod clients;
 pub mod containers;
 pub mod control_plane;
 pub mod https;
 pub mod kubelet;
+pub mod mcp;
 pub mod operator;
 pub mod redis;
 

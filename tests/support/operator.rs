@@ -10,7 +10,7 @@ use kube::api::{Api, ApiResource, DynamicObject};
 use kube::core::GroupVersionKind;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use super::control_plane::{ControlPlane, apply_crd, apply_object};
+use super::control_plane::{ControlPlane, TestNamespace, apply_crd, apply_object, control_plane};
 use super::{die_with_parent, free_port};
 
 /// Installs the CRD (server-side apply, idempotent) and waits until it is served.
@@ -47,6 +47,23 @@ pub async fn operator_kubeconfig(
     let path = plane.dir.join(format!("kubeconfig-operator-{namespace}"));
     plane.write_kubeconfig(&path, &token);
     path
+}
+
+/// A test namespace with the CRD installed and a kubeconfig of an operator service account in
+/// it: where most operator tests begin.
+pub struct OperatorNamespace {
+    pub ns: TestNamespace,
+    pub kubeconfig: PathBuf,
+}
+
+impl OperatorNamespace {
+    pub async fn create(prefix: &str) -> Self {
+        let plane = control_plane();
+        let ns = plane.namespace(prefix).await;
+        install_crd(&ns.client).await;
+        let kubeconfig = operator_kubeconfig(plane, &ns.client, &ns.name).await;
+        Self { ns, kubeconfig }
+    }
 }
 
 /// The proxy image the test operators inject.

@@ -6,32 +6,32 @@
 //! transaction: an index can lag a record, never the other way round for long, and `prune` and
 //! the sentinel-triggered rebuild bring it back (docs/redis-schema.md).
 
+mod index;
 mod keys;
 mod lazy;
 mod retention;
+mod scan;
 mod scripts;
 mod target;
 
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::StreamExt as _;
-use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisResult, Value};
-use tracing::{debug, info, instrument, warn};
+use tracing::{debug, instrument, warn};
 
+use self::index::IndexSlot;
 pub use self::keys::Keys;
-use self::keys::SENTINEL;
 pub use self::lazy::LazyRedisStore;
 pub use self::retention::{Retention, Verdict as RetentionVerdict};
 use self::scripts::{Lua, Scripts};
 pub(crate) use self::target::Conn;
 pub use self::target::{RedisTarget, mask_url};
 use super::{
-    Claim, ClaimOutcome, ClaimRefusal, CountSource, ListCursor, ListPage, Listed, LogBound,
-    LoggedEvent, MemorySample, NewSession, Origin, PruneReport, Result, Session, SessionCounts,
-    SessionId, SessionPatch, SessionRecord, SessionState, SessionStore, StoreError, Tallies, Tally,
-    Timestamp, Touch, UnreadableReason, UnreadableRecord,
+    Claim, ClaimOutcome, ClaimRefusal, ListCursor, ListPage, Listed, LogBound, LoggedEvent,
+    MemorySample, NewSession, Origin, PruneReport, Result, Session, SessionCounts, SessionId,
+    SessionPatch, SessionRecord, SessionState, SessionStore, StoreError, Tallies, Tally, Timestamp,
+    Touch, UnreadableReason, UnreadableRecord,
 };
 
 /// Records above this size are reported, not parsed (a session is a few hundred bytes).
@@ -49,31 +49,6 @@ enum TtlRule {
     Keep,
     Reset(Duration),
     AtLeast(Duration),
-}
-
-/// Which per-state index set holds a session, besides the expiry set that holds all.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum IndexSlot<'a> {
-    Unowned,
-    Draining,
-    Pod(&'a str),
-}
-
-impl<'a> IndexSlot<'a> {
-    fn of(record: &'a SessionRecord) -> Self {
-        match (record.state(), record.owner_pod.as_deref()) {
-            (SessionState::Draining, _) => Self::Draining,
-            (SessionState::Active, Some(pod)) => Self::Pod(pod),
-            (SessionState::Active, None) => Self::Unowned,
-        }
-    }
-}
-
-/// A record as fetched: key, raw value (or why it cannot be used) and `PTTL`.
-struct Fetched {
-    key: Vec<u8>,
-    value: std::result::Result<Option<Vec<u8>>, UnreadableReason>,
-    pttl_ms: i64,
 }
 
 /// Outcome of a read-modify-write.
@@ -207,70 +182,6 @@ impl RedisStore {
             .try_for_each(|r| self.value_of::<Value>(r).map(drop))
     }
 
-    async fn fetch(&self, keys: Vec<Vec<u8>>) -> Result<Vec<Fetched>> {
-        if keys.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        for key in &keys {
-            pipe.cmd("GET").arg(key).cmd("PTTL").arg(key);
-        }
-        let mut results = self.pipeline(&pipe).await?.into_iter();
-        let mut fetched = Vec::with_capacity(keys.len());
-        for key in keys {
-            let (value, pttl) = (results.next(), results.next());
-            let pttl_ms = self.value_of::<i64>(pttl.unwrap_or(Ok(Value::Int(-2))))?;
-            let value = match value.unwrap_or(Ok(Value::Nil)) {
-                Err(e) if e.code() == Some("WRONGTYPE") => {
-                    let kind: String = self.query(redis::cmd("TYPE").arg(&key)).await?;
-                    Err(UnreadableReason::WrongType(kind))
-                }
-                other => match self.value_of::<Option<Vec<u8>>>(other)? {
-                    Some(bytes) if bytes.len() > self.max_record_bytes => {
-                        Err(UnreadableReason::Oversize {
-                            bytes: bytes.len() as u64,
-                            limit: self.max_record_bytes as u64,
-                        })
-                    }
-                    value => Ok(value),
-                },
-            };
-            fetched.push(Fetched {
-                key,
-                value,
-                pttl_ms,
-            });
-        }
-        Ok(fetched)
-    }
-
-    /// A fetched key as a listing entry; `None` if it vanished since the scan.
-    fn decode(&self, fetched: &Fetched) -> Option<Listed> {
-        let unreadable = |reason| {
-            Listed::Unreadable(UnreadableRecord {
-                key: String::from_utf8_lossy(&fetched.key).into_owned(),
-                reason,
-            })
-        };
-        let value = match &fetched.value {
-            Ok(None) => return None,
-            Ok(Some(value)) => value,
-            Err(reason) => return Some(unreadable(reason.clone())),
-        };
-        let id = match self.keys.id_of(&fetched.key) {
-            Ok(id) => id,
-            Err(reason) => return Some(unreadable(reason)),
-        };
-        Some(match SessionRecord::from_json(value) {
-            Ok(record) => Listed::Session(Session {
-                id,
-                record,
-                ttl_millis: u64::try_from(fetched.pttl_ms).ok(),
-            }),
-            Err(reason) => unreadable(UnreadableReason::Malformed(reason)),
-        })
-    }
-
     /// One record with its raw value (for compare-and-set).
     async fn read(&self, id: &SessionId) -> Result<Option<(Session, Vec<u8>)>> {
         let key = self.keys.record(id).into_bytes();
@@ -348,250 +259,6 @@ impl RedisStore {
             id: id.to_string(),
             attempts: CAS_ATTEMPTS,
         })
-    }
-
-    /// Index changes for a record going from `old` to `new` (`None`: absent).
-    fn reindex(
-        &self,
-        pipe: &mut Pipeline,
-        id: &SessionId,
-        old: Option<&SessionRecord>,
-        new: Option<&SessionRecord>,
-        expiry_ms: i64,
-    ) {
-        let id = id.as_str();
-        let old_slot = old.map_or(IndexSlot::Unowned, IndexSlot::of);
-        let Some(new) = new else {
-            pipe.zrem(self.keys.expiry(), id);
-            pipe.zrem(self.keys.draining(), id);
-            if let IndexSlot::Pod(pod) = old_slot {
-                pipe.zrem(self.keys.pod(pod), id);
-            }
-            return;
-        };
-        let score = expiry_ms as f64;
-        pipe.zadd(self.keys.expiry(), id, score);
-        let new_slot = IndexSlot::of(new);
-        if old_slot != new_slot {
-            match old_slot {
-                IndexSlot::Draining => pipe.zrem(self.keys.draining(), id),
-                IndexSlot::Pod(pod) => pipe.zrem(self.keys.pod(pod), id),
-                IndexSlot::Unowned => pipe,
-            };
-        }
-        match new_slot {
-            IndexSlot::Draining => pipe.zadd(self.keys.draining(), id, score),
-            IndexSlot::Pod(pod) => pipe.zadd(self.keys.pod(pod), id, score).zadd(
-                self.keys.pods(),
-                pod,
-                Timestamp::now().unix_millis() as f64,
-            ),
-            IndexSlot::Unowned => pipe,
-        };
-    }
-
-    /// Touch of the record plus, in the same round trip, the sliding scores of its index
-    /// entries. `add` also indexes a session that is not indexed yet (a seed-written record).
-    async fn touch_indexed(&self, id: &SessionId, slot: IndexSlot<'_>, add: bool) -> Result<Touch> {
-        let now = Timestamp::now();
-        let ttl_ms = millis(self.ttl);
-        let score = (now.unix_millis() + ttl_ms) as f64;
-        let key = self.keys.record(id);
-        let (ttl_arg, now_arg) = (ttl_ms.to_string(), now.to_seed_string());
-        let member = id.as_str();
-        let results = self
-            .pipeline_with_scripts(|by_body| {
-                let mut pipe = redis::pipe();
-                let args = [ttl_arg.as_bytes(), now_arg.as_bytes()];
-                pipe.add_command(script_cmd(&self.scripts.touch, by_body, &key, &args));
-                let zadd = |set: String| {
-                    let mut cmd = redis::cmd("ZADD");
-                    cmd.arg(set);
-                    if !add {
-                        // XX: slides an entry that exists, adds none.
-                        cmd.arg("XX");
-                    }
-                    cmd.arg(score).arg(member);
-                    cmd
-                };
-                pipe.add_command(zadd(self.keys.expiry()));
-                match (add, slot) {
-                    (true, IndexSlot::Draining) | (false, _) => {
-                        pipe.add_command(zadd(self.keys.draining()));
-                    }
-                    _ => {}
-                }
-                if let IndexSlot::Pod(pod) = slot {
-                    pipe.add_command(zadd(self.keys.pod(pod)));
-                    if add {
-                        pipe.zadd(self.keys.pods(), pod, now.unix_millis() as f64);
-                    }
-                }
-                pipe
-            })
-            .await?;
-        let mut results = results.into_iter();
-        let touched = match self.value_of::<i64>(results.next().unwrap_or(Ok(Value::Int(0))))? {
-            0 => Touch::Gone,
-            2 => Touch::Draining,
-            _ => Touch::Active,
-        };
-        self.all_succeeded(results.collect())?;
-        Ok(touched)
-    }
-
-    /// The master nodes of a cluster, in a stable order (a listing cursor indexes into it).
-    async fn cluster_masters(&self) -> Result<Vec<(String, u16)>> {
-        let nodes: String = self
-            .query(&redis::cmd("CLUSTER").arg("NODES").clone())
-            .await?;
-        let mut masters: Vec<(String, u16)> = nodes
-            .lines()
-            .filter_map(|line| {
-                let fields: Vec<&str> = line.split_whitespace().collect();
-                let flags = fields.get(2)?;
-                if !flags.split(',').any(|f| f == "master") || flags.contains("fail") {
-                    return None;
-                }
-                let address = fields.get(1)?.split(['@', ',']).next()?;
-                let (host, port) = address.rsplit_once(':')?;
-                Some((host.to_owned(), port.parse().ok()?))
-            })
-            .collect();
-        masters.sort();
-        Ok(masters)
-    }
-
-    /// One `SCAN` step on one node: (next cursor, keys).
-    async fn scan_step(
-        &self,
-        node: Option<&(String, u16)>,
-        position: u64,
-        count: usize,
-    ) -> Result<(u64, Vec<Vec<u8>>)> {
-        let mut cmd = redis::cmd("SCAN");
-        cmd.arg(position)
-            .arg("MATCH")
-            .arg(self.keys.record_pattern())
-            .arg("COUNT")
-            .arg(count);
-        match (node, &self.conn) {
-            (Some((host, port)), Conn::Cluster(conn)) => {
-                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
-                    host: host.clone(),
-                    port: *port,
-                });
-                let value = conn
-                    .clone()
-                    .route_command(cmd, routing)
-                    .await
-                    .map_err(|e| self.error(e))?;
-                redis::from_redis_value(value).map_err(|e| self.error(e.into()))
-            }
-            _ => self.query(&cmd).await,
-        }
-    }
-
-    /// Index members of `set` whose records no longer exist are removed; returns how many.
-    /// Drops the index entries (every set) whose record is gone; returns how many.
-    async fn drop_dangling_entries(&self) -> Result<u64> {
-        let mut sets = vec![self.keys.expiry(), self.keys.draining()];
-        sets.extend(self.indexed_pods().await?.iter().map(|p| self.keys.pod(p)));
-        let mut dropped = 0;
-        for set in sets {
-            dropped += self.remove_dangling(&set).await?;
-        }
-        Ok(dropped)
-    }
-
-    async fn remove_dangling(&self, set: &str) -> Result<u64> {
-        let mut removed = 0;
-        let mut position = 0_u64;
-        loop {
-            let (next, flat): (u64, Vec<String>) = self
-                .query(
-                    redis::cmd("ZSCAN")
-                        .arg(set)
-                        .arg(position)
-                        .arg("COUNT")
-                        .arg(MAINTENANCE_BATCH),
-                )
-                .await?;
-            // ZSCAN answers member, score, member, score, ...
-            let members: Vec<SessionId> = flat
-                .iter()
-                .step_by(2)
-                .filter(|m| *m != SENTINEL)
-                .filter_map(|m| SessionId::parse(m).ok())
-                .collect();
-            if !members.is_empty() {
-                let mut pipe = redis::pipe();
-                for id in &members {
-                    pipe.exists(self.keys.record(id));
-                }
-                let exists = self.pipeline(&pipe).await?;
-                let mut zrem = redis::pipe();
-                for (id, exists) in members.iter().zip(exists) {
-                    if !self.value_of::<bool>(exists)? {
-                        zrem.zrem(set, id.as_str());
-                        removed += 1;
-                    }
-                }
-                self.all_succeeded(self.pipeline(&zrem).await?)?;
-            }
-            if next == 0 {
-                return Ok(removed);
-            }
-            position = next;
-        }
-    }
-
-    /// Pods listed in the pods set (without the sentinel).
-    async fn indexed_pods(&self) -> Result<Vec<String>> {
-        let pods: Vec<String> = self
-            .query(redis::cmd("ZRANGE").arg(self.keys.pods()).arg(0).arg(-1))
-            .await?;
-        Ok(pods.into_iter().filter(|p| p != SENTINEL).collect())
-    }
-
-    async fn indexed_counts(&self) -> Result<Option<SessionCounts>> {
-        let now = Timestamp::now().unix_millis();
-        let mut pipe = redis::pipe();
-        for set in [self.keys.expiry(), self.keys.draining()] {
-            pipe.zcount(&set, now, "(+inf").zscore(&set, SENTINEL);
-        }
-        pipe.zscore(self.keys.pods(), SENTINEL);
-        pipe.cmd("ZRANGE").arg(self.keys.pods()).arg(0).arg(-1);
-        let mut results = self.pipeline(&pipe).await?.into_iter();
-        let mut next = || results.next().unwrap_or(Ok(Value::Nil));
-        let total: u64 = self.value_of(next())?;
-        let expiry_sentinel: Option<f64> = self.value_of(next())?;
-        let draining: u64 = self.value_of(next())?;
-        let draining_sentinel: Option<f64> = self.value_of(next())?;
-        let pods_sentinel: Option<f64> = self.value_of(next())?;
-        let pods: Vec<String> = self.value_of(next())?;
-        if expiry_sentinel.is_none() || draining_sentinel.is_none() || pods_sentinel.is_none() {
-            return Ok(None);
-        }
-        let pods: Vec<String> = pods.into_iter().filter(|p| p != SENTINEL).collect();
-        let mut pipe = redis::pipe();
-        for pod in &pods {
-            pipe.zcount(self.keys.pod(pod), now, "+inf");
-        }
-        let mut per_pod = std::collections::BTreeMap::new();
-        for (pod, count) in pods.into_iter().zip(self.pipeline(&pipe).await?) {
-            let count: u64 = self.value_of(count)?;
-            if count > 0 {
-                per_pod.insert(pod, count);
-            }
-        }
-        Ok(Some(SessionCounts {
-            total,
-            active: total.saturating_sub(draining),
-            draining,
-            per_pod,
-            source: CountSource::Index,
-        }))
     }
 }
 
@@ -912,148 +579,21 @@ impl SessionStore for RedisStore {
 
     #[instrument(level = "debug", skip_all)]
     async fn counts(&self) -> Result<SessionCounts> {
-        if let Some(counts) = self.indexed_counts().await? {
-            // A user without INFO (an ACL) keeps the plain count.
-            let may_evict = self
-                .retention()
-                .await
-                .is_ok_and(|retention| retention.verdict().may_evict());
-            if may_evict {
-                let dropped = self.drop_dangling_entries().await?;
-                debug!(
-                    dropped,
-                    "dropped index entries of evicted records before counting"
-                );
-                let counts = self.indexed_counts().await?.unwrap_or(counts);
-                return Ok(SessionCounts {
-                    source: CountSource::Verified,
-                    ..counts
-                });
-            }
-            return Ok(counts);
-        }
-        info!(
-            prefix = self.keys.prefix(),
-            "session index missing (never built or evicted); rebuilding"
-        );
-        self.rebuild_index().await?;
-        let counts = self.indexed_counts().await?.unwrap_or_default();
-        Ok(SessionCounts {
-            source: CountSource::Rebuilt,
-            ..counts
-        })
+        self.count_sessions().await
     }
 
     #[instrument(level = "debug", skip_all)]
     async fn prune(&self) -> Result<PruneReport> {
-        let now = Timestamp::now().unix_millis();
-        // Draining entries are counted lost as they go; expiry entries just go.
-        let lost = self.expire_draining().await?;
-        let expired: u64 = self
-            .query(
-                redis::cmd("ZREMRANGEBYSCORE")
-                    .arg(self.keys.expiry())
-                    .arg("-inf")
-                    .arg(format!("({now}")),
-            )
-            .await?;
-        let mut report = PruneReport {
-            expired: lost + expired,
-            lost,
-            ..PruneReport::default()
-        };
-        let pods = self.indexed_pods().await?;
-        for pod in &pods {
-            let (pods_key, pod_key, now_arg) =
-                (self.keys.pods(), self.keys.pod(pod), now.to_string());
-            let mut results = self
-                .pipeline_with_scripts(|by_body| {
-                    let mut pipe = redis::pipe();
-                    pipe.add_command(self.scripts.prune_pod.cmd(
-                        by_body,
-                        &[&pods_key, &pod_key],
-                        &[pod.as_str(), now_arg.as_str()],
-                    ));
-                    pipe
-                })
-                .await?;
-            let (expired, dropped): (u64, u64) =
-                self.value_of(results.pop().unwrap_or(Ok(Value::Nil)))?;
-            report.expired += expired;
-            report.pods += dropped;
-        }
-        report.dangling = self.drop_dangling_entries().await?;
-        Ok(report)
+        self.prune_index().await
     }
 
     #[instrument(level = "info", skip_all, fields(prefix = self.keys.prefix()))]
     async fn rebuild_index(&self) -> Result<u64> {
-        let now = Timestamp::now().unix_millis();
-        let mut indexed = 0_u64;
-        let mut pages =
-            std::pin::pin!(super::list_all(self, MAINTENANCE_BATCH).chunks(MAINTENANCE_BATCH));
-        while let Some(chunk) = pages.next().await {
-            let mut pipe = redis::pipe();
-            for item in chunk {
-                if let Listed::Session(session) = item? {
-                    let expiry = now + session.ttl_millis.map_or(NO_TTL_HORIZON_MS, |t| t as i64);
-                    self.reindex(&mut pipe, &session.id, None, Some(&session.record), expiry);
-                    indexed += 1;
-                }
-            }
-            self.all_succeeded(self.pipeline(&pipe).await?)?;
-        }
-        // What the index held of records gone since (evicted, deleted behind its back) would
-        // be counted with the rest.
-        self.drop_dangling_entries().await?;
-        // Sentinels last: the index counts as whole only once every record is in.
-        let mut pipe = redis::pipe();
-        for set in [self.keys.expiry(), self.keys.draining(), self.keys.pods()] {
-            pipe.zadd(set, SENTINEL, "+inf");
-        }
-        self.all_succeeded(self.pipeline(&pipe).await?)?;
-        debug!(indexed, "session index rebuilt");
-        Ok(indexed)
+        self.rebuild().await
     }
 
     async fn memory_usage(&self, sample: usize) -> Result<Option<MemorySample>> {
-        let mut keys = Vec::new();
-        let mut cursor = None;
-        loop {
-            let page = self.list_page(cursor, sample.max(1)).await?;
-            keys.extend(page.items.into_iter().filter_map(|item| match item {
-                Listed::Session(s) => Some(self.keys.record(&s.id)),
-                Listed::Unreadable(_) => None,
-            }));
-            cursor = page.next;
-            if keys.len() >= sample || cursor.is_none() {
-                break;
-            }
-        }
-        keys.truncate(sample);
-        if keys.is_empty() {
-            return Ok(Some(MemorySample::default()));
-        }
-        let mut pipe = redis::pipe();
-        for key in &keys {
-            pipe.cmd("MEMORY")
-                .arg("USAGE")
-                .arg(key)
-                .arg("SAMPLES")
-                .arg(0);
-        }
-        let mut sizes = Vec::with_capacity(keys.len());
-        for size in self.pipeline(&pipe).await? {
-            if let Some(bytes) = self.value_of::<Option<u64>>(size)? {
-                sizes.push(bytes);
-            }
-        }
-        let sampled = sizes.len() as u64;
-        Ok(Some(MemorySample {
-            sampled,
-            mean_bytes: sizes.iter().sum::<u64>().checked_div(sampled).unwrap_or(0),
-            max_bytes: sizes.iter().copied().max().unwrap_or(0),
-        }))
+        self.sample_memory(sample).await
     }
 
     fn describe(&self) -> String {

@@ -1,4 +1,5 @@
-//! Prometheus metrics of the operator, with the names fixed in DESIGN.md.
+//! The controller's metrics: sessions per policy and pod, reconciles, drains and what the
+//! proxies report, and the latency of its Redis operations.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
@@ -8,10 +9,10 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::serve::ListenerMetrics;
+use super::latency_buckets;
 use crate::store::SessionCounts;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -30,12 +31,6 @@ pub struct PodLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
-    pub result: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct WebhookLabels {
-    pub webhook: &'static str,
     pub result: &'static str,
 }
 
@@ -62,15 +57,12 @@ pub struct PolicyLabels {
 /// A policy, as metric series know it.
 type PolicyKey = (String, String);
 
-pub struct Metrics {
-    registry: Registry,
+pub struct ControllerMetrics {
     sessions: Family<PolicyStateLabels, Gauge>,
     sessions_per_pod: Family<PodLabels, Gauge>,
     reconciles: Family<ResultLabels, Counter>,
     reconcile_duration: Histogram,
     redis_duration: Family<OperationLabels, Histogram>,
-    webhook_requests: Family<WebhookLabels, Counter>,
-    webhook_duration: Family<WebhookLabels, Histogram>,
     drains: Family<DrainLabels, Counter>,
     rehydrations: Family<PolicyLabels, Counter>,
     lost: Family<PolicyLabels, Counter>,
@@ -79,18 +71,10 @@ pub struct Metrics {
     tallies_seen: Mutex<BTreeMap<PolicyKey, crate::store::Tallies>>,
     /// Pods with a series, per policy, so that series of vanished pods can be removed.
     pods_with_series: Mutex<BTreeMap<PolicyKey, BTreeSet<String>>>,
-    /// The webhook's and the metrics port's connections.
-    listeners: ListenerMetrics,
 }
 
-fn latency_buckets() -> Histogram {
-    // 100 µs .. ~13 s
-    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        let mut registry = Registry::default();
+impl ControllerMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
         let sessions = Family::<PolicyStateLabels, Gauge>::default();
         registry.register(
             "mcp_sessions",
@@ -123,20 +107,6 @@ impl Default for Metrics {
             "Latency of session store operations against Redis",
             redis_duration.clone(),
         );
-        let webhook_requests = Family::<WebhookLabels, Counter>::default();
-        registry.register(
-            "mcp_session_webhook_requests",
-            "Admission requests by webhook and result",
-            webhook_requests.clone(),
-        );
-        let webhook_duration = Family::<WebhookLabels, Histogram>::new_with_constructor(
-            latency_buckets as fn() -> Histogram,
-        );
-        registry.register(
-            "mcp_session_webhook_duration_seconds",
-            "Time to answer an admission request",
-            webhook_duration.clone(),
-        );
         let drains = Family::<DrainLabels, Counter>::default();
         registry.register(
             "mcp_session_drains",
@@ -161,40 +131,19 @@ impl Default for Metrics {
             "Whether the policy's Redis answered at the last reconcile (1) or not (0)",
             redis_up.clone(),
         );
-        let listeners = ListenerMetrics::default();
-        listeners.register(&mut registry, "mcp_operator");
         Self {
-            listeners,
-            registry,
-            drains,
-            rehydrations,
-            lost,
-            redis_up,
-            tallies_seen: Mutex::new(BTreeMap::new()),
-            webhook_requests,
-            webhook_duration,
             sessions,
             sessions_per_pod,
             reconciles,
             reconcile_duration,
             redis_duration,
-            pods_with_series: Mutex::new(BTreeMap::new()),
+            drains,
+            rehydrations,
+            lost,
+            redis_up,
+            tallies_seen: Mutex::default(),
+            pods_with_series: Mutex::default(),
         }
-    }
-}
-
-impl Metrics {
-    /// Prometheus text exposition format.
-    /// The connection metrics of the operator's listeners.
-    pub fn listeners(&self) -> &ListenerMetrics {
-        &self.listeners
-    }
-
-    pub fn encode(&self) -> String {
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
     }
 
     pub fn reconciled(&self, result: &'static str, took: Duration) {
@@ -202,17 +151,6 @@ impl Metrics {
             .get_or_create(&ResultLabels { result })
             .inc();
         self.reconcile_duration.observe(took.as_secs_f64());
-    }
-
-    pub fn webhook_request(&self, webhook: &'static str, answered: bool, took: Duration) {
-        let labels = WebhookLabels {
-            webhook,
-            result: if answered { "answered" } else { "bad_request" },
-        };
-        self.webhook_requests.get_or_create(&labels).inc();
-        self.webhook_duration
-            .get_or_create(&labels)
-            .observe(took.as_secs_f64());
     }
 
     pub fn drained(&self, namespace: &str, policy: &str, by: &'static str, sessions: u64) {
@@ -361,50 +299,5 @@ impl Metrics {
                 pod,
             });
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn series_come_and_go_with_policies_and_pods() {
-        let metrics = Metrics::default();
-        let counts = SessionCounts {
-            total: 5,
-            active: 4,
-            draining: 1,
-            ..Default::default()
-        };
-        metrics.set_sessions(
-            "prod",
-            "api",
-            &counts,
-            &[("api-0".into(), 3), ("api-1".into(), 1)],
-        );
-        let text = metrics.encode();
-        assert!(
-            text.contains(r#"mcp_sessions{namespace="prod",policy="api",state="active"} 4"#),
-            "{text}"
-        );
-        assert!(
-            text.contains(r#"mcp_sessions_per_pod{namespace="prod",policy="api",pod="api-1"} 1"#),
-            "{text}"
-        );
-        metrics.set_sessions("prod", "api", &counts, &[("api-0".into(), 3)]);
-        assert!(
-            !metrics.encode().contains(r#"pod="api-1""#),
-            "vanished pod's series removed"
-        );
-        metrics.forget_policy("prod", "api");
-        let text = metrics.encode();
-        assert!(!text.contains(r#"policy="api""#), "{text}");
-        metrics.reconciled("ok", Duration::from_millis(3));
-        assert!(
-            metrics
-                .encode()
-                .contains(r#"mcp_session_operator_reconciles_total{result="ok"} 1"#)
-        );
     }
 }

@@ -1,0 +1,188 @@
+//! A client's request on its way to the upstream: kept whole while it may be sent again, sent
+//! through the session's current upstream session (replayed when the upstream lost it), held
+//! while the upstream is down, and sent again when that is safe.
+
+use axum::body::Body;
+use axum::http::{HeaderMap, Method};
+use http_body_util::BodyExt as _;
+use serde_json::Value;
+use tracing::debug;
+
+use super::answers::{Failure, header_or_empty};
+use super::backoff;
+use super::events::StreamKind;
+use super::protocol::{self, MessageHead, SESSION_HEADER};
+use super::table::Lookup;
+use super::upstream::{Answer, UpstreamError};
+use super::{Proxy, metrics};
+use crate::store::SessionId;
+use bytes::Bytes;
+
+/// Attempts at one request: a replay after a 404, a resend after a lost response.
+pub(super) const MAX_ATTEMPTS: u32 = 6;
+
+/// A client's request, kept whole for as long as it may have to be sent again.
+pub(super) struct Exchange {
+    pub(super) method: Method,
+    pub(super) path: String,
+    pub(super) headers: HeaderMap,
+    pub(super) body: Bytes,
+    /// The JSON-RPC message's head, for a POST of one message.
+    pub(super) head: Option<MessageHead>,
+    pub(super) session: Option<Bound>,
+}
+
+/// A proxy session id and the fingerprint of the credential presented with it.
+pub(super) struct Bound {
+    pub(super) id: SessionId,
+    pub(super) credential: Option<String>,
+}
+
+impl Exchange {
+    /// The stream a response to this request opens.
+    pub(super) fn stream_kind(&self) -> StreamKind {
+        let listens = self.method == Method::GET
+            || self
+                .head
+                .as_ref()
+                .is_some_and(|h| h.method.as_deref() == Some("subscriptions/listen"));
+        if listens {
+            StreamKind::Listen
+        } else {
+            StreamKind::Response
+        }
+    }
+
+    pub(super) fn is_method(&self, method: &str) -> bool {
+        self.head
+            .as_ref()
+            .is_some_and(|h| h.method.as_deref() == Some(method))
+    }
+
+    pub(super) fn request_id(&self) -> Option<Value> {
+        self.head.as_ref().and_then(|h| h.id.clone())
+    }
+
+    /// The JSON-RPC method, for logs.
+    pub(super) fn rpc_method(&self) -> Option<&str> {
+        self.head.as_ref().and_then(|h| h.method.as_deref())
+    }
+}
+
+/// What an upstream's answer to a session's request says of the session.
+pub(super) enum Signal {
+    /// The upstream does not know the session (see [`protocol::is_unknown_session`]).
+    UnknownSession,
+    Answer(Answer),
+}
+
+/// Reads an error answer's body where it may say the session is unknown; any other answer is
+/// passed on untouched (its body still unread, so streams stay streams).
+pub(super) async fn session_signal(answer: Answer) -> Signal {
+    let status = answer.response.status();
+    if !matches!(status.as_u16(), 400 | 401 | 404) {
+        return Signal::Answer(answer);
+    }
+    let Answer { response, held } = answer;
+    let (parts, body) = response.into_parts();
+    let body = http_body_util::Limited::new(body, protocol::SESSION_SIGNAL_LIMIT)
+        .collect()
+        .await
+        .map(|collected| collected.to_bytes())
+        .unwrap_or_default();
+    if protocol::is_unknown_session(status, &body) {
+        return Signal::UnknownSession;
+    }
+    Signal::Answer(Answer {
+        response: hyper::Response::from_parts(parts, Body::from(body)),
+        held,
+    })
+}
+
+impl Proxy {
+    /// Sends the request to the upstream until it answers: for a session, through its upstream
+    /// session (replayed when the upstream does not know it); held while the upstream is down;
+    /// sent again when the upstream lost it, if that is safe.
+    pub(super) async fn exchange(&self, exchange: &Exchange) -> Result<Answer, Failure> {
+        let mut held = false;
+        let mut attempt = 0;
+        let mut resend = backoff::RETRY;
+        let result = loop {
+            attempt += 1;
+            let upstream_id = match &exchange.session {
+                Some(bound) => Some(self.upstream_session(bound, exchange).await?),
+                None => None,
+            };
+            let mut headers = exchange.headers.clone();
+            if let Some(upstream_id) = &upstream_id {
+                headers.insert(SESSION_HEADER, header_or_empty(upstream_id));
+            }
+            let sent = self
+                .upstream
+                .send(
+                    &exchange.method,
+                    &exchange.path,
+                    &headers,
+                    exchange.body.clone(),
+                )
+                .await;
+            match sent {
+                Ok(answer) => {
+                    held |= answer.held;
+                    let (Some(bound), Some(upstream_id)) = (&exchange.session, &upstream_id) else {
+                        break Ok(answer);
+                    };
+                    match session_signal(answer).await {
+                        // The upstream lost the session (it restarted): replay and send again.
+                        Signal::UnknownSession if attempt < MAX_ATTEMPTS => {
+                            debug!(session = %bound.id, "the upstream does not know the session; replaying the handshake");
+                            self.table.invalidate(&bound.id, upstream_id);
+                        }
+                        Signal::UnknownSession => {
+                            break Err(Failure::Upstream(UpstreamError::Unavailable(
+                                self.config.hold,
+                                "the MCP server keeps refusing the replayed session".into(),
+                            )));
+                        }
+                        Signal::Answer(answer) => break Ok(answer),
+                    }
+                }
+                Err(UpstreamError::Lost(reason))
+                    if attempt < MAX_ATTEMPTS && self.may_resend(exchange) =>
+                {
+                    debug!(%reason, "the upstream lost a request that is safe to send again");
+                    // A server shutting down may still take connections: let it go first.
+                    resend.wait().await;
+                    metrics::inc(&self.metrics.unanswered, metrics::Unanswered::Resent);
+                }
+                Err(error) => break Err(Failure::Upstream(error)),
+            }
+        };
+        if held {
+            self.metrics.held.inc();
+        }
+        result
+    }
+
+    pub(super) fn may_resend(&self, exchange: &Exchange) -> bool {
+        exchange.head.as_ref().is_some_and(|h| self.retry.allows(h))
+    }
+
+    /// The upstream session of `bound`: the mapped one, or a fresh one from a replay.
+    pub(super) async fn upstream_session(
+        &self,
+        bound: &Bound,
+        exchange: &Exchange,
+    ) -> Result<String, Failure> {
+        let mut lookup = self.lookup(bound);
+        if let (Lookup::Unbound, Some(credential)) = (&lookup, &bound.credential) {
+            self.bind(&bound.id, credential).await?;
+            lookup = self.lookup(bound);
+        }
+        match lookup {
+            Lookup::Live(upstream_id) => Ok(upstream_id),
+            Lookup::Refused(unknown) => Err(Failure::Unknown(unknown)),
+            Lookup::Stale | Lookup::Absent | Lookup::Unbound => self.replay(bound, exchange).await,
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! The proxy's life: serving, then (SIGTERM, or a quiesce in a terminating pod) draining its
+//! sessions for other pods to claim, then closing; and quiescing the upstream before it restarts.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Mutex, OnceCell, watch};
+use tracing::{info, warn};
+
+use super::count::{Count, Counted};
+use super::{Proxy, metrics, quiesce};
+use crate::store::{self, SessionId, Tally};
+
+/// Most sessions a drain looks up in the store's index of this pod (beyond those it holds).
+pub(super) const DRAIN_BATCH: usize = 100_000;
+
+/// Where a drain stands. Listening streams end when it starts, response streams at its
+/// deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    Serving,
+    Draining,
+    Closing,
+}
+
+/// The phase, and what a drain waits for: requests in flight and client connections.
+pub struct Lifecycle {
+    phase: watch::Sender<Phase>,
+    /// Requests before their response head, and response streams until they end.
+    in_flight: Count,
+    /// Open client connections (shared with a successor, which serves the same listener).
+    connections: Count,
+    /// When the drain began: its deadline counts from there.
+    drain_started: std::sync::OnceLock<Instant>,
+    /// Sessions the drain handed over, once it is done; every caller of `drain` waits for it.
+    drained: OnceCell<u64>,
+    /// One quiesce at a time; concurrent callers share it.
+    quiescing: Mutex<()>,
+    /// Set while a quiesced proxy follows its upstream's restart.
+    following_restart: AtomicBool,
+}
+
+impl Lifecycle {
+    pub fn new(connections: Count) -> Self {
+        Self {
+            phase: watch::Sender::new(Phase::Serving),
+            in_flight: Count::default(),
+            connections,
+            drain_started: std::sync::OnceLock::new(),
+            drained: OnceCell::new(),
+            quiescing: Mutex::new(()),
+            following_restart: AtomicBool::new(false),
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        *self.phase.borrow()
+    }
+
+    /// Draining or closing: no new sessions, no new claims.
+    pub fn draining(&self) -> bool {
+        self.phase() >= Phase::Draining
+    }
+
+    /// Follows the phase (a relay ends its stream by it).
+    pub fn watch(&self) -> watch::Receiver<Phase> {
+        self.phase.subscribe()
+    }
+
+    /// Counts a request (or a response stream) as in flight until the guard drops.
+    pub fn in_flight(&self) -> Counted {
+        self.in_flight.enter()
+    }
+
+    /// The client connections, which a successor counts on.
+    pub fn connections(&self) -> &Count {
+        &self.connections
+    }
+
+    /// The drain's deadline, from its start (the first call starts it).
+    pub(super) fn drain_deadline(&self, timeout: Duration) -> (Instant, Instant) {
+        let started = *self.drain_started.get_or_init(Instant::now);
+        (started, started + timeout)
+    }
+}
+
+impl Proxy {
+    /// Stops taking sessions, ends listening streams with a `retry` hint, lets in-flight
+    /// requests finish (up to the drain timeout), and marks this proxy's sessions draining in
+    /// the store so that any pod can claim them.
+    ///
+    /// Every caller returns when the one drain is done: each container's preStop hook calls it,
+    /// and the backend's must not return (letting the kubelet stop the backend) any earlier.
+    pub async fn drain(&self) -> u64 {
+        *self
+            .lifecycle
+            .drained
+            .get_or_init(|| self.drain_once())
+            .await
+    }
+
+    pub(super) async fn drain_once(&self) -> u64 {
+        let lifecycle = &self.lifecycle;
+        let (started, deadline) = lifecycle.drain_deadline(self.config.drain_timeout);
+        lifecycle.phase.send_replace(Phase::Draining);
+        lifecycle.in_flight.zero_by(deadline).await;
+        // The sessions this pod owns: those it serves (the store skips any that another pod
+        // owns, requests of a session may reach any pod) and any the store names it owner of
+        // that it does not hold (a restarted proxy container).
+        let owner = self.config.pod_name.as_deref();
+        let mut ids: std::collections::BTreeSet<SessionId> = self.table.ids().into_iter().collect();
+        if let Some(pod) = owner {
+            match self.store.sessions_of_pod(pod, DRAIN_BATCH).await {
+                Ok(owned) => ids.extend(owned),
+                Err(error) => warn!(%error, "cannot list this pod's sessions in the store"),
+            }
+        }
+        let drained =
+            store::mark_all_draining(&*self.store, &ids, owner, self.config.drain_timeout).await;
+        // Awaited: the process may exit right after the drain.
+        if drained > 0
+            && let Err(error) = self.store.tally(Tally::Drained, drained).await
+        {
+            warn!(%error, drained, "cannot report the drain to the store's tallies");
+        }
+        self.events.flush().await;
+        self.metrics
+            .drain_duration
+            .observe(started.elapsed().as_secs_f64());
+        info!(
+            drained,
+            seconds = started.elapsed().as_secs_f64(),
+            "drained"
+        );
+        drained
+    }
+}
+
+/// How long a quiesce waits for the proxy's own SIGTERM: a terminating pod stops every
+/// container at once, so a retirement that starts this soon after the backend's preStop is the
+/// same pod stop, not an in-place restart of the backend.
+pub(super) const RETIRE_SETTLE: Duration = Duration::from_secs(1);
+
+/// What a quiesce ended in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quiesced {
+    /// Nothing is in flight and new requests wait for the upstream's restart.
+    Holding,
+    /// The pod is terminating: the proxy retired, its sessions handed over.
+    Retired,
+}
+
+impl Proxy {
+    /// The upstream is about to stop (its preStop hook, or `dev` before a restart): new
+    /// requests are held, and this returns once those the upstream is working on have finished
+    /// (or the drain timeout). Held requests go to the upstream once it has restarted, or at
+    /// the drain deadline if it never stops. In a terminating pod, waits for the retirement
+    /// instead. See [`quiesce`].
+    pub async fn quiesce(self: &Arc<Self>) -> Quiesced {
+        let _one_at_a_time = self.lifecycle.quiescing.lock().await;
+        let started = Instant::now();
+        let deadline = started + self.config.drain_timeout;
+        self.hold_upstream().await;
+        let mut phase = self.lifecycle.watch();
+        let retiring =
+            tokio::time::timeout(RETIRE_SETTLE, phase.wait_for(|p| *p >= Phase::Draining))
+                .await
+                .is_ok_and(|changed| changed.is_ok());
+        if retiring {
+            self.resume_upstream();
+            self.retire().await;
+            info!("quiesce: the pod is terminating; retired");
+            return Quiesced::Retired;
+        }
+        info!("quiesced: new requests wait for the upstream's restart");
+        if !self
+            .lifecycle
+            .following_restart
+            .swap(true, Ordering::SeqCst)
+        {
+            let proxy = self.clone();
+            tokio::spawn(async move {
+                let restart = quiesce::follow_restart(&proxy.upstream.address(), deadline).await;
+                proxy.resume_upstream();
+                proxy
+                    .lifecycle
+                    .following_restart
+                    .store(false, Ordering::SeqCst);
+                info!(?restart, held_for = ?started.elapsed(), "resumed: held requests go to the upstream");
+            });
+        }
+        Quiesced::Holding
+    }
+
+    /// Holds new requests (unless the proxy retires, which needs the upstream to the end) and
+    /// returns once the upstream has finished those it was working on, or the drain timeout:
+    /// the upstream may stop now without losing a call. `dev` calls it before restarting its
+    /// child; [`Self::resume_upstream`] lets the held requests go.
+    pub async fn hold_upstream(&self) {
+        let started = Instant::now();
+        let gate = self.upstream.gate();
+        if self.lifecycle.phase() == Phase::Serving {
+            gate.close();
+        }
+        if !gate.idle(started + self.config.drain_timeout).await {
+            warn!(
+                in_flight = gate.in_flight(),
+                "quiesce: the upstream did not finish its requests within the drain timeout"
+            );
+        }
+        self.metrics
+            .quiesce_duration
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Sends held requests (and every new one) to the upstream again.
+    pub fn resume_upstream(&self) {
+        self.upstream.gate().open();
+    }
+
+    /// Requests waiting for the upstream to be resumed.
+    pub fn held_requests(&self) -> usize {
+        self.upstream.gate().waiting()
+    }
+
+    /// Handshakes replayed since the proxy started.
+    pub fn replays(&self) -> u64 {
+        self.metrics
+            .replays
+            .get_or_create(&metrics::OutcomeLabels {
+                outcome: metrics::Replay::Replayed,
+            })
+            .get()
+    }
+
+    /// Whether new requests are held for a restarting upstream.
+    pub fn quiesced(&self) -> bool {
+        self.upstream.gate().state() == quiesce::GateState::Quiesced
+    }
+
+    /// The whole stop of a pod: the drain, then answering on until the clients have gone (or
+    /// the drain deadline). SIGTERM runs it, and a quiesce in a terminating pod waits on it;
+    /// concurrent callers share the one drain. A retiring pod's backend serves until its
+    /// clients have moved: retiring lifts a quiesce.
+    pub async fn retire(&self) -> u64 {
+        self.resume_upstream();
+        let drained = self.drain().await;
+        self.linger().await;
+        drained
+    }
+
+    /// After a drain, keeps answering (each answer with `Connection: close`) until the clients
+    /// have closed their connections, or the drain deadline; then ends whatever still streams,
+    /// with a hint to resume elsewhere.
+    pub(super) async fn linger(&self) {
+        let lifecycle = &self.lifecycle;
+        let (_, deadline) = lifecycle.drain_deadline(self.config.drain_timeout);
+        // Requests ride on connections: once both are down to none, the clients have gone.
+        while lifecycle.connections.zero_by(deadline).await
+            && lifecycle.in_flight.zero_by(deadline).await
+            && lifecycle.connections.get() > 0
+        {}
+        lifecycle.phase.send_replace(Phase::Closing);
+        let open = lifecycle.connections.get();
+        if open > 0 {
+            info!(open, "drain deadline: closing the remaining connections");
+            // The relays write their hints before the connections go.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! Replays: a session the upstream does not know (it restarted, or another pod made it) gets a
+//! fresh upstream session from its stored handshake, bound to the credential it was made with.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::http::{HeaderMap, HeaderValue, Method, header};
+use http_body_util::BodyExt as _;
+use serde_json::Value;
+use tracing::{Instrument as _, debug, info, info_span, warn};
+
+use super::answers::{Failure, Unknown, header_or_empty};
+use super::backoff;
+use super::events::StreamKind;
+use super::exchange::{Bound, Exchange};
+use super::protocol::{self, PROTOCOL_VERSION_HEADER, SESSION_HEADER};
+use super::table::{Lookup, Transport};
+use super::{Proxy, metrics};
+use crate::store::binding::{self, Binding};
+use crate::store::{
+    self, Claim, ClaimOutcome, NewSession, Session, SessionId, SessionPatch, StoreError, Tally,
+};
+
+impl Proxy {
+    /// Makes a fresh upstream session for the client's session from the stored handshake,
+    /// at the MCP endpoint the client uses; then, unless the request is the listening stream's
+    /// own, lets that stream reopen before the request goes on.
+    pub(super) async fn replay(
+        &self,
+        bound: &Bound,
+        exchange: &Exchange,
+    ) -> Result<String, Failure> {
+        let id = &bound.id;
+        let lock = self
+            .replays
+            .lock()
+            .await
+            .entry(id.clone())
+            .or_default()
+            .clone();
+        let result = {
+            let _one_at_a_time = lock.lock().await;
+            self.replay_locked(bound, exchange)
+                .instrument(info_span!("replay", session = %id))
+                .await
+        };
+        // The lock only orders the requests that arrive during a replay: the last one out
+        // removes it, so the map does not keep an entry per session ever replayed.
+        {
+            let mut replays = self.replays.lock().await;
+            if replays
+                .get(id)
+                .is_some_and(|current| Arc::ptr_eq(current, &lock))
+                && Arc::strong_count(&lock) == 2
+            {
+                replays.remove(id);
+            }
+        }
+        if result.is_ok() && exchange.stream_kind() != StreamKind::Listen {
+            self.listeners.reopen(id).await;
+        }
+        result
+    }
+
+    /// What a replay starts from: the store's record where it has one (another pod may have
+    /// changed it), else the copy in memory (the store refused or evicted the session, or is
+    /// down): an upstream restart never loses a session this proxy serves.
+    pub(super) async fn replay_source(
+        &self,
+        id: &SessionId,
+    ) -> Result<Option<(NewSession, bool)>, Failure> {
+        let in_memory = self.table.stored_copy(id, self.config.pod_name.clone());
+        let Some(in_memory) = in_memory else {
+            // Nothing here to fall back on: wait out a store outage.
+            return Ok(self
+                .stored(id)
+                .await?
+                .map(|session| (NewSession::from_record(session.record), true)));
+        };
+        match self.store.get(id).await {
+            Ok(Some(session)) => Ok(Some((NewSession::from_record(session.record), true))),
+            Ok(None) => {
+                warn!(session = %id, "the store lacks a session served here; replaying from memory");
+                Ok(Some((in_memory, false)))
+            }
+            Err(error) => {
+                debug!(session = %id, %error, "the store is unavailable; replaying from memory");
+                Ok(Some((in_memory, false)))
+            }
+        }
+    }
+
+    pub(super) async fn replay_locked(
+        &self,
+        bound: &Bound,
+        exchange: &Exchange,
+    ) -> Result<String, Failure> {
+        let id = &bound.id;
+        let unknown = |why| Err(Failure::Unknown(why));
+        match self.lookup(bound) {
+            // Another request of this session replayed meanwhile.
+            Lookup::Live(upstream_id) => return Ok(upstream_id),
+            Lookup::Refused(why) => return unknown(why),
+            Lookup::Stale | Lookup::Absent | Lookup::Unbound => {}
+        }
+        let Some((session, in_store)) = self.replay_source(id).await? else {
+            return unknown(Unknown::NotFound);
+        };
+        let binding = binding::check(
+            session.credential_fingerprint.as_deref(),
+            bound.credential.as_deref(),
+        );
+        if binding == Binding::Mismatch {
+            return unknown(Unknown::OtherCredential);
+        }
+        // Whether this call moved the session here, and whether it moved from a drained pod.
+        let (mut claimed, mut rehydrating) = (false, false);
+        if in_store
+            && session.owner_pod != self.config.pod_name
+            && let Some(claim) = self.claim_here(id, bound.credential.clone()).await
+        {
+            let outcome = match claim {
+                Ok(ClaimOutcome::Claimed { from_draining, .. }) => {
+                    // From the claim, not the record read before it: the session may have
+                    // been drained in between.
+                    (claimed, rehydrating) = (true, from_draining);
+                    metrics::Claim::Claimed
+                }
+                Ok(ClaimOutcome::CredentialMismatch) => return unknown(Unknown::OtherCredential),
+                Ok(ClaimOutcome::NotFound) => return unknown(Unknown::NotFound),
+                // Any proxy serves any session; ownership follows the GET stream.
+                Ok(_) => metrics::Claim::Shared,
+                Err(error) => {
+                    warn!(%error, "cannot claim the session");
+                    metrics::Claim::Failed
+                }
+            };
+            metrics::inc(&self.metrics.claims, outcome);
+        }
+        // A claim binds a session bound to nobody; a session served without one is bound here.
+        let credential = match (binding, &bound.credential) {
+            (Binding::Unbound, Some(credential)) => {
+                if !claimed {
+                    self.bind(id, credential).await?;
+                }
+                Some(credential.clone())
+            }
+            _ => session.credential_fingerprint.clone(),
+        };
+        let path = exchange.path.split('?').next().unwrap_or(&exchange.path);
+        let headers = self.replay_headers(exchange);
+        let upstream_id = match self.handshake(path, headers, &session).await? {
+            Some(upstream_id) => upstream_id,
+            None => {
+                metrics::inc(&self.metrics.replays, metrics::Replay::Refused);
+                warn!("the upstream refused the replayed initialize; the session is lost");
+                // Counted once, by the proxy that took the session over; the client's retries
+                // (here or on other pods, which now see it owned) are the same loss.
+                if claimed {
+                    self.report(Tally::Lost, 1);
+                }
+                return unknown(Unknown::NotFound);
+            }
+        };
+        metrics::inc(&self.metrics.replays, metrics::Replay::Replayed);
+        info!(
+            subscriptions = session.setup.subscriptions.len(),
+            from_memory = !in_store,
+            "handshake replayed to the upstream"
+        );
+        if rehydrating {
+            self.report(Tally::Rehydrated, 1);
+        }
+        let stored = NewSession {
+            owner_pod: self.config.pod_name.clone(),
+            credential_fingerprint: credential,
+            ..session
+        };
+        self.table
+            .remember(id, upstream_id.clone(), Transport::Streamable, stored, None);
+        if !in_store {
+            self.restore(id).await;
+        }
+        Ok(upstream_id)
+    }
+
+    /// Headers of the messages a replay sends: the client's credential, JSON in, JSON or an
+    /// event stream out.
+    pub(super) fn replay_headers(&self, exchange: &Exchange) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        if let Some(value) = exchange.headers.get(header::AUTHORIZATION) {
+            headers.insert(header::AUTHORIZATION, value.clone());
+        }
+        headers.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("application/json, text/event-stream"),
+        );
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers
+    }
+
+    /// Sends `session`'s handshake (`initialize`, `notifications/initialized`) and then the
+    /// requests that set up what the client had set up (subscriptions, the log level) to the
+    /// upstream at `path`; the new upstream session id, `None` if the upstream refused it.
+    pub(super) async fn handshake(
+        &self,
+        path: &str,
+        mut headers: HeaderMap,
+        session: &NewSession,
+    ) -> Result<Option<String>, Failure> {
+        let params = session.initialize_params.clone().unwrap_or(Value::Null);
+        let answer = self
+            .upstream
+            .send(
+                &Method::POST,
+                path,
+                &headers,
+                protocol::initialize_request(&params, session.protocol_version.as_deref()),
+            )
+            .await
+            .map_err(Failure::Upstream)?;
+        let status = answer.response.status();
+        let upstream_id = answer
+            .response
+            .headers()
+            .get(&SESSION_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        // The initialize result (JSON or one SSE event) is not the client's to see.
+        let _ = answer.response.into_body().collect().await;
+        let Some(upstream_id) = upstream_id.filter(|_| status.is_success()) else {
+            return Ok(None);
+        };
+        headers.insert(SESSION_HEADER, header_or_empty(&upstream_id));
+        if let Some(version) = session
+            .protocol_version
+            .as_deref()
+            .and_then(protocol::header_value)
+        {
+            headers.insert(PROTOCOL_VERSION_HEADER, version);
+        }
+        let messages = std::iter::once(protocol::initialized_notification())
+            .chain(protocol::setup_requests(&session.setup));
+        for message in messages {
+            match self
+                .upstream
+                .send(&Method::POST, path, &headers, message)
+                .await
+            {
+                Ok(answer) => {
+                    let status = answer.response.status();
+                    let _ = answer.response.into_body().collect().await;
+                    if !status.is_success() {
+                        warn!(%status, "the upstream refused a replayed setup request");
+                    }
+                }
+                Err(error) => warn!(%error, "cannot replay a setup request"),
+            }
+        }
+        Ok(Some(upstream_id))
+    }
+
+    /// Binds a session bound to nobody (the seed's service wrote it) to `credential`: in the
+    /// store first, atomically, so that of two identities racing for it one wins everywhere;
+    /// then here. A session the store does not hold (evicted, or never written) is bound here.
+    pub(super) async fn bind(&self, id: &SessionId, credential: &str) -> Result<(), Failure> {
+        let patch = SessionPatch {
+            bind_credential: Some(credential.to_owned()),
+            ..Default::default()
+        };
+        match self.store.update(id, patch).await {
+            Ok(Some(session))
+                if binding::check(
+                    session.record.credential_fingerprint.as_deref(),
+                    Some(credential),
+                ) != Binding::Matches =>
+            {
+                return Err(Failure::Unknown(Unknown::OtherCredential));
+            }
+            Ok(_) => {}
+            Err(error) => return Err(Failure::Store(error)),
+        }
+        self.table.bind(id, credential);
+        info!(session = %id, "a session bound to nobody is now bound to the identity using it");
+        Ok(())
+    }
+
+    /// Is `bound.credential` the one the session is bound to (binding a session bound to
+    /// nobody)?
+    pub(super) async fn authorize(&self, bound: &Bound) -> Result<(), Failure> {
+        let binding = match self.lookup(bound) {
+            Lookup::Live(_) | Lookup::Stale => return Ok(()),
+            Lookup::Refused(unknown) => return Err(Failure::Unknown(unknown)),
+            Lookup::Unbound => Binding::Unbound,
+            Lookup::Absent => match self.stored(&bound.id).await? {
+                Some(session) => binding::check(
+                    session.record.credential_fingerprint.as_deref(),
+                    bound.credential.as_deref(),
+                ),
+                None => return Err(Failure::Unknown(Unknown::NotFound)),
+            },
+        };
+        match (binding, &bound.credential) {
+            (Binding::Matches, _) => Ok(()),
+            (Binding::Unbound, Some(credential)) => self.bind(&bound.id, credential).await,
+            _ => Err(Failure::Unknown(Unknown::OtherCredential)),
+        }
+    }
+
+    /// The stored session; while the store does not answer (a Redis restart or fail-over),
+    /// tried again with backoff for up to the hold time, as requests are held while the
+    /// upstream restarts.
+    pub(super) async fn stored(&self, id: &SessionId) -> Result<Option<Session>, Failure> {
+        let mut backoff = backoff::RETRY.until(Instant::now() + self.config.hold);
+        loop {
+            match self.store.get(id).await {
+                Ok(found) => return Ok(found),
+                // A record that does not parse stays what it is: no point in waiting.
+                Err(error @ StoreError::Unreadable(_)) => {
+                    warn!(session = %id, %error, "the stored session cannot be read");
+                    return Ok(None);
+                }
+                Err(error) => {
+                    debug!(session = %id, %error, "the store does not answer; trying again");
+                    if !backoff.wait().await {
+                        warn!(session = %id, %error, "cannot read the session from the store");
+                        return Err(Failure::Store(error));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Claims `id` for this pod, as `credential`. `None` where no claim is made: a proxy without
+    /// a pod name, or a draining one (clients reach it until the endpoints drop it, but what it
+    /// claimed now would be orphaned when it exits).
+    pub(super) async fn claim_here(
+        &self,
+        id: &SessionId,
+        credential: Option<String>,
+    ) -> Option<store::Result<ClaimOutcome>> {
+        let pod = self.config.pod_name.clone()?;
+        if self.lifecycle.draining() {
+            return None;
+        }
+        let claim = Claim {
+            pod,
+            credential_fingerprint: credential,
+        };
+        Some(self.store.claim(id, claim).await)
+    }
+
+    /// Another pod drained (or the operator swept) a session this proxy serves too (requests
+    /// of one session may reach any pod): it is open upstream here already, so a claim is all
+    /// the takeover needs. Counted as a rehydration, like a replayed one.
+    pub(super) async fn take_over(&self, id: &SessionId) {
+        let Some(credential) = self.table.credential_of(id) else {
+            return;
+        };
+        let Some(claimed) = self.claim_here(id, credential).await else {
+            return;
+        };
+        let outcome = match claimed {
+            Ok(ClaimOutcome::Claimed { from_draining, .. }) => {
+                info!(session = %id, "took over a drained session served here");
+                if from_draining {
+                    self.report(Tally::Rehydrated, 1);
+                }
+                metrics::Claim::Claimed
+            }
+            Ok(ClaimOutcome::CredentialMismatch) => metrics::Claim::OtherCredential,
+            Ok(_) => metrics::Claim::Shared,
+            Err(error) => {
+                warn!(session = %id, %error, "cannot claim a drained session served here");
+                metrics::Claim::Failed
+            }
+        };
+        metrics::inc(&self.metrics.claims, outcome);
+    }
+}

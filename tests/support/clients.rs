@@ -1,0 +1,23 @@
+//! What the SDK client scripts report: tests/mcp/client.py (the Python SDK) and
+//! tests/mcp/ts/client.mjs (the TypeScript SDK) print one JSON summary line per client.
+
+/// One client's summary.
+#[derive(Debug, serde::Deserialize)]
+pub struct ClientRun {
+    /// `python-3`, `typescript-12`: present where one process runs several clients.
+    #[serde(default, rename = "client")]
+    pub name: String,
+    pub calls: u64,
+    pub errors: Vec<String>,
+    /// Every session id the client was given; more than one means it lost its session.
+    pub session_ids: Vec<String>,
+    #[serde(default)]
+    pub slowest_call_seconds: f64,
+}
+
+impl ClientRun {
+    /// The summary on `line`, if it is one.
+    pub fn parse(line: &str) -> Option<Self> {
+        serde_json::from_str(line).ok()
+    }
+}

@@ -1,0 +1,705 @@
+//! The proxy's test harness: real MCP servers and clients of the Python and TypeScript SDKs,
+//! proxies in front of them (alone, or as pods sharing Redis), and raw Streamable HTTP for the
+//! steps a test must control exactly.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use http_body_util::BodyExt as _;
+use hyper::body::Bytes;
+use serde_json::{Value, json};
+
+use super::clients::ClientRun;
+use super::{Process, die_with_parent, free_port, http_request, wait_listening};
+
+/// The token every test proxy's /drain, /retire and /sessions require.
+pub const DRAIN_TOKEN: &str = "test-drain-token";
+
+/// The Python with the `mcp` SDK that scripts/test.sh prepares.
+pub fn python() -> String {
+    std::env::var("MCP_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// The MCP SDKs whose real servers and clients the tests run.
+#[derive(Debug, Clone, Copy)]
+pub enum Sdk {
+    /// The `mcp` package from PyPI.
+    Python,
+    /// `@modelcontextprotocol/sdk` from npm, under node, beside its node_modules.
+    TypeScript,
+}
+
+impl Sdk {
+    pub fn command(self, script: &str) -> Command {
+        match self {
+            Self::Python => {
+                let mut command = Command::new(python());
+                command.arg(format!(
+                    "{}/tests/mcp/{script}.py",
+                    env!("CARGO_MANIFEST_DIR")
+                ));
+                command
+            }
+            Self::TypeScript => {
+                let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/ts");
+                assert!(
+                    std::path::Path::new(dir)
+                        .join("node_modules/@modelcontextprotocol/sdk")
+                        .is_dir(),
+                    "the TypeScript SDK is missing: scripts/test.sh runs `npm ci` in tests/mcp/ts"
+                );
+                let mut command = Command::new("node");
+                command.arg(format!("{dir}/{script}.mjs"));
+                command
+            }
+        }
+    }
+
+    pub fn server(self, port: u16) -> Process {
+        self.server_for(port, Wire::Streamable)
+    }
+
+    /// The SDK's server speaking `wire` (HTTP+SSE: only the Python server here).
+    pub fn server_for(self, port: u16, wire: Wire) -> Process {
+        self.server_with(port, wire, None)
+    }
+
+    /// As [`Sdk::server_for`]; with `call_log`, the server appends to it `received A` for every
+    /// `add` call that reaches it and `began A` for every one it begins to run.
+    pub fn server_with(self, port: u16, wire: Wire, call_log: Option<&std::path::Path>) -> Process {
+        let mut command = self.command("server");
+        command.arg(port.to_string());
+        if wire == Wire::Sse {
+            command.arg("--sse");
+        }
+        if let Some(log) = call_log {
+            command.env("MCP_TEST_CALL_LOG", log);
+        }
+        command.stdout(Stdio::null()).stderr(Stdio::null());
+        Process(
+            die_with_parent(&mut command)
+                .spawn()
+                .unwrap_or_else(|e| panic!("start the {self:?} MCP server: {e}")),
+        )
+    }
+}
+
+/// MCP's HTTP transports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    /// Streamable HTTP (2025-03-26 and later), at /mcp.
+    Streamable,
+    /// HTTP+SSE (2024-11-05), at /sse.
+    Sse,
+}
+
+impl Wire {
+    pub fn path(self) -> &'static str {
+        match self {
+            Self::Streamable => "/mcp",
+            Self::Sse => "/sse",
+        }
+    }
+}
+
+pub fn mcp_server(port: u16) -> Process {
+    Sdk::Python.server(port)
+}
+
+/// A proxy as a pod would run it; with `redis`, sessions are shared through it.
+pub fn proxy_with(
+    port: u16,
+    upstream: u16,
+    admin: u16,
+    pod: &str,
+    redis: Option<&str>,
+    extra: &[&str],
+) -> Process {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mcp-session-operator"));
+    command
+        .args([
+            "proxy",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--upstream",
+            &format!("http://127.0.0.1:{upstream}"),
+        ])
+        .args([
+            "--admin-addr",
+            &format!("127.0.0.1:{admin}"),
+            "--hold-seconds",
+            "20",
+            "--pod-name",
+            pod,
+        ])
+        .env_remove("MCP_SESSION_REDIS_URL")
+        .args(["--touch-interval-seconds", "1"])
+        .env("MCP_SESSION_FINGERPRINT_KEY", "test-deployment-key")
+        .env("MCP_SESSION_DRAIN_TOKEN", DRAIN_TOKEN)
+        .stdout(Stdio::null())
+        .stderr(proxy_log());
+    if let Some(url) = redis {
+        command.args(["--redis-url", url]);
+    }
+    command.args(extra);
+    Process(
+        die_with_parent(&mut command)
+            .spawn()
+            .expect("start the proxy"),
+    )
+}
+
+/// The proxies' logs go to the test's stderr with MCP_TEST_PROXY_LOG=1 (and `--nocapture`).
+pub fn proxy_log() -> Stdio {
+    if std::env::var_os("MCP_TEST_PROXY_LOG").is_some() {
+        Stdio::inherit()
+    } else {
+        Stdio::null()
+    }
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub session: Option<String>,
+    pub body: String,
+}
+
+impl Reply {
+    /// The JSON-RPC message of a JSON body or of the first SSE `data:` line.
+    pub fn message(&self) -> Value {
+        let text = self
+            .body
+            .lines()
+            .find_map(|l| l.strip_prefix("data:"))
+            .unwrap_or(&self.body);
+        serde_json::from_str(text.trim()).unwrap_or(Value::Null)
+    }
+}
+
+pub async fn post(
+    port: u16,
+    path: &str,
+    session: Option<&str>,
+    authorization: Option<&str>,
+    method: &str,
+    body: Value,
+) -> Reply {
+    let mut headers = vec![
+        ("content-type", "application/json"),
+        ("accept", "application/json, text/event-stream"),
+        ("mcp-protocol-version", "2025-06-18"),
+    ];
+    headers.extend(session.map(|s| ("mcp-session-id", s)));
+    headers.extend(authorization.map(|a| ("authorization", a)));
+    let bytes = if body.is_null() {
+        Vec::new()
+    } else {
+        serde_json::to_vec(&body).unwrap()
+    };
+    let response = http_request(port, method, path, &headers, Bytes::from(bytes)).await;
+    let status = response.status().as_u16();
+    let session = response
+        .headers()
+        .get("mcp-session-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+        .unwrap_or_default();
+    Reply {
+        status,
+        session,
+        body,
+    }
+}
+
+pub async fn call(port: u16, session: &str, authorization: Option<&str>, id: u64, a: i64) -> Reply {
+    let request = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": "add", "arguments": {"a": a, "b": 1}}});
+    post(port, "/mcp", Some(session), authorization, "POST", request).await
+}
+
+/// `initialize` and `notifications/initialized` through the proxy at `port`: the session id.
+pub async fn open_session(port: u16, authorization: Option<&str>) -> String {
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18",
+        "capabilities": {}, "clientInfo": {"name": "raw-test-client", "version": "1.0"}}});
+    let reply = post(port, "/mcp", None, authorization, "POST", init).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(
+        reply.message()["result"]["serverInfo"]["name"],
+        "proxy-test-server"
+    );
+    let session = reply.session.expect("the proxy's session id");
+    let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    assert_eq!(
+        post(
+            port,
+            "/mcp",
+            Some(&session),
+            authorization,
+            "POST",
+            initialized
+        )
+        .await
+        .status,
+        202
+    );
+    session
+}
+
+pub fn result_text(reply: &Reply) -> String {
+    reply.message()["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+pub async fn admin_get(port: u16, path: &str) -> String {
+    super::admin_get(port, path, DRAIN_TOKEN).await
+}
+
+/// An `initialize` with extra headers, on a fresh connection: status and body.
+pub async fn initialize_with(port: u16, headers: &[(&str, &str)]) -> (u16, String) {
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18",
+        "capabilities": {}, "clientInfo": {"name": "raw-test-client", "version": "1.0"}}});
+    let mut all = vec![
+        ("content-type", "application/json"),
+        ("accept", "application/json, text/event-stream"),
+    ];
+    all.extend_from_slice(headers);
+    let response = http_request(port, "POST", "/mcp", &all, Bytes::from(init.to_string())).await;
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Open file descriptors of process `pid`.
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+}
+
+/// Reads from `stream` until the far end closes it (30 s at most): what it sent.
+pub async fn until_closed(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt as _;
+    let mut seen = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut seen)).await;
+    assert!(read.is_ok(), "the proxy kept the connection open");
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+/// How the server is restarted under a client.
+pub struct Restarts<'a> {
+    pub server: &'a mut Process,
+    pub port: u16,
+    /// Times after the client's start.
+    pub at: &'a [Duration],
+    /// The proxy's admin port, whose /drain quiesces it first (as the backend's preStop does).
+    pub quiesce_at: Option<u16>,
+    /// Where the restarted servers log the calls they begin.
+    pub call_log: Option<&'a std::path::Path>,
+}
+
+/// Runs an SDK's client against `url` for `seconds`: it lists the tools, then calls `add` every
+/// 50 ms, each call taking 20 ms on the server. Meanwhile the server goes down at the given
+/// times after the start (SIGTERM the first time, SIGKILL the second: unquiesced, a call is in
+/// flight about a third of the time, and either way the server drops it) and is started again
+/// at once.
+pub async fn client_through_restarts(
+    sdk: Sdk,
+    wire: Wire,
+    url: &str,
+    seconds: u32,
+    restarts: Restarts<'_>,
+) -> ClientRun {
+    let Restarts {
+        server: upstream,
+        port: upstream_port,
+        at: restarts_at,
+        quiesce_at,
+        call_log,
+    } = restarts;
+    use tokio::io::AsyncBufReadExt as _;
+    let mut child = tokio::process::Command::from(sdk.command("client"))
+        .args([url, &seconds.to_string(), "0.05", "Bearer client-token"])
+        .env("MCP_TEST_TOOL_DELAY", "0.02")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the SDK client");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    // With a call log, the stops are timed from the client's first call, not from its start:
+    // on a loaded machine a Python client takes a second or two to import its SDK, and stops
+    // timed from its start would fall before it had called at all.
+    if let Some(log) = call_log {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(log).is_ok_and(|l| l.contains("received")) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the client never called"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let started = tokio::time::Instant::now();
+    let mut restarts = restarts_at.iter().enumerate().peekable();
+    let mut summary = None;
+    loop {
+        let next_restart = restarts
+            .peek()
+            .map_or(started + Duration::from_secs(3600), |(_, at)| {
+                started + **at
+            });
+        let line = tokio::select! {
+            line = lines.next_line() => line.expect("client output"),
+            () = tokio::time::sleep_until(next_restart) => {
+                let (n, _) = restarts.next().expect("peeked");
+                // Signalled as the kubelet does: the preStop hook quiesces the proxy first.
+                if let Some(admin) = quiesce_at {
+                    let quiesced = admin_get(admin, "/drain").await;
+                    assert!(quiesced.contains("quiesced"), "{quiesced}");
+                }
+                if n % 2 == 0 {
+                    upstream.terminate();
+                } else {
+                    upstream.kill();
+                }
+                *upstream = sdk.server_with(upstream_port, wire, call_log);
+                continue;
+            }
+        };
+        let Some(line) = line else { break };
+        if line.starts_with('{') {
+            summary = Some(line);
+        }
+    }
+    // A client that gave up (the Python one, without the proxy) ends before the last restart.
+    let summary = summary.expect("a summary line");
+    ClientRun::parse(&summary).unwrap_or_else(|| panic!("not a client summary: {summary}"))
+}
+
+/// `tools/call` of `tool` with `arguments`.
+pub async fn call_tool(
+    port: u16,
+    session: &str,
+    authorization: Option<&str>,
+    id: u64,
+    tool: &str,
+    arguments: Value,
+) -> Reply {
+    let request = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": tool, "arguments": arguments}});
+    post(port, "/mcp", Some(session), authorization, "POST", request).await
+}
+
+pub async fn list_tools(port: u16, session: &str, authorization: Option<&str>) {
+    let request = json!({"jsonrpc": "2.0", "id": 900, "method": "tools/list"});
+    let reply = post(port, "/mcp", Some(session), authorization, "POST", request).await;
+    let tools = reply.message()["result"]["tools"].clone();
+    let declared = |name: &str| {
+        tools
+            .as_array()
+            .and_then(|t| t.iter().find(|tool| tool["name"] == name))
+            .map(|tool| tool["annotations"]["readOnlyHint"].clone())
+    };
+    assert_eq!(
+        declared("add_read_only"),
+        Some(json!(true)),
+        "{}",
+        reply.body
+    );
+    assert_eq!(
+        declared("add"),
+        Some(Value::Null),
+        "the main tool is unannotated"
+    );
+}
+
+/// One server-sent event as a client sees it.
+#[derive(Debug, Default)]
+pub struct SseEvent {
+    pub id: Option<String>,
+    pub data: Option<String>,
+    pub retry: Option<u64>,
+}
+
+/// A client's open event stream.
+pub struct EventStream {
+    pub status: u16,
+    pub body: hyper::body::Incoming,
+    pub buffer: String,
+    /// Why the stream broke off (no terminating chunk), if it did.
+    pub broken: Option<String>,
+}
+
+impl EventStream {
+    /// `GET /mcp` for the session, resuming after `last_event_id` if given.
+    pub async fn open(
+        port: u16,
+        session: &str,
+        authorization: Option<&str>,
+        last_event_id: Option<&str>,
+    ) -> Self {
+        let mut headers = vec![
+            ("accept", "text/event-stream"),
+            ("mcp-protocol-version", "2025-06-18"),
+            ("mcp-session-id", session),
+        ];
+        headers.extend(authorization.map(|a| ("authorization", a)));
+        headers.extend(last_event_id.map(|l| ("last-event-id", l)));
+        Self::request(port, "GET", &headers, Bytes::new()).await
+    }
+
+    pub async fn request(port: u16, method: &str, headers: &[(&str, &str)], body: Bytes) -> Self {
+        let response = http_request(port, method, "/mcp", headers, body).await;
+        Self {
+            status: response.status().as_u16(),
+            body: response.into_body(),
+            buffer: String::new(),
+            broken: None,
+        }
+    }
+
+    /// The next event, `None` when the stream ends (see `broken`); panics after 20 s of silence.
+    pub async fn next(&mut self) -> Option<SseEvent> {
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let mut event = SseEvent::default();
+                for line in block.lines() {
+                    let (name, value) = line.split_once(':').unwrap_or((line, ""));
+                    let value = value.strip_prefix(' ').unwrap_or(value).to_owned();
+                    match name {
+                        "id" => event.id = Some(value),
+                        "data" => event.data = Some(value),
+                        "retry" => event.retry = value.parse().ok(),
+                        _ => {}
+                    }
+                }
+                return Some(event);
+            }
+            let frame = tokio::time::timeout(Duration::from_secs(20), self.body.frame())
+                .await
+                .expect("an event within 20 s")?;
+            let frame = match frame {
+                Ok(frame) => frame,
+                Err(error) => {
+                    self.broken = Some(error.to_string());
+                    return None;
+                }
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            self.buffer.push_str(&String::from_utf8_lossy(&data));
+        }
+    }
+
+    /// The next event that carries a message.
+    pub async fn next_message(&mut self) -> Option<SseEvent> {
+        loop {
+            let event = self.next().await?;
+            if event.data.as_deref().is_some_and(|d| !d.is_empty()) {
+                return Some(event);
+            }
+        }
+    }
+}
+
+pub const LIST_CHANGED: &str = "notifications/resources/list_changed";
+
+/// Calls `notify` until the listening stream gets the notification (a restarted upstream's
+/// stream is reopened behind the client's in the background).
+pub async fn notify_until_heard(
+    port: u16,
+    session: &str,
+    token: Option<&str>,
+    stream: &mut EventStream,
+) -> SseEvent {
+    let heard = tokio::spawn({
+        let session = session.to_owned();
+        let token = token.map(str::to_owned);
+        async move {
+            for id in 1000.. {
+                call_tool(port, &session, token.as_deref(), id, "notify", json!({})).await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    });
+    let event = stream.next_message().await.expect("the stream goes on");
+    heard.abort();
+    assert!(
+        event
+            .data
+            .as_deref()
+            .unwrap_or_default()
+            .contains(LIST_CHANGED),
+        "{event:?}"
+    );
+    event
+}
+
+/// A pod of the test: an SDK's MCP server behind a proxy that shares sessions through Redis.
+pub struct Pod {
+    pub server: Process,
+    pub server_port: u16,
+    pub proxy: Process,
+    pub backend: super::balancer::Backend,
+}
+
+impl Pod {
+    pub async fn start(sdk: Sdk, name: &str, redis: &str) -> Self {
+        Self::start_with(sdk, Wire::Streamable, name, Some(redis), &[]).await
+    }
+
+    /// A pod whose server speaks `wire`; its proxy uses `redis` (else its embedded store) and
+    /// gets the `extra` flags.
+    pub async fn start_with(
+        sdk: Sdk,
+        wire: Wire,
+        name: &str,
+        redis: Option<&str>,
+        extra: &[&str],
+    ) -> Self {
+        let (server_port, proxy_port, admin_port) = (free_port(), free_port(), free_port());
+        let server = sdk.server_for(server_port, wire);
+        let proxy = proxy_with(proxy_port, server_port, admin_port, name, redis, extra);
+        wait_listening(server_port).await;
+        wait_listening(proxy_port).await;
+        let at = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        Self {
+            server,
+            server_port,
+            proxy,
+            backend: super::balancer::Backend {
+                serve: at(proxy_port),
+                ready: at(admin_port),
+            },
+        }
+    }
+
+    pub fn proxy_port(&self) -> u16 {
+        self.backend.serve.port()
+    }
+
+    pub fn admin_port(&self) -> u16 {
+        self.backend.ready.port()
+    }
+
+    /// The MCP server restarts (SIGTERM, started again at once).
+    pub fn restart_server(&mut self, sdk: Sdk) {
+        self.server.terminate();
+        self.server = sdk.server(self.server_port);
+    }
+
+    /// What the kubelet does to a deleted pod: the proxy drains on SIGTERM and exits, then the
+    /// MCP server stops.
+    pub fn stop(mut self) {
+        self.proxy.terminate();
+        self.server.terminate();
+    }
+}
+
+/// An SDK's client calling the unannotated `add` (20 ms in the server) every 50 ms until
+/// stopped (5 minutes at most).
+pub struct SdkClient {
+    pub stop_file: tempfile::TempDir,
+    pub summary: tokio::task::JoinHandle<Option<String>>,
+}
+
+impl SdkClient {
+    pub fn start(sdk: Sdk, url: &str, authorization: &str) -> Self {
+        use tokio::io::AsyncBufReadExt as _;
+        let stop_file = tempfile::tempdir().expect("temporary directory");
+        let client = tokio::process::Command::from(sdk.command("client"))
+            .args([url, "300", "0.05", authorization])
+            .env("MCP_TEST_TOOL_DELAY", "0.02")
+            .env("MCP_TEST_STOP_FILE", stop_file.path().join("stop"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the SDK client");
+        let summary = tokio::spawn(async move {
+            // The child whole, not just its stdout: it is killed when dropped.
+            let mut client = client;
+            let stdout = client.stdout.take().expect("stdout");
+            let mut lines = tokio::io::BufReader::new(stdout).lines();
+            let mut summary = None;
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.starts_with('{') {
+                    summary = Some(line);
+                }
+            }
+            summary
+        });
+        Self { stop_file, summary }
+    }
+
+    /// Stops the client, and asserts that it saw no error, one session and at least
+    /// `min_calls` calls.
+    pub async fn stop_unbroken(self, what: &str, min_calls: u64) {
+        std::fs::write(self.stop_file.path().join("stop"), b"").expect("stop the client");
+        let summary = self.summary.await.expect("the client's output");
+        let summary: Value =
+            serde_json::from_str(&summary.expect("a summary line")).expect("JSON summary");
+        eprintln!("{what}: {summary}");
+        assert_eq!(summary["errors"], json!([]), "{what}: {summary}");
+        let sessions = summary["session_ids"].as_array().map(Vec::len);
+        assert_eq!(sessions, Some(1), "{what}: {summary}");
+        let calls = summary["calls"].as_u64().unwrap_or(0);
+        assert!(calls >= min_calls, "{what}: {summary}");
+    }
+}
+
+/// The sessions a pod's proxy claimed from retired pods.
+pub async fn claims_of(pod: &Pod) -> f64 {
+    let metrics = admin_get(pod.backend.ready.port(), "/metrics").await;
+    sample(&metrics, r#"mcp_proxy_claims_total{outcome="claimed"}"#)
+}
+
+/// Waits until the proxy's /readyz answers 200 (30 s at most).
+pub async fn wait_for_ready(admin: u16) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = admin_get(admin, "/readyz").await;
+        if answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200") {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pod stays unready: {answer}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A bearer JWT for `subject` (the proxy reads its claims; the signature is the backend's to
+/// check, and these test servers check none).
+pub fn jwt(subject: &str, serial: u32) -> String {
+    use base64::Engine as _;
+    let encode =
+        |value: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(value.to_string());
+    let claims = json!({"iss": "https://idp.example", "sub": subject, "exp": 1_900_000_000 + serial, "jti": serial});
+    format!(
+        "Bearer {}.{}.signature-{serial}",
+        encode(json!({"alg": "RS256", "typ": "JWT"})),
+        encode(claims)
+    )
+}
+
+/// Parses a Prometheus counter or gauge sample.
+pub fn sample(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter_map(|line| line.strip_prefix(name))
+        .filter_map(|rest| rest.rsplit_once(' '))
+        .filter_map(|(_, value)| value.trim().parse::<f64>().ok())
+        .sum()
+}
