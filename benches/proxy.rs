@@ -140,8 +140,9 @@ struct Load {
 }
 
 /// `WORKERS` sessions on `port`, each on its own connection, calling the echo tool for
-/// `duration`: back to back, or at `rate` calls per second in all. A paced call's latency counts
-/// from when it was due, so a stall delays the calls behind it in the numbers too.
+/// `duration`: back to back, or at `rate` calls per second in all (each call's latency from its
+/// sending: at this rate a call is answered long before the next of its session is due, and the
+/// timer's millisecond ticks would otherwise count as latency).
 async fn load(port: u16, duration: Duration, rate: Option<f64>) -> Load {
     let started = Instant::now();
     let tasks: Vec<_> = (0..WORKERS)
@@ -157,13 +158,13 @@ async fn load(port: u16, duration: Duration, rate: Option<f64>) -> Load {
                 });
                 let (mut latencies, mut errors, mut n) = (Vec::new(), 0, 0_u64);
                 while started.elapsed() < duration {
-                    let due = match &mut ticks {
-                        Some(ticks) => ticks.tick().await.into_std(),
-                        None => Instant::now(),
-                    };
+                    if let Some(ticks) = &mut ticks {
+                        ticks.tick().await;
+                    }
+                    let sent = Instant::now();
                     let call = json!({"jsonrpc": "2.0", "id": n, "method": "tools/call", "params": {"name": "echo", "arguments": {"text": "hello"}}});
                     let (status, _) = post(&mut sender, Some(&session), call).await;
-                    latencies.push(due.elapsed());
+                    latencies.push(sent.elapsed());
                     errors += usize::from(status != StatusCode::OK);
                     n += 1;
                 }
@@ -217,7 +218,8 @@ fn start(command: &mut Command, what: &str) -> Running {
 }
 
 /// nginx as a reverse proxy is usually configured: 2 workers (one per core), keep-alive
-/// connections to the upstream, no access log, responses not buffered.
+/// connections to the upstream, no access log, responses not buffered; no limit on the requests
+/// of a keep-alive connection (the default closes one every 1,000).
 fn nginx(dir: &Path, port: u16, upstream: u16) -> Running {
     let root = std::env::var("USER").is_ok_and(|user| user == "root")
         || std::fs::read_to_string("/proc/self/status")
@@ -226,8 +228,8 @@ fn nginx(dir: &Path, port: u16, upstream: u16) -> Running {
     let config = format!(
         "{user}worker_processes 2;\npid {d}/nginx.pid;\nerror_log stderr;\ndaemon off;\n\
          events {{ worker_connections 4096; }}\n\
-         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
-         upstream mcp {{ server 127.0.0.1:{upstream}; keepalive 64; }}\n\
+         http {{\n  access_log off;\n  keepalive_requests 10000000;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+         upstream mcp {{ server 127.0.0.1:{upstream}; keepalive 64; keepalive_requests 10000000; }}\n\
          server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://mcp;\n\
          proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_buffering off;\n    }}\n  }}\n}}\n",
         user = if root { "user root;\n" } else { "" },
