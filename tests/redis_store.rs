@@ -176,7 +176,7 @@ async fn bad_records_are_reported_never_fatal_and_never_deleted() {
         Err(StoreError::Unreadable(_))
     ));
 
-    store.rebuild_index().await.unwrap();
+    store.rebuild_index(&mut |_| {}).await.unwrap();
     store.prune().await.unwrap();
     assert_eq!(
         redis.cli(&["GET", "mcp:session:malformed"]).unwrap().trim(),

@@ -674,19 +674,32 @@ async fn a_version_that_refuses_the_sessions_is_paused() {
     assert_eq!(reason.as_deref(), Some("TooManyLostSessions"));
     assert!(rollout.lost > 2, "{rollout:?}");
     assert_eq!(rollout.paused.as_deref(), Some("Deployment/mcp"));
-    assert_eq!(
+    let paused = bed.deployments.get(APP).await.expect("deployment");
+    assert_eq!(paused.spec.paused, Some(true));
+    // Paused: the Deployment controller replaces no more old pods: the old ReplicaSet is scaled
+    // down no further, once the controller has seen the pause (its observedGeneration reaches
+    // the paused spec's generation; a sync begun before it may still land until then). (How
+    // many old pods it replaced before the pause depends on how fast new pods became ready on
+    // this machine against how fast clients came back and were counted lost: printed, not
+    // asserted.)
+    let paused_generation = paused.metadata.generation.expect("a generation");
+    let observed = || async {
         bed.deployments
             .get(APP)
             .await
             .expect("deployment")
-            .spec
-            .paused,
-        Some(true)
-    );
-    // Paused: the Deployment controller replaces no more old pods: the old ReplicaSet is scaled
-    // down no further, once a sync begun before the pause has landed. (How many old pods it replaced before the pause depends on how fast new
-    // pods became ready on this machine against how fast clients came back and were counted
-    // lost: printed, not asserted.)
+            .status
+            .and_then(|s| s.observed_generation)
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while observed().await < paused_generation {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the Deployment controller never saw the pause"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let old_hash = bed
         .pods()
         .await
@@ -708,8 +721,6 @@ async fn a_version_that_refuses_the_sessions_is_paused() {
             .filter_map(|rs| rs.spec.replicas)
             .sum::<i32>()
     };
-    // A sync the Deployment controller had begun before the pause may still land.
-    tokio::time::sleep(Duration::from_secs(2)).await;
     let at_pause = old_replicas().await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let later = old_replicas().await;

@@ -458,6 +458,16 @@ async fn listing_sees_every_record_once(store: &dyn SessionStore) {
     let report = store::scan_report(store, 100, &|_| {}).await.unwrap();
     assert_eq!(report.counts.total, 1200);
     assert_eq!(report.counts.source, CountSource::Scan);
+    // `sessions stats`: the index's counts and the scan's, which agree, in one pass.
+    let seen = std::sync::atomic::AtomicU64::new(0);
+    let (indexed, audited) = store::audit(store, 100, &|n| {
+        seen.store(n, std::sync::atomic::Ordering::Relaxed);
+    })
+    .await
+    .unwrap();
+    assert_eq!((indexed.total, audited.counts.total), (1200, 1200));
+    assert_eq!(audited.counts.per_pod, counts.per_pod);
+    assert_eq!(seen.into_inner(), 1200, "progress reaches every key");
     for i in &ids {
         store.delete(i).await.unwrap();
     }

@@ -248,10 +248,9 @@ async fn stats(
     format: OutputFormat,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
-    let indexed = store.counts().await?;
     let progress = ScanProgress::new("scanning records");
-    let report: ScanReport =
-        store::scan_report(store, PAGE_SIZE, &|seen| progress.update(seen)).await?;
+    let (indexed, report): (SessionCounts, ScanReport) =
+        store::audit(store, PAGE_SIZE, &|seen| progress.update(seen)).await?;
     progress.finish();
     let memory = store.memory_usage(MEMORY_SAMPLE).await?;
     let mut unreadable = BTreeMap::new();

@@ -12,8 +12,25 @@ use crate::serve::ListenerMetrics;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub method: String,
+    pub method: &'static str,
     pub status: u16,
+}
+
+impl RequestLabels {
+    /// The labels of an answered request: its method (the ones MCP uses by name, any other as
+    /// `other`, so that a client cannot make series up) and the answer's status.
+    pub fn of(method: &axum::http::Method, status: u16) -> Self {
+        use axum::http::Method;
+        let method = match *method {
+            Method::GET => "GET",
+            Method::POST => "POST",
+            Method::DELETE => "DELETE",
+            Method::OPTIONS => "OPTIONS",
+            Method::HEAD => "HEAD",
+            _ => "other",
+        };
+        Self { method, status }
+    }
 }
 
 /// The `outcome` label of a family whose outcomes are the variants of `T`.

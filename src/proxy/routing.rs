@@ -37,10 +37,7 @@ impl Proxy {
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
-        let labels = RequestLabels {
-            method: method.to_string(),
-            status: response.status().as_u16(),
-        };
+        let labels = RequestLabels::of(&method, response.status().as_u16());
         self.metrics.requests.get_or_create(&labels).inc();
         self.metrics
             .latency

@@ -9,8 +9,8 @@ use async_trait::async_trait;
 
 use super::{
     Claim, ClaimOutcome, CountSource, ListCursor, ListPage, Listed, LogBound, LoggedEvent,
-    MemorySample, NewSession, Origin, PruneReport, Result, Session, SessionCounts, SessionId,
-    SessionPatch, SessionRecord, SessionState, SessionStore, Timestamp, Touch,
+    MemorySample, NewSession, Origin, PruneReport, RecordObserver, Result, Session, SessionCounts,
+    SessionId, SessionPatch, SessionRecord, SessionState, SessionStore, Timestamp, Touch,
 };
 
 #[derive(Debug)]
@@ -361,8 +361,19 @@ impl SessionStore for MemoryStore {
         })
     }
 
-    async fn rebuild_index(&self) -> Result<u64> {
-        Ok(self.with_state(|state, _, _| state.records.len() as u64))
+    async fn indexed_counts(&self) -> Result<Option<SessionCounts>> {
+        // Always indexed: the counts are kept as the records change.
+        Ok(Some(self.counts().await?))
+    }
+
+    async fn rebuild_index(&self, seen: &mut RecordObserver<'_>) -> Result<u64> {
+        let mut items = std::pin::pin!(super::list_all(self, 1000));
+        let mut indexed = 0;
+        while let Some(item) = futures::TryStreamExt::try_next(&mut items).await? {
+            indexed += u64::from(matches!(item, Listed::Session(_)));
+            seen(&item);
+        }
+        Ok(indexed)
     }
 
     async fn memory_usage(&self, _sample: usize) -> Result<Option<MemorySample>> {

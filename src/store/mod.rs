@@ -372,6 +372,16 @@ pub struct ScanReport {
 }
 
 impl ScanReport {
+    fn new() -> Self {
+        Self {
+            counts: SessionCounts {
+                source: CountSource::Scan,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
     fn add(&mut self, item: &Listed) {
         self.keys_scanned += 1;
         match item {
@@ -517,11 +527,15 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Totals and per-pod counts from the indexes (rebuilt first if they are missing).
     async fn counts(&self) -> Result<SessionCounts>;
 
+    /// The indexes' counts as they are: `None` where there are none yet (never builds them).
+    async fn indexed_counts(&self) -> Result<Option<SessionCounts>>;
+
     /// Removes index entries of expired and vanished sessions; never touches a record.
     async fn prune(&self) -> Result<PruneReport>;
 
-    /// Drops and rebuilds the indexes from a full scan; returns the sessions indexed.
-    async fn rebuild_index(&self) -> Result<u64>;
+    /// Drops and rebuilds the indexes from a full scan, showing `seen` every record it reads (a
+    /// caller that wants a scan anyway needs no second pass); returns the sessions indexed.
+    async fn rebuild_index(&self, seen: &mut RecordObserver<'_>) -> Result<u64>;
 
     /// `MEMORY USAGE` of up to `sample` records; `None` where the store is not Redis.
     async fn memory_usage(&self, sample: usize) -> Result<Option<MemorySample>>;
@@ -577,6 +591,42 @@ pub fn list_all(
     .try_flatten()
 }
 
+/// What sees each record a rebuild of the indexes reads.
+pub type RecordObserver<'o> = dyn for<'r> FnMut(&'r Listed) + Send + 'o;
+
+/// The indexes' counts and a full scan's (`sessions stats`), in one pass over the records: where
+/// there is no index yet, the pass that builds it is the scan. `progress` is called with the
+/// number of keys seen so far.
+pub async fn audit(
+    store: &dyn SessionStore,
+    page_size: usize,
+    progress: &(dyn Fn(u64) + Send + Sync),
+) -> Result<(SessionCounts, ScanReport)> {
+    if store.indexed_counts().await?.is_some() {
+        // Through `counts`, which checks the index against the records where Redis evicts.
+        let indexed = store.counts().await?;
+        return Ok((indexed, scan_report(store, page_size, progress).await?));
+    }
+    let mut report = ScanReport::new();
+    store
+        .rebuild_index(&mut |item| {
+            report.add(item);
+            if report.keys_scanned.is_multiple_of(1024) {
+                progress(report.keys_scanned);
+            }
+        })
+        .await?;
+    progress(report.keys_scanned);
+    let indexed = store.counts().await?;
+    Ok((
+        SessionCounts {
+            source: CountSource::Rebuilt,
+            ..indexed
+        },
+        report,
+    ))
+}
+
 /// Counts by a full incremental scan, for prefixes whose writers (the seed's service) keep no
 /// index, and for `sessions stats`. `progress` is called with the number of keys seen so far.
 pub async fn scan_report(
@@ -584,13 +634,7 @@ pub async fn scan_report(
     page_size: usize,
     progress: &(dyn Fn(u64) + Send + Sync),
 ) -> Result<ScanReport> {
-    let mut report = ScanReport {
-        counts: SessionCounts {
-            source: CountSource::Scan,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
+    let mut report = ScanReport::new();
     let mut items = std::pin::pin!(list_all(store, page_size));
     while let Some(item) = items.try_next().await? {
         report.add(&item);

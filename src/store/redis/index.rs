@@ -11,8 +11,8 @@ use super::{millis, script_cmd};
 
 use super::{MAINTENANCE_BATCH, NO_TTL_HORIZON_MS, RedisStore};
 use crate::store::{
-    CountSource, Listed, PruneReport, Result, SessionCounts, SessionId, SessionRecord,
-    SessionState, SessionStore as _, Timestamp, Touch,
+    CountSource, Listed, PruneReport, RecordObserver, Result, SessionCounts, SessionId,
+    SessionRecord, SessionState, SessionStore as _, Timestamp, Touch,
 };
 
 /// Which per-state index set holds a session, besides the expiry set that holds all.
@@ -191,7 +191,7 @@ impl RedisStore {
         Ok(pods.into_iter().filter(|p| p != SENTINEL).collect())
     }
 
-    pub(super) async fn indexed_counts(&self) -> Result<Option<SessionCounts>> {
+    pub(super) async fn index_counts(&self) -> Result<Option<SessionCounts>> {
         let now = Timestamp::now().unix_millis();
         let mut pipe = redis::pipe();
         for set in [self.keys.expiry(), self.keys.draining()] {
@@ -232,7 +232,7 @@ impl RedisStore {
     }
 
     pub(super) async fn count_sessions(&self) -> Result<SessionCounts> {
-        if let Some(counts) = self.indexed_counts().await? {
+        if let Some(counts) = self.index_counts().await? {
             // A user without INFO (an ACL) keeps the plain count.
             let may_evict = self
                 .retention()
@@ -244,7 +244,7 @@ impl RedisStore {
                     dropped,
                     "dropped index entries of evicted records before counting"
                 );
-                let counts = self.indexed_counts().await?.unwrap_or(counts);
+                let counts = self.index_counts().await?.unwrap_or(counts);
                 return Ok(SessionCounts {
                     source: CountSource::Verified,
                     ..counts
@@ -256,8 +256,8 @@ impl RedisStore {
             prefix = self.keys.prefix(),
             "session index missing (never built or evicted); rebuilding"
         );
-        self.rebuild_index().await?;
-        let counts = self.indexed_counts().await?.unwrap_or_default();
+        self.rebuild(&mut |_| {}).await?;
+        let counts = self.index_counts().await?.unwrap_or_default();
         Ok(SessionCounts {
             source: CountSource::Rebuilt,
             ..counts
@@ -305,22 +305,35 @@ impl RedisStore {
         Ok(report)
     }
 
-    pub(super) async fn rebuild(&self) -> Result<u64> {
+    pub(super) async fn rebuild(&self, seen: &mut RecordObserver<'_>) -> Result<u64> {
         let now = Timestamp::now().unix_millis();
         let mut indexed = 0_u64;
         let mut pages = std::pin::pin!(
             crate::store::list_all(self, MAINTENANCE_BATCH).chunks(MAINTENANCE_BATCH)
         );
-        while let Some(chunk) = pages.next().await {
+        // A page's index entries are written while the next page is read.
+        let mut unwritten: Option<Pipeline> = None;
+        loop {
+            let write = async {
+                match unwritten.take() {
+                    Some(pipe) => self.all_succeeded(self.pipeline(&pipe).await?),
+                    None => Ok(()),
+                }
+            };
+            let (chunk, written) = futures::join!(pages.next(), write);
+            written?;
+            let Some(chunk) = chunk else { break };
             let mut pipe = redis::pipe();
             for item in chunk {
-                if let Listed::Session(session) = item? {
+                let item = item?;
+                if let Listed::Session(session) = &item {
                     let expiry = now + session.ttl_millis.map_or(NO_TTL_HORIZON_MS, |t| t as i64);
                     self.reindex(&mut pipe, &session.id, None, Some(&session.record), expiry);
                     indexed += 1;
                 }
+                seen(&item);
             }
-            self.all_succeeded(self.pipeline(&pipe).await?)?;
+            unwritten = Some(pipe);
         }
         // What the index held of records gone since (evicted, deleted behind its back) would
         // be counted with the rest.

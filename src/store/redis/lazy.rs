@@ -11,8 +11,8 @@ use tracing::info;
 
 use super::super::{
     Claim, ClaimOutcome, ListCursor, ListPage, LogBound, LoggedEvent, MemorySample, NewSession,
-    Origin, PruneReport, Result, Session, SessionCounts, SessionId, SessionPatch, SessionStore,
-    StoreError, Tallies, Tally, Touch,
+    Origin, PruneReport, RecordObserver, Result, Session, SessionCounts, SessionId, SessionPatch,
+    SessionStore, StoreError, Tallies, Tally, Touch,
 };
 use super::{Keys, RedisStore, RedisTarget};
 
@@ -148,8 +148,12 @@ impl SessionStore for LazyRedisStore {
         self.store().await?.prune().await
     }
 
-    async fn rebuild_index(&self) -> Result<u64> {
-        self.store().await?.rebuild_index().await
+    async fn indexed_counts(&self) -> Result<Option<SessionCounts>> {
+        self.store().await?.indexed_counts().await
+    }
+
+    async fn rebuild_index(&self, seen: &mut RecordObserver<'_>) -> Result<u64> {
+        self.store().await?.rebuild_index(seen).await
     }
 
     async fn memory_usage(&self, sample: usize) -> Result<Option<MemorySample>> {

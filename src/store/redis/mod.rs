@@ -29,9 +29,9 @@ pub(crate) use self::target::Conn;
 pub use self::target::{RedisTarget, mask_url};
 use super::{
     Claim, ClaimOutcome, ClaimRefusal, ListCursor, ListPage, Listed, LogBound, LoggedEvent,
-    MemorySample, NewSession, Origin, PruneReport, Result, Session, SessionCounts, SessionId,
-    SessionPatch, SessionRecord, SessionState, SessionStore, StoreError, Tallies, Tally, Timestamp,
-    Touch, UnreadableReason, UnreadableRecord,
+    MemorySample, NewSession, Origin, PruneReport, RecordObserver, Result, Session, SessionCounts,
+    SessionId, SessionPatch, SessionRecord, SessionState, SessionStore, StoreError, Tallies, Tally,
+    Timestamp, Touch, UnreadableReason, UnreadableRecord,
 };
 
 /// Records above this size are reported, not parsed (a session is a few hundred bytes).
@@ -588,8 +588,12 @@ impl SessionStore for RedisStore {
     }
 
     #[instrument(level = "info", skip_all, fields(prefix = self.keys.prefix()))]
-    async fn rebuild_index(&self) -> Result<u64> {
-        self.rebuild().await
+    async fn indexed_counts(&self) -> Result<Option<SessionCounts>> {
+        self.index_counts().await
+    }
+
+    async fn rebuild_index(&self, seen: &mut RecordObserver<'_>) -> Result<u64> {
+        self.rebuild(seen).await
     }
 
     async fn memory_usage(&self, sample: usize) -> Result<Option<MemorySample>> {
