@@ -676,13 +676,16 @@ async fn a_version_that_refuses_the_sessions_is_paused() {
     assert_eq!(rollout.paused.as_deref(), Some("Deployment/mcp"));
     let paused = bed.deployments.get(APP).await.expect("deployment");
     assert_eq!(paused.spec.paused, Some(true));
-    // Paused: the Deployment controller replaces no more old pods: the old ReplicaSet is scaled
-    // down no further, once the controller has seen the pause (its observedGeneration reaches
-    // the paused spec's generation; a sync begun before it may still land until then). (How
-    // many old pods it replaced before the pause depends on how fast new pods became ready on
-    // this machine against how fast clients came back and were counted lost: printed, not
-    // asserted.)
+    // Paused: the Deployment controller starts no more replacements once it has seen the pause
+    // (its observedGeneration reaches the paused spec's generation; a sync begun before it may
+    // still land until then). The new ReplicaSet grows no further, and the old one shrinks no
+    // further unless the new one was already at full size: a paused Deployment still scales
+    // the old ReplicaSet to 0 once a full-size new one is available (Kubernetes' "saturated"
+    // rule), so a replacement begun before the pause completes. (How many old pods were
+    // replaced before the pause depends on how fast new pods became ready on this machine
+    // against how fast clients came back and were counted lost: printed, not asserted.)
     let paused_generation = paused.metadata.generation.expect("a generation");
+    let desired = paused.spec.replicas.expect("replicas");
     let observed = || async {
         bed.deployments
             .get(APP)
@@ -711,19 +714,27 @@ async fn a_version_that_refuses_the_sessions_is_paused() {
         bed.client().clone(),
         &bed.ns.name,
     );
-    let old_replicas = || async {
-        replica_sets
-            .list(&ListParams::default().labels(&format!("pod-template-hash={old_hash}")))
+    // (old, new) ReplicaSet sizes of the Deployment.
+    let sizes = || async {
+        let mut sizes = (0, 0);
+        for replica_set in replica_sets
+            .list(&ListParams::default().labels(&format!("app={APP}")))
             .await
             .expect("list ReplicaSets")
             .items
-            .iter()
-            .filter_map(|rs| rs.spec.replicas)
-            .sum::<i32>()
+        {
+            let replicas = replica_set.spec.replicas.unwrap_or(0);
+            if replica_set.labels().get("pod-template-hash") == Some(&old_hash) {
+                sizes.0 += replicas;
+            } else {
+                sizes.1 += replicas;
+            }
+        }
+        sizes
     };
-    let at_pause = old_replicas().await;
+    let (old_at_pause, new_at_pause) = sizes().await;
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let later = old_replicas().await;
+    let (old_later, new_later) = sizes().await;
     let pods = bed.pods().await;
     let surviving: Vec<&String> = old_pods
         .iter()
@@ -732,13 +743,20 @@ async fn a_version_that_refuses_the_sessions_is_paused() {
     let runs = clients.stop().await;
     let (_, errors) = report("a version refusing the sessions", &runs);
     eprintln!(
-        "lastRollout: {rollout:?}; old pods left: {} of 3; {errors} failed calls",
+        "lastRollout: {rollout:?}; old pods left: {} of 3; {errors} failed calls; \
+         ReplicaSets at the pause and 5 s later: old {old_at_pause} -> {old_later}, \
+         new {new_at_pause} -> {new_later}",
         surviving.len()
     );
     assert_eq!(runs.len(), 2 * CLIENTS_PER_SDK, "every client reported");
     assert_eq!(
-        later, at_pause,
-        "the old ReplicaSet scaled down after the pause: {at_pause} replicas, then {later}"
+        new_later, new_at_pause,
+        "the new ReplicaSet grew after the pause: {new_at_pause} replicas, then {new_later}"
+    );
+    assert!(
+        old_later == old_at_pause || new_at_pause == desired,
+        "the old ReplicaSet scaled down after the pause while the new one was not at full size: \
+         old {old_at_pause} then {old_later}, new {new_at_pause} of {desired}"
     );
     assert!(
         bed.counter("mcp_sessions_lost_total", "").await >= rollout.lost,
