@@ -366,7 +366,13 @@ async fn seed_written_sessions_are_counted_by_scan_and_by_a_rebuilt_index() {
     let _serial = SERIAL.lock().await;
     let OperatorNamespace { ns, kubeconfig } = OperatorNamespace::create("seed").await;
     let redis = RedisServer::start();
-    let _operator = Operator::start(&kubeconfig, &ns.name, Some(&ns.name), "op-seed");
+    let _operator = Operator::start_with(
+        &kubeconfig,
+        &ns.name,
+        Some(&ns.name),
+        "op-seed",
+        &["--no-webhook", "--prune-interval-seconds", "1"],
+    );
     let selector = json!({"matchLabels": {"app": "legacy"}});
     apply(&ns.client, &ns.name, &policy("by-scan", json!({"selector": selector, "redis": {"url": redis.url(), "keyPrefix": "legacy:", "countBy": "Scan"}}))).await;
     status_until(&ns.client, &ns.name, "by-scan", "an empty count", |s| {
@@ -415,6 +421,45 @@ async fn seed_written_sessions_are_counted_by_scan_and_by_a_rebuilt_index() {
         |s| s.sessions.total == 30,
     )
     .await;
+
+    // What only a prune removes: the entries of a session that expired (the record went with
+    // its TTL; the entry stays), of a pod that owned it and has nothing left, and of a record
+    // deleted behind the index's back. The operator prunes each store once per interval.
+    for args in [
+        ["ZADD", "{legacy:}:expiry", "1000", "expired"],
+        ["ZADD", "{legacy:}:pod:gone-0", "1000", "expired"],
+        ["ZADD", "{legacy:}:pods", "1000", "gone-0"],
+        ["ZADD", "{legacy:}:expiry", "99999999999999", "deleted"],
+    ] {
+        redis.cli(&args).unwrap();
+    }
+    let index = || {
+        let card = |key: &str| redis.cli(&["ZCARD", key]).unwrap().trim().to_owned();
+        (
+            card("{legacy:}:expiry"),
+            card("{legacy:}:pods"),
+            redis
+                .cli(&["EXISTS", "{legacy:}:pod:gone-0"])
+                .unwrap()
+                .trim()
+                .to_owned(),
+        )
+    };
+    let pruned = ("31".to_owned(), "1".to_owned(), "0".to_owned());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while index() != pruned {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "index never pruned: (expiry, pods, gone pod's set) = {:?}, 30 sessions and the sentinels expected",
+            index()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let status = status_until(&ns.client, &ns.name, "by-index", "still 30", |s| {
+        s.sessions.total == 30
+    })
+    .await;
+    assert_eq!(status.sessions.total, 30);
 }
 
 #[tokio::test]

@@ -38,6 +38,10 @@ pub struct RunArgs {
     /// A selected pod's pod-deletion-cost annotation is rewritten at most this often.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
     deletion_cost_interval_seconds: u64,
+    /// Each store's session index is pruned (entries of expired and deleted sessions, pods with
+    /// none left) at most this often.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    prune_interval_seconds: u64,
     /// Longest retry delay after failures.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     max_backoff_seconds: u64,
@@ -241,6 +245,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         identity,
         namespace: args.watch_namespace.clone(),
         deletion_cost_interval: Duration::from_secs(args.deletion_cost_interval_seconds),
+        prune_interval: Duration::from_secs(args.prune_interval_seconds),
         network_policies: args.webhook.network_policies.then(|| {
             controller::network_policy::Settings {
                 admin_port: args.webhook.proxy_admin_port,

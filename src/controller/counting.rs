@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::Api;
 use kube::{Client, ResourceExt as _};
-use tracing::{info, warn};
+use tracing::{Instrument as _, info, warn};
 
 use super::status::Problem;
 use super::{Context, publish};
@@ -53,9 +53,51 @@ pub(super) async fn count(
         },
         started.elapsed(),
     );
+    if result.is_ok() && redis.count_by == CountBy::Index {
+        prune_when_due(ctx, &url, &store);
+    }
     result
         .map(|(counts, unreadable)| (counts, unreadable, store))
         .map_err(store_problem)
+}
+
+/// Prunes the store's indexes (expired entries, entries of records gone, pods with no session
+/// left) once per `prune_interval`, in the background: on a large store it reads every index
+/// entry, and the reconcile need not wait for it.
+fn prune_when_due(ctx: &Context, url: &str, store: &RedisStore) {
+    let prefix = store.keys().prefix();
+    if !ctx
+        .redis
+        .prune_due(url, prefix, ctx.config.prune_interval, Instant::now())
+    {
+        return;
+    }
+    let store = store.clone();
+    let metrics = ctx.metrics.clone();
+    tokio::spawn(
+        async move {
+            let started = Instant::now();
+            match store.prune().await {
+                Ok(report) => {
+                    metrics
+                        .controller
+                        .redis_operation("prune", started.elapsed());
+                    let removed = report.expired + report.dangling + report.pods;
+                    if removed > 0 {
+                        info!(
+                            expired = report.expired,
+                            dangling = report.dangling,
+                            pods = report.pods,
+                            lost = report.lost,
+                            "pruned the session index"
+                        );
+                    }
+                }
+                Err(error) => warn!(%error, "cannot prune the session index"),
+            }
+        }
+        .in_current_span(),
+    );
 }
 
 /// Sessions owned by pods that no longer exist (a crash, a SIGKILL, an evicted node: no proxy

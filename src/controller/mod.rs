@@ -83,6 +83,10 @@ pub struct Config {
     pub namespace: Option<String>,
     /// A pod's deletion cost is rewritten at most this often.
     pub deletion_cost_interval: Duration,
+    /// Each store's session index is pruned at most this often: nothing else removes the
+    /// entries of sessions that expired, so without it the index sets (and the pods they name)
+    /// grow with every session ever made.
+    pub prune_interval: Duration,
     /// Write a NetworkPolicy for each policy's injected pods.
     pub network_policies: Option<network_policy::Settings>,
 }
@@ -96,6 +100,7 @@ impl Default for Config {
             identity: "mcp-session-operator".into(),
             namespace: None,
             deletion_cost_interval: Duration::from_secs(30),
+            prune_interval: Duration::from_secs(300),
             network_policies: None,
         }
     }

@@ -68,6 +68,20 @@ pub struct RedisStore {
     scripts: Scripts,
 }
 
+/// Another handle on the same connection, prefix and settings.
+impl Clone for RedisStore {
+    fn clone(&self) -> Self {
+        Self {
+            target: self.target.clone(),
+            keys: self.keys.clone(),
+            conn: self.conn.clone(),
+            ttl: self.ttl,
+            max_record_bytes: self.max_record_bytes,
+            scripts: Scripts::new(),
+        }
+    }
+}
+
 impl RedisStore {
     /// Connects; fails with [`StoreError::Unavailable`] naming the (masked) URL if Redis
     /// cannot be reached.
@@ -90,12 +104,9 @@ impl RedisStore {
     /// Redis share one multiplexed connection.
     pub fn with_prefix(&self, key_prefix: &str, ttl: Duration) -> Result<Self> {
         Ok(Self {
-            target: self.target.clone(),
             keys: Keys::new(key_prefix)?,
-            conn: self.conn.clone(),
             ttl,
-            max_record_bytes: self.max_record_bytes,
-            scripts: Scripts::new(),
+            ..self.clone()
         })
     }
 
