@@ -198,11 +198,22 @@ fn rss_bytes(pid: u32) -> u64 {
         .map_or(0, |k| k * 1024)
 }
 
-/// A process that is killed when dropped.
+/// A process stopped when dropped: asked with SIGTERM first, since nginx's master stops its
+/// workers only then (killed, it leaves them running, serving and taking CPU from later runs).
 struct Running(Child);
 
 impl Drop for Running {
     fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid; no memory is touched.
+        let pid = i32::try_from(self.0.id()).unwrap_or(i32::MAX);
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }

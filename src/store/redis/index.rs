@@ -33,7 +33,66 @@ impl<'a> IndexSlot<'a> {
     }
 }
 
+/// Which index sets a check for dangling entries reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IndexSets {
+    All,
+    /// The pods' sets, not the expiry and draining sets.
+    PodsOnly,
+}
+
+/// A page of a rebuild's index entries, grouped by set: written as one `ZADD` per set, since one
+/// command per entry would cost Redis more than reading the records did.
+#[derive(Default)]
+struct PageEntries {
+    expiry: Vec<(f64, String)>,
+    draining: Vec<(f64, String)>,
+    by_pod: std::collections::BTreeMap<String, Vec<(f64, String)>>,
+}
+
+impl PageEntries {
+    /// The same entries [`RedisStore::reindex`] writes for a record not indexed before.
+    fn add(&mut self, id: &SessionId, record: &SessionRecord, expiry_ms: i64) {
+        let entry = (expiry_ms as f64, id.as_str().to_owned());
+        match IndexSlot::of(record) {
+            IndexSlot::Draining => self.draining.push(entry.clone()),
+            IndexSlot::Pod(pod) => self
+                .by_pod
+                .entry(pod.to_owned())
+                .or_default()
+                .push(entry.clone()),
+            IndexSlot::Unowned => {}
+        }
+        self.expiry.push(entry);
+    }
+}
+
 impl RedisStore {
+    /// One `ZADD` per index set of the page's entries.
+    fn write_entries(&self, entries: PageEntries, now_ms: i64) -> Pipeline {
+        let mut pipe = redis::pipe();
+        for (set, members) in [
+            (self.keys.expiry(), &entries.expiry),
+            (self.keys.draining(), &entries.draining),
+        ] {
+            if !members.is_empty() {
+                pipe.zadd_multiple(set, members);
+            }
+        }
+        if !entries.by_pod.is_empty() {
+            let pods: Vec<(f64, &str)> = entries
+                .by_pod
+                .keys()
+                .map(|pod| (now_ms as f64, pod.as_str()))
+                .collect();
+            pipe.zadd_multiple(self.keys.pods(), &pods);
+        }
+        for (pod, members) in &entries.by_pod {
+            pipe.zadd_multiple(self.keys.pod(pod), members);
+        }
+        pipe
+    }
+
     /// Index changes for a record going from `old` to `new` (`None`: absent).
     pub(super) fn reindex(
         &self,
@@ -132,7 +191,14 @@ impl RedisStore {
     /// Index members of `set` whose records no longer exist are removed; returns how many.
     /// Drops the index entries (every set) whose record is gone; returns how many.
     pub(super) async fn drop_dangling_entries(&self) -> Result<u64> {
-        let mut sets = vec![self.keys.expiry(), self.keys.draining()];
+        self.drop_dangling_entries_of(IndexSets::All).await
+    }
+
+    async fn drop_dangling_entries_of(&self, which: IndexSets) -> Result<u64> {
+        let mut sets = match which {
+            IndexSets::All => vec![self.keys.expiry(), self.keys.draining()],
+            IndexSets::PodsOnly => Vec::new(),
+        };
         sets.extend(self.indexed_pods().await?.iter().map(|p| self.keys.pod(p)));
         let mut dropped = 0;
         for set in sets {
@@ -307,6 +373,17 @@ impl RedisStore {
 
     pub(super) async fn rebuild(&self, seen: &mut RecordObserver<'_>) -> Result<u64> {
         let now = Timestamp::now().unix_millis();
+        // Sets that existed before may hold entries of records gone since; the expiry and
+        // draining sets this rebuild makes hold only what it read. (A record deleted while it
+        // runs may keep an entry until the operator's next prune, as one deleted behind the
+        // index's back does.) A pod's set may outlive an evicted `pods` set: always checked.
+        let existed: u64 = self
+            .query(
+                redis::cmd("EXISTS")
+                    .arg(self.keys.expiry())
+                    .arg(self.keys.draining()),
+            )
+            .await?;
         let mut indexed = 0_u64;
         let mut pages = std::pin::pin!(
             crate::store::list_all(self, MAINTENANCE_BATCH).chunks(MAINTENANCE_BATCH)
@@ -323,21 +400,26 @@ impl RedisStore {
             let (chunk, written) = futures::join!(pages.next(), write);
             written?;
             let Some(chunk) = chunk else { break };
-            let mut pipe = redis::pipe();
+            let mut entries = PageEntries::default();
             for item in chunk {
                 let item = item?;
                 if let Listed::Session(session) = &item {
                     let expiry = now + session.ttl_millis.map_or(NO_TTL_HORIZON_MS, |t| t as i64);
-                    self.reindex(&mut pipe, &session.id, None, Some(&session.record), expiry);
+                    entries.add(&session.id, &session.record, expiry);
                     indexed += 1;
                 }
                 seen(&item);
             }
-            unwritten = Some(pipe);
+            unwritten = Some(self.write_entries(entries, now));
         }
         // What the index held of records gone since (evicted, deleted behind its back) would
         // be counted with the rest.
-        self.drop_dangling_entries().await?;
+        self.drop_dangling_entries_of(if existed > 0 {
+            IndexSets::All
+        } else {
+            IndexSets::PodsOnly
+        })
+        .await?;
         // Sentinels last: the index counts as whole only once every record is in.
         let mut pipe = redis::pipe();
         for set in [self.keys.expiry(), self.keys.draining(), self.keys.pods()] {
