@@ -197,6 +197,11 @@ async fn reconcile_policy(
         max_lost_sessions,
     };
     let next = status::build(previous, &observation);
+    let requeue = requeue_after(
+        next.last_rollout.as_ref(),
+        ctx.config.requeue,
+        chrono::Utc::now(),
+    );
     if policy.status.as_ref() != Some(&next) {
         write_status(&ctx.client, &namespace, &policy.name_any(), &next).await?;
     }
@@ -214,7 +219,7 @@ async fn reconcile_policy(
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&key);
-            Ok(Action::requeue(jittered(ctx.config.requeue)))
+            Ok(Action::requeue(jittered(requeue)))
         }
         Err(problem) if problem.is_transient() => Err(Error::Degraded {
             reason: problem.reason(),
@@ -337,6 +342,36 @@ async fn fingerprint_key(ctx: &Context, policy: &McpSessionPolicy) -> KeyState {
     }
 }
 
+/// How often a rollout under way is re-counted: the guard can pause it only at a reconcile,
+/// and each second it waits lets more clients reach the new version and lose their sessions.
+const ROLLOUT_REQUEUE: Duration = Duration::from_secs(1);
+/// For how long after its start a rollout is re-counted that often: one that stalls (paused by
+/// hand, never becoming ready) goes back to the usual period.
+const ROLLOUT_WATCH: Duration = Duration::from_secs(600);
+
+/// When to re-count a policy that was counted: soon while its last rollout is under way (begun
+/// in the last [`ROLLOUT_WATCH`], not finished, not paused), else every `requeue`.
+fn requeue_after(
+    last_rollout: Option<&crate::api::RolloutStatus>,
+    requeue: Duration,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Duration {
+    let under_way = last_rollout.is_some_and(|rollout| {
+        let recent = rollout
+            .started_at
+            .as_deref()
+            .and_then(|at| chrono::DateTime::parse_from_rfc3339(at).ok())
+            .and_then(|at| (now - at.to_utc()).to_std().ok())
+            .is_some_and(|age| age < ROLLOUT_WATCH);
+        recent && rollout.finished_at.is_none() && rollout.paused_at.is_none()
+    });
+    if under_way {
+        requeue.min(ROLLOUT_REQUEUE)
+    } else {
+        requeue
+    }
+}
+
 /// `period` ± 10 %, so that policies created together do not all re-count at the same instant.
 fn jittered(period: Duration) -> Duration {
     period.mul_f64(rand::random_range(0.9..1.1))
@@ -390,4 +425,50 @@ async fn publish(
     ctx.events
         .publish(policy, warning, &reason, "CountSessions", &note)
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::RolloutStatus;
+
+    #[test]
+    fn a_rollout_under_way_is_recounted_every_second() {
+        let every = Duration::from_secs(15);
+        let now = chrono::DateTime::parse_from_rfc3339("2026-11-30T00:00:30Z")
+            .unwrap()
+            .to_utc();
+        let at = |time: &str| Some(format!("2026-11-30T{time}Z"));
+        let under_way = RolloutStatus {
+            started_at: at("00:00:00"),
+            ..Default::default()
+        };
+        let due = |rollout: &RolloutStatus, period| requeue_after(Some(rollout), period, now);
+        assert_eq!(requeue_after(None, every, now), every);
+        assert_eq!(due(&under_way, every), ROLLOUT_REQUEUE);
+        // A shorter configured period stays.
+        let short = Duration::from_millis(500);
+        assert_eq!(due(&under_way, short), short);
+        for done in [
+            RolloutStatus {
+                finished_at: at("00:00:20"),
+                ..under_way.clone()
+            },
+            RolloutStatus {
+                paused_at: at("00:00:05"),
+                ..under_way.clone()
+            },
+            // Stalled: begun longer ago than the watch.
+            RolloutStatus {
+                started_at: Some("2026-11-29T23:40:00Z".into()),
+                ..under_way.clone()
+            },
+            RolloutStatus {
+                started_at: Some("not a time".into()),
+                ..under_way.clone()
+            },
+        ] {
+            assert_eq!(due(&done, every), every, "{done:?}");
+        }
+    }
 }
