@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::clients::ClientRun;
-use support::mcp::{Sdk, python};
+use support::mcp::{Sdk, python, start_client};
 use support::{die_with_parent, free_port, wait_listening};
 
 const MCP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp");
@@ -60,14 +60,7 @@ async fn client_while(
     during: impl std::future::Future<Output = ()>,
 ) -> ClientRun {
     let url = format!("http://127.0.0.1:{port}/mcp");
-    let child = tokio::process::Command::from(sdk.command("client"))
-        .args([&url, &seconds.to_string(), "0.05", "Bearer dev-client"])
-        .env("MCP_TEST_TOOL_DELAY", "0.02")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the SDK client");
+    let child = start_client(sdk, &url, seconds, "Bearer dev-client");
     let (output, ()) = tokio::join!(child.wait_with_output(), during);
     let output = output.expect("client");
     let text = String::from_utf8_lossy(&output.stdout);

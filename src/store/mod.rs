@@ -382,6 +382,14 @@ impl ScanReport {
         }
     }
 
+    /// Adds `item`, and shows `progress` the keys seen every 1024 keys.
+    fn add_showing(&mut self, item: &Listed, progress: &(dyn Fn(u64) + Send + Sync)) {
+        self.add(item);
+        if self.keys_scanned.is_multiple_of(1024) {
+            progress(self.keys_scanned);
+        }
+    }
+
     fn add(&mut self, item: &Listed) {
         self.keys_scanned += 1;
         match item {
@@ -609,12 +617,7 @@ pub async fn audit(
     }
     let mut report = ScanReport::new();
     store
-        .rebuild_index(&mut |item| {
-            report.add(item);
-            if report.keys_scanned.is_multiple_of(1024) {
-                progress(report.keys_scanned);
-            }
-        })
+        .rebuild_index(&mut |item| report.add_showing(item, progress))
         .await?;
     progress(report.keys_scanned);
     let indexed = store.counts().await?;
@@ -637,10 +640,7 @@ pub async fn scan_report(
     let mut report = ScanReport::new();
     let mut items = std::pin::pin!(list_all(store, page_size));
     while let Some(item) = items.try_next().await? {
-        report.add(&item);
-        if report.keys_scanned.is_multiple_of(1024) {
-            progress(report.keys_scanned);
-        }
+        report.add_showing(&item, progress);
     }
     progress(report.keys_scanned);
     Ok(report)

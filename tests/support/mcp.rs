@@ -306,6 +306,25 @@ pub struct Restarts<'a> {
     pub call_log: Option<&'a std::path::Path>,
 }
 
+/// The SDK's test client at `url`, presenting `authorization`: it calls the unannotated `add`
+/// every 50 ms (20 ms each in the server) for `seconds`, then prints its summary, a
+/// [`ClientRun`] as the last JSON line of its stdout.
+pub fn start_client(
+    sdk: Sdk,
+    url: &str,
+    seconds: u32,
+    authorization: &str,
+) -> tokio::process::Child {
+    tokio::process::Command::from(sdk.command("client"))
+        .args([url, &seconds.to_string(), "0.05", authorization])
+        .env("MCP_TEST_TOOL_DELAY", "0.02")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the SDK client")
+}
+
 /// Runs an SDK's client against `url` for `seconds`: it lists the tools, then calls `add` every
 /// 50 ms, each call taking 20 ms on the server. Meanwhile the server goes down at the given
 /// times after the start (SIGTERM the first time, SIGKILL the second: unquiesced, a call is in
@@ -326,14 +345,7 @@ pub async fn client_through_restarts(
         call_log,
     } = restarts;
     use tokio::io::AsyncBufReadExt as _;
-    let mut child = tokio::process::Command::from(sdk.command("client"))
-        .args([url, &seconds.to_string(), "0.05", "Bearer client-token"])
-        .env("MCP_TEST_TOOL_DELAY", "0.02")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the SDK client");
+    let mut child = start_client(sdk, url, seconds, "Bearer client-token");
     let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
     // With a call log, the stops are timed from the client's first call, not from its start:
     // on a loaded machine a Python client takes a second or two to import its SDK, and stops
