@@ -96,7 +96,11 @@ impl StoreError {
             || source.is_timeout()
             || source.is_connection_dropped()
             || source.is_connection_refusal()
-            || source.is_unrecoverable_error();
+            || source.is_unrecoverable_error()
+            // Up but not serving yet: loading its data after a restart (LOADING), a Cluster
+            // that is failing over (TRYAGAIN, CLUSTERDOWN, MASTERDOWN). An outage like any
+            // other: a proxy starting meanwhile must come up and serve from memory.
+            || matches!(source.retry_method(), redis::RetryMethod::WaitAndRetry);
         match (unreachable, source.kind()) {
             // An answer the client could not parse, on connecting: an HTTP server, say.
             (true, redis::ErrorKind::Parse) => Self::NotRedis { url },
@@ -104,5 +108,26 @@ impl StoreError {
             (false, _) if source.code() == Some("OOM") => Self::Full { url },
             (false, _) => Self::Redis { url, source },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_redis_that_is_not_serving_yet_is_an_outage() {
+        // As the server sends them.
+        let server = |line: &str| {
+            redis::parse_redis_value(format!("-{line}\r\n").as_bytes())
+                .and_then(redis::Value::extract_error)
+                .expect_err("an error reply")
+        };
+        for code in ["LOADING", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN"] {
+            let error = StoreError::from_redis("redis://r", server(&format!("{code} not now")));
+            assert!(error.is_transient(), "{code}: {error:?}");
+        }
+        let refused = StoreError::from_redis("redis://r", server("ERR unknown command"));
+        assert!(!refused.is_transient(), "{refused:?}");
     }
 }
