@@ -145,7 +145,7 @@ async fn a_foreign_host_reaches_the_servers_check_and_a_foreign_page_is_refused(
         .env_remove("MCP_SESSION_REDIS_URL")
         .env("MCP_SESSION_ALLOWED_ORIGINS", "https://app.example.com")
         .stdout(Stdio::null())
-        .stderr(proxy_log());
+        .stderr(proxy_log(listed_port));
     let _listed = Process::start(&mut command, "a proxy with an origin list");
     wait_listening(listed_port).await;
     let (status, body) = initialize_with(listed_port, &[("origin", "http://localhost:6274")]).await;
@@ -410,6 +410,7 @@ async fn sdk_client_through_restarts(sdk: Sdk, wire: Wire) {
     let upstream = &mut pod.server;
     let restarts = [Duration::from_secs(3), Duration::from_millis(6500)];
 
+    eprintln!("proxy log: {}", proxy_log_path(proxy_port).display());
     let url = format!("http://127.0.0.1:{proxy_port}{}", wire.path());
     let through = client_through_restarts(
         sdk,

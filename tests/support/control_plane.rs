@@ -391,19 +391,9 @@ where
     }
 }
 
-/// A per-process directory; directories of test processes that are gone are removed.
+/// This process's testbed directory, emptied.
 fn fresh_dir() -> PathBuf {
-    let root = std::env::temp_dir().join("mcp-session-operator-testbed");
-    std::fs::create_dir_all(&root).expect("testbed root");
-    if let Ok(entries) = std::fs::read_dir(&root) {
-        for entry in entries.flatten() {
-            let pid = entry.file_name().to_string_lossy().parse::<u32>().ok();
-            if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
-        }
-    }
-    let dir = root.join(std::process::id().to_string());
+    let dir = super::process_dir("mcp-session-operator-testbed");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("testbed dir");
     dir

@@ -137,7 +137,7 @@ pub fn proxy_with(
         .env("MCP_SESSION_FINGERPRINT_KEY", "test-deployment-key")
         .env("MCP_SESSION_DRAIN_TOKEN", DRAIN_TOKEN)
         .stdout(Stdio::null())
-        .stderr(proxy_log());
+        .stderr(proxy_log(port));
     if let Some(url) = redis {
         command.args(["--redis-url", url]);
     }
@@ -150,12 +150,18 @@ pub fn proxy_with(
 }
 
 /// The proxies' logs go to the test's stderr with MCP_TEST_PROXY_LOG=1 (and `--nocapture`).
-pub fn proxy_log() -> Stdio {
+/// Where the proxy listening on `port` logs: the test's stderr with `MCP_TEST_PROXY_LOG` set,
+/// else [`proxy_log_path`], which a failing test prints.
+pub fn proxy_log(port: u16) -> Stdio {
     if std::env::var_os("MCP_TEST_PROXY_LOG").is_some() {
-        Stdio::inherit()
-    } else {
-        Stdio::null()
+        return Stdio::inherit();
     }
+    std::fs::File::create(proxy_log_path(port)).map_or_else(|_| Stdio::null(), Stdio::from)
+}
+
+/// The log file of the proxy listening on `port`, in this test process's directory.
+pub fn proxy_log_path(port: u16) -> std::path::PathBuf {
+    super::process_dir("mcp-session-operator-proxies").join(format!("proxy-{port}.log"))
 }
 
 pub struct Reply {

@@ -159,6 +159,24 @@ pub async fn http_request(
     sender.send_request(request).await.expect("response")
 }
 
+/// `{temp}/{root}/{this process's id}`, created; the directories of test processes that are gone
+/// are removed on the way.
+pub fn process_dir(root: &str) -> std::path::PathBuf {
+    let root = std::env::temp_dir().join(root);
+    std::fs::create_dir_all(&root).expect("a directory for test files");
+    if let Ok(entries) = std::fs::read_dir(&root) {
+        for entry in entries.flatten() {
+            let pid = entry.file_name().to_string_lossy().parse::<u32>().ok();
+            if pid.is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists()) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    let dir = root.join(std::process::id().to_string());
+    std::fs::create_dir_all(&dir).expect("a directory for test files");
+    dir
+}
+
 /// Makes `command` die with the test process, so no server outlives a killed test run.
 pub fn die_with_parent(command: &mut Command) -> &mut Command {
     use std::os::unix::process::CommandExt as _;
