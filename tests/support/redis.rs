@@ -181,7 +181,12 @@ impl RedisCluster {
     pub fn start() -> Self {
         let nodes: Vec<RedisServer> = (0..3)
             .map(|_| {
+                // The bus port defaults to the port + 10000, which may fall in the kernel's
+                // ephemeral range and be taken by any outgoing connection: a free one instead.
+                let bus_port = free_port().to_string();
                 RedisServer::start_with(&[
+                    "--cluster-port",
+                    &bus_port,
                     "--cluster-enabled",
                     "yes",
                     "--cluster-config-file",
