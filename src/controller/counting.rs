@@ -1,5 +1,5 @@
-//! What a reconcile reads of Redis: the policy's store, its counts, and the sessions of pods
-//! that are gone.
+//! What a reconcile reads of Redis: the policy's store, its counts, tallies and retention; on
+//! the way, the sessions of pods that are gone are swept.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -7,11 +7,12 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::Api;
 use kube::{Client, ResourceExt as _};
-use tracing::{Instrument as _, info, warn};
+use tracing::{Instrument as _, debug, info, warn};
 
 use super::status::Problem;
 use super::{Context, publish};
 use crate::api::{CountBy, McpSessionPolicy, validate_spec};
+use crate::store::redis::RetentionVerdict;
 use crate::store::{self, RedisStore, SessionCounts, SessionStore, StoreError};
 
 /// Records fetched per SCAN page when counting seed-only prefixes.
@@ -20,7 +21,7 @@ const SCAN_PAGE: usize = 1000;
 const SWEEP_BATCH: usize = 10_000;
 
 /// Counts the policy's sessions; any failure becomes a [`Problem`] for the status.
-pub(super) async fn count(
+async fn count(
     policy: &McpSessionPolicy,
     namespace: &str,
     ctx: &Context,
@@ -104,7 +105,7 @@ fn prune_when_due(ctx: &Context, url: &str, store: &RedisStore) {
 /// drained them) are marked draining, so that whichever pod the client reaches next claims
 /// them. A pod missing from the watch cache is looked up in the apiserver first: a pod that
 /// was just created must not lose its sessions to a lagging cache.
-pub(super) async fn sweep(
+async fn sweep(
     policy: &McpSessionPolicy,
     namespace: &str,
     ctx: &Context,
@@ -173,7 +174,7 @@ pub(super) async fn sweep(
     }
 }
 
-pub(super) fn store_problem(error: StoreError) -> Problem {
+fn store_problem(error: StoreError) -> Problem {
     match error {
         StoreError::Unavailable { .. } => Problem::RedisUnreachable(error.to_string()),
         other => Problem::RedisError(other.to_string()),
@@ -181,7 +182,7 @@ pub(super) fn store_problem(error: StoreError) -> Problem {
 }
 
 /// The policy's Redis URL, from the spec or from its Secret.
-pub(super) async fn redis_url(
+async fn redis_url(
     policy: &McpSessionPolicy,
     namespace: &str,
     client: &Client,
@@ -235,4 +236,74 @@ pub(super) async fn redis_url(
         ))
     })?;
     Ok(url)
+}
+
+/// What Redis said in one reconcile.
+pub(super) struct FromRedis {
+    pub counts: Result<SessionCounts, Problem>,
+    pub unreadable: u64,
+    pub tallies: Option<store::Tallies>,
+    pub retention: Option<RetentionVerdict>,
+}
+
+/// The policy's counts, tallies and Redis's retention; on the way, the sessions of vanished
+/// pods are swept and draining sessions that expired are counted lost (before the tallies are
+/// read, so that they show in this reconcile's `lost`).
+pub(super) async fn from_redis(
+    policy: &McpSessionPolicy,
+    namespace: &str,
+    ctx: &Context,
+    selected: &[Arc<Pod>],
+) -> FromRedis {
+    let name = policy.name_any();
+    let (counts, unreadable, store) = match count(policy, namespace, ctx).await {
+        Ok(counted) => counted,
+        Err(problem) => {
+            let redis_up = match &problem {
+                Problem::RedisUnreachable(_) | Problem::RedisError(_) => Some(false),
+                _ => None,
+            };
+            ctx.metrics
+                .controller
+                .set_redis_up(namespace, &name, redis_up);
+            return FromRedis {
+                counts: Err(problem),
+                unreadable: 0,
+                tallies: None,
+                retention: None,
+            };
+        }
+    };
+    ctx.metrics
+        .controller
+        .set_redis_up(namespace, &name, Some(true));
+    sweep(policy, namespace, ctx, &store, &counts, selected).await;
+    if let Err(error) = store.expire_draining().await {
+        warn!(%error, "cannot count the draining sessions that expired");
+    }
+    let tallies = match store.tallies().await {
+        Ok(tallies) => {
+            ctx.metrics
+                .controller
+                .proxy_tallies(namespace, &name, tallies);
+            Some(tallies)
+        }
+        Err(error) => {
+            warn!(%error, "cannot read the store's tallies");
+            None
+        }
+    };
+    let retention = match store.retention().await {
+        Ok(retention) => Some(retention.verdict()),
+        Err(error) => {
+            debug!(%error, "cannot read Redis's eviction policy and memory");
+            None
+        }
+    };
+    FromRedis {
+        counts: Ok(counts),
+        unreadable,
+        tallies,
+        retention,
+    }
 }

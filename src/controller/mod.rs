@@ -14,6 +14,7 @@ pub mod leader;
 pub mod network_policy;
 mod observe;
 mod rollout;
+mod schedule;
 mod status;
 mod stores;
 mod watch;
@@ -32,15 +33,14 @@ use kube::{Client, Resource, ResourceExt as _};
 use serde_json::json;
 use tracing::{debug, instrument, warn};
 
-use self::counting::{count, sweep};
+use self::counting::{FromRedis, from_redis};
 use self::observe::{pod_totals, routing};
-use self::status::{KeyState, Observation, Problem};
+use self::schedule::{jittered, requeue_after};
+use self::status::{KeyState, Observation};
 use self::stores::StorePool;
 use crate::api::{McpSessionPolicy, McpSessionPolicyStatus};
 use crate::events::PolicyEvents;
 use crate::metrics::Metrics;
-use crate::store::redis::RetentionVerdict;
-use crate::store::{self, SessionCounts, SessionStore};
 
 /// Field manager of the status the operator applies.
 pub const FIELD_MANAGER: &str = "mcp-session-operator";
@@ -119,14 +119,6 @@ pub struct Context {
     /// writes; transitions (events) and last-known counts are judged against this instead.
     written: Arc<std::sync::Mutex<HashMap<ObjectRef<McpSessionPolicy>, McpSessionPolicyStatus>>>,
     deletion_costs: deletion_cost::Writer,
-}
-
-/// What Redis said in one reconcile.
-struct FromRedis {
-    counts: Result<SessionCounts, Problem>,
-    unreadable: u64,
-    tallies: Option<store::Tallies>,
-    retention: Option<RetentionVerdict>,
 }
 
 /// Observe (pods, Redis, Services, the key Secret), act where the observation calls for it
@@ -230,68 +222,6 @@ async fn reconcile_policy(
     }
 }
 
-/// The policy's counts, tallies and Redis's retention; on the way, the sessions of vanished
-/// pods are swept and draining sessions that expired are counted lost (before the tallies are
-/// read, so that they show in this reconcile's `lost`).
-async fn from_redis(
-    policy: &McpSessionPolicy,
-    namespace: &str,
-    ctx: &Context,
-    selected: &[Arc<Pod>],
-) -> FromRedis {
-    let name = policy.name_any();
-    let (counts, unreadable, store) = match count(policy, namespace, ctx).await {
-        Ok(counted) => counted,
-        Err(problem) => {
-            let redis_up = match &problem {
-                Problem::RedisUnreachable(_) | Problem::RedisError(_) => Some(false),
-                _ => None,
-            };
-            ctx.metrics
-                .controller
-                .set_redis_up(namespace, &name, redis_up);
-            return FromRedis {
-                counts: Err(problem),
-                unreadable: 0,
-                tallies: None,
-                retention: None,
-            };
-        }
-    };
-    ctx.metrics
-        .controller
-        .set_redis_up(namespace, &name, Some(true));
-    sweep(policy, namespace, ctx, &store, &counts, selected).await;
-    if let Err(error) = store.expire_draining().await {
-        warn!(%error, "cannot count the draining sessions that expired");
-    }
-    let tallies = match store.tallies().await {
-        Ok(tallies) => {
-            ctx.metrics
-                .controller
-                .proxy_tallies(namespace, &name, tallies);
-            Some(tallies)
-        }
-        Err(error) => {
-            warn!(%error, "cannot read the store's tallies");
-            None
-        }
-    };
-    let retention = match store.retention().await {
-        Ok(retention) => Some(retention.verdict()),
-        Err(error) => {
-            debug!(%error, "cannot read Redis's eviction policy and memory");
-            None
-        }
-    };
-    FromRedis {
-        counts: Ok(counts),
-        unreadable,
-        tallies,
-        retention,
-    }
-}
-
 /// Sessions of every selected pod (zero included, by pod name), as metrics and as the pods'
 /// deletion costs.
 async fn sessions_per_pod(
@@ -342,41 +272,6 @@ async fn fingerprint_key(ctx: &Context, policy: &McpSessionPolicy) -> KeyState {
     }
 }
 
-/// How often a rollout under way is re-counted: the guard can pause it only at a reconcile,
-/// and each second it waits lets more clients reach the new version and lose their sessions.
-const ROLLOUT_REQUEUE: Duration = Duration::from_secs(1);
-/// For how long after its start a rollout is re-counted that often: one that stalls (paused by
-/// hand, never becoming ready) goes back to the usual period.
-const ROLLOUT_WATCH: Duration = Duration::from_secs(600);
-
-/// When to re-count a policy that was counted: soon while its last rollout is under way (begun
-/// in the last [`ROLLOUT_WATCH`], not finished, not paused), else every `requeue`.
-fn requeue_after(
-    last_rollout: Option<&crate::api::RolloutStatus>,
-    requeue: Duration,
-    now: chrono::DateTime<chrono::Utc>,
-) -> Duration {
-    let under_way = last_rollout.is_some_and(|rollout| {
-        let recent = rollout
-            .started_at
-            .as_deref()
-            .and_then(|at| chrono::DateTime::parse_from_rfc3339(at).ok())
-            .and_then(|at| (now - at.to_utc()).to_std().ok())
-            .is_some_and(|age| age < ROLLOUT_WATCH);
-        recent && rollout.finished_at.is_none() && rollout.paused_at.is_none()
-    });
-    if under_way {
-        requeue.min(ROLLOUT_REQUEUE)
-    } else {
-        requeue
-    }
-}
-
-/// `period` ± 10 %, so that policies created together do not all re-count at the same instant.
-fn jittered(period: Duration) -> Duration {
-    period.mul_f64(rand::random_range(0.9..1.1))
-}
-
 fn error_policy(policy: Arc<McpSessionPolicy>, error: &Error, ctx: Arc<Context>) -> Action {
     let mut failures = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
     let n = failures.entry(ObjectRef::from_obj(&*policy)).or_default();
@@ -425,50 +320,4 @@ async fn publish(
     ctx.events
         .publish(policy, warning, &reason, "CountSessions", &note)
         .await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::api::RolloutStatus;
-
-    #[test]
-    fn a_rollout_under_way_is_recounted_every_second() {
-        let every = Duration::from_secs(15);
-        let now = chrono::DateTime::parse_from_rfc3339("2026-11-30T00:00:30Z")
-            .unwrap()
-            .to_utc();
-        let at = |time: &str| Some(format!("2026-11-30T{time}Z"));
-        let under_way = RolloutStatus {
-            started_at: at("00:00:00"),
-            ..Default::default()
-        };
-        let due = |rollout: &RolloutStatus, period| requeue_after(Some(rollout), period, now);
-        assert_eq!(requeue_after(None, every, now), every);
-        assert_eq!(due(&under_way, every), ROLLOUT_REQUEUE);
-        // A shorter configured period stays.
-        let short = Duration::from_millis(500);
-        assert_eq!(due(&under_way, short), short);
-        for done in [
-            RolloutStatus {
-                finished_at: at("00:00:20"),
-                ..under_way.clone()
-            },
-            RolloutStatus {
-                paused_at: at("00:00:05"),
-                ..under_way.clone()
-            },
-            // Stalled: begun longer ago than the watch.
-            RolloutStatus {
-                started_at: Some("2026-11-29T23:40:00Z".into()),
-                ..under_way.clone()
-            },
-            RolloutStatus {
-                started_at: Some("not a time".into()),
-                ..under_way.clone()
-            },
-        ] {
-            assert_eq!(due(&done, every), every, "{done:?}");
-        }
-    }
 }

@@ -6,7 +6,7 @@ use futures::StreamExt as _;
 use redis::{Pipeline, Value};
 use tracing::{debug, info};
 
-use super::keys::SENTINEL;
+use super::keys::{Keys, SENTINEL};
 use super::{millis, script_cmd};
 
 use super::{MAINTENANCE_BATCH, NO_TTL_HORIZON_MS, RedisStore};
@@ -31,6 +31,16 @@ impl<'a> IndexSlot<'a> {
             (SessionState::Active, None) => Self::Unowned,
         }
     }
+
+    /// The set that holds a session in this slot, besides the expiry set that holds every
+    /// session (a pod's set also puts the pod in the `pods` set).
+    fn set(self, keys: &Keys) -> Option<String> {
+        match self {
+            Self::Unowned => None,
+            Self::Draining => Some(keys.draining()),
+            Self::Pod(pod) => Some(keys.pod(pod)),
+        }
+    }
 }
 
 /// Which index sets a check for dangling entries reads.
@@ -45,25 +55,21 @@ enum IndexSets {
 /// command per entry would cost Redis more than reading the records did.
 #[derive(Default)]
 struct PageEntries {
-    expiry: Vec<(f64, String)>,
-    draining: Vec<(f64, String)>,
-    by_pod: std::collections::BTreeMap<String, Vec<(f64, String)>>,
+    by_set: std::collections::BTreeMap<String, Vec<(f64, String)>>,
+    pods: std::collections::BTreeSet<String>,
 }
 
 impl PageEntries {
-    /// The same entries [`RedisStore::reindex`] writes for a record not indexed before.
-    fn add(&mut self, id: &SessionId, record: &SessionRecord, expiry_ms: i64) {
-        let entry = (expiry_ms as f64, id.as_str().to_owned());
-        match IndexSlot::of(record) {
-            IndexSlot::Draining => self.draining.push(entry.clone()),
-            IndexSlot::Pod(pod) => self
-                .by_pod
-                .entry(pod.to_owned())
-                .or_default()
-                .push(entry.clone()),
-            IndexSlot::Unowned => {}
+    /// The entries [`RedisStore::reindex`] writes for a record not indexed before.
+    fn add(&mut self, keys: &Keys, id: &SessionId, record: &SessionRecord, expiry_ms: i64) {
+        let slot = IndexSlot::of(record);
+        if let IndexSlot::Pod(pod) = slot {
+            self.pods.insert(pod.to_owned());
         }
-        self.expiry.push(entry);
+        for set in std::iter::once(keys.expiry()).chain(slot.set(keys)) {
+            let entry = (expiry_ms as f64, id.as_str().to_owned());
+            self.by_set.entry(set).or_default().push(entry);
+        }
     }
 }
 
@@ -71,24 +77,16 @@ impl RedisStore {
     /// One `ZADD` per index set of the page's entries.
     fn write_entries(&self, entries: PageEntries, now_ms: i64) -> Pipeline {
         let mut pipe = redis::pipe();
-        for (set, members) in [
-            (self.keys.expiry(), &entries.expiry),
-            (self.keys.draining(), &entries.draining),
-        ] {
-            if !members.is_empty() {
-                pipe.zadd_multiple(set, members);
-            }
+        for (set, members) in &entries.by_set {
+            pipe.zadd_multiple(set, members);
         }
-        if !entries.by_pod.is_empty() {
+        if !entries.pods.is_empty() {
             let pods: Vec<(f64, &str)> = entries
-                .by_pod
-                .keys()
+                .pods
+                .iter()
                 .map(|pod| (now_ms as f64, pod.as_str()))
                 .collect();
             pipe.zadd_multiple(self.keys.pods(), &pods);
-        }
-        for (pod, members) in &entries.by_pod {
-            pipe.zadd_multiple(self.keys.pod(pod), members);
         }
         pipe
     }
@@ -113,24 +111,18 @@ impl RedisStore {
             return;
         };
         let score = expiry_ms as f64;
-        pipe.zadd(self.keys.expiry(), id, score);
         let new_slot = IndexSlot::of(new);
-        if old_slot != new_slot {
-            match old_slot {
-                IndexSlot::Draining => pipe.zrem(self.keys.draining(), id),
-                IndexSlot::Pod(pod) => pipe.zrem(self.keys.pod(pod), id),
-                IndexSlot::Unowned => pipe,
-            };
+        if old_slot != new_slot
+            && let Some(set) = old_slot.set(&self.keys)
+        {
+            pipe.zrem(set, id);
         }
-        match new_slot {
-            IndexSlot::Draining => pipe.zadd(self.keys.draining(), id, score),
-            IndexSlot::Pod(pod) => pipe.zadd(self.keys.pod(pod), id, score).zadd(
-                self.keys.pods(),
-                pod,
-                Timestamp::now().unix_millis() as f64,
-            ),
-            IndexSlot::Unowned => pipe,
-        };
+        for set in std::iter::once(self.keys.expiry()).chain(new_slot.set(&self.keys)) {
+            pipe.zadd(set, id, score);
+        }
+        if let IndexSlot::Pod(pod) = new_slot {
+            pipe.zadd(self.keys.pods(), pod, Timestamp::now().unix_millis() as f64);
+        }
     }
 
     /// Touch of the record plus, in the same round trip, the sliding scores of its index
@@ -188,7 +180,6 @@ impl RedisStore {
         Ok(touched)
     }
 
-    /// Index members of `set` whose records no longer exist are removed; returns how many.
     /// Drops the index entries (every set) whose record is gone; returns how many.
     pub(super) async fn drop_dangling_entries(&self) -> Result<u64> {
         self.drop_dangling_entries_of(IndexSets::All).await
@@ -207,6 +198,7 @@ impl RedisStore {
         Ok(dropped)
     }
 
+    /// Index members of `set` whose records no longer exist are removed; returns how many.
     pub(super) async fn remove_dangling(&self, set: &str) -> Result<u64> {
         let mut removed = 0;
         let mut position = 0_u64;
@@ -376,7 +368,9 @@ impl RedisStore {
         // Sets that existed before may hold entries of records gone since; the expiry and
         // draining sets this rebuild makes hold only what it read. (A record deleted while it
         // runs may keep an entry until the operator's next prune, as one deleted behind the
-        // index's back does.) A pod's set may outlive an evicted `pods` set: always checked.
+        // index's back does.) The pods' sets are checked for every pod the `pods` set names
+        // after the rebuild, which names every pod a record it read names: a set of a pod no
+        // record names stays unchecked, and is not counted either.
         let existed: u64 = self
             .query(
                 redis::cmd("EXISTS")
@@ -405,7 +399,7 @@ impl RedisStore {
                 let item = item?;
                 if let Listed::Session(session) = &item {
                     let expiry = now + session.ttl_millis.map_or(NO_TTL_HORIZON_MS, |t| t as i64);
-                    entries.add(&session.id, &session.record, expiry);
+                    entries.add(&self.keys, &session.id, &session.record, expiry);
                     indexed += 1;
                 }
                 seen(&item);
