@@ -1119,6 +1119,47 @@ async fn a_proxy_starts_while_redis_is_down_and_stores_its_sessions_when_it_is_b
     assert!(stored.record.credential_fingerprint.is_some());
 }
 
+/// A proxy that starts while Redis loads its data set (a restarted Redis with many keys answers
+/// every command `LOADING` until it is done) comes up all the same, serves from memory, and
+/// writes its sessions into Redis once it has loaded. It exited: `LOADING` was taken for a
+/// Redis error rather than an outage.
+#[tokio::test]
+async fn a_proxy_starts_while_redis_loads_its_data_and_stores_its_sessions_when_loaded() {
+    use mcp_session_operator::store::{SessionId, SessionStore as _};
+    let mut redis = support::redis::RedisServer::start_with(&["--enable-debug-command", "local"]);
+    // Keys of another application, which Redis must load before it serves anyone.
+    let populated = redis
+        .cli(&["DEBUG", "POPULATE", "60000", "other-app", "32"])
+        .unwrap();
+    assert_eq!(populated.trim(), "OK", "{populated}");
+    redis.restart_loading_slowly(50);
+    let pod = Pod::start(Sdk::Python, "pod-a", &redis.url()).await;
+    let proxy_port = pod.proxy_port();
+    let token = Some("Bearer early-bird");
+    let session = open_session(proxy_port, token).await;
+    assert_eq!(
+        result_text(&call(proxy_port, &session, token, 2, 1).await),
+        "2"
+    );
+    assert!(
+        redis.is_loading(),
+        "Redis had loaded before the session was served: nothing was proven"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while redis.is_loading() {
+        assert!(Instant::now() < deadline, "Redis never finished loading");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let store = redis.store("mcp:session:", Duration::from_secs(3600)).await;
+    let id = SessionId::parse(&session).unwrap();
+    while store.get(&id).await.unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the session never reached Redis");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let stored = store.get(&id).await.unwrap().unwrap();
+    assert_eq!(stored.record.owner_pod.as_deref(), Some("pod-a"));
+}
+
 /// The per-credential session limit holds under concurrency and counts the identity the binding
 /// sees: 48 concurrent `initialize`s with a limit of 10, under one credential spelt three ways
 /// (`Bearer`, `bearer`, `BEARER`), open exactly 10 sessions (the check and the count were

@@ -77,17 +77,23 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) {
+        self.launch(&[]);
+        self.wait_ready();
+    }
+
+    /// Starts `redis-server` with the server's arguments and `extra`, without waiting for it.
+    fn launch(&mut self, extra: &[String]) {
         let binary = require_program("redis-server", "redis-server");
         let mut command = Command::new(binary);
         command
             .args(&self.args)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let child = die_with_parent(&mut command)
             .spawn()
             .expect("spawn redis-server");
         self.child = Some(child);
-        self.wait_ready();
     }
 
     fn wait_ready(&mut self) {
@@ -154,6 +160,35 @@ impl RedisServer {
     pub fn restart(&mut self) {
         self.kill();
         self.spawn();
+    }
+
+    /// Saves the data set, then starts the server again loading it slowly (Redis's own testing
+    /// knob: `key_load_delay_us` per key, clients answered between every KB read), and returns
+    /// while it loads: until then it answers every command `LOADING`, as a restarted Redis with
+    /// a large data set does.
+    pub fn restart_loading_slowly(&mut self, key_load_delay_us: u32) {
+        let saved = self.cli(&["SAVE"]).expect("SAVE");
+        assert_eq!(saved.trim(), "OK", "SAVE: {saved}");
+        self.kill();
+        self.launch(&[
+            "--key-load-delay".into(),
+            key_load_delay_us.to_string(),
+            "--loading-process-events-interval-bytes".into(),
+            "1024".into(),
+        ]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.is_loading() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server never began loading"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Is the server loading its data set (answering `LOADING`)?
+    pub fn is_loading(&self) -> bool {
+        self.cli(&["PING"]).is_ok_and(|o| o.starts_with("LOADING"))
     }
 }
 
