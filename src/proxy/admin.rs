@@ -1,20 +1,18 @@
 //! The admin port: probes, the drain hook, metrics and this proxy's sessions. Thin handlers
-//! over the serving [`Proxy`].
-
-use std::sync::Arc;
+//! over the serving proxy's [`Control`].
 
 use axum::Router;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use serde_json::Value;
 use tracing::warn;
 
+use super::DRAIN_TOKEN_HEADER;
+use super::control::{Control, Readiness, Sessions};
 use super::succession::Current;
-use super::{DRAIN_TOKEN_HEADER, Proxy};
 
 /// The serving proxy, for each request (a retired proxy may have a successor).
-struct Serving(Arc<Proxy>);
+struct Serving(Control);
 
 impl axum::extract::FromRequestParts<Current> for Serving {
     type Rejection = std::convert::Infallible;
@@ -23,7 +21,7 @@ impl axum::extract::FromRequestParts<Current> for Serving {
         _parts: &mut axum::http::request::Parts,
         current: &Current,
     ) -> Result<Self, Self::Rejection> {
-        Ok(Self(current.get()))
+        Ok(Self(current.control()))
     }
 }
 
@@ -51,7 +49,7 @@ pub async fn serve(
 }
 
 async fn require_drain_token(
-    Serving(proxy): Serving,
+    Serving(control): Serving,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
@@ -59,7 +57,7 @@ async fn require_drain_token(
         .headers()
         .get(DRAIN_TOKEN_HEADER)
         .map(|value| value.as_bytes());
-    match (&proxy.config.drain_token, presented) {
+    match (control.drain_token(), presented) {
         (Some(token), Some(presented)) if constant_time_eq(token.as_bytes(), presented) => {
             next.run(request).await
         }
@@ -81,24 +79,20 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0_u8, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
-/// Ready unless draining or quiesced (new connections go to other pods meanwhile). Sessions the store lacks (a full or unreachable Redis) do not make
-/// the proxy unready, since it serves them from memory, but are named: they are lost if this
-/// proxy stops before the store takes them.
-async fn readyz(Serving(proxy): Serving) -> (StatusCode, String) {
-    if proxy.lifecycle.draining() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "draining\n".into());
-    }
-    if proxy.quiesced() {
-        return (
+/// Ready unless draining or quiesced (new connections go to other pods meanwhile). Sessions the
+/// store lacks (a full or unreachable Redis) do not make the proxy unready, since it serves them
+/// from memory, but are named: they are lost if this proxy stops before the store takes them.
+async fn readyz(Serving(control): Serving) -> (StatusCode, String) {
+    match control.readiness() {
+        Readiness::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining\n".into()),
+        Readiness::Quiesced => (
             StatusCode::SERVICE_UNAVAILABLE,
             "quiesced: the MCP server is restarting\n".into(),
-        );
-    }
-    match proxy.unstored.len() {
-        0 => (StatusCode::OK, "ok\n".into()),
-        n => (
+        ),
+        Readiness::Ready { unstored: 0 } => (StatusCode::OK, "ok\n".into()),
+        Readiness::Ready { unstored } => (
             StatusCode::OK,
-            format!("ok; {n} sessions served from memory: the store refuses or lost them\n"),
+            format!("ok; {unstored} sessions served from memory: the store refuses or lost them\n"),
         ),
     }
 }
@@ -106,8 +100,8 @@ async fn readyz(Serving(proxy): Serving) -> (StatusCode, String) {
 /// The preStop hook of the backend container: returns once the upstream has finished what it
 /// was working on and new requests are held for its restart (see [`super::quiesce`]); in a
 /// terminating pod, once the proxy has retired.
-async fn drain(Serving(proxy): Serving) -> String {
-    match proxy.quiesce().await {
+async fn drain(Serving(control): Serving) -> String {
+    match control.quiesce().await {
         super::Quiesced::Holding => {
             "quiesced: requests are held until the server restarts\n".into()
         }
@@ -117,13 +111,13 @@ async fn drain(Serving(proxy): Serving) -> String {
 
 /// The pod stops: hands this proxy's sessions over and answers until its clients have moved
 /// (what SIGTERM does; the backend's preStop in the native-sidecar form).
-async fn retire(Serving(proxy): Serving) -> String {
-    format!("drained {} sessions\n", proxy.retire().await)
+async fn retire(Serving(control): Serving) -> String {
+    format!("drained {} sessions\n", control.retire().await)
 }
 
-async fn metrics(Serving(proxy): Serving) -> impl IntoResponse {
+async fn metrics(Serving(control): Serving) -> impl IntoResponse {
     let mut out = String::new();
-    let _ = prometheus_client::encoding::text::encode(&mut out, &proxy.metrics.registry);
+    let _ = control.encode_metrics(&mut out);
     (
         [(
             header::CONTENT_TYPE,
@@ -134,11 +128,6 @@ async fn metrics(Serving(proxy): Serving) -> impl IntoResponse {
 }
 
 /// This proxy's sessions: ids only (the upstream's ids are the upstream's secrets).
-async fn sessions(Serving(proxy): Serving) -> axum::Json<Value> {
-    let ids: Vec<String> = proxy.table.ids().iter().map(|id| id.to_string()).collect();
-    axum::Json(serde_json::json!({
-        "pod": proxy.config.pod_name,
-        "draining": proxy.lifecycle.draining(),
-        "sessions": ids,
-    }))
+async fn sessions(Serving(control): Serving) -> axum::Json<Sessions> {
+    axum::Json(control.sessions())
 }

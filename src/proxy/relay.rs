@@ -16,7 +16,6 @@
 //!   at the drain deadline.
 
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -26,16 +25,16 @@ use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
+use super::Phase;
 use super::answers::UPSTREAM_UNAVAILABLE;
 use super::backoff::{self, Backoff};
-use super::count::Counted;
 use super::events::{StreamKind, StreamTag};
 use super::exchange::Exchange;
 use super::listeners::Registration;
-use super::metrics::{self, KindLabels};
+use super::metrics::Unanswered;
 use super::protocol::{self, MessageHead};
 use super::sse::{self, Event};
-use super::{Phase, Proxy};
+use super::stream_host::{OpenStream, StreamHost};
 use crate::store::LoggedEvent;
 
 /// What a client told to reconnect waits first, in milliseconds: another pod is ready.
@@ -73,13 +72,13 @@ pub struct Resumed {
 }
 
 /// Starts relaying `body` and returns the client's side of it.
-pub fn start(proxy: Arc<Proxy>, exchange: Exchange, body: Body, resumed: Option<Resumed>) -> Body {
+pub fn start(host: StreamHost, exchange: Exchange, body: Body, resumed: Option<Resumed>) -> Body {
     let (out, client) = mpsc::channel(BUFFERED_CHUNKS);
     // A resumed stream is of the kind it was, whatever request resumes it (always a GET).
     let kind = resumed
         .as_ref()
         .map_or_else(|| exchange.stream_kind(), |r| r.tag.kind);
-    let open = Open::new(proxy.clone(), kind);
+    let open = host.open(kind);
     let (tag, seq, backlog) = match resumed {
         Some(resumed) => {
             let seq = resumed
@@ -95,7 +94,7 @@ pub fn start(proxy: Arc<Proxy>, exchange: Exchange, body: Body, resumed: Option<
         ),
     };
     let listening = match (kind, &exchange.session) {
-        (StreamKind::Listen, Some(bound)) => Some(proxy.listeners.register(&bound.id)),
+        (StreamKind::Listen, Some(bound)) => Some(host.listen(&bound.id)),
         _ => None,
     };
     // A response stream resumed by a GET: its request is not at hand, its answer is the first.
@@ -105,15 +104,15 @@ pub fn start(proxy: Arc<Proxy>, exchange: Exchange, body: Body, resumed: Option<
         session = exchange.session.as_ref().map(|b| b.id.to_string()),
         stream = tag.map(|t| t.to_string()),
     );
-    let proxy_hold = proxy.config.hold;
+    let hold = host.hold();
     let relay = Relay {
         awaited: (kind == StreamKind::Response)
             .then(|| exchange.head.as_ref().filter(|h| h.is_request()))
             .flatten()
             .and_then(|h| h.id.clone()),
         any_answer: resumed_response,
-        phase: proxy.lifecycle.watch(),
-        proxy,
+        phase: host.phase(),
+        host,
         exchange,
         kind,
         tag,
@@ -122,7 +121,7 @@ pub fn start(proxy: Arc<Proxy>, exchange: Exchange, body: Body, resumed: Option<
         out,
         // A server that is shutting down still accepts requests and drops them: a resend
         // waits for its successor, for as long as a request is held.
-        resend: backoff::RETRY.until(Instant::now() + proxy_hold),
+        resend: backoff::RETRY.until(Instant::now() + hold),
         listening,
         upstream_event: None,
         upstream_retry: None,
@@ -142,45 +141,6 @@ pub fn logged_event(logged: LoggedEvent) -> Event {
     }
 }
 
-/// Counts an open stream for as long as it lives: in the metrics, and (for response streams)
-/// as in flight, which a drain waits for.
-struct Open {
-    proxy: Arc<Proxy>,
-    kind: StreamKind,
-    _in_flight: Option<Counted>,
-}
-
-impl Open {
-    fn new(proxy: Arc<Proxy>, kind: StreamKind) -> Self {
-        let in_flight = (kind == StreamKind::Response).then(|| proxy.lifecycle.in_flight());
-        proxy.metrics.streams.get_or_create(&labels(kind)).inc();
-        Self {
-            proxy,
-            kind,
-            _in_flight: in_flight,
-        }
-    }
-}
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        self.proxy
-            .metrics
-            .streams
-            .get_or_create(&labels(self.kind))
-            .dec();
-    }
-}
-
-fn labels(kind: StreamKind) -> KindLabels {
-    KindLabels {
-        kind: match kind {
-            StreamKind::Listen => "listen",
-            StreamKind::Response => "response",
-        },
-    }
-}
-
 /// Why pumping stopped.
 enum End {
     /// The upstream ended its stream, with its terminating chunk: on purpose.
@@ -194,7 +154,7 @@ enum End {
 }
 
 struct Relay {
-    proxy: Arc<Proxy>,
+    host: StreamHost,
     exchange: Exchange,
     kind: StreamKind,
     /// Set for a session's streams: their events get the proxy's ids and are logged.
@@ -232,7 +192,7 @@ async fn closing(phase: &mut watch::Receiver<Phase>, kind: StreamKind) {
 }
 
 impl Relay {
-    async fn run(mut self, mut body: Body, backlog: Vec<(u64, LoggedEvent)>, _open: Open) {
+    async fn run(mut self, mut body: Body, backlog: Vec<(u64, LoggedEvent)>, _open: OpenStream) {
         for (_, logged) in backlog {
             if self.out.send(logged_event(logged).encode()).await.is_err() {
                 return;
@@ -306,7 +266,7 @@ impl Relay {
     async fn resume_upstream(&mut self) -> Option<Body> {
         let bound = self.exchange.session.as_ref()?;
         let last = self.upstream_event.clone()?;
-        if !matches!(self.proxy.lookup(bound), super::Lookup::Live(_)) {
+        if !self.host.is_live(bound) {
             return None;
         }
         let delay = Duration::from_millis(self.upstream_retry.unwrap_or(0).min(60_000));
@@ -316,9 +276,9 @@ impl Relay {
         }
         let resumed = tokio::select! {
             () = closing(&mut self.phase, self.kind) => return None,
-            resumed = self.proxy.upstream_events_after(bound, &self.exchange, &last) => resumed?,
+            resumed = self.host.events_after(bound, &self.exchange, &last) => resumed?,
         };
-        metrics::inc(&self.proxy.metrics.unanswered, metrics::Unanswered::Resumed);
+        self.host.count_unanswered(Unanswered::Resumed);
         info!(last_event = %last, "the upstream closed the response stream before its answer; resumed it");
         Some(resumed)
     }
@@ -391,7 +351,7 @@ impl Relay {
             })
         {
             self.answered = true;
-            self.proxy.observe(&self.exchange, data.as_bytes());
+            self.host.observe(&self.exchange, data.as_bytes());
         }
         if let (Some(tag), Some(bound)) = (self.tag, &self.exchange.session)
             && (event.data.is_some() || event.id.is_some())
@@ -405,7 +365,7 @@ impl Relay {
                     data: data.clone(),
                     upstream_id,
                 };
-                self.proxy.events.append(&bound.id, logged);
+                self.host.log_event(&bound.id, logged);
             }
             event.id = Some(id);
         }
@@ -439,8 +399,8 @@ impl Relay {
     /// else answer for it.
     async fn resend(&mut self) -> Option<Body> {
         let pause = self.resend.next_pause();
-        let Some(pause) = pause.filter(|_| self.proxy.may_resend(&self.exchange)) else {
-            metrics::inc(&self.proxy.metrics.unanswered, metrics::Unanswered::Failed);
+        let Some(pause) = pause.filter(|_| self.host.may_resend(&self.exchange)) else {
+            self.host.count_unanswered(Unanswered::Failed);
             warn!(
                 method = self.exchange.rpc_method(),
                 "the upstream ended the stream before answering; the request may have been executed, so it is not sent again"
@@ -453,14 +413,14 @@ impl Relay {
             return None;
         };
         tokio::time::sleep(pause).await;
-        metrics::inc(&self.proxy.metrics.unanswered, metrics::Unanswered::Resent);
+        self.host.count_unanswered(Unanswered::Resent);
         info!(
             method = self.exchange.rpc_method(),
             "the upstream ended the stream before answering; sending the request again (safe to repeat)"
         );
         let answer = tokio::select! {
             () = closing(&mut self.phase, self.kind) => return None,
-            answer = self.proxy.exchange(&self.exchange) => answer,
+            answer = self.host.exchange(&self.exchange) => answer,
         };
         match answer {
             Ok(answer) if protocol::is_event_stream(answer.response.headers()) => {
@@ -468,7 +428,7 @@ impl Relay {
             }
             Ok(answer) => {
                 // A JSON answer is the stream's next (and last) event.
-                let limit = self.proxy.config.max_body_bytes;
+                let limit = self.host.max_body_bytes();
                 let body = http_body_util::Limited::new(answer.response.into_body(), limit);
                 match body.collect().await.map(|c| c.to_bytes()) {
                     Ok(bytes) if !bytes.is_empty() => {
@@ -511,7 +471,7 @@ impl Relay {
     async fn reconnect(&mut self) -> Option<Body> {
         let answer = tokio::select! {
             () = closing(&mut self.phase, self.kind) => return None,
-            answer = self.proxy.exchange(&self.exchange) => answer,
+            answer = self.host.exchange(&self.exchange) => answer,
         };
         match answer {
             Ok(answer)

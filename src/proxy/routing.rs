@@ -21,6 +21,7 @@ use super::answers::{
 use super::exchange::{Bound, Exchange};
 use super::metrics::RequestLabels;
 use super::protocol::{self, LAST_EVENT_ID_HEADER, MessageHead, SESSION_HEADER};
+use super::stream_host::StreamHost;
 use super::table::{Slot, Transport};
 use super::upstream::UpstreamError;
 use super::{Proxy, legacy, metrics, relay};
@@ -172,7 +173,7 @@ impl Proxy {
         }
         if event_stream {
             parts.headers.remove(header::CONTENT_LENGTH);
-            let body = relay::start(self.clone(), exchange, body, resumed);
+            let body = relay::start(StreamHost::new(self.clone()), exchange, body, resumed);
             return Response::from_parts(parts, body);
         }
         if parts.status.is_success()

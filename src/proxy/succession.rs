@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::info;
 
+use super::control::Control;
 use super::quiesce::{Restart, follow_restart};
 use super::{Phase, Proxy};
 
@@ -25,6 +26,11 @@ pub struct Current(watch::Receiver<Arc<Proxy>>);
 impl Current {
     pub fn get(&self) -> Arc<Proxy> {
         self.0.borrow().clone()
+    }
+
+    /// What the admin port may do with the serving proxy.
+    pub fn control(&self) -> Control {
+        Control::new(self.get())
     }
 }
 
