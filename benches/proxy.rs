@@ -6,8 +6,10 @@
 //! (2 workers, keep-alive connections to the upstream), HAProxy (2 threads, connection reuse) and
 //! this proxy with Redis. Each path, the direct one first, is loaded the same way: `tools/call`
 //! over 16 sessions at a fixed 2,000 calls per second (the latency each proxy adds to the direct
-//! path's), then back to back (throughput at saturation). Then 100,000 sessions are created
-//! through this proxy and left idle, for its memory per session.
+//! path's), then back to back (throughput at saturation). At the fixed rate, each proxy's CPU
+//! time and context switches per call are read from /proc (its processes and threads): what it
+//! costs, which the load sharing two cores disturbs less than its latency. Then 100,000
+//! sessions are created through this proxy and left idle, for its memory per session.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -133,6 +135,7 @@ async fn open_session(sender: &mut Sender) -> String {
 
 /// What one load on one path measured.
 struct Load {
+    calls: usize,
     rate: f64,
     p50: Duration,
     p99: Duration,
@@ -182,6 +185,7 @@ async fn load(port: u16, duration: Duration, rate: Option<f64>) -> Load {
     latencies.sort();
     let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
     Load {
+        calls: latencies.len(),
         rate: latencies.len() as f64 / elapsed.as_secs_f64(),
         p50: at(0.5),
         p99: at(0.99),
@@ -196,6 +200,74 @@ fn rss_bytes(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |k| k * 1024)
+}
+
+/// CPU time and context switches a proxy spent: its process, its threads and its child
+/// processes (nginx's workers), from /proc.
+#[derive(Debug, Default, Clone, Copy)]
+struct Usage {
+    cpu: Duration,
+    switches: u64,
+}
+
+impl Usage {
+    fn of(pid: u32) -> Self {
+        // SAFETY: sysconf reads a constant of the system; no memory is touched.
+        let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let mut usage = Self::default();
+        for process in std::iter::once(pid).chain(children(pid)) {
+            // Fields after the command's closing parenthesis: state is the 3rd, utime the 14th.
+            let stat = std::fs::read_to_string(format!("/proc/{process}/stat")).unwrap_or_default();
+            let fields: Vec<&str> = stat
+                .rsplit_once(')')
+                .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+            let ticks: u64 = [11, 12]
+                .iter()
+                .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
+                .sum();
+            usage.cpu += Duration::from_secs_f64(ticks as f64 / ticks_per_second);
+            let tasks = std::fs::read_dir(format!("/proc/{process}/task"))
+                .into_iter()
+                .flatten();
+            for task in tasks.flatten() {
+                let status =
+                    std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+                usage.switches += status
+                    .lines()
+                    .filter(|l| l.contains("ctxt_switches:"))
+                    .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                    .sum::<u64>();
+            }
+        }
+        usage
+    }
+
+    fn since(self, before: Self) -> Self {
+        Self {
+            cpu: self.cpu.saturating_sub(before.cpu),
+            switches: self.switches.saturating_sub(before.switches),
+        }
+    }
+}
+
+/// The processes whose parent is `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&child| {
+            std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let (_, rest) = stat.rsplit_once(')')?;
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
 }
 
 /// A process stopped when dropped: asked with SIGTERM first, since nginx's master stops its
@@ -301,22 +373,29 @@ async fn wait_listening(port: u16) {
     }
 }
 
-/// One path's measurements: paced, then saturated.
+/// One path's measurements: paced, then saturated; what its proxy spent under the paced load.
 struct Measured {
     name: &'static str,
     paced: Load,
     saturated: Load,
+    paced_usage: Option<Usage>,
 }
 
-async fn measure(name: &'static str, port: u16, duration: Duration) -> Measured {
+/// Loads the path on `port`; `pid` is its proxy's process (none for the direct path).
+async fn measure(name: &'static str, port: u16, pid: Option<u32>, duration: Duration) -> Measured {
     // Warm the connections, the pools and the caches.
     load(port, Duration::from_millis(500), None).await;
+    let before = pid.map(Usage::of);
     let paced = load(port, duration, Some(PACED_RATE)).await;
+    let paced_usage = pid
+        .zip(before)
+        .map(|(pid, before)| Usage::of(pid).since(before));
     let saturated = load(port, duration, None).await;
     Measured {
         name,
         paced,
         saturated,
+        paced_usage,
     }
 }
 
@@ -335,13 +414,13 @@ async fn run(duration: Duration, idle: usize) {
     }
 
     let mut paths = Vec::new();
-    for (name, port) in [
-        ("direct", upstream),
-        ("nginx 1.22", nginx_port),
-        ("HAProxy 2.6", haproxy_port),
-        ("mcp-session-operator proxy", proxy_port),
+    for (name, port, pid) in [
+        ("direct", upstream, None),
+        ("nginx 1.22", nginx_port, Some(_nginx.0.id())),
+        ("HAProxy 2.6", haproxy_port, Some(_haproxy.0.id())),
+        ("mcp-session-operator proxy", proxy_port, Some(proxy.0.id())),
     ] {
-        paths.push(measure(name, port, duration).await);
+        paths.push(measure(name, port, pid, duration).await);
     }
 
     // Idle sessions: memory of the proxy per session it maps.
@@ -375,7 +454,7 @@ async fn run(duration: Duration, idle: usize) {
         "proxy benchmark: tools/call over {WORKERS} sessions, at {PACED_RATE:.0}/s and back to back, {duration:?} each; one redis-server"
     );
     println!(
-        "{:<28} {:>9} {:>9} {:>10} {:>10} {:>11} {:>9} {:>9} {:>7}",
+        "{:<28} {:>9} {:>9} {:>10} {:>10} {:>11} {:>9} {:>9} {:>7} {:>12} {:>8}",
         "path",
         "p50 us",
         "p99 us",
@@ -384,11 +463,24 @@ async fn run(duration: Duration, idle: usize) {
         "saturation",
         "x direct",
         "x nginx",
-        "errors"
+        "errors",
+        "cpu us/call",
+        "cs/call"
     );
     for path in &paths {
+        // What the proxy's processes spent per call at the paced rate (none: the direct path).
+        let (cpu, switches) = match path.paced_usage {
+            Some(usage) => {
+                let calls = path.paced.calls.max(1) as f64;
+                (
+                    format!("{:.1}", us(usage.cpu) / calls),
+                    format!("{:.2}", usage.switches as f64 / calls),
+                )
+            }
+            None => ("-".to_owned(), "-".to_owned()),
+        };
         println!(
-            "{:<28} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>11.0} {:>8.2}x {:>8.2}x {:>7}",
+            "{:<28} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>11.0} {:>8.2}x {:>8.2}x {:>7} {:>12} {:>8}",
             path.name,
             us(path.paced.p50),
             us(path.paced.p99),
@@ -398,6 +490,8 @@ async fn run(duration: Duration, idle: usize) {
             path.saturated.rate / direct.saturated.rate,
             path.saturated.rate / nginx.saturated.rate,
             path.paced.errors + path.saturated.errors,
+            cpu,
+            switches,
         );
     }
     let proxy = &paths[3];
