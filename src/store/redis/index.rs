@@ -55,6 +55,9 @@ enum IndexSets {
 /// command per entry would cost Redis more than reading the records did.
 #[derive(Default)]
 struct PageEntries {
+    /// Every session's entry in the expiry set.
+    expiry: Vec<(f64, String)>,
+    /// Entries in the set of each session's slot, by set.
     by_set: std::collections::BTreeMap<String, Vec<(f64, String)>>,
     pods: std::collections::BTreeSet<String>,
 }
@@ -62,14 +65,15 @@ struct PageEntries {
 impl PageEntries {
     /// The entries [`RedisStore::reindex`] writes for a record not indexed before.
     fn add(&mut self, keys: &Keys, id: &SessionId, record: &SessionRecord, expiry_ms: i64) {
+        let entry = (expiry_ms as f64, id.as_str().to_owned());
         let slot = IndexSlot::of(record);
+        if let Some(set) = slot.set(keys) {
+            self.by_set.entry(set).or_default().push(entry.clone());
+        }
         if let IndexSlot::Pod(pod) = slot {
             self.pods.insert(pod.to_owned());
         }
-        for set in std::iter::once(keys.expiry()).chain(slot.set(keys)) {
-            let entry = (expiry_ms as f64, id.as_str().to_owned());
-            self.by_set.entry(set).or_default().push(entry);
-        }
+        self.expiry.push(entry);
     }
 }
 
@@ -77,6 +81,9 @@ impl RedisStore {
     /// One `ZADD` per index set of the page's entries.
     fn write_entries(&self, entries: PageEntries, now_ms: i64) -> Pipeline {
         let mut pipe = redis::pipe();
+        if !entries.expiry.is_empty() {
+            pipe.zadd_multiple(self.keys.expiry(), &entries.expiry);
+        }
         for (set, members) in &entries.by_set {
             pipe.zadd_multiple(set, members);
         }
