@@ -1095,28 +1095,11 @@ async fn stateless_requests_pass_through_and_their_listen_streams_are_drained() 
 /// writes its sessions into Redis once it answers.
 #[tokio::test]
 async fn a_proxy_starts_while_redis_is_down_and_stores_its_sessions_when_it_is_back() {
-    use mcp_session_operator::store::{SessionId, SessionStore as _};
     let mut redis = support::redis::RedisServer::start();
     redis.kill();
-    let pod = Pod::start(Sdk::Python, "pod-a", &redis.url()).await;
-    let proxy_port = pod.proxy_port();
-    let token = Some("Bearer early-bird");
-    let session = open_session(proxy_port, token).await;
-    assert_eq!(
-        result_text(&call(proxy_port, &session, token, 2, 1).await),
-        "2"
-    );
+    let (_pod, session) = session_through_a_new_pod(&redis).await;
     redis.restart();
-    let store = redis.store("mcp:session:", Duration::from_secs(3600)).await;
-    let id = SessionId::parse(&session).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while store.get(&id).await.unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the session never reached Redis");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let stored = store.get(&id).await.unwrap().unwrap();
-    assert_eq!(stored.record.owner_pod.as_deref(), Some("pod-a"));
-    assert!(stored.record.credential_fingerprint.is_some());
+    stored_eventually(&redis, &session, Instant::now() + Duration::from_secs(20)).await;
 }
 
 /// A proxy that starts while Redis loads its data set (a restarted Redis with many keys answers
@@ -1125,7 +1108,6 @@ async fn a_proxy_starts_while_redis_is_down_and_stores_its_sessions_when_it_is_b
 /// Redis error rather than an outage.
 #[tokio::test]
 async fn a_proxy_starts_while_redis_loads_its_data_and_stores_its_sessions_when_loaded() {
-    use mcp_session_operator::store::{SessionId, SessionStore as _};
     let mut redis = support::redis::RedisServer::start_with(&["--enable-debug-command", "local"]);
     // Keys of another application, which Redis must load before it serves anyone.
     let populated = redis
@@ -1133,14 +1115,7 @@ async fn a_proxy_starts_while_redis_loads_its_data_and_stores_its_sessions_when_
         .unwrap();
     assert_eq!(populated.trim(), "OK", "{populated}");
     redis.restart_loading_slowly(50);
-    let pod = Pod::start(Sdk::Python, "pod-a", &redis.url()).await;
-    let proxy_port = pod.proxy_port();
-    let token = Some("Bearer early-bird");
-    let session = open_session(proxy_port, token).await;
-    assert_eq!(
-        result_text(&call(proxy_port, &session, token, 2, 1).await),
-        "2"
-    );
+    let (_pod, session) = session_through_a_new_pod(&redis).await;
     assert!(
         redis.is_loading(),
         "Redis had loaded before the session was served: nothing was proven"
@@ -1150,14 +1125,35 @@ async fn a_proxy_starts_while_redis_loads_its_data_and_stores_its_sessions_when_
         assert!(Instant::now() < deadline, "Redis never finished loading");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    stored_eventually(&redis, &session, deadline).await;
+}
+
+/// A Python SDK pod started on `redis` (which need not answer), a session opened through its
+/// proxy and a tool called: the pod, and the session's id.
+async fn session_through_a_new_pod(redis: &support::redis::RedisServer) -> (Pod, String) {
+    let pod = Pod::start(Sdk::Python, "pod-a", &redis.url()).await;
+    let proxy_port = pod.proxy_port();
+    let token = Some("Bearer early-bird");
+    let session = open_session(proxy_port, token).await;
+    assert_eq!(
+        result_text(&call(proxy_port, &session, token, 2, 1).await),
+        "2"
+    );
+    (pod, session)
+}
+
+/// Waits until `session` is in `redis`, with its owner and its binding.
+async fn stored_eventually(redis: &support::redis::RedisServer, session: &str, deadline: Instant) {
+    use mcp_session_operator::store::{SessionId, SessionStore as _};
     let store = redis.store("mcp:session:", Duration::from_secs(3600)).await;
-    let id = SessionId::parse(&session).unwrap();
+    let id = SessionId::parse(session).unwrap();
     while store.get(&id).await.unwrap().is_none() {
         assert!(Instant::now() < deadline, "the session never reached Redis");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let stored = store.get(&id).await.unwrap().unwrap();
     assert_eq!(stored.record.owner_pod.as_deref(), Some("pod-a"));
+    assert!(stored.record.credential_fingerprint.is_some());
 }
 
 /// The per-credential session limit holds under concurrency and counts the identity the binding
