@@ -11,8 +11,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use tracing::{debug, info, warn};
 
 use super::exchange::Exchange;
+use super::table::{Slot, Transport};
 use super::{Proxy, metrics, protocol};
-use crate::store::{SessionId, SessionPatch, Tally, Touched};
+use crate::store::{NewSession, SessionId, SessionPatch, Tally, Touched};
 
 /// Sessions the store does not have right now (it was down or full, or lost them), served from
 /// memory until [`Proxy::maintain`] writes them back; counted in `mcp_proxy_sessions_unstored`.
@@ -69,6 +70,24 @@ impl Proxy {
             self.forget(id);
         }
         idle.len()
+    }
+
+    /// Keeps a new session: in the table (in the slot admitted for it) and in the store; where
+    /// the store refuses it, served from memory meanwhile and written once the store is back.
+    pub(super) async fn keep_new(
+        &self,
+        id: &SessionId,
+        upstream: String,
+        transport: Transport,
+        new: NewSession,
+        slot: Slot<'_>,
+    ) {
+        self.table
+            .remember(id, upstream, transport, new.clone(), Some(slot));
+        if let Err(error) = self.store.create_or_rehydrate(id, new).await {
+            warn!(session = %id, %error, "cannot store the new session");
+            self.mark_unstored(id, "create");
+        }
     }
 
     /// A write of `operation` for `id` failed: the session is served from memory and written

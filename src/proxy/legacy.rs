@@ -19,7 +19,7 @@ use bytes::Bytes;
 use http_body_util::BodyExt as _;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
-use tracing::{Instrument as _, debug, info, info_span, warn};
+use tracing::{Instrument as _, info, info_span, warn};
 
 use super::answers::{Failure, UPSTREAM_UNAVAILABLE, Unknown, plain};
 use super::backoff;
@@ -27,9 +27,9 @@ use super::count::Counted;
 use super::exchange::Exchange;
 use super::protocol::{self, MessageHead};
 use super::sse::{self, Event};
-use super::{Lookup, Phase, Proxy, Transport};
-use super::{metrics, relay};
-use crate::store::{NewSession, SessionId, SessionPatch};
+use super::sse_host::SseHost;
+use super::{Lookup, Phase, metrics, relay};
+use crate::store::SessionId;
 
 /// The revision of this transport.
 pub const PROTOCOL_VERSION: &str = "2024-11-05";
@@ -205,12 +205,8 @@ async fn read_endpoint(
 }
 
 /// A client's `GET /sse` answered by the upstream with an event stream.
-pub async fn open(
-    proxy: &Arc<Proxy>,
-    exchange: Exchange,
-    response: hyper::Response<Body>,
-) -> Response {
-    let slot = match proxy.admit(&exchange) {
+pub async fn open(host: SseHost, exchange: Exchange, response: hyper::Response<Body>) -> Response {
+    let slot = match host.admit(&exchange) {
         Ok(slot) => slot,
         Err(refusal) => return refusal,
     };
@@ -224,23 +220,7 @@ pub async fn open(
         );
     };
     let id = SessionId::random();
-    let new = NewSession {
-        owner_pod: proxy.config.pod_name.clone(),
-        protocol_version: Some(PROTOCOL_VERSION.to_owned()),
-        credential_fingerprint: slot.credential.clone(),
-        ..Default::default()
-    };
-    proxy.table.remember(
-        &id,
-        endpoint.upstream(),
-        Transport::Sse,
-        new.clone(),
-        Some(slot),
-    );
-    if let Err(error) = proxy.store.create_or_rehydrate(&id, new).await {
-        warn!(session = %id, %error, "cannot store the new session");
-        proxy.mark_unstored(&id, "create");
-    }
+    host.create(&id, endpoint.upstream(), slot).await;
     info!(session = %id, transport = "sse", "session created");
     let (out, client) = mpsc::channel(16);
     let announce = Event {
@@ -250,8 +230,8 @@ pub async fn open(
     };
     let _ = out.try_send(announce.encode());
     let stream = Stream {
-        phase: proxy.lifecycle.watch(),
-        proxy: proxy.clone(),
+        phase: host.phase(),
+        host: host.clone(),
         exchange,
         id: id.clone(),
         out,
@@ -265,14 +245,14 @@ pub async fn open(
 
 /// A client's message POST: sent to the upstream endpoint of the session, and sent again once
 /// the stream is re-established if the upstream restarted meanwhile.
-pub async fn post(proxy: &Arc<Proxy>, exchange: Exchange, raw_id: &str) -> Response {
+pub async fn post(host: &SseHost, exchange: Exchange, raw_id: &str) -> Response {
     let id = match SessionId::parse(raw_id) {
         Ok(id) => id,
-        Err(_) => return proxy.unknown(Unknown::Invalid, exchange.request_id(), "invalid"),
+        Err(_) => return host.unknown(Unknown::Invalid, exchange.request_id(), "invalid"),
     };
-    let credential = proxy.credential_of(&exchange.headers);
+    let credential = host.credential_of(&exchange.headers);
     if exchange.is_method("initialize") {
-        remember_initialize(proxy, &id, &exchange.body);
+        host.remember_initialize(&id, &exchange.body);
     }
     // Registered before it is sent: its answer may come back on the stream before the POST's.
     let request = exchange
@@ -283,50 +263,46 @@ pub async fn post(proxy: &Arc<Proxy>, exchange: Exchange, raw_id: &str) -> Respo
         .map(|request_id| Request {
             id: request_id,
             body: exchange.body.clone(),
-            resendable: proxy.may_resend(&exchange),
+            resendable: host.may_resend(&exchange),
             in_flight: None,
         });
     if let Some(request) = &request {
-        proxy.unanswered.add(&id, request.clone());
+        host.unanswered().add(&id, request.clone());
     }
-    let response = post_until_accepted(proxy, &exchange, &id, raw_id, credential).await;
+    let response = post_until_accepted(host, &exchange, &id, raw_id, credential).await;
     if let Some(request) = request
         && !response.status().is_success()
     {
-        proxy.unanswered.answered(&id, &request.id);
+        host.unanswered().answered(&id, &request.id);
     }
     response
 }
 
 async fn post_until_accepted(
-    proxy: &Arc<Proxy>,
+    host: &SseHost,
     exchange: &Exchange,
     id: &SessionId,
     raw_id: &str,
     credential: Option<String>,
 ) -> Response {
-    let deadline = Instant::now() + proxy.config.hold;
+    let deadline = Instant::now() + host.hold();
     let mut resend = backoff::RETRY.until(deadline);
     loop {
         // An HTTP+SSE session lives as long as its client's stream, on this proxy: it is
         // never stale (its stream re-establishes it) and never bound later than it began.
-        let endpoint = match proxy
-            .table
-            .lookup(id, credential.as_deref(), Transport::Sse)
-        {
+        let endpoint = match host.lookup(id, credential.as_deref()) {
             Lookup::Live(endpoint) => endpoint,
             Lookup::Refused(unknown) => {
-                return proxy.unknown(unknown, exchange.request_id(), raw_id);
+                return host.unknown(unknown, exchange.request_id(), raw_id);
             }
             Lookup::Unbound => {
-                return proxy.unknown(Unknown::OtherCredential, exchange.request_id(), raw_id);
+                return host.unknown(Unknown::OtherCredential, exchange.request_id(), raw_id);
             }
             Lookup::Stale | Lookup::Absent => {
-                return proxy.unknown(Unknown::NotFound, exchange.request_id(), raw_id);
+                return host.unknown(Unknown::NotFound, exchange.request_id(), raw_id);
             }
         };
-        let sent = proxy
-            .upstream
+        let sent = host
             .send(
                 &Method::POST,
                 &endpoint,
@@ -338,10 +314,10 @@ async fn post_until_accepted(
             // The upstream restarted and does not know the session yet: the stream re-establishes
             // it; the message was not processed, so it is sent again then.
             Ok(answer) if answer.response.status() == StatusCode::NOT_FOUND => {
-                if !proxy.table.remapped_from(id, &endpoint, deadline).await {
-                    return proxy.failure(
+                if !host.remapped_from(id, &endpoint, deadline).await {
+                    return host.failure(
                         Failure::Upstream(super::UpstreamError::Unavailable(
-                            proxy.config.hold,
+                            host.hold(),
                             "the MCP server lost the session".into(),
                         )),
                         exchange,
@@ -350,47 +326,30 @@ async fn post_until_accepted(
             }
             Ok(answer) => {
                 if answer.held {
-                    proxy.metrics.held.inc();
+                    host.count_held();
                 }
                 // Taken while the POST's own count still stands (its body is not read yet).
                 if let Some(request_id) = exchange.request_id()
                     && answer.response.status().is_success()
                 {
-                    let in_flight = proxy.upstream.gate().sending();
-                    proxy.unanswered.delivered(id, &request_id, in_flight);
+                    host.unanswered().delivered(id, &request_id, host.sending());
                 }
-                proxy
-                    .after_answer(&Method::POST, id, answer.response.status())
+                host.after_answer(&Method::POST, id, answer.response.status())
                     .await;
                 let (mut parts, body) = answer.response.into_parts();
                 protocol::strip_hop_by_hop(&mut parts.headers);
                 return Response::from_parts(parts, body);
             }
             Err(super::UpstreamError::Lost(_))
-                if proxy.may_resend(exchange) && resend.wait().await => {}
-            Err(error) => return proxy.failure(Failure::Upstream(error), exchange),
+                if host.may_resend(exchange) && resend.wait().await => {}
+            Err(error) => return host.failure(Failure::Upstream(error), exchange),
         }
     }
 }
 
-/// Keeps the client's `initialize` params, for replays.
-fn remember_initialize(proxy: &Arc<Proxy>, id: &SessionId, body: &Bytes) {
-    let Some(params) = protocol::initialize_params(protocol::message(body).as_ref()) else {
-        return;
-    };
-    if !proxy.table.set_initialize_params(id, &params) {
-        return;
-    }
-    let patch = SessionPatch {
-        initialize_params: Some(params),
-        ..Default::default()
-    };
-    proxy.patch_in_background(id, patch);
-}
-
 /// Relays a session's upstream stream to the client, across upstream restarts.
 struct Stream {
-    proxy: Arc<Proxy>,
+    host: SseHost,
     exchange: Exchange,
     id: SessionId,
     out: mpsc::Sender<Bytes>,
@@ -473,10 +432,10 @@ impl Stream {
             if head.answers(&json!(protocol::REPLAY_REQUEST_ID)) {
                 return true;
             }
-            self.proxy.unanswered.answered(&self.id, id);
+            self.host.unanswered().answered(&self.id, id);
             // Answers travel only here: the place to learn from a `tools/list` one.
             if let Some(data) = &event.data {
-                self.proxy.retry.learn(data.as_bytes());
+                self.host.learn(data.as_bytes());
             }
         }
         self.out.send(event.encode()).await.is_ok()
@@ -484,7 +443,7 @@ impl Stream {
 
     /// Opens a new upstream stream and re-establishes the session on it.
     async fn reconnect(&mut self) -> Option<(Body, sse::Parser, Vec<Event>)> {
-        let mut backoff = backoff::RETRY.until(Instant::now() + self.proxy.config.hold);
+        let mut backoff = backoff::RETRY.until(Instant::now() + self.host.hold());
         loop {
             if *self.phase.borrow() >= Phase::Draining {
                 return None;
@@ -502,8 +461,7 @@ impl Stream {
 
     async fn try_reconnect(&mut self) -> Option<(Body, sse::Parser, Vec<Event>)> {
         let answer = self
-            .proxy
-            .upstream
+            .host
             .send(
                 &Method::GET,
                 &self.exchange.path,
@@ -528,16 +486,15 @@ impl Stream {
     /// again (their answers come on the new stream), the others get an error.
     async fn settle_unanswered(&mut self, target: &str) {
         let headers = self.message_headers();
-        for request in self.proxy.unanswered.take_delivered(&self.id) {
+        for request in self.host.unanswered().take_delivered(&self.id) {
             let outcome = if request.resendable {
                 let sent = self
-                    .proxy
-                    .upstream
+                    .host
                     .send(&Method::POST, target, &headers, request.body.clone())
                     .await;
                 match sent {
                     Ok(answer) if answer.response.status().is_success() => {
-                        self.proxy.unanswered.add(&self.id, request.clone());
+                        self.host.unanswered().add(&self.id, request.clone());
                         metrics::Unanswered::Resent
                     }
                     Ok(answer) => {
@@ -553,7 +510,7 @@ impl Stream {
             } else {
                 metrics::Unanswered::Failed
             };
-            metrics::inc(&self.proxy.metrics.unanswered, outcome);
+            self.host.count_unanswered(outcome);
             if outcome == metrics::Unanswered::Failed {
                 warn!(
                     "the upstream restarted before answering; the request may have been executed, so it is not sent again"
@@ -576,28 +533,27 @@ impl Stream {
     /// Sends the stored handshake to the new endpoint, then points the session at it.
     async fn replay(&self, endpoint: &Endpoint) -> Result<(), Failure> {
         let target = endpoint.upstream();
-        if let Some(params) = self.proxy.table.initialize_params(&self.id) {
+        if let Some(params) = self.host.initialize_params(&self.id) {
             let headers = self.message_headers();
             for message in [
                 protocol::initialize_request(&params, None),
                 protocol::initialized_notification(),
             ] {
                 let answer = self
-                    .proxy
-                    .upstream
+                    .host
                     .send(&Method::POST, &target, &headers, message)
                     .await
                     .map_err(Failure::Upstream)?;
                 let status = answer.response.status();
                 let _ = answer.response.into_body().collect().await;
                 if !status.is_success() {
-                    metrics::inc(&self.proxy.metrics.replays, metrics::Replay::Refused);
+                    self.host.count_replay(metrics::Replay::Refused);
                     return Err(Failure::Unknown(Unknown::NotFound));
                 }
             }
-            metrics::inc(&self.proxy.metrics.replays, metrics::Replay::Replayed);
+            self.host.count_replay(metrics::Replay::Replayed);
         }
-        self.proxy.table.remap(&self.id, target);
+        self.host.remap(&self.id, target);
         Ok(())
     }
 
@@ -616,11 +572,8 @@ impl Stream {
 
     /// The client left: its session ends with its stream, as in the SDK servers.
     async fn end(self) {
-        self.proxy.unanswered.take(&self.id);
-        self.proxy.forget(&self.id);
-        if let Err(error) = self.proxy.store.delete(&self.id).await {
-            debug!(session = %self.id, %error, "cannot delete the session from the store");
-        }
+        self.host.unanswered().take(&self.id);
+        self.host.end(&self.id).await;
     }
 
     async fn close(self) {

@@ -33,6 +33,7 @@ mod resume;
 mod retry;
 mod routing;
 mod sse;
+mod sse_host;
 mod stream_host;
 mod succession;
 mod table;

@@ -21,6 +21,7 @@ use super::answers::{
 use super::exchange::{Bound, Exchange};
 use super::metrics::RequestLabels;
 use super::protocol::{self, LAST_EVENT_ID_HEADER, MessageHead, SESSION_HEADER};
+use super::sse_host::SseHost;
 use super::stream_host::StreamHost;
 use super::table::{Slot, Transport};
 use super::upstream::UpstreamError;
@@ -110,7 +111,7 @@ impl Proxy {
             if exchange.method == Method::POST
                 && let Some(id) = legacy::session_in_query(&exchange.path)
             {
-                return legacy::post(self, exchange, &id).await;
+                return legacy::post(&SseHost::new(self.clone()), exchange, &id).await;
             }
             if exchange.is_method("initialize") {
                 return self.initialize(exchange).await;
@@ -169,7 +170,7 @@ impl Proxy {
         let event_stream = protocol::is_event_stream(&parts.headers);
         if event_stream && exchange.session.is_none() && legacy::opens_session(&exchange) {
             let response = hyper::Response::from_parts(parts, body);
-            return legacy::open(self, exchange, response).await;
+            return legacy::open(SseHost::new(self.clone()), exchange, response).await;
         }
         if event_stream {
             parts.headers.remove(header::CONTENT_LENGTH);
@@ -241,18 +242,8 @@ impl Proxy {
             credential_fingerprint: credential.clone(),
             ..Default::default()
         };
-        self.table.remember(
-            &id,
-            upstream_id,
-            Transport::Streamable,
-            new.clone(),
-            Some(slot),
-        );
-        if let Err(error) = self.store.create_or_rehydrate(&id, new).await {
-            // Served from memory meanwhile, and written as soon as the store is back.
-            warn!(session = %id, %error, "cannot store the new session");
-            self.mark_unstored(&id, "create");
-        }
+        self.keep_new(&id, upstream_id, Transport::Streamable, new, slot)
+            .await;
         info!(session = %id, "session created");
         exchange.session = Some(Bound { id, credential });
         self.deliver(exchange, answer.response, None).await
