@@ -216,14 +216,11 @@ impl Usage {
         let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
         let mut usage = Self::default();
         for process in std::iter::once(pid).chain(children(pid)) {
-            // Fields after the command's closing parenthesis: state is the 3rd, utime the 14th.
-            let stat = std::fs::read_to_string(format!("/proc/{process}/stat")).unwrap_or_default();
-            let fields: Vec<&str> = stat
-                .rsplit_once(')')
-                .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
-            let ticks: u64 = [11, 12]
+            let stat = proc_stat(process).unwrap_or_default();
+            // utime and stime: the 14th and 15th fields.
+            let ticks: u64 = [14, 15]
                 .iter()
-                .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
+                .filter_map(|&field| stat_field(&stat, field))
                 .sum();
             usage.cpu += Duration::from_secs_f64(ticks as f64 / ticks_per_second);
             let tasks = std::fs::read_dir(format!("/proc/{process}/task"))
@@ -250,7 +247,7 @@ impl Usage {
     }
 }
 
-/// The processes whose parent is `pid`.
+/// The processes whose parent (the 4th field) is `pid`.
 fn children(pid: u32) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -259,15 +256,23 @@ fn children(pid: u32) -> Vec<u32> {
         .flatten()
         .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
         .filter(|&child| {
-            std::fs::read_to_string(format!("/proc/{child}/stat"))
-                .ok()
-                .and_then(|stat| {
-                    let (_, rest) = stat.rsplit_once(')')?;
-                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-                })
-                == Some(pid)
+            proc_stat(child).and_then(|stat| stat_field(&stat, 4)) == Some(u64::from(pid))
         })
         .collect()
+}
+
+fn proc_stat(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()
+}
+
+/// The numeric field `field` (counted from 1, as proc(5) does) of a `/proc/{pid}/stat` line.
+fn stat_field(stat: &str, field: usize) -> Option<u64> {
+    // The command (field 2) may hold spaces and parentheses: fields 3 on follow its last ')'.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace()
+        .nth(field.checked_sub(3)?)?
+        .parse()
+        .ok()
 }
 
 /// A process stopped when dropped: asked with SIGTERM first, since nginx's master stops its

@@ -8,6 +8,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use super::events::StreamKind;
 use crate::serve::ListenerMetrics;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -100,6 +101,18 @@ outcomes!(
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: &'static str,
+}
+
+impl KindLabels {
+    /// The label of a stream of `kind` (listen: GET, response: POST).
+    pub fn of(kind: StreamKind) -> Self {
+        Self {
+            kind: match kind {
+                StreamKind::Listen => "listen",
+                StreamKind::Response => "response",
+            },
+        }
+    }
 }
 
 /// Counts one `outcome` in a family of outcome counters.

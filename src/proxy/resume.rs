@@ -45,13 +45,9 @@ impl Proxy {
         };
         let upstream_last = events::last_upstream_id(&log, tag);
         let backlog = events::after(log, tag, seq);
-        let kind = match tag.kind {
-            StreamKind::Listen => "listen",
-            StreamKind::Response => "response",
-        };
         self.metrics
             .resumed
-            .get_or_create(&KindLabels { kind })
+            .get_or_create(&KindLabels::of(tag.kind))
             .inc();
         info!(session = %bound.id, stream = %tag, after = seq, replayed = backlog.len(), "stream resumed");
         match tag.kind {

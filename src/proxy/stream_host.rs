@@ -31,7 +31,12 @@ impl StreamHost {
     /// (a response stream) as in flight, which a drain waits for.
     pub fn open(&self, kind: StreamKind) -> OpenStream {
         let in_flight = (kind == StreamKind::Response).then(|| self.0.lifecycle.in_flight());
-        let gauge = self.0.metrics.streams.get_or_create(&labels(kind)).clone();
+        let gauge = self
+            .0
+            .metrics
+            .streams
+            .get_or_create(&KindLabels::of(kind))
+            .clone();
         gauge.inc();
         OpenStream {
             gauge,
@@ -108,14 +113,5 @@ pub struct OpenStream {
 impl Drop for OpenStream {
     fn drop(&mut self) {
         self.gauge.dec();
-    }
-}
-
-fn labels(kind: StreamKind) -> KindLabels {
-    KindLabels {
-        kind: match kind {
-            StreamKind::Listen => "listen",
-            StreamKind::Response => "response",
-        },
     }
 }
