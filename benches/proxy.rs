@@ -6,16 +6,19 @@
 //! (2 workers, keep-alive connections to the upstream), HAProxy (2 threads, connection reuse) and
 //! this proxy with Redis. Each path, the direct one first, is loaded the same way: `tools/call`
 //! over 16 sessions at a fixed 2,000 calls per second (the latency each proxy adds to the direct
-//! path's), then back to back (throughput at saturation). At the fixed rate, each proxy's CPU
-//! time and context switches per call are read from /proc (its processes and threads): what it
-//! costs, which the load sharing two cores disturbs less than its latency. Then 100,000
-//! sessions are created through this proxy and left idle, for its memory per session.
+//! path's), then back to back (throughput at saturation), each load in rounds that the paths
+//! take in turn, so that a change in the machine's other load is shared by all. At the fixed
+//! rate, each proxy's CPU time and context switches per call are read from /proc (its processes
+//! and threads): what it costs, which the load sharing two cores disturbs less than its
+//! latency. Then 100,000 sessions are created through this proxy and left idle, for its memory
+//! per session.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::path::Path;
+use std::path::Path as FsPath;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, StatusCode};
@@ -31,6 +34,8 @@ use support::{die_with_parent, free_port};
 const WORKERS: usize = 16;
 /// The moderate load at which latency is compared.
 const PACED_RATE: f64 = 2000.0;
+/// Rounds each load is split into, the paths taking turns.
+const ROUNDS: u32 = 5;
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
@@ -142,17 +147,56 @@ struct Load {
     errors: usize,
 }
 
-/// `WORKERS` sessions on `port`, each on its own connection, calling the echo tool for
-/// `duration`: back to back, or at `rate` calls per second in all (each call's latency from its
-/// sending: at this rate a call is answered long before the next of its session is due, and the
-/// timer's millisecond ticks would otherwise count as latency).
-async fn load(port: u16, duration: Duration, rate: Option<f64>) -> Load {
-    let started = Instant::now();
+/// A load's calls, gathered over its rounds.
+#[derive(Default)]
+struct Samples {
+    latencies: Vec<Duration>,
+    errors: usize,
+    /// Time spent calling (sessions are opened before it starts).
+    elapsed: Duration,
+}
+
+impl Samples {
+    fn add(&mut self, mut round: Samples) {
+        self.latencies.append(&mut round.latencies);
+        self.errors += round.errors;
+        self.elapsed += round.elapsed;
+    }
+
+    fn load(mut self) -> Load {
+        self.latencies.sort();
+        let n = self.latencies.len();
+        let at = |q: f64| self.latencies[((n as f64 * q) as usize).min(n.saturating_sub(1))];
+        Load {
+            calls: n,
+            rate: n as f64 / self.elapsed.as_secs_f64(),
+            p50: at(0.5),
+            p99: at(0.99),
+            errors: self.errors,
+        }
+    }
+}
+
+/// One round on `port`: `WORKERS` sessions, each on its own connection, opened first; then all
+/// call the echo tool for `duration`, back to back or at `rate` calls per second in all (each
+/// call's latency from its sending: at this rate a call is answered long before the next of its
+/// session is due, and the timer's millisecond ticks would otherwise count as latency). What
+/// `pid`'s processes spent is read around the calls alone.
+async fn round(
+    port: u16,
+    duration: Duration,
+    rate: Option<f64>,
+    pid: Option<u32>,
+) -> (Samples, Option<Usage>) {
+    let opened = Arc::new(tokio::sync::Barrier::new(WORKERS + 1));
     let tasks: Vec<_> = (0..WORKERS)
         .map(|worker| {
+            let opened = opened.clone();
             tokio::spawn(async move {
                 let mut sender = connect(port).await;
                 let session = open_session(&mut sender).await;
+                opened.wait().await;
+                let started = Instant::now();
                 let mut ticks = rate.map(|rate| {
                     let period = Duration::from_secs_f64(WORKERS as f64 / rate);
                     // Workers staggered over one period: calls arrive evenly.
@@ -175,22 +219,23 @@ async fn load(port: u16, duration: Duration, rate: Option<f64>) -> Load {
             })
         })
         .collect();
-    let (mut latencies, mut errors) = (Vec::new(), 0);
+    let before = pid.map(Usage::of);
+    opened.wait().await;
+    let started = Instant::now();
+    let mut samples = Samples::default();
     for task in tasks {
-        let (mut l, e) = task.await.expect("worker");
-        latencies.append(&mut l);
-        errors += e;
+        let (latencies, errors) = task.await.expect("worker");
+        samples.add(Samples {
+            latencies,
+            errors,
+            elapsed: Duration::ZERO,
+        });
     }
-    let elapsed = started.elapsed();
-    latencies.sort();
-    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
-    Load {
-        calls: latencies.len(),
-        rate: latencies.len() as f64 / elapsed.as_secs_f64(),
-        p50: at(0.5),
-        p99: at(0.99),
-        errors,
-    }
+    samples.elapsed = started.elapsed();
+    let usage = pid
+        .zip(before)
+        .map(|(pid, before)| Usage::of(pid).since(before));
+    (samples, usage)
 }
 
 fn rss_bytes(pid: u32) -> u64 {
@@ -244,6 +289,11 @@ impl Usage {
             cpu: self.cpu.saturating_sub(before.cpu),
             switches: self.switches.saturating_sub(before.switches),
         }
+    }
+
+    fn add(&mut self, other: Self) {
+        self.cpu += other.cpu;
+        self.switches += other.switches;
     }
 }
 
@@ -308,7 +358,7 @@ fn start(command: &mut Command, what: &str) -> Running {
 /// nginx as a reverse proxy is usually configured: 2 workers (one per core), keep-alive
 /// connections to the upstream, no access log, responses not buffered; no limit on the requests
 /// of a keep-alive connection (the default closes one every 1,000).
-fn nginx(dir: &Path, port: u16, upstream: u16) -> Running {
+fn nginx(dir: &FsPath, port: u16, upstream: u16) -> Running {
     let root = std::env::var("USER").is_ok_and(|user| user == "root")
         || std::fs::read_to_string("/proc/self/status")
             .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:\t0\t")));
@@ -336,7 +386,7 @@ fn nginx(dir: &Path, port: u16, upstream: u16) -> Running {
 }
 
 /// HAProxy in HTTP mode with 2 threads, server connections reused across client connections.
-fn haproxy(dir: &Path, port: u16, upstream: u16) -> Running {
+fn haproxy(dir: &FsPath, port: u16, upstream: u16) -> Running {
     let config = format!(
         "global\n  nbthread 2\n  maxconn 4096\n\
          defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  option http-keep-alive\n\
@@ -378,6 +428,13 @@ async fn wait_listening(port: u16) {
     }
 }
 
+/// A path under test: its port, and its proxy's process (none for the direct path).
+struct Path {
+    name: &'static str,
+    port: u16,
+    pid: Option<u32>,
+}
+
 /// One path's measurements: paced, then saturated; what its proxy spent under the paced load.
 struct Measured {
     name: &'static str,
@@ -386,22 +443,42 @@ struct Measured {
     paced_usage: Option<Usage>,
 }
 
-/// Loads the path on `port`; `pid` is its proxy's process (none for the direct path).
-async fn measure(name: &'static str, port: u16, pid: Option<u32>, duration: Duration) -> Measured {
+/// Loads every path, paced then saturated, each load split into `ROUNDS` rounds in which the
+/// paths take turns: a drift in what else the two shared cores run (the load generator, the
+/// upstream and Redis share them) then falls on every path alike, not on whichever comes last.
+async fn measure(paths: &[Path], duration: Duration) -> Vec<Measured> {
     // Warm the connections, the pools and the caches.
-    load(port, Duration::from_millis(500), None).await;
-    let before = pid.map(Usage::of);
-    let paced = load(port, duration, Some(PACED_RATE)).await;
-    let paced_usage = pid
-        .zip(before)
-        .map(|(pid, before)| Usage::of(pid).since(before));
-    let saturated = load(port, duration, None).await;
-    Measured {
-        name,
-        paced,
-        saturated,
-        paced_usage,
+    for path in paths {
+        round(path.port, Duration::from_millis(500), None, None).await;
     }
+    let each = duration / ROUNDS;
+    let mut loads = Vec::new();
+    for rate in [Some(PACED_RATE), None] {
+        let mut gathered: Vec<(Samples, Option<Usage>)> =
+            paths.iter().map(|_| (Samples::default(), None)).collect();
+        for _ in 0..ROUNDS {
+            for (path, (samples, usage)) in paths.iter().zip(&mut gathered) {
+                let (round, spent) = round(path.port, each, rate, path.pid).await;
+                samples.add(round);
+                if let Some(spent) = spent {
+                    usage.get_or_insert_with(Usage::default).add(spent);
+                }
+            }
+        }
+        loads.push(gathered);
+    }
+    let saturated = loads.pop().unwrap_or_default();
+    let paced = loads.pop().unwrap_or_default();
+    paths
+        .iter()
+        .zip(paced.into_iter().zip(saturated))
+        .map(|(path, ((paced, paced_usage), (saturated, _)))| Measured {
+            name: path.name,
+            paced: paced.load(),
+            saturated: saturated.load(),
+            paced_usage,
+        })
+        .collect()
 }
 
 async fn run(duration: Duration, idle: usize) {
@@ -418,15 +495,17 @@ async fn run(duration: Duration, idle: usize) {
         wait_listening(port).await;
     }
 
-    let mut paths = Vec::new();
-    for (name, port, pid) in [
-        ("direct", upstream, None),
-        ("nginx 1.22", nginx_port, Some(_nginx.0.id())),
-        ("HAProxy 2.6", haproxy_port, Some(_haproxy.0.id())),
-        ("mcp-session-operator proxy", proxy_port, Some(proxy.0.id())),
-    ] {
-        paths.push(measure(name, port, pid, duration).await);
-    }
+    let path = |name, port, pid| Path { name, port, pid };
+    let paths = measure(
+        &[
+            path("direct", upstream, None),
+            path("nginx 1.22", nginx_port, Some(_nginx.0.id())),
+            path("HAProxy 2.6", haproxy_port, Some(_haproxy.0.id())),
+            path("mcp-session-operator proxy", proxy_port, Some(proxy.0.id())),
+        ],
+        duration,
+    )
+    .await;
 
     // Idle sessions: memory of the proxy per session it maps.
     let before = rss_bytes(proxy.0.id());
@@ -456,7 +535,7 @@ async fn run(duration: Duration, idle: usize) {
     let nginx = &paths[1];
     println!();
     println!(
-        "proxy benchmark: tools/call over {WORKERS} sessions, at {PACED_RATE:.0}/s and back to back, {duration:?} each; one redis-server"
+        "proxy benchmark: tools/call over {WORKERS} sessions, at {PACED_RATE:.0}/s and back to back, {duration:?} each in {ROUNDS} rounds taken in turn; one redis-server"
     );
     println!(
         "{:<28} {:>9} {:>9} {:>10} {:>10} {:>11} {:>9} {:>9} {:>7} {:>12} {:>8}",

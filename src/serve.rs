@@ -6,6 +6,7 @@
 //! body within `body_timeout`, and at most `max_connections` are open at once: those over the
 //! cap are closed as they come, and counted.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,9 +16,9 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::Request;
+use axum::response::Response;
 use bytes::Bytes;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -26,6 +27,7 @@ use prometheus_client::registry::Registry;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower_service::Service;
 use tracing::{debug, warn};
 
 /// What a listener allows one client.
@@ -103,23 +105,23 @@ impl ListenerMetrics {
     }
 }
 
-/// Serves `app` on `listener` until `shutdown`, each accepted connection first made what the
-/// protocol runs on by `accept` (TLS, a counted stream; `None` drops it).
-pub async fn serve<Io, Accept, Accepting>(
+/// Serves `app` (a [`Router`], or one handler as the proxy's port is) on `listener` until
+/// `shutdown`, each accepted connection first made what the protocol runs on by `accept` (TLS,
+/// a counted stream; `None` drops it).
+pub async fn serve<App, Io, Accept, Accepting>(
     listener: TcpListener,
-    app: Router,
+    app: App,
     limits: Limits,
     metrics: ConnectionMetrics,
     accept: Accept,
     shutdown: impl Future<Output = ()>,
 ) where
+    App: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    App::Future: Send + 'static,
     Accept: Fn(TcpStream) -> Accepting + Clone + Send + 'static,
     Accepting: Future<Output = Option<Io>> + Send,
     Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let app = app.layer(axum::middleware::map_request(
-        move |request: Request| async move { with_body_deadline(request, limits.body_timeout) },
-    ));
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let accepting = async {
         loop {
@@ -145,10 +147,19 @@ pub async fn serve<Io, Accept, Accepting>(
             tokio::spawn(async move {
                 let _open = open;
                 if let Some(io) = accept(tcp).await {
+                    let service = hyper::service::service_fn(move |request: hyper::Request<_>| {
+                        let request =
+                            with_body_deadline(request.map(Body::new), limits.body_timeout);
+                        let mut app = app.clone();
+                        async move {
+                            std::future::poll_fn(|cx| app.poll_ready(cx)).await?;
+                            app.call(request).await
+                        }
+                    });
                     let served = hyper::server::conn::http1::Builder::new()
                         .timer(TokioTimer::new())
                         .header_read_timeout(limits.header_timeout)
-                        .serve_connection(TokioIo::new(io), TowerToHyperService::new(app))
+                        .serve_connection(TokioIo::new(io), service)
                         .with_upgrades()
                         .await;
                     if let Err(error) = served {

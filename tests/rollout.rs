@@ -400,7 +400,8 @@ async fn a_rolling_update_under_50_clients_loses_no_session_and_no_call() {
     let key = mcp_session_operator::proxy::Fingerprinter::new(
         b"rollout-test-key",
         mcp_session_operator::store::binding::SessionBinding::Identity,
-    );
+    )
+    .expect("any key");
     let expected: std::collections::BTreeSet<String> = (0..CLIENTS_PER_SDK)
         .filter_map(|i| key.fingerprint(Some(format!("Bearer rollout-client-{i}").as_bytes())))
         .collect();

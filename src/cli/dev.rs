@@ -84,7 +84,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let proxy = Proxy::new(
         config,
         store,
-        Fingerprinter::new(&key, SessionBinding::Identity),
+        Fingerprinter::new(&key, SessionBinding::Identity).context("fingerprint key")?,
     );
     let (stop, stopped) = watch::channel(false);
     let signal = tokio::spawn(async move {

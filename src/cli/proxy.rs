@@ -143,7 +143,8 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         },
         max_initialize_bytes: args.max_initialize_bytes,
     };
-    let proxy = Proxy::new(config, store, Fingerprinter::new(&key, args.binding));
+    let fingerprints = Fingerprinter::new(&key, args.binding).context("fingerprint key")?;
+    let proxy = Proxy::new(config, store, fingerprints);
     proxy::run(proxy, super::shutdown_signal())
         .await
         .context("the session proxy failed")

@@ -2,47 +2,60 @@
 //! so a future dropped mid-way (its client went away) cannot leak one, and a drain waits for
 //! zero without polling.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
-#[derive(Clone)]
-pub struct Count(watch::Sender<usize>);
+/// Every request enters and leaves one: an atomic, and a wake-up only when the count reaches
+/// zero (a watch channel would take its lock and wake its subscribers on every change).
+#[derive(Clone, Default)]
+pub struct Count(Arc<Shared>);
 
-impl Default for Count {
-    fn default() -> Self {
-        Self(watch::Sender::new(0))
-    }
+#[derive(Default)]
+struct Shared {
+    count: AtomicUsize,
+    zero: Notify,
 }
 
 impl Count {
     /// Counts one until the returned guard drops.
     pub fn enter(&self) -> Counted {
-        self.0.send_modify(|n| *n += 1);
+        self.0.count.fetch_add(1, Ordering::AcqRel);
         Counted(self.0.clone())
     }
 
     pub fn get(&self) -> usize {
-        *self.0.borrow()
+        self.0.count.load(Ordering::Acquire)
     }
 
     /// Waits until the count is zero; false if `deadline` comes first.
     pub async fn zero_by(&self, deadline: Instant) -> bool {
-        let mut count = self.0.subscribe();
-        let zero = count.wait_for(|n| *n == 0);
-        matches!(
-            tokio::time::timeout_at(deadline.into(), zero).await,
-            Ok(Ok(_))
-        )
+        let zero = async {
+            loop {
+                // Registered before the check, so a guard dropped in between still wakes it.
+                let notified = self.0.zero.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if self.get() == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout_at(deadline.into(), zero).await.is_ok()
     }
 }
 
 /// One unit of a [`Count`], for as long as it lives.
-pub struct Counted(watch::Sender<usize>);
+pub struct Counted(Arc<Shared>);
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.0.send_modify(|n| *n = n.saturating_sub(1));
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.zero.notify_waiters();
+        }
     }
 }
 

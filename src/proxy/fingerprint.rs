@@ -23,7 +23,9 @@ const MAX_JWT_PAYLOAD: usize = 16 * 1024;
 /// HMAC-SHA-256 of what a request's `Authorization` header binds to, under a deployment key.
 #[derive(Clone)]
 pub struct Fingerprinter {
-    key: Vec<u8>,
+    /// The HMAC with the key already absorbed: every request is fingerprinted, and the key's
+    /// two padded blocks are half of the hashing.
+    keyed: Hmac<Sha256>,
     binding: SessionBinding,
 }
 
@@ -43,19 +45,19 @@ enum Subject<'a> {
 }
 
 impl Fingerprinter {
-    pub fn new(key: &[u8], binding: SessionBinding) -> Self {
-        Self {
-            key: key.to_vec(),
+    /// HMAC takes keys of any length; the error is the `hmac` crate's signature, never seen.
+    pub fn new(key: &[u8], binding: SessionBinding) -> Result<Self, hmac::digest::InvalidLength> {
+        Ok(Self {
+            keyed: Hmac::<Sha256>::new_from_slice(key)?,
             binding,
-        }
+        })
     }
 
     /// 128 bits of the HMAC, base64url (22 characters); `None` without a credential, or when
     /// sessions are bound to nobody.
     pub fn fingerprint(&self, authorization: Option<&[u8]>) -> Option<String> {
         let credential = authorization?;
-        // HMAC accepts keys of any length: `new_from_slice` cannot fail for it.
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).ok()?;
+        let mut mac = self.keyed.clone();
         match subject(credential, self.binding)? {
             // Not a byte string a header can hold, so it cannot collide with a credential.
             Subject::Identity { issuer, subject } => {
@@ -67,10 +69,13 @@ impl Fingerprinter {
             // The canonical form of the header: `Bearer abc` stays byte for byte what it was
             // before schemes were compared without case, so stored bindings still match.
             Subject::Credential { scheme, rest } => {
-                let mut chars = scheme.chars();
-                if let Some(first) = chars.next() {
-                    mac.update(first.to_ascii_uppercase().to_string().as_bytes());
-                    mac.update(chars.as_str().to_ascii_lowercase().as_bytes());
+                for (at, byte) in scheme.bytes().enumerate() {
+                    let canonical = if at == 0 {
+                        byte.to_ascii_uppercase()
+                    } else {
+                        byte.to_ascii_lowercase()
+                    };
+                    mac.update(&[canonical]);
                 }
                 if !scheme.is_empty() && !rest.is_empty() {
                     mac.update(b" ");
@@ -145,7 +150,7 @@ mod tests {
 
     #[test]
     fn fingerprints_bind_without_revealing() {
-        let f = Fingerprinter::new(b"deployment key", SessionBinding::Credential);
+        let f = Fingerprinter::new(b"deployment key", SessionBinding::Credential).expect("any key");
         let a = f
             .fingerprint(Some(b"Bearer intracker_mcp_secret_123"))
             .unwrap();
@@ -158,6 +163,7 @@ mod tests {
         assert_ne!(
             Some(a.clone()),
             Fingerprinter::new(b"other key", SessionBinding::Credential)
+                .expect("any key")
                 .fingerprint(Some(b"Bearer intracker_mcp_secret_123"))
         );
         assert!(!a.contains("intracker"));
@@ -167,7 +173,7 @@ mod tests {
     #[test]
     fn the_canonical_bearer_form_is_the_bytes_it_always_was() {
         // Sessions stored before schemes were case-insensitive keep matching.
-        let f = Fingerprinter::new(b"k", SessionBinding::Credential);
+        let f = Fingerprinter::new(b"k", SessionBinding::Credential).expect("any key");
         let mut mac = Hmac::<Sha256>::new_from_slice(b"k").unwrap();
         mac.update(b"Bearer abc");
         let before = base64::engine::general_purpose::URL_SAFE_NO_PAD
@@ -191,7 +197,7 @@ mod tests {
 
     #[test]
     fn a_refreshed_token_of_the_same_subject_keeps_its_identity() {
-        let f = Fingerprinter::new(b"k", SessionBinding::Identity);
+        let f = Fingerprinter::new(b"k", SessionBinding::Identity).expect("any key");
         let first = jwt(r#"{"iss":"https://idp","sub":"alice","exp":1}"#, "sig1");
         let refreshed = jwt(
             r#"{"iss":"https://idp","sub":"alice","exp":2,"jti":"x"}"#,
@@ -205,20 +211,20 @@ mod tests {
         assert_ne!(id(&first), id(&other));
         assert_ne!(id(&first), id(&other_issuer));
         // Bound to the credential, a refresh is another credential.
-        let strict = Fingerprinter::new(b"k", SessionBinding::Credential);
+        let strict = Fingerprinter::new(b"k", SessionBinding::Credential).expect("any key");
         assert_ne!(
             strict.fingerprint(Some(first.as_bytes())),
             strict.fingerprint(Some(refreshed.as_bytes()))
         );
         // Bound to nobody.
-        let open = Fingerprinter::new(b"k", SessionBinding::None);
+        let open = Fingerprinter::new(b"k", SessionBinding::None).expect("any key");
         assert_eq!(open.fingerprint(Some(first.as_bytes())), None);
     }
 
     #[test]
     fn what_is_not_a_jwt_binds_as_a_credential() {
-        let f = Fingerprinter::new(b"k", SessionBinding::Identity);
-        let credential = Fingerprinter::new(b"k", SessionBinding::Credential);
+        let f = Fingerprinter::new(b"k", SessionBinding::Identity).expect("any key");
+        let credential = Fingerprinter::new(b"k", SessionBinding::Credential).expect("any key");
         for token in [
             "Bearer opaque-token".to_owned(),
             "Bearer a.b".to_owned(),
@@ -255,7 +261,7 @@ mod tests {
         ) {
             let jwt = format!("Bearer {}", parts.join("."));
             for binding in [SessionBinding::Identity, SessionBinding::Credential, SessionBinding::None] {
-                let f = Fingerprinter::new(b"key", binding);
+                let f = Fingerprinter::new(b"key", binding).expect("any key");
                 for presented in [header.as_slice(), jwt.as_bytes()] {
                     let first = f.fingerprint(Some(presented));
                     proptest::prop_assert_eq!(&first, &f.fingerprint(Some(presented)));

@@ -44,8 +44,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::Request;
 use axum::http::{HeaderMap, header};
 use tokio::sync::Mutex;
 use tracing::info;
@@ -218,18 +216,18 @@ pub async fn run(
     };
     let (listener, admin_listener) = (bind(listen).await?, bind(admin).await?);
     let (succeed, current) = succession::current(proxy.clone());
-    let app = Router::new().fallback({
-        let current = current.clone();
-        move |request: Request| current.get().handle(request)
-    });
     info!(%listen, upstream = %proxy.config.upstream, %admin, store = %proxy.store.describe(), "session proxy serving");
     let listeners = proxy.metrics.listeners.clone();
-    tokio::spawn(admin::serve(current, admin_listener, listeners.of("admin")));
+    tokio::spawn(admin::serve(
+        current.clone(),
+        admin_listener,
+        listeners.of("admin"),
+    ));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let open = proxy.lifecycle.connections().clone();
     let server = tokio::spawn(serve::serve(
         listener,
-        app,
+        current,
         proxy.config.limits,
         listeners.of("mcp"),
         move |tcp| {

@@ -8,11 +8,17 @@
 //! a fresh proxy succeeds it on the same listeners, and the pod is Ready again. The sessions the
 //! retired one handed over wait in the store, where the successor (or any pod) claims them.
 
+use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use axum::extract::Request;
+use axum::response::Response;
 use tokio::sync::watch;
+use tower_service::Service;
 use tracing::info;
 
 use super::control::Control;
@@ -31,6 +37,23 @@ impl Current {
     /// What the admin port may do with the serving proxy.
     pub fn control(&self) -> Control {
         Control::new(self.get())
+    }
+}
+
+/// The client port's one handler: each request to the serving proxy. A router's matching and
+/// boxing would cost a few percent of a call for a port that has a single route.
+impl Service<Request> for Current {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let proxy = self.get();
+        Box::pin(async move { Ok(proxy.handle(request).await) })
     }
 }
 
