@@ -6,8 +6,10 @@
 //! body within `body_timeout`, and at most `max_connections` are open at once: those over the
 //! cap are closed as they come, and counted.
 
+use std::cell::Cell;
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -26,7 +28,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::task::JoinSet;
 use tower_service::Service;
 use tracing::{debug, warn};
 
@@ -105,73 +108,244 @@ impl ListenerMetrics {
     }
 }
 
+/// What a listener serves: a [`Router`], or one handler (the proxy's port).
+pub trait ServedApp:
+    Service<Request, Response = Response, Error = Infallible, Future: Send + 'static>
+    + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<T> ServedApp for T where
+    T: Service<Request, Response = Response, Error = Infallible, Future: Send + 'static>
+        + Clone
+        + Send
+        + 'static
+{
+}
+
+/// What makes an accepted TCP connection the stream a protocol runs on (TLS, a counted
+/// stream); `None` drops the connection.
+pub trait Accepter: Clone + Send + 'static {
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+
+    fn accept(&self, tcp: TcpStream) -> impl Future<Output = Option<Self::Io>> + Send + 'static;
+}
+
+impl<F, Accepting, Io> Accepter for F
+where
+    F: Fn(TcpStream) -> Accepting + Clone + Send + 'static,
+    Accepting: Future<Output = Option<Io>> + Send + 'static,
+    Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Io = Io;
+
+    fn accept(&self, tcp: TcpStream) -> impl Future<Output = Option<Io>> + Send + 'static {
+        self(tcp)
+    }
+}
+
+std::thread_local! {
+    /// Which of [`serve`]'s threads this is.
+    static SERVING_THREAD: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// How many threads [`serve`] should start for `asked` (0: one per CPU the process
+/// may use, which counts its cgroup's quota, at most 4: a sidecar in front of one server).
+pub fn serving_threads(asked: usize) -> usize {
+    if asked > 0 {
+        return asked;
+    }
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+}
+
+/// The index of the [`serve`] thread the caller runs on; `None` on any other.
+pub fn serving_thread() -> Option<usize> {
+    SERVING_THREAD.get()
+}
+
 /// Serves `app` (a [`Router`], or one handler as the proxy's port is) on `listener` until
 /// `shutdown`, each accepted connection first made what the protocol runs on by `accept` (TLS,
 /// a counted stream; `None` drops it).
-pub async fn serve<App, Io, Accept, Accepting>(
+///
+/// With `threads` above 0, each accepted connection is handed (in turn) to one of that many
+/// threads, each a single-threaded runtime, as nginx's workers serve theirs: the tasks of a
+/// connection's calls stay on one thread, where a work-stealing runtime wakes its other workers
+/// on most calls (a proxy's call is two connections' tasks, handing over to each other). What a
+/// thread's calls need of their own (the proxy's upstream connections) it finds by
+/// [`serving_thread`]. After `shutdown` the threads serve the connections they have until those
+/// close, then end. With 0, or if no thread can start, the accepting runtime serves them.
+pub async fn serve<App, Accept>(
     listener: TcpListener,
+    threads: usize,
     app: App,
     limits: Limits,
     metrics: ConnectionMetrics,
     accept: Accept,
     shutdown: impl Future<Output = ()>,
 ) where
-    App: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
-    App::Future: Send + 'static,
-    Accept: Fn(TcpStream) -> Accepting + Clone + Send + 'static,
-    Accepting: Future<Output = Option<Io>> + Send,
-    Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    App: ServedApp,
+    Accept: Accepter,
 {
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let accepting = async {
-        loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of file descriptors, typically: back off rather than spin.
-                    warn!(%error, "cannot accept a connection");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                metrics.refused.inc();
-                debug!(%peer, limit = limits.max_connections, "too many connections: closed");
-                drop(tcp);
-                continue;
-            };
-            // Counted here, not in the task: on a busy runtime the task may start much later,
-            // and the gauge must say what the cap counts.
-            let open = Open::new(slot, metrics.open.clone());
+    let handoffs: Vec<_> = (0..threads)
+        .filter_map(|index| {
+            let (handoff, handed) = mpsc::unbounded_channel();
             let (accept, app) = (accept.clone(), app.clone());
-            tokio::spawn(async move {
-                let _open = open;
-                if let Some(io) = accept(tcp).await {
-                    let service = hyper::service::service_fn(move |request: hyper::Request<_>| {
-                        let request =
-                            with_body_deadline(request.map(Body::new), limits.body_timeout);
-                        let mut app = app.clone();
-                        async move {
-                            std::future::poll_fn(|cx| app.poll_ready(cx)).await?;
-                            app.call(request).await
-                        }
-                    });
-                    let served = hyper::server::conn::http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(limits.header_timeout)
-                        .serve_connection(TokioIo::new(io), service)
-                        .with_upgrades()
-                        .await;
-                    if let Err(error) = served {
-                        debug!(%peer, %error, "connection ended with an error");
-                    }
+            match start_thread(index, handed, accept, app, limits) {
+                Ok(()) => Some(handoff),
+                Err(error) => {
+                    warn!(%error, index, "cannot start a serving thread; the others serve its share");
+                    None
                 }
-            });
-        }
+            }
+        })
+        .collect();
+    // What no thread takes (none asked for or started, or one ended by a panic) is served here.
+    let serve_here = |tcp, peer, open| {
+        tokio::spawn(serve_accepted(
+            tcp,
+            peer,
+            open,
+            accept.clone(),
+            app.clone(),
+            limits,
+        ));
     };
+    let mut turn = 0;
+    let accepting = accept_until(&listener, limits, &metrics, |tcp, peer, open| {
+        turn = (turn + 1) % handoffs.len().max(1);
+        let Some(handoff) = handoffs.get(turn) else {
+            return serve_here(tcp, peer, open);
+        };
+        let tcp = match tcp.into_std() {
+            Ok(tcp) => tcp,
+            Err(error) => {
+                debug!(%peer, %error, "an accepted connection could not be handed over");
+                return;
+            }
+        };
+        if let Err(returned) = handoff.send((tcp, peer, open)) {
+            let (tcp, peer, open) = returned.0;
+            if let Ok(tcp) = TcpStream::from_std(tcp) {
+                serve_here(tcp, peer, open);
+            }
+        }
+    });
     tokio::select! {
         () = accepting => {}
         () = shutdown => {}
+    }
+}
+
+/// A connection handed to a serving thread, with its place under the cap.
+type Handoff = (std::net::TcpStream, SocketAddr, Open);
+
+fn start_thread<App, Accept>(
+    index: usize,
+    mut handed: mpsc::UnboundedReceiver<Handoff>,
+    accept: Accept,
+    app: App,
+    limits: Limits,
+) -> std::io::Result<()>
+where
+    App: ServedApp,
+    Accept: Accepter,
+{
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name(format!("serving-{index}"))
+        .spawn(move || {
+            SERVING_THREAD.set(Some(index));
+            runtime.block_on(async move {
+                let mut connections = JoinSet::new();
+                loop {
+                    tokio::select! {
+                        next = handed.recv() => match next {
+                            Some((tcp, peer, open)) => match TcpStream::from_std(tcp) {
+                                Ok(tcp) => {
+                                    let served = serve_accepted(tcp, peer, open, accept.clone(), app.clone(), limits);
+                                    connections.spawn(served);
+                                }
+                                Err(error) => debug!(%peer, %error, "a handed connection could not be served"),
+                            },
+                            None => break,
+                        },
+                        Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                    }
+                }
+                while connections.join_next().await.is_some() {}
+            });
+        })?;
+    Ok(())
+}
+
+/// Accepts connections on `listener` for as long as it is polled, and hands each one under the
+/// connection cap to `serve_one`; refuses (closes and counts) the ones over it.
+async fn accept_until(
+    listener: &TcpListener,
+    limits: Limits,
+    metrics: &ConnectionMetrics,
+    mut serve_one: impl FnMut(TcpStream, SocketAddr, Open),
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of file descriptors, typically: back off rather than spin.
+                warn!(%error, "cannot accept a connection");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics.refused.inc();
+            debug!(%peer, limit = limits.max_connections, "too many connections: closed");
+            drop(tcp);
+            continue;
+        };
+        // Counted here, not in the task: on a busy runtime the task may start much later, and
+        // the gauge must say what the cap counts.
+        serve_one(tcp, peer, Open::new(slot, metrics.open.clone()));
+    }
+}
+
+/// Serves one accepted connection: `accept` (TLS, counting) first, then HTTP/1.1 with the
+/// header timeout, and each request's body under its deadline.
+async fn serve_accepted<App, Accept>(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    open: Open,
+    accept: Accept,
+    app: App,
+    limits: Limits,
+) where
+    App: ServedApp,
+    Accept: Accepter,
+{
+    let _open = open;
+    let Some(io) = accept.accept(tcp).await else {
+        return;
+    };
+    let service = hyper::service::service_fn(move |request: hyper::Request<_>| {
+        let request = with_body_deadline(request.map(Body::new), limits.body_timeout);
+        let mut app = app.clone();
+        async move {
+            std::future::poll_fn(|cx| app.poll_ready(cx)).await?;
+            app.call(request).await
+        }
+    });
+    let served = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades()
+        .await;
+    if let Err(error) = served {
+        debug!(%peer, %error, "connection ended with an error");
     }
 }
 
@@ -198,6 +372,7 @@ impl Drop for Open {
 pub async fn serve_probes(listener: TcpListener, app: Router, metrics: ConnectionMetrics) {
     serve(
         listener,
+        0,
         app,
         Limits::PROBES,
         metrics,
@@ -280,6 +455,7 @@ mod tests {
         );
         tokio::spawn(serve(
             listener,
+            0,
             app,
             limits,
             metrics.clone(),
@@ -374,5 +550,58 @@ mod tests {
         let mut answer = [0u8; 256];
         let n = again.read(&mut answer).await.expect("read");
         assert!(String::from_utf8_lossy(&answer[..n]).contains("200 OK"));
+    }
+
+    /// Sends one request on `stream` and reads its answer's body (a short one, in one read).
+    async fn ask(stream: &mut TcpStream) -> String {
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let mut answer = [0u8; 512];
+        let n = stream.read(&mut answer).await.expect("read");
+        let text = String::from_utf8_lossy(&answer[..n]).into_owned();
+        text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned()
+    }
+
+    #[tokio::test]
+    async fn threads_take_connections_in_turn_and_serve_them_past_shutdown() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let app = Router::new().route(
+            "/",
+            axum::routing::get(|| async { format!("{:?}", serving_thread()) }),
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving = tokio::spawn(serve(
+            listener,
+            2,
+            app,
+            Limits::default(),
+            ConnectionMetrics::default(),
+            plain,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        let mut connections = Vec::new();
+        for _ in 0..4 {
+            let mut stream = TcpStream::connect(("127.0.0.1", port))
+                .await
+                .expect("connect");
+            let thread = ask(&mut stream).await;
+            connections.push((stream, thread));
+        }
+        let threads: Vec<&str> = connections.iter().map(|(_, t)| t.as_str()).collect();
+        assert_eq!(threads, ["Some(1)", "Some(0)", "Some(1)", "Some(0)"]);
+        // Not on a serving thread: the test's own.
+        assert_eq!(serving_thread(), None);
+
+        let _ = stop.send(());
+        serving.await.expect("serving ends at shutdown");
+        assert!(TcpStream::connect(("127.0.0.1", port)).await.is_err());
+        for (stream, thread) in &mut connections {
+            assert_eq!(&ask(stream).await, thread, "still served by its thread");
+        }
     }
 }

@@ -80,6 +80,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         allowed_origins: AllowedOrigins::Local,
         limits: crate::serve::Limits::default(),
         max_initialize_bytes: 64 * 1024,
+        serving_threads: crate::serve::serving_threads(0),
     };
     let proxy = Proxy::new(
         config,

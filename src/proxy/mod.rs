@@ -94,6 +94,8 @@ pub struct ProxyConfig {
     pub limits: serve::Limits,
     /// Largest `initialize` params kept for a session (they live as long as it does).
     pub max_initialize_bytes: usize,
+    /// Threads serving client connections ([`serve::serve`]).
+    pub serving_threads: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -166,7 +168,7 @@ impl Proxy {
     ) -> Arc<Self> {
         let metrics = ProxyMetrics::new(listeners);
         Arc::new(Self {
-            upstream: Upstream::new(config.upstream.clone(), config.hold),
+            upstream: Upstream::new(config.upstream.clone(), config.hold, config.serving_threads),
             toucher: DebouncedToucher::new(store.clone(), config.touch_interval),
             events: EventLog::start(
                 store.clone(),
@@ -227,6 +229,7 @@ pub async fn run(
     let open = proxy.lifecycle.connections().clone();
     let server = tokio::spawn(serve::serve(
         listener,
+        proxy.config.serving_threads,
         current,
         proxy.config.limits,
         listeners.of("mcp"),

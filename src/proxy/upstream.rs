@@ -15,6 +15,7 @@ use super::backoff;
 use super::connector::{Connector, was_not_delivered, with_causes};
 use super::protocol::strip_hop_by_hop;
 use super::quiesce::{Gate, GateState, Tracked};
+use crate::serve;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -31,7 +32,11 @@ pub enum UpstreamError {
 }
 
 pub struct Upstream {
-    client: Client<Connector, Full<Bytes>>,
+    /// A pool of connections per serving thread (see [`serve::serving_thread`]), so that a
+    /// call and the upstream connection it goes out on are served by one thread; and one for
+    /// what runs elsewhere (background replays, the SSE transport's streams).
+    clients: Vec<Client<Connector, Full<Bytes>>>,
+    shared: Client<Connector, Full<Bytes>>,
     base: Uri,
     hold: Duration,
     /// Holds requests while the upstream is quiesced, and counts what it is working on.
@@ -45,15 +50,18 @@ pub struct Answer {
 }
 
 impl Upstream {
-    pub fn new(base: Uri, hold: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(Connector::new(connector));
+    pub fn new(base: Uri, hold: Duration, serving_threads: usize) -> Self {
+        let client = || {
+            let mut connector = HttpConnector::new();
+            connector.set_nodelay(true);
+            connector.set_connect_timeout(Some(Duration::from_secs(2)));
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(30))
+                .build(Connector::new(connector))
+        };
         Self {
-            client,
+            clients: (0..serving_threads).map(|_| client()).collect(),
+            shared: client(),
             base,
             hold,
             gate: Gate::default(),
@@ -62,6 +70,13 @@ impl Upstream {
 
     pub fn gate(&self) -> &Gate {
         &self.gate
+    }
+
+    /// The connections of the thread this runs on.
+    fn client(&self) -> &Client<Connector, Full<Bytes>> {
+        serve::serving_thread()
+            .and_then(|thread| self.clients.get(thread))
+            .unwrap_or(&self.shared)
     }
 
     /// `host:port` of the upstream, for probes.
@@ -120,7 +135,7 @@ impl Upstream {
                 .body(Full::new(body.clone()))
                 .map_err(|e| UpstreamError::Request(e.to_string()))?;
             let sending = self.gate.sending();
-            let failure = match self.client.request(request).await {
+            let failure = match self.client().request(request).await {
                 Ok(response) if matches!(response.status().as_u16(), 502 | 503) => {
                     format!("status {}", response.status())
                 }

@@ -56,5 +56,5 @@ pub async fn serve(
             }
         }
     };
-    crate::serve::serve(listener, app, LIMITS, metrics, handshake, shutdown).await;
+    crate::serve::serve(listener, 0, app, LIMITS, metrics, handshake, shutdown).await;
 }

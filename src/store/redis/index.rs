@@ -161,18 +161,18 @@ impl RedisStore {
                     cmd.arg(score).arg(member);
                     cmd
                 };
-                pipe.add_command(zadd(self.keys.expiry()));
-                match (add, slot) {
-                    (true, IndexSlot::Draining) | (false, _) => {
-                        pipe.add_command(zadd(self.keys.draining()));
-                    }
-                    _ => {}
+                // The sets of the slot, as everywhere (`IndexSlot::set`); sliding, also the
+                // draining set, where another pod may have moved the session since `slot` was
+                // read (XX slides only what is there).
+                let draining_too = !add && slot != IndexSlot::Draining;
+                let sets = std::iter::once(self.keys.expiry())
+                    .chain(slot.set(&self.keys))
+                    .chain(draining_too.then(|| self.keys.draining()));
+                for set in sets {
+                    pipe.add_command(zadd(set));
                 }
-                if let IndexSlot::Pod(pod) = slot {
-                    pipe.add_command(zadd(self.keys.pod(pod)));
-                    if add {
-                        pipe.zadd(self.keys.pods(), pod, now.unix_millis() as f64);
-                    }
+                if let (true, IndexSlot::Pod(pod)) = (add, slot) {
+                    pipe.zadd(self.keys.pods(), pod, now.unix_millis() as f64);
                 }
                 pipe
             })
