@@ -99,8 +99,8 @@ pub struct ProxyArgs {
     max_sessions_per_credential: u64,
     /// Threads that serve client connections, each connection on one of them; 0: one per CPU
     /// the process may use, at most 4.
-    #[arg(long, default_value_t = 0)]
-    serving_threads: usize,
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=64))]
+    serving_threads: u16,
 }
 
 fn parse_origin(raw: &str) -> Result<String, String> {
@@ -146,7 +146,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
             max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
         },
         max_initialize_bytes: args.max_initialize_bytes,
-        serving_threads: crate::serve::serving_threads(args.serving_threads),
+        serving_threads: crate::serve::serving_threads(usize::from(args.serving_threads)),
     };
     let fingerprints = Fingerprinter::new(&key, args.binding).context("fingerprint key")?;
     let proxy = Proxy::new(config, store, fingerprints);
