@@ -188,14 +188,16 @@ async fn round(
     rate: Option<f64>,
     pid: Option<u32>,
 ) -> (Samples, Option<Usage>) {
-    let opened = Arc::new(tokio::sync::Barrier::new(WORKERS + 1));
+    // Every session open, then the usage read, then the calls: the barrier is passed twice.
+    let phase = Arc::new(tokio::sync::Barrier::new(WORKERS + 1));
     let tasks: Vec<_> = (0..WORKERS)
         .map(|worker| {
-            let opened = opened.clone();
+            let phase = phase.clone();
             tokio::spawn(async move {
                 let mut sender = connect(port).await;
                 let session = open_session(&mut sender).await;
-                opened.wait().await;
+                phase.wait().await;
+                phase.wait().await;
                 let started = Instant::now();
                 let mut ticks = rate.map(|rate| {
                     let period = Duration::from_secs_f64(WORKERS as f64 / rate);
@@ -219,17 +221,15 @@ async fn round(
             })
         })
         .collect();
+    phase.wait().await;
     let before = pid.map(Usage::of);
-    opened.wait().await;
+    phase.wait().await;
     let started = Instant::now();
     let mut samples = Samples::default();
     for task in tasks {
-        let (latencies, errors) = task.await.expect("worker");
-        samples.add(Samples {
-            latencies,
-            errors,
-            elapsed: Duration::ZERO,
-        });
+        let (mut latencies, errors) = task.await.expect("worker");
+        samples.latencies.append(&mut latencies);
+        samples.errors += errors;
     }
     samples.elapsed = started.elapsed();
     let usage = pid
@@ -452,23 +452,8 @@ async fn measure(paths: &[Path], duration: Duration) -> Vec<Measured> {
         round(path.port, Duration::from_millis(500), None, None).await;
     }
     let each = duration / ROUNDS;
-    let mut loads = Vec::new();
-    for rate in [Some(PACED_RATE), None] {
-        let mut gathered: Vec<(Samples, Option<Usage>)> =
-            paths.iter().map(|_| (Samples::default(), None)).collect();
-        for _ in 0..ROUNDS {
-            for (path, (samples, usage)) in paths.iter().zip(&mut gathered) {
-                let (round, spent) = round(path.port, each, rate, path.pid).await;
-                samples.add(round);
-                if let Some(spent) = spent {
-                    usage.get_or_insert_with(Usage::default).add(spent);
-                }
-            }
-        }
-        loads.push(gathered);
-    }
-    let saturated = loads.pop().unwrap_or_default();
-    let paced = loads.pop().unwrap_or_default();
+    let paced = load_in_turns(paths, each, Some(PACED_RATE)).await;
+    let saturated = load_in_turns(paths, each, None).await;
     paths
         .iter()
         .zip(paced.into_iter().zip(saturated))
@@ -479,6 +464,27 @@ async fn measure(paths: &[Path], duration: Duration) -> Vec<Measured> {
             paced_usage,
         })
         .collect()
+}
+
+/// `ROUNDS` rounds of `each` at `rate` (none: back to back), the paths taking turns in each;
+/// per path, its calls and what its proxy spent on them.
+async fn load_in_turns(
+    paths: &[Path],
+    each: Duration,
+    rate: Option<f64>,
+) -> Vec<(Samples, Option<Usage>)> {
+    let mut gathered: Vec<(Samples, Option<Usage>)> =
+        paths.iter().map(|_| (Samples::default(), None)).collect();
+    for _ in 0..ROUNDS {
+        for (path, (samples, usage)) in paths.iter().zip(&mut gathered) {
+            let (round, spent) = round(path.port, each, rate, path.pid).await;
+            samples.add(round);
+            if let Some(spent) = spent {
+                usage.get_or_insert_with(Usage::default).add(spent);
+            }
+        }
+    }
+    gathered
 }
 
 async fn run(duration: Duration, idle: usize) {
