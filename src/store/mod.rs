@@ -17,7 +17,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::{Stream, TryStreamExt as _};
+use futures::stream::BoxStream;
+use futures::{Stream, StreamExt as _, TryStreamExt as _};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -532,6 +533,19 @@ pub trait SessionStore: Send + Sync + 'static {
     /// One page of all records under the prefix, in no particular order. Never `KEYS`.
     async fn list_page(&self, cursor: Option<ListCursor>, page_size: usize) -> Result<ListPage>;
 
+    /// Every record under the prefix, page by page, in no particular order. A store may read
+    /// ahead (Redis: while a page is used, the next one is already being read).
+    fn record_pages(&self, page_size: usize) -> BoxStream<'_, Result<Vec<Listed>>> {
+        futures::stream::try_unfold(Some(ListCursor::default()), move |cursor| async move {
+            let Some(cursor) = cursor else {
+                return Ok(None);
+            };
+            let page = self.list_page(Some(cursor), page_size).await?;
+            Ok(Some((page.items, page.next)))
+        })
+        .boxed()
+    }
+
     /// Totals and per-pod counts from the indexes (rebuilt first if they are missing).
     async fn counts(&self) -> Result<SessionCounts>;
 
@@ -581,22 +595,15 @@ where
     futures::future::join_all(marks).await.into_iter().sum()
 }
 
-/// Every record of the store, page by page, as a stream.
+/// Every record of the store as a stream, read `page_size` at a time.
 pub fn list_all(
     store: &dyn SessionStore,
     page_size: usize,
 ) -> impl Stream<Item = Result<Listed>> + '_ {
-    futures::stream::try_unfold(Some(ListCursor::default()), move |cursor| async move {
-        let Some(cursor) = cursor else {
-            return Ok::<_, StoreError>(None);
-        };
-        let page = store.list_page(Some(cursor), page_size).await?;
-        Ok(Some((
-            futures::stream::iter(page.items.into_iter().map(Ok)),
-            page.next,
-        )))
-    })
-    .try_flatten()
+    store
+        .record_pages(page_size)
+        .map_ok(|page| futures::stream::iter(page.into_iter().map(Ok)))
+        .try_flatten()
 }
 
 /// What sees each record a rebuild of the indexes reads.

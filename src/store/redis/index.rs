@@ -386,9 +386,7 @@ impl RedisStore {
             )
             .await?;
         let mut indexed = 0_u64;
-        let mut pages = std::pin::pin!(
-            crate::store::list_all(self, MAINTENANCE_BATCH).chunks(MAINTENANCE_BATCH)
-        );
+        let mut pages = std::pin::pin!(self.scan_pages(MAINTENANCE_BATCH));
         // A page's index entries are written while the next page is read.
         let mut unwritten: Option<Pipeline> = None;
         loop {
@@ -398,12 +396,13 @@ impl RedisStore {
                     None => Ok(()),
                 }
             };
-            let (chunk, written) = futures::join!(pages.next(), write);
+            let (page, written) = futures::join!(pages.next(), write);
             written?;
-            let Some(chunk) = chunk else { break };
+            let Some(page) = page.transpose()? else {
+                break;
+            };
             let mut entries = PageEntries::default();
-            for item in chunk {
-                let item = item?;
+            for item in page {
                 if let Listed::Session(session) = &item {
                     let expiry = now + session.ttl_millis.map_or(NO_TTL_HORIZON_MS, |t| t as i64);
                     entries.add(&self.keys, &session.id, &session.record, expiry);

@@ -6,13 +6,15 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use futures::stream::BoxStream;
+use futures::{StreamExt as _, TryStreamExt as _};
 use tokio::sync::OnceCell;
 use tracing::info;
 
 use super::super::{
-    Claim, ClaimOutcome, ListCursor, ListPage, LogBound, LoggedEvent, MemorySample, NewSession,
-    Origin, PruneReport, RecordObserver, Result, Session, SessionCounts, SessionId, SessionPatch,
-    SessionStore, StoreError, Tallies, Tally, Touch,
+    Claim, ClaimOutcome, ListCursor, ListPage, Listed, LogBound, LoggedEvent, MemorySample,
+    NewSession, Origin, PruneReport, RecordObserver, Result, Session, SessionCounts, SessionId,
+    SessionPatch, SessionStore, StoreError, Tallies, Tally, Touch,
 };
 use super::{Keys, RedisStore, RedisTarget};
 
@@ -138,6 +140,13 @@ impl SessionStore for LazyRedisStore {
 
     async fn list_page(&self, cursor: Option<ListCursor>, page_size: usize) -> Result<ListPage> {
         self.store().await?.list_page(cursor, page_size).await
+    }
+
+    fn record_pages(&self, page_size: usize) -> BoxStream<'_, Result<Vec<Listed>>> {
+        futures::stream::once(self.store())
+            .map_ok(move |store| store.record_pages(page_size))
+            .try_flatten()
+            .boxed()
     }
 
     async fn counts(&self) -> Result<SessionCounts> {

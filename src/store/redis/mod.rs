@@ -17,6 +17,8 @@ mod target;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::StreamExt as _;
+use futures::stream::BoxStream;
 use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisResult, Value};
 use tracing::{debug, instrument, warn};
 
@@ -559,33 +561,11 @@ impl SessionStore for RedisStore {
     }
 
     async fn list_page(&self, cursor: Option<ListCursor>, page_size: usize) -> Result<ListPage> {
-        let cursor = cursor.unwrap_or_default();
-        let masters = match self.conn {
-            Conn::Cluster(_) => self.cluster_masters().await?,
-            Conn::Single(_) => Vec::new(),
-        };
-        let node = masters.get(cursor.node);
-        let (next, keys) = self
-            .scan_step(node, cursor.position, page_size.max(1))
-            .await?;
-        let items = self
-            .fetch(keys)
-            .await?
-            .iter()
-            .filter_map(|f| self.decode(f))
-            .collect();
-        let next = match (next, masters.len()) {
-            (0, n) if cursor.node + 1 < n => Some(ListCursor {
-                node: cursor.node + 1,
-                position: 0,
-            }),
-            (0, _) => None,
-            (position, _) => Some(ListCursor {
-                node: cursor.node,
-                position,
-            }),
-        };
-        Ok(ListPage { items, next })
+        self.list_from(cursor, page_size).await
+    }
+
+    fn record_pages(&self, page_size: usize) -> BoxStream<'_, Result<Vec<Listed>>> {
+        self.scan_pages(page_size).boxed()
     }
 
     #[instrument(level = "debug", skip_all)]
