@@ -16,18 +16,14 @@
 //! request's first byte leaves it "may have been executed".
 
 use std::error::Error as StdError;
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use axum::http::Uri;
 use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::TokioIo;
 use tokio::io::ReadBuf;
 use tokio::net::TcpStream;
-use tower_service::Service;
 
 /// The server never read the request: it cannot have run it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -85,31 +81,6 @@ pub fn with_causes(error: &(dyn StdError + 'static)) -> String {
     line
 }
 
-/// [`HttpConnector`] whose connections are [`Watched`].
-#[derive(Clone)]
-pub struct Connector(HttpConnector);
-
-impl Connector {
-    pub fn new(inner: HttpConnector) -> Self {
-        Self(inner)
-    }
-}
-
-impl Service<Uri> for Connector {
-    type Response = Watched;
-    type Error = <HttpConnector as Service<Uri>>::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Watched, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx)
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let connecting = self.0.call(uri);
-        Box::pin(async move { connecting.await.map(Watched::new) })
-    }
-}
-
 /// A connection that knows whether the request being written has had a byte sent yet.
 pub struct Watched {
     io: TokioIo<TcpStream>,
@@ -118,7 +89,7 @@ pub struct Watched {
 }
 
 impl Watched {
-    fn new(io: TokioIo<TcpStream>) -> Self {
+    pub fn new(io: TokioIo<TcpStream>) -> Self {
         Self {
             io,
             awaiting_answer: false,
@@ -153,12 +124,6 @@ impl Watched {
             Poll::Ready(Err(_)) => Poll::Ready(Err(NotDelivered::Closed.into())),
             Poll::Pending => Poll::Pending,
         }
-    }
-}
-
-impl Connection for Watched {
-    fn connected(&self) -> Connected {
-        self.io.connected()
     }
 }
 
@@ -228,30 +193,24 @@ mod tests {
 
     use bytes::Bytes;
     use http_body_util::{BodyExt as _, Full};
-    use hyper_util::client::legacy::Client;
-    use hyper_util::rt::TokioExecutor;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio::net::TcpListener;
 
+    use super::super::pool::{Pool, SendError};
     use super::*;
 
     const ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
 
-    fn client() -> Client<Connector, Full<Bytes>> {
-        Client::builder(TokioExecutor::new())
-            // The pool must not notice the close by itself: that is the race under test.
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(Connector::new(HttpConnector::new()))
+    fn client(port: u16) -> Pool {
+        Pool::new(format!("127.0.0.1:{port}"))
     }
 
-    async fn post(
-        client: &Client<Connector, Full<Bytes>>,
-        port: u16,
-    ) -> Result<Bytes, hyper_util::client::legacy::Error> {
-        let request = hyper::Request::post(format!("http://127.0.0.1:{port}/mcp"))
+    async fn post(client: &Pool) -> Result<Bytes, SendError> {
+        let request = hyper::Request::post("/mcp")
+            .header("host", "127.0.0.1")
             .body(Full::new(Bytes::from_static(b"{}")))
             .expect("request");
-        let response = client.request(request).await?;
+        let response = client.send(request).await?;
         Ok(response
             .into_body()
             .collect()
@@ -311,7 +270,7 @@ mod tests {
         assert!(was_not_delivered(&error), "{error:?}");
     }
 
-    /// The same through hyper's pool: whether the pool notices the close first (the request
+    /// The same through the pool: whether the pool notices the close first (the request
     /// goes out on a new connection) or the connection's check does (not delivered), the request
     /// is never one the server may have read.
     #[tokio::test]
@@ -325,15 +284,15 @@ mod tests {
             drop(stream);
             listener
         });
-        let client = client();
-        assert_eq!(post(&client, port).await.expect("first"), "ok");
+        let client = client(port);
+        assert_eq!(post(&client).await.expect("first"), "ok");
         let listener = server.await.expect("server");
         // The FIN arrives while this test holds the runtime's only thread, so the pool's
         // connection task has not seen it when the next request is written.
         std::thread::sleep(Duration::from_millis(50));
         let second = tokio::spawn({
             let client = client.clone();
-            async move { post(&client, port).await }
+            async move { post(&client).await }
         });
         let accepted = tokio::time::timeout(Duration::from_secs(5), listener.accept()).await;
         match accepted {
@@ -366,7 +325,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
             drop(stream);
         });
-        let error = post(&client(), port).await.expect_err("no answer");
+        let error = post(&client(port)).await.expect_err("no answer");
         assert!(was_not_delivered(&error), "{error:?}");
     }
 
@@ -380,7 +339,7 @@ mod tests {
             read_request(&mut stream).await;
             drop(stream);
         });
-        let error = post(&client(), port).await.expect_err("no answer");
+        let error = post(&client(port)).await.expect_err("no answer");
         assert!(!was_not_delivered(&error), "{error:?}");
     }
 

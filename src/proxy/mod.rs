@@ -25,6 +25,7 @@ mod lifecycle;
 mod listeners;
 mod metrics;
 mod origin;
+mod pool;
 mod protocol;
 mod quiesce;
 mod relay;

@@ -3,16 +3,14 @@
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::http::{HeaderMap, Method, Request, Response, Uri};
+use axum::http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, header};
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use tracing::debug;
 
 use super::backoff;
-use super::connector::{Connector, was_not_delivered, with_causes};
+use super::connector::{was_not_delivered, with_causes};
+use super::pool::{Pool, SendError};
 use super::protocol::strip_hop_by_hop;
 use super::quiesce::{Gate, GateState, Tracked};
 use crate::serve;
@@ -35,9 +33,11 @@ pub struct Upstream {
     /// A pool of connections per serving thread (see [`serve::serving_thread`]), so that a
     /// call and the upstream connection it goes out on are served by one thread; and one for
     /// what runs elsewhere (background replays, the SSE transport's streams).
-    clients: Vec<Client<Connector, Full<Bytes>>>,
-    shared: Client<Connector, Full<Bytes>>,
+    pools: Vec<Pool>,
+    shared: Pool,
     base: Uri,
+    /// The `Host` of a request that came without one.
+    host: HeaderValue,
     hold: Duration,
     /// Holds requests while the upstream is quiesced, and counts what it is working on.
     gate: Gate,
@@ -51,17 +51,14 @@ pub struct Answer {
 
 impl Upstream {
     pub fn new(base: Uri, hold: Duration, serving_threads: usize) -> Self {
-        let client = || {
-            let mut connector = HttpConnector::new();
-            connector.set_nodelay(true);
-            connector.set_connect_timeout(Some(Duration::from_secs(2)));
-            Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(30))
-                .build(Connector::new(connector))
-        };
+        let address = address_of(&base);
+        let authority = base.authority().map_or("", |a| a.as_str());
         Self {
-            clients: (0..serving_threads).map(|_| client()).collect(),
-            shared: client(),
+            pools: (0..serving_threads)
+                .map(|_| Pool::new(address.clone()))
+                .collect(),
+            shared: Pool::new(address),
+            host: HeaderValue::from_str(authority).unwrap_or(HeaderValue::from_static("localhost")),
             base,
             hold,
             gate: Gate::default(),
@@ -73,30 +70,15 @@ impl Upstream {
     }
 
     /// The connections of the thread this runs on.
-    fn client(&self) -> &Client<Connector, Full<Bytes>> {
+    fn pool(&self) -> &Pool {
         serve::serving_thread()
-            .and_then(|thread| self.clients.get(thread))
+            .and_then(|thread| self.pools.get(thread))
             .unwrap_or(&self.shared)
     }
 
     /// `host:port` of the upstream, for probes.
     pub fn address(&self) -> String {
-        let authority = self.base.authority().map_or("", |a| a.as_str());
-        if self.base.port().is_some() {
-            authority.to_owned()
-        } else {
-            format!("{authority}:80")
-        }
-    }
-
-    fn uri(&self, path_and_query: &str) -> Result<Uri, UpstreamError> {
-        let mut parts = self.base.clone().into_parts();
-        parts.path_and_query = Some(
-            path_and_query
-                .parse()
-                .map_err(|e| UpstreamError::Request(format!("{e}")))?,
-        );
-        Uri::from_parts(parts).map_err(|e| UpstreamError::Request(e.to_string()))
+        address_of(&self.base)
     }
 
     /// Sends the request; while the upstream is quiesced, refuses connections or answers
@@ -110,7 +92,10 @@ impl Upstream {
         headers: &HeaderMap,
         body: Bytes,
     ) -> Result<Answer, UpstreamError> {
-        let uri = self.uri(path_and_query)?;
+        // Origin form, as a request to a server (not to a proxy) is written.
+        let uri: Uri = path_and_query
+            .parse()
+            .map_err(|e| UpstreamError::Request(format!("{e}")))?;
         let deadline = Instant::now() + self.hold;
         let mut backoff = backoff::HOLD.until(deadline);
         let mut held = false;
@@ -127,7 +112,10 @@ impl Upstream {
             // The client's Host goes on (hyper sets the upstream's only where there is none):
             // a server's own DNS-rebinding check must see what the client asked for.
             strip_hop_by_hop(&mut forwarded);
-            forwarded.remove(axum::http::header::CONTENT_LENGTH);
+            forwarded.remove(header::CONTENT_LENGTH);
+            if !forwarded.contains_key(header::HOST) {
+                forwarded.insert(header::HOST, self.host.clone());
+            }
             if let Some(target) = request.headers_mut() {
                 *target = forwarded;
             }
@@ -135,7 +123,7 @@ impl Upstream {
                 .body(Full::new(body.clone()))
                 .map_err(|e| UpstreamError::Request(e.to_string()))?;
             let sending = self.gate.sending();
-            let failure = match self.client().request(request).await {
+            let failure = match self.pool().send(request).await {
                 Ok(response) if matches!(response.status().as_u16(), 502 | 503) => {
                     format!("status {}", response.status())
                 }
@@ -151,9 +139,15 @@ impl Upstream {
                         held,
                     });
                 }
+                // A pooled connection the server had closed: at once on another.
+                Err(SendError::Exchange {
+                    ref error,
+                    reused: true,
+                }) if was_not_delivered(error) => continue,
                 // Never reached the server: held and sent again, whatever the request.
-                Err(error) if error.is_connect() || was_not_delivered(&error) => {
-                    with_causes(&error)
+                Err(error @ SendError::Connect { .. }) => with_causes(&error),
+                Err(SendError::Exchange { ref error, .. }) if was_not_delivered(error) => {
+                    with_causes(error)
                 }
                 Err(error) => return Err(UpstreamError::Lost(with_causes(&error))),
             };
@@ -165,5 +159,15 @@ impl Upstream {
             drop(sending);
             tokio::time::sleep(pause).await;
         }
+    }
+}
+
+/// `host:port` of `uri` (port 80 if it names none).
+fn address_of(uri: &Uri) -> String {
+    let authority = uri.authority().map_or("", |a| a.as_str());
+    if uri.port().is_some() {
+        authority.to_owned()
+    } else {
+        format!("{authority}:80")
     }
 }
