@@ -109,8 +109,8 @@ impl Upstream {
             }
             let mut request = Request::builder().method(method.clone()).uri(uri.clone());
             let mut forwarded = headers.clone();
-            // The client's Host goes on (hyper sets the upstream's only where there is none):
-            // a server's own DNS-rebinding check must see what the client asked for.
+            // The client's Host goes on (the upstream's only where there is none): a server's
+            // own DNS-rebinding check must see what the client asked for.
             strip_hop_by_hop(&mut forwarded);
             forwarded.remove(header::CONTENT_LENGTH);
             if !forwarded.contains_key(header::HOST) {

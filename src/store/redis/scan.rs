@@ -54,7 +54,9 @@ impl RedisStore {
             pipe.cmd("PTTL").arg(key);
         }
         let mut results = self.pipeline(&pipe).await?;
-        let pttls = results.split_off(if one_server { 1 } else { keys.len() });
+        let values_end = if one_server { 1 } else { keys.len() };
+        // One result per command; a short answer leaves the missing keys read as gone.
+        let pttls = results.split_off(values_end.min(results.len()));
         let values: Vec<RedisResult<Value>> = if one_server {
             let values = results.pop().unwrap_or(Ok(Value::Nil));
             match self.value_of::<Value>(values)? {
