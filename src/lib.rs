@@ -6,6 +6,7 @@
 //! - [`controller`]: reconciles policies into status, Events and metrics; leader election.
 //! - [`webhook`]: admission webhooks: proxy injection into pods, policy validation, their TLS.
 //! - [`proxy`]: the session proxy in front of an MCP server.
+//! - [`gateway`]: the proxy in front of a policy's pods, in a Deployment of its own.
 //! - [`dev`]: the laptop loop: an MCP server restarted on code changes behind the proxy.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`cli`]: the command line of the one binary.
@@ -21,6 +22,7 @@ pub mod controller;
 pub mod dev;
 pub mod events;
 pub mod fingerprint_key;
+pub mod gateway;
 pub mod metrics;
 pub mod proxy;
 pub mod serve;

@@ -20,7 +20,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Container, Pod, Secret, Service};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt as _};
-use mcp_session_operator::api::{McpSessionPolicy, McpSessionPolicyStatus, RolloutStatus};
+use mcp_session_operator::api::{McpSessionPolicy, McpSessionPolicyStatus, RolloutStatus, pod};
 use mcp_session_operator::store::{RedisStore, SessionStore};
 use serde_json::{Value, json};
 use support::balancer::Balancer;
@@ -29,13 +29,17 @@ use support::containers::LocalContainers;
 use support::control_plane::{TestNamespace, control_plane, wait_for};
 use support::kubelet::KubeletStandIn;
 use support::operator::{
-    Operator, PROXY_IMAGE, install_crd, operator_kubeconfig, wait_webhook_ready,
+    Operator, PROXY_IMAGE, gateway_kubeconfig, install_crd, operator_kubeconfig, wait_webhook_ready,
 };
 use support::redis::RedisServer;
 use tokio::io::AsyncBufReadExt as _;
 
 const APP: &str = "mcp";
 const TIMEOUT: Duration = Duration::from_secs(120);
+/// The tool most clients call: without annotations, as most real tools are.
+const UNANNOTATED: &str = "add";
+/// The same tool annotated read-only: a call of it may always be sent again.
+const READ_ONLY: &str = "add_read_only";
 /// Clients per SDK; 50 in all.
 const CLIENTS_PER_SDK: usize = 25;
 /// The backend's versions: the image names the test's container runtime knows.
@@ -86,6 +90,16 @@ fn images(container: &Container, ip: Ipv4Addr) -> Option<std::process::Command> 
     Some(server)
 }
 
+/// How clients reach the backend pods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Through the Service, to the session proxy the webhook injected into each pod.
+    Sidecar,
+    /// Through a gateway (`mcp-session-operator gateway`) in front of the pods, which run
+    /// their MCP server alone.
+    Gateway,
+}
+
 /// The test bed of one scenario.
 struct Bed {
     ns: TestNamespace,
@@ -96,12 +110,20 @@ struct Bed {
     _kubelet: KubeletStandIn,
     deployments: Api<Deployment>,
     service: Balancer,
+    /// Gateway mode: the gateway the clients connect to.
+    gateway: Option<Gateway>,
 }
 
 impl Bed {
-    /// Everything up to 3 ready pods behind the Service; `rollout` is the policy's
-    /// `spec.rollout`.
+    /// Everything up to 3 ready pods behind the Service, their proxies injected; `rollout` is
+    /// the policy's `spec.rollout`.
     async fn start(prefix: &str, rollout: Value) -> Self {
+        Self::start_in(prefix, rollout, Mode::Sidecar).await
+    }
+
+    /// [`Self::start`], in `mode`: in gateway mode nothing is injected (the policy turns
+    /// injection off), and a gateway follows the 3 pods.
+    async fn start_in(prefix: &str, rollout: Value, mode: Mode) -> Self {
         let plane = control_plane();
         let ns = plane.namespace(prefix).await;
         let operator_ns = plane.namespace(&format!("{prefix}-op")).await;
@@ -124,7 +146,8 @@ impl Bed {
             "metadata": {"name": APP},
             "spec": {"selector": {"matchLabels": {"app": APP}}, "redis": {"url": redis.url()},
                      "drain": {"timeoutSeconds": 20}, "rollout": rollout,
-                     "injection": {"fingerprintKeySecretRef": {"name": "mcp-keys", "key": "fingerprint"}}},
+                     "injection": {"enabled": mode == Mode::Sidecar,
+                                   "fingerprintKeySecretRef": {"name": "mcp-keys", "key": "fingerprint"}}},
         }))
         .expect("policy");
         // The key every proxy of the policy fingerprints credentials with.
@@ -144,7 +167,9 @@ impl Bed {
             )
             .await
             .expect("apply the policy");
-        wait_injecting(&ns).await;
+        if mode == Mode::Sidecar {
+            wait_injecting(&ns).await;
+        }
 
         let runtime = Arc::new(LocalContainers::new(Box::new(images), ns.client.clone()));
         let kubelet = KubeletStandIn::start(ns.client.clone(), &ns.name, runtime.clone()).await;
@@ -157,12 +182,17 @@ impl Bed {
             .create(&PostParams::default(), &service)
             .await
             .expect("create the Service");
+        // In gateway mode the Service is not the clients' way in; its port names the server's.
+        let port = match mode {
+            Mode::Sidecar => json!({"containerPort": 8000}),
+            Mode::Gateway => json!({"containerPort": 8000, "name": "mcp"}),
+        };
         let deployment: Deployment = serde_json::from_value(json!({
             "metadata": {"name": APP},
             "spec": {"replicas": 3, "minReadySeconds": 2, "selector": {"matchLabels": {"app": APP}},
                      "strategy": {"rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
                      "template": {"metadata": {"labels": {"app": APP}},
-                                  "spec": {"containers": [{"name": "server", "image": V1, "ports": [{"containerPort": 8000}]}]}}},
+                                  "spec": {"containers": [{"name": "server", "image": V1, "ports": [port]}]}}},
         }))
         .expect("deployment");
         let deployments: Api<Deployment> = Api::namespaced(ns.client.clone(), &ns.name);
@@ -172,6 +202,10 @@ impl Bed {
             .expect("create the Deployment");
         let service = Balancer::follow_endpoints(ns.client.clone(), &ns.name, APP).await;
         service.wait_ready(3).await;
+        let gateway = match mode {
+            Mode::Sidecar => None,
+            Mode::Gateway => Some(Gateway::start(&ns, &redis).await),
+        };
         Self {
             ns,
             _operator_ns: operator_ns,
@@ -181,7 +215,13 @@ impl Bed {
             _kubelet: kubelet,
             deployments,
             service,
+            gateway,
         }
+    }
+
+    /// The port clients connect to: the gateway's, or the Service's.
+    fn entry_port(&self) -> u16 {
+        self.gateway.as_ref().map_or(self.service.port, |g| g.port)
     }
 
     fn client(&self) -> &Client {
@@ -257,6 +297,43 @@ impl Bed {
             .items
     }
 
+    /// SIGKILLs `pod`'s processes and force-deletes it, as a node lost or an OOM kill would
+    /// leave it.
+    async fn kill_pod(&self, pod: &str) {
+        self.runtime.kill(pod);
+        Api::<Pod>::namespaced(self.client().clone(), &self.ns.name)
+            .delete(pod, &DeleteParams::default().grace_period(0))
+            .await
+            .expect("force-delete the pod");
+    }
+
+    /// Until the Deployment has 3 ready pods again, `gone` not among them.
+    async fn wait_replaced(&self, gone: &str) {
+        self.wait_three_serving("a replacement pod ready", |p| p.name_any() != gone)
+            .await;
+    }
+
+    /// Until every pod runs `image` and is ready, and none is terminating.
+    async fn wait_rolled_out(&self, image: &str) {
+        let runs_image = |p: &Pod| {
+            p.spec
+                .iter()
+                .flat_map(|s| s.containers.iter())
+                .any(|c| c.image.as_deref() == Some(image))
+        };
+        self.wait_three_serving(&format!("every pod on {image} and ready"), runs_image)
+            .await;
+    }
+
+    /// Until there are 3 pods, each ready, not terminating and `wanted`.
+    async fn wait_three_serving(&self, what: &str, wanted: impl Fn(&Pod) -> bool) {
+        wait_for(TIMEOUT, what, || async {
+            let pods = self.pods().await;
+            pods.len() == 3 && pods.iter().all(|p| pod::takes_requests(p) && wanted(p))
+        })
+        .await;
+    }
+
     /// The operator's counter for this policy, 0 while it has none.
     async fn counter(&self, name: &str, extra_labels: &str) -> u64 {
         let (_, metrics) = self.operator.get("/metrics").await.expect("metrics");
@@ -264,6 +341,65 @@ impl Bed {
             r#"{name}{{namespace="{}",policy="{APP}"{extra_labels}}} "#,
             self.ns.name
         );
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(&series))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// A gateway process in front of the policy's pods, as its Deployment would run it: with the
+/// least privilege of config/rbac/gateway.yaml, its own pod name for the sessions it claims.
+struct Gateway {
+    port: u16,
+    admin: u16,
+    _process: support::Process,
+}
+
+impl Gateway {
+    async fn start(ns: &TestNamespace, redis: &RedisServer) -> Self {
+        let kubeconfig = gateway_kubeconfig(control_plane(), &ns.client, &ns.name).await;
+        let (port, admin) = (support::free_port(), support::free_port());
+        let log = support::process_dir("mcp-gateway-test").join(format!("gateway-{port}.log"));
+        eprintln!("gateway log: {}", log.display());
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mcp-session-operator"));
+        command
+            .args(["gateway", "--policy", &format!("{}/{APP}", ns.name)])
+            .args(["--backend-port", "8000", "--pod-name", "gateway-0"])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
+            .args(["--redis-url", &redis.url()])
+            .args(["--fingerprint-key", "rollout-test-key"])
+            .env("KUBECONFIG", &kubeconfig)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("gateway log"));
+        let process = support::Process::start(&mut command, "the gateway");
+        support::wait_listening(admin).await;
+        wait_for(
+            TIMEOUT,
+            "the gateway ready (its pod watch listed)",
+            || async {
+                let answer = support::admin_get(admin, "/readyz", "").await;
+                answer
+                    .lines()
+                    .next()
+                    .is_some_and(|status| status.contains(" 200 "))
+            },
+        )
+        .await;
+        Self {
+            port,
+            admin,
+            _process: process,
+        }
+    }
+
+    /// The gateway's counter `name` with outcome `outcome`, 0 while it has none.
+    async fn counter(&self, name: &str, outcome: &str) -> u64 {
+        let metrics = support::admin_get(self.admin, "/metrics", "").await;
+        let series = format!(r#"{name}{{outcome="{outcome}"}} "#);
         metrics
             .lines()
             .find_map(|line| line.strip_prefix(&series))
@@ -303,7 +439,8 @@ struct Clients {
 }
 
 impl Clients {
-    fn start(port: u16) -> Self {
+    /// Clients calling `tools` (see tests/mcp/client.py: a comma-separated list cycles).
+    fn start(port: u16, tools: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let stop_file = dir.path().join("stop");
         let url = format!("http://127.0.0.1:{port}/mcp");
@@ -318,6 +455,7 @@ impl Clients {
                     .env("MCP_TEST_CLIENTS", CLIENTS_PER_SDK.to_string())
                     .env("MCP_TEST_STOP_FILE", &stop_file)
                     .env("MCP_TEST_TOOL_DELAY", "0.02")
+                    .env("MCP_TEST_TOOL", tools)
                     .stdout(Stdio::piped())
                     .stderr(Stdio::inherit())
                     .kill_on_drop(true)
@@ -393,7 +531,7 @@ fn assert_every_client_kept_its_session(runs: &[ClientRun]) {
 async fn a_rolling_update_under_50_clients_loses_no_session_and_no_call() {
     let _serial = SERIAL.lock().await;
     let bed = Bed::start("e2e-roll", json!({})).await;
-    let clients = Clients::start(bed.service.port);
+    let clients = Clients::start(bed.entry_port(), UNANNOTATED);
     bed.wait_sessions(2 * CLIENTS_PER_SDK as u64).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     // Every proxy fingerprints credentials with the key from the policy's Secret.
@@ -475,7 +613,7 @@ async fn a_rolling_update_under_50_clients_loses_no_session_and_no_call() {
 async fn a_killed_pods_sessions_are_swept_and_rehydrated() {
     let _serial = SERIAL.lock().await;
     let bed = Bed::start("e2e-kill", json!({})).await;
-    let clients = Clients::start(bed.service.port);
+    let clients = Clients::start(bed.entry_port(), UNANNOTATED);
     bed.wait_sessions(2 * CLIENTS_PER_SDK as u64).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
@@ -487,11 +625,7 @@ async fn a_killed_pods_sessions_are_swept_and_rehydrated() {
         .max_by_key(|(_, n)| **n)
         .map(|(pod, n)| (pod.clone(), *n))
         .expect("a pod owns sessions");
-    bed.runtime.kill(&victim);
-    Api::<Pod>::namespaced(bed.client().clone(), &bed.ns.name)
-        .delete(&victim, &DeleteParams::default().grace_period(0))
-        .await
-        .expect("force-delete the pod");
+    bed.kill_pod(&victim).await;
 
     wait_for(TIMEOUT, "the killed pod's sessions swept", || async {
         bed.counter("mcp_session_drains_total", r#",by="sweep""#)
@@ -499,18 +633,7 @@ async fn a_killed_pods_sessions_are_swept_and_rehydrated() {
             > 0
     })
     .await;
-    wait_for(TIMEOUT, "a replacement pod ready", || async {
-        let pods = bed.pods().await;
-        pods.len() == 3
-            && pods.iter().all(|p| {
-                p.name_any() != victim
-                    && p.status
-                        .as_ref()
-                        .and_then(|s| s.conditions.as_ref())
-                        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-            })
-    })
-    .await;
+    bed.wait_replaced(&victim).await;
     // Each swept session is claimed by the next pod its client reaches, or, where a pod serves
     // it already, at that pod's next touch of it (within the proxies' touch interval, 10 s).
     let swept_at = std::time::Instant::now();
@@ -555,6 +678,96 @@ async fn a_killed_pods_sessions_are_swept_and_rehydrated() {
     );
 }
 
+/// A rolling update in gateway mode, under 50 clients, every other one calling the tool
+/// annotated read-only: each old pod, once terminating, gets no new requests, and its sessions
+/// move to the other pods by replay. No client ends or changes its session and no read-only
+/// call fails. The backends have no preStop hook here (nothing is injected): a server that ends
+/// the calls it is running when SIGTERM comes (the Python SDK's does) fails those of them that
+/// may not be sent again, with an answer that says so, and only those.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rolling_update_through_a_gateway_loses_no_session_and_no_read_only_call() {
+    let replayed = through_a_gateway("e2e-gw-roll", "rolling update", async |bed: &Bed| {
+        bed.set_image(V2).await;
+        bed.wait_rolled_out(V2).await;
+    })
+    .await;
+    assert!(
+        replayed >= 2 * CLIENTS_PER_SDK as u64,
+        "every session left its old pod: {replayed} replays"
+    );
+}
+
+/// A gateway-mode scenario: 50 clients through a gateway in front of 3 pods, every other one
+/// calling the tool annotated read-only; once every session is open, `disrupt` is done to the
+/// backends, and calls go on for 2 s more. Asserts what a gateway owes its clients (see
+/// [`assert_only_unsendable_calls_failed`]) and that no session was lost; returns how many
+/// sessions were replayed meanwhile.
+async fn through_a_gateway(prefix: &str, scenario: &str, disrupt: impl AsyncFnOnce(&Bed)) -> u64 {
+    let _serial = SERIAL.lock().await;
+    let bed = Bed::start_in(prefix, json!({}), Mode::Gateway).await;
+    let clients = Clients::start(bed.entry_port(), &format!("{UNANNOTATED},{READ_ONLY}"));
+    bed.wait_sessions(2 * CLIENTS_PER_SDK as u64).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let gateway = bed.gateway.as_ref().expect("gateway mode");
+    let replays_before = gateway.counter("mcp_proxy_replays_total", "replayed").await;
+    disrupt(&bed).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Before the clients stop: a client that stops ends its session (DELETE).
+    let stored = bed.store().await.counts().await.expect("counts").total;
+    let runs = clients.stop().await;
+    let (_, errors) = report(&format!("gateway: {scenario}"), &runs);
+    let replayed = gateway.counter("mcp_proxy_replays_total", "replayed").await - replays_before;
+    eprintln!(
+        "gateway: {scenario}: {replayed} sessions replayed on other pods, {errors} failed calls"
+    );
+    assert_only_unsendable_calls_failed(&runs);
+    assert_eq!(stored, 2 * CLIENTS_PER_SDK as u64, "no session lost");
+    replayed
+}
+
+/// What a gateway owes its clients when a backend pod goes: every client reported and kept its
+/// one session; no client ended; no read-only call failed; an unannotated call failed only if
+/// it was in flight on the pod that went (at most one per client), answered as such.
+fn assert_only_unsendable_calls_failed(runs: &[ClientRun]) {
+    for run in runs.iter().filter(|r| !r.errors.is_empty()) {
+        eprintln!("{run:?}");
+    }
+    assert_every_client_kept_its_session(runs);
+    for run in runs {
+        assert!(
+            !run.errors.iter().any(|e| e.starts_with("client crashed")),
+            "a client ended: {run:?}"
+        );
+        match run.tool.as_str() {
+            READ_ONLY => assert!(run.errors.is_empty(), "a read-only call failed: {run:?}"),
+            _ => {
+                assert!(run.errors.len() <= 1, "{run:?}");
+                for error in &run.errors {
+                    assert!(error.contains("may have been executed"), "{run:?}");
+                }
+            }
+        }
+    }
+}
+
+/// The same kill in gateway mode: 50 clients (25 per SDK) connected to a gateway in front of
+/// the 3 pods, every other client calling the tool annotated read-only; a backend pod
+/// SIGKILLed and force-deleted. The clients' connections end at the gateway, which lives on:
+/// its sessions on the killed pod are replayed on the others, no client dies or changes its
+/// session, no read-only call fails. An unannotated call in flight on the killed pod may fail
+/// (it may have been executed, so it is not sent again), and nothing else does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_backend_pod_costs_a_gateway_s_clients_no_connection_and_no_session() {
+    let scenario = "a backend pod SIGKILLed";
+    let replayed = through_a_gateway("e2e-gw-kill", scenario, async |bed: &Bed| {
+        let victim = bed.pods().await.first().expect("a pod").name_any();
+        bed.kill_pod(&victim).await;
+        bed.wait_replaced(&victim).await;
+    })
+    .await;
+    assert!(replayed > 0, "the killed pod's sessions moved by replay");
+}
+
 /// Kubernetes restarts a pod's MCP server in place (a failed liveness probe): the server's
 /// preStop quiesces the pod's proxy, the server gets SIGTERM, a new process starts from the
 /// same spec. The pod is not deleted: its proxy holds the requests that arrive meanwhile, sends
@@ -564,7 +777,7 @@ async fn a_killed_pods_sessions_are_swept_and_rehydrated() {
 async fn an_in_place_restart_of_a_server_costs_no_call_and_leaves_the_pod_ready() {
     let _serial = SERIAL.lock().await;
     let bed = Bed::start("e2e-inplace", json!({})).await;
-    let clients = Clients::start(bed.service.port);
+    let clients = Clients::start(bed.entry_port(), UNANNOTATED);
     bed.wait_sessions(2 * CLIENTS_PER_SDK as u64).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let pods = bed.pods().await;
@@ -618,7 +831,7 @@ async fn an_in_place_restart_of_a_server_costs_no_call_and_leaves_the_pod_ready(
 async fn a_redis_restart_mid_rollout_loses_no_session() {
     let _serial = SERIAL.lock().await;
     let mut bed = Bed::start("e2e-redis", json!({})).await;
-    let clients = Clients::start(bed.service.port);
+    let clients = Clients::start(bed.entry_port(), UNANNOTATED);
     bed.wait_sessions(2 * CLIENTS_PER_SDK as u64).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
@@ -653,7 +866,7 @@ async fn a_redis_restart_mid_rollout_loses_no_session() {
 async fn a_version_that_refuses_the_sessions_is_paused() {
     let _serial = SERIAL.lock().await;
     let bed = Bed::start("e2e-guard", json!({"maxLostSessions": 2})).await;
-    let clients = Clients::start(bed.service.port);
+    let clients = Clients::start(bed.entry_port(), UNANNOTATED);
     bed.wait_sessions(2 * CLIENTS_PER_SDK as u64).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let old_pods: Vec<String> = bed.pods().await.iter().map(|p| p.name_any()).collect();

@@ -3,6 +3,7 @@
 //! The schema carries what OpenAPI can check (required fields, bounds, patterns, enums,
 //! defaults); the validating webhook checks the rest (see `validate`).
 
+pub mod pod;
 mod validate;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, ObjectMeta};

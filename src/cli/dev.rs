@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use super::proxy::{fingerprint_key, open_store};
 use super::sessions::RedisArgs;
 use crate::dev::{self, DevConfig};
-use crate::proxy::{self, AllowedOrigins, Fingerprinter, Proxy, ProxyConfig};
+use crate::proxy::{self, AllowedOrigins, Backends, Fingerprinter, Proxy, ProxyConfig};
 use crate::store::LogBound;
 use crate::store::binding::SessionBinding;
 
@@ -60,11 +60,13 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let key = fingerprint_key(args.fingerprint_key.as_deref(), &args.redis);
     let port = free_port()?;
     let hold = Duration::from_secs(args.hold_seconds);
+    let serving_threads = crate::serve::serving_threads(0);
+    let upstream = format!("http://127.0.0.1:{port}")
+        .parse()
+        .context("upstream URL")?;
     let config = ProxyConfig {
         listen: args.listen,
-        upstream: format!("http://127.0.0.1:{port}")
-            .parse()
-            .context("upstream URL")?,
+        upstream: Backends::fixed(&upstream, serving_threads),
         admin: args.admin_addr,
         pod_name: None,
         drain_timeout: hold,
@@ -80,7 +82,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         allowed_origins: AllowedOrigins::Local,
         limits: crate::serve::Limits::default(),
         max_initialize_bytes: 64 * 1024,
-        serving_threads: crate::serve::serving_threads(0),
+        serving_threads,
     };
     let proxy = Proxy::new(
         config,

@@ -1,7 +1,8 @@
-//! The command line: `run`, `proxy`, `dev`, `sessions`, `crd`.
+//! The command line: `run`, `proxy`, `gateway`, `dev`, `sessions`, `crd`.
 
 mod dev;
 pub mod env;
+mod gateway;
 mod output;
 mod proxy;
 mod run;
@@ -45,6 +46,9 @@ pub enum Command {
     Run(Box<run::RunArgs>),
     /// Run the session proxy in front of an MCP server.
     Proxy(Box<proxy::ProxyArgs>),
+    /// Run the session proxy in front of a policy's pods: a gateway that keeps clients'
+    /// connections when a backend pod stops or dies.
+    Gateway(Box<gateway::GatewayArgs>),
     /// Run an MCP server behind the session proxy, restarting it when its code changes.
     Dev(Box<dev::DevArgs>),
     /// Inspect and manage the session store.
@@ -121,6 +125,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Proxy(args) => {
             telemetry::init(cli.log_format, "info");
             proxy::run(*args).await
+        }
+        Command::Gateway(args) => {
+            telemetry::init(cli.log_format, "info");
+            gateway::run(*args).await
         }
         Command::Dev(args) => {
             telemetry::init(cli.log_format, "info");

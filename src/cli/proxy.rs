@@ -10,7 +10,7 @@ use tracing::warn;
 
 use super::sessions::RedisArgs;
 use super::{UsageError, env};
-use crate::proxy::{self, AllowedOrigins, Fingerprinter, Proxy, ProxyConfig};
+use crate::proxy::{self, AllowedOrigins, Backends, Fingerprinter, Proxy, ProxyConfig};
 use crate::store::binding::SessionBinding;
 use crate::store::redis::LazyRedisStore;
 use crate::store::{LogBound, MemoryStore, SessionStore};
@@ -21,12 +21,20 @@ const DEFAULT_FINGERPRINT_KEY: &[u8] = b"mcp-session-operator default fingerprin
 
 #[derive(Debug, Args)]
 pub struct ProxyArgs {
-    /// Address clients connect to.
-    #[arg(long)]
-    listen: SocketAddr,
     /// The MCP server, `http://host:port` (requests keep their path).
     #[arg(long, value_parser = parse_upstream)]
     upstream: axum::http::Uri,
+    #[command(flatten)]
+    serving: ServingArgs,
+}
+
+/// How a session proxy serves, whatever its upstream: the sidecar's (`proxy`) and the
+/// gateway's (`gateway`) options.
+#[derive(Debug, Args)]
+pub struct ServingArgs {
+    /// Address clients connect to.
+    #[arg(long)]
+    listen: SocketAddr,
     #[command(flatten)]
     redis: RedisArgs,
     /// Address of /healthz, /readyz, /drain, /metrics and /sessions.
@@ -118,41 +126,55 @@ fn parse_upstream(raw: &str) -> Result<axum::http::Uri, String> {
 }
 
 pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
-    let ttl = Duration::from_secs(args.ttl_seconds);
-    let store = open_store(&args.redis, ttl).await?;
-    let key = fingerprint_key(args.fingerprint_key.as_deref(), &args.redis);
-    let config = ProxyConfig {
-        listen: args.listen,
-        upstream: args.upstream,
-        admin: args.admin_addr,
-        pod_name: args.pod_name,
-        drain_timeout: Duration::from_secs(args.drain_timeout),
-        hold: Duration::from_secs(args.hold_seconds),
-        touch_interval: Duration::from_secs(args.touch_interval_seconds),
-        max_body_bytes: args.max_body_bytes,
-        session_ttl: ttl,
-        event_log: LogBound {
-            events: usize::try_from(args.event_log_size).unwrap_or(usize::MAX),
-            bytes: usize::try_from(args.event_log_bytes).unwrap_or(usize::MAX),
-        },
-        max_sessions_per_credential: usize::try_from(args.max_sessions_per_credential)
-            .unwrap_or(usize::MAX),
-        drain_token: args.drain_token.filter(|token| !token.is_empty()),
-        allowed_origins: AllowedOrigins::parse(&args.allowed_origins)
-            .map_err(|e| UsageError(e.to_string()))?,
-        limits: crate::serve::Limits {
-            header_timeout: Duration::from_secs(args.header_timeout_seconds),
-            body_timeout: Duration::from_secs(args.body_timeout_seconds),
-            max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
-        },
-        max_initialize_bytes: args.max_initialize_bytes,
-        serving_threads: crate::serve::serving_threads(usize::from(args.serving_threads)),
-    };
-    let fingerprints = Fingerprinter::new(&key, args.binding).context("fingerprint key")?;
-    let proxy = Proxy::new(config, store, fingerprints);
+    let upstream = Backends::fixed(&args.upstream, args.serving.serving_threads());
+    let proxy = args.serving.proxy(upstream).await?;
     proxy::run(proxy, super::shutdown_signal())
         .await
         .context("the session proxy failed")
+}
+
+impl ServingArgs {
+    /// Threads that serve client connections (and keep upstream connections of their own).
+    pub(super) fn serving_threads(&self) -> usize {
+        crate::serve::serving_threads(usize::from(self.serving_threads))
+    }
+
+    /// The proxy these options describe, in front of `upstream`.
+    pub(super) async fn proxy(self, upstream: Arc<Backends>) -> anyhow::Result<Arc<Proxy>> {
+        let args = self;
+        let ttl = Duration::from_secs(args.ttl_seconds);
+        let store = open_store(&args.redis, ttl).await?;
+        let key = fingerprint_key(args.fingerprint_key.as_deref(), &args.redis);
+        let config = ProxyConfig {
+            listen: args.listen,
+            upstream,
+            admin: args.admin_addr,
+            pod_name: args.pod_name,
+            drain_timeout: Duration::from_secs(args.drain_timeout),
+            hold: Duration::from_secs(args.hold_seconds),
+            touch_interval: Duration::from_secs(args.touch_interval_seconds),
+            max_body_bytes: args.max_body_bytes,
+            session_ttl: ttl,
+            event_log: LogBound {
+                events: usize::try_from(args.event_log_size).unwrap_or(usize::MAX),
+                bytes: usize::try_from(args.event_log_bytes).unwrap_or(usize::MAX),
+            },
+            max_sessions_per_credential: usize::try_from(args.max_sessions_per_credential)
+                .unwrap_or(usize::MAX),
+            drain_token: args.drain_token.filter(|token| !token.is_empty()),
+            allowed_origins: AllowedOrigins::parse(&args.allowed_origins)
+                .map_err(|e| UsageError(e.to_string()))?,
+            limits: crate::serve::Limits {
+                header_timeout: Duration::from_secs(args.header_timeout_seconds),
+                body_timeout: Duration::from_secs(args.body_timeout_seconds),
+                max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+            },
+            max_initialize_bytes: args.max_initialize_bytes,
+            serving_threads: crate::serve::serving_threads(usize::from(args.serving_threads)),
+        };
+        let fingerprints = Fingerprinter::new(&key, args.binding).context("fingerprint key")?;
+        Ok(Proxy::new(config, store, fingerprints))
+    }
 }
 
 /// The embedded store without a Redis URL, else Redis (see [`connect_redis`]).
@@ -235,14 +257,14 @@ mod tests {
         let Command::Proxy(parsed) = cli.command else {
             panic!("not the proxy");
         };
-        assert_eq!(parsed.listen, "0.0.0.0:9000".parse().unwrap());
+        assert_eq!(parsed.serving.listen, "0.0.0.0:9000".parse().unwrap());
         assert_eq!(parsed.upstream, "http://127.0.0.1:3000");
-        assert_eq!(parsed.admin_addr, "0.0.0.0:9001".parse().unwrap());
-        assert_eq!(parsed.pod_name.as_deref(), Some("api-0"));
-        assert_eq!(parsed.drain_timeout, 45);
-        assert_eq!(parsed.binding, SessionBinding::Credential);
-        assert_eq!(parsed.redis.key_prefix, "team:");
-        assert_eq!(parsed.ttl_seconds, 7200);
+        assert_eq!(parsed.serving.admin_addr, "0.0.0.0:9001".parse().unwrap());
+        assert_eq!(parsed.serving.pod_name.as_deref(), Some("api-0"));
+        assert_eq!(parsed.serving.drain_timeout, 45);
+        assert_eq!(parsed.serving.binding, SessionBinding::Credential);
+        assert_eq!(parsed.serving.redis.key_prefix, "team:");
+        assert_eq!(parsed.serving.ttl_seconds, 7200);
 
         let read: Vec<String> = Cli::command()
             .find_subcommand("proxy")

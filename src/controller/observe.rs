@@ -7,7 +7,7 @@ use kube::ResourceExt as _;
 use kube::runtime::reflector::Store;
 
 use super::status::Routing;
-use crate::api::{McpSessionPolicy, PodTotals};
+use crate::api::{McpSessionPolicy, PodTotals, pod};
 
 /// How the Services that select `pods` reach them: a Service whose port targets the backend's
 /// port (by number, or by a container port's name) bypasses the session proxy.
@@ -67,25 +67,11 @@ pub(super) fn routing(
     }
 }
 
-/// The pod's Ready condition is True.
-pub(super) fn pod_ready(pod: &Pod) -> bool {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
 pub(super) fn pod_totals(pods: &[Arc<Pod>]) -> PodTotals {
-    let terminating = pods
-        .iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_some())
-        .count();
+    let terminating = pods.iter().filter(|p| pod::is_terminating(p)).count();
     PodTotals {
         selected: pods.len() as u32,
-        ready: pods
-            .iter()
-            .filter(|p| p.metadata.deletion_timestamp.is_none() && pod_ready(p))
-            .count() as u32,
+        ready: pods.iter().filter(|p| pod::takes_requests(p)).count() as u32,
         terminating: terminating as u32,
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 
-use crate::api::{RolloutBaseline, RolloutStatus};
+use crate::api::{RolloutBaseline, RolloutStatus, pod};
 use crate::store::Tallies;
 
 /// Labels naming a pod's revision: Deployments (through ReplicaSets), then StatefulSets and
@@ -61,13 +61,10 @@ pub fn track(
     tallies: Option<Tallies>,
     now: &str,
 ) -> Option<RolloutStatus> {
-    let live: Vec<&Arc<Pod>> = pods
-        .iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .collect();
+    let live: Vec<&Arc<Pod>> = pods.iter().filter(|p| !pod::is_terminating(p)).collect();
     let current = newest_revision(&live, previous.map(|p| p.revision.as_str()))?;
     let revisions: BTreeSet<&str> = pods.iter().filter_map(|p| revision(p)).collect();
-    let settled = revisions.len() == 1 && live.iter().all(|p| super::observe::pod_ready(p));
+    let settled = revisions.len() == 1 && live.iter().all(|p| pod::is_ready(p));
     let mut rollout = match previous {
         Some(previous) if previous.revision == current => previous.clone(),
         // A new revision next to an old one: a rollout starts.

@@ -89,6 +89,10 @@ async fn readyz(Serving(control): Serving) -> (StatusCode, String) {
             StatusCode::SERVICE_UNAVAILABLE,
             "quiesced: the MCP server is restarting\n".into(),
         ),
+        Readiness::NoBackends => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the policy's pods are not listed yet\n".into(),
+        ),
         Readiness::Ready { unstored: 0 } => (StatusCode::OK, "ok\n".into()),
         Readiness::Ready { unstored } => (
             StatusCode::OK,

@@ -11,7 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tracing::{debug, info, warn};
 
 use super::exchange::Exchange;
-use super::table::{Slot, Transport};
+use super::table::{Slot, Transport, UpstreamSession};
 use super::{Proxy, metrics, protocol};
 use crate::store::{NewSession, SessionId, SessionPatch, Tally, Touched};
 
@@ -77,7 +77,7 @@ impl Proxy {
     pub(super) async fn keep_new(
         &self,
         id: &SessionId,
-        upstream: String,
+        upstream: UpstreamSession,
         transport: Transport,
         new: NewSession,
         slot: Slot<'_>,

@@ -26,6 +26,8 @@ pub enum Readiness {
     Draining,
     /// The MCP server is restarting: requests are held meanwhile.
     Quiesced,
+    /// Gateway mode: the policy's pods are not listed yet.
+    NoBackends,
 }
 
 impl Control {
@@ -43,6 +45,8 @@ impl Control {
             Readiness::Draining
         } else if self.0.quiesced() {
             Readiness::Quiesced
+        } else if !self.0.upstream.backends().known() {
+            Readiness::NoBackends
         } else {
             Readiness::Ready {
                 unstored: self.0.unstored.len(),

@@ -2,6 +2,8 @@
 //! through the session's current upstream session (replayed when the upstream lost it), held
 //! while the upstream is down, and sent again when that is safe.
 
+use std::time::Instant;
+
 use axum::body::Body;
 use axum::http::{HeaderMap, Method};
 use http_body_util::BodyExt as _;
@@ -12,7 +14,7 @@ use super::answers::{Failure, header_or_empty};
 use super::backoff;
 use super::events::StreamKind;
 use super::protocol::{self, MessageHead, SESSION_HEADER};
-use super::table::Lookup;
+use super::table::{Lookup, UpstreamSession};
 use super::upstream::{Answer, UpstreamError};
 use super::{Proxy, metrics};
 use crate::store::SessionId;
@@ -83,7 +85,11 @@ pub(super) async fn session_signal(answer: Answer) -> Signal {
     if !matches!(status.as_u16(), 400 | 401 | 404) {
         return Signal::Answer(answer);
     }
-    let Answer { response, held } = answer;
+    let Answer {
+        response,
+        held,
+        backend,
+    } = answer;
     let (parts, body) = response.into_parts();
     let body = http_body_util::Limited::new(body, protocol::SESSION_SIGNAL_LIMIT)
         .collect()
@@ -96,6 +102,7 @@ pub(super) async fn session_signal(answer: Answer) -> Signal {
     Signal::Answer(Answer {
         response: hyper::Response::from_parts(parts, Body::from(body)),
         held,
+        backend,
     })
 }
 
@@ -107,19 +114,29 @@ impl Proxy {
         let mut held = false;
         let mut attempt = 0;
         let mut resend = backoff::RETRY;
+        let deadline = Instant::now() + self.config.hold;
         let result = loop {
             attempt += 1;
-            let upstream_id = match &exchange.session {
+            let upstream = match &exchange.session {
                 Some(bound) => Some(self.upstream_session(bound, exchange).await?),
                 None => None,
             };
             let mut headers = exchange.headers.clone();
-            if let Some(upstream_id) = &upstream_id {
-                headers.insert(SESSION_HEADER, header_or_empty(upstream_id));
-            }
+            let backend = match &upstream {
+                Some(upstream) => {
+                    headers.insert(SESSION_HEADER, header_or_empty(&upstream.id));
+                    upstream.backend.clone()
+                }
+                None => self
+                    .upstream
+                    .pick(deadline)
+                    .await
+                    .map_err(Failure::Upstream)?,
+            };
             let sent = self
                 .upstream
                 .send(
+                    &backend,
                     &exchange.method,
                     &exchange.path,
                     &headers,
@@ -129,14 +146,14 @@ impl Proxy {
             match sent {
                 Ok(answer) => {
                     held |= answer.held;
-                    let (Some(bound), Some(upstream_id)) = (&exchange.session, &upstream_id) else {
+                    let (Some(bound), Some(upstream)) = (&exchange.session, &upstream) else {
                         break Ok(answer);
                     };
                     match session_signal(answer).await {
                         // The upstream lost the session (it restarted): replay and send again.
                         Signal::UnknownSession if attempt < MAX_ATTEMPTS => {
                             debug!(session = %bound.id, "the upstream does not know the session; replaying the handshake");
-                            self.table.invalidate(&bound.id, upstream_id);
+                            self.table.invalidate(&bound.id, upstream);
                         }
                         Signal::UnknownSession => {
                             break Err(Failure::Upstream(UpstreamError::Unavailable(
@@ -145,6 +162,16 @@ impl Proxy {
                             )));
                         }
                         Signal::Answer(answer) => break Ok(answer),
+                    }
+                }
+                // The pod did not take it: to another pod, the session replayed there.
+                Err(UpstreamError::Unreachable(reason))
+                    if attempt < MAX_ATTEMPTS && Instant::now() < deadline =>
+                {
+                    debug!(%reason, backend = backend.name(), "a backend pod is unreachable; sending elsewhere");
+                    held = true;
+                    if let (Some(bound), Some(upstream)) = (&exchange.session, &upstream) {
+                        self.table.invalidate(&bound.id, upstream);
                     }
                 }
                 Err(UpstreamError::Lost(reason))
@@ -173,14 +200,14 @@ impl Proxy {
         &self,
         bound: &Bound,
         exchange: &Exchange,
-    ) -> Result<String, Failure> {
+    ) -> Result<UpstreamSession, Failure> {
         let mut lookup = self.lookup(bound);
         if let (Lookup::Unbound, Some(credential)) = (&lookup, &bound.credential) {
             self.bind(&bound.id, credential).await?;
             lookup = self.lookup(bound);
         }
         match lookup {
-            Lookup::Live(upstream_id) => Ok(upstream_id),
+            Lookup::Live(upstream) => Ok(upstream),
             Lookup::Refused(unknown) => Err(Failure::Unknown(unknown)),
             Lookup::Stale | Lookup::Absent | Lookup::Unbound => self.replay(bound, exchange).await,
         }

@@ -28,6 +28,8 @@ use super::exchange::Exchange;
 use super::protocol::{self, MessageHead};
 use super::sse::{self, Event};
 use super::sse_host::SseHost;
+use super::table::UpstreamSession;
+use super::upstream::Answer;
 use super::{Lookup, Phase, metrics, relay};
 use crate::store::SessionId;
 
@@ -205,12 +207,12 @@ async fn read_endpoint(
 }
 
 /// A client's `GET /sse` answered by the upstream with an event stream.
-pub async fn open(host: SseHost, exchange: Exchange, response: hyper::Response<Body>) -> Response {
+pub async fn open(host: SseHost, exchange: Exchange, answer: Answer) -> Response {
     let slot = match host.admit(&exchange) {
         Ok(slot) => slot,
         Err(refusal) => return refusal,
     };
-    let (mut parts, mut body) = response.into_parts();
+    let (mut parts, mut body) = answer.response.into_parts();
     let mut parser = sse::Parser::default();
     let Some((endpoint, after)) = read_endpoint(&mut body, &mut parser).await else {
         warn!("the upstream's /sse stream announced no message endpoint");
@@ -220,7 +222,8 @@ pub async fn open(host: SseHost, exchange: Exchange, response: hyper::Response<B
         );
     };
     let id = SessionId::random();
-    host.create(&id, endpoint.upstream(), slot).await;
+    let upstream = UpstreamSession::new(answer.backend, endpoint.upstream());
+    host.create(&id, upstream, slot).await;
     info!(session = %id, transport = "sse", "session created");
     let (out, client) = mpsc::channel(16);
     let announce = Event {
@@ -290,8 +293,8 @@ async fn post_until_accepted(
     loop {
         // An HTTP+SSE session lives as long as its client's stream, on this proxy: it is
         // never stale (its stream re-establishes it) and never bound later than it began.
-        let endpoint = match host.lookup(id, credential.as_deref()) {
-            Lookup::Live(endpoint) => endpoint,
+        let upstream = match host.lookup(id, credential.as_deref()) {
+            Lookup::Live(upstream) => upstream,
             Lookup::Refused(unknown) => {
                 return host.unknown(unknown, exchange.request_id(), raw_id);
             }
@@ -304,17 +307,23 @@ async fn post_until_accepted(
         };
         let sent = host
             .send(
+                &upstream.backend,
                 &Method::POST,
-                &endpoint,
+                &upstream.id,
                 &exchange.headers,
                 exchange.body.clone(),
             )
             .await;
+        let lost_session = match &sent {
+            Ok(answer) => answer.response.status() == StatusCode::NOT_FOUND,
+            Err(error) => matches!(error, super::UpstreamError::Unreachable(_)),
+        };
         match sent {
-            // The upstream restarted and does not know the session yet: the stream re-establishes
-            // it; the message was not processed, so it is sent again then.
-            Ok(answer) if answer.response.status() == StatusCode::NOT_FOUND => {
-                if !host.remapped_from(id, &endpoint, deadline).await {
+            // The upstream restarted and does not know the session yet (or, gateway mode, its
+            // pod went away): the stream re-establishes it; the message was not processed, so
+            // it is sent again then.
+            _ if lost_session => {
+                if !host.remapped_from(id, &upstream, deadline).await {
                     return host.failure(
                         Failure::Upstream(super::UpstreamError::Unavailable(
                             host.hold(),
@@ -460,9 +469,11 @@ impl Stream {
     }
 
     async fn try_reconnect(&mut self) -> Option<(Body, sse::Parser, Vec<Event>)> {
+        let backend = self.host.pick().await.ok()?;
         let answer = self
             .host
             .send(
+                &backend,
                 &Method::GET,
                 &self.exchange.path,
                 &self.exchange.headers,
@@ -476,21 +487,31 @@ impl Stream {
         let mut body = answer.response.into_body();
         let mut parser = sse::Parser::default();
         let (endpoint, after) = read_endpoint(&mut body, &mut parser).await?;
-        self.replay(&endpoint).await.ok()?;
-        info!("session re-established on a new upstream stream");
-        self.settle_unanswered(&endpoint.upstream()).await;
+        let upstream = UpstreamSession::new(answer.backend, endpoint.upstream());
+        self.replay(&upstream).await.ok()?;
+        info!(
+            backend = upstream.backend.name(),
+            "session re-established on a new upstream stream"
+        );
+        self.settle_unanswered(&upstream).await;
         Some((body, parser, after))
     }
 
     /// The requests the old upstream never answered: the safe ones go to the new upstream
     /// again (their answers come on the new stream), the others get an error.
-    async fn settle_unanswered(&mut self, target: &str) {
+    async fn settle_unanswered(&mut self, target: &UpstreamSession) {
         let headers = self.message_headers();
         for request in self.host.unanswered().take_delivered(&self.id) {
             let outcome = if request.resendable {
                 let sent = self
                     .host
-                    .send(&Method::POST, target, &headers, request.body.clone())
+                    .send(
+                        &target.backend,
+                        &Method::POST,
+                        &target.id,
+                        &headers,
+                        request.body.clone(),
+                    )
                     .await;
                 match sent {
                     Ok(answer) if answer.response.status().is_success() => {
@@ -531,8 +552,7 @@ impl Stream {
     }
 
     /// Sends the stored handshake to the new endpoint, then points the session at it.
-    async fn replay(&self, endpoint: &Endpoint) -> Result<(), Failure> {
-        let target = endpoint.upstream();
+    async fn replay(&self, target: &UpstreamSession) -> Result<(), Failure> {
         if let Some(params) = self.host.initialize_params(&self.id) {
             let headers = self.message_headers();
             for message in [
@@ -541,7 +561,13 @@ impl Stream {
             ] {
                 let answer = self
                     .host
-                    .send(&Method::POST, &target, &headers, message)
+                    .send(
+                        &target.backend,
+                        &Method::POST,
+                        &target.id,
+                        &headers,
+                        message,
+                    )
                     .await
                     .map_err(Failure::Upstream)?;
                 let status = answer.response.status();
@@ -553,7 +579,7 @@ impl Stream {
             }
             self.host.count_replay(metrics::Replay::Replayed);
         }
-        self.host.remap(&self.id, target);
+        self.host.remap(&self.id, target.clone());
         Ok(())
     }
 

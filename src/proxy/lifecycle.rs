@@ -173,6 +173,11 @@ impl Proxy {
             info!("quiesce: the pod is terminating; retired");
             return Quiesced::Retired;
         }
+        let Some(address) = self.upstream.backends().local_address() else {
+            // Gateway mode: no server here restarts; the pods' own lifecycle moves sessions.
+            self.resume_upstream();
+            return Quiesced::Holding;
+        };
         info!("quiesced: new requests wait for the upstream's restart");
         if !self
             .lifecycle
@@ -181,7 +186,7 @@ impl Proxy {
         {
             let proxy = self.clone();
             tokio::spawn(async move {
-                let restart = quiesce::follow_restart(&proxy.upstream.address(), deadline).await;
+                let restart = quiesce::follow_restart(&address, deadline).await;
                 proxy.resume_upstream();
                 proxy
                     .lifecycle

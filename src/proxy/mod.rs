@@ -11,6 +11,7 @@
 
 mod admin;
 mod answers;
+mod backends;
 mod backoff;
 mod bookkeeping;
 mod connections;
@@ -50,6 +51,7 @@ use tokio::sync::Mutex;
 use tracing::info;
 
 use self::answers::Unknown;
+pub use self::backends::{Backends, Endpoint};
 use self::bookkeeping::Unstored;
 use self::count::Count;
 use self::events::EventLog;
@@ -72,7 +74,8 @@ pub const DRAIN_TOKEN_HEADER: &str = "X-Mcp-Drain-Token";
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
     pub listen: SocketAddr,
-    pub upstream: axum::http::Uri,
+    /// The MCP servers: the one beside the proxy, or a policy's pods (gateway mode).
+    pub upstream: Arc<Backends>,
     pub admin: SocketAddr,
     pub pod_name: Option<String>,
     pub drain_timeout: Duration,
@@ -169,7 +172,7 @@ impl Proxy {
     ) -> Arc<Self> {
         let metrics = ProxyMetrics::new(listeners);
         Arc::new(Self {
-            upstream: Upstream::new(config.upstream.clone(), config.hold, config.serving_threads),
+            upstream: Upstream::new(config.upstream.clone(), config.hold),
             toucher: DebouncedToucher::new(store.clone(), config.touch_interval),
             events: EventLog::start(
                 store.clone(),
@@ -219,7 +222,7 @@ pub async fn run(
     };
     let (listener, admin_listener) = (bind(listen).await?, bind(admin).await?);
     let (succeed, current) = succession::current(proxy.clone());
-    info!(%listen, upstream = %proxy.config.upstream, %admin, store = %proxy.store.describe(), "session proxy serving");
+    info!(%listen, upstream = %proxy.config.upstream.describe(), %admin, store = %proxy.store.describe(), "session proxy serving");
     let listeners = proxy.metrics.listeners.clone();
     tokio::spawn(admin::serve(
         current.clone(),

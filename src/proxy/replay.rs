@@ -14,7 +14,8 @@ use super::backoff;
 use super::events::StreamKind;
 use super::exchange::{Bound, Exchange};
 use super::protocol::{self, PROTOCOL_VERSION_HEADER, SESSION_HEADER};
-use super::table::{Lookup, Transport};
+use super::table::{Lookup, Transport, UpstreamSession};
+use super::upstream::UpstreamError;
 use super::{Proxy, metrics};
 use crate::store::binding::{self, Binding};
 use crate::store::{
@@ -29,7 +30,7 @@ impl Proxy {
         &self,
         bound: &Bound,
         exchange: &Exchange,
-    ) -> Result<String, Failure> {
+    ) -> Result<UpstreamSession, Failure> {
         let id = &bound.id;
         let lock = self
             .replays
@@ -94,12 +95,12 @@ impl Proxy {
         &self,
         bound: &Bound,
         exchange: &Exchange,
-    ) -> Result<String, Failure> {
+    ) -> Result<UpstreamSession, Failure> {
         let id = &bound.id;
         let unknown = |why| Err(Failure::Unknown(why));
         match self.lookup(bound) {
             // Another request of this session replayed meanwhile.
-            Lookup::Live(upstream_id) => return Ok(upstream_id),
+            Lookup::Live(upstream) => return Ok(upstream),
             Lookup::Refused(why) => return unknown(why),
             Lookup::Stale | Lookup::Absent | Lookup::Unbound => {}
         }
@@ -149,8 +150,8 @@ impl Proxy {
         };
         let path = exchange.path.split('?').next().unwrap_or(&exchange.path);
         let headers = self.replay_headers(exchange);
-        let upstream_id = match self.handshake(path, headers, &session).await? {
-            Some(upstream_id) => upstream_id,
+        let upstream = match self.handshake(path, headers, &session).await? {
+            Some(upstream) => upstream,
             None => {
                 metrics::inc(&self.metrics.replays, metrics::Replay::Refused);
                 warn!("the upstream refused the replayed initialize; the session is lost");
@@ -166,6 +167,7 @@ impl Proxy {
         info!(
             subscriptions = session.setup.subscriptions.len(),
             from_memory = !in_store,
+            backend = upstream.backend.name(),
             "handshake replayed to the upstream"
         );
         if rehydrating {
@@ -177,11 +179,11 @@ impl Proxy {
             ..session
         };
         self.table
-            .remember(id, upstream_id.clone(), Transport::Streamable, stored, None);
+            .remember(id, upstream.clone(), Transport::Streamable, stored, None);
         if !in_store {
             self.restore(id).await;
         }
-        Ok(upstream_id)
+        Ok(upstream)
     }
 
     /// Headers of the messages a replay sends: the client's credential, JSON in, JSON or an
@@ -204,24 +206,37 @@ impl Proxy {
 
     /// Sends `session`'s handshake (`initialize`, `notifications/initialized`) and then the
     /// requests that set up what the client had set up (subscriptions, the log level) to the
-    /// upstream at `path`; the new upstream session id, `None` if the upstream refused it.
+    /// upstream at `path` (in gateway mode, the least-loaded pod that takes it); the new
+    /// upstream session, `None` if the upstream refused it.
     pub(super) async fn handshake(
         &self,
         path: &str,
         mut headers: HeaderMap,
         session: &NewSession,
-    ) -> Result<Option<String>, Failure> {
+    ) -> Result<Option<UpstreamSession>, Failure> {
         let params = session.initialize_params.clone().unwrap_or(Value::Null);
-        let answer = self
-            .upstream
-            .send(
-                &Method::POST,
-                path,
-                &headers,
-                protocol::initialize_request(&params, session.protocol_version.as_deref()),
-            )
-            .await
-            .map_err(Failure::Upstream)?;
+        let initialize = protocol::initialize_request(&params, session.protocol_version.as_deref());
+        let deadline = Instant::now() + self.config.hold;
+        let answer = loop {
+            let backend = self
+                .upstream
+                .pick(deadline)
+                .await
+                .map_err(Failure::Upstream)?;
+            match self
+                .upstream
+                .send(&backend, &Method::POST, path, &headers, initialize.clone())
+                .await
+            {
+                Ok(answer) => break answer,
+                // That pod went away: the next one.
+                Err(UpstreamError::Unreachable(reason)) if Instant::now() < deadline => {
+                    debug!(%reason, backend = backend.name(), "replay: a backend pod is unreachable");
+                }
+                Err(error) => return Err(Failure::Upstream(error)),
+            }
+        };
+        let backend = answer.backend.clone();
         let status = answer.response.status();
         let upstream_id = answer
             .response
@@ -247,7 +262,7 @@ impl Proxy {
         for message in messages {
             match self
                 .upstream
-                .send(&Method::POST, path, &headers, message)
+                .send(&backend, &Method::POST, path, &headers, message)
                 .await
             {
                 Ok(answer) => {
@@ -260,7 +275,7 @@ impl Proxy {
                 Err(error) => warn!(%error, "cannot replay a setup request"),
             }
         }
-        Ok(Some(upstream_id))
+        Ok(Some(UpstreamSession::new(backend, upstream_id)))
     }
 
     /// Binds a session bound to nobody (the seed's service wrote it) to `credential`: in the

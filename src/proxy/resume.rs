@@ -116,12 +116,12 @@ impl Proxy {
         exchange: &Exchange,
         last: &str,
     ) -> Option<Body> {
-        let Lookup::Live(upstream_id) = self.lookup(bound) else {
+        let Lookup::Live(upstream) = self.lookup(bound) else {
             return None;
         };
         let mut headers = exchange.headers.clone();
         headers.remove(header::CONTENT_TYPE);
-        headers.insert(SESSION_HEADER, protocol::header_value(&upstream_id)?);
+        headers.insert(SESSION_HEADER, protocol::header_value(&upstream.id)?);
         headers.insert(LAST_EVENT_ID_HEADER, protocol::header_value(last)?);
         headers.insert(
             header::ACCEPT,
@@ -129,7 +129,13 @@ impl Proxy {
         );
         let answer = match self
             .upstream
-            .send(&Method::GET, &exchange.path, &headers, Bytes::new())
+            .send(
+                &upstream.backend,
+                &Method::GET,
+                &exchange.path,
+                &headers,
+                Bytes::new(),
+            )
             .await
         {
             Ok(answer) => answer,

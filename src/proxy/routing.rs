@@ -23,7 +23,7 @@ use super::metrics::RequestLabels;
 use super::protocol::{self, LAST_EVENT_ID_HEADER, MessageHead, SESSION_HEADER};
 use super::sse_host::SseHost;
 use super::stream_host::StreamHost;
-use super::table::{Slot, Transport};
+use super::table::{Slot, Transport, UpstreamSession};
 use super::upstream::UpstreamError;
 use super::{Proxy, legacy, metrics, relay};
 use crate::store::{NewSession, SessionId, SessionPatch};
@@ -142,6 +142,12 @@ impl Proxy {
             Ok(answer) => answer,
             Err(failure) => return self.failure(failure, &exchange),
         };
+        if exchange.session.is_none()
+            && legacy::opens_session(&exchange)
+            && protocol::is_event_stream(answer.response.headers())
+        {
+            return legacy::open(SseHost::new(self.clone()), exchange, answer).await;
+        }
         if let Some(bound) = &exchange.session {
             let status = answer.response.status();
             if status.is_success() {
@@ -168,10 +174,6 @@ impl Proxy {
                 .insert(SESSION_HEADER, header_or_empty(bound.id.as_str()));
         }
         let event_stream = protocol::is_event_stream(&parts.headers);
-        if event_stream && exchange.session.is_none() && legacy::opens_session(&exchange) {
-            let response = hyper::Response::from_parts(parts, body);
-            return legacy::open(SseHost::new(self.clone()), exchange, response).await;
-        }
         if event_stream {
             parts.headers.remove(header::CONTENT_LENGTH);
             let body = relay::start(StreamHost::new(self.clone()), exchange, body, resumed);
@@ -242,7 +244,8 @@ impl Proxy {
             credential_fingerprint: credential.clone(),
             ..Default::default()
         };
-        self.keep_new(&id, upstream_id, Transport::Streamable, new, slot)
+        let upstream = UpstreamSession::new(answer.backend.clone(), upstream_id);
+        self.keep_new(&id, upstream, Transport::Streamable, new, slot)
             .await;
         info!(session = %id, "session created");
         exchange.session = Some(Bound { id, credential });

@@ -14,12 +14,13 @@ use tokio::sync::watch;
 use tracing::debug;
 
 use super::answers::{Failure, Unknown};
+use super::backends::Assigned;
 use super::count::Counted;
 use super::exchange::Exchange;
 use super::legacy::{PROTOCOL_VERSION, Unanswered};
 use super::metrics::{self, Replay};
 use super::protocol;
-use super::table::Slot;
+use super::table::{Slot, UpstreamSession};
 use super::upstream::{Answer, UpstreamError};
 use super::{Lookup, Phase, Proxy, Transport};
 use crate::store::{NewSession, SessionId, SessionPatch};
@@ -40,7 +41,7 @@ impl SseHost {
 
     /// Creates the session `id` on the upstream message endpoint `upstream`: in the table, and
     /// in the store (served from memory where the store refuses it).
-    pub async fn create(&self, id: &SessionId, upstream: String, slot: Slot<'_>) {
+    pub async fn create(&self, id: &SessionId, upstream: UpstreamSession, slot: Slot<'_>) {
         let new = NewSession {
             owner_pod: self.0.config.pod_name.clone(),
             protocol_version: Some(PROTOCOL_VERSION.to_owned()),
@@ -77,12 +78,17 @@ impl SseHost {
     }
 
     /// Points the session at a new upstream endpoint (its stream was re-established).
-    pub fn remap(&self, id: &SessionId, upstream: String) {
+    pub fn remap(&self, id: &SessionId, upstream: UpstreamSession) {
         self.0.table.remap(id, upstream);
     }
 
     /// Waits until the session moves off `old`; false if `deadline` comes first.
-    pub async fn remapped_from(&self, id: &SessionId, old: &str, deadline: Instant) -> bool {
+    pub async fn remapped_from(
+        &self,
+        id: &SessionId,
+        old: &UpstreamSession,
+        deadline: Instant,
+    ) -> bool {
         self.0.table.remapped_from(id, old, deadline).await
     }
 
@@ -100,15 +106,25 @@ impl SseHost {
         &self.0.unanswered
     }
 
-    /// Sends to the upstream, held while it restarts: see [`super::upstream::Upstream::send`].
+    /// Sends to a backend, held while it restarts: see [`super::upstream::Upstream::send`].
     pub async fn send(
         &self,
+        to: &Assigned,
         method: &Method,
         target: &str,
         headers: &HeaderMap,
         body: Bytes,
     ) -> Result<Answer, UpstreamError> {
-        self.0.upstream.send(method, target, headers, body).await
+        self.0
+            .upstream
+            .send(to, method, target, headers, body)
+            .await
+    }
+
+    /// The backend a new stream goes to (in gateway mode, the least-loaded pod that takes it).
+    pub async fn pick(&self) -> Result<Assigned, UpstreamError> {
+        let deadline = Instant::now() + self.0.config.hold;
+        self.0.upstream.pick(deadline).await
     }
 
     /// Counts a request as in flight at the upstream until the guard drops.

@@ -12,6 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use serde_json::Value;
 
 use super::Unknown;
+use super::backends::Assigned;
 use crate::store::binding::{self, Binding};
 use crate::store::{NewSession, SessionId, SessionSetup, SetupChange};
 
@@ -67,18 +68,22 @@ impl SessionTable {
             return Lookup::Refused(Unknown::NotFound);
         }
         mapped.last_used.store(self.now_secs(), Ordering::Relaxed);
-        match &mapped.upstream_id {
-            Some(upstream_id) => Lookup::Live(upstream_id.to_string()),
+        match &mapped.upstream {
+            // A pod that stopped taking requests (gateway mode): the session moves by replay.
+            // An HTTP+SSE session moves with its stream instead.
+            Some(upstream)
+                if transport == Transport::Streamable && !upstream.backend.takes_requests() =>
+            {
+                Lookup::Stale
+            }
+            Some(upstream) => Lookup::Live(upstream.clone()),
             None => Lookup::Stale,
         }
     }
 
     /// The upstream side of a mapped session, whoever asks.
-    pub fn upstream_of(&self, id: &SessionId) -> Option<String> {
-        self.read()
-            .by_id
-            .get(id)
-            .and_then(|m| m.upstream_id.as_deref().map(str::to_owned))
+    pub fn upstream_of(&self, id: &SessionId) -> Option<UpstreamSession> {
+        self.read().by_id.get(id).and_then(|m| m.upstream.clone())
     }
 
     /// The identity a mapped session is bound to (`Some(None)`: to nobody).
@@ -90,23 +95,28 @@ impl SessionTable {
     }
 
     /// Points a mapped session at a new upstream session.
-    pub fn remap(&self, id: &SessionId, upstream_id: String) {
+    pub fn remap(&self, id: &SessionId, upstream: UpstreamSession) {
         if let Some(mapped) = self.write().by_id.get_mut(id) {
-            mapped.upstream_id = Some(upstream_id.into_boxed_str());
+            mapped.upstream = Some(upstream);
         }
         self.remapped.notify_waiters();
     }
 
     /// Waits until `id` maps to an upstream session other than `old` (true), or to none, or
     /// `deadline` (false).
-    pub async fn remapped_from(&self, id: &SessionId, old: &str, deadline: Instant) -> bool {
+    pub async fn remapped_from(
+        &self,
+        id: &SessionId,
+        old: &UpstreamSession,
+        deadline: Instant,
+    ) -> bool {
         loop {
             // Registered before the look, so that a change in between is not missed.
             let changed = self.remapped.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
             match self.upstream_of(id) {
-                Some(current) if current != old => return true,
+                Some(current) if !current.is(old) => return true,
                 Some(_) => {}
                 None => return false,
             }
@@ -123,11 +133,11 @@ impl SessionTable {
     /// the handshake. Only if `id` still maps to `upstream_id` (a concurrent request may have
     /// replayed meanwhile). The copy of what the store holds stays: while the store lacks the
     /// session (Redis refused or evicted it), it is what the replay uses.
-    pub fn invalidate(&self, id: &SessionId, upstream_id: &str) {
+    pub fn invalidate(&self, id: &SessionId, upstream: &UpstreamSession) {
         if let Some(mapped) = self.write().by_id.get_mut(id)
-            && mapped.upstream_id.as_deref() == Some(upstream_id)
+            && mapped.upstream.as_ref().is_some_and(|u| u.is(upstream))
         {
-            mapped.upstream_id = None;
+            mapped.upstream = None;
         }
         self.remapped.notify_waiters();
     }
@@ -227,14 +237,14 @@ impl SessionTable {
     pub fn remember(
         &self,
         id: &SessionId,
-        upstream_id: String,
+        upstream: UpstreamSession,
         transport: Transport,
         stored: NewSession,
         slot: Option<Slot<'_>>,
     ) {
         let credential: Option<Box<str>> = stored.credential_fingerprint.as_deref().map(Box::from);
         let mapped = Mapped {
-            upstream_id: Some(upstream_id.into_boxed_str()),
+            upstream: Some(upstream),
             transport,
             credential: credential.clone(),
             last_used: AtomicU32::new(self.now_secs()),
@@ -298,12 +308,34 @@ pub enum Transport {
     Sse,
 }
 
+/// A session's side at a backend: the backend, and the session id it gave (HTTP+SSE: its
+/// message endpoint, session included).
+#[derive(Debug, Clone)]
+pub struct UpstreamSession {
+    pub backend: Assigned,
+    pub id: Box<str>,
+}
+
+impl UpstreamSession {
+    pub fn new(backend: Assigned, id: impl Into<Box<str>>) -> Self {
+        Self {
+            backend,
+            id: id.into(),
+        }
+    }
+
+    /// The same session at the same backend.
+    pub fn is(&self, other: &UpstreamSession) -> bool {
+        self.id == other.id && self.backend.same(&other.backend)
+    }
+}
+
 /// A session this proxy has an upstream session for.
 #[derive(Debug)]
 struct Mapped {
-    /// The upstream's session id, or (HTTP+SSE) its message endpoint; `None` once the upstream
-    /// said it does not know it (it restarted): the next request replays the handshake.
-    upstream_id: Option<Box<str>>,
+    /// The backend's session, `None` once the backend said it does not know it (it
+    /// restarted), or could not be reached: the next request replays the handshake.
+    upstream: Option<UpstreamSession>,
     transport: Transport,
     credential: Option<Box<str>>,
     /// Seconds since the proxy started, at the last request: idle sessions are dropped.
@@ -363,7 +395,7 @@ impl StoredCopy {
 #[derive(Debug)]
 pub enum Lookup {
     /// Mapped to a live upstream session.
-    Live(String),
+    Live(UpstreamSession),
     /// Known here, but the upstream lost it: replay, from the store or from the copy here.
     Stale,
     /// Known here and bound to nobody, and the request has an identity: bind it first.

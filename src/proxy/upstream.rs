@@ -1,19 +1,20 @@
 //! The MCP server behind the proxy: requests with hold-and-retry while it restarts.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, header};
+use axum::http::{HeaderMap, Method, Request, Response, Uri, header};
 use bytes::Bytes;
 use http_body_util::Full;
 use tracing::debug;
 
+use super::backends::{Assigned, Backends};
 use super::backoff;
 use super::connector::{was_not_delivered, with_causes};
-use super::pool::{Pool, SendError};
+use super::pool::SendError;
 use super::protocol::strip_hop_by_hop;
 use super::quiesce::{Gate, GateState, Tracked};
-use crate::serve;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -25,41 +26,33 @@ pub enum UpstreamError {
         "the MCP server closed the connection before answering ({0}); the request may have been executed, so it was not sent again"
     )]
     Lost(String),
+    /// A backend pod did not take the request (gateway mode): it was not delivered, and goes
+    /// to another pod.
+    #[error("the MCP server pod did not take the request: {0}")]
+    Unreachable(String),
     #[error("bad upstream request: {0}")]
     Request(String),
 }
 
 pub struct Upstream {
-    /// A pool of connections per serving thread (see [`serve::serving_thread`]), so that a
-    /// call and the upstream connection it goes out on are served by one thread; and one for
-    /// what runs elsewhere (background replays, the SSE transport's streams).
-    pools: Vec<Pool>,
-    shared: Pool,
-    base: Uri,
-    /// The `Host` of a request that came without one.
-    host: HeaderValue,
+    backends: Arc<Backends>,
     hold: Duration,
     /// Holds requests while the upstream is quiesced, and counts what it is working on.
     gate: Gate,
 }
 
-/// What came back, and whether it was held (the upstream was down for a while).
+/// What came back, from which backend, and whether it was held (the upstream was down for a
+/// while).
 pub struct Answer {
     pub response: Response<Body>,
     pub held: bool,
+    pub backend: Assigned,
 }
 
 impl Upstream {
-    pub fn new(base: Uri, hold: Duration, serving_threads: usize) -> Self {
-        let address = address_of(&base);
-        let authority = base.authority().map_or("", |a| a.as_str());
+    pub fn new(backends: Arc<Backends>, hold: Duration) -> Self {
         Self {
-            pools: (0..serving_threads)
-                .map(|_| Pool::new(address.clone()))
-                .collect(),
-            shared: Pool::new(address),
-            host: HeaderValue::from_str(authority).unwrap_or(HeaderValue::from_static("localhost")),
-            base,
+            backends,
             hold,
             gate: Gate::default(),
         }
@@ -69,16 +62,16 @@ impl Upstream {
         &self.gate
     }
 
-    /// The connections of the thread this runs on.
-    fn pool(&self) -> &Pool {
-        serve::serving_thread()
-            .and_then(|thread| self.pools.get(thread))
-            .unwrap_or(&self.shared)
+    pub fn backends(&self) -> &Backends {
+        &self.backends
     }
 
-    /// `host:port` of the upstream, for probes.
-    pub fn address(&self) -> String {
-        address_of(&self.base)
+    /// The backend for a request of no session yet, waiting for one that takes requests until
+    /// `deadline` (gateway mode).
+    pub async fn pick(&self, deadline: Instant) -> Result<Assigned, UpstreamError> {
+        self.backends.pick_by(deadline).await.ok_or_else(|| {
+            UpstreamError::Unavailable(self.hold, "no MCP server pod is ready".into())
+        })
     }
 
     /// Sends the request; while the upstream is quiesced, refuses connections or answers
@@ -87,6 +80,7 @@ impl Upstream {
     /// its head, as it never ends by itself).
     pub async fn send(
         &self,
+        to: &Assigned,
         method: &Method,
         path_and_query: &str,
         headers: &HeaderMap,
@@ -114,7 +108,7 @@ impl Upstream {
             strip_hop_by_hop(&mut forwarded);
             forwarded.remove(header::CONTENT_LENGTH);
             if !forwarded.contains_key(header::HOST) {
-                forwarded.insert(header::HOST, self.host.clone());
+                forwarded.insert(header::HOST, to.host().clone());
             }
             if let Some(target) = request.headers_mut() {
                 *target = forwarded;
@@ -123,7 +117,7 @@ impl Upstream {
                 .body(Full::new(body.clone()))
                 .map_err(|e| UpstreamError::Request(e.to_string()))?;
             let sending = self.gate.sending();
-            let failure = match self.pool().send(request).await {
+            let failure = match to.pool().send(request).await {
                 Ok(response) if matches!(response.status().as_u16(), 502 | 503) => {
                     format!("status {}", response.status())
                 }
@@ -131,12 +125,14 @@ impl Upstream {
                     return Ok(Answer {
                         response: response.map(Body::new),
                         held,
+                        backend: to.clone(),
                     });
                 }
                 Ok(response) => {
                     return Ok(Answer {
                         response: response.map(|body| Tracked::body(Body::new(body), sending)),
                         held,
+                        backend: to.clone(),
                     });
                 }
                 // A pooled connection the server had closed: at once on another.
@@ -151,6 +147,11 @@ impl Upstream {
                 }
                 Err(error) => return Err(UpstreamError::Lost(with_causes(&error))),
             };
+            if to.is_discovered() {
+                // Another pod can take it now: not delivered, so any request may go there.
+                to.refused();
+                return Err(UpstreamError::Unreachable(failure));
+            }
             let Some(pause) = backoff.next_pause() else {
                 return Err(UpstreamError::Unavailable(self.hold, failure));
             };
@@ -159,15 +160,5 @@ impl Upstream {
             drop(sending);
             tokio::time::sleep(pause).await;
         }
-    }
-}
-
-/// `host:port` of `uri` (port 80 if it names none).
-fn address_of(uri: &Uri) -> String {
-    let authority = uri.authority().map_or("", |a| a.as_str());
-    if uri.port().is_some() {
-        authority.to_owned()
-    } else {
-        format!("{authority}:80")
     }
 }

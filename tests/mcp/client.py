@@ -1,7 +1,8 @@
 """A real MCP client (the `mcp` SDK's Client, handshake mode) that lists the tools, as every
 client does, then calls `add` repeatedly and reports what it saw: a line per call (`ok N` or
 `error ...`), then a JSON summary. MCP_TEST_TOOL_DELAY (seconds) makes each call take that long
-on the server.
+on the server. MCP_TEST_TOOL names the tool (`add` by default; `add_read_only` is the same tool
+annotated read-only); a comma-separated list gives client i the i-th (cycling) of them.
 
     python client.py URL SECONDS [INTERVAL_SECONDS] [AUTHORIZATION]
 
@@ -39,7 +40,7 @@ def stopped(deadline: float) -> bool:
     return time.monotonic() >= deadline or bool(stop_file and os.path.exists(stop_file))
 
 
-async def run_client(url: str, seconds: float, interval: float, authorization: str | None, verbose: bool) -> dict:
+async def run_client(url: str, seconds: float, interval: float, authorization: str | None, verbose: bool, tool: str = "add") -> dict:
     headers = {"Authorization": authorization} if authorization else {}
     delay = float(os.environ.get("MCP_TEST_TOOL_DELAY", "0"))
     calls, errors, session_ids, slowest = 0, [], set(), 0.0
@@ -61,7 +62,7 @@ async def run_client(url: str, seconds: float, interval: float, authorization: s
                 failure = None
                 started = time.monotonic()
                 try:
-                    result = await client.call_tool("add", {"a": calls, "b": 1, "delay": delay})
+                    result = await client.call_tool(tool, {"a": calls, "b": 1, "delay": delay})
                     if result.is_error:
                         failure = f"tool error: {result.content}"
                     elif str(calls + 1) not in json.dumps(result.model_dump(mode="json")):
@@ -79,7 +80,7 @@ async def run_client(url: str, seconds: float, interval: float, authorization: s
                 await asyncio.sleep(interval)
     except Exception as error:  # noqa: BLE001
         errors.append(f"client crashed: {describe(error)}")
-    return {"calls": calls, "errors": errors, "session_ids": sorted(session_ids), "slowest_call_seconds": round(slowest, 3)}
+    return {"tool": tool, "calls": calls, "errors": errors, "session_ids": sorted(session_ids), "slowest_call_seconds": round(slowest, 3)}
 
 
 async def main() -> None:
@@ -87,11 +88,15 @@ async def main() -> None:
     interval = float(sys.argv[3]) if len(sys.argv) > 3 else 0.05
     authorization = sys.argv[4] if len(sys.argv) > 4 else None
     clients = int(os.environ.get("MCP_TEST_CLIENTS", "1"))
+    tools = os.environ.get("MCP_TEST_TOOL", "add").split(",")
     if clients == 1:
-        print(json.dumps(await run_client(url, seconds, interval, authorization, verbose=True)))
+        print(json.dumps(await run_client(url, seconds, interval, authorization, verbose=True, tool=tools[0])))
         return
     summaries = await asyncio.gather(
-        *(run_client(url, seconds, interval, authorization and f"{authorization}-{i}", verbose=False) for i in range(clients))
+        *(
+            run_client(url, seconds, interval, authorization and f"{authorization}-{i}", verbose=False, tool=tools[i % len(tools)])
+            for i in range(clients)
+        )
     )
     for i, summary in enumerate(summaries):
         print(json.dumps({"client": f"python-{i}", **summary}), flush=True)

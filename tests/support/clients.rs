@@ -7,6 +7,9 @@ pub struct ClientRun {
     /// `python-3`, `typescript-12`: present where one process runs several clients.
     #[serde(default, rename = "client")]
     pub name: String,
+    /// The tool it called.
+    #[serde(default)]
+    pub tool: String,
     pub calls: u64,
     pub errors: Vec<String>,
     /// Every session id the client was given; more than one means it lost its session.

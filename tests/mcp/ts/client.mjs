@@ -1,6 +1,8 @@
 // A real MCP client (the TypeScript SDK's Client over Streamable HTTP) that lists the tools, as
 // every client does, then calls `add` repeatedly: a line per call (`ok N` or `error ...`), then a
 // JSON summary. MCP_TEST_TOOL_DELAY (seconds) makes each call take that long on the server.
+// MCP_TEST_TOOL names the tool (`add` by default; `add_read_only` is the same tool annotated
+// read-only); a comma-separated list gives client i the i-th (cycling) of them.
 //     node client.mjs URL SECONDS INTERVAL_SECONDS [AUTHORIZATION]
 // MCP_TEST_CLIENTS=N runs N such clients at once, each a Client and transport of its own with its
 // own session and credential (AUTHORIZATION with `-i` appended); each reports only its JSON
@@ -15,10 +17,11 @@ const [url, seconds, interval, authorization] = process.argv.slice(2);
 const delay = Number(process.env.MCP_TEST_TOOL_DELAY ?? 0);
 const stopFile = process.env.MCP_TEST_STOP_FILE;
 const clients = Number(process.env.MCP_TEST_CLIENTS ?? 1);
+const tools = (process.env.MCP_TEST_TOOL ?? "add").split(",");
 
 const stopped = (deadline) => Date.now() >= deadline || (stopFile !== undefined && existsSync(stopFile));
 
-async function runClient(authorization, verbose) {
+async function runClient(authorization, verbose, tool) {
   const headers = authorization ? { Authorization: authorization } : {};
   const errors = [];
   const sessionIds = new Set();
@@ -34,7 +37,7 @@ async function runClient(authorization, verbose) {
       let failure;
       const started = Date.now();
       try {
-        const result = await client.callTool({ name: "add", arguments: { a: calls, b: 1, delay } });
+        const result = await client.callTool({ name: tool, arguments: { a: calls, b: 1, delay } });
         if (result.isError) failure = `tool error: ${JSON.stringify(result.content)}`;
         else if (result.content?.[0]?.text !== String(calls + 1)) failure = `wrong result: ${JSON.stringify(result)}`;
       } catch (error) {
@@ -53,15 +56,17 @@ async function runClient(authorization, verbose) {
   } catch (error) {
     errors.push(`client crashed: ${error?.name}: ${error?.message}`);
   }
-  return { calls, errors, session_ids: [...sessionIds], slowest_call_seconds: slowest };
+  return { tool, calls, errors, session_ids: [...sessionIds], slowest_call_seconds: slowest };
 }
 
 let report;
 if (clients === 1) {
-  report = JSON.stringify(await runClient(authorization, true));
+  report = JSON.stringify(await runClient(authorization, true, tools[0]));
 } else {
   const summaries = await Promise.all(
-    Array.from({ length: clients }, (_, i) => runClient(authorization && `${authorization}-${i}`, false)),
+    Array.from({ length: clients }, (_, i) =>
+      runClient(authorization && `${authorization}-${i}`, false, tools[i % tools.length]),
+    ),
   );
   report = summaries.map((summary, i) => JSON.stringify({ client: `typescript-${i}`, ...summary })).join("\n");
 }
