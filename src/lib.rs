@@ -29,3 +29,4 @@ pub mod serve;
 pub mod store;
 pub mod telemetry;
 pub mod webhook;
+mod wiring;

@@ -8,11 +8,9 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::Duration;
 
-use k8s_openapi::api::authorization::v1::SubjectAccessReview;
-use kube::Client;
-use kube::api::{Api, DynamicObject, PostParams};
+use kube::api::{Api, DynamicObject};
 use serde_json::{Value, json};
-use support::control_plane::{apply_object, control_plane, wait_for};
+use support::control_plane::{apply_object, can, control_plane, wait_for};
 use support::operator::Operator;
 use support::redis::RedisServer;
 
@@ -26,6 +24,7 @@ fn all_options() -> Value {
                     "prometheusRule": {"enabled": true}},
         "networkPolicy": {"enabled": true, "metricsFrom": ["monitoring"], "injectedPods": true},
         "redis": {"enabled": true},
+        "gateway": {"enabled": true},
         "watchNamespace": "prod",
         "podLabels": {"team": "mcp"},
         "podAnnotations": {"example.com/owner": "mcp"},
@@ -173,6 +172,28 @@ fn the_chart_renders_lints_and_keeps_the_crd_and_rbac_of_the_repository() {
         rules.contains(r#""resources":["networkpolicies"],"verbs":["get","create","patch"]"#),
         "{rules}"
     );
+    // The opt-in rules for gateways are config/rbac/role_gateways.yaml's.
+    let gateways = everything
+        .iter()
+        .find(|o| {
+            o.metadata
+                .name
+                .as_deref()
+                .is_some_and(|n| n.ends_with("-gateways"))
+                && o.types.as_ref().is_some_and(|t| t.kind == "ClusterRole")
+        })
+        .expect("the gateways' ClusterRole");
+    let repository: DynamicObject = serde_yaml::from_str(
+        include_str!("../config/rbac/role_gateways.yaml")
+            .split("\n---\n")
+            .next()
+            .expect("the ClusterRole"),
+    )
+    .expect("RBAC object");
+    assert_eq!(
+        gateways.data["rules"], repository.data["rules"],
+        "the gateways' rules drifted from config/rbac/role_gateways.yaml"
+    );
     let redis_conf = find(&everything, "ConfigMap").data["data"]["redis.conf"].to_string();
     assert!(
         redis_conf.contains("maxmemory-policy volatile-lru"),
@@ -246,21 +267,6 @@ fn bad_values_are_refused_by_the_schema_with_the_key_named() {
         assert!(rendered.get("error").is_some(), "{values} rendered");
     }
     assert_eq!(helm("schema", &all_options(), &[]), json!({}));
-}
-
-async fn can(client: &Client, user: &str, attributes: Value) -> bool {
-    let review: SubjectAccessReview = serde_json::from_value(json!({
-        "spec": {"user": user, "groups": ["system:serviceaccounts", "system:authenticated"],
-                 "resourceAttributes": attributes}
-    }))
-    .expect("review");
-    let reviews: Api<SubjectAccessReview> = Api::all(client.clone());
-    reviews
-        .create(&PostParams::default(), &review)
-        .await
-        .expect("SubjectAccessReview")
-        .status
-        .is_some_and(|s| s.allowed)
 }
 
 /// The chart as `helm install` would apply it to the 1.20 test bed (server-side dry run of
@@ -432,6 +438,7 @@ async fn the_chart_installs_and_its_service_account_runs_the_operator_and_nothin
         include_str!("../examples/intracker-backend.yaml"),
         include_str!("../examples/policy.yaml"),
         include_str!("../examples/seed-only-policy.yaml"),
+        include_str!("../examples/gateway.yaml"),
     ] {
         for document in example.split("\n---\n") {
             let text =

@@ -1221,3 +1221,122 @@ async fn a_rollout_that_loses_too_many_sessions_is_paused() {
         Some(true)
     );
 }
+
+/// Gateway mode: a policy with `spec.gateway` gets its gateway from the operator, owned by the
+/// policy and named `<policy>-gateway`: a ServiceAccount whose Role lets it read that policy and
+/// the pods and nothing more (SubjectAccessReviews), a Deployment running `gateway` for the
+/// policy, a Service and a PodDisruptionBudget; its readiness is a condition. Turned off, the
+/// gateway is scaled to none (the operator may not delete Deployments).
+#[tokio::test]
+async fn a_policy_in_gateway_mode_gets_a_gateway_that_may_read_only_its_policy_and_pods() {
+    let _serial = SERIAL.lock().await;
+    let bed = bed("gateway").await;
+    let (client, namespace) = (&bed.ns.client, bed.ns.name.as_str());
+    let redis = RedisServer::start();
+    let mut operator = Operator::start_with(
+        &bed.kubeconfig,
+        namespace,
+        Some(namespace),
+        "op-gateway",
+        &["--no-webhook"],
+    );
+    let spec = |enabled: bool| {
+        json!({"selector": {"matchLabels": {"app": "weather"}}, "redis": {"url": redis.url()},
+               "injection": {"enabled": false},
+               "gateway": {"enabled": enabled, "replicas": 2, "port": 9000, "backendPort": 3000}})
+    };
+    apply(client, namespace, &policy("weather", spec(true))).await;
+    // The kubelet stand-in makes every pod ready at once: the gateway's pods too.
+    let status = status_until(client, namespace, "weather", "the gateway available", |s| {
+        condition(s, "GatewayReady") == ("True", "Available")
+    })
+    .await;
+    assert_eq!(
+        condition(&status, "FingerprintKeyReady"),
+        ("True", "Generated")
+    );
+
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    let deployment = deployments
+        .get("weather-gateway")
+        .await
+        .expect("the gateway");
+    let owner = &deployment
+        .metadata
+        .owner_references
+        .as_ref()
+        .expect("owned")[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str()),
+        ("McpSessionPolicy", "weather")
+    );
+    let pod = deployment.spec.template.spec.as_ref().expect("pod spec");
+    assert_eq!(pod.service_account_name.as_deref(), Some("weather-gateway"));
+    let args = pod.containers[0].args.clone().unwrap_or_default().join(" ");
+    assert!(
+        args.starts_with(&format!(
+            "gateway --policy {namespace}/weather --backend-port 3000 --listen 0.0.0.0:9000"
+        )),
+        "{args}"
+    );
+    let services: Api<k8s_openapi::api::core::v1::Service> =
+        Api::namespaced(client.clone(), namespace);
+    let service = services
+        .get("weather-gateway")
+        .await
+        .expect("the gateway's Service");
+    assert_eq!(
+        service.spec.and_then(|s| s.ports).expect("ports")[0].port,
+        9000
+    );
+    let budgets: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        namespace,
+        &kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+            "policy",
+            "v1beta1",
+            "PodDisruptionBudget",
+        )),
+    );
+    budgets
+        .get("weather-gateway")
+        .await
+        .expect("the gateway's PodDisruptionBudget");
+
+    let gateway = format!("system:serviceaccount:{namespace}:weather-gateway");
+    let attributes = |verb: &str, group: &str, resource: &str, name: &str| json!({"namespace": namespace, "verb": verb, "group": group, "resource": resource, "name": name});
+    for (allowed, what) in [
+        (
+            true,
+            attributes("get", "mcpsession.dev", "mcpsessionpolicies", "weather"),
+        ),
+        (true, attributes("list", "", "pods", "")),
+        (true, attributes("watch", "", "pods", "")),
+        (
+            false,
+            attributes("get", "mcpsession.dev", "mcpsessionpolicies", "another"),
+        ),
+        (
+            false,
+            attributes("patch", "mcpsession.dev", "mcpsessionpolicies", "weather"),
+        ),
+        (false, attributes("patch", "", "pods", "")),
+        (false, attributes("get", "", "secrets", "")),
+        (false, attributes("list", "", "services", "")),
+    ] {
+        assert_eq!(
+            support::control_plane::can(client, &gateway, what.clone()).await,
+            allowed,
+            "{what}"
+        );
+    }
+
+    apply(client, namespace, &policy("weather", spec(false))).await;
+    status_until(client, namespace, "weather", "the gateway off", |s| {
+        condition(s, "GatewayReady") == ("True", "Disabled")
+    })
+    .await;
+    let stopped = deployments.get("weather-gateway").await.expect("kept");
+    assert_eq!(stopped.spec.replicas, Some(0));
+    assert!(operator.is_running(), "{}", operator.logs());
+}

@@ -30,6 +30,7 @@ use crate::store::{DEFAULT_KEY_PREFIX, DEFAULT_TTL};
     printcolumn = r#"{"name":"Sessions","type":"integer","jsonPath":".status.sessions.total"}"#,
     printcolumn = r#"{"name":"Draining","type":"integer","jsonPath":".status.sessions.draining"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Gateway","type":"boolean","jsonPath":".spec.gateway.enabled"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -51,6 +52,10 @@ pub struct McpSessionPolicySpec {
     /// The rollout guard.
     #[serde(default)]
     pub rollout: RolloutSpec,
+    /// Gateway mode (docs/gateway.md): the proxy as a Deployment of its own in front of the
+    /// selected pods, so that a pod that dies costs no client its connection.
+    #[serde(default)]
+    pub gateway: GatewaySpec,
     /// What a session is bound to, so that no other client can use its id: `Identity` (a
     /// bearer JWT's issuer and subject, so that a refreshed token keeps the session; any other
     /// credential as a whole), `Credential` (the Authorization header as a whole: a refreshed
@@ -175,6 +180,47 @@ impl Default for InjectionSpec {
             upstream_port: default_upstream_port(),
             fingerprint_key_secret_ref: None,
             allowed_origins: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewaySpec {
+    /// Run a gateway for this policy: a Deployment, Service, PodDisruptionBudget and
+    /// ServiceAccount named `<policy>-gateway`, owned by the policy. Turn `injection` off with
+    /// it: the gateway is the proxy.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Gateway pods; two or more, so that one can stop while the other serves.
+    #[serde(default = "default_gateway_replicas")]
+    #[schemars(range(min = 1, max = 100))]
+    pub replicas: i32,
+    /// Port of the gateway's Service and pods: what clients connect to.
+    #[serde(default = "default_proxy_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// Port of the MCP server in each selected pod.
+    #[serde(default = "default_upstream_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub backend_port: i32,
+    /// The gateway container's resources (default: 100m CPU and 64Mi requested, 512Mi limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
+}
+
+fn default_gateway_replicas() -> i32 {
+    2
+}
+
+impl Default for GatewaySpec {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            replicas: default_gateway_replicas(),
+            port: default_proxy_port(),
+            backend_port: default_upstream_port(),
+            resources: None,
         }
     }
 }
@@ -348,6 +394,8 @@ pub mod condition {
     pub const SESSIONS_RETAINED: &str = "SessionsRetained";
     /// The Secret with the key the proxies fingerprint credentials with exists and holds it.
     pub const FINGERPRINT_KEY_READY: &str = "FingerprintKeyReady";
+    /// Gateway mode: the policy's gateway is written and has a ready pod (or none is wanted).
+    pub const GATEWAY_READY: &str = "GatewayReady";
 }
 
 /// The CustomResourceDefinition as YAML: what `mcp-session-operator crd` prints and

@@ -35,3 +35,36 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
     following.abort();
     served.context("the gateway failed")
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use crate::cli::{Cli, Command};
+    use crate::controller::gateway::{self, tests::*};
+
+    /// The contract between the controller and the CLI: the gateway the operator runs for a
+    /// policy has a command line the CLI's own parser reads as the policy says.
+    #[test]
+    fn the_gateway_the_operator_runs_is_the_cli_s_gateway() {
+        let objects = gateway::build(&policy(), &settings());
+        let container = &find(&objects, "Deployment")["spec"]["template"]["spec"]["containers"][0];
+        let args = container["args"]
+            .as_array()
+            .expect("args")
+            .iter()
+            .filter_map(|a| a.as_str())
+            .map(|a| a.replace("$(POD_NAME)", "api-gateway-0"));
+        let cli =
+            Cli::try_parse_from(std::iter::once("mcp-session-operator".to_owned()).chain(args))
+                .unwrap_or_else(|e| panic!("the gateway's command line does not parse: {e}"));
+        let Command::Gateway(parsed) = cli.command else {
+            panic!("not the gateway");
+        };
+        assert_eq!(parsed.policy.to_string(), "apps/api");
+        assert_eq!(parsed.backend_port, 3000);
+        assert_eq!(parsed.serving.listen, "0.0.0.0:9000".parse().unwrap());
+        assert_eq!(parsed.serving.admin_addr, "0.0.0.0:8091".parse().unwrap());
+        assert_eq!(parsed.serving.pod_name.as_deref(), Some("api-gateway-0"));
+    }
+}

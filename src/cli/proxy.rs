@@ -34,15 +34,15 @@ pub struct ProxyArgs {
 pub struct ServingArgs {
     /// Address clients connect to.
     #[arg(long)]
-    listen: SocketAddr,
+    pub(super) listen: SocketAddr,
     #[command(flatten)]
     redis: RedisArgs,
     /// Address of /healthz, /readyz, /drain, /metrics and /sessions.
     #[arg(long, default_value = "127.0.0.1:8091")]
-    admin_addr: SocketAddr,
+    pub(super) admin_addr: SocketAddr,
     /// This pod's name: the owner recorded for its sessions.
     #[arg(long, env = env::POD_NAME)]
-    pod_name: Option<String>,
+    pub(super) pod_name: Option<String>,
     /// How long a drain waits for in-flight requests.
     #[arg(long, default_value_t = 30)]
     drain_timeout: u64,

@@ -89,10 +89,11 @@ struct WebhookArgs {
     /// How often the certificate is checked (and its files re-read).
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     webhook_refresh_seconds: u64,
-    /// Image of the injected session proxy.
+    /// Image of the session proxy: the injected one and the gateways (default: this version of
+    /// the operator's image).
     #[arg(long, env = "MCP_SESSION_PROXY_IMAGE")]
     proxy_image: Option<String>,
-    /// Admin port of the injected proxy (health, drain).
+    /// Admin port of the injected proxy and the gateways (health, drain, metrics).
     #[arg(long, default_value_t = 8091, value_parser = clap::value_parser!(i32).range(1..65536))]
     proxy_admin_port: i32,
     /// How to inject: a native sidecar (Kubernetes >= 1.29), a classic one, or by the server's version.
@@ -246,6 +247,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         namespace: args.watch_namespace.clone(),
         deletion_cost_interval: Duration::from_secs(args.deletion_cost_interval_seconds),
         prune_interval: Duration::from_secs(args.prune_interval_seconds),
+        gateway: controller::gateway::Settings {
+            image: args
+                .webhook
+                .proxy_image
+                .clone()
+                .unwrap_or_else(|| webhook::InjectorConfig::default().image),
+            admin_port: args.webhook.proxy_admin_port,
+        },
         network_policies: args.webhook.network_policies.then(|| {
             controller::network_policy::Settings {
                 admin_port: args.webhook.proxy_admin_port,

@@ -9,6 +9,7 @@
 
 mod counting;
 mod deletion_cost;
+pub mod gateway;
 mod guard;
 pub mod leader;
 pub mod network_policy;
@@ -34,11 +35,12 @@ use serde_json::json;
 use tracing::{debug, instrument, warn};
 
 use self::counting::{FromRedis, from_redis};
+use self::gateway::GatewayState;
 use self::observe::{pod_totals, routing};
 use self::schedule::{jittered, requeue_after};
 use self::status::{KeyState, Observation};
 use self::stores::StorePool;
-use crate::api::{McpSessionPolicy, McpSessionPolicyStatus};
+use crate::api::{McpSessionPolicy, McpSessionPolicyStatus, condition};
 use crate::events::PolicyEvents;
 use crate::metrics::Metrics;
 
@@ -89,6 +91,8 @@ pub struct Config {
     pub prune_interval: Duration,
     /// Write a NetworkPolicy for each policy's injected pods.
     pub network_policies: Option<network_policy::Settings>,
+    /// What the gateways the operator runs are made of.
+    pub gateway: gateway::Settings,
 }
 
 impl Default for Config {
@@ -102,6 +106,10 @@ impl Default for Config {
             deletion_cost_interval: Duration::from_secs(30),
             prune_interval: Duration::from_secs(300),
             network_policies: None,
+            gateway: gateway::Settings {
+                image: crate::webhook::InjectorConfig::default().image,
+                admin_port: 8091,
+            },
         }
     }
 }
@@ -177,6 +185,7 @@ async fn reconcile_policy(
         warn!(%error, "cannot write the NetworkPolicy of the policy's pods");
     }
     let observation = Observation {
+        gateway: run_gateway(ctx, &policy, previous).await,
         fingerprint_key: fingerprint_key(ctx, &policy).await,
         routing: routing(&policy, &namespace, &selected, &ctx.services),
         retention: redis.retention,
@@ -258,9 +267,32 @@ async fn sessions_per_pod(
     pod_sessions
 }
 
+/// The policy's gateway written (or, turned off, stopped), and how it stands.
+async fn run_gateway(
+    ctx: &Context,
+    policy: &McpSessionPolicy,
+    previous: Option<&McpSessionPolicyStatus>,
+) -> GatewayState {
+    if policy.spec.gateway.enabled {
+        return gateway::apply(&ctx.client, policy, &ctx.config.gateway).await;
+    }
+    // Only a policy that had a gateway has one to stop: no writes on every reconcile.
+    let had_one = previous.is_some_and(|status| {
+        status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == condition::GATEWAY_READY && c.reason != "Disabled")
+    });
+    if had_one && let Err(error) = gateway::stop(&ctx.client, policy).await {
+        warn!(%error, "cannot stop the policy's gateway");
+        return GatewayState::Failed(format!("cannot stop the gateway: {error}"));
+    }
+    GatewayState::Disabled
+}
+
 /// The proxies' fingerprint key Secret, made sure of ([`crate::fingerprint_key::ensure`]).
 async fn fingerprint_key(ctx: &Context, policy: &McpSessionPolicy) -> KeyState {
-    if !policy.spec.injection.enabled {
+    if !policy.spec.injection.enabled && !policy.spec.gateway.enabled {
         return KeyState::NotNeeded;
     }
     match crate::fingerprint_key::ensure(&ctx.client, policy, false).await {

@@ -3,6 +3,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
+use super::gateway::GatewayState;
 use crate::api::{
     FingerprintKey, McpSessionPolicyStatus, PodSessions, PodTotals, RolloutStatus, SessionTotals,
     condition,
@@ -102,6 +103,31 @@ pub struct Observation {
     /// refused).
     pub retention: Option<RetentionVerdict>,
     pub fingerprint_key: KeyState,
+    pub gateway: GatewayState,
+}
+
+/// The `GatewayReady` condition.
+fn gateway_ready(state: &GatewayState) -> Assessment {
+    match state {
+        GatewayState::Disabled => Assessment::new(
+            Status::True,
+            "Disabled",
+            "No gateway runs for this policy".to_owned(),
+        ),
+        GatewayState::Running { ready, replicas } if *ready > 0 => Assessment::new(
+            Status::True,
+            "Available",
+            format!("{ready} of {replicas} gateway pods ready"),
+        ),
+        GatewayState::Running { replicas, .. } => Assessment::new(
+            Status::False,
+            "Unavailable",
+            format!("none of {replicas} gateway pods is ready"),
+        ),
+        GatewayState::Failed(message) => {
+            Assessment::new(Status::False, "WriteFailed", message.clone())
+        }
+    }
 }
 
 /// The Secret with the proxies' fingerprint key.
@@ -273,6 +299,10 @@ pub fn build(
             condition::FINGERPRINT_KEY_READY,
             fingerprint_key_ready(&observation.fingerprint_key),
         ),
+        (
+            condition::GATEWAY_READY,
+            gateway_ready(&observation.gateway),
+        ),
     ]
     .into_iter()
     .map(|(type_, assessment)| condition(previous, observation.generation, type_, assessment))
@@ -396,6 +426,13 @@ pub fn transitions(
             events.push((true, new.reason.clone(), new.message.clone()));
         }
     }
+    // A gateway starting is unavailable for a while: only one that cannot be written is news.
+    if let Some(new) = after(condition::GATEWAY_READY)
+        && new.reason == "WriteFailed"
+        && before(condition::GATEWAY_READY).is_none_or(|old| old.message != new.message)
+    {
+        events.push((true, "GatewayWriteFailed".to_owned(), new.message.clone()));
+    }
     // Its message counts evictions, which grow: a new reason is news, a new count is not.
     if let Some(new) = after(condition::SESSIONS_RETAINED)
         && new.status == Status::False.as_str()
@@ -413,6 +450,7 @@ mod tests {
 
     fn observation(counts: Result<SessionCounts, Problem>) -> Observation {
         Observation {
+            gateway: GatewayState::Disabled,
             generation: Some(2),
             counts,
             pod_sessions: vec![("web-0".into(), 3)],

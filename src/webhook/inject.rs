@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 
 use crate::api::McpSessionPolicy;
 use crate::cli::env;
+use crate::wiring;
 
 /// Name of the injected container.
 pub const PROXY_CONTAINER: &str = "mcp-session-proxy";
@@ -170,42 +171,24 @@ pub(crate) fn proxy_container(
     drain_token: &str,
 ) -> Value {
     let spec = &policy.spec;
-    let field = |path: &str| json!({"fieldRef": {"fieldPath": path}});
-    let mut env = vec![json!({"name": env::POD_NAME, "valueFrom": field("metadata.name")})];
-    // The URL may hold a password: from the Secret by reference, never copied into the pod.
-    match (&spec.redis.url_secret_ref, &spec.redis.url) {
-        (Some(secret), _) => env.push(json!({"name": env::REDIS_URL,
-            "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}})),
-        (None, Some(url)) => env.push(json!({"name": env::REDIS_URL, "value": url})),
-        (None, None) => {}
-    }
-    if spec.redis.cluster {
-        env.push(json!({"name": env::REDIS_CLUSTER, "value": "true"}));
-    }
-    let key = policy.fingerprint_key();
-    let secret = key.secret();
-    env.push(json!({"name": env::FINGERPRINT_KEY,
-        "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}}));
+    let wiring = wiring::of(policy);
+    let mut env = wiring.env;
     env.push(json!({"name": env::DRAIN_TOKEN, "value": drain_token}));
-    if !spec.injection.allowed_origins.is_empty() {
-        env.push(json!({"name": env::ALLOWED_ORIGINS,
-            "value": spec.injection.allowed_origins.join(",")}));
-    }
     let admin = config.admin_port;
+    let mut args = vec![
+        "proxy".to_owned(),
+        "--listen".to_owned(),
+        format!("0.0.0.0:{}", spec.injection.proxy_port),
+        "--upstream".to_owned(),
+        format!("http://127.0.0.1:{}", spec.injection.upstream_port),
+        "--admin-addr".to_owned(),
+        format!("0.0.0.0:{admin}"),
+    ];
+    args.extend(wiring.args);
     let mut container = json!({
         "name": PROXY_CONTAINER,
         "image": config.image,
-        "args": [
-            "proxy",
-            "--listen", format!("0.0.0.0:{}", spec.injection.proxy_port),
-            "--upstream", format!("http://127.0.0.1:{}", spec.injection.upstream_port),
-            "--admin-addr", format!("0.0.0.0:{admin}"),
-            "--pod-name", "$(POD_NAME)",
-            "--drain-timeout", spec.drain.timeout_seconds.to_string(),
-            "--binding", spec.binding.as_flag(),
-            "--key-prefix", spec.redis.key_prefix,
-            "--ttl-seconds", spec.ttl_seconds.to_string(),
-        ],
+        "args": args,
         "env": env,
         "ports": [
             {"name": "mcp", "containerPort": spec.injection.proxy_port, "protocol": "TCP"},
@@ -214,11 +197,7 @@ pub(crate) fn proxy_container(
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": admin}, "periodSeconds": 2, "failureThreshold": 1},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": admin}, "periodSeconds": 10, "failureThreshold": 3},
         "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
-        "securityContext": {
-            "runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532,
-            "readOnlyRootFilesystem": true, "allowPrivilegeEscalation": false,
-            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": wiring::restricted_security_context(),
     });
     if let Some(policy) = &config.image_pull_policy {
         container["imagePullPolicy"] = json!(policy);

@@ -12,6 +12,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::authorization::v1::SubjectAccessReview;
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -373,6 +374,23 @@ pub async fn apply_object(
     api.patch(&name, &params, &Patch::Apply(object))
         .await
         .map(drop)
+}
+
+/// Whether `user` (a service account, by its user name) may do what `attributes` say
+/// (`kubectl auth can-i --as=...`), by a SubjectAccessReview.
+pub async fn can(client: &Client, user: &str, attributes: serde_json::Value) -> bool {
+    let review: SubjectAccessReview = serde_json::from_value(serde_json::json!({
+        "spec": {"user": user, "groups": ["system:serviceaccounts", "system:authenticated"],
+                 "resourceAttributes": attributes}
+    }))
+    .expect("review");
+    let reviews: Api<SubjectAccessReview> = Api::all(client.clone());
+    reviews
+        .create(&PostParams::default(), &review)
+        .await
+        .expect("SubjectAccessReview")
+        .status
+        .is_some_and(|s| s.allowed)
 }
 
 /// Polls `condition` every 100 ms until it holds; panics naming `what` after `timeout`.

@@ -353,9 +353,21 @@ pub async fn client_through_restarts(
     use tokio::io::AsyncBufReadExt as _;
     let mut child = start_client(sdk, url, seconds, "Bearer client-token");
     let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
-    // With a call log, the stops are timed from the client's first call, not from its start:
-    // on a loaded machine a Python client takes a second or two to import its SDK, and stops
-    // timed from its start would fall before it had called at all.
+    // The stops are timed from the client's first call, not from its start: on a loaded
+    // machine a Python client takes seconds to import its SDK, and stops timed from its start
+    // would fall before it had a session at all. The first call is the server's first logged
+    // one, or the client's first line (it prints one per call).
+    if call_log.is_none() {
+        let first = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .expect("the client never called")
+            .expect("client output")
+            .expect("the client ended before calling");
+        assert!(
+            first.starts_with("ok ") || first.starts_with("error "),
+            "not a call: {first}"
+        );
+    }
     if let Some(log) = call_log {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while !std::fs::read_to_string(log).is_ok_and(|l| l.contains("received")) {

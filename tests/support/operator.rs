@@ -31,6 +31,7 @@ pub async fn operator_kubeconfig(
         include_str!("../../config/rbac/service_account.yaml"),
         include_str!("../../config/rbac/role.yaml"),
         include_str!("../../config/rbac/role_binding.yaml"),
+        include_str!("../../config/rbac/role_gateways.yaml"),
     ];
     for file in files {
         for document in file.split("\n---\n") {
