@@ -29,7 +29,7 @@ use support::containers::LocalContainers;
 use support::control_plane::{TestNamespace, control_plane, wait_for};
 use support::kubelet::KubeletStandIn;
 use support::operator::{
-    Operator, PROXY_IMAGE, gateway_kubeconfig, install_crd, operator_kubeconfig, wait_webhook_ready,
+    Operator, PROXY_IMAGE, install_crd, operator_kubeconfig, wait_webhook_ready,
 };
 use support::redis::RedisServer;
 use tokio::io::AsyncBufReadExt as _;
@@ -95,8 +95,8 @@ fn images(container: &Container, ip: Ipv4Addr) -> Option<std::process::Command> 
 enum Mode {
     /// Through the Service, to the session proxy the webhook injected into each pod.
     Sidecar,
-    /// Through a gateway (`mcp-session-operator gateway`) in front of the pods, which run
-    /// their MCP server alone.
+    /// Through the policy's gateway, which the operator runs (`spec.gateway`) in front of the
+    /// pods; they run their MCP server alone.
     Gateway,
 }
 
@@ -147,7 +147,9 @@ impl Bed {
             "spec": {"selector": {"matchLabels": {"app": APP}}, "redis": {"url": redis.url()},
                      "drain": {"timeoutSeconds": 20}, "rollout": rollout,
                      "injection": {"enabled": mode == Mode::Sidecar,
-                                   "fingerprintKeySecretRef": {"name": "mcp-keys", "key": "fingerprint"}}},
+                                   "fingerprintKeySecretRef": {"name": "mcp-keys", "key": "fingerprint"}},
+                     "gateway": {"enabled": mode == Mode::Gateway, "replicas": Gateway::REPLICAS,
+                                 "port": 8090, "backendPort": 8000}},
         }))
         .expect("policy");
         // The key every proxy of the policy fingerprints credentials with.
@@ -204,7 +206,7 @@ impl Bed {
         service.wait_ready(3).await;
         let gateway = match mode {
             Mode::Sidecar => None,
-            Mode::Gateway => Some(Gateway::start(&ns, &redis).await),
+            Mode::Gateway => Some(Gateway::start(&ns).await),
         };
         Self {
             ns,
@@ -221,7 +223,9 @@ impl Bed {
 
     /// The port clients connect to: the gateway's, or the Service's.
     fn entry_port(&self) -> u16 {
-        self.gateway.as_ref().map_or(self.service.port, |g| g.port)
+        self.gateway
+            .as_ref()
+            .map_or(self.service.port, |g| g.service.port)
     }
 
     fn client(&self) -> &Client {
@@ -349,64 +353,58 @@ impl Bed {
     }
 }
 
-/// A gateway process in front of the policy's pods, as its Deployment would run it: with the
-/// least privilege of config/rbac/gateway.yaml, its own pod name for the sessions it claims.
+/// The policy's gateway as the operator runs it (`spec.gateway`): a Deployment of 2 gateway
+/// pods, run by the kubelet stand-in with their service account's credentials, reached
+/// through their Service as kube-proxy would.
 struct Gateway {
-    port: u16,
-    admin: u16,
-    _process: support::Process,
+    service: Balancer,
+    client: Client,
+    namespace: String,
 }
 
 impl Gateway {
-    async fn start(ns: &TestNamespace, redis: &RedisServer) -> Self {
-        let kubeconfig = gateway_kubeconfig(control_plane(), &ns.client, &ns.name).await;
-        let (port, admin) = (support::free_port(), support::free_port());
-        let log = support::process_dir("mcp-gateway-test").join(format!("gateway-{port}.log"));
-        eprintln!("gateway log: {}", log.display());
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mcp-session-operator"));
-        command
-            .args(["gateway", "--policy", &format!("{}/{APP}", ns.name)])
-            .args(["--backend-port", "8000", "--pod-name", "gateway-0"])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
-            .args(["--redis-url", &redis.url()])
-            .args(["--fingerprint-key", "rollout-test-key"])
-            .env("KUBECONFIG", &kubeconfig)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("gateway log"));
-        let process = support::Process::start(&mut command, "the gateway");
-        support::wait_listening(admin).await;
-        wait_for(
-            TIMEOUT,
-            "the gateway ready (its pod watch listed)",
-            || async {
-                let answer = support::admin_get(admin, "/readyz", "").await;
-                answer
-                    .lines()
-                    .next()
-                    .is_some_and(|status| status.contains(" 200 "))
-            },
-        )
-        .await;
+    const REPLICAS: usize = 2;
+
+    async fn start(ns: &TestNamespace) -> Self {
+        let service =
+            Balancer::follow_endpoints(ns.client.clone(), &ns.name, &format!("{APP}-gateway"))
+                .await;
+        service.wait_ready(Self::REPLICAS).await;
         Self {
-            port,
-            admin,
-            _process: process,
+            service,
+            client: ns.client.clone(),
+            namespace: ns.name.clone(),
         }
     }
 
-    /// The gateway's counter `name` with outcome `outcome`, 0 while it has none.
+    /// The gateway pods' counter `name` with outcome `outcome`, summed.
     async fn counter(&self, name: &str, outcome: &str) -> u64 {
-        let metrics = support::admin_get(self.admin, "/metrics", "").await;
+        let pods = Api::<Pod>::namespaced(self.client.clone(), &self.namespace)
+            .list(&ListParams::default().labels(&format!("mcpsession.dev/gateway={APP}")))
+            .await
+            .expect("list the gateway pods");
         let series = format!(r#"{name}{{outcome="{outcome}"}} "#);
-        metrics
-            .lines()
-            .find_map(|line| line.strip_prefix(&series))
-            .and_then(|value| value.trim().parse().ok())
-            .unwrap_or(0)
+        let mut sum = 0;
+        for pod in pods.items {
+            let Some(ip) = pod.status.and_then(|s| s.pod_ip) else {
+                continue;
+            };
+            let address = format!("{ip}:{GATEWAY_ADMIN_PORT}");
+            let Some(metrics) = support::get_at(&address, "/metrics", "").await else {
+                continue;
+            };
+            sum += metrics
+                .lines()
+                .find_map(|line| line.strip_prefix(&series))
+                .and_then(|value| value.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        sum
     }
 }
+
+/// The admin port of the gateways the operator runs (its `--proxy-admin-port`).
+const GATEWAY_ADMIN_PORT: u16 = 8091;
 
 /// Until the webhook has the policy: a dry-run pod comes back with the proxy.
 async fn wait_injecting(ns: &TestNamespace) {

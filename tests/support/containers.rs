@@ -1,7 +1,8 @@
 //! A container runtime for the kubelet stand-in: runs each container of a pod as a local
 //! process, from the pod spec as the apiserver stored it (after admission), so that what the
 //! webhook injected is what runs. The test maps images to programs; the runtime does the rest
-//! as a kubelet would: environment from values and the downward API, `localhost` and
+//! as a kubelet would: environment from values and the downward API, the service account's
+//! credentials (a kubeconfig in `KUBECONFIG`), `localhost` and
 //! `0.0.0.0` as the pod's own loopback IP, readiness from the `httpGet` readiness probes,
 //! each container's `httpGet` preStop hook then its SIGTERM, SIGKILL after the grace period.
 
@@ -53,7 +54,10 @@ impl LocalContainers {
     /// A container's process, from the stored spec; `None` for an image the test does not know.
     async fn spawn(&self, pod: &Pod, container: &Container, ip: Ipv4Addr) -> Option<Child> {
         let mut command = (self.images)(container, ip)?;
-        let env = environment(&self.client, container, pod, ip).await;
+        let mut env = environment(&self.client, container, pod, ip).await;
+        if let Some(kubeconfig) = service_account_kubeconfig(pod).await {
+            env.insert("KUBECONFIG".to_owned(), kubeconfig);
+        }
         localize(&mut command, container, env, ip);
         command.stdin(Stdio::null());
         super::die_with_parent(&mut command);
@@ -179,6 +183,26 @@ async fn environment(
         env.insert(var.name.clone(), value);
     }
     env
+}
+
+/// The credentials of the pod's service account, as the kubelet mounts its token: a kubeconfig
+/// with a token minted for the account (`None` for the namespace's `default` account, which no
+/// test's program uses).
+async fn service_account_kubeconfig(pod: &Pod) -> Option<String> {
+    let account = pod
+        .spec
+        .as_ref()?
+        .service_account_name
+        .as_deref()
+        .filter(|a| *a != "default")?;
+    let namespace = pod.namespace().unwrap_or_default();
+    let plane = super::control_plane::control_plane();
+    let token = plane.token_for(&namespace, account).await;
+    let path = plane
+        .dir
+        .join(format!("kubeconfig-pod-{namespace}-{}", pod.name_any()));
+    plane.write_kubeconfig(&path, &token);
+    Some(path.display().to_string())
 }
 
 /// The program line a container runs, with the pod's environment and addresses.

@@ -114,16 +114,21 @@ pub async fn wait_listening(port: u16) {
 
 /// A GET on a proxy's admin port with `drain_token`: the whole HTTP/1.0 answer.
 pub async fn admin_get(port: u16, path: &str, drain_token: &str) -> String {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+    get_at(&format!("127.0.0.1:{port}"), path, drain_token)
         .await
-        .expect("admin");
+        .expect("admin")
+}
+
+/// [`admin_get`] at any `address` (`ip:port`); `None` if it cannot be reached.
+pub async fn get_at(address: &str, path: &str, drain_token: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
     let request =
         format!("GET {path} HTTP/1.0\r\nHost: x\r\nX-Mcp-Drain-Token: {drain_token}\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.expect("write");
+    stream.write_all(request.as_bytes()).await.ok()?;
     let mut text = String::new();
-    stream.read_to_string(&mut text).await.expect("read");
-    text
+    stream.read_to_string(&mut text).await.ok()?;
+    Some(text)
 }
 
 /// One HTTP/1.1 request to a loopback `port` on a fresh connection: the response, its body

@@ -55,20 +55,6 @@ async fn account_kubeconfig(plane: &ControlPlane, namespace: &str, account: &str
     path
 }
 
-/// Applies `config/rbac/gateway.yaml` in `namespace` (the gateway's service account, its Role
-/// and binding) and returns a kubeconfig path with a token of that account.
-pub async fn gateway_kubeconfig(plane: &ControlPlane, client: &Client, namespace: &str) -> PathBuf {
-    for document in include_str!("../../config/rbac/gateway.yaml").split("\n---\n") {
-        let text = document.replace("namespace: default", &format!("namespace: {namespace}"));
-        let mut object: DynamicObject = serde_yaml::from_str(&text).expect("RBAC object");
-        object.metadata.namespace = Some(namespace.to_owned());
-        apply_object(client, &object, false)
-            .await
-            .expect("apply the gateway's RBAC");
-    }
-    account_kubeconfig(plane, namespace, "mcp-session-gateway").await
-}
-
 /// A test namespace with the CRD installed and a kubeconfig of an operator service account in
 /// it: where most operator tests begin.
 pub struct OperatorNamespace {
