@@ -91,9 +91,11 @@ impl Backend {
         self.discovered
     }
 
-    /// Whether new requests and sessions may go to it.
+    /// Whether new requests and sessions may go to it. The fixed backend always does (requests
+    /// wait for it): asked on every request, it reads no clock.
     pub fn takes_requests(&self) -> bool {
-        self.serving.load(Ordering::Relaxed) && self.now_ms() >= self.paused_until()
+        !self.discovered
+            || (self.serving.load(Ordering::Relaxed) && self.now_ms() >= self.paused_until())
     }
 
     /// It refused a connection: no new requests for a while (a discovered backend only; the
