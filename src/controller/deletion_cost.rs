@@ -17,6 +17,8 @@ use kube::{Client, ResourceExt as _};
 use serde_json::json;
 use tracing::{debug, warn};
 
+use crate::api::pod;
+
 pub const ANNOTATION: &str = "controller.kubernetes.io/pod-deletion-cost";
 
 /// The cost for a pod holding `sessions` (the annotation is an int32).
@@ -50,7 +52,7 @@ impl Writer {
     ) -> usize {
         let mut patched = 0;
         for (pod, sessions) in pods {
-            if pod.metadata.deletion_timestamp.is_some() {
+            if pod::is_terminating(pod) {
                 continue; // Going anyway.
             }
             let current = pod.annotations().get(ANNOTATION).map(String::as_str);

@@ -157,9 +157,9 @@ mod tests {
             status.pod_ip = Some(ip.into());
         }
         if deleting {
-            pod.metadata.deletion_timestamp = pod.metadata.creation_timestamp.clone().or(Some(
+            pod.metadata.deletion_timestamp = Some(
                 k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Default::default()),
-            ));
+            );
         }
         pod
     }

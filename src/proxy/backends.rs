@@ -35,7 +35,8 @@ pub struct Backend {
     /// A refused connection pauses it until this, in ms since `epoch`.
     paused_until_ms: AtomicU64,
     epoch: Instant,
-    /// Sessions (and requests in flight with them) assigned to it.
+    /// Sessions (and requests in flight with them) assigned to it; counted for discovered
+    /// backends only, the ones a new session chooses among.
     assigned: AtomicUsize,
     /// Whether its failures end at once, for the request to go to another backend
     /// (discovered), or are waited out (the fixed one restarts in place).
@@ -68,11 +69,6 @@ impl Backend {
 
     pub fn name(&self) -> &str {
         &self.name
-    }
-
-    /// `host:port`.
-    pub fn address(&self) -> &str {
-        &self.address
     }
 
     pub fn host(&self) -> &HeaderValue {
@@ -130,11 +126,15 @@ impl fmt::Debug for Backend {
 }
 
 /// A backend a session (or a request) is assigned to; counted in its load while it lives.
+/// The fixed backend is not counted: it is the only choice, and every serving thread would
+/// write the one counter on every request.
 pub struct Assigned(Arc<Backend>);
 
 impl Assigned {
     fn new(backend: Arc<Backend>) -> Self {
-        backend.assigned.fetch_add(1, Ordering::Relaxed);
+        if backend.discovered {
+            backend.assigned.fetch_add(1, Ordering::Relaxed);
+        }
         Self(backend)
     }
 
@@ -152,7 +152,9 @@ impl Clone for Assigned {
 
 impl Drop for Assigned {
     fn drop(&mut self) {
-        self.0.assigned.fetch_sub(1, Ordering::Relaxed);
+        if self.0.discovered {
+            self.0.assigned.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -322,8 +324,9 @@ impl Backends {
             .min()
     }
 
-    /// Every backend and its assigned sessions, for the admin port and tests.
-    pub fn loads(&self) -> Vec<(String, usize, bool)> {
+    /// Every backend, its assigned sessions, and whether it takes requests.
+    #[cfg(test)]
+    fn loads(&self) -> Vec<(String, usize, bool)> {
         self.read()
             .iter()
             .map(|b| (b.name.to_string(), b.load(), b.takes_requests()))
@@ -411,6 +414,11 @@ mod tests {
     fn the_fixed_backend_is_always_the_one() {
         let backends = Backends::fixed(&"http://127.0.0.1:9".parse().expect("uri"), 2);
         let backend = backends.pick().expect("the one");
+        assert_eq!(
+            backends.loads()[0].1,
+            0,
+            "the fixed backend's load is not counted"
+        );
         backend.refused();
         assert!(backends.pick().is_some_and(|b| b.same(&backend)));
         assert_eq!(backends.local_address().as_deref(), Some("127.0.0.1:9"));
