@@ -1,8 +1,8 @@
 //! Proxy overhead: `scripts/bench.sh proxy` (installs nginx and HAProxy from Debian first), or
 //! `cargo bench --bench proxy` where they are installed (`-- --quick` for a short run).
 //!
-//! In one run: a minimal MCP server written here (JSON answers, sessions, an echo tool: as fast
-//! as an upstream gets), one redis-server, and three reverse proxies in front of the server: nginx
+//! In one run: a minimal MCP server (benches/common/echo.rs: JSON answers, sessions, an echo tool:
+//! as fast as an upstream gets), one redis-server, and three reverse proxies in front of the server: nginx
 //! (2 workers, keep-alive connections to the upstream), HAProxy (2 threads, connection reuse) and
 //! this proxy with Redis. Each path, the direct one first, is loaded the same way: `tools/call`
 //! over 16 sessions at a fixed 2,000 calls per second (the latency each proxy adds to the direct
@@ -13,6 +13,7 @@
 //! latency. Then 100,000 sessions are created through this proxy and left idle, for its memory
 //! per session.
 
+mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -21,8 +22,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::IntoResponse;
+use axum::http::StatusCode;
+use common::usage::{Usage, rss_bytes};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
@@ -45,40 +46,6 @@ fn main() {
         .build()
         .expect("runtime");
     runtime.block_on(run(Duration::from_secs(seconds), idle));
-}
-
-/// The upstream: an MCP server reduced to what a session needs.
-async fn echo_server(port: u16) {
-    async fn handle(headers: HeaderMap, body: Bytes) -> axum::response::Response {
-        let message: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        let id = message.get("id").cloned();
-        match message.get("method").and_then(Value::as_str) {
-            Some("initialize") => {
-                let session = format!("{:032x}", rand::random::<u128>());
-                let result = json!({"jsonrpc": "2.0", "id": id, "result": {"protocolVersion": "2025-06-18",
-                    "capabilities": {"tools": {}}, "serverInfo": {"name": "echo", "version": "1"}}});
-                (
-                    [
-                        ("mcp-session-id", session),
-                        ("content-type", "application/json".into()),
-                    ],
-                    result.to_string(),
-                )
-                    .into_response()
-            }
-            _ if headers.get("mcp-session-id").is_none() => StatusCode::BAD_REQUEST.into_response(),
-            _ if id.is_none() => StatusCode::ACCEPTED.into_response(),
-            _ => {
-                let result = json!({"jsonrpc": "2.0", "id": id, "result": {"content": [{"type": "text", "text": message["params"]["arguments"]["text"]}]}});
-                ([("content-type", "application/json")], result.to_string()).into_response()
-            }
-        }
-    }
-    let app = axum::Router::new().route("/mcp", axum::routing::post(handle));
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .expect("bind");
-    tokio::spawn(async move { axum::serve(listener, app).await });
 }
 
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
@@ -236,93 +203,6 @@ async fn round(
         .zip(before)
         .map(|(pid, before)| Usage::of(pid).since(before));
     (samples, usage)
-}
-
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |k| k * 1024)
-}
-
-/// CPU time and context switches a proxy spent: its process, its threads and its child
-/// processes (nginx's workers), from /proc.
-#[derive(Debug, Default, Clone, Copy)]
-struct Usage {
-    cpu: Duration,
-    switches: u64,
-}
-
-impl Usage {
-    fn of(pid: u32) -> Self {
-        // SAFETY: sysconf reads a constant of the system; no memory is touched.
-        let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-        let mut usage = Self::default();
-        for process in std::iter::once(pid).chain(children(pid)) {
-            let stat = proc_stat(process).unwrap_or_default();
-            // utime and stime: the 14th and 15th fields.
-            let ticks: u64 = [14, 15]
-                .iter()
-                .filter_map(|&field| stat_field(&stat, field))
-                .sum();
-            usage.cpu += Duration::from_secs_f64(ticks as f64 / ticks_per_second);
-            let tasks = std::fs::read_dir(format!("/proc/{process}/task"))
-                .into_iter()
-                .flatten();
-            for task in tasks.flatten() {
-                let status =
-                    std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
-                usage.switches += status
-                    .lines()
-                    .filter(|l| l.contains("ctxt_switches:"))
-                    .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                    .sum::<u64>();
-            }
-        }
-        usage
-    }
-
-    fn since(self, before: Self) -> Self {
-        Self {
-            cpu: self.cpu.saturating_sub(before.cpu),
-            switches: self.switches.saturating_sub(before.switches),
-        }
-    }
-
-    fn add(&mut self, other: Self) {
-        self.cpu += other.cpu;
-        self.switches += other.switches;
-    }
-}
-
-/// The processes whose parent (the 4th field) is `pid`.
-fn children(pid: u32) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&child| {
-            proc_stat(child).and_then(|stat| stat_field(&stat, 4)) == Some(u64::from(pid))
-        })
-        .collect()
-}
-
-fn proc_stat(pid: u32) -> Option<String> {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()
-}
-
-/// The numeric field `field` (counted from 1, as proc(5) does) of a `/proc/{pid}/stat` line.
-fn stat_field(stat: &str, field: usize) -> Option<u64> {
-    // The command (field 2) may hold spaces and parentheses: fields 3 on follow its last ')'.
-    let (_, rest) = stat.rsplit_once(')')?;
-    rest.split_whitespace()
-        .nth(field.checked_sub(3)?)?
-        .parse()
-        .ok()
 }
 
 /// A process stopped when dropped: asked with SIGTERM first, since nginx's master stops its
@@ -491,7 +371,10 @@ async fn run(duration: Duration, idle: usize) {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let upstream = free_port();
-    echo_server(upstream).await;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", upstream))
+        .await
+        .expect("bind the upstream");
+    tokio::spawn(common::echo::serve(listener, std::future::pending()));
     let ports = [free_port(), free_port(), free_port(), free_port()];
     let [nginx_port, haproxy_port, proxy_port, admin] = ports;
     let _nginx = nginx(dir.path(), nginx_port, upstream);

@@ -12,70 +12,41 @@ mod support;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::TryStreamExt as _;
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Container, Pod, Secret, Service};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt as _};
-use mcp_session_operator::api::{McpSessionPolicy, McpSessionPolicyStatus, RolloutStatus, pod};
-use mcp_session_operator::store::{RedisStore, SessionStore};
+use kube::ResourceExt as _;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use mcp_session_operator::store::SessionStore;
 use serde_json::{Value, json};
-use support::balancer::Balancer;
+use support::bed::{APP, Bed, Mode, TIMEOUT, V1, V2};
 use support::clients::ClientRun;
-use support::containers::LocalContainers;
-use support::control_plane::{TestNamespace, control_plane, wait_for};
-use support::kubelet::KubeletStandIn;
-use support::operator::{
-    Operator, PROXY_IMAGE, install_crd, operator_kubeconfig, wait_webhook_ready,
-};
-use support::redis::RedisServer;
+use support::control_plane::wait_for;
 use tokio::io::AsyncBufReadExt as _;
 
-const APP: &str = "mcp";
-const TIMEOUT: Duration = Duration::from_secs(120);
 /// The tool most clients call: without annotations, as most real tools are.
 const UNANNOTATED: &str = "add";
 /// The same tool annotated read-only: a call of it may always be sent again.
 const READ_ONLY: &str = "add_read_only";
 /// Clients per SDK; 50 in all.
 const CLIENTS_PER_SDK: usize = 25;
-/// The backend's versions: the image names the test's container runtime knows.
-const V1: &str = "example/mcp-server:1";
-const V2: &str = "example/mcp-server:2";
 /// A broken new version: it refuses every `initialize`, so stored sessions cannot be replayed.
 const V2_REFUSING: &str = "example/mcp-server:2-refuses-initialize";
 
 /// The webhook configurations are cluster-wide: one operator (one test) at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// What each image runs: this crate's binary for the injected proxy (its args are the pod
-/// spec's), the Python SDK test server for the backend.
-fn images(container: &Container, ip: Ipv4Addr) -> Option<std::process::Command> {
-    let image = container.image.as_deref()?;
-    let log = || {
-        if std::env::var_os("MCP_TEST_PROXY_LOG").is_some() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
-        }
-    };
-    if image == PROXY_IMAGE {
-        let mut proxy = std::process::Command::new(env!("CARGO_BIN_EXE_mcp-session-operator"));
-        proxy.stdout(Stdio::null()).stderr(log());
-        return Some(proxy);
-    }
+/// The bed of a scenario, its backend the Python SDK test server.
+async fn bed(prefix: &str, rollout: Value, mode: Mode) -> Bed {
+    Bed::start(prefix, rollout, mode, python_server).await
+}
+
+/// The backend's images: the Python SDK test server, which [`V2_REFUSING`] runs refusing every
+/// `initialize`.
+fn python_server(image: &str, port: u16, ip: Ipv4Addr) -> Option<std::process::Command> {
     if ![V1, V2, V2_REFUSING].contains(&image) {
         return None;
     }
-    let port = container
-        .ports
-        .iter()
-        .flatten()
-        .next()
-        .map_or(8000, |p| p.container_port);
     let mut server = std::process::Command::new(
         std::env::var("MCP_TEST_PYTHON").unwrap_or_else(|_| "python3".into()),
     );
@@ -88,345 +59,6 @@ fn images(container: &Container, ip: Ipv4Addr) -> Option<std::process::Command> 
         server.arg("--refuse-initialize");
     }
     Some(server)
-}
-
-/// How clients reach the backend pods.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    /// Through the Service, to the session proxy the webhook injected into each pod.
-    Sidecar,
-    /// Through the policy's gateway, which the operator runs (`spec.gateway`) in front of the
-    /// pods; they run their MCP server alone.
-    Gateway,
-}
-
-/// The test bed of one scenario.
-struct Bed {
-    ns: TestNamespace,
-    _operator_ns: TestNamespace,
-    operator: Operator,
-    redis: RedisServer,
-    runtime: Arc<LocalContainers>,
-    _kubelet: KubeletStandIn,
-    deployments: Api<Deployment>,
-    service: Balancer,
-    /// Gateway mode: the gateway the clients connect to.
-    gateway: Option<Gateway>,
-}
-
-impl Bed {
-    /// Everything up to 3 ready pods behind the Service, their proxies injected; `rollout` is
-    /// the policy's `spec.rollout`.
-    async fn start(prefix: &str, rollout: Value) -> Self {
-        Self::start_in(prefix, rollout, Mode::Sidecar).await
-    }
-
-    /// [`Self::start`], in `mode`: in gateway mode nothing is injected (the policy turns
-    /// injection off), and a gateway follows the 3 pods.
-    async fn start_in(prefix: &str, rollout: Value, mode: Mode) -> Self {
-        let plane = control_plane();
-        let ns = plane.namespace(prefix).await;
-        let operator_ns = plane.namespace(&format!("{prefix}-op")).await;
-        install_crd(&ns.client).await;
-        let kubeconfig = operator_kubeconfig(plane, &ns.client, &operator_ns.name).await;
-        // Persisted as a production Redis would be, so a restart loses nothing written.
-        let redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
-        let port = support::free_port();
-        let operator = Operator::start_with_webhook(
-            &kubeconfig,
-            &operator_ns.name,
-            &ns.name,
-            "op-rollout",
-            port,
-            &[],
-        );
-        wait_webhook_ready(&ns.client, port).await;
-        let policy: McpSessionPolicy = serde_json::from_value(json!({
-            "apiVersion": "mcpsession.dev/v1alpha1", "kind": "McpSessionPolicy",
-            "metadata": {"name": APP},
-            "spec": {"selector": {"matchLabels": {"app": APP}}, "redis": {"url": redis.url()},
-                     "drain": {"timeoutSeconds": 20}, "rollout": rollout,
-                     "injection": {"enabled": mode == Mode::Sidecar,
-                                   "fingerprintKeySecretRef": {"name": "mcp-keys", "key": "fingerprint"}},
-                     "gateway": {"enabled": mode == Mode::Gateway, "replicas": Gateway::REPLICAS,
-                                 "port": 8090, "backendPort": 8000}},
-        }))
-        .expect("policy");
-        // The key every proxy of the policy fingerprints credentials with.
-        let keys: Secret = serde_json::from_value(json!({
-            "metadata": {"name": "mcp-keys"}, "stringData": {"fingerprint": "rollout-test-key"},
-        }))
-        .expect("secret");
-        Api::<Secret>::namespaced(ns.client.clone(), &ns.name)
-            .create(&PostParams::default(), &keys)
-            .await
-            .expect("create the key Secret");
-        Api::<McpSessionPolicy>::namespaced(ns.client.clone(), &ns.name)
-            .patch(
-                APP,
-                &PatchParams::apply("tests").force(),
-                &Patch::Apply(&policy),
-            )
-            .await
-            .expect("apply the policy");
-        if mode == Mode::Sidecar {
-            wait_injecting(&ns).await;
-        }
-
-        let runtime = Arc::new(LocalContainers::new(Box::new(images), ns.client.clone()));
-        let kubelet = KubeletStandIn::start(ns.client.clone(), &ns.name, runtime.clone()).await;
-        let service: Service = serde_json::from_value(json!({
-            "metadata": {"name": APP},
-            "spec": {"selector": {"app": APP}, "ports": [{"port": 80, "targetPort": "mcp"}]},
-        }))
-        .expect("service");
-        Api::<Service>::namespaced(ns.client.clone(), &ns.name)
-            .create(&PostParams::default(), &service)
-            .await
-            .expect("create the Service");
-        // In gateway mode the Service is not the clients' way in; its port names the server's.
-        let port = match mode {
-            Mode::Sidecar => json!({"containerPort": 8000}),
-            Mode::Gateway => json!({"containerPort": 8000, "name": "mcp"}),
-        };
-        let deployment: Deployment = serde_json::from_value(json!({
-            "metadata": {"name": APP},
-            "spec": {"replicas": 3, "minReadySeconds": 2, "selector": {"matchLabels": {"app": APP}},
-                     "strategy": {"rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
-                     "template": {"metadata": {"labels": {"app": APP}},
-                                  "spec": {"containers": [{"name": "server", "image": V1, "ports": [port]}]}}},
-        }))
-        .expect("deployment");
-        let deployments: Api<Deployment> = Api::namespaced(ns.client.clone(), &ns.name);
-        deployments
-            .create(&PostParams::default(), &deployment)
-            .await
-            .expect("create the Deployment");
-        let service = Balancer::follow_endpoints(ns.client.clone(), &ns.name, APP).await;
-        service.wait_ready(3).await;
-        let gateway = match mode {
-            Mode::Sidecar => None,
-            Mode::Gateway => Some(Gateway::start(&ns).await),
-        };
-        Self {
-            ns,
-            _operator_ns: operator_ns,
-            operator,
-            redis,
-            runtime,
-            _kubelet: kubelet,
-            deployments,
-            service,
-            gateway,
-        }
-    }
-
-    /// The port clients connect to: the gateway's, or the Service's.
-    fn entry_port(&self) -> u16 {
-        self.gateway
-            .as_ref()
-            .map_or(self.service.port, |g| g.service.port)
-    }
-
-    fn client(&self) -> &Client {
-        &self.ns.client
-    }
-
-    async fn store(&self) -> RedisStore {
-        self.redis
-            .store("mcp:session:", Duration::from_secs(86_400))
-            .await
-    }
-
-    /// Waits until the store holds `n` sessions.
-    async fn wait_sessions(&self, n: u64) {
-        let store = self.store().await;
-        wait_for(TIMEOUT, &format!("{n} sessions in the store"), || async {
-            store.counts().await.is_ok_and(|c| c.total >= n)
-        })
-        .await;
-    }
-
-    /// `kubectl set image`: a new backend version in the pod template.
-    async fn set_image(&self, image: &str) {
-        let patch = json!({"spec": {"template": {"spec": {"containers": [{"name": "server", "image": image}]}}}});
-        self.deployments
-            .patch(APP, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .expect("set image");
-    }
-
-    async fn status_until(
-        &self,
-        what: &str,
-        check: impl Fn(&McpSessionPolicyStatus) -> bool,
-    ) -> McpSessionPolicyStatus {
-        eprintln!("operator log: {}", self.operator.log.display());
-        support::operator::status_until(self.client(), &self.ns.name, APP, what, TIMEOUT, check)
-            .await
-    }
-
-    /// The rollout once it finished and every session it drained is accounted for (rehydrated
-    /// or lost: the clients of the last old pod come back after it is gone), or as it stands
-    /// 60 s after it finished, for the test to report.
-    async fn settled_rollout(&self) -> RolloutStatus {
-        let finished = self
-            .status_until("the rollout finished", |s| {
-                s.last_rollout
-                    .as_ref()
-                    .is_some_and(|r| r.finished_at.is_some())
-            })
-            .await;
-        let mut rollout = finished.last_rollout.expect("lastRollout");
-        let api: Api<McpSessionPolicy> = Api::namespaced(self.client().clone(), &self.ns.name);
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while rollout.rehydrated + rollout.lost < rollout.drained
-            && std::time::Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            if let Ok(policy) = api.get(APP).await
-                && let Some(latest) = policy.status.and_then(|s| s.last_rollout)
-            {
-                rollout = latest;
-            }
-        }
-        rollout
-    }
-
-    async fn pods(&self) -> Vec<Pod> {
-        Api::<Pod>::namespaced(self.client().clone(), &self.ns.name)
-            .list(&ListParams::default().labels(&format!("app={APP}")))
-            .await
-            .expect("list pods")
-            .items
-    }
-
-    /// SIGKILLs `pod`'s processes and force-deletes it, as a node lost or an OOM kill would
-    /// leave it.
-    async fn kill_pod(&self, pod: &str) {
-        self.runtime.kill(pod);
-        Api::<Pod>::namespaced(self.client().clone(), &self.ns.name)
-            .delete(pod, &DeleteParams::default().grace_period(0))
-            .await
-            .expect("force-delete the pod");
-    }
-
-    /// Until the Deployment has 3 ready pods again, `gone` not among them.
-    async fn wait_replaced(&self, gone: &str) {
-        self.wait_three_serving("a replacement pod ready", |p| p.name_any() != gone)
-            .await;
-    }
-
-    /// Until every pod runs `image` and is ready, and none is terminating.
-    async fn wait_rolled_out(&self, image: &str) {
-        let runs_image = |p: &Pod| {
-            p.spec
-                .iter()
-                .flat_map(|s| s.containers.iter())
-                .any(|c| c.image.as_deref() == Some(image))
-        };
-        self.wait_three_serving(&format!("every pod on {image} and ready"), runs_image)
-            .await;
-    }
-
-    /// Until there are 3 pods, each ready, not terminating and `wanted`.
-    async fn wait_three_serving(&self, what: &str, wanted: impl Fn(&Pod) -> bool) {
-        wait_for(TIMEOUT, what, || async {
-            let pods = self.pods().await;
-            pods.len() == 3 && pods.iter().all(|p| pod::takes_requests(p) && wanted(p))
-        })
-        .await;
-    }
-
-    /// The operator's counter for this policy, 0 while it has none.
-    async fn counter(&self, name: &str, extra_labels: &str) -> u64 {
-        let (_, metrics) = self.operator.get("/metrics").await.expect("metrics");
-        let series = format!(
-            r#"{name}{{namespace="{}",policy="{APP}"{extra_labels}}} "#,
-            self.ns.name
-        );
-        metrics
-            .lines()
-            .find_map(|line| line.strip_prefix(&series))
-            .and_then(|value| value.trim().parse().ok())
-            .unwrap_or(0)
-    }
-}
-
-/// The policy's gateway as the operator runs it (`spec.gateway`): a Deployment of 2 gateway
-/// pods, run by the kubelet stand-in with their service account's credentials, reached
-/// through their Service as kube-proxy would.
-struct Gateway {
-    service: Balancer,
-    client: Client,
-    namespace: String,
-}
-
-impl Gateway {
-    const REPLICAS: usize = 2;
-
-    async fn start(ns: &TestNamespace) -> Self {
-        let service =
-            Balancer::follow_endpoints(ns.client.clone(), &ns.name, &format!("{APP}-gateway"))
-                .await;
-        service.wait_ready(Self::REPLICAS).await;
-        Self {
-            service,
-            client: ns.client.clone(),
-            namespace: ns.name.clone(),
-        }
-    }
-
-    /// The gateway pods' counter `name` with outcome `outcome`, summed.
-    async fn counter(&self, name: &str, outcome: &str) -> u64 {
-        let pods = Api::<Pod>::namespaced(self.client.clone(), &self.namespace)
-            .list(&ListParams::default().labels(&format!("mcpsession.dev/gateway={APP}")))
-            .await
-            .expect("list the gateway pods");
-        let series = format!(r#"{name}{{outcome="{outcome}"}} "#);
-        let mut sum = 0;
-        for pod in pods.items {
-            let Some(ip) = pod.status.and_then(|s| s.pod_ip) else {
-                continue;
-            };
-            let address = format!("{ip}:{GATEWAY_ADMIN_PORT}");
-            let Some(metrics) = support::get_at(&address, "/metrics", "").await else {
-                continue;
-            };
-            sum += metrics
-                .lines()
-                .find_map(|line| line.strip_prefix(&series))
-                .and_then(|value| value.trim().parse::<u64>().ok())
-                .unwrap_or(0);
-        }
-        sum
-    }
-}
-
-/// The admin port of the gateways the operator runs (its `--proxy-admin-port`).
-const GATEWAY_ADMIN_PORT: u16 = 8091;
-
-/// Until the webhook has the policy: a dry-run pod comes back with the proxy.
-async fn wait_injecting(ns: &TestNamespace) {
-    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
-    let probe: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "probe", "labels": {"app": APP}},
-        "spec": {"containers": [{"name": "server", "image": V1, "ports": [{"containerPort": 8000}]}]},
-    }))
-    .expect("pod");
-    let dry_run = PostParams {
-        dry_run: true,
-        ..PostParams::default()
-    };
-    wait_for(TIMEOUT, "the webhook to inject the proxy", || async {
-        pods.create(&dry_run, &probe).await.is_ok_and(|pod| {
-            pod.spec
-                .iter()
-                .flat_map(|s| s.containers.iter())
-                .any(|c| c.image.as_deref() == Some(PROXY_IMAGE))
-        })
-    })
-    .await;
 }
 
 /// The 50 clients: one process per SDK, each running its clients concurrently.
@@ -528,7 +160,7 @@ fn assert_every_client_kept_its_session(runs: &[ClientRun]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rolling_update_under_50_clients_loses_no_session_and_no_call() {
     let _serial = SERIAL.lock().await;
-    let bed = Bed::start("e2e-roll", json!({})).await;
+    let bed = bed("e2e-roll", json!({}), Mode::Sidecar).await;
     let clients = Clients::start(bed.entry_port(), UNANNOTATED);
     bed.wait_sessions(2 * CLIENTS_PER_SDK as u64).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -610,7 +242,7 @@ async fn a_rolling_update_under_50_clients_loses_no_session_and_no_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_pods_sessions_are_swept_and_rehydrated() {
     let _serial = SERIAL.lock().await;
-    let bed = Bed::start("e2e-kill", json!({})).await;
+    let bed = bed("e2e-kill", json!({}), Mode::Sidecar).await;
     let clients = Clients::start(bed.entry_port(), UNANNOTATED);
     bed.wait_sessions(2 * CLIENTS_PER_SDK as u64).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -714,43 +346,128 @@ async fn a_killed_pods_sessions_are_swept_and_rehydrated() {
 /// may not be sent again, with an answer that says so, and only those.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rolling_update_through_a_gateway_loses_no_session_and_no_read_only_call() {
-    let replayed = through_a_gateway("e2e-gw-roll", "rolling update", async |bed: &Bed| {
-        bed.set_image(V2).await;
-        bed.wait_rolled_out(V2).await;
-    })
-    .await;
+    let scenario = ThroughAGateway::start("e2e-gw-roll").await;
+    let gateway = scenario.gateway();
+    let replays_before = gateway.counter("mcp_proxy_replays_total", "replayed").await;
+    scenario.bed.set_image(V2).await;
+    scenario.bed.wait_rolled_out(V2).await;
+    let (bed, _) = scenario.finish("rolling update").await;
+    let gateway = bed.gateway.as_ref().expect("gateway mode");
+    let replayed = gateway.counter("mcp_proxy_replays_total", "replayed").await - replays_before;
     assert!(
         replayed >= 2 * CLIENTS_PER_SDK as u64,
         "every session left its old pod: {replayed} replays"
     );
 }
 
-/// A gateway-mode scenario: 50 clients through a gateway in front of 3 pods, every other one
-/// calling the tool annotated read-only; once every session is open, `disrupt` is done to the
-/// backends, and calls go on for 2 s more. Asserts what a gateway owes its clients (see
-/// [`assert_only_unsendable_calls_failed`]) and that no session was lost; returns how many
-/// sessions were replayed meanwhile.
-async fn through_a_gateway(prefix: &str, scenario: &str, disrupt: impl AsyncFnOnce(&Bed)) -> u64 {
-    let _serial = SERIAL.lock().await;
-    let bed = Bed::start_in(prefix, json!({}), Mode::Gateway).await;
-    let clients = Clients::start(bed.entry_port(), &format!("{UNANNOTATED},{READ_ONLY}"));
-    bed.wait_sessions(2 * CLIENTS_PER_SDK as u64).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+/// The same kill in gateway mode: 50 clients (25 per SDK) connected to a gateway in front of
+/// the 3 pods, every other client calling the tool annotated read-only; a backend pod
+/// SIGKILLed and force-deleted. The clients' connections end at the gateway, which lives on:
+/// its sessions on the killed pod are replayed on the others, no client dies or changes its
+/// session, no read-only call fails. An unannotated call in flight on the killed pod may fail
+/// (it may have been executed, so it is not sent again), and nothing else does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_backend_pod_costs_a_gateway_s_clients_no_connection_and_no_session() {
+    let scenario = ThroughAGateway::start("e2e-gw-kill").await;
+    let replays_before = scenario
+        .gateway()
+        .counter("mcp_proxy_replays_total", "replayed")
+        .await;
+    let victim = scenario.bed.pods().await.first().expect("a pod").name_any();
+    scenario.bed.kill_pod(&victim).await;
+    scenario.bed.wait_replaced(&victim).await;
+    let (bed, _) = scenario.finish("a backend pod SIGKILLed").await;
     let gateway = bed.gateway.as_ref().expect("gateway mode");
-    let replays_before = gateway.counter("mcp_proxy_replays_total", "replayed").await;
-    disrupt(&bed).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    // Before the clients stop: a client that stops ends its session (DELETE).
-    let stored = bed.store().await.counts().await.expect("counts").total;
-    let runs = clients.stop().await;
-    let (_, errors) = report(&format!("gateway: {scenario}"), &runs);
     let replayed = gateway.counter("mcp_proxy_replays_total", "replayed").await - replays_before;
-    eprintln!(
-        "gateway: {scenario}: {replayed} sessions replayed on other pods, {errors} failed calls"
+    assert!(replayed > 0, "the killed pod's sessions moved by replay");
+}
+
+/// The gateway's own rollout (`kubectl rollout restart` of its Deployment) under 50 clients,
+/// every other one calling the unannotated tool: each old replica, on SIGTERM, finishes what it
+/// serves, sends its clients to reconnect (`Connection: close`, its streams ended with a
+/// `retry` hint) and hands its sessions over in the store; the replica a client reaches next
+/// claims the session and replays it to a backend pod. The backends never stop, so nothing
+/// excuses a failure: no call fails, whether it may be sent again or not, no client ends or
+/// changes its session, and every session drained is rehydrated while its client calls on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gateway_replica_rolled_under_50_clients_costs_no_call_and_no_session() {
+    let scenario = ThroughAGateway::start("e2e-gw-self").await;
+    let store = scenario.bed.store().await;
+    let before = store.tallies().await.expect("tallies");
+    let replicas = scenario.gateway().pod_names().await;
+    scenario.gateway().restart().await;
+    scenario.gateway().wait_replaced(&replicas).await;
+    // A drained session is claimed at its client's next request to a replica that does not
+    // serve it yet, or else at the next touch of it by the replica that does (within the
+    // proxies' touch interval, 10 s): the clients call on meanwhile.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut tallies = store.tallies().await.expect("tallies");
+    while tallies.rehydrated - before.rehydrated < tallies.drained - before.drained
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        tallies = store.tallies().await.expect("tallies");
+    }
+    let (drained, rehydrated, lost) = (
+        tallies.drained - before.drained,
+        tallies.rehydrated - before.rehydrated,
+        tallies.lost - before.lost,
     );
-    assert_only_unsendable_calls_failed(&runs);
-    assert_eq!(stored, 2 * CLIENTS_PER_SDK as u64, "no session lost");
-    replayed
+    let (_, runs) = scenario.finish("a gateway rollout").await;
+    eprintln!("gateway rollout: {drained} sessions drained, {rehydrated} rehydrated, {lost} lost");
+    let errors: Vec<(&str, &String)> = runs
+        .iter()
+        .flat_map(|r| r.errors.iter().map(|e| (r.name.as_str(), e)))
+        .collect();
+    assert_eq!(errors, Vec::<(&str, &String)>::new(), "no client error");
+    assert!(
+        drained >= 2 * CLIENTS_PER_SDK as u64,
+        "every session drained at least once: {drained}"
+    );
+    assert_eq!(rehydrated, drained, "every drained session rehydrated");
+    assert_eq!(lost, 0);
+}
+
+/// A gateway-mode scenario: 50 clients through a gateway in front of 3 pods, every other one
+/// calling the tool annotated read-only, every session open before the test disrupts anything.
+struct ThroughAGateway {
+    _serial: tokio::sync::MutexGuard<'static, ()>,
+    bed: Bed,
+    clients: Clients,
+}
+
+impl ThroughAGateway {
+    async fn start(prefix: &str) -> Self {
+        let serial = SERIAL.lock().await;
+        let bed = bed(prefix, json!({}), Mode::Gateway).await;
+        let clients = Clients::start(bed.entry_port(), &format!("{UNANNOTATED},{READ_ONLY}"));
+        bed.wait_sessions(2 * CLIENTS_PER_SDK as u64).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        Self {
+            _serial: serial,
+            bed,
+            clients,
+        }
+    }
+
+    fn gateway(&self) -> &support::bed::Gateway {
+        self.bed.gateway.as_ref().expect("gateway mode")
+    }
+
+    /// Once calls went on for 2 s more: asserts what a gateway owes its clients (see
+    /// [`assert_only_unsendable_calls_failed`]) and that no session was lost; the clients'
+    /// reports.
+    async fn finish(self, scenario: &str) -> (Bed, Vec<ClientRun>) {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // Before the clients stop: a client that stops ends its session (DELETE).
+        let stored = self.bed.store().await.counts().await.expect("counts").total;
+        let runs = self.clients.stop().await;
+        let (_, errors) = report(&format!("gateway: {scenario}"), &runs);
+        eprintln!("gateway: {scenario}: {errors} failed calls");
+        assert_only_unsendable_calls_failed(&runs);
+        assert_eq!(stored, 2 * CLIENTS_PER_SDK as u64, "no session lost");
+        (self.bed, runs)
+    }
 }
 
 /// What a gateway owes its clients when a backend pod goes: every client reported and kept its
@@ -778,24 +495,6 @@ fn assert_only_unsendable_calls_failed(runs: &[ClientRun]) {
     }
 }
 
-/// The same kill in gateway mode: 50 clients (25 per SDK) connected to a gateway in front of
-/// the 3 pods, every other client calling the tool annotated read-only; a backend pod
-/// SIGKILLed and force-deleted. The clients' connections end at the gateway, which lives on:
-/// its sessions on the killed pod are replayed on the others, no client dies or changes its
-/// session, no read-only call fails. An unannotated call in flight on the killed pod may fail
-/// (it may have been executed, so it is not sent again), and nothing else does.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_killed_backend_pod_costs_a_gateway_s_clients_no_connection_and_no_session() {
-    let scenario = "a backend pod SIGKILLed";
-    let replayed = through_a_gateway("e2e-gw-kill", scenario, async |bed: &Bed| {
-        let victim = bed.pods().await.first().expect("a pod").name_any();
-        bed.kill_pod(&victim).await;
-        bed.wait_replaced(&victim).await;
-    })
-    .await;
-    assert!(replayed > 0, "the killed pod's sessions moved by replay");
-}
-
 /// Kubernetes restarts a pod's MCP server in place (a failed liveness probe): the server's
 /// preStop quiesces the pod's proxy, the server gets SIGTERM, a new process starts from the
 /// same spec. The pod is not deleted: its proxy holds the requests that arrive meanwhile, sends
@@ -804,7 +503,7 @@ async fn a_killed_backend_pod_costs_a_gateway_s_clients_no_connection_and_no_ses
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_in_place_restart_of_a_server_costs_no_call_and_leaves_the_pod_ready() {
     let _serial = SERIAL.lock().await;
-    let bed = Bed::start("e2e-inplace", json!({})).await;
+    let bed = bed("e2e-inplace", json!({}), Mode::Sidecar).await;
     let clients = Clients::start(bed.entry_port(), UNANNOTATED);
     bed.wait_sessions(2 * CLIENTS_PER_SDK as u64).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -858,7 +557,7 @@ async fn an_in_place_restart_of_a_server_costs_no_call_and_leaves_the_pod_ready(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_redis_restart_mid_rollout_loses_no_session() {
     let _serial = SERIAL.lock().await;
-    let mut bed = Bed::start("e2e-redis", json!({})).await;
+    let mut bed = bed("e2e-redis", json!({}), Mode::Sidecar).await;
     let clients = Clients::start(bed.entry_port(), UNANNOTATED);
     bed.wait_sessions(2 * CLIENTS_PER_SDK as u64).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -893,11 +592,19 @@ async fn a_redis_restart_mid_rollout_loses_no_session() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_version_that_refuses_the_sessions_is_paused() {
     let _serial = SERIAL.lock().await;
-    let bed = Bed::start("e2e-guard", json!({"maxLostSessions": 2})).await;
+    let bed = bed("e2e-guard", json!({"maxLostSessions": 2}), Mode::Sidecar).await;
     let clients = Clients::start(bed.entry_port(), UNANNOTATED);
     bed.wait_sessions(2 * CLIENTS_PER_SDK as u64).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let old_pods: Vec<String> = bed.pods().await.iter().map(|p| p.name_any()).collect();
+    // Each new pod counts as available 10 s after it is ready (not 2): the next old pod goes
+    // only then, so the rollout cannot finish in the seconds between the first lost sessions
+    // and the operator's next count of them, which would leave nothing to pause.
+    let slower = json!({"spec": {"minReadySeconds": 10}});
+    bed.deployments
+        .patch(APP, &PatchParams::default(), &Patch::Merge(&slower))
+        .await
+        .expect("minReadySeconds");
 
     bed.set_image(V2_REFUSING).await;
     let guarded = bed

@@ -31,7 +31,24 @@ pub struct LocalContainers {
     /// Reads the Secrets that `secretKeyRef`s name, as the kubelet does.
     client: Client,
     /// Running processes by pod name, one per container.
-    pods: Mutex<HashMap<String, Vec<(String, Child)>>>,
+    pods: Mutex<HashMap<String, Vec<Process>>>,
+}
+
+/// A container's running process.
+struct Process {
+    container: String,
+    image: String,
+    child: Child,
+}
+
+impl Process {
+    fn of(container: &Container, child: Child) -> Self {
+        Self {
+            container: container.name.clone(),
+            image: container.image.clone().unwrap_or_default(),
+            child,
+        }
+    }
 }
 
 impl LocalContainers {
@@ -45,10 +62,21 @@ impl LocalContainers {
 
     /// SIGKILLs every process of the pod at once, as a node that dies does; no hook runs.
     pub fn kill(&self, pod: &str) {
-        let processes = self.take(pod);
-        for (_, mut child) in processes {
-            let _ = child.start_kill();
+        for mut process in self.take(pod) {
+            let _ = process.child.start_kill();
         }
+    }
+
+    /// The process ids of the running containers of `image`, in every pod.
+    pub fn pids_of_image(&self, image: &str) -> Vec<u32> {
+        self.pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .flatten()
+            .filter(|p| p.image == image)
+            .filter_map(|p| p.child.id())
+            .collect()
     }
 
     /// A container's process, from the stored spec; `None` for an image the test does not know.
@@ -107,9 +135,9 @@ impl LocalContainers {
             let processes = pods.get_mut(&pod.name_any()).expect("a running pod");
             let at = processes
                 .iter()
-                .position(|(n, _)| n == name)
+                .position(|p| p.container == name)
                 .expect("the container's process");
-            processes.remove(at).1
+            processes.remove(at).child
         };
         let mut old = old;
         if let Some(pid) = old.id() {
@@ -130,10 +158,10 @@ impl LocalContainers {
             .unwrap_or_else(|p| p.into_inner())
             .get_mut(&pod.name_any())
             .expect("a running pod")
-            .push((name.to_owned(), child));
+            .push(Process::of(&container, child));
     }
 
-    fn take(&self, pod: &str) -> Vec<(String, Child)> {
+    fn take(&self, pod: &str) -> Vec<Process> {
         self.pods
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -277,7 +305,7 @@ impl PodRuntime for LocalContainers {
             let Some(child) = self.spawn(pod, container, ip).await else {
                 return;
             };
-            processes.push((container.name.clone(), child));
+            processes.push(Process::of(container, child));
         }
         self.pods
             .lock()
@@ -350,8 +378,9 @@ impl PodRuntime for LocalContainers {
             })
             .collect();
         let processes = self.take(&pod.name_any());
-        let stops = processes.into_iter().map(|(name, mut child)| {
-            let hook = hooks.get(&name).cloned();
+        let stops = processes.into_iter().map(|process| {
+            let hook = hooks.get(&process.container).cloned();
+            let mut child = process.child;
             async move {
                 if let Some((port, path, headers)) = hook {
                     let _ = tokio::time::timeout_at(

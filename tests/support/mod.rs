@@ -4,6 +4,7 @@
 #![allow(dead_code)] // Each test binary uses a different part of this module.
 
 pub mod balancer;
+pub mod bed;
 pub mod clients;
 pub mod containers;
 pub mod control_plane;
