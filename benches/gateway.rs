@@ -492,11 +492,7 @@ impl Client {
             match sender.try_send_request(attempt).await {
                 Ok(response) => {
                     let status = response.status();
-                    let session = response
-                        .headers()
-                        .get("mcp-session-id")
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_owned);
+                    let session = common::session_of(&response);
                     return match response.into_body().collect().await {
                         Ok(body) => Sent::Answered(status, session, body.to_bytes()),
                         Err(_) => {

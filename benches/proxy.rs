@@ -81,11 +81,7 @@ async fn post(
     sender.ready().await.expect("ready");
     let response = sender.send_request(request).await.expect("response");
     let status = response.status();
-    let session = response
-        .headers()
-        .get("mcp-session-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    let session = common::session_of(&response);
     let _ = response.into_body().collect().await;
     (status, session)
 }

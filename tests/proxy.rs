@@ -273,6 +273,47 @@ async fn slow_and_idle_clients_are_closed_and_connections_capped() {
         .expect("trickle");
 }
 
+/// A client ends its session through a pod whose proxy has no upstream session for it (another
+/// pod served it): the proxy ends it without opening one on its server first (no replay), and
+/// only for the session's own credential.
+#[tokio::test]
+async fn a_session_is_ended_where_its_upstream_is_not_without_a_replay() {
+    let redis = support::redis::RedisServer::start();
+    let pod_a = Pod::start(Sdk::Python, "pod-a", &redis.url()).await;
+    let pod_b = Pod::start(Sdk::Python, "pod-b", &redis.url()).await;
+    let token = Some("Bearer ending-client-token");
+    let session = open_session(pod_a.proxy_port(), token).await;
+    let delete = |credential| {
+        post(
+            pod_b.proxy_port(),
+            "/mcp",
+            Some(&session),
+            credential,
+            "DELETE",
+            Value::Null,
+        )
+    };
+    assert_eq!(
+        delete(Some("Bearer mallory")).await.status,
+        404,
+        "not mallory's to end"
+    );
+    assert_eq!(delete(token).await.status, 200);
+    let metrics = admin_get(pod_b.admin_port(), "/metrics").await;
+    assert!(
+        !metrics.contains("mcp_proxy_replays_total{"),
+        "no replay: {metrics}"
+    );
+    let store = redis.store("mcp:session:", Duration::from_secs(3600)).await;
+    use mcp_session_operator::store::SessionStore as _;
+    let id = mcp_session_operator::store::SessionId::parse(&session).expect("an id");
+    assert!(
+        store.get(&id).await.expect("the store").is_none(),
+        "ended in the store"
+    );
+    assert_eq!(delete(token).await.status, 404, "ended once");
+}
+
 /// Two pods, each an MCP server behind its own proxy, sharing Redis. The first pod drains (its
 /// pod stops: /retire, what its SIGTERM does); the client's next request reaches the second pod, whose proxy claims
 /// the session and replays the handshake to its own server.

@@ -17,6 +17,7 @@ use std::time::Duration;
 use futures::TryStreamExt as _;
 use kube::ResourceExt as _;
 use kube::api::{Api, ListParams, Patch, PatchParams};
+use mcp_session_operator::api::{McpSessionPolicy, RolloutStatus};
 use mcp_session_operator::store::SessionStore;
 use serde_json::{Value, json};
 use support::bed::{APP, Bed, Mode, TIMEOUT, V1, V2};
@@ -219,17 +220,7 @@ async fn a_rolling_update_under_50_clients_loses_no_session_and_no_call() {
             .any(|c| c.image.as_deref() == Some(V2))),
         "every pod runs the new version"
     );
-    // The counters held nothing before this rollout: their values are its counts.
-    assert_eq!(
-        bed.counter("mcp_session_drains_total", r#",by="proxy""#)
-            .await,
-        rollout.drained
-    );
-    assert_eq!(
-        bed.counter("mcp_session_rehydrations_total", "").await,
-        rollout.rehydrated
-    );
-    assert_eq!(bed.counter("mcp_sessions_lost_total", "").await, 0);
+    assert_the_counters_say_what_the_rollout_says(&bed, &rollout).await;
 }
 
 /// A pod SIGKILLed mid-traffic (no hook runs; then it is force-deleted, as when its node is
@@ -357,6 +348,56 @@ async fn a_rolling_update_through_a_gateway_loses_no_session_and_no_read_only_ca
     assert!(
         replayed >= 2 * CLIENTS_PER_SDK as u64,
         "every session left its old pod: {replayed} replays"
+    );
+    // The rollout's counts, as in sidecar mode: each session its gateway moved off an old pod
+    // is drained and rehydrated (counted by the replica that owns it), none lost. A session
+    // moves at its client's next request, so the counts go on for 30 s after the pods settle;
+    // then the operator's counters (which held nothing before) say the same.
+    let api: Api<McpSessionPolicy> = Api::namespaced(bed.client().clone(), &bed.ns.name);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut rollout = bed.settled_rollout().await;
+    loop {
+        let counters = (
+            bed.counter("mcp_session_drains_total", r#",by="proxy""#)
+                .await,
+            bed.counter("mcp_session_rehydrations_total", "").await,
+        );
+        if counters == (rollout.drained, rollout.rehydrated) || std::time::Instant::now() > deadline
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Some(latest) = api
+            .get(APP)
+            .await
+            .ok()
+            .and_then(|p| p.status)
+            .and_then(|s| s.last_rollout)
+        {
+            rollout = latest;
+        }
+    }
+    eprintln!("gateway: rolling update: lastRollout: {rollout:?}");
+    assert!(rollout.drained > 0, "{rollout:?}");
+    assert_eq!(rollout.rehydrated, rollout.drained, "{rollout:?}");
+    assert_eq!(rollout.lost, 0, "{rollout:?}");
+    assert_the_counters_say_what_the_rollout_says(&bed, &rollout).await;
+}
+
+/// The operator's counters held nothing before the rollout: their values are its counts.
+async fn assert_the_counters_say_what_the_rollout_says(bed: &Bed, rollout: &RolloutStatus) {
+    assert_eq!(
+        bed.counter("mcp_session_drains_total", r#",by="proxy""#)
+            .await,
+        rollout.drained
+    );
+    assert_eq!(
+        bed.counter("mcp_session_rehydrations_total", "").await,
+        rollout.rehydrated
+    );
+    assert_eq!(
+        bed.counter("mcp_sessions_lost_total", "").await,
+        rollout.lost
     );
 }
 

@@ -4,3 +4,12 @@
 
 pub mod echo;
 pub mod usage;
+
+/// The session id an answer carries.
+pub fn session_of<B>(response: &hyper::Response<B>) -> Option<String> {
+    response
+        .headers()
+        .get("mcp-session-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}

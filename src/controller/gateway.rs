@@ -25,6 +25,11 @@ pub struct Settings {
     pub admin_port: i32,
 }
 
+/// The annotation of a gateway's pod template that holds the policy's selector: the gateway
+/// reads the selector once, at its start, so a change of it rolls the gateway (a rollout that
+/// costs the clients nothing: each replica drains and its sessions are claimed by the next).
+pub const SELECTOR_ANNOTATION: &str = "mcpsession.dev/backend-selector";
+
 /// The name of `policy`'s gateway objects.
 pub fn name(policy: &McpSessionPolicy) -> String {
     format!("{}-gateway", policy.name_any())
@@ -118,7 +123,12 @@ pub fn build(policy: &McpSessionPolicy, settings: &Settings) -> Vec<Value> {
                 "selector": {"matchLabels": labels},
                 "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
                 "template": {
-                    "metadata": {"labels": labels},
+                    "metadata": {
+                        "labels": labels,
+                        "annotations": {
+                            SELECTOR_ANNOTATION: serde_json::to_string(&policy.spec.selector).unwrap_or_default(),
+                        },
+                    },
                     "spec": {
                         "serviceAccountName": name,
                         // The drain, then the linger for clients to move (docs/proxy.md).
@@ -314,6 +324,27 @@ pub(crate) mod tests {
         assert_eq!(
             service["spec"]["selector"],
             deployment["spec"]["template"]["metadata"]["labels"]
+        );
+    }
+
+    /// The gateway reads the selector at its start: a new selector is a new pod template, so
+    /// the Deployment rolls its replicas and they follow the pods it selects now.
+    #[test]
+    fn a_new_selector_rolls_the_gateway() {
+        let template = |policy: &McpSessionPolicy| {
+            find(&build(policy, &settings()), "Deployment")["spec"]["template"].clone()
+        };
+        let before = policy();
+        let mut after = policy();
+        after.spec.selector =
+            serde_json::from_value(json!({"matchLabels": {"app": "api-v2"}})).expect("selector");
+        assert_ne!(template(&before), template(&after));
+        let annotation = &template(&after)["metadata"]["annotations"][SELECTOR_ANNOTATION];
+        assert_eq!(annotation, r#"{"matchLabels":{"app":"api-v2"}}"#);
+        assert_eq!(
+            template(&before),
+            template(&policy()),
+            "the same policy, the same template: nothing rolls"
         );
     }
 }

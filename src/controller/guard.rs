@@ -93,12 +93,15 @@ pub(super) async fn track_and_guard(
     tallies: Option<Tallies>,
     max_lost_sessions: u64,
 ) -> Option<RolloutStatus> {
-    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let clock = chrono::Utc::now();
+    let now = clock.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let previous_rollout = previous.and_then(|p| p.last_rollout.as_ref());
     let mut last_rollout = super::rollout::track(
-        previous.and_then(|p| p.last_rollout.as_ref()),
+        previous_rollout,
         selected,
         tallies,
         &now,
+        super::schedule::lingering(previous_rollout, clock),
     );
     if let Some(rollout) = &mut last_rollout
         && rollout.finished_at.is_none()

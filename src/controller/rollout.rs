@@ -54,12 +54,14 @@ fn newest_revision<'a>(live: &[&'a Arc<Pod>], tracked: Option<&str>) -> Option<&
 }
 
 /// The rollout status after looking at `pods` now; `tallies` is `None` when the store could not
-/// be read (counts then stay as they were).
+/// be read (counts then stay as they were); `lingering`: the rollout finished so recently that
+/// its counts go on (schedule.rs).
 pub fn track(
     previous: Option<&RolloutStatus>,
     pods: &[Arc<Pod>],
     tallies: Option<Tallies>,
     now: &str,
+    lingering: bool,
 ) -> Option<RolloutStatus> {
     let live: Vec<&Arc<Pod>> = pods.iter().filter(|p| !pod::is_terminating(p)).collect();
     let current = newest_revision(&live, previous.map(|p| p.revision.as_str()))?;
@@ -82,9 +84,10 @@ pub fn track(
         _ => return previous.cloned(),
     };
     // Counting goes on after the pods settle until every session the rollout drained is
-    // accounted for: the clients of the last old pod come back after it is gone.
+    // accounted for (the clients of the last old pod come back after it is gone), and for a
+    // while in any case (a gateway moves a session at its client's next request).
     let accounted = rollout.rehydrated + rollout.lost >= rollout.drained;
-    if rollout.finished_at.is_none() || !accounted {
+    if rollout.finished_at.is_none() || !accounted || lingering {
         if let (Some(tallies), Some(baseline)) = (tallies, &rollout.baseline) {
             rollout.drained = tallies.drained.saturating_sub(baseline.drained);
             rollout.rehydrated = tallies.rehydrated.saturating_sub(baseline.rehydrated);
@@ -136,14 +139,18 @@ mod tests {
             pod("a", "v1", "2026-11-25T10:00:00Z", true, false),
             pod("b", "v1", "2026-11-25T10:00:00Z", true, false),
         ];
-        assert_eq!(track(None, &old, tallies(5, 5, 0), "t0"), None, "steady");
+        assert_eq!(
+            track(None, &old, tallies(5, 5, 0), "t0", false),
+            None,
+            "steady"
+        );
 
         let rolling = [
             old[0].clone(),
             pod("b", "v1", "2026-11-25T10:00:00Z", true, true),
             pod("c", "v2", "2026-11-25T11:00:00Z", false, false),
         ];
-        let started = track(None, &rolling, tallies(5, 5, 0), "t1").unwrap();
+        let started = track(None, &rolling, tallies(5, 5, 0), "t1", false).unwrap();
         assert_eq!(started.revision, "v2");
         assert_eq!(started.started_at.as_deref(), Some("t1"));
         assert_eq!(
@@ -151,7 +158,7 @@ mod tests {
             (0, 0, 0)
         );
 
-        let counted = track(Some(&started), &rolling, tallies(9, 8, 1), "t2").unwrap();
+        let counted = track(Some(&started), &rolling, tallies(9, 8, 1), "t2", false).unwrap();
         assert_eq!(
             (counted.drained, counted.rehydrated, counted.lost),
             (4, 3, 1)
@@ -163,7 +170,7 @@ mod tests {
             pod("d", "v2", "2026-11-25T11:01:00Z", true, false),
         ];
         // The pods settled while two drained sessions wait for their clients.
-        let finished = track(Some(&counted), &done, tallies(10, 8, 1), "t3").unwrap();
+        let finished = track(Some(&counted), &done, tallies(10, 8, 1), "t3", false).unwrap();
         assert_eq!(finished.finished_at.as_deref(), Some("t3"));
         assert_eq!(
             (finished.drained, finished.rehydrated, finished.lost),
@@ -171,18 +178,27 @@ mod tests {
         );
         // They come back: still this rollout's; then all are accounted for and it is frozen,
         // whatever happens to the tallies later.
-        let accounted = track(Some(&finished), &done, tallies(10, 10, 1), "t4").unwrap();
+        let accounted = track(Some(&finished), &done, tallies(10, 10, 1), "t4", false).unwrap();
         assert_eq!(
             (accounted.drained, accounted.rehydrated, accounted.lost),
             (5, 5, 1)
         );
         assert_eq!(accounted.finished_at.as_deref(), Some("t3"));
-        let later = track(Some(&accounted), &done, tallies(20, 20, 2), "t5").unwrap();
+        let later = track(Some(&accounted), &done, tallies(20, 20, 2), "t5", false).unwrap();
         assert_eq!(later, accounted);
+        // Unless it lingers: then what its gateways move meanwhile still counts.
+        let lingering = track(Some(&accounted), &done, tallies(12, 12, 1), "t5", true).unwrap();
+        assert_eq!(
+            (lingering.drained, lingering.rehydrated, lingering.lost),
+            (7, 7, 1)
+        );
+        assert_eq!(lingering.finished_at.as_deref(), Some("t3"));
 
         // The store unreadable for a while: counts stay.
         assert_eq!(
-            track(Some(&counted), &rolling, None, "t5").unwrap().drained,
+            track(Some(&counted), &rolling, None, "t5", false)
+                .unwrap()
+                .drained,
             4
         );
     }
@@ -219,7 +235,10 @@ mod tests {
     #[test]
     fn pods_without_a_revision_report_nothing() {
         let bare: Pod = serde_json::from_value(json!({"metadata": {"name": "x"}})).unwrap();
-        assert_eq!(track(None, &[Arc::new(bare)], tallies(1, 1, 1), "t"), None);
-        assert_eq!(track(None, &[], None, "t"), None);
+        assert_eq!(
+            track(None, &[Arc::new(bare)], tallies(1, 1, 1), "t", false),
+            None
+        );
+        assert_eq!(track(None, &[], None, "t", false), None);
     }
 }

@@ -12,23 +12,38 @@ const ROLLOUT_REQUEUE: Duration = Duration::from_secs(1);
 /// hand, never becoming ready) goes back to the usual period.
 const ROLLOUT_WATCH: Duration = Duration::from_secs(600);
 
+/// For how long after its pods settle a rollout's counts go on: in gateway mode a session moves
+/// off an old pod (drained and rehydrated at once) only at its client's next request.
+const ROLLOUT_LINGER: Duration = Duration::from_secs(30);
+
+/// How long ago `at` (RFC 3339) was; `None` for a time that is not one, or in the future.
+fn age(at: Option<&str>, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
+    let at = chrono::DateTime::parse_from_rfc3339(at?).ok()?;
+    (now - at.to_utc()).to_std().ok()
+}
+
+/// Whether `rollout` finished less than [`ROLLOUT_LINGER`] ago: its counts still go on.
+pub(super) fn lingering(
+    rollout: Option<&RolloutStatus>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> bool {
+    rollout.is_some_and(|rollout| {
+        age(rollout.finished_at.as_deref(), now).is_some_and(|age| age < ROLLOUT_LINGER)
+    })
+}
+
 /// When to re-count a policy that was counted: soon while its last rollout is under way (begun
-/// in the last [`ROLLOUT_WATCH`], not finished, not paused), else every `requeue`.
+/// in the last [`ROLLOUT_WATCH`], not finished, not paused) or lingering, else every `requeue`.
 pub(super) fn requeue_after(
     last_rollout: Option<&RolloutStatus>,
     requeue: Duration,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Duration {
     let under_way = last_rollout.is_some_and(|rollout| {
-        let recent = rollout
-            .started_at
-            .as_deref()
-            .and_then(|at| chrono::DateTime::parse_from_rfc3339(at).ok())
-            .and_then(|at| (now - at.to_utc()).to_std().ok())
-            .is_some_and(|age| age < ROLLOUT_WATCH);
+        let recent = age(rollout.started_at.as_deref(), now).is_some_and(|age| age < ROLLOUT_WATCH);
         recent && rollout.finished_at.is_none() && rollout.paused_at.is_none()
     });
-    if under_way {
+    if under_way || lingering(last_rollout, now) {
         requeue.min(ROLLOUT_REQUEUE)
     } else {
         requeue
@@ -61,11 +76,16 @@ mod tests {
         // A shorter configured period stays.
         let short = Duration::from_millis(500);
         assert_eq!(due(&under_way, short), short);
+        // Finished 10 s ago: its counts linger, re-counted every second; 30 s ago: done.
+        let finished = |time| RolloutStatus {
+            finished_at: at(time),
+            ..under_way.clone()
+        };
+        assert_eq!(due(&finished("00:00:20"), every), ROLLOUT_REQUEUE);
+        assert!(lingering(Some(&finished("00:00:20")), now));
+        assert!(!lingering(Some(&finished("00:00:00")), now));
         for done in [
-            RolloutStatus {
-                finished_at: at("00:00:20"),
-                ..under_way.clone()
-            },
+            finished("00:00:00"),
             RolloutStatus {
                 paused_at: at("00:00:05"),
                 ..under_way.clone()

@@ -14,7 +14,7 @@ use super::answers::{Failure, header_or_empty};
 use super::backoff;
 use super::events::StreamKind;
 use super::protocol::{self, MessageHead, SESSION_HEADER};
-use super::table::{Lookup, UpstreamSession};
+use super::table::{Lookup, Stale, UpstreamSession};
 use super::upstream::{Answer, UpstreamError};
 use super::{Proxy, metrics};
 use crate::store::SessionId;
@@ -153,7 +153,7 @@ impl Proxy {
                         // The upstream lost the session (it restarted): replay and send again.
                         Signal::UnknownSession if attempt < MAX_ATTEMPTS => {
                             debug!(session = %bound.id, "the upstream does not know the session; replaying the handshake");
-                            self.table.invalidate(&bound.id, upstream);
+                            self.table.invalidate(&bound.id, upstream, Stale::Forgotten);
                         }
                         Signal::UnknownSession => {
                             break Err(Failure::Upstream(UpstreamError::Unavailable(
@@ -171,7 +171,7 @@ impl Proxy {
                     debug!(%reason, backend = backend.name(), "a backend pod is unreachable; sending elsewhere");
                     held = true;
                     if let (Some(bound), Some(upstream)) = (&exchange.session, &upstream) {
-                        self.table.invalidate(&bound.id, upstream);
+                        self.table.invalidate(&bound.id, upstream, Stale::Left);
                     }
                 }
                 Err(UpstreamError::Lost(reason))
@@ -209,7 +209,9 @@ impl Proxy {
         match lookup {
             Lookup::Live(upstream) => Ok(upstream),
             Lookup::Refused(unknown) => Err(Failure::Unknown(unknown)),
-            Lookup::Stale | Lookup::Absent | Lookup::Unbound => self.replay(bound, exchange).await,
+            Lookup::Stale(_) | Lookup::Absent | Lookup::Unbound => {
+                self.replay(bound, exchange).await
+            }
         }
     }
 }

@@ -301,7 +301,7 @@ async fn post_until_accepted(
             Lookup::Unbound => {
                 return host.unknown(Unknown::OtherCredential, exchange.request_id(), raw_id);
             }
-            Lookup::Stale | Lookup::Absent => {
+            Lookup::Stale(_) | Lookup::Absent => {
                 return host.unknown(Unknown::NotFound, exchange.request_id(), raw_id);
             }
         };

@@ -14,7 +14,7 @@ use super::backoff;
 use super::events::StreamKind;
 use super::exchange::{Bound, Exchange};
 use super::protocol::{self, PROTOCOL_VERSION_HEADER, SESSION_HEADER};
-use super::table::{Lookup, Transport, UpstreamSession};
+use super::table::{Lookup, Stale, Transport, UpstreamSession};
 use super::upstream::UpstreamError;
 use super::{Proxy, metrics};
 use crate::store::binding::{self, Binding};
@@ -98,12 +98,13 @@ impl Proxy {
     ) -> Result<UpstreamSession, Failure> {
         let id = &bound.id;
         let unknown = |why| Err(Failure::Unknown(why));
-        match self.lookup(bound) {
+        let left = match self.lookup(bound) {
             // Another request of this session replayed meanwhile.
             Lookup::Live(upstream) => return Ok(upstream),
             Lookup::Refused(why) => return unknown(why),
-            Lookup::Stale | Lookup::Absent | Lookup::Unbound => {}
-        }
+            Lookup::Stale(why) => why == Stale::Left,
+            Lookup::Absent | Lookup::Unbound => false,
+        };
         let Some((session, in_store)) = self.replay_source(id).await? else {
             return unknown(Unknown::NotFound);
         };
@@ -138,6 +139,15 @@ impl Proxy {
             };
             metrics::inc(&self.metrics.claims, outcome);
         }
+        // A session this proxy owns, moving off a backend pod that left (gateway mode): counted
+        // as a sidecar counts the sessions of a pod that stops (drained, then rehydrated or
+        // lost), by the session's owner alone, so that a rollout's counts read the same in
+        // both modes; once the move has an outcome (no pod may take it yet).
+        let moved = left
+            && in_store
+            && !claimed
+            && self.config.pod_name.is_some()
+            && session.owner_pod == self.config.pod_name;
         // A claim binds a session bound to nobody; a session served without one is bound here.
         let credential = match (binding, &bound.credential) {
             (Binding::Unbound, Some(credential)) => {
@@ -155,9 +165,13 @@ impl Proxy {
             None => {
                 metrics::inc(&self.metrics.replays, metrics::Replay::Refused);
                 warn!("the upstream refused the replayed initialize; the session is lost");
-                // Counted once, by the proxy that took the session over; the client's retries
-                // (here or on other pods, which now see it owned) are the same loss.
-                if claimed {
+                // Counted once, by the proxy that took the session over (or moved it); the
+                // client's retries (here or on other pods, which now see it owned) are the
+                // same loss.
+                if moved {
+                    self.report(Tally::Drained, 1);
+                }
+                if claimed || moved {
                     self.report(Tally::Lost, 1);
                 }
                 return unknown(Unknown::NotFound);
@@ -170,7 +184,10 @@ impl Proxy {
             backend = upstream.backend.name(),
             "handshake replayed to the upstream"
         );
-        if rehydrating {
+        if moved {
+            self.report(Tally::Drained, 1);
+        }
+        if rehydrating || moved {
             self.report(Tally::Rehydrated, 1);
         }
         let stored = NewSession {
@@ -307,7 +324,7 @@ impl Proxy {
     /// nobody)?
     pub(super) async fn authorize(&self, bound: &Bound) -> Result<(), Failure> {
         let binding = match self.lookup(bound) {
-            Lookup::Live(_) | Lookup::Stale => return Ok(()),
+            Lookup::Live(_) | Lookup::Stale(_) => return Ok(()),
             Lookup::Refused(unknown) => return Err(Failure::Unknown(unknown)),
             Lookup::Unbound => Binding::Unbound,
             Lookup::Absent => match self.stored(&bound.id).await? {

@@ -8,7 +8,7 @@ use std::time::Instant;
 use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{HeaderValue, Method, StatusCode, header};
-use axum::response::Response;
+use axum::response::{IntoResponse as _, Response};
 use bytes::Bytes;
 use http_body_util::BodyExt as _;
 use serde_json::Value;
@@ -23,7 +23,7 @@ use super::metrics::RequestLabels;
 use super::protocol::{self, LAST_EVENT_ID_HEADER, MessageHead, SESSION_HEADER};
 use super::sse_host::SseHost;
 use super::stream_host::StreamHost;
-use super::table::{Slot, Transport, UpstreamSession};
+use super::table::{Lookup, Slot, Transport, UpstreamSession};
 use super::upstream::UpstreamError;
 use super::{Proxy, legacy, metrics, relay};
 use crate::store::{NewSession, SessionId, SessionPatch};
@@ -127,6 +127,9 @@ impl Proxy {
         // Event ids are the proxy's; the upstream's mean nothing to it.
         let last_event_id = exchange.headers.remove(&LAST_EVENT_ID_HEADER);
         exchange.session = Some(Bound { id, credential });
+        if exchange.method == Method::DELETE {
+            return self.end(exchange).await;
+        }
         match last_event_id {
             Some(last) if exchange.method == Method::GET => {
                 let last = last.to_str().unwrap_or_default().to_owned();
@@ -134,6 +137,25 @@ impl Proxy {
             }
             _ => self.respond(exchange).await,
         }
+    }
+
+    /// A client ends its session (`DELETE`). Where its upstream session here is live, the
+    /// upstream ends it. Where there is none (its server restarted, its pod left, or another
+    /// pod served it), a replay would open a session on a server only to end it: the proxy ends
+    /// the session itself, once the credential is the session's.
+    async fn end(self: &Arc<Self>, exchange: Exchange) -> Response {
+        let Some(bound) = &exchange.session else {
+            return self.respond(exchange).await;
+        };
+        if matches!(self.lookup(bound), Lookup::Live(_)) {
+            return self.respond(exchange).await;
+        }
+        if let Err(failure) = self.authorize(bound).await {
+            return self.failure(failure, &exchange);
+        }
+        self.after_answer(&Method::DELETE, &bound.id, StatusCode::OK)
+            .await;
+        StatusCode::OK.into_response()
     }
 
     /// Sends the request upstream and delivers the answer.

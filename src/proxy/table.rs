@@ -71,19 +71,22 @@ impl SessionTable {
         match &mapped.upstream {
             // A pod that stopped taking requests (gateway mode): the session moves by replay.
             // An HTTP+SSE session moves with its stream instead.
-            Some(upstream)
+            UpstreamState::Live(upstream)
                 if transport == Transport::Streamable && !upstream.backend.takes_requests() =>
             {
-                Lookup::Stale
+                Lookup::Stale(Stale::Left)
             }
-            Some(upstream) => Lookup::Live(upstream.clone()),
-            None => Lookup::Stale,
+            UpstreamState::Live(upstream) => Lookup::Live(upstream.clone()),
+            UpstreamState::Stale(why) => Lookup::Stale(*why),
         }
     }
 
     /// The upstream side of a mapped session, whoever asks.
     pub fn upstream_of(&self, id: &SessionId) -> Option<UpstreamSession> {
-        self.read().by_id.get(id).and_then(|m| m.upstream.clone())
+        match &self.read().by_id.get(id)?.upstream {
+            UpstreamState::Live(upstream) => Some(upstream.clone()),
+            UpstreamState::Stale(_) => None,
+        }
     }
 
     /// The identity a mapped session is bound to (`Some(None)`: to nobody).
@@ -97,7 +100,7 @@ impl SessionTable {
     /// Points a mapped session at a new upstream session.
     pub fn remap(&self, id: &SessionId, upstream: UpstreamSession) {
         if let Some(mapped) = self.write().by_id.get_mut(id) {
-            mapped.upstream = Some(upstream);
+            mapped.upstream = UpstreamState::Live(upstream);
         }
         self.remapped.notify_waiters();
     }
@@ -133,11 +136,11 @@ impl SessionTable {
     /// the handshake. Only if `id` still maps to `upstream_id` (a concurrent request may have
     /// replayed meanwhile). The copy of what the store holds stays: while the store lacks the
     /// session (Redis refused or evicted it), it is what the replay uses.
-    pub fn invalidate(&self, id: &SessionId, upstream: &UpstreamSession) {
+    pub fn invalidate(&self, id: &SessionId, upstream: &UpstreamSession, why: Stale) {
         if let Some(mapped) = self.write().by_id.get_mut(id)
-            && mapped.upstream.as_ref().is_some_and(|u| u.is(upstream))
+            && matches!(&mapped.upstream, UpstreamState::Live(u) if u.is(upstream))
         {
-            mapped.upstream = None;
+            mapped.upstream = UpstreamState::Stale(why);
         }
         self.remapped.notify_waiters();
     }
@@ -244,7 +247,7 @@ impl SessionTable {
     ) {
         let credential: Option<Box<str>> = stored.credential_fingerprint.as_deref().map(Box::from);
         let mapped = Mapped {
-            upstream: Some(upstream),
+            upstream: UpstreamState::Live(upstream),
             transport,
             credential: credential.clone(),
             last_used: AtomicU32::new(self.now_secs()),
@@ -333,9 +336,7 @@ impl UpstreamSession {
 /// A session this proxy has an upstream session for.
 #[derive(Debug)]
 struct Mapped {
-    /// The backend's session, `None` once the backend said it does not know it (it
-    /// restarted), or could not be reached: the next request replays the handshake.
-    upstream: Option<UpstreamSession>,
+    upstream: UpstreamState,
     transport: Transport,
     credential: Option<Box<str>>,
     /// Seconds since the proxy started, at the last request: idle sessions are dropped.
@@ -393,11 +394,28 @@ impl StoredCopy {
 
 /// What this proxy's memory says of a session, for a request presenting a credential.
 #[derive(Debug)]
+/// A mapped session's backend side.
+enum UpstreamState {
+    Live(UpstreamSession),
+    /// The next request replays the handshake.
+    Stale(Stale),
+}
+
+/// Why a session known here needs its handshake replayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stale {
+    /// Its server said it does not know it (it restarted in place).
+    Forgotten,
+    /// Its backend pod left (gateway mode: terminating, not ready, gone, or unreachable): the
+    /// session moves to another pod.
+    Left,
+}
+
 pub enum Lookup {
     /// Mapped to a live upstream session.
     Live(UpstreamSession),
     /// Known here, but the upstream lost it: replay, from the store or from the copy here.
-    Stale,
+    Stale(Stale),
     /// Known here and bound to nobody, and the request has an identity: bind it first.
     Unbound,
     /// Not known here.
