@@ -342,7 +342,10 @@ async fn a_rolling_update_through_a_gateway_loses_no_session_and_no_read_only_ca
     let replays_before = gateway.counter("mcp_proxy_replays_total", "replayed").await;
     scenario.bed.set_image(V2).await;
     scenario.bed.wait_rolled_out(V2).await;
-    let (bed, _) = scenario.finish("rolling update").await;
+    // Every old pod goes: a session moved onto an old pod may be caught again.
+    let (bed, _) = scenario
+        .finish("rolling update", support::bed::REPLICAS)
+        .await;
     let gateway = bed.gateway.as_ref().expect("gateway mode");
     let replayed = gateway.counter("mcp_proxy_replays_total", "replayed").await - replays_before;
     assert!(
@@ -417,7 +420,7 @@ async fn a_killed_backend_pod_costs_a_gateway_s_clients_no_connection_and_no_ses
     let victim = scenario.bed.pods().await.first().expect("a pod").name_any();
     scenario.bed.kill_pod(&victim).await;
     scenario.bed.wait_replaced(&victim).await;
-    let (bed, _) = scenario.finish("a backend pod SIGKILLed").await;
+    let (bed, _) = scenario.finish("a backend pod SIGKILLed", 1).await;
     let gateway = bed.gateway.as_ref().expect("gateway mode");
     let replayed = gateway.counter("mcp_proxy_replays_total", "replayed").await - replays_before;
     assert!(replayed > 0, "the killed pod's sessions moved by replay");
@@ -454,7 +457,7 @@ async fn a_gateway_replica_rolled_under_50_clients_costs_no_call_and_no_session(
         tallies.rehydrated - before.rehydrated,
         tallies.lost - before.lost,
     );
-    let (_, runs) = scenario.finish("a gateway rollout").await;
+    let (_, runs) = scenario.finish("a gateway rollout", 0).await;
     eprintln!("gateway rollout: {drained} sessions drained, {rehydrated} rehydrated, {lost} lost");
     let errors: Vec<(&str, &String)> = runs
         .iter()
@@ -495,26 +498,27 @@ impl ThroughAGateway {
         self.bed.gateway.as_ref().expect("gateway mode")
     }
 
-    /// Once calls went on for 2 s more: asserts what a gateway owes its clients (see
-    /// [`assert_only_unsendable_calls_failed`]) and that no session was lost; the clients'
-    /// reports.
-    async fn finish(self, scenario: &str) -> (Bed, Vec<ClientRun>) {
+    /// Once calls went on for 2 s more: asserts what a gateway owes its clients when
+    /// `pods_gone` backend pods went (see [`assert_only_unsendable_calls_failed`]) and that no
+    /// session was lost; the clients' reports.
+    async fn finish(self, scenario: &str, pods_gone: usize) -> (Bed, Vec<ClientRun>) {
         tokio::time::sleep(Duration::from_secs(2)).await;
         // Before the clients stop: a client that stops ends its session (DELETE).
         let stored = self.bed.store().await.counts().await.expect("counts").total;
         let runs = self.clients.stop().await;
         let (_, errors) = report(&format!("gateway: {scenario}"), &runs);
         eprintln!("gateway: {scenario}: {errors} failed calls");
-        assert_only_unsendable_calls_failed(&runs);
+        assert_only_unsendable_calls_failed(&runs, pods_gone);
         assert_eq!(stored, 2 * CLIENTS_PER_SDK as u64, "no session lost");
         (self.bed, runs)
     }
 }
 
-/// What a gateway owes its clients when a backend pod goes: every client reported and kept its
-/// one session; no client ended; no read-only call failed; an unannotated call failed only if
-/// it was in flight on the pod that went (at most one per client), answered as such.
-fn assert_only_unsendable_calls_failed(runs: &[ClientRun]) {
+/// What a gateway owes its clients when `pods_gone` backend pods go: every client reported and
+/// kept its one session; no client ended; no read-only call failed; an unannotated call failed
+/// only if it was in flight on a pod that went (so at most one per client and pod gone),
+/// answered as such.
+fn assert_only_unsendable_calls_failed(runs: &[ClientRun], pods_gone: usize) {
     for run in runs.iter().filter(|r| !r.errors.is_empty()) {
         eprintln!("{run:?}");
     }
@@ -527,7 +531,7 @@ fn assert_only_unsendable_calls_failed(runs: &[ClientRun]) {
         match run.tool.as_str() {
             READ_ONLY => assert!(run.errors.is_empty(), "a read-only call failed: {run:?}"),
             _ => {
-                assert!(run.errors.len() <= 1, "{run:?}");
+                assert!(run.errors.len() <= pods_gone, "{run:?}");
                 for error in &run.errors {
                     assert!(error.contains("may have been executed"), "{run:?}");
                 }

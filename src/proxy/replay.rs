@@ -170,6 +170,8 @@ impl Proxy {
                 // same loss.
                 if moved {
                     self.report(Tally::Drained, 1);
+                    // Its retries start from the store, as on any other pod: not a second move.
+                    self.forget(id);
                 }
                 if claimed || moved {
                     self.report(Tally::Lost, 1);

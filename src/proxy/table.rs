@@ -392,9 +392,8 @@ impl StoredCopy {
     }
 }
 
-/// What this proxy's memory says of a session, for a request presenting a credential.
-#[derive(Debug)]
 /// A mapped session's backend side.
+#[derive(Debug)]
 enum UpstreamState {
     Live(UpstreamSession),
     /// The next request replays the handshake.
@@ -411,6 +410,8 @@ pub enum Stale {
     Left,
 }
 
+/// What this proxy's memory says of a session, for a request presenting a credential.
+#[derive(Debug)]
 pub enum Lookup {
     /// Mapped to a live upstream session.
     Live(UpstreamSession),
