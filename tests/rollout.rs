@@ -17,7 +17,7 @@ use std::time::Duration;
 use futures::TryStreamExt as _;
 use kube::ResourceExt as _;
 use kube::api::{Api, ListParams, Patch, PatchParams};
-use mcp_session_operator::api::{McpSessionPolicy, RolloutStatus};
+use mcp_session_operator::api::RolloutStatus;
 use mcp_session_operator::store::SessionStore;
 use serde_json::{Value, json};
 use support::bed::{APP, Bed, Mode, TIMEOUT, V1, V2};
@@ -142,6 +142,15 @@ fn report(scenario: &str, runs: &[ClientRun]) -> (u64, usize) {
     (calls, errors)
 }
 
+/// No client saw an error: every failed call listed, by client.
+fn assert_no_client_error(runs: &[ClientRun]) {
+    let errors: Vec<(&str, &String)> = runs
+        .iter()
+        .flat_map(|r| r.errors.iter().map(|e| (r.name.as_str(), e)))
+        .collect();
+    assert_eq!(errors, Vec::<(&str, &String)>::new(), "no client error");
+}
+
 fn assert_every_client_kept_its_session(runs: &[ClientRun]) {
     assert_eq!(runs.len(), 2 * CLIENTS_PER_SDK, "every client reported");
     for run in runs {
@@ -202,11 +211,7 @@ async fn a_rolling_update_under_50_clients_loses_no_session_and_no_call() {
         eprintln!("{run:?}");
     }
 
-    let errors: Vec<(&str, &String)> = runs
-        .iter()
-        .flat_map(|r| r.errors.iter().map(|e| (r.name.as_str(), e)))
-        .collect();
-    assert_eq!(errors, Vec::<(&str, &String)>::new(), "no client error");
+    assert_no_client_error(&runs);
     assert_every_client_kept_its_session(&runs);
     assert!(rollout.drained > 0, "{rollout:?}");
     assert_eq!(rollout.rehydrated, rollout.drained, "{rollout:?}");
@@ -356,7 +361,6 @@ async fn a_rolling_update_through_a_gateway_loses_no_session_and_no_read_only_ca
     // is drained and rehydrated (counted by the replica that owns it), none lost. A session
     // moves at its client's next request, so the counts go on for 30 s after the pods settle;
     // then the operator's counters (which held nothing before) say the same.
-    let api: Api<McpSessionPolicy> = Api::namespaced(bed.client().clone(), &bed.ns.name);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let mut rollout = bed.settled_rollout().await;
     loop {
@@ -370,13 +374,7 @@ async fn a_rolling_update_through_a_gateway_loses_no_session_and_no_read_only_ca
             break;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
-        if let Some(latest) = api
-            .get(APP)
-            .await
-            .ok()
-            .and_then(|p| p.status)
-            .and_then(|s| s.last_rollout)
-        {
+        if let Some(latest) = bed.last_rollout().await {
             rollout = latest;
         }
     }
@@ -459,11 +457,7 @@ async fn a_gateway_replica_rolled_under_50_clients_costs_no_call_and_no_session(
     );
     let (_, runs) = scenario.finish("a gateway rollout", 0).await;
     eprintln!("gateway rollout: {drained} sessions drained, {rehydrated} rehydrated, {lost} lost");
-    let errors: Vec<(&str, &String)> = runs
-        .iter()
-        .flat_map(|r| r.errors.iter().map(|e| (r.name.as_str(), e)))
-        .collect();
-    assert_eq!(errors, Vec::<(&str, &String)>::new(), "no client error");
+    assert_no_client_error(&runs);
     assert!(
         drained >= 2 * CLIENTS_PER_SDK as u64,
         "every session drained at least once: {drained}"

@@ -256,19 +256,26 @@ impl Bed {
             })
             .await;
         let mut rollout = finished.last_rollout.expect("lastRollout");
-        let api: Api<McpSessionPolicy> = Api::namespaced(self.client().clone(), &self.ns.name);
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while rollout.rehydrated + rollout.lost < rollout.drained
             && std::time::Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(200)).await;
-            if let Ok(policy) = api.get(APP).await
-                && let Some(latest) = policy.status.and_then(|s| s.last_rollout)
-            {
+            if let Some(latest) = self.last_rollout().await {
                 rollout = latest;
             }
         }
         rollout
+    }
+
+    /// The policy's `status.lastRollout` now; `None` while there is none (or the read failed).
+    pub async fn last_rollout(&self) -> Option<RolloutStatus> {
+        Api::<McpSessionPolicy>::namespaced(self.client().clone(), &self.ns.name)
+            .get(APP)
+            .await
+            .ok()?
+            .status?
+            .last_rollout
     }
 
     pub async fn pods(&self) -> Vec<Pod> {
