@@ -65,11 +65,24 @@ impl Gate {
         self.state.send_replace(GateState::Open);
     }
 
-    /// Waits until the gate is open; false if `deadline` comes first.
-    pub async fn pass(&self, deadline: Instant) -> bool {
+    /// Waits until the gate is open and counts the request as in flight from then on, until the
+    /// guard drops; `None` if `deadline` comes first.
+    ///
+    /// The count is taken while the gate's state is read, under its lock: a [`close`] that
+    /// follows sees the request in flight, so a quiesce ([`close`], then [`idle`]) can never
+    /// miss a request that passed just before it (one released by an [`open`] a moment
+    /// earlier, say) and stop the server under it.
+    ///
+    /// [`close`]: Self::close
+    /// [`idle`]: Self::idle
+    /// [`open`]: Self::open
+    pub async fn pass(&self, deadline: Instant) -> Option<Counted> {
         use std::sync::atomic::Ordering;
-        if self.state() == GateState::Open {
-            return true;
+        {
+            let state = self.state.borrow();
+            if *state == GateState::Open {
+                return Some(self.in_flight.enter());
+            }
         }
         /// Counts a waiting request until it passes or is dropped (its client went away).
         struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
@@ -82,10 +95,15 @@ impl Gate {
         let _waiting = Waiting(&self.waiting);
         let mut state = self.state.subscribe();
         let open = state.wait_for(|s| *s == GateState::Open);
-        matches!(
-            tokio::time::timeout_at(deadline.into(), open).await,
-            Ok(Ok(_))
-        )
+        match tokio::time::timeout_at(deadline.into(), open).await {
+            // `open` still holds the state's read lock here.
+            Ok(Ok(open)) => {
+                let counted = self.in_flight.enter();
+                drop(open);
+                Some(counted)
+            }
+            Ok(Err(_)) | Err(_) => None,
+        }
     }
 
     /// Requests waiting at the closed gate.
@@ -93,7 +111,8 @@ impl Gate {
         self.waiting.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Counts a request as in flight until the guard drops.
+    /// Counts a request as in flight until the guard drops, whatever the gate's state: for what
+    /// continues a request already counted (an answer that comes on another stream).
     pub fn sending(&self) -> Counted {
         self.in_flight.enter()
     }
@@ -192,17 +211,19 @@ mod tests {
     async fn the_gate_holds_requests_and_counts_what_is_in_flight() {
         let gate = std::sync::Arc::new(Gate::default());
         let soon = || Instant::now() + Duration::from_millis(50);
-        assert!(gate.pass(soon()).await);
+        let passed = gate.pass(soon()).await.expect("open");
+        assert_eq!(gate.in_flight(), 1, "counted from its passing");
         gate.close();
-        assert!(!gate.pass(soon()).await, "held while quiesced");
+        assert!(!gate.idle(soon()).await, "a quiesce waits for what passed");
+        drop(passed);
+        assert!(gate.idle(soon()).await);
+        assert!(gate.pass(soon()).await.is_none(), "held while quiesced");
         let waiting = {
             let gate = gate.clone();
             tokio::spawn(async move { gate.pass(Instant::now() + Duration::from_secs(5)).await })
         };
         gate.open();
-        assert!(waiting.await.unwrap(), "released when it reopens");
-
-        let request = gate.sending();
+        let request = waiting.await.unwrap().expect("released when it reopens");
         assert_eq!(gate.in_flight(), 1);
         assert!(!gate.idle(soon()).await);
         // A response body keeps its request in flight until it has been read to its end.

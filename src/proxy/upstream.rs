@@ -95,12 +95,12 @@ impl Upstream {
         let mut held = false;
         loop {
             held |= self.gate.state() == GateState::Quiesced;
-            if !self.gate.pass(deadline).await {
+            let Some(sending) = self.gate.pass(deadline).await else {
                 return Err(UpstreamError::Unavailable(
                     self.hold,
                     "the MCP server is restarting".into(),
                 ));
-            }
+            };
             let mut request = Request::builder().method(method.clone()).uri(uri.clone());
             let mut forwarded = headers.clone();
             // The client's Host goes on (the upstream's only where there is none): a server's
@@ -116,7 +116,6 @@ impl Upstream {
             let request = request
                 .body(Full::new(body.clone()))
                 .map_err(|e| UpstreamError::Request(e.to_string()))?;
-            let sending = self.gate.sending();
             let failure = match to.pool().send(request).await {
                 Ok(response) if matches!(response.status().as_u16(), 502 | 503) => {
                     format!("status {}", response.status())
