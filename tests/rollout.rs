@@ -360,16 +360,11 @@ async fn a_rolling_update_through_a_gateway_loses_no_session_and_no_read_only_ca
     // The rollout's counts, as in sidecar mode: each session its gateway moved off an old pod
     // is drained and rehydrated (counted by the replica that owns it), none lost. A session
     // moves at its client's next request, so the counts go on for 30 s after the pods settle;
-    // then the operator's counters (which held nothing before) say the same.
+    // then the operator's counters say the same.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let mut rollout = bed.settled_rollout().await;
     loop {
-        let counters = (
-            bed.counter("mcp_session_drains_total", r#",by="proxy""#)
-                .await,
-            bed.counter("mcp_session_rehydrations_total", "").await,
-        );
-        if counters == (rollout.drained, rollout.rehydrated) || std::time::Instant::now() > deadline
+        if counters(&bed).await == counters_after(&rollout) || std::time::Instant::now() > deadline
         {
             break;
         }
@@ -385,21 +380,29 @@ async fn a_rolling_update_through_a_gateway_loses_no_session_and_no_read_only_ca
     assert_the_counters_say_what_the_rollout_says(&bed, &rollout).await;
 }
 
-/// The operator's counters held nothing before the rollout: their values are its counts.
-async fn assert_the_counters_say_what_the_rollout_says(bed: &Bed, rollout: &RolloutStatus) {
-    assert_eq!(
+/// What the operator's counters (drained by proxies, rehydrated, lost) should say after
+/// `rollout`: it counts from the store's tallies when it started (its baseline); the counters,
+/// from none when the operator started, hold the baseline too.
+fn counters_after(rollout: &RolloutStatus) -> (u64, u64, u64) {
+    let before = rollout.baseline.clone().unwrap_or_default();
+    (
+        before.drained + rollout.drained,
+        before.rehydrated + rollout.rehydrated,
+        before.lost + rollout.lost,
+    )
+}
+
+async fn counters(bed: &Bed) -> (u64, u64, u64) {
+    (
         bed.counter("mcp_session_drains_total", r#",by="proxy""#)
             .await,
-        rollout.drained
-    );
-    assert_eq!(
         bed.counter("mcp_session_rehydrations_total", "").await,
-        rollout.rehydrated
-    );
-    assert_eq!(
         bed.counter("mcp_sessions_lost_total", "").await,
-        rollout.lost
-    );
+    )
+}
+
+async fn assert_the_counters_say_what_the_rollout_says(bed: &Bed, rollout: &RolloutStatus) {
+    assert_eq!(counters(bed).await, counters_after(rollout), "{rollout:?}");
 }
 
 /// The same kill in gateway mode: 50 clients (25 per SDK) connected to a gateway in front of

@@ -9,6 +9,7 @@ use kube::api::Api;
 use kube::{Client, ResourceExt as _};
 use tracing::{Instrument as _, debug, info, warn};
 
+use super::rollout::Tallied;
 use super::status::Problem;
 use super::{Context, publish};
 use crate::api::{CountBy, McpSessionPolicy, validate_spec};
@@ -242,7 +243,7 @@ async fn redis_url(
 pub(super) struct FromRedis {
     pub counts: Result<SessionCounts, Problem>,
     pub unreadable: u64,
-    pub tallies: Option<store::Tallies>,
+    pub tallies: Option<Tallied>,
     pub retention: Option<RetentionVerdict>,
 }
 
@@ -282,11 +283,9 @@ pub(super) async fn from_redis(
         warn!(%error, "cannot count the draining sessions that expired");
     }
     let tallies = match store.tallies().await {
-        Ok(tallies) => {
-            ctx.metrics
-                .controller
-                .proxy_tallies(namespace, &name, tallies);
-            Some(tallies)
+        Ok(now) => {
+            let before = ctx.metrics.controller.proxy_tallies(namespace, &name, now);
+            Some(Tallied { now, before })
         }
         Err(error) => {
             warn!(%error, "cannot read the store's tallies");

@@ -13,8 +13,8 @@ use kube::{Client, ResourceExt as _};
 use serde_json::json;
 use tracing::{info, warn};
 
+use super::rollout::Tallied;
 use crate::api::{McpSessionPolicyStatus, RolloutStatus};
-use crate::store::Tallies;
 
 /// What the guard did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -90,7 +90,7 @@ pub(super) async fn track_and_guard(
     namespace: &str,
     selected: &[Arc<Pod>],
     previous: Option<&McpSessionPolicyStatus>,
-    tallies: Option<Tallies>,
+    tallies: Option<Tallied>,
     max_lost_sessions: u64,
 ) -> Option<RolloutStatus> {
     let clock = chrono::Utc::now();

@@ -10,6 +10,24 @@ use k8s_openapi::api::core::v1::Pod;
 use crate::api::{RolloutBaseline, RolloutStatus, pod};
 use crate::store::Tallies;
 
+/// The store's tallies at this count, and at the count before it (`None` for the first since
+/// the operator started). A rollout is seen only at a count, and what the proxies reported
+/// since the previous one may already be its own (an old pod that went before the count that
+/// saw the new revision): it counts from the previous count's tallies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tallied {
+    pub now: Tallies,
+    pub before: Option<Tallies>,
+}
+
+fn baseline(tallies: Tallies) -> RolloutBaseline {
+    RolloutBaseline {
+        drained: tallies.drained,
+        rehydrated: tallies.rehydrated,
+        lost: tallies.lost,
+    }
+}
+
 /// Labels naming a pod's revision: Deployments (through ReplicaSets), then StatefulSets and
 /// DaemonSets.
 const REVISION_LABELS: [&str; 2] = ["pod-template-hash", "controller-revision-hash"];
@@ -59,7 +77,7 @@ fn newest_revision<'a>(live: &[&'a Arc<Pod>], tracked: Option<&str>) -> Option<&
 pub fn track(
     previous: Option<&RolloutStatus>,
     pods: &[Arc<Pod>],
-    tallies: Option<Tallies>,
+    tallies: Option<Tallied>,
     now: &str,
     lingering: bool,
 ) -> Option<RolloutStatus> {
@@ -73,11 +91,7 @@ pub fn track(
         _ if revisions.len() > 1 => RolloutStatus {
             revision: current.to_owned(),
             started_at: Some(now.to_owned()),
-            baseline: tallies.map(|t| RolloutBaseline {
-                drained: t.drained,
-                rehydrated: t.rehydrated,
-                lost: t.lost,
-            }),
+            baseline: tallies.map(|t| baseline(t.before.unwrap_or(t.now))),
             ..Default::default()
         },
         // Nothing rolling (or a revision that replaced every pod unseen): nothing to report.
@@ -88,17 +102,14 @@ pub fn track(
     // while in any case (a gateway moves a session at its client's next request).
     let accounted = rollout.rehydrated + rollout.lost >= rollout.drained;
     if rollout.finished_at.is_none() || !accounted || lingering {
+        let tallies = tallies.map(|t| t.now);
         if let (Some(tallies), Some(baseline)) = (tallies, &rollout.baseline) {
             rollout.drained = tallies.drained.saturating_sub(baseline.drained);
             rollout.rehydrated = tallies.rehydrated.saturating_sub(baseline.rehydrated);
             rollout.lost = tallies.lost.saturating_sub(baseline.lost);
         } else if let Some(tallies) = tallies {
             // Started while the store was unreachable: count from now on.
-            rollout.baseline = Some(RolloutBaseline {
-                drained: tallies.drained,
-                rehydrated: tallies.rehydrated,
-                lost: tallies.lost,
-            });
+            rollout.baseline = Some(baseline(tallies));
         }
     }
     if rollout.finished_at.is_none() && settled {
@@ -125,11 +136,14 @@ mod tests {
         Arc::new(pod)
     }
 
-    fn tallies(drained: u64, rehydrated: u64, lost: u64) -> Option<Tallies> {
-        Some(Tallies {
-            drained,
-            rehydrated,
-            lost,
+    fn tallies(drained: u64, rehydrated: u64, lost: u64) -> Option<Tallied> {
+        Some(Tallied {
+            now: Tallies {
+                drained,
+                rehydrated,
+                lost,
+            },
+            before: None,
         })
     }
 
@@ -201,6 +215,45 @@ mod tests {
                 .drained,
             4
         );
+    }
+
+    /// The count that first sees the new revision may come after an old pod went (the
+    /// operator busy, or the pod events debounced): what the proxies reported since the count
+    /// before is the rollout's.
+    #[test]
+    fn a_rollout_counts_from_the_count_before_it_was_seen() {
+        let rolling = [
+            pod("a", "v1", "2026-11-25T10:00:00Z", true, true),
+            pod("c", "v2", "2026-11-25T11:00:00Z", true, false),
+        ];
+        let seen_late = Some(Tallied {
+            now: Tallies {
+                drained: 7,
+                rehydrated: 6,
+                lost: 0,
+            },
+            before: Some(Tallies {
+                drained: 5,
+                rehydrated: 5,
+                lost: 0,
+            }),
+        });
+        let started = track(None, &rolling, seen_late, "t1", false).unwrap();
+        assert_eq!(
+            (started.drained, started.rehydrated, started.lost),
+            (2, 1, 0)
+        );
+        assert_eq!(
+            started.baseline,
+            Some(RolloutBaseline {
+                drained: 5,
+                rehydrated: 5,
+                lost: 0
+            })
+        );
+        // The first count since the operator started has no count before it.
+        let first = track(None, &rolling, tallies(7, 6, 0), "t1", false).unwrap();
+        assert_eq!((first.drained, first.rehydrated), (0, 0));
     }
 
     #[test]

@@ -165,11 +165,18 @@ impl ControllerMetrics {
 
     /// Adds what the proxies reported to the store since the last call (the first call adds
     /// it all): the counters then rise with `lastRollout`'s counts. A tally that went down
-    /// (Redis lost it) restarts the comparison without taking anything back.
-    pub fn proxy_tallies(&self, namespace: &str, policy: &str, now: crate::store::Tallies) {
+    /// (Redis lost it) restarts the comparison without taking anything back. Returns the
+    /// tallies of the last call (`None` on the first).
+    pub fn proxy_tallies(
+        &self,
+        namespace: &str,
+        policy: &str,
+        now: crate::store::Tallies,
+    ) -> Option<crate::store::Tallies> {
         let key = (namespace.to_owned(), policy.to_owned());
         let mut seen = self.tallies_seen.lock().unwrap_or_else(|p| p.into_inner());
-        let before = seen.insert(key, now).unwrap_or_default();
+        let previous = seen.insert(key, now);
+        let before = previous.unwrap_or_default();
         let added = |now: u64, before: u64| if now >= before { now - before } else { now };
         let labels = PolicyLabels {
             namespace: namespace.to_owned(),
@@ -187,6 +194,7 @@ impl ControllerMetrics {
         self.lost
             .get_or_create(&labels)
             .inc_by(added(now.lost, before.lost));
+        previous
     }
 
     pub fn redis_operation(&self, operation: &'static str, took: Duration) {
