@@ -160,7 +160,12 @@ impl Proxy {
         };
         let path = exchange.path.split('?').next().unwrap_or(&exchange.path);
         let headers = self.replay_headers(exchange);
-        let upstream = match self.handshake(path, headers, &session).await? {
+        let handshake = self.handshake(path, headers, &session).await?;
+        // The move has an outcome: the session was drained, and is rehydrated or lost below.
+        if moved {
+            self.report(Tally::Drained, 1);
+        }
+        let upstream = match handshake {
             Some(upstream) => upstream,
             None => {
                 metrics::inc(&self.metrics.replays, metrics::Replay::Refused);
@@ -169,7 +174,6 @@ impl Proxy {
                 // client's retries (here or on other pods, which now see it owned) are the
                 // same loss.
                 if moved {
-                    self.report(Tally::Drained, 1);
                     // Its retries start from the store, as on any other pod: not a second move.
                     self.forget(id);
                 }
@@ -186,9 +190,6 @@ impl Proxy {
             backend = upstream.backend.name(),
             "handshake replayed to the upstream"
         );
-        if moved {
-            self.report(Tally::Drained, 1);
-        }
         if rehydrating || moved {
             self.report(Tally::Rehydrated, 1);
         }
