@@ -402,7 +402,10 @@ async fn counters(bed: &Bed) -> (u64, u64, u64) {
 }
 
 async fn assert_the_counters_say_what_the_rollout_says(bed: &Bed, rollout: &RolloutStatus) {
-    assert_eq!(counters(bed).await, counters_after(rollout), "{rollout:?}");
+    let counted = counters(bed).await;
+    assert_eq!(counted, counters_after(rollout), "{rollout:?}");
+    // These tests lose no session at all: none before the rollout either.
+    assert_eq!(counted.2, 0, "sessions lost: {rollout:?}");
 }
 
 /// The same kill in gateway mode: 50 clients (25 per SDK) connected to a gateway in front of
