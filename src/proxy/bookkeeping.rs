@@ -172,8 +172,9 @@ impl Proxy {
             .touch(id, self.config.pod_name.as_deref())
             .await
         {
-            Ok(Touched::Gone) => self.restore(id).await,
-            Ok(Touched::Draining) => self.take_over(id).await,
+            // Boxed, as are the request path's other rare turns (see [`Proxy::route`]).
+            Ok(Touched::Gone) => Box::pin(self.restore(id)).await,
+            Ok(Touched::Draining) => Box::pin(self.take_over(id)).await,
             Ok(Touched::Written | Touched::Skipped) => {}
             Err(error) => {
                 debug!(session = %id, %error, "touch failed; the store may be down or full");

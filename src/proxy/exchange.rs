@@ -203,14 +203,14 @@ impl Proxy {
     ) -> Result<UpstreamSession, Failure> {
         let mut lookup = self.lookup(bound);
         if let (Lookup::Unbound, Some(credential)) = (&lookup, &bound.credential) {
-            self.bind(&bound.id, credential).await?;
+            Box::pin(self.bind(&bound.id, credential)).await?;
             lookup = self.lookup(bound);
         }
         match lookup {
             Lookup::Live(upstream) => Ok(upstream),
             Lookup::Refused(unknown) => Err(Failure::Unknown(unknown)),
             Lookup::Stale(_) | Lookup::Absent | Lookup::Unbound => {
-                self.replay(bound, exchange).await
+                Box::pin(self.replay(bound, exchange)).await
             }
         }
     }

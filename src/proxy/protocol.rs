@@ -182,7 +182,7 @@ fn speaks_of_unknown_session(message: &str) -> bool {
 
 /// Headers that belong to one connection, never forwarded (RFC 9110 §7.6.1). Typed names:
 /// removing by `&str` would parse the name again on every request.
-const HOP_BY_HOP: [HeaderName; 8] = [
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     header::PROXY_AUTHENTICATE,
@@ -194,8 +194,13 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    // Most messages carry none: look first, as each removal hashes its name.
+    while let Some(name) = headers
+        .keys()
+        .find(|name| HOP_BY_HOP.contains(name))
+        .cloned()
+    {
+        headers.remove(&name);
     }
 }
 
@@ -378,6 +383,24 @@ pub fn header_value(value: &str) -> Option<HeaderValue> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_stripped_with_every_value_and_nothing_else() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+        headers.insert(header::AUTHORIZATION, "Bearer a".parse().unwrap());
+        headers.insert(header::CONNECTION, "keep-alive".parse().unwrap());
+        headers.insert("keep-alive", "timeout=5".parse().unwrap());
+        headers.append(header::TRANSFER_ENCODING, "gzip".parse().unwrap());
+        headers.append(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        headers.insert(header::UPGRADE, "websocket".parse().unwrap());
+        strip_hop_by_hop(&mut headers);
+        let left: Vec<_> = headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["content-type", "authorization"]);
+        let mut none = headers.clone();
+        strip_hop_by_hop(&mut none);
+        assert_eq!(none, headers);
+    }
 
     #[test]
     fn heads_of_requests_notifications_and_responses() {
