@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::Api;
+use kube::runtime::reflector::ObjectRef;
 use kube::{Client, ResourceExt as _};
 use tracing::{Instrument as _, debug, info, warn};
 
@@ -284,7 +285,10 @@ pub(super) async fn from_redis(
     }
     let tallies = match store.tallies().await {
         Ok(now) => {
-            let before = ctx.metrics.controller.proxy_tallies(namespace, &name, now);
+            let before = ctx.memory.counted(&ObjectRef::from_obj(policy), now);
+            ctx.metrics
+                .controller
+                .proxy_tallies(namespace, &name, before, now);
             Some(Tallied { now, before })
         }
         Err(error) => {

@@ -12,6 +12,7 @@ mod deletion_cost;
 pub mod gateway;
 mod guard;
 pub mod leader;
+mod memory;
 pub mod network_policy;
 mod observe;
 mod rollout;
@@ -22,7 +23,6 @@ mod watch;
 
 pub use self::watch::run;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -122,10 +122,8 @@ pub struct Context {
     metrics: Arc<Metrics>,
     events: PolicyEvents,
     config: Config,
-    failures: std::sync::Mutex<HashMap<ObjectRef<McpSessionPolicy>, u32>>,
-    /// The status last written per policy. The policy in the store can lag behind our own
-    /// writes; transitions (events) and last-known counts are judged against this instead.
-    written: Arc<std::sync::Mutex<HashMap<ObjectRef<McpSessionPolicy>, McpSessionPolicyStatus>>>,
+    /// Each policy's status last written, tallies last counted and failures in a row.
+    memory: Arc<memory::PolicyMemory>,
     deletion_costs: deletion_cost::Writer,
 }
 
@@ -160,12 +158,7 @@ async fn reconcile_policy(
     let redis = from_redis(&policy, &namespace, ctx, &selected).await;
     let pod_sessions = sessions_per_pod(ctx, &policy, &namespace, &selected, &redis).await;
     let key = ObjectRef::from_obj(&*policy);
-    let remembered = ctx
-        .written
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&key)
-        .cloned();
+    let remembered = ctx.memory.status(&key);
     let previous = remembered.as_ref().or(policy.status.as_ref());
     let max_lost_sessions = u64::try_from(policy.spec.rollout.max_lost_sessions).unwrap_or(0);
     let last_rollout = guard::track_and_guard(
@@ -209,17 +202,11 @@ async fn reconcile_policy(
     for (warning, reason, note) in status::transitions(previous, &next) {
         publish(ctx, &policy, warning, reason, note).await;
     }
-    ctx.written
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(key.clone(), next);
+    ctx.memory.wrote(&key, next);
 
     match observation.counts {
         Ok(_) => {
-            ctx.failures
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&key);
+            ctx.memory.succeeded(&key);
             Ok(Action::requeue(jittered(requeue)))
         }
         Err(problem) if problem.is_transient() => Err(Error::Degraded {
@@ -305,13 +292,11 @@ async fn fingerprint_key(ctx: &Context, policy: &McpSessionPolicy) -> KeyState {
 }
 
 fn error_policy(policy: Arc<McpSessionPolicy>, error: &Error, ctx: Arc<Context>) -> Action {
-    let mut failures = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
-    let n = failures.entry(ObjectRef::from_obj(&*policy)).or_default();
-    *n = n.saturating_add(1);
+    let failures = ctx.memory.failed(&ObjectRef::from_obj(&*policy));
     let delay = ctx
         .config
         .min_backoff
-        .saturating_mul(1 << (*n - 1).min(16))
+        .saturating_mul(1 << (failures - 1).min(16))
         .min(ctx.config.max_backoff);
     warn!(policy = %policy.name_any(), %error, retry_in = ?delay, "reconcile failed; backing off");
     Action::requeue(delay)

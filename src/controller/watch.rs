@@ -1,7 +1,6 @@
 //! The controller's watches: policies, pods and Services in reflector stores, and which
 //! policies a change reconciles.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -15,6 +14,7 @@ use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Client, Resource, ResourceExt as _};
 use tracing::{debug, info, warn};
 
+use super::memory::PolicyMemory;
 use super::stores::StorePool;
 use super::{Config, Context, error_policy, reconcile};
 use crate::api::McpSessionPolicy;
@@ -36,24 +36,21 @@ pub async fn run(
         policies: AtomicBool::new(false),
         pods: AtomicBool::new(false),
     });
-    let written: Arc<std::sync::Mutex<HashMap<_, _>>> = Default::default();
+    let memory = Arc::new(PolicyMemory::default());
     let (policy_reader, policy_writer) = reflector::store();
     let forget = metrics.clone();
     let policy_stream = watcher(policies, watcher::Config::default())
         .default_backoff()
         .reflect(policy_writer)
         .inspect_ok({
-            let (synced, written) = (synced.clone(), written.clone());
+            let (synced, memory) = (synced.clone(), memory.clone());
             move |event| match event {
                 watcher::Event::Delete(policy) => {
                     let namespace = policy.namespace().unwrap_or_default();
                     forget
                         .controller
                         .forget_policy(&namespace, &policy.name_any());
-                    written
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&ObjectRef::from_obj(policy));
+                    memory.forget(&ObjectRef::from_obj(policy));
                 }
                 watcher::Event::InitDone => synced.policies_listed(),
                 _ => {}
@@ -94,8 +91,7 @@ pub async fn run(
         metrics,
         events,
         config,
-        failures: Default::default(),
-        written,
+        memory,
         deletion_costs: Default::default(),
     });
     let (by_pod, by_service) = (policy_reader.clone(), policy_reader.clone());

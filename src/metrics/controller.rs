@@ -67,8 +67,6 @@ pub struct ControllerMetrics {
     rehydrations: Family<PolicyLabels, Counter>,
     lost: Family<PolicyLabels, Counter>,
     redis_up: Family<PolicyLabels, Gauge>,
-    /// The store tallies last added to the counters, per policy.
-    tallies_seen: Mutex<BTreeMap<PolicyKey, crate::store::Tallies>>,
     /// Pods with a series, per policy, so that series of vanished pods can be removed.
     pods_with_series: Mutex<BTreeMap<PolicyKey, BTreeSet<String>>>,
 }
@@ -141,7 +139,6 @@ impl ControllerMetrics {
             rehydrations,
             lost,
             redis_up,
-            tallies_seen: Mutex::default(),
             pods_with_series: Mutex::default(),
         }
     }
@@ -163,20 +160,18 @@ impl ControllerMetrics {
             .inc_by(sessions);
     }
 
-    /// Adds what the proxies reported to the store since the last call (the first call adds
-    /// it all): the counters then rise with `lastRollout`'s counts. A tally that went down
-    /// (Redis lost it) restarts the comparison without taking anything back. Returns the
-    /// tallies of the last call (`None` on the first).
+    /// Adds what the proxies reported to the store between two counts (`before` is `None` at
+    /// the first since the operator started: all of it): the counters then rise with
+    /// `lastRollout`'s counts. A tally that went down (Redis lost it) restarts the comparison
+    /// without taking anything back.
     pub fn proxy_tallies(
         &self,
         namespace: &str,
         policy: &str,
+        before: Option<crate::store::Tallies>,
         now: crate::store::Tallies,
-    ) -> Option<crate::store::Tallies> {
-        let key = (namespace.to_owned(), policy.to_owned());
-        let mut seen = self.tallies_seen.lock().unwrap_or_else(|p| p.into_inner());
-        let previous = seen.insert(key, now);
-        let before = previous.unwrap_or_default();
+    ) {
+        let before = before.unwrap_or_default();
         let added = |now: u64, before: u64| if now >= before { now - before } else { now };
         let labels = PolicyLabels {
             namespace: namespace.to_owned(),
@@ -194,7 +189,6 @@ impl ControllerMetrics {
         self.lost
             .get_or_create(&labels)
             .inc_by(added(now.lost, before.lost));
-        previous
     }
 
     pub fn redis_operation(&self, operation: &'static str, took: Duration) {
@@ -289,10 +283,6 @@ impl ControllerMetrics {
         self.rehydrations.remove(&labels);
         self.lost.remove(&labels);
         self.redis_up.remove(&labels);
-        self.tallies_seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&(namespace.to_owned(), policy.to_owned()));
         let mut known = self
             .pods_with_series
             .lock()
