@@ -109,6 +109,67 @@ async fn a_session_survives_upstream_restarts_and_stays_bound_to_its_credential(
     assert_eq!(call(proxy_port, &session, alice, 30, 1).await.status, 404);
 }
 
+/// A replay's handshake torn by an in-place restart: the server answers the replayed
+/// `initialize` only once the proxy is quiesced (it was paused, SIGSTOP, until then), so the
+/// rest of the handshake is held at the closed gate and reaches the restarted server, which
+/// does not know the session the `initialize` made. The proxy replays the handshake again
+/// before the client's call goes on: one replay, counted once, and the call answered. (In a
+/// rollout this happens when a pod's restart lands between the two messages of a replay; the
+/// pause makes that moment last.)
+#[tokio::test]
+async fn a_handshake_torn_by_an_in_place_restart_is_replayed_whole() {
+    let redis = support::redis::RedisServer::start();
+    let pod_a = Pod::start(Sdk::Python, "pod-a", &redis.url()).await;
+    let mut pod_b = Pod::start(Sdk::Python, "pod-b", &redis.url()).await;
+    let (proxy_b, admin_b) = (pod_b.proxy_port(), pod_b.admin_port());
+    let session = open_session(pod_a.proxy_port(), None).await;
+
+    // Pod B's server paused: the call's replay there sends `initialize`, which waits.
+    pod_b.server.signal(libc::SIGSTOP);
+    let first_call = tokio::spawn({
+        let session = session.clone();
+        async move { call(proxy_b, &session, None, 2, 41).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while support::accept_queue(pod_b.server_port) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the replay's initialize never reached the server"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The preStop hook quiesces the proxy, which waits for the initialize in flight.
+    let quiesce = tokio::spawn(async move { admin_get(admin_b, "/drain").await });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !admin_get(admin_b, "/readyz").await.contains("quiesced") {
+        assert!(Instant::now() < deadline, "the proxy never quiesced");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    pod_b.server.signal(libc::SIGCONT);
+    let quiesced = quiesce.await.expect("the quiesce");
+    assert!(
+        quiesced.contains("held until the server restarts"),
+        "{quiesced}"
+    );
+    // The kubelet restarts the server in place; the held `notifications/initialized` reaches
+    // the new process.
+    pod_b.restart_server(Sdk::Python);
+
+    let reply = first_call.await.expect("the call");
+    assert_eq!(result_text(&reply), "42", "{}", reply.body);
+    let metrics = admin_get(admin_b, "/metrics").await;
+    assert_eq!(
+        sample(&metrics, r#"mcp_proxy_replays_total{outcome="replayed"}"#),
+        1.0,
+        "the torn handshake is not a replay of its own: {metrics}"
+    );
+    assert_eq!(
+        result_text(&call(proxy_b, &session, None, 3, 1).await),
+        "2",
+        "the session goes on where it was replayed"
+    );
+}
+
 /// DNS rebinding and cross-site pages. The client's `Host` reaches the server, whose own check
 /// answers as it does directly (the Python SDK's: 421 for a foreign host); a page of an origin
 /// the proxy does not allow gets the proxy's 403, while a localhost page and a client without

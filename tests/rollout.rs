@@ -21,7 +21,7 @@ use mcp_session_operator::api::RolloutStatus;
 use mcp_session_operator::store::SessionStore;
 use serde_json::{Value, json};
 use support::bed::{APP, Bed, Mode, TIMEOUT, V1, V2};
-use support::clients::ClientRun;
+use support::clients::{ClientLine, ClientRun};
 use support::control_plane::wait_for;
 use tokio::io::AsyncBufReadExt as _;
 
@@ -67,6 +67,8 @@ struct Clients {
     stop_file: PathBuf,
     _dir: tempfile::TempDir,
     runs: Vec<tokio::task::JoinHandle<Vec<ClientRun>>>,
+    /// The clients that made their first call.
+    calling: tokio::sync::watch::Receiver<usize>,
 }
 
 impl Clients {
@@ -78,6 +80,8 @@ impl Clients {
         let python = std::env::var("MCP_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
         let ts = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/ts/client.mjs");
         let py = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/client.py");
+        let (calling, calling_now) = tokio::sync::watch::channel(0);
+        let calling = std::sync::Arc::new(calling);
         let runs = [(python.as_str(), py), ("node", ts)]
             .into_iter()
             .map(|(program, script)| {
@@ -92,14 +96,16 @@ impl Clients {
                     .kill_on_drop(true)
                     .spawn()
                     .unwrap_or_else(|e| panic!("start {program} {script}: {e}"));
+                let calling = calling.clone();
                 tokio::spawn(async move {
                     let stdout = child.stdout.take().expect("stdout");
                     let mut lines = tokio::io::BufReader::new(stdout).lines();
                     let mut runs = Vec::new();
                     while let Ok(Some(line)) = lines.next_line().await {
-                        match ClientRun::parse(&line) {
-                            Some(run) => runs.push(run),
-                            None => eprintln!("client output that is no summary: {line:.300}"),
+                        match ClientLine::parse(&line) {
+                            Some(ClientLine::Summary(run)) => runs.push(run),
+                            Some(ClientLine::Calling { .. }) => calling.send_modify(|n| *n += 1),
+                            None => eprintln!("client output that is no report: {line:.300}"),
                         }
                     }
                     let _ = child.wait().await;
@@ -111,7 +117,21 @@ impl Clients {
             stop_file,
             _dir: dir,
             runs,
+            calling: calling_now,
         }
+    }
+
+    /// Waits until every client has made its first call: the scenario then disrupts clients
+    /// in their steady state, none still in its handshake.
+    async fn wait_calling(&self) {
+        let all = 2 * CLIENTS_PER_SDK;
+        let mut calling = self.calling.clone();
+        let waited = tokio::time::timeout(TIMEOUT, calling.wait_for(|n| *n >= all)).await;
+        assert!(
+            waited.is_ok_and(|w| w.is_ok()),
+            "{} of {all} clients made a call within {TIMEOUT:?}",
+            *self.calling.borrow()
+        );
     }
 
     /// Tells the clients to stop; their reports.
@@ -151,16 +171,17 @@ fn assert_no_client_error(runs: &[ClientRun]) {
     assert_eq!(errors, Vec::<(&str, &String)>::new(), "no client error");
 }
 
-fn assert_every_client_kept_its_session(runs: &[ClientRun]) {
+/// Every client reported, kept one session id throughout and completed calls; for one that did
+/// not, what the bed's proxies logged about its sessions.
+fn assert_every_client_kept_its_session(bed: &Bed, runs: &[ClientRun]) {
     assert_eq!(runs.len(), 2 * CLIENTS_PER_SDK, "every client reported");
     for run in runs {
-        assert_eq!(
-            run.session_ids.len(),
-            1,
-            "{}: one session id throughout: {run:?}",
-            run.name
+        assert!(
+            run.session_ids.len() == 1 && run.calls > 0,
+            "{}: one session id throughout, and calls made: {run:?}\nwhat the proxies logged about its sessions:\n{}",
+            run.name,
+            bed.proxy_log_about(&run.session_ids)
         );
-        assert!(run.calls > 0, "{run:?}");
     }
 }
 
@@ -172,7 +193,7 @@ async fn a_rolling_update_under_50_clients_loses_no_session_and_no_call() {
     let _serial = SERIAL.lock().await;
     let bed = bed("e2e-roll", json!({}), Mode::Sidecar).await;
     let clients = Clients::start(bed.entry_port(), UNANNOTATED);
-    bed.wait_sessions(2 * CLIENTS_PER_SDK as u64).await;
+    clients.wait_calling().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     // Every proxy fingerprints credentials with the key from the policy's Secret.
     let key = mcp_session_operator::proxy::Fingerprinter::new(
@@ -212,7 +233,7 @@ async fn a_rolling_update_under_50_clients_loses_no_session_and_no_call() {
     }
 
     assert_no_client_error(&runs);
-    assert_every_client_kept_its_session(&runs);
+    assert_every_client_kept_its_session(&bed, &runs);
     assert!(rollout.drained > 0, "{rollout:?}");
     assert_eq!(rollout.rehydrated, rollout.drained, "{rollout:?}");
     assert_eq!(rollout.lost, 0, "{rollout:?}");
@@ -240,7 +261,7 @@ async fn a_killed_pods_sessions_are_swept_and_rehydrated() {
     let _serial = SERIAL.lock().await;
     let bed = bed("e2e-kill", json!({}), Mode::Sidecar).await;
     let clients = Clients::start(bed.entry_port(), UNANNOTATED);
-    bed.wait_sessions(2 * CLIENTS_PER_SDK as u64).await;
+    clients.wait_calling().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let store = bed.store().await;
@@ -485,7 +506,7 @@ impl ThroughAGateway {
         let serial = SERIAL.lock().await;
         let bed = bed(prefix, json!({}), Mode::Gateway).await;
         let clients = Clients::start(bed.entry_port(), &format!("{UNANNOTATED},{READ_ONLY}"));
-        bed.wait_sessions(2 * CLIENTS_PER_SDK as u64).await;
+        clients.wait_calling().await;
         tokio::time::sleep(Duration::from_secs(2)).await;
         Self {
             _serial: serial,
@@ -508,7 +529,7 @@ impl ThroughAGateway {
         let runs = self.clients.stop().await;
         let (_, errors) = report(&format!("gateway: {scenario}"), &runs);
         eprintln!("gateway: {scenario}: {errors} failed calls");
-        assert_only_unsendable_calls_failed(&runs, pods_gone);
+        assert_only_unsendable_calls_failed(&self.bed, &runs, pods_gone);
         assert_eq!(stored, 2 * CLIENTS_PER_SDK as u64, "no session lost");
         (self.bed, runs)
     }
@@ -518,11 +539,11 @@ impl ThroughAGateway {
 /// kept its one session; no client ended; no read-only call failed; an unannotated call failed
 /// only if it was in flight on a pod that went (so at most one per client and pod gone),
 /// answered as such.
-fn assert_only_unsendable_calls_failed(runs: &[ClientRun], pods_gone: usize) {
+fn assert_only_unsendable_calls_failed(bed: &Bed, runs: &[ClientRun], pods_gone: usize) {
     for run in runs.iter().filter(|r| !r.errors.is_empty()) {
         eprintln!("{run:?}");
     }
-    assert_every_client_kept_its_session(runs);
+    assert_every_client_kept_its_session(bed, runs);
     for run in runs {
         assert!(
             !run.errors.iter().any(|e| e.starts_with("client crashed")),
@@ -550,7 +571,7 @@ async fn an_in_place_restart_of_a_server_costs_no_call_and_leaves_the_pod_ready(
     let _serial = SERIAL.lock().await;
     let bed = bed("e2e-inplace", json!({}), Mode::Sidecar).await;
     let clients = Clients::start(bed.entry_port(), UNANNOTATED);
-    bed.wait_sessions(2 * CLIENTS_PER_SDK as u64).await;
+    clients.wait_calling().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let pods = bed.pods().await;
     let pod = pods.first().expect("a pod").clone();
@@ -592,7 +613,7 @@ async fn an_in_place_restart_of_a_server_costs_no_call_and_leaves_the_pod_ready(
             .any(|p| p.name_any() == pod.name_any() && p.metadata.deletion_timestamp.is_none()),
         "the pod stays"
     );
-    assert_every_client_kept_its_session(&runs);
+    assert_every_client_kept_its_session(&bed, &runs);
     let errors: Vec<&String> = runs.iter().flat_map(|r| r.errors.iter()).collect();
     assert_eq!(errors, Vec::<&String>::new(), "no client error");
 }
@@ -604,7 +625,7 @@ async fn a_redis_restart_mid_rollout_loses_no_session() {
     let _serial = SERIAL.lock().await;
     let mut bed = bed("e2e-redis", json!({}), Mode::Sidecar).await;
     let clients = Clients::start(bed.entry_port(), UNANNOTATED);
-    bed.wait_sessions(2 * CLIENTS_PER_SDK as u64).await;
+    clients.wait_calling().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     bed.set_image(V2).await;
@@ -624,7 +645,7 @@ async fn a_redis_restart_mid_rollout_loses_no_session() {
     report("Redis restarted mid-rollout", &runs);
     eprintln!("lastRollout: {rollout:?}");
 
-    assert_every_client_kept_its_session(&runs);
+    assert_every_client_kept_its_session(&bed, &runs);
     let errors: Vec<&String> = runs.iter().flat_map(|r| r.errors.iter()).collect();
     assert_eq!(errors, Vec::<&String>::new(), "no client error");
     assert_eq!(rollout.lost, 0, "{rollout:?}");
@@ -639,7 +660,7 @@ async fn a_version_that_refuses_the_sessions_is_paused() {
     let _serial = SERIAL.lock().await;
     let bed = bed("e2e-guard", json!({"maxLostSessions": 2}), Mode::Sidecar).await;
     let clients = Clients::start(bed.entry_port(), UNANNOTATED);
-    bed.wait_sessions(2 * CLIENTS_PER_SDK as u64).await;
+    clients.wait_calling().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let old_pods: Vec<String> = bed.pods().await.iter().map(|p| p.name_any()).collect();
     // Each new pod counts as available 10 s after it is ready (not 2): the next old pod goes

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::http::{HeaderMap, HeaderValue, Method, header};
+use bytes::Bytes;
 use http_body_util::BodyExt as _;
 use serde_json::Value;
 use tracing::{Instrument as _, debug, info, info_span, warn};
@@ -12,7 +13,7 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 use super::answers::{Failure, Unknown, header_or_empty};
 use super::backoff;
 use super::events::StreamKind;
-use super::exchange::{Bound, Exchange};
+use super::exchange::{Bound, Exchange, MAX_ATTEMPTS, Signal, session_signal};
 use super::protocol::{self, PROTOCOL_VERSION_HEADER, SESSION_HEADER};
 use super::table::{Lookup, Stale, Transport, UpstreamSession};
 use super::upstream::UpstreamError;
@@ -228,15 +229,49 @@ impl Proxy {
     /// requests that set up what the client had set up (subscriptions, the log level) to the
     /// upstream at `path` (in gateway mode, the least-loaded pod that takes it); the new
     /// upstream session, `None` if the upstream refused it.
+    ///
+    /// A quiesce may hold the rest of a handshake whose `initialize` the upstream answered
+    /// just before it stopped: the restarted upstream then does not know the session it made,
+    /// and the handshake starts over rather than hand out a session that no longer exists.
     pub(super) async fn handshake(
         &self,
         path: &str,
-        mut headers: HeaderMap,
+        headers: HeaderMap,
         session: &NewSession,
     ) -> Result<Option<UpstreamSession>, Failure> {
         let params = session.initialize_params.clone().unwrap_or(Value::Null);
         let initialize = protocol::initialize_request(&params, session.protocol_version.as_deref());
         let deadline = Instant::now() + self.config.hold;
+        for _ in 0..MAX_ATTEMPTS {
+            let Some(upstream) = self
+                .initialize_upstream(path, &headers, &initialize, deadline)
+                .await?
+            else {
+                return Ok(None);
+            };
+            if self.set_up(path, headers.clone(), session, &upstream).await {
+                return Ok(Some(upstream));
+            }
+            debug!(
+                backend = upstream.backend.name(),
+                "the upstream forgot the replayed session during its handshake; replaying again"
+            );
+        }
+        Err(Failure::Upstream(UpstreamError::Unavailable(
+            self.config.hold,
+            "the MCP server keeps forgetting the replayed session".into(),
+        )))
+    }
+
+    /// Sends `initialize` (in gateway mode, to the least-loaded pod that takes it): the
+    /// upstream session it made, `None` if the upstream refused it.
+    async fn initialize_upstream(
+        &self,
+        path: &str,
+        headers: &HeaderMap,
+        initialize: &Bytes,
+        deadline: Instant,
+    ) -> Result<Option<UpstreamSession>, Failure> {
         let answer = loop {
             let backend = self
                 .upstream
@@ -245,7 +280,7 @@ impl Proxy {
                 .map_err(Failure::Upstream)?;
             match self
                 .upstream
-                .send(&backend, &Method::POST, path, &headers, initialize.clone())
+                .send(&backend, &Method::POST, path, headers, initialize.clone())
                 .await
             {
                 Ok(answer) => break answer,
@@ -256,7 +291,6 @@ impl Proxy {
                 Err(error) => return Err(Failure::Upstream(error)),
             }
         };
-        let backend = answer.backend.clone();
         let status = answer.response.status();
         let upstream_id = answer
             .response
@@ -266,10 +300,22 @@ impl Proxy {
             .map(str::to_owned);
         // The initialize result (JSON or one SSE event) is not the client's to see.
         let _ = answer.response.into_body().collect().await;
-        let Some(upstream_id) = upstream_id.filter(|_| status.is_success()) else {
-            return Ok(None);
-        };
-        headers.insert(SESSION_HEADER, header_or_empty(&upstream_id));
+        Ok(upstream_id
+            .filter(|_| status.is_success())
+            .map(|id| UpstreamSession::new(answer.backend, id)))
+    }
+
+    /// Sends the rest of `session`'s handshake in `upstream`: `notifications/initialized`,
+    /// then its setup requests; false if the upstream does not know the session (it restarted
+    /// since the `initialize`). A setup request refused otherwise is logged, not fatal.
+    async fn set_up(
+        &self,
+        path: &str,
+        mut headers: HeaderMap,
+        session: &NewSession,
+        upstream: &UpstreamSession,
+    ) -> bool {
+        headers.insert(SESSION_HEADER, header_or_empty(&upstream.id));
         if let Some(version) = session
             .protocol_version
             .as_deref()
@@ -280,22 +326,25 @@ impl Proxy {
         let messages = std::iter::once(protocol::initialized_notification())
             .chain(protocol::setup_requests(&session.setup));
         for message in messages {
-            match self
+            let sent = self
                 .upstream
-                .send(&backend, &Method::POST, path, &headers, message)
-                .await
-            {
-                Ok(answer) => {
-                    let status = answer.response.status();
-                    let _ = answer.response.into_body().collect().await;
-                    if !status.is_success() {
-                        warn!(%status, "the upstream refused a replayed setup request");
+                .send(&upstream.backend, &Method::POST, path, &headers, message)
+                .await;
+            match sent {
+                Ok(answer) => match session_signal(answer).await {
+                    Signal::UnknownSession => return false,
+                    Signal::Answer(answer) => {
+                        let status = answer.response.status();
+                        let _ = answer.response.into_body().collect().await;
+                        if !status.is_success() {
+                            warn!(%status, "the upstream refused a replayed setup request");
+                        }
                     }
-                }
+                },
                 Err(error) => warn!(%error, "cannot replay a setup request"),
             }
         }
-        Ok(Some(UpstreamSession::new(backend, upstream_id)))
+        true
     }
 
     /// Binds a session bound to nobody (the seed's service wrote it) to `credential`: in the

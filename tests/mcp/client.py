@@ -1,8 +1,9 @@
 """A real MCP client (the `mcp` SDK's Client, handshake mode) that lists the tools, as every
 client does, then calls `add` repeatedly and reports what it saw: a line per call (`ok N` or
-`error ...`), then a JSON summary. MCP_TEST_TOOL_DELAY (seconds) makes each call take that long
-on the server. MCP_TEST_TOOL names the tool (`add` by default; `add_read_only` is the same tool
-annotated read-only); a comma-separated list gives client i the i-th (cycling) of them.
+`error ...`), then a JSON summary (with `ready_seconds`, the time its handshake and tool list
+took). MCP_TEST_TOOL_DELAY (seconds) makes each call take that long on the server. MCP_TEST_TOOL
+names the tool (`add` by default; `add_read_only` is the same tool annotated read-only); a
+comma-separated list gives client i the i-th (cycling) of them.
 
     python client.py URL SECONDS [INTERVAL_SECONDS] [AUTHORIZATION]
 
@@ -11,9 +12,10 @@ A URL ending in /sse speaks the 2024-11-05 HTTP+SSE transport; any other, Stream
 The per-call lines let a test restart the server between two calls.
 
 MCP_TEST_CLIENTS=N runs N such clients at once, each a Client of its own with its own HTTP
-connections, session and credential (AUTHORIZATION with `-i` appended); each reports only its
-JSON summary, one line per client. With MCP_TEST_STOP_FILE set, the clients stop as soon as that
-file exists (SECONDS still bounds the run).
+connections, session and credential (AUTHORIZATION with `-i` appended); each reports only
+`{"calling": NAME}` once its first call is done, then its JSON summary. With
+MCP_TEST_STOP_FILE set, the clients stop as soon as that file exists (SECONDS still bounds the
+run).
 """
 
 import asyncio
@@ -40,10 +42,11 @@ def stopped(deadline: float) -> bool:
     return time.monotonic() >= deadline or bool(stop_file and os.path.exists(stop_file))
 
 
-async def run_client(url: str, seconds: float, interval: float, authorization: str | None, verbose: bool, tool: str = "add") -> dict:
+async def run_client(url: str, seconds: float, interval: float, authorization: str | None, verbose: bool, tool: str = "add", name: str | None = None) -> dict:
     headers = {"Authorization": authorization} if authorization else {}
     delay = float(os.environ.get("MCP_TEST_TOOL_DELAY", "0"))
-    calls, errors, session_ids, slowest = 0, [], set(), 0.0
+    calls, errors, session_ids, slowest, ready = 0, [], set(), 0.0, None
+    began = time.monotonic()
 
     async def record_session(response: httpx2.Response) -> None:
         if sid := response.headers.get("mcp-session-id"):
@@ -57,6 +60,7 @@ async def run_client(url: str, seconds: float, interval: float, authorization: s
             transport = streamable_http_client(url, http_client=http)
         async with Client(transport, mode="legacy") as client:
             await client.list_tools()
+            ready = round(time.monotonic() - began, 3)
             deadline = time.monotonic() + seconds
             while not stopped(deadline):
                 failure = None
@@ -73,6 +77,8 @@ async def run_client(url: str, seconds: float, interval: float, authorization: s
                 if failure:
                     failure = f"call {calls}: {failure}"
                 calls += 1
+                if calls == 1 and name:
+                    print(json.dumps({"calling": name}), flush=True)
                 if failure:
                     errors.append(failure)
                 if verbose:
@@ -80,7 +86,7 @@ async def run_client(url: str, seconds: float, interval: float, authorization: s
                 await asyncio.sleep(interval)
     except Exception as error:  # noqa: BLE001
         errors.append(f"client crashed: {describe(error)}")
-    return {"tool": tool, "calls": calls, "errors": errors, "session_ids": sorted(session_ids), "slowest_call_seconds": round(slowest, 3)}
+    return {"tool": tool, "calls": calls, "errors": errors, "session_ids": sorted(session_ids), "slowest_call_seconds": round(slowest, 3), "ready_seconds": ready}
 
 
 async def main() -> None:
@@ -94,7 +100,7 @@ async def main() -> None:
         return
     summaries = await asyncio.gather(
         *(
-            run_client(url, seconds, interval, authorization and f"{authorization}-{i}", verbose=False, tool=tools[i % len(tools)])
+            run_client(url, seconds, interval, authorization and f"{authorization}-{i}", verbose=False, tool=tools[i % len(tools)], name=f"python-{i}")
             for i in range(clients)
         )
     )

@@ -7,6 +7,7 @@
 //! the gateway benchmark a lighter one of its own.
 
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +17,7 @@ use k8s_openapi::api::core::v1::{Container, Pod, Secret, Service};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt as _};
 use mcp_session_operator::api::{McpSessionPolicy, McpSessionPolicyStatus, RolloutStatus, pod};
-use mcp_session_operator::store::{RedisStore, SessionStore};
+use mcp_session_operator::store::RedisStore;
 use serde_json::{Value, json};
 
 use super::balancer::Balancer;
@@ -44,20 +45,22 @@ pub const BACKEND_PORT: u16 = 8000;
 pub type BackendImages = fn(image: &str, port: u16, ip: Ipv4Addr) -> Option<std::process::Command>;
 
 /// What each image runs: this crate's binary for the proxy (injected or a gateway; its args are
-/// the pod spec's), `backend`'s program for the backend.
+/// the pod spec's), `backend`'s program for the backend. Each proxy logs to `proxy-<pod IP>.log`
+/// in `logs` (appended: a pod that reuses an address continues its file).
 fn images(
     backend: BackendImages,
+    logs: PathBuf,
 ) -> impl Fn(&Container, Ipv4Addr) -> Option<std::process::Command> {
     move |container, ip| {
         let image = container.image.as_deref()?;
         if image == PROXY_IMAGE {
-            let log = if std::env::var_os("MCP_TEST_PROXY_LOG").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            };
             let mut proxy = std::process::Command::new(env!("CARGO_BIN_EXE_mcp-session-operator"));
-            proxy.stdout(Stdio::null()).stderr(log);
+            if std::env::var_os("RUST_LOG").is_none() {
+                proxy.env("RUST_LOG", PROXY_LOG_LEVEL);
+            }
+            proxy.stdout(Stdio::null()).stderr(super::mcp::proxy_log_at(
+                &logs.join(format!("proxy-{ip}.log")),
+            ));
             return Some(proxy);
         }
         let port = container
@@ -70,6 +73,10 @@ fn images(
         backend(image, port, ip)
     }
 }
+
+/// What the bed's proxies log: enough of the proxy's own steps (replays, held and relayed
+/// streams) to follow one session through a failed scenario.
+const PROXY_LOG_LEVEL: &str = "info,mcp_session_operator::proxy=debug";
 
 /// How clients reach the backend pods.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +100,8 @@ pub struct Bed {
     pub service: Balancer,
     /// Gateway mode: the gateway the clients connect to.
     pub gateway: Option<Gateway>,
+    /// Where the pods' proxies log, a file per pod.
+    proxy_logs: PathBuf,
 }
 
 impl Bed {
@@ -149,8 +158,10 @@ impl Bed {
             wait_injecting(&ns).await;
         }
 
+        let proxy_logs = super::process_dir("mcp-session-operator-proxies").join(&ns.name);
+        std::fs::create_dir_all(&proxy_logs).expect("a directory for the proxies' logs");
         let runtime = Arc::new(LocalContainers::new(
-            Box::new(images(backend)),
+            Box::new(images(backend, proxy_logs.clone())),
             ns.client.clone(),
         ));
         let kubelet = KubeletStandIn::start(ns.client.clone(), &ns.name, runtime.clone()).await;
@@ -197,7 +208,32 @@ impl Bed {
             deployments,
             service,
             gateway,
+            proxy_logs,
         }
+    }
+
+    /// What the bed's proxies logged about any of `subjects` (session ids, say), file by file:
+    /// for a failed assertion to show what happened to a client's session.
+    pub fn proxy_log_about(&self, subjects: &[String]) -> String {
+        let mut found = String::new();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.proxy_logs)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|entry| entry.path())
+            .collect();
+        files.sort();
+        for file in files {
+            let log = std::fs::read_to_string(&file).unwrap_or_default();
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|line| subjects.iter().any(|s| line.contains(s.as_str())))
+                .collect();
+            if !lines.is_empty() {
+                found.push_str(&format!("{}:\n{}\n", file.display(), lines.join("\n")));
+            }
+        }
+        found
     }
 
     /// The port clients connect to: the gateway's, or the Service's.
@@ -215,15 +251,6 @@ impl Bed {
         self.redis
             .store("mcp:session:", Duration::from_secs(86_400))
             .await
-    }
-
-    /// Waits until the store holds `n` sessions.
-    pub async fn wait_sessions(&self, n: u64) {
-        let store = self.store().await;
-        wait_for(TIMEOUT, &format!("{n} sessions in the store"), || async {
-            store.counts().await.is_ok_and(|c| c.total >= n)
-        })
-        .await;
     }
 
     /// `kubectl set image`: a new backend version in the pod template.

@@ -1,5 +1,24 @@
 //! What the SDK client scripts report: tests/mcp/client.py (the Python SDK) and
-//! tests/mcp/ts/client.mjs (the TypeScript SDK) print one JSON summary line per client.
+//! tests/mcp/ts/client.mjs (the TypeScript SDK) print one JSON summary line per client, and
+//! where one process runs several clients, a line as each makes its first call.
+
+/// A line of a client script's output.
+#[derive(Debug, serde::Deserialize)]
+#[serde(untagged)]
+pub enum ClientLine {
+    Summary(ClientRun),
+    /// `{"calling": "python-3"}`: the client made its first call.
+    Calling {
+        calling: String,
+    },
+}
+
+impl ClientLine {
+    /// The line, if it is one of the above.
+    pub fn parse(line: &str) -> Option<Self> {
+        serde_json::from_str(line).ok()
+    }
+}
 
 /// One client's summary.
 #[derive(Debug, serde::Deserialize)]
@@ -16,6 +35,9 @@ pub struct ClientRun {
     pub session_ids: Vec<String>,
     #[serde(default)]
     pub slowest_call_seconds: f64,
+    /// How long its handshake and tool list took; `None` if it never got that far.
+    #[serde(default)]
+    pub ready_seconds: Option<f64>,
 }
 
 impl ClientRun {

@@ -149,14 +149,22 @@ pub fn proxy_with(
     )
 }
 
-/// The proxies' logs go to the test's stderr with MCP_TEST_PROXY_LOG=1 (and `--nocapture`).
-/// Where the proxy listening on `port` logs: the test's stderr with `MCP_TEST_PROXY_LOG` set,
-/// else [`proxy_log_path`], which a failing test prints.
+/// Where the proxy listening on `port` logs: the test's stderr with `MCP_TEST_PROXY_LOG` set
+/// (and `--nocapture`), else [`proxy_log_path`], which a failing test prints.
 pub fn proxy_log(port: u16) -> Stdio {
+    proxy_log_at(&proxy_log_path(port))
+}
+
+/// A proxy's log: the test's stderr with `MCP_TEST_PROXY_LOG` set, else appended to `path`.
+pub fn proxy_log_at(path: &std::path::Path) -> Stdio {
     if std::env::var_os("MCP_TEST_PROXY_LOG").is_some() {
         return Stdio::inherit();
     }
-    std::fs::File::create(proxy_log_path(port)).map_or_else(|_| Stdio::null(), Stdio::from)
+    std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_or_else(|_| Stdio::null(), Stdio::from)
 }
 
 /// The log file of the proxy listening on `port`, in this test process's directory.

@@ -88,6 +88,14 @@ impl Process {
         let _ = self.0.wait();
     }
 
+    /// Sends `signal` (SIGSTOP pauses the process, SIGCONT lets it go on).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: signalling our own child, not yet reaped.
+        unsafe {
+            libc::kill(self.0.id() as i32, signal);
+        }
+    }
+
     /// SIGTERM, as the kubelet stops a container, and wait for the exit.
     pub fn terminate(&mut self) {
         // SAFETY: signalling our own child, not yet reaped.
@@ -96,6 +104,26 @@ impl Process {
         }
         let _ = self.0.wait();
     }
+}
+
+/// Connections waiting in the accept queue of what listens on the loopback `port` (the kernel
+/// completes them while the listener's process is paused), from /proc/net/tcp.
+pub fn accept_queue(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let local = format!("0100007F:{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // local_address, rem_address, st (0A: LISTEN), tx_queue:rx_queue, which for a
+            // listening socket counts its accept queue.
+            (fields.get(1) == Some(&local.as_str()) && fields.get(3) == Some(&"0A"))
+                .then(|| fields.get(4)?.split(':').nth(1))
+                .flatten()
+                .and_then(|queued| usize::from_str_radix(queued, 16).ok())
+        })
+        .sum()
 }
 
 /// Waits until something accepts connections on the loopback `port` (30 s at most).

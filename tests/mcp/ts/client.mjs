@@ -1,12 +1,13 @@
 // A real MCP client (the TypeScript SDK's Client over Streamable HTTP) that lists the tools, as
 // every client does, then calls `add` repeatedly: a line per call (`ok N` or `error ...`), then a
-// JSON summary. MCP_TEST_TOOL_DELAY (seconds) makes each call take that long on the server.
+// JSON summary (with `ready_seconds`, the time its handshake and tool list took).
+// MCP_TEST_TOOL_DELAY (seconds) makes each call take that long on the server.
 // MCP_TEST_TOOL names the tool (`add` by default; `add_read_only` is the same tool annotated
 // read-only); a comma-separated list gives client i the i-th (cycling) of them.
 //     node client.mjs URL SECONDS INTERVAL_SECONDS [AUTHORIZATION]
 // MCP_TEST_CLIENTS=N runs N such clients at once, each a Client and transport of its own with its
-// own session and credential (AUTHORIZATION with `-i` appended); each reports only its JSON
-// summary, one line per client. With MCP_TEST_STOP_FILE set, the clients stop as soon as that
+// own session and credential (AUTHORIZATION with `-i` appended); each reports only
+// `{"calling": NAME}` once its first call is done, then its JSON summary. With MCP_TEST_STOP_FILE set, the clients stop as soon as that
 // file exists (SECONDS still bounds the run).
 import { existsSync } from "node:fs";
 
@@ -21,17 +22,20 @@ const tools = (process.env.MCP_TEST_TOOL ?? "add").split(",");
 
 const stopped = (deadline) => Date.now() >= deadline || (stopFile !== undefined && existsSync(stopFile));
 
-async function runClient(authorization, verbose, tool) {
+async function runClient(authorization, verbose, tool, name) {
   const headers = authorization ? { Authorization: authorization } : {};
   const errors = [];
   const sessionIds = new Set();
   let calls = 0;
   let slowest = 0;
+  let ready = null;
+  const began = Date.now();
   try {
     const transport = new StreamableHTTPClientTransport(new URL(url), { requestInit: { headers } });
     const client = new Client({ name: "ts-test-client", version: "1.0.0" });
     await client.connect(transport);
     await client.listTools();
+    ready = (Date.now() - began) / 1000;
     const deadline = Date.now() + Number(seconds) * 1000;
     while (!stopped(deadline)) {
       let failure;
@@ -47,6 +51,7 @@ async function runClient(authorization, verbose, tool) {
       slowest = Math.max(slowest, (Date.now() - started) / 1000);
       if (failure) failure = `call ${calls}: ${failure}`;
       calls += 1;
+      if (calls === 1 && name) console.log(JSON.stringify({ calling: name }));
       if (transport.sessionId) sessionIds.add(transport.sessionId);
       if (failure) errors.push(failure);
       if (verbose) console.log(failure ? `error ${failure}` : `ok ${calls}`);
@@ -56,7 +61,7 @@ async function runClient(authorization, verbose, tool) {
   } catch (error) {
     errors.push(`client crashed: ${error?.name}: ${error?.message}`);
   }
-  return { tool, calls, errors, session_ids: [...sessionIds], slowest_call_seconds: slowest };
+  return { tool, calls, errors, session_ids: [...sessionIds], slowest_call_seconds: slowest, ready_seconds: ready };
 }
 
 let report;
@@ -65,7 +70,7 @@ if (clients === 1) {
 } else {
   const summaries = await Promise.all(
     Array.from({ length: clients }, (_, i) =>
-      runClient(authorization && `${authorization}-${i}`, false, tools[i % tools.length]),
+      runClient(authorization && `${authorization}-${i}`, false, tools[i % tools.length], `typescript-${i}`),
     ),
   );
   report = summaries.map((summary, i) => JSON.stringify({ client: `typescript-${i}`, ...summary })).join("\n");
