@@ -118,6 +118,8 @@ async fn a_session_survives_upstream_restarts_and_stays_bound_to_its_credential(
 /// pause makes that moment last.)
 #[tokio::test]
 async fn a_handshake_torn_by_an_in_place_restart_is_replayed_whole() {
+    use support::control_plane::wait_for;
+    const TEN_SECONDS: Duration = Duration::from_secs(10);
     let redis = support::redis::RedisServer::start();
     let pod_a = Pod::start(Sdk::Python, "pod-a", &redis.url()).await;
     let mut pod_b = Pod::start(Sdk::Python, "pod-b", &redis.url()).await;
@@ -130,21 +132,19 @@ async fn a_handshake_torn_by_an_in_place_restart_is_replayed_whole() {
         let session = session.clone();
         async move { call(proxy_b, &session, None, 2, 41).await }
     });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while support::accept_queue(pod_b.server_port) == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the replay's initialize never reached the server"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let server_port = pod_b.server_port;
+    wait_for(
+        TEN_SECONDS,
+        "the replay's initialize at the server",
+        || async move { support::accept_queue(server_port) > 0 },
+    )
+    .await;
     // The preStop hook quiesces the proxy, which waits for the initialize in flight.
     let quiesce = tokio::spawn(async move { admin_get(admin_b, "/drain").await });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !admin_get(admin_b, "/readyz").await.contains("quiesced") {
-        assert!(Instant::now() < deadline, "the proxy never quiesced");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for(TEN_SECONDS, "the proxy quiesced", || async move {
+        admin_get(admin_b, "/readyz").await.contains("quiesced")
+    })
+    .await;
     pod_b.server.signal(libc::SIGCONT);
     let quiesced = quiesce.await.expect("the quiesce");
     assert!(

@@ -98,10 +98,7 @@ impl Process {
 
     /// SIGTERM, as the kubelet stops a container, and wait for the exit.
     pub fn terminate(&mut self) {
-        // SAFETY: signalling our own child, not yet reaped.
-        unsafe {
-            libc::kill(self.0.id() as i32, libc::SIGTERM);
-        }
+        self.signal(libc::SIGTERM);
         let _ = self.0.wait();
     }
 }

@@ -7,8 +7,9 @@
 //     node client.mjs URL SECONDS INTERVAL_SECONDS [AUTHORIZATION]
 // MCP_TEST_CLIENTS=N runs N such clients at once, each a Client and transport of its own with its
 // own session and credential (AUTHORIZATION with `-i` appended); each reports only
-// `{"calling": NAME}` once its first call is done, then its JSON summary. With MCP_TEST_STOP_FILE set, the clients stop as soon as that
-// file exists (SECONDS still bounds the run).
+// `{"calling": NAME}` once its first call is done, then its JSON summary. With
+// MCP_TEST_STOP_FILE set, the clients stop as soon as that file exists (SECONDS still bounds the
+// run).
 import { existsSync } from "node:fs";
 
 import { Client } from "@modelcontextprotocol/sdk/client/index.js";
