@@ -6,8 +6,7 @@ mod support;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::clients::ClientRun;
-use support::mcp::{Sdk, python, start_client};
+use support::mcp::{CALLS_THROUGH_A_RESTART, Sdk, SdkClient, python};
 use support::{die_with_parent, free_port, wait_listening};
 
 const MCP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp");
@@ -51,25 +50,49 @@ fn dev(listen: u16, watched: &std::path::Path, server: &[&str]) -> Process {
     Process(die_with_parent(&mut command).spawn().expect("start dev"))
 }
 
-/// A client of `sdk` calling `add` every 50 ms for `seconds` (20 ms each in the server)
-/// through `port`, while `during` edits or signals; its summary.
-async fn client_while(
-    sdk: Sdk,
-    port: u16,
-    seconds: u32,
-    during: impl std::future::Future<Output = ()>,
-) -> ClientRun {
+/// The MCP server `dev` runs now: its child process.
+fn server_of(dev: &Process) -> Option<u32> {
+    let parent = dev.0.id().to_string();
+    let processes = std::fs::read_dir("/proc").ok()?;
+    processes.flatten().find_map(|process| {
+        let stat = std::fs::read_to_string(process.path().join("stat")).ok()?;
+        // `pid (comm) state ppid ...`, and a comm may hold spaces.
+        let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?;
+        if ppid != parent {
+            return None;
+        }
+        process.file_name().to_str()?.parse().ok()
+    })
+}
+
+/// Waits until `dev` runs a server process other than `before` (a minute at most).
+async fn wait_for_restart(dev: &Process, before: Option<u32>) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while server_of(dev).is_none_or(|now| Some(now) == before) {
+        assert!(Instant::now() < deadline, "dev did not restart its server");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `disrupt` twice, while a client of `sdk` calls `add` every 50 ms (20 ms each in the server)
+/// through `dev` on `port`: each time once the client has called for a while, and then until
+/// `dev` runs a new server and the client has called through it. The client must see no error
+/// and keep its session.
+async fn client_through(sdk: Sdk, dev: &Process, port: u16, mut disrupt: impl FnMut(u32)) {
     let url = format!("http://127.0.0.1:{port}/mcp");
-    let child = start_client(sdk, &url, seconds, "Bearer dev-client");
-    let (output, ()) = tokio::join!(child.wait_with_output(), during);
-    let output = output.expect("client");
-    let text = String::from_utf8_lossy(&output.stdout);
-    let summary = text
-        .lines()
-        .rev()
-        .find(|line| line.starts_with('{'))
-        .unwrap_or_else(|| panic!("{sdk:?}: no summary in {text}"));
-    ClientRun::parse(summary).unwrap_or_else(|| panic!("{sdk:?}: not a summary: {summary}"))
+    let mut client = SdkClient::start(sdk, &url, "Bearer dev-client");
+    assert!(client.calls_on(1).await, "{sdk:?}: the client never called");
+    for n in 1..=2 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let before = server_of(dev);
+        disrupt(n);
+        wait_for_restart(dev, before).await;
+        assert!(
+            client.calls_on(CALLS_THROUGH_A_RESTART).await,
+            "{sdk:?}: the client stopped calling after restart {n}"
+        );
+    }
+    client.stop_unbroken(&format!("{sdk:?} through dev")).await;
 }
 
 /// What a developer does to a server while Cursor is connected: edits its source twice. Each
@@ -83,25 +106,18 @@ async fn code_edits_restart_the_server_without_a_failed_call() {
         std::fs::copy(format!("{MCP}/server.py"), &source).expect("copy the server");
         let port = free_port();
         let python = python();
-        let _dev = dev(
+        let dev = dev(
             port,
             dir.path(),
             &[&python, source.to_str().expect("path"), "{port}"],
         );
         wait_listening(port).await;
-        let edits = async {
-            for n in 1..=2 {
-                tokio::time::sleep(Duration::from_secs(3)).await;
-                let mut text = std::fs::read_to_string(&source).expect("read");
-                text.push_str(&format!("\n# edit {n}\n"));
-                std::fs::write(&source, text).expect("edit");
-            }
+        let edit = |n| {
+            let mut text = std::fs::read_to_string(&source).expect("read");
+            text.push_str(&format!("\n# edit {n}\n"));
+            std::fs::write(&source, text).expect("edit");
         };
-        let summary = client_while(sdk, port, 10, edits).await;
-        eprintln!("{sdk:?} through dev, two edits: {summary:?}");
-        assert!(summary.errors.is_empty(), "{sdk:?}: {:?}", summary.errors);
-        assert_eq!(summary.session_ids.len(), 1, "{sdk:?}: {summary:?}");
-        assert!(summary.calls > 40, "{sdk:?}: {summary:?}");
+        client_through(sdk, &dev, port, edit).await;
     }
 }
 
@@ -120,15 +136,9 @@ async fn sighup_restarts_the_server() {
     );
     wait_listening(port).await;
     let pid = nix::unistd::Pid::from_raw(dev.0.id() as i32);
-    let hangups = async {
-        for _ in 0..2 {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
-        }
-    };
-    let summary = client_while(Sdk::Python, port, 7, hangups).await;
-    assert!(summary.errors.is_empty(), "{:?}", summary.errors);
-    assert_eq!(summary.session_ids.len(), 1, "{summary:?}");
+    let hang_up =
+        |_| nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    client_through(Sdk::Python, &dev, port, hang_up).await;
     let mut dev = dev;
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
     let deadline = Instant::now() + Duration::from_secs(20);

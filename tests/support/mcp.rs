@@ -167,6 +167,19 @@ pub fn proxy_log_at(path: &std::path::Path) -> Stdio {
         .map_or_else(|_| Stdio::null(), Stdio::from)
 }
 
+/// Prints the log at its path if the test fails while it is in scope (the file itself is gone
+/// once the next test binary starts).
+pub struct ShowLogOnFailure(pub std::path::PathBuf);
+
+impl Drop for ShowLogOnFailure {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.0).unwrap_or_default();
+            eprintln!("{}:\n{log}", self.0.display());
+        }
+    }
+}
+
 /// The log file of the proxy listening on `port`, in this test process's directory.
 pub fn proxy_log_path(port: u16) -> std::path::PathBuf {
     super::process_dir("mcp-session-operator-proxies").join(format!("proxy-{port}.log"))
@@ -312,115 +325,99 @@ pub async fn until_closed(stream: &mut tokio::net::TcpStream) -> String {
 pub struct Restarts<'a> {
     pub server: &'a mut Process,
     pub port: u16,
-    /// Times after the client's start.
-    pub at: &'a [Duration],
+    /// How many restarts, and when: each this long after the client has called through the
+    /// server before it (the first, after the client's first call).
+    pub after: &'a [Duration],
     /// The proxy's admin port, whose /drain quiesces it first (as the backend's preStop does).
     pub quiesce_at: Option<u16>,
     /// Where the restarted servers log the calls they begin.
     pub call_log: Option<&'a std::path::Path>,
 }
 
+/// Calls a client makes after a restart before the next one: at most one of them can have been
+/// answered by the server that stopped (the one a quiesce waited for), so the rest went through
+/// the restarted one.
+pub const CALLS_THROUGH_A_RESTART: u64 = 3;
+
 /// The SDK's test client at `url`, presenting `authorization`: it calls the unannotated `add`
-/// every 50 ms (20 ms each in the server) for `seconds`, then prints its summary, a
-/// [`ClientRun`] as the last JSON line of its stdout.
+/// every 50 ms (20 ms each in the server) for `seconds`, or until `stop_file` exists, printing a
+/// line per call and then its summary, a [`ClientRun`] as the last JSON line of its stdout.
 pub fn start_client(
     sdk: Sdk,
     url: &str,
     seconds: u32,
     authorization: &str,
+    stop_file: Option<&std::path::Path>,
 ) -> tokio::process::Child {
-    tokio::process::Command::from(sdk.command("client"))
+    let mut command = tokio::process::Command::from(sdk.command("client"));
+    command
         .args([url, &seconds.to_string(), "0.05", authorization])
         .env("MCP_TEST_TOOL_DELAY", "0.02")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the SDK client")
+        .kill_on_drop(true);
+    if let Some(stop_file) = stop_file {
+        command.env("MCP_TEST_STOP_FILE", stop_file);
+    }
+    command.spawn().expect("start the SDK client")
 }
 
-/// Runs an SDK's client against `url` for `seconds`: it lists the tools, then calls `add` every
-/// 50 ms, each call taking 20 ms on the server. Meanwhile the server goes down at the given
-/// times after the start (SIGTERM the first time, SIGKILL the second: unquiesced, a call is in
-/// flight about a third of the time, and either way the server drops it) and is started again
-/// at once.
+/// What a client saw while its server was restarted.
+pub struct RestartRun {
+    pub client: ClientRun,
+    /// Restarts the client went on calling through ([`CALLS_THROUGH_A_RESTART`] calls after
+    /// each); fewer than there were restarts if it stopped calling (gave up, or hung).
+    pub called_through: usize,
+}
+
+/// Runs an SDK's client against `url` while its server is restarted (SIGTERM the first time,
+/// SIGKILL the second: unquiesced, a call is in flight about a third of the time, and either
+/// way the server drops it) and started again at once; the client lists the tools, then calls
+/// `add` every 50 ms, each call taking 20 ms on the server.
+///
+/// Each restart waits for the client to call through the server before it, and the client is
+/// stopped once it has called through the last: on a loaded machine a Python server takes
+/// seconds to start, and restarts on a clock would overlap, or fall after a client that had
+/// stopped.
 pub async fn client_through_restarts(
     sdk: Sdk,
     wire: Wire,
     url: &str,
-    seconds: u32,
     restarts: Restarts<'_>,
-) -> ClientRun {
+) -> RestartRun {
     let Restarts {
         server: upstream,
         port: upstream_port,
-        at: restarts_at,
+        after,
         quiesce_at,
         call_log,
     } = restarts;
-    use tokio::io::AsyncBufReadExt as _;
-    let mut child = start_client(sdk, url, seconds, "Bearer client-token");
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
-    // The stops are timed from the client's first call, not from its start: on a loaded
-    // machine a Python client takes seconds to import its SDK, and stops timed from its start
-    // would fall before it had a session at all. The first call is the server's first logged
-    // one, or the client's first line (it prints one per call).
-    if call_log.is_none() {
-        let first = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
-            .await
-            .expect("the client never called")
-            .expect("client output")
-            .expect("the client ended before calling");
-        assert!(
-            first.starts_with("ok ") || first.starts_with("error "),
-            "not a call: {first}"
-        );
-    }
-    if let Some(log) = call_log {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while !std::fs::read_to_string(log).is_ok_and(|l| l.contains("received")) {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the client never called"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut client = SdkClient::start(sdk, url, "Bearer client-token");
+    assert!(client.calls_on(1).await, "the client never called");
+    let mut called_through = 0;
+    for (n, pause) in after.iter().enumerate() {
+        tokio::time::sleep(*pause).await;
+        // Signalled as the kubelet does: the preStop hook quiesces the proxy first.
+        if let Some(admin) = quiesce_at {
+            let quiesced = admin_get(admin, "/drain").await;
+            assert!(quiesced.contains("quiesced"), "{quiesced}");
         }
-    }
-    let started = tokio::time::Instant::now();
-    let mut restarts = restarts_at.iter().enumerate().peekable();
-    let mut summary = None;
-    loop {
-        let next_restart = restarts
-            .peek()
-            .map_or(started + Duration::from_secs(3600), |(_, at)| {
-                started + **at
-            });
-        let line = tokio::select! {
-            line = lines.next_line() => line.expect("client output"),
-            () = tokio::time::sleep_until(next_restart) => {
-                let (n, _) = restarts.next().expect("peeked");
-                // Signalled as the kubelet does: the preStop hook quiesces the proxy first.
-                if let Some(admin) = quiesce_at {
-                    let quiesced = admin_get(admin, "/drain").await;
-                    assert!(quiesced.contains("quiesced"), "{quiesced}");
-                }
-                if n % 2 == 0 {
-                    upstream.terminate();
-                } else {
-                    upstream.kill();
-                }
-                *upstream = sdk.server_with(upstream_port, wire, call_log);
-                continue;
-            }
-        };
-        let Some(line) = line else { break };
-        if line.starts_with('{') {
-            summary = Some(line);
+        if n % 2 == 0 {
+            upstream.terminate();
+        } else {
+            upstream.kill();
         }
+        *upstream = sdk.server_with(upstream_port, wire, call_log);
+        // A client that gave up (the Python one, without the proxy) ends here.
+        if !client.calls_on(CALLS_THROUGH_A_RESTART).await {
+            break;
+        }
+        called_through += 1;
     }
-    // A client that gave up (the Python one, without the proxy) ends before the last restart.
-    let summary = summary.expect("a summary line");
-    ClientRun::parse(&summary).unwrap_or_else(|| panic!("not a client summary: {summary}"))
+    RestartRun {
+        client: client.stop().await,
+        called_through,
+    }
 }
 
 /// `tools/call` of `tool` with `arguments`.
@@ -645,54 +642,81 @@ impl Pod {
 }
 
 /// An SDK's client calling the unannotated `add` (20 ms in the server) every 50 ms until
-/// stopped (5 minutes at most).
+/// stopped (5 minutes at most). It counts its calls as it reports them, so that a test waits
+/// for it to call through what it disrupted rather than guessing how long that takes.
 pub struct SdkClient {
-    pub stop_file: tempfile::TempDir,
-    pub summary: tokio::task::JoinHandle<Option<String>>,
+    stop_file: tempfile::TempDir,
+    /// Calls made so far, answered or failed.
+    calls: tokio::sync::watch::Receiver<u64>,
+    summary: tokio::task::JoinHandle<Option<String>>,
 }
 
 impl SdkClient {
+    /// Longest a client may take over one call before [`calls_on`](Self::calls_on) gives up.
+    const PATIENCE: Duration = Duration::from_secs(60);
+
     pub fn start(sdk: Sdk, url: &str, authorization: &str) -> Self {
         use tokio::io::AsyncBufReadExt as _;
         let stop_file = tempfile::tempdir().expect("temporary directory");
-        let client = tokio::process::Command::from(sdk.command("client"))
-            .args([url, "300", "0.05", authorization])
-            .env("MCP_TEST_TOOL_DELAY", "0.02")
-            .env("MCP_TEST_STOP_FILE", stop_file.path().join("stop"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the SDK client");
+        let mut client = start_client(
+            sdk,
+            url,
+            300,
+            authorization,
+            Some(&stop_file.path().join("stop")),
+        );
+        let stdout = client.stdout.take().expect("stdout");
+        let (count, calls) = tokio::sync::watch::channel(0);
         let summary = tokio::spawn(async move {
             // The child whole, not just its stdout: it is killed when dropped.
-            let mut client = client;
-            let stdout = client.stdout.take().expect("stdout");
+            let _client = client;
             let mut lines = tokio::io::BufReader::new(stdout).lines();
             let mut summary = None;
             while let Ok(Some(line)) = lines.next_line().await {
-                if line.starts_with('{') {
+                if line.starts_with("ok ") || line.starts_with("error ") {
+                    count.send_modify(|calls| *calls += 1);
+                } else if line.starts_with('{') {
                     summary = Some(line);
                 }
             }
             summary
         });
-        Self { stop_file, summary }
+        Self {
+            stop_file,
+            calls,
+            summary,
+        }
     }
 
-    /// Stops the client, and asserts that it saw no error, one session and at least
-    /// `min_calls` calls.
-    pub async fn stop_unbroken(self, what: &str, min_calls: u64) {
+    /// Waits until the client has made `more` calls after those it has made by now (answered
+    /// or failed); false if it ended first, or took over a minute for one.
+    pub async fn calls_on(&mut self, more: u64) -> bool {
+        let made_by_now = *self.calls.borrow_and_update();
+        for target in made_by_now + 1..=made_by_now + more {
+            let made = self.calls.wait_for(|&calls| calls >= target);
+            match tokio::time::timeout(Self::PATIENCE, made).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) | Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    /// Stops the client: its summary.
+    pub async fn stop(self) -> ClientRun {
         std::fs::write(self.stop_file.path().join("stop"), b"").expect("stop the client");
         let summary = self.summary.await.expect("the client's output");
-        let summary: Value =
-            serde_json::from_str(&summary.expect("a summary line")).expect("JSON summary");
-        eprintln!("{what}: {summary}");
-        assert_eq!(summary["errors"], json!([]), "{what}: {summary}");
-        let sessions = summary["session_ids"].as_array().map(Vec::len);
-        assert_eq!(sessions, Some(1), "{what}: {summary}");
-        let calls = summary["calls"].as_u64().unwrap_or(0);
-        assert!(calls >= min_calls, "{what}: {summary}");
+        let summary = summary.expect("a summary line");
+        ClientRun::parse(&summary).unwrap_or_else(|| panic!("not a client summary: {summary}"))
+    }
+
+    /// Stops the client, and asserts that it saw no error and one session.
+    pub async fn stop_unbroken(self, what: &str) -> ClientRun {
+        let run = self.stop().await;
+        eprintln!("{what}: {run:?}");
+        assert_eq!(run.errors, Vec::<String>::new(), "{what}: {run:?}");
+        assert_eq!(run.session_ids.len(), 1, "{what}: {run:?}");
+        run
     }
 }
 
