@@ -1,9 +1,12 @@
 """A Python SDK client of `server-everything`, the twin of ts/everything-client.mjs: it subscribes
 to a resource, calls `echo` every INTERVAL seconds and, in each epoch, runs a long operation
-that reports progress; one JSON line reports calls, errors, session ids, resource updates per
-epoch and whether any progress went backwards.
+that reports progress. It prints a line per `echo` call (`ok N` or `error ...`), then one JSON
+line that reports calls, errors, session ids, resource updates per epoch and whether any progress
+went backwards.
 
     python everything_client.py URL SECONDS INTERVAL_SECONDS
+
+With MCP_TEST_STOP_FILE set, it stops as soon as that file exists (SECONDS still bounds the run).
 
 MCP_TEST_EPOCH_FILE: see ts/everything-client.mjs (a restarted server-everything forgets its
 per-process update toggle, so the client asks again each epoch; the subscription is the proxy's
@@ -27,6 +30,11 @@ def describe(error: BaseException) -> str:
     if isinstance(error, BaseExceptionGroup):
         return "; ".join(describe(inner) for inner in error.exceptions)
     return f"{type(error).__name__}: {error}"
+
+
+def stopped(deadline: float) -> bool:
+    stop_file = os.environ.get("MCP_TEST_STOP_FILE")
+    return time.monotonic() >= deadline or bool(stop_file and os.path.exists(stop_file))
 
 
 def epoch() -> int:
@@ -82,7 +90,7 @@ async def main() -> None:
             await client.list_tools()
             await client.subscribe_resource(RESOURCE)
             deadline = time.monotonic() + seconds
-            while time.monotonic() < deadline:
+            while not stopped(deadline):
                 if epoch() != current:
                     current = epoch()
                     updates.setdefault(current, 0)
@@ -91,13 +99,17 @@ async def main() -> None:
                     except Exception as error:  # noqa: BLE001
                         errors.append(f"toggle: {describe(error)}")
                     long_runs.append(asyncio.create_task(long_run(client)))
+                failure = None
                 try:
                     result = await client.call_tool("echo", {"message": f"m{calls}"})
                     if f"m{calls}" not in json.dumps(result.model_dump(mode="json")):
-                        errors.append(f"wrong result: {result}")
+                        failure = f"wrong result: {result}"
                 except Exception as error:  # noqa: BLE001
-                    errors.append(describe(error))
+                    failure = describe(error)
                 calls += 1
+                if failure:
+                    errors.append(failure)
+                print(f"error {failure}" if failure else f"ok {calls}", flush=True)
                 await asyncio.sleep(interval)
             await asyncio.gather(*long_runs)
     except Exception as error:  # noqa: BLE001

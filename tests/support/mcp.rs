@@ -339,29 +339,6 @@ pub struct Restarts<'a> {
 /// the restarted one.
 pub const CALLS_THROUGH_A_RESTART: u64 = 3;
 
-/// The SDK's test client at `url`, presenting `authorization`: it calls the unannotated `add`
-/// every 50 ms (20 ms each in the server) for `seconds`, or until `stop_file` exists, printing a
-/// line per call and then its summary, a [`ClientRun`] as the last JSON line of its stdout.
-pub fn start_client(
-    sdk: Sdk,
-    url: &str,
-    seconds: u32,
-    authorization: &str,
-    stop_file: Option<&std::path::Path>,
-) -> tokio::process::Child {
-    let mut command = tokio::process::Command::from(sdk.command("client"));
-    command
-        .args([url, &seconds.to_string(), "0.05", authorization])
-        .env("MCP_TEST_TOOL_DELAY", "0.02")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true);
-    if let Some(stop_file) = stop_file {
-        command.env("MCP_TEST_STOP_FILE", stop_file);
-    }
-    command.spawn().expect("start the SDK client")
-}
-
 /// What a client saw while its server was restarted.
 pub struct RestartRun {
     pub client: ClientRun,
@@ -641,11 +618,13 @@ impl Pod {
     }
 }
 
-/// An SDK's client calling the unannotated `add` (20 ms in the server) every 50 ms until
-/// stopped (5 minutes at most). It counts its calls as it reports them, so that a test waits
-/// for it to call through what it disrupted rather than guessing how long that takes.
+/// A test client that calls a tool repeatedly until stopped, printing a line per call (`ok N`
+/// or `error ...`) and then its summary, as JSON. It counts the calls as it reports them, so
+/// that a test waits for it to call through what it disrupted rather than guessing how long that
+/// takes.
 pub struct SdkClient {
-    stop_file: tempfile::TempDir,
+    /// Holds the file whose existence stops the client (its `MCP_TEST_STOP_FILE`).
+    stop_dir: tempfile::TempDir,
     /// Calls made so far, answered or failed.
     calls: tokio::sync::watch::Receiver<u64>,
     summary: tokio::task::JoinHandle<Option<String>>,
@@ -655,16 +634,28 @@ impl SdkClient {
     /// Longest a client may take over one call before [`calls_on`](Self::calls_on) gives up.
     const PATIENCE: Duration = Duration::from_secs(60);
 
+    /// The SDK's test client at `url`, presenting `authorization`: it lists the tools, then
+    /// calls the unannotated `add` every 50 ms (20 ms each in the server), for 5 minutes at most.
     pub fn start(sdk: Sdk, url: &str, authorization: &str) -> Self {
+        let mut command = tokio::process::Command::from(sdk.command("client"));
+        command
+            .args([url, "300", "0.05", authorization])
+            .env("MCP_TEST_TOOL_DELAY", "0.02")
+            .stderr(Stdio::null());
+        Self::spawn(command)
+    }
+
+    /// Starts `command`, a client that reports as [`SdkClient`] describes and stops once the
+    /// file `MCP_TEST_STOP_FILE` names exists.
+    pub fn spawn(mut command: tokio::process::Command) -> Self {
         use tokio::io::AsyncBufReadExt as _;
-        let stop_file = tempfile::tempdir().expect("temporary directory");
-        let mut client = start_client(
-            sdk,
-            url,
-            300,
-            authorization,
-            Some(&stop_file.path().join("stop")),
-        );
+        let stop_dir = tempfile::tempdir().expect("temporary directory");
+        let mut client = command
+            .env("MCP_TEST_STOP_FILE", stop_dir.path().join("stop"))
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the client");
         let stdout = client.stdout.take().expect("stdout");
         let (count, calls) = tokio::sync::watch::channel(0);
         let summary = tokio::spawn(async move {
@@ -682,7 +673,7 @@ impl SdkClient {
             summary
         });
         Self {
-            stop_file,
+            stop_dir,
             calls,
             summary,
         }
@@ -702,11 +693,15 @@ impl SdkClient {
         true
     }
 
+    /// Stops the client: its summary line, `None` if it printed none.
+    pub async fn stop_for_summary(self) -> Option<String> {
+        std::fs::write(self.stop_dir.path().join("stop"), b"").expect("stop the client");
+        self.summary.await.expect("the client's output")
+    }
+
     /// Stops the client: its summary.
     pub async fn stop(self) -> ClientRun {
-        std::fs::write(self.stop_file.path().join("stop"), b"").expect("stop the client");
-        let summary = self.summary.await.expect("the client's output");
-        let summary = summary.expect("a summary line");
+        let summary = self.stop_for_summary().await.expect("a summary line");
         ClientRun::parse(&summary).unwrap_or_else(|| panic!("not a client summary: {summary}"))
     }
 

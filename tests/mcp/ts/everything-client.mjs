@@ -1,8 +1,10 @@
 // A TypeScript SDK client of `server-everything`, as a user's client would use it: it subscribes
 // to a resource, calls `echo` every INTERVAL seconds and, in each epoch, runs a long operation
-// that reports progress. It reports one JSON line: calls, errors, the session ids it saw, the
-// resource updates it got per epoch, and whether any progress went backwards.
+// that reports progress. It prints a line per `echo` call (`ok N` or `error ...`), then one JSON
+// line: calls, errors, the session ids it saw, the resource updates it got per epoch, and whether
+// any progress went backwards.
 //     node everything-client.mjs URL SECONDS INTERVAL_SECONDS
+// With MCP_TEST_STOP_FILE set, it stops as soon as that file exists (SECONDS still bounds the run).
 // MCP_TEST_EPOCH_FILE names a file the test rewrites after each server restart: a restarted
 // server-everything has forgotten that this session asked for updates (the per-process toggle
 // of its `toggle-subscriber-updates` tool), so the client asks again in each epoch; it is the
@@ -16,6 +18,8 @@ import { ResourceUpdatedNotificationSchema } from "@modelcontextprotocol/sdk/typ
 const [url, seconds, interval] = process.argv.slice(2);
 const epochFile = process.env.MCP_TEST_EPOCH_FILE;
 const RESOURCE = "demo://resource/static/document/architecture.md";
+const stopFile = process.env.MCP_TEST_STOP_FILE;
+const stopped = (deadline) => Date.now() >= deadline || (stopFile !== undefined && existsSync(stopFile));
 const epoch = () => (epochFile && existsSync(epochFile) ? Number(readFileSync(epochFile, "utf8")) || 0 : 0);
 const describe = (error) => `${error?.name}: ${error?.message} at ${new Date().toISOString()}`;
 
@@ -55,7 +59,7 @@ try {
   await client.listTools();
   await client.subscribeResource({ uri: RESOURCE });
   const deadline = Date.now() + Number(seconds) * 1000;
-  while (Date.now() < deadline) {
+  while (!stopped(deadline)) {
     if (epoch() !== current) {
       current = epoch();
       updates[current] = updates[current] ?? 0;
@@ -66,13 +70,16 @@ try {
       }
       longRuns.push(longRun(client));
     }
+    let failure;
     try {
       const result = await client.callTool({ name: "echo", arguments: { message: `m${calls}` } });
-      if (!JSON.stringify(result.content).includes(`m${calls}`)) errors.push(`wrong result: ${JSON.stringify(result)}`);
+      if (!JSON.stringify(result.content).includes(`m${calls}`)) failure = `wrong result: ${JSON.stringify(result)}`;
     } catch (error) {
-      errors.push(describe(error));
+      failure = describe(error);
     }
     calls += 1;
+    if (failure) errors.push(failure);
+    console.log(failure ? `error ${failure}` : `ok ${calls}`);
     if (transport.sessionId) sessionIds.add(transport.sessionId);
     await new Promise((resolve) => setTimeout(resolve, Number(interval) * 1000));
   }
