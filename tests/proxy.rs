@@ -170,6 +170,62 @@ async fn a_handshake_torn_by_an_in_place_restart_is_replayed_whole() {
     );
 }
 
+/// A container restarted again while it was still starting (a liveness probe can do that): its
+/// preStop quiesces the proxy while the proxy still follows the restart before, and the server
+/// that restart started comes up during that quiesce. That server is the one about to stop, so
+/// the gate stays closed: a call sent then waits for the server after it. (The server coming up
+/// is a listener bound on the server's port, as a starting server's first step is, between the
+/// two quiesces' moments; a real server could not be timed into that window.)
+#[tokio::test]
+async fn a_quiesce_during_a_restart_holds_until_its_own_restart() {
+    use support::control_plane::wait_for;
+    const TEN_SECONDS: Duration = Duration::from_secs(10);
+    let mut pod = Pod::start_with(Sdk::Python, Wire::Streamable, "proxy-0", None, &[]).await;
+    let (proxy, admin, server_port) = (pod.proxy_port(), pod.admin_port(), pod.server_port);
+    let _log = ShowLogOnFailure(proxy_log_path(proxy));
+    let session = open_session(proxy, None).await;
+    let held = "held until the server restarts";
+
+    // The first restart: quiesced, the server stopped, the next one not started yet.
+    let first = admin_get(admin, "/drain").await;
+    assert!(first.contains(held), "{first}");
+    pod.server.terminate();
+    // The second preStop, as the next server starts: it has counted itself (its wait for the
+    // requests in flight is done) and waits a moment for a retirement, when the server binds.
+    let second = tokio::spawn(async move { admin_get(admin, "/drain").await });
+    let quiesces = "mcp_proxy_quiesce_duration_seconds_count";
+    wait_for(TEN_SECONDS, "the second quiesce", || async move {
+        sample(&admin_get(admin, "/metrics").await, quiesces) == 2.0
+    })
+    .await;
+    let starting = std::net::TcpListener::bind(("127.0.0.1", server_port)).expect("bind");
+    let second = second.await.expect("the second quiesce");
+    assert!(second.contains(held), "{second}");
+    // The proxy looks for its server every 50 ms: long enough for it to have seen this one.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ready = admin_get(admin, "/readyz").await;
+    assert!(
+        ready.contains("quiesced: the MCP server is restarting"),
+        "the gate is the second quiesce's: {ready}"
+    );
+
+    let call = tokio::spawn({
+        let session = session.clone();
+        async move { call(proxy, &session, None, 2, 41).await }
+    });
+    // The kubelet stops the starting server and starts the next.
+    drop(starting);
+    pod.server = Sdk::Python.server_with(server_port, Wire::Streamable, None);
+    let reply = call.await.expect("the call");
+    assert_eq!(result_text(&reply), "42", "{}", reply.body);
+    let metrics = admin_get(admin, "/metrics").await;
+    assert_eq!(
+        sample(&metrics, r#"mcp_proxy_replays_total{outcome="replayed"}"#),
+        1.0,
+        "one replay, to the server that came last: {metrics}"
+    );
+}
+
 /// DNS rebinding and cross-site pages. The client's `Host` reaches the server, whose own check
 /// answers as it does directly (the Python SDK's: 421 for a foreign host); a page of an origin
 /// the proxy does not allow gets the proxy's 403, while a localhost page and a client without

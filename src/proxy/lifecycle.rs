@@ -2,11 +2,10 @@
 //! sessions for other pods to claim, then closing; and quiescing the upstream before it restarts.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Mutex, OnceCell, watch};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::count::{Count, Counted};
 use super::{Proxy, metrics, quiesce};
@@ -37,8 +36,8 @@ pub struct Lifecycle {
     drained: OnceCell<u64>,
     /// One quiesce at a time; concurrent callers share it.
     quiescing: Mutex<()>,
-    /// Set while a quiesced proxy follows its upstream's restart.
-    following_restart: AtomicBool,
+    /// Counts quiesces: the latest owns the gate, and only its own follower reopens it.
+    quiesces: watch::Sender<u64>,
 }
 
 impl Lifecycle {
@@ -50,7 +49,7 @@ impl Lifecycle {
             drain_started: std::sync::OnceLock::new(),
             drained: OnceCell::new(),
             quiescing: Mutex::new(()),
-            following_restart: AtomicBool::new(false),
+            quiesces: watch::Sender::new(0),
         }
     }
 
@@ -159,6 +158,14 @@ impl Proxy {
     /// instead. See [`quiesce`].
     pub async fn quiesce(self: &Arc<Self>) -> Quiesced {
         let _one_at_a_time = self.lifecycle.quiescing.lock().await;
+        // From here this quiesce owns the gate. A container restarted again while it was still
+        // starting quiesces while the proxy follows the restart before: the server that
+        // restart started is the one about to stop, and its coming up must not reopen the gate.
+        let generation = {
+            let quiesces = &self.lifecycle.quiesces;
+            quiesces.send_modify(|count| *count += 1);
+            *quiesces.borrow()
+        };
         let started = Instant::now();
         let deadline = started + self.config.drain_timeout;
         self.hold_upstream().await;
@@ -179,22 +186,22 @@ impl Proxy {
             return Quiesced::Holding;
         };
         info!("quiesced: new requests wait for the upstream's restart");
-        if !self
-            .lifecycle
-            .following_restart
-            .swap(true, Ordering::SeqCst)
-        {
-            let proxy = self.clone();
-            tokio::spawn(async move {
-                let restart = quiesce::follow_restart(&address, deadline).await;
-                proxy.resume_upstream();
-                proxy
-                    .lifecycle
-                    .following_restart
-                    .store(false, Ordering::SeqCst);
-                info!(?restart, held_for = ?started.elapsed(), "resumed: held requests go to the upstream");
-            });
-        }
+        let proxy = self.clone();
+        let mut quiesces = self.lifecycle.quiesces.subscribe();
+        tokio::spawn(async move {
+            let resumed = tokio::select! {
+                restart = quiesce::follow_restart(&address, deadline) => {
+                    proxy.resume_after(generation).then_some(restart)
+                }
+                _ = quiesces.wait_for(|latest| *latest != generation) => None,
+            };
+            match resumed {
+                Some(restart) => {
+                    info!(?restart, held_for = ?started.elapsed(), "resumed: held requests go to the upstream");
+                }
+                None => debug!("a later quiesce holds the upstream now"),
+            }
+        });
         Quiesced::Holding
     }
 
@@ -222,6 +229,21 @@ impl Proxy {
     /// Sends held requests (and every new one) to the upstream again.
     pub fn resume_upstream(&self) {
         self.upstream.gate().open();
+    }
+
+    /// [`Self::resume_upstream`] for quiesce `generation`, unless a later quiesce holds the
+    /// upstream now; false then. Checked and opened under the count's lock: a quiesce that
+    /// starts meanwhile counts itself first, and closes the gate after.
+    fn resume_after(&self, generation: u64) -> bool {
+        let mut resumed = false;
+        self.lifecycle.quiesces.send_if_modified(|latest| {
+            if *latest == generation {
+                self.resume_upstream();
+                resumed = true;
+            }
+            false
+        });
+        resumed
     }
 
     /// Requests waiting for the upstream to be resumed.
