@@ -272,9 +272,10 @@ async fn a_foreign_host_reaches_the_servers_check_and_a_foreign_page_is_refused(
 
 /// Slow clients cannot hold the proxy: connections over `--max-connections` are closed at once
 /// and counted; idle ones, a half-sent head, a stalled upload and an endless chunked body are
-/// closed at their timeouts (15 s for a head, long enough for 310 connections to be made on a
-/// loaded machine before the first is closed; 2 s for a body), their file descriptors
-/// released; a stalled upload is not in flight, so a retirement does not wait for it.
+/// closed at their timeouts (25 s for a head, long enough for the proxy, an unoptimised build
+/// on a machine every other test loads, to take 310 connections before the first is closed,
+/// which once took over 15 s; 2 s for a body), their file descriptors released; a stalled
+/// upload is not in flight, so a retirement does not wait for it.
 #[tokio::test]
 async fn slow_and_idle_clients_are_closed_and_connections_capped() {
     use tokio::io::AsyncWriteExt as _;
@@ -287,7 +288,7 @@ async fn slow_and_idle_clients_are_closed_and_connections_capped() {
             "--max-connections",
             "300",
             "--header-timeout-seconds",
-            "15",
+            "25",
             "--body-timeout-seconds",
             "2",
         ],
@@ -314,6 +315,7 @@ async fn slow_and_idle_clients_are_closed_and_connections_capped() {
     let connect = || tokio::net::TcpStream::connect(("127.0.0.1", proxy_port));
 
     let mut idle = Vec::new();
+    let first_connected = Instant::now();
     for _ in 0..310 {
         idle.push(connect().await.expect("connect"));
     }
@@ -336,7 +338,8 @@ async fn slow_and_idle_clients_are_closed_and_connections_capped() {
     assert_eq!(
         sample(&metrics, r#"mcp_proxy_connections{listener="mcp"}"#),
         300.0,
-        "{metrics}"
+        "{:?} after the first connection: {metrics}",
+        first_connected.elapsed()
     );
     let held = open_fds(pid);
     assert!(held >= baseline + 300, "{held} fds held, {baseline} before");

@@ -312,11 +312,11 @@ pub fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
 }
 
-/// Reads from `stream` until the far end closes it (30 s at most): what it sent.
+/// Reads from `stream` until the far end closes it (a minute at most): what it sent.
 pub async fn until_closed(stream: &mut tokio::net::TcpStream) -> String {
     use tokio::io::AsyncReadExt as _;
     let mut seen = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut seen)).await;
+    let read = tokio::time::timeout(Duration::from_secs(60), stream.read_to_end(&mut seen)).await;
     assert!(read.is_ok(), "the proxy kept the connection open");
     String::from_utf8_lossy(&seen).into_owned()
 }
