@@ -155,14 +155,12 @@ async fn a_handshake_torn_by_an_in_place_restart_is_replayed_whole() {
     // the new process.
     pod_b.restart_server(Sdk::Python);
 
-    let reply = first_call.await.expect("the call");
-    assert_eq!(result_text(&reply), "42", "{}", reply.body);
-    let metrics = admin_get(admin_b, "/metrics").await;
-    assert_eq!(
-        sample(&metrics, r#"mcp_proxy_replays_total{outcome="replayed"}"#),
-        1.0,
-        "the torn handshake is not a replay of its own: {metrics}"
-    );
+    answered_after_one_replay(
+        first_call,
+        admin_b,
+        "the torn handshake is not a replay of its own",
+    )
+    .await;
     assert_eq!(
         result_text(&call(proxy_b, &session, None, 3, 1).await),
         "2",
@@ -216,13 +214,23 @@ async fn a_quiesce_during_a_restart_holds_until_its_own_restart() {
     // The kubelet stops the starting server and starts the next.
     drop(starting);
     pod.server = Sdk::Python.server_with(server_port, Wire::Streamable, None);
+    answered_after_one_replay(call, admin, "one replay, to the server that came last").await;
+}
+
+/// Asserts that `call` (of `add` 41 + 1) is answered, and that the proxy on `admin` replayed
+/// one handshake in all.
+async fn answered_after_one_replay(
+    call: tokio::task::JoinHandle<Reply>,
+    admin: u16,
+    why_one: &str,
+) {
     let reply = call.await.expect("the call");
     assert_eq!(result_text(&reply), "42", "{}", reply.body);
     let metrics = admin_get(admin, "/metrics").await;
     assert_eq!(
         sample(&metrics, r#"mcp_proxy_replays_total{outcome="replayed"}"#),
         1.0,
-        "one replay, to the server that came last: {metrics}"
+        "{why_one}: {metrics}"
     );
 }
 
