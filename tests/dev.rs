@@ -6,6 +6,7 @@ mod support;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use support::control_plane::wait_for;
 use support::mcp::{CALLS_THROUGH_A_RESTART, Sdk, SdkClient, python};
 use support::{die_with_parent, free_port, wait_listening};
 
@@ -65,15 +66,6 @@ fn server_of(dev: &Process) -> Option<u32> {
     })
 }
 
-/// Waits until `dev` runs a server process other than `before` (a minute at most).
-async fn wait_for_restart(dev: &Process, before: Option<u32>) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while server_of(dev).is_none_or(|now| Some(now) == before) {
-        assert!(Instant::now() < deadline, "dev did not restart its server");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// `disrupt` twice, while a client of `sdk` calls `add` every 50 ms (20 ms each in the server)
 /// through `dev` on `port`: each time once the client has called for a while, and then until
 /// `dev` runs a new server and the client has called through it. The client must see no error
@@ -86,7 +78,12 @@ async fn client_through(sdk: Sdk, dev: &Process, port: u16, mut disrupt: impl Fn
         tokio::time::sleep(Duration::from_secs(2)).await;
         let before = server_of(dev);
         disrupt(n);
-        wait_for_restart(dev, before).await;
+        wait_for(
+            Duration::from_secs(60),
+            "dev to run a new server",
+            || async { server_of(dev).is_some_and(|now| Some(now) != before) },
+        )
+        .await;
         assert!(
             client.calls_on(CALLS_THROUGH_A_RESTART).await,
             "{sdk:?}: the client stopped calling after restart {n}"

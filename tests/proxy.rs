@@ -9,8 +9,12 @@ use std::time::{Duration, Instant};
 use http_body_util::BodyExt as _;
 use hyper::body::Bytes;
 use serde_json::{Value, json};
+use support::control_plane::wait_for;
 use support::mcp::*;
 use support::{Process, free_port, wait_listening};
+
+/// How long a test waits for a step the proxy takes at once.
+const TEN_SECONDS: Duration = Duration::from_secs(10);
 
 #[tokio::test]
 async fn a_session_survives_upstream_restarts_and_stays_bound_to_its_credential() {
@@ -118,8 +122,6 @@ async fn a_session_survives_upstream_restarts_and_stays_bound_to_its_credential(
 /// pause makes that moment last.)
 #[tokio::test]
 async fn a_handshake_torn_by_an_in_place_restart_is_replayed_whole() {
-    use support::control_plane::wait_for;
-    const TEN_SECONDS: Duration = Duration::from_secs(10);
     let redis = support::redis::RedisServer::start();
     let pod_a = Pod::start(Sdk::Python, "pod-a", &redis.url()).await;
     let mut pod_b = Pod::start(Sdk::Python, "pod-b", &redis.url()).await;
@@ -176,8 +178,6 @@ async fn a_handshake_torn_by_an_in_place_restart_is_replayed_whole() {
 /// two quiesces' moments; a real server could not be timed into that window.)
 #[tokio::test]
 async fn a_quiesce_during_a_restart_holds_until_its_own_restart() {
-    use support::control_plane::wait_for;
-    const TEN_SECONDS: Duration = Duration::from_secs(10);
     let mut pod = Pod::start_with(Sdk::Python, Wire::Streamable, "proxy-0", None, &[]).await;
     let (proxy, admin, server_port) = (pod.proxy_port(), pod.admin_port(), pod.server_port);
     let _log = ShowLogOnFailure(proxy_log_path(proxy));
@@ -721,8 +721,8 @@ async fn twenty_signalled_restarts_cost_the_typescript_sdk_client_no_call() {
 
 /// Unsignalled stops (SIGTERM, then SIGKILL, mid-traffic, no quiesce) with the unannotated tool,
 /// 20 of them (10 runs, two stops each, the first 1.5 s after the client's first call, the
-/// second 1.7 s after it called through the first): a call the server had begun may have run, so it
-/// is answered "may have been executed" and never sent again; a call it never received (a
+/// second 1.7 s after it called through the first): a call the server had begun may have run,
+/// so it is answered "may have been executed" and never sent again; a call it never received (a
 /// refused connection, a keep-alive connection it had closed) is sent again and succeeds. No
 /// client dies, every client keeps its session, no call reaches the server twice, and every
 /// error is for a call the server received: its log shows it, or the server closed the
