@@ -423,7 +423,7 @@ async fn run(duration: Duration, idle: usize) {
         "proxy benchmark: tools/call over {WORKERS} sessions, at {PACED_RATE:.0}/s and back to back, {duration:?} each in {ROUNDS} rounds taken in turn; one redis-server"
     );
     println!(
-        "{:<28} {:>9} {:>9} {:>10} {:>10} {:>11} {:>9} {:>9} {:>7} {:>12} {:>8}",
+        "{:<28} {:>9} {:>9} {:>10} {:>10} {:>11} {:>9} {:>9} {:>7} {:>12} {:>8} {:>8}",
         "path",
         "p50 us",
         "p99 us",
@@ -434,22 +434,24 @@ async fn run(duration: Duration, idle: usize) {
         "x nginx",
         "errors",
         "cpu us/call",
+        "of user",
         "cs/call"
     );
     for path in &paths {
         // What the proxy's processes spent per call at the paced rate (none: the direct path).
-        let (cpu, switches) = match path.paced_usage {
+        let (cpu, user, switches) = match path.paced_usage {
             Some(usage) => {
                 let calls = path.paced.calls.max(1) as f64;
                 (
                     format!("{:.1}", us(usage.cpu) / calls),
+                    format!("{:.1}", us(usage.user) / calls),
                     format!("{:.2}", usage.switches as f64 / calls),
                 )
             }
-            None => ("-".to_owned(), "-".to_owned()),
+            None => ("-".to_owned(), "-".to_owned(), "-".to_owned()),
         };
         println!(
-            "{:<28} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>11.0} {:>8.2}x {:>8.2}x {:>7} {:>12} {:>8}",
+            "{:<28} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>11.0} {:>8.2}x {:>8.2}x {:>7} {:>12} {:>8} {:>8}",
             path.name,
             us(path.paced.p50),
             us(path.paced.p99),
@@ -460,6 +462,7 @@ async fn run(duration: Duration, idle: usize) {
             path.saturated.rate / nginx.saturated.rate,
             path.paced.errors + path.saturated.errors,
             cpu,
+            user,
             switches,
         );
     }

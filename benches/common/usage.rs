@@ -17,6 +17,8 @@ pub fn rss_bytes(pid: u32) -> u64 {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Usage {
     pub cpu: Duration,
+    /// Of `cpu`, the time in user space (the rest is the kernel's, on the process's behalf).
+    pub user: Duration,
     pub switches: u64,
 }
 
@@ -28,11 +30,12 @@ impl Usage {
         for process in std::iter::once(pid).chain(children(pid)) {
             let stat = proc_stat(process).unwrap_or_default();
             // utime and stime: the 14th and 15th fields.
-            let ticks: u64 = [14, 15]
-                .iter()
-                .filter_map(|&field| stat_field(&stat, field))
-                .sum();
-            usage.cpu += Duration::from_secs_f64(ticks as f64 / ticks_per_second);
+            let time = |field| {
+                let ticks = stat_field(&stat, field).unwrap_or(0);
+                Duration::from_secs_f64(ticks as f64 / ticks_per_second)
+            };
+            usage.user += time(14);
+            usage.cpu += time(14) + time(15);
             let tasks = std::fs::read_dir(format!("/proc/{process}/task"))
                 .into_iter()
                 .flatten();
@@ -61,12 +64,14 @@ impl Usage {
     pub fn since(self, before: Self) -> Self {
         Self {
             cpu: self.cpu.saturating_sub(before.cpu),
+            user: self.user.saturating_sub(before.user),
             switches: self.switches.saturating_sub(before.switches),
         }
     }
 
     pub fn add(&mut self, other: Self) {
         self.cpu += other.cpu;
+        self.user += other.user;
         self.switches += other.switches;
     }
 }
