@@ -6,7 +6,7 @@ mod support;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::control_plane::wait_for;
+use support::control_plane::{wait_for, wait_until};
 use support::mcp::{CALLS_THROUGH_A_RESTART, Sdk, SdkClient, python};
 use support::{die_with_parent, free_port, wait_listening};
 
@@ -138,13 +138,9 @@ async fn sighup_restarts_the_server() {
     client_through(Sdk::Python, &dev, port, hang_up).await;
     let mut dev = dev;
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Ok(Some(status)) = dev.0.try_wait() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "dev did not stop on SIGTERM");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let status = wait_until(Duration::from_secs(20), "dev to stop on SIGTERM", || {
+        std::future::ready(dev.0.try_wait().ok().flatten().ok_or_else(String::new))
+    })
+    .await;
     assert!(status.success(), "{status}");
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use http_body_util::BodyExt as _;
 use hyper::body::Bytes;
 use serde_json::{Value, json};
-use support::control_plane::wait_for;
+use support::control_plane::{wait_for, wait_until};
 use support::mcp::*;
 use support::{Process, free_port, wait_listening};
 
@@ -305,15 +305,11 @@ async fn slow_and_idle_clients_are_closed_and_connections_capped() {
     let (proxy_port, admin_port, pid) = (pod.proxy_port(), pod.admin_port(), pod.proxy.0.id());
     // The baseline once the start's probe connection is closed on the proxy's side too (it
     // would count in the baseline, then be gone when the 300 are counted).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while sample(
-        &admin_get(admin_port, "/metrics").await,
-        r#"mcp_proxy_connections{listener="mcp"}"#,
-    ) > 0.0
-    {
-        assert!(Instant::now() < deadline, "the probe connection stays open");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for(TEN_SECONDS, "the probe connection to close", || async {
+        let metrics = admin_get(admin_port, "/metrics").await;
+        sample(&metrics, r#"mcp_proxy_connections{listener="mcp"}"#) <= 0.0
+    })
+    .await;
     // The least of a few looks: the admin connection just used may still be closing.
     let mut baseline = usize::MAX;
     for _ in 0..5 {
@@ -327,22 +323,19 @@ async fn slow_and_idle_clients_are_closed_and_connections_capped() {
     for _ in 0..310 {
         idle.push(connect().await.expect("connect"));
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let metrics = loop {
+    let metrics = wait_until(TEN_SECONDS, "10 refused connections", || async {
         let metrics = admin_get(admin_port, "/metrics").await;
-        if sample(
+        let refused = sample(
             &metrics,
             r#"mcp_proxy_connections_refused_total{listener="mcp"}"#,
-        ) >= 10.0
-        {
-            break metrics;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "10 refused connections: {metrics}"
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        if refused >= 10.0 {
+            Ok(metrics)
+        } else {
+            Err(metrics)
+        }
+    })
+    .await;
     assert_eq!(
         sample(&metrics, r#"mcp_proxy_connections{listener="mcp"}"#),
         300.0,
@@ -483,23 +476,15 @@ async fn a_drained_pods_session_is_claimed_and_replayed_by_another_pod() {
         .to_owned();
     assert_ne!(chosen, "2099-01-01");
     let future = mcp_session_operator::store::SessionId::parse(&reply.session.unwrap()).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while store
-        .get(&future)
-        .await
-        .unwrap()
-        .unwrap()
-        .record
-        .protocol_version
-        .as_deref()
-        != Some(chosen.as_str())
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the negotiated version is never stored"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for(
+        Duration::from_secs(5),
+        "the negotiated version to be stored",
+        || async {
+            let stored = store.get(&future).await.unwrap().unwrap();
+            stored.record.protocol_version.as_deref() == Some(chosen.as_str())
+        },
+    )
+    .await;
     let ended = post(
         proxy_a,
         "/mcp",
@@ -538,16 +523,16 @@ async fn a_drained_pods_session_is_claimed_and_replayed_by_another_pod() {
     assert_eq!(claimed.record.owner_pod.as_deref(), Some("pod-b"));
     assert_eq!(claimed.record.rehydrations, 1);
     // What the operator counts a rollout by: the proxies' reports in the store.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    let tallies = wait_until(Duration::from_secs(5), "a rehydration tallied", || async {
         let tallies = store.tallies().await.unwrap();
         if tallies.rehydrated == 1 {
-            assert_eq!((tallies.drained, tallies.lost), (1, 0), "{tallies:?}");
-            break;
+            Ok(tallies)
+        } else {
+            Err(format!("{tallies:?}"))
         }
-        assert!(Instant::now() < deadline, "{tallies:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
+    assert_eq!((tallies.drained, tallies.lost), (1, 0), "{tallies:?}");
     let metrics = admin_get(admin_b, "/metrics").await;
     assert!(
         metrics.contains(r#"mcp_proxy_claims_total{outcome="claimed"} 1"#),
@@ -856,25 +841,22 @@ async fn a_redis_restart_without_persistence_loses_nothing_a_live_proxy_knows() 
             store.get(&id).await.unwrap().is_none(),
             "Redis came back empty"
         );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(back) = store.get(&id).await.unwrap() {
-                assert_eq!(back.record.owner_pod.as_deref(), Some("pod-a"));
-                assert!(
-                    back.record.initialize_params.is_some(),
-                    "what a replay elsewhere needs"
-                );
-                assert!(back.record.credential_fingerprint.is_some());
-                break;
+        let what = format!("round {round}: the session back in Redis");
+        let back = wait_until(Duration::from_secs(20), &what, || async {
+            let back = store.get(&id).await.unwrap();
+            if back.is_none() {
+                // Traffic or the retry loop writes it back.
+                call(proxy_port, &session, token, 99, 1).await;
             }
-            assert!(
-                Instant::now() < deadline,
-                "round {round}: the session never came back into Redis"
-            );
-            // Traffic or the retry loop writes it back.
-            call(proxy_port, &session, token, 99, 1).await;
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
+            back.ok_or_else(String::new)
+        })
+        .await;
+        assert_eq!(back.record.owner_pod.as_deref(), Some("pod-a"));
+        assert!(
+            back.record.initialize_params.is_some(),
+            "what a replay elsewhere needs"
+        );
+        assert!(back.record.credential_fingerprint.is_some());
     }
 }
 
@@ -1273,7 +1255,7 @@ async fn a_proxy_starts_while_redis_is_down_and_stores_its_sessions_when_it_is_b
     redis.kill();
     let (_pod, session) = session_through_a_new_pod(&redis).await;
     redis.restart();
-    stored_eventually(&redis, &session, Instant::now() + Duration::from_secs(20)).await;
+    stored_eventually(&redis, &session, Duration::from_secs(20)).await;
 }
 
 /// A proxy that starts while Redis loads its data set (a restarted Redis with many keys answers
@@ -1294,12 +1276,15 @@ async fn a_proxy_starts_while_redis_loads_its_data_and_stores_its_sessions_when_
         redis.is_loading(),
         "Redis had loaded before the session was served: nothing was proven"
     );
+    // One minute for both: Redis's loading, then the session's write.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while redis.is_loading() {
-        assert!(Instant::now() < deadline, "Redis never finished loading");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    stored_eventually(&redis, &session, deadline).await;
+    wait_for(
+        Duration::from_secs(60),
+        "Redis to finish loading",
+        || async { !redis.is_loading() },
+    )
+    .await;
+    stored_eventually(&redis, &session, deadline - Instant::now()).await;
 }
 
 /// A Python SDK pod started on `redis` (which need not answer), a session opened through its
@@ -1317,15 +1302,14 @@ async fn session_through_a_new_pod(redis: &support::redis::RedisServer) -> (Pod,
 }
 
 /// Waits until `session` is in `redis`, with its owner and its binding.
-async fn stored_eventually(redis: &support::redis::RedisServer, session: &str, deadline: Instant) {
+async fn stored_eventually(redis: &support::redis::RedisServer, session: &str, timeout: Duration) {
     use mcp_session_operator::store::{SessionId, SessionStore as _};
     let store = redis.store("mcp:session:", Duration::from_secs(3600)).await;
     let id = SessionId::parse(session).unwrap();
-    while store.get(&id).await.unwrap().is_none() {
-        assert!(Instant::now() < deadline, "the session never reached Redis");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let stored = store.get(&id).await.unwrap().unwrap();
+    let stored = wait_until(timeout, "the session in Redis", || async {
+        store.get(&id).await.unwrap().ok_or_else(String::new)
+    })
+    .await;
     assert_eq!(stored.record.owner_pod.as_deref(), Some("pod-a"));
     assert!(stored.record.credential_fingerprint.is_some());
 }
@@ -1617,20 +1601,11 @@ async fn an_upstream_restart_loses_no_session_while_redis_is_full_or_evicting() 
     }
     // Redis takes writes again: the sessions reach it.
     redis.cli(&["CONFIG", "SET", "maxmemory", "0"]).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !redis
-        .cli(&["DBSIZE"])
-        .unwrap()
-        .trim()
-        .parse::<i64>()
-        .is_ok_and(|n| n > SESSIONS)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the sessions never reached Redis"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for(Duration::from_secs(20), "the sessions in Redis", || async {
+        let keys = redis.cli(&["DBSIZE"]).unwrap();
+        keys.trim().parse::<i64>().is_ok_and(|n| n > SESSIONS)
+    })
+    .await;
 
     // Evicting: fill Redis past its limit with other keys until it evicts session records.
     redis
