@@ -1277,14 +1277,14 @@ async fn a_proxy_starts_while_redis_loads_its_data_and_stores_its_sessions_when_
         "Redis had loaded before the session was served: nothing was proven"
     );
     // One minute for both: Redis's loading, then the session's write.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    wait_for(
-        Duration::from_secs(60),
-        "Redis to finish loading",
-        || async { !redis.is_loading() },
-    )
+    const BOTH: Duration = Duration::from_secs(60);
+    let deadline = Instant::now() + BOTH;
+    wait_for(BOTH, "Redis to finish loading", || async {
+        !redis.is_loading()
+    })
     .await;
-    stored_eventually(&redis, &session, deadline - Instant::now()).await;
+    let left = deadline.saturating_duration_since(Instant::now());
+    stored_eventually(&redis, &session, left).await;
 }
 
 /// A Python SDK pod started on `redis` (which need not answer), a session opened through its

@@ -34,8 +34,9 @@ impl Usage {
                 let ticks = stat_field(&stat, field).unwrap_or(0);
                 Duration::from_secs_f64(ticks as f64 / ticks_per_second)
             };
-            usage.user += time(14);
-            usage.cpu += time(14) + time(15);
+            let user = time(14);
+            usage.user += user;
+            usage.cpu += user + time(15);
             let tasks = std::fs::read_dir(format!("/proc/{process}/task"))
                 .into_iter()
                 .flatten();
