@@ -24,7 +24,7 @@ impl PolicyEvents {
             recorder: Recorder::new(
                 client,
                 Reporter {
-                    controller: crate::controller::FIELD_MANAGER.into(),
+                    controller: crate::api::contract::FIELD_MANAGER.into(),
                     instance: Some(identity.to_owned()),
                 },
             ),

@@ -6,7 +6,7 @@
 use serde_json::{Value, json};
 
 use crate::api::McpSessionPolicy;
-use crate::cli::env;
+use crate::api::contract::env;
 
 /// The policy's part of a proxy's command line and environment.
 pub struct Wiring {

@@ -3,6 +3,8 @@
 //! The schema carries what OpenAPI can check (required fields, bounds, patterns, enums,
 //! defaults); the validating webhook checks the rest (see `validate`).
 
+pub mod contract;
+pub mod origin;
 pub mod pod;
 mod validate;
 

@@ -22,7 +22,7 @@ pub enum PolicyError {
     #[error("spec.injection: proxyPort and upstreamPort must differ (both are {0})")]
     PortClash(i32),
     #[error("spec.injection.allowedOrigins: {0}")]
-    BadOrigin(#[from] crate::proxy::InvalidOrigin),
+    BadOrigin(#[from] super::origin::InvalidOrigin),
 }
 
 /// Checks a spec beyond its schema.
@@ -39,7 +39,7 @@ pub fn validate_spec(spec: &McpSessionPolicySpec) -> Result<(), PolicyError> {
     if spec.injection.proxy_port == spec.injection.upstream_port {
         return Err(PolicyError::PortClash(spec.injection.proxy_port));
     }
-    crate::proxy::AllowedOrigins::parse(&spec.injection.allowed_origins)?;
+    super::origin::AllowedOrigins::parse(&spec.injection.allowed_origins)?;
     Ok(())
 }
 

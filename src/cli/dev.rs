@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Args;
 
-use super::env;
+use crate::api::contract::env;
 use tokio::sync::watch;
 
 use super::proxy::{fingerprint_key, open_store};
@@ -77,7 +77,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         event_log: LogBound::DEFAULT,
         max_sessions_per_credential: 10_000,
         // dev quiesces in process; its admin port lists no sessions without a token.
-        drain_token: std::env::var(super::env::DRAIN_TOKEN).ok(),
+        drain_token: std::env::var(env::DRAIN_TOKEN).ok(),
         // A laptop's server: pages of localhost only, as the SDKs' own default.
         allowed_origins: AllowedOrigins::Local,
         limits: crate::serve::Limits::default(),

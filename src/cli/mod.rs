@@ -1,7 +1,6 @@
 //! The command line: `run`, `proxy`, `gateway`, `dev`, `sessions`, `crd`.
 
 mod dev;
-pub mod env;
 mod gateway;
 mod output;
 mod proxy;

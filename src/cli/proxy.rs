@@ -8,8 +8,9 @@ use anyhow::Context as _;
 use clap::Args;
 use tracing::warn;
 
+use super::UsageError;
 use super::sessions::RedisArgs;
-use super::{UsageError, env};
+use crate::api::contract::env;
 use crate::proxy::{self, AllowedOrigins, Backends, Fingerprinter, Proxy, ProxyConfig};
 use crate::store::binding::SessionBinding;
 use crate::store::redis::LazyRedisStore;

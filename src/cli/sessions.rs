@@ -12,8 +12,9 @@ use futures::TryStreamExt as _;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
+use super::UsageError;
 use super::output::{self, OutputFormat, human_duration};
-use super::{UsageError, env};
+use crate::api::contract::env;
 use crate::store::{
     self, DEFAULT_KEY_PREFIX, DEFAULT_TTL, Listed, MemorySample, RedisStore, RedisTarget,
     ScanReport, Session, SessionCounts, SessionId, SessionState, SessionStore,

@@ -9,8 +9,8 @@ use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchP
 use kube::{Client, ResourceExt as _};
 use serde_json::{Value, json};
 
-use super::FIELD_MANAGER;
 use crate::api::McpSessionPolicy;
+use crate::api::contract::FIELD_MANAGER;
 use crate::wiring;
 
 /// The label that marks a policy's gateway pods, valued with the policy's name.

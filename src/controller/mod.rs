@@ -40,12 +40,11 @@ use self::observe::{pod_totals, routing};
 use self::schedule::{jittered, requeue_after};
 use self::status::{KeyState, Observation};
 use self::stores::StorePool;
+use crate::api::contract::FIELD_MANAGER;
 use crate::api::{McpSessionPolicy, McpSessionPolicyStatus, condition};
 use crate::events::PolicyEvents;
 use crate::metrics::Metrics;
 
-/// Field manager of the status the operator applies.
-pub const FIELD_MANAGER: &str = "mcp-session-operator";
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("policy has no namespace")]
@@ -107,7 +106,7 @@ impl Default for Config {
             prune_interval: Duration::from_secs(300),
             network_policies: None,
             gateway: gateway::Settings {
-                image: crate::webhook::InjectorConfig::default().image,
+                image: crate::api::contract::default_image(),
                 admin_port: 8091,
             },
         }

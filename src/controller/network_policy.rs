@@ -14,9 +14,9 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt as _};
 
-use super::FIELD_MANAGER;
 use crate::api::McpSessionPolicy;
-use crate::webhook::INJECT_KEY;
+use crate::api::contract::FIELD_MANAGER;
+use crate::api::contract::INJECT_KEY;
 
 /// What the operator puts in the NetworkPolicies it writes.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,9 +6,9 @@ use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 use tracing::warn;
 
-use super::exchange::Exchange;
-use super::upstream::UpstreamError;
-use super::{Proxy, metrics, protocol};
+use crate::proxy::session::exchange::Exchange;
+use crate::proxy::upstream::UpstreamError;
+use crate::proxy::{Proxy, mcp::protocol, metrics};
 use crate::store::StoreError;
 
 /// JSON-RPC error codes (the implementation-defined server range): the MCP server could not be

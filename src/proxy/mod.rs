@@ -9,36 +9,20 @@
 //! listening stream open across upstream restarts, and answers for requests the upstream lost.
 //! Requests without a session (stateless servers, the 2026-07-28 revision) pass through.
 
-mod admin;
+// Layers, each depending only on those below it: `mcp` (protocol knowledge), `upstream` (the MCP
+// servers and the connections to them), `session`, then `stream` and `legacy` (the two ways a
+// session's events reach its client), `lifecycle` (serving, quiescing, retiring, the admin
+// port), and `routing` (the request path) on top. The small shared parts stay at this level.
 mod answers;
-mod backends;
 mod backoff;
-mod bookkeeping;
-mod connections;
-mod connector;
-mod control;
 mod count;
-mod events;
-mod exchange;
-mod fingerprint;
 mod legacy;
 mod lifecycle;
-mod listeners;
+mod mcp;
 mod metrics;
-mod origin;
-mod pool;
-mod protocol;
-mod quiesce;
-mod relay;
-mod replay;
-mod resume;
-mod retry;
 mod routing;
-mod sse;
-mod sse_host;
-mod stream_host;
-mod succession;
-mod table;
+mod session;
+mod stream;
 mod upstream;
 
 use std::collections::HashMap;
@@ -50,26 +34,22 @@ use axum::http::{HeaderMap, header};
 use tokio::sync::Mutex;
 use tracing::info;
 
-use self::answers::Unknown;
-pub use self::backends::{Backends, Endpoint};
-use self::bookkeeping::Unstored;
-use self::count::Count;
-use self::events::EventLog;
-use self::exchange::Bound;
-pub use self::fingerprint::Fingerprinter;
-pub use self::lifecycle::Quiesced;
-use self::lifecycle::{Lifecycle, Phase};
-use self::metrics::ProxyMetrics;
-pub use self::origin::{AllowedOrigins, InvalidOrigin};
-use self::retry::RetryPolicy;
-use self::table::{Lookup, SessionTable, Transport};
-use self::upstream::{Upstream, UpstreamError};
+pub use crate::api::origin::{AllowedOrigins, InvalidOrigin};
+use crate::proxy::answers::Unknown;
+use crate::proxy::count::Count;
+pub use crate::proxy::lifecycle::Quiesced;
+use crate::proxy::lifecycle::{Lifecycle, Phase};
+pub use crate::proxy::mcp::fingerprint::Fingerprinter;
+use crate::proxy::mcp::retry::RetryPolicy;
+use crate::proxy::metrics::ProxyMetrics;
+use crate::proxy::session::bookkeeping::Unstored;
+use crate::proxy::session::exchange::Bound;
+use crate::proxy::session::table::{Lookup, SessionTable, Transport};
+use crate::proxy::stream::event_log::EventLog;
+pub use crate::proxy::upstream::backends::{Backends, Endpoint};
+use crate::proxy::upstream::{Upstream, UpstreamError};
 use crate::serve::{self, ListenerMetrics};
 use crate::store::{DebouncedToucher, LogBound, SessionId, SessionStore};
-
-/// The header in which `/drain`, `/retire` and `/sessions` require the pod's drain token (the
-/// webhook puts it into the backend's preStop hook).
-pub const DRAIN_TOKEN_HEADER: &str = "X-Mcp-Drain-Token";
 
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -131,7 +111,7 @@ pub struct Proxy {
     /// HTTP+SSE requests awaiting their answers on the stream.
     unanswered: legacy::Unanswered,
     /// Listening streams, which a replay reopens.
-    listeners: Arc<listeners::Listeners>,
+    listening: Arc<stream::listening::ListeningStreams>,
     lifecycle: Lifecycle,
     metrics: ProxyMetrics,
 }
@@ -187,7 +167,7 @@ impl Proxy {
             unstored: Unstored::new(metrics.unstored.clone()),
             retry: RetryPolicy::default(),
             unanswered: legacy::Unanswered::default(),
-            listeners: Arc::default(),
+            listening: Arc::default(),
             lifecycle: Lifecycle::new(connections),
             metrics,
         })
@@ -221,10 +201,10 @@ pub async fn run(
             .map_err(|source| ProxyError::Listen { address, source })
     };
     let (listener, admin_listener) = (bind(listen).await?, bind(admin).await?);
-    let (succeed, current) = succession::current(proxy.clone());
+    let (succeed, current) = lifecycle::succession::current(proxy.clone());
     info!(%listen, upstream = %proxy.config.upstream.describe(), %admin, store = %proxy.store.describe(), "session proxy serving");
     let listeners = proxy.metrics.listeners.clone();
-    tokio::spawn(admin::serve(
+    tokio::spawn(lifecycle::admin::serve(
         current.clone(),
         admin_listener,
         listeners.of("admin"),
@@ -239,13 +219,13 @@ pub async fn run(
         listeners.of("mcp"),
         move |tcp| {
             let open = open.clone();
-            async move { Some(connections::Connection::new(tcp, &open)) }
+            async move { Some(lifecycle::connections::Connection::new(tcp, &open)) }
         },
         async move {
             let _ = stopped.await;
         },
     ));
-    succession::serve(proxy, succeed, shutdown).await;
+    lifecycle::succession::serve(proxy, succeed, shutdown).await;
     let _ = stop.send(());
     let _ = server.await;
     Ok(())

@@ -1,6 +1,6 @@
 //! The request path: every client request enters at [`Proxy::handle`], is read whole and routed
 //! (a new session, a session's request, a resumption, a stateless exchange), and its answer is
-//! delivered, event streams through a [`relay`](super::relay).
+//! delivered, event streams through a [`relay`](crate::proxy::stream::relay).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,18 +14,18 @@ use http_body_util::BodyExt as _;
 use serde_json::Value;
 use tracing::{debug, info, warn};
 
-use super::answers::{
+use crate::proxy::answers::{
     Failure, INVALID_PARAMS, TOO_MANY_SESSIONS, Unknown, error_answer, header_or_empty,
     json_response, plain,
 };
-use super::exchange::{Bound, Exchange};
-use super::metrics::RequestLabels;
-use super::protocol::{self, LAST_EVENT_ID_HEADER, MessageHead, SESSION_HEADER};
-use super::sse_host::SseHost;
-use super::stream_host::StreamHost;
-use super::table::{Lookup, Slot, Transport, UpstreamSession};
-use super::upstream::UpstreamError;
-use super::{Proxy, legacy, metrics, relay};
+use crate::proxy::legacy::host::SseHost;
+use crate::proxy::mcp::protocol::{self, LAST_EVENT_ID_HEADER, MessageHead, SESSION_HEADER};
+use crate::proxy::metrics::RequestLabels;
+use crate::proxy::session::exchange::{Bound, Exchange};
+use crate::proxy::session::table::{Lookup, Slot, Transport, UpstreamSession};
+use crate::proxy::stream::host::StreamHost;
+use crate::proxy::upstream::UpstreamError;
+use crate::proxy::{Proxy, legacy, metrics, stream::relay};
 use crate::store::{NewSession, SessionId, SessionPatch};
 
 impl Proxy {
@@ -164,7 +164,7 @@ impl Proxy {
 
     /// Sends the request upstream and delivers the answer.
     pub(super) async fn respond(self: &Arc<Self>, exchange: Exchange) -> Response {
-        let answer = match self.exchange(&exchange).await {
+        let answer = match self.send_upstream(&exchange).await {
             Ok(answer) => answer,
             Err(failure) => return self.failure(failure, &exchange),
         };
@@ -248,7 +248,7 @@ impl Proxy {
             Err(refusal) => return refusal,
         };
         let credential = slot.credential.clone();
-        let answer = match self.exchange(&exchange).await {
+        let answer = match self.send_upstream(&exchange).await {
             Ok(answer) => answer,
             Err(failure) => return self.failure(failure, &exchange),
         };

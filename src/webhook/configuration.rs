@@ -7,7 +7,7 @@ use kube::core::GroupVersionKind;
 use serde_json::{Value, json};
 
 use super::WebhookError;
-use crate::controller::FIELD_MANAGER;
+use crate::api::contract::FIELD_MANAGER;
 
 pub const NAME: &str = "mcp-session-operator";
 pub const MUTATE_PATH: &str = "/mutate-pods";

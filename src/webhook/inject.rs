@@ -9,15 +9,9 @@ use kube::ResourceExt as _;
 use serde_json::{Value, json};
 
 use crate::api::McpSessionPolicy;
-use crate::cli::env;
+use crate::api::contract::{self, INJECT_KEY, INJECTED_BY, PROXY_CONTAINER, env};
 use crate::wiring;
 
-/// Name of the injected container.
-pub const PROXY_CONTAINER: &str = "mcp-session-proxy";
-/// Label or annotation that opts a pod out when `"false"`.
-pub const INJECT_KEY: &str = "mcpsession.dev/inject";
-/// Annotation naming the policy that injected a pod.
-pub const INJECTED_BY: &str = "mcpsession.dev/injected-by";
 /// Seconds added to the drain timeout for the pod's termination grace period.
 const GRACE_MARGIN_SECONDS: i64 = 15;
 
@@ -35,7 +29,7 @@ pub struct InjectorConfig {
 impl Default for InjectorConfig {
     fn default() -> Self {
         Self {
-            image: format!("mcp-session-operator:{}", env!("CARGO_PKG_VERSION")),
+            image: contract::default_image(),
             image_pull_policy: None,
             admin_port: 8091,
             native_sidecar: false,
@@ -125,7 +119,7 @@ pub fn inject(
         "/drain"
     };
     let drain_hook = json!({"httpGet": {"path": hook_path, "port": config.admin_port,
-        "httpHeaders": [{"name": crate::proxy::DRAIN_TOKEN_HEADER, "value": drain_token}]}});
+        "httpHeaders": [{"name": contract::DRAIN_TOKEN_HEADER, "value": drain_token}]}});
     for (index, container) in spec.containers.iter().enumerate() {
         match &container.lifecycle {
             None => operations.push(add(

@@ -30,9 +30,7 @@ pub use self::admission::{ReviewError, decode, overlap};
 pub use self::configuration::{Endpoint, MUTATE_PATH, NAME as CONFIGURATION_NAME, VALIDATE_PATH};
 #[cfg(test)]
 pub(crate) use self::inject::proxy_container;
-pub use self::inject::{
-    INJECT_KEY, INJECTED_BY, Injection, InjectorConfig, PROXY_CONTAINER, inject,
-};
+pub use self::inject::{Injection, InjectorConfig, inject};
 pub use self::tls::{CertResolver, TlsSource};
 use crate::api::McpSessionPolicy;
 use crate::events::PolicyEvents;

@@ -15,6 +15,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
+use crate::proxy::mcp::protocol::StreamKind;
 use crate::store::{LogBound, LoggedEvent, SessionId, SessionStore};
 
 /// Events buffered for the writer; beyond this the log skips events rather than grow memory
@@ -22,14 +23,6 @@ use crate::store::{LogBound, LoggedEvent, SessionId, SessionStore};
 const QUEUE: usize = 8192;
 /// Events the writer takes per batch.
 const BATCH: usize = 512;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StreamKind {
-    /// A GET stream: server messages outside any request, for as long as the client listens.
-    Listen,
-    /// A POST's response stream: ends with the response.
-    Response,
-}
 
 /// A stream's identity inside event ids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

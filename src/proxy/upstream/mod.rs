@@ -1,5 +1,10 @@
 //! The MCP server behind the proxy: requests with hold-and-retry while it restarts.
 
+pub(super) mod backends;
+pub(super) mod connector;
+pub(super) mod pool;
+pub(super) mod quiesce;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -9,12 +14,12 @@ use bytes::Bytes;
 use http_body_util::Full;
 use tracing::debug;
 
-use super::backends::{Assigned, Backends};
-use super::backoff;
-use super::connector::{was_not_delivered, with_causes};
-use super::pool::SendError;
-use super::protocol::strip_hop_by_hop;
-use super::quiesce::{Gate, GateState, Tracked};
+use crate::proxy::backoff;
+use crate::proxy::mcp::protocol::strip_hop_by_hop;
+use crate::proxy::upstream::backends::{Assigned, Backends};
+use crate::proxy::upstream::connector::{was_not_delivered, with_causes};
+use crate::proxy::upstream::pool::SendError;
+use crate::proxy::upstream::quiesce::{Gate, GateState, Tracked};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {

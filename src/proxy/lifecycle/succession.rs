@@ -21,9 +21,9 @@ use tokio::sync::watch;
 use tower_service::Service;
 use tracing::info;
 
-use super::control::Control;
-use super::quiesce::{Restart, follow_restart};
-use super::{Phase, Proxy};
+use crate::proxy::lifecycle::control::Control;
+use crate::proxy::upstream::quiesce::{Restart, follow_restart};
+use crate::proxy::{Phase, Proxy};
 
 /// The serving proxy, as the listeners' handlers reach it.
 #[derive(Clone)]

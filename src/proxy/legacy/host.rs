@@ -1,4 +1,4 @@
-//! What the HTTP+SSE transport ([`super::legacy`]) may ask of the proxy: admit, create, look
+//! What the HTTP+SSE transport ([`crate::proxy::legacy::transport`]) may ask of the proxy: admit, create, look
 //! up, remap and end its sessions, send to the upstream, answer for what it cannot forward,
 //! count. A handle, so that the transport reaches the session table, the store and the
 //! upstream only through these operations.
@@ -13,16 +13,16 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tracing::debug;
 
-use super::answers::{Failure, Unknown};
-use super::backends::Assigned;
-use super::count::Counted;
-use super::exchange::Exchange;
-use super::legacy::{PROTOCOL_VERSION, Unanswered};
-use super::metrics::{self, Replay};
-use super::protocol;
-use super::table::{Slot, UpstreamSession};
-use super::upstream::{Answer, UpstreamError};
-use super::{Lookup, Phase, Proxy, Transport};
+use crate::proxy::answers::{Failure, Unknown};
+use crate::proxy::count::Counted;
+use crate::proxy::legacy::transport::{PROTOCOL_VERSION, Unanswered};
+use crate::proxy::mcp::protocol;
+use crate::proxy::metrics::{self, Replay};
+use crate::proxy::session::exchange::Exchange;
+use crate::proxy::session::table::{Slot, UpstreamSession};
+use crate::proxy::upstream::backends::Assigned;
+use crate::proxy::upstream::{Answer, UpstreamError};
+use crate::proxy::{Lookup, Phase, Proxy, Transport};
 use crate::store::{NewSession, SessionId, SessionPatch};
 
 #[derive(Clone)]
@@ -35,7 +35,7 @@ impl SseHost {
 
     /// A place for a new session under the request's credential, or the refusal to answer.
     #[allow(clippy::result_large_err)] // The refusal is the response, built once.
-    pub(super) fn admit(&self, exchange: &Exchange) -> Result<Slot<'_>, Response> {
+    pub(in crate::proxy) fn admit(&self, exchange: &Exchange) -> Result<Slot<'_>, Response> {
         self.0.admit(exchange)
     }
 
@@ -106,7 +106,7 @@ impl SseHost {
         &self.0.unanswered
     }
 
-    /// Sends to a backend, held while it restarts: see [`super::upstream::Upstream::send`].
+    /// Sends to a backend, held while it restarts: see [`crate::proxy::upstream::Upstream::send`].
     pub async fn send(
         &self,
         to: &Assigned,

@@ -1,10 +1,10 @@
-//! What the admin port ([`super::admin`]) may do with the serving proxy: check a drain token,
+//! What the admin port ([`crate::proxy::lifecycle::admin`]) may do with the serving proxy: check a drain token,
 //! report readiness, quiesce or retire it, list its sessions, encode its metrics. A handle, so
 //! that the admin server reaches nothing else of the proxy.
 
 use std::sync::Arc;
 
-use super::{Proxy, Quiesced};
+use crate::proxy::{Proxy, Quiesced};
 use crate::store::SessionId;
 
 pub struct Control(Arc<Proxy>);

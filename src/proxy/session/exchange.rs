@@ -10,39 +10,39 @@ use http_body_util::BodyExt as _;
 use serde_json::Value;
 use tracing::debug;
 
-use super::answers::{Failure, header_or_empty};
-use super::backoff;
-use super::events::StreamKind;
-use super::protocol::{self, MessageHead, SESSION_HEADER};
-use super::table::{Lookup, Stale, UpstreamSession};
-use super::upstream::{Answer, UpstreamError};
-use super::{Proxy, metrics};
+use crate::proxy::answers::{Failure, header_or_empty};
+use crate::proxy::backoff;
+use crate::proxy::mcp::protocol::StreamKind;
+use crate::proxy::mcp::protocol::{self, MessageHead, SESSION_HEADER};
+use crate::proxy::session::table::{Lookup, Stale, UpstreamSession};
+use crate::proxy::upstream::{Answer, UpstreamError};
+use crate::proxy::{Proxy, metrics};
 use crate::store::SessionId;
 use bytes::Bytes;
 
 /// Attempts at one request: a replay after a 404, a resend after a lost response.
-pub(super) const MAX_ATTEMPTS: u32 = 6;
+pub(in crate::proxy) const MAX_ATTEMPTS: u32 = 6;
 
 /// A client's request, kept whole for as long as it may have to be sent again.
-pub(super) struct Exchange {
-    pub(super) method: Method,
-    pub(super) path: String,
-    pub(super) headers: HeaderMap,
-    pub(super) body: Bytes,
+pub(in crate::proxy) struct Exchange {
+    pub(in crate::proxy) method: Method,
+    pub(in crate::proxy) path: String,
+    pub(in crate::proxy) headers: HeaderMap,
+    pub(in crate::proxy) body: Bytes,
     /// The JSON-RPC message's head, for a POST of one message.
-    pub(super) head: Option<MessageHead>,
-    pub(super) session: Option<Bound>,
+    pub(in crate::proxy) head: Option<MessageHead>,
+    pub(in crate::proxy) session: Option<Bound>,
 }
 
 /// A proxy session id and the fingerprint of the credential presented with it.
-pub(super) struct Bound {
-    pub(super) id: SessionId,
-    pub(super) credential: Option<String>,
+pub(in crate::proxy) struct Bound {
+    pub(in crate::proxy) id: SessionId,
+    pub(in crate::proxy) credential: Option<String>,
 }
 
 impl Exchange {
     /// The stream a response to this request opens.
-    pub(super) fn stream_kind(&self) -> StreamKind {
+    pub(in crate::proxy) fn stream_kind(&self) -> StreamKind {
         let listens = self.method == Method::GET
             || self
                 .head
@@ -55,24 +55,24 @@ impl Exchange {
         }
     }
 
-    pub(super) fn is_method(&self, method: &str) -> bool {
+    pub(in crate::proxy) fn is_method(&self, method: &str) -> bool {
         self.head
             .as_ref()
             .is_some_and(|h| h.method.as_deref() == Some(method))
     }
 
-    pub(super) fn request_id(&self) -> Option<Value> {
+    pub(in crate::proxy) fn request_id(&self) -> Option<Value> {
         self.head.as_ref().and_then(|h| h.id.clone())
     }
 
     /// The JSON-RPC method, for logs.
-    pub(super) fn rpc_method(&self) -> Option<&str> {
+    pub(in crate::proxy) fn rpc_method(&self) -> Option<&str> {
         self.head.as_ref().and_then(|h| h.method.as_deref())
     }
 }
 
 /// What an upstream's answer to a session's request says of the session.
-pub(super) enum Signal {
+pub(in crate::proxy) enum Signal {
     /// The upstream does not know the session (see [`protocol::is_unknown_session`]).
     UnknownSession,
     Answer(Answer),
@@ -80,7 +80,7 @@ pub(super) enum Signal {
 
 /// Reads an error answer's body where it may say the session is unknown; any other answer is
 /// passed on untouched (its body still unread, so streams stay streams).
-pub(super) async fn session_signal(answer: Answer) -> Signal {
+pub(in crate::proxy) async fn session_signal(answer: Answer) -> Signal {
     let status = answer.response.status();
     if !matches!(status.as_u16(), 400 | 401 | 404) {
         return Signal::Answer(answer);
@@ -110,7 +110,10 @@ impl Proxy {
     /// Sends the request to the upstream until it answers: for a session, through its upstream
     /// session (replayed when the upstream does not know it); held while the upstream is down;
     /// sent again when the upstream lost it, if that is safe.
-    pub(super) async fn exchange(&self, exchange: &Exchange) -> Result<Answer, Failure> {
+    pub(in crate::proxy) async fn send_upstream(
+        &self,
+        exchange: &Exchange,
+    ) -> Result<Answer, Failure> {
         let mut held = false;
         let mut attempt = 0;
         let mut resend = backoff::RETRY;
@@ -191,12 +194,12 @@ impl Proxy {
         result
     }
 
-    pub(super) fn may_resend(&self, exchange: &Exchange) -> bool {
+    pub(in crate::proxy) fn may_resend(&self, exchange: &Exchange) -> bool {
         exchange.head.as_ref().is_some_and(|h| self.retry.allows(h))
     }
 
     /// The upstream session of `bound`: the mapped one, or a fresh one from a replay.
-    pub(super) async fn upstream_session(
+    pub(in crate::proxy) async fn upstream_session(
         &self,
         bound: &Bound,
         exchange: &Exchange,

@@ -1,5 +1,5 @@
 //! The MCP servers a proxy sends to: the one beside it (sidecar mode, fixed), or the serving
-//! pods of a policy (gateway mode, discovered, see [`crate::gateway`]). Each backend keeps its
+//! pods of a policy (gateway mode, discovered, driven by `crate::gateway`). Each backend keeps its
 //! own connections; a session is served by one backend at a time and holds an [`Assigned`]
 //! handle on it, which is also how the least-loaded backend is found for a new session.
 
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use axum::http::{HeaderValue, Uri};
 use tokio::sync::watch;
 
-use super::pool::Pool;
+use crate::proxy::upstream::pool::Pool;
 use crate::serve;
 
 /// How long a discovered backend that refused a connection gets no new requests, unless the

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use prometheus_client::metrics::gauge::Gauge;
 use serde_json::Value;
 
-use super::Unknown;
-use super::backends::Assigned;
+use crate::proxy::Unknown;
+use crate::proxy::upstream::backends::Assigned;
 use crate::store::binding::{self, Binding};
 use crate::store::{NewSession, SessionId, SessionSetup, SetupChange};
 

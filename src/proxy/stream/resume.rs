@@ -9,18 +9,19 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use tracing::{debug, info, warn};
 
-use super::answers::header_or_empty;
-use super::events::{self, StreamKind, StreamTag};
-use super::exchange::{Bound, Exchange};
-use super::metrics::KindLabels;
-use super::protocol::{self, LAST_EVENT_ID_HEADER, MessageHead, SESSION_HEADER};
-use super::table::Lookup;
-use super::{Proxy, relay};
+use crate::proxy::answers::header_or_empty;
+use crate::proxy::mcp::protocol::StreamKind;
+use crate::proxy::mcp::protocol::{self, LAST_EVENT_ID_HEADER, MessageHead, SESSION_HEADER};
+use crate::proxy::metrics::KindLabels;
+use crate::proxy::session::exchange::{Bound, Exchange};
+use crate::proxy::session::table::Lookup;
+use crate::proxy::stream::event_log::{self, StreamTag};
+use crate::proxy::{Proxy, stream::relay};
 
 impl Proxy {
     /// A GET with `Last-Event-ID`: the logged events that followed it on its stream, then (for
     /// a listening stream) the live stream.
-    pub(super) async fn resume(
+    pub(in crate::proxy) async fn resume(
         self: &Arc<Self>,
         exchange: Exchange,
         last_event_id: &str,
@@ -43,15 +44,15 @@ impl Proxy {
                 Vec::new()
             }
         };
-        let upstream_last = events::last_upstream_id(&log, tag);
-        let backlog = events::after(log, tag, seq);
+        let upstream_last = event_log::last_upstream_id(&log, tag);
+        let backlog = event_log::after(log, tag, seq);
         self.metrics
             .resumed
             .get_or_create(&KindLabels::of(tag.kind))
             .inc();
         info!(session = %bound.id, stream = %tag, after = seq, replayed = backlog.len(), "stream resumed");
         match tag.kind {
-            StreamKind::Listen => match self.exchange(&exchange).await {
+            StreamKind::Listen => match self.send_upstream(&exchange).await {
                 Ok(answer) => {
                     let resumed = relay::Resumed {
                         tag,
@@ -110,7 +111,7 @@ impl Proxy {
     /// The events the upstream kept after its event `last`, from the session's live upstream
     /// session (never a replayed one, which cannot know them): how a response stream the
     /// upstream closed, or the client lost, goes on. `None` if the upstream keeps none.
-    pub(super) async fn upstream_events_after(
+    pub(in crate::proxy) async fn upstream_events_after(
         &self,
         bound: &Bound,
         exchange: &Exchange,

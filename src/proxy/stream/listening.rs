@@ -19,7 +19,7 @@ use crate::store::SessionId;
 pub const REOPEN_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Default)]
-pub struct Listeners {
+pub struct ListeningStreams {
     by_session: Mutex<HashMap<SessionId, Arc<Slot>>>,
 }
 
@@ -31,14 +31,14 @@ struct Slot {
     relays: std::sync::atomic::AtomicUsize,
 }
 
-/// A relay's place in [`Listeners`] for as long as it lives.
+/// A relay's place in [`ListeningStreams`] for as long as it lives.
 pub struct Registration {
-    listeners: Arc<Listeners>,
+    streams: Arc<ListeningStreams>,
     id: SessionId,
     slot: Arc<Slot>,
 }
 
-impl Listeners {
+impl ListeningStreams {
     fn slots(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, Arc<Slot>>> {
         self.by_session.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -60,7 +60,7 @@ impl Listeners {
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         drop(slots);
         Registration {
-            listeners: self.clone(),
+            streams: self.clone(),
             id: id.clone(),
             slot,
         }
@@ -93,7 +93,7 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        let mut slots = self.listeners.slots();
+        let mut slots = self.streams.slots();
         if self
             .slot
             .relays
@@ -111,24 +111,24 @@ mod tests {
 
     #[tokio::test]
     async fn a_replay_waits_for_the_relay_to_reopen() {
-        let listeners = Arc::new(Listeners::default());
+        let streams = Arc::new(ListeningStreams::default());
         let id = SessionId::random();
         // No relay: nothing to wait for.
-        tokio::time::timeout(Duration::from_millis(100), listeners.reopen(&id))
+        tokio::time::timeout(Duration::from_millis(100), streams.reopen(&id))
             .await
             .expect("returns at once");
-        let registration = listeners.register(&id);
+        let registration = streams.register(&id);
         let relay = tokio::spawn(async move {
             registration.woken().await;
             registration.opened();
             registration
         });
-        tokio::time::timeout(Duration::from_secs(1), listeners.reopen(&id))
+        tokio::time::timeout(Duration::from_secs(1), streams.reopen(&id))
             .await
             .expect("the relay reopened");
         drop(relay.await.expect("relay"));
         assert!(
-            listeners.slots().is_empty(),
+            streams.slots().is_empty(),
             "the last relay removes its slot"
         );
     }

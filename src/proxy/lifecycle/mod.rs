@@ -1,14 +1,19 @@
 //! The proxy's life: serving, then (SIGTERM, or a quiesce in a terminating pod) draining its
 //! sessions for other pods to claim, then closing; and quiescing the upstream before it restarts.
 
+pub(super) mod admin;
+pub(super) mod connections;
+pub(super) mod control;
+pub(super) mod succession;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Mutex, OnceCell, watch};
 use tracing::{debug, info, warn};
 
-use super::count::{Count, Counted};
-use super::{Proxy, metrics, quiesce};
+use crate::proxy::count::{Count, Counted};
+use crate::proxy::{Proxy, metrics, upstream::quiesce};
 use crate::store::{self, SessionId, Tally};
 
 /// Most sessions a drain looks up in the store's index of this pod (beyond those it holds).

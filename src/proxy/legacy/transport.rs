@@ -21,16 +21,16 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 use tracing::{Instrument as _, info, info_span, warn};
 
-use super::answers::{Failure, UPSTREAM_UNAVAILABLE, Unknown, plain};
-use super::backoff;
-use super::count::Counted;
-use super::exchange::Exchange;
-use super::protocol::{self, MessageHead};
-use super::sse::{self, Event};
-use super::sse_host::SseHost;
-use super::table::UpstreamSession;
-use super::upstream::Answer;
-use super::{Lookup, Phase, metrics, relay};
+use crate::proxy::answers::{Failure, UPSTREAM_UNAVAILABLE, Unknown, plain};
+use crate::proxy::backoff;
+use crate::proxy::count::Counted;
+use crate::proxy::legacy::host::SseHost;
+use crate::proxy::mcp::protocol::{self, MessageHead};
+use crate::proxy::mcp::sse::{self, Event};
+use crate::proxy::session::exchange::Exchange;
+use crate::proxy::session::table::UpstreamSession;
+use crate::proxy::upstream::Answer;
+use crate::proxy::{Lookup, Phase, metrics, stream::relay};
 use crate::store::SessionId;
 
 /// The revision of this transport.
@@ -316,7 +316,7 @@ async fn post_until_accepted(
             .await;
         let lost_session = match &sent {
             Ok(answer) => answer.response.status() == StatusCode::NOT_FOUND,
-            Err(error) => matches!(error, super::UpstreamError::Unreachable(_)),
+            Err(error) => matches!(error, crate::proxy::UpstreamError::Unreachable(_)),
         };
         match sent {
             // The upstream restarted and does not know the session yet (or, gateway mode, its
@@ -325,7 +325,7 @@ async fn post_until_accepted(
             _ if lost_session => {
                 if !host.remapped_from(id, &upstream, deadline).await {
                     return host.failure(
-                        Failure::Upstream(super::UpstreamError::Unavailable(
+                        Failure::Upstream(crate::proxy::UpstreamError::Unavailable(
                             host.hold(),
                             "the MCP server lost the session".into(),
                         )),
@@ -349,7 +349,7 @@ async fn post_until_accepted(
                 protocol::strip_hop_by_hop(&mut parts.headers);
                 return Response::from_parts(parts, body);
             }
-            Err(super::UpstreamError::Lost(_))
+            Err(crate::proxy::UpstreamError::Lost(_))
                 if host.may_resend(exchange) && resend.wait().await => {}
             Err(error) => return host.failure(Failure::Upstream(error), exchange),
         }

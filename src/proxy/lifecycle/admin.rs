@@ -7,9 +7,9 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use tracing::warn;
 
-use super::DRAIN_TOKEN_HEADER;
-use super::control::{Control, Readiness, Sessions};
-use super::succession::Current;
+use crate::api::contract::DRAIN_TOKEN_HEADER;
+use crate::proxy::lifecycle::control::{Control, Readiness, Sessions};
+use crate::proxy::lifecycle::succession::Current;
 
 /// The serving proxy, for each request (a retired proxy may have a successor).
 struct Serving(Control);
@@ -102,14 +102,14 @@ async fn readyz(Serving(control): Serving) -> (StatusCode, String) {
 }
 
 /// The preStop hook of the backend container: returns once the upstream has finished what it
-/// was working on and new requests are held for its restart (see [`super::quiesce`]); in a
+/// was working on and new requests are held for its restart (see [`crate::proxy::upstream::quiesce`]); in a
 /// terminating pod, once the proxy has retired.
 async fn drain(Serving(control): Serving) -> String {
     match control.quiesce().await {
-        super::Quiesced::Holding => {
+        crate::proxy::Quiesced::Holding => {
             "quiesced: requests are held until the server restarts\n".into()
         }
-        super::Quiesced::Retired => "retired: the pod's sessions were handed over\n".into(),
+        crate::proxy::Quiesced::Retired => "retired: the pod's sessions were handed over\n".into(),
     }
 }
 

@@ -196,8 +196,8 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio::net::TcpListener;
 
-    use super::super::pool::{Pool, SendError};
     use super::*;
+    use crate::proxy::upstream::pool::{Pool, SendError};
 
     const ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
 

@@ -2,15 +2,15 @@
 //!
 //! Event by event (never a whole body), the relay:
 //! - numbers the events of a session's stream with the proxy's own ids and logs them for
-//!   `Last-Event-ID` resumption ([`super::events`]);
+//!   `Last-Event-ID` resumption ([`crate::proxy::stream::event_log`]);
 //! - keeps a listening (GET) stream open across upstream restarts by opening a new upstream
-//!   stream behind it, at once when a replay asks ([`super::listeners`]);
+//!   stream behind it, at once when a replay asks ([`crate::proxy::stream::listening`]);
 //! - resumes a response stream the upstream closed on purpose before its answer (SSE polling,
 //!   2025-11-25) with the upstream's own `Last-Event-ID`, so the client's stream simply goes on;
 //! - never lets a progress notification go backwards (a resent request starts its progress
 //!   over, under the same token);
 //! - on a response (POST) stream that ends before the request's answer (the upstream died), sends
-//!   the request again if executing it twice is safe ([`super::retry`]), else answers for it with
+//!   the request again if executing it twice is safe ([`crate::proxy::mcp::retry`]), else answers for it with
 //!   a JSON-RPC error: the client always gets an answer, never a stream that just stops;
 //! - ends with a `retry` hint when the proxy drains: listening streams at once, response streams
 //!   at the drain deadline.
@@ -25,16 +25,17 @@ use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
-use super::Phase;
-use super::answers::UPSTREAM_UNAVAILABLE;
-use super::backoff::{self, Backoff};
-use super::events::{StreamKind, StreamTag};
-use super::exchange::Exchange;
-use super::listeners::Registration;
-use super::metrics::Unanswered;
-use super::protocol::{self, MessageHead};
-use super::sse::{self, Event};
-use super::stream_host::{OpenStream, StreamHost};
+use crate::proxy::Phase;
+use crate::proxy::answers::UPSTREAM_UNAVAILABLE;
+use crate::proxy::backoff::{self, Backoff};
+use crate::proxy::mcp::protocol::StreamKind;
+use crate::proxy::mcp::protocol::{self, MessageHead};
+use crate::proxy::mcp::sse::{self, Event};
+use crate::proxy::metrics::Unanswered;
+use crate::proxy::session::exchange::Exchange;
+use crate::proxy::stream::event_log::StreamTag;
+use crate::proxy::stream::host::{OpenStream, StreamHost};
+use crate::proxy::stream::listening::Registration;
 use crate::store::LoggedEvent;
 
 /// What a client told to reconnect waits first, in milliseconds: another pod is ready.
@@ -420,7 +421,7 @@ impl Relay {
         );
         let answer = tokio::select! {
             () = closing(&mut self.phase, self.kind) => return None,
-            answer = self.host.exchange(&self.exchange) => answer,
+            answer = self.host.send_upstream(&self.exchange) => answer,
         };
         match answer {
             Ok(answer) if protocol::is_event_stream(answer.response.headers()) => {
@@ -471,7 +472,7 @@ impl Relay {
     async fn reconnect(&mut self) -> Option<Body> {
         let answer = tokio::select! {
             () = closing(&mut self.phase, self.kind) => return None,
-            answer = self.host.exchange(&self.exchange) => answer,
+            answer = self.host.send_upstream(&self.exchange) => answer,
         };
         match answer {
             Ok(answer)

@@ -10,9 +10,9 @@ use axum::http::{Method, StatusCode};
 use prometheus_client::metrics::gauge::Gauge;
 use tracing::{debug, info, warn};
 
-use super::exchange::Exchange;
-use super::table::{Slot, Transport, UpstreamSession};
-use super::{Proxy, metrics, protocol};
+use crate::proxy::session::exchange::Exchange;
+use crate::proxy::session::table::{Slot, Transport, UpstreamSession};
+use crate::proxy::{Proxy, mcp::protocol, metrics};
 use crate::store::{NewSession, SessionId, SessionPatch, Tally, Touched};
 
 /// Sessions the store does not have right now (it was down or full, or lost them), served from
@@ -30,18 +30,18 @@ impl Unstored {
         }
     }
 
-    pub(super) fn ids(&self) -> std::sync::MutexGuard<'_, HashSet<SessionId>> {
+    pub(in crate::proxy) fn ids(&self) -> std::sync::MutexGuard<'_, HashSet<SessionId>> {
         self.ids.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(super) fn insert(&self, id: &SessionId) {
+    pub(in crate::proxy) fn insert(&self, id: &SessionId) {
         let mut ids = self.ids();
         ids.insert(id.clone());
         self.gauge.set(ids.len() as i64);
     }
 
     /// Whether `id` was missing from the store until now.
-    pub(super) fn remove(&self, id: &SessionId) -> bool {
+    pub(in crate::proxy) fn remove(&self, id: &SessionId) -> bool {
         let mut ids = self.ids();
         let removed = ids.remove(id);
         self.gauge.set(ids.len() as i64);
@@ -52,19 +52,19 @@ impl Unstored {
         self.ids().len()
     }
 
-    pub(super) fn snapshot(&self) -> Vec<SessionId> {
+    pub(in crate::proxy) fn snapshot(&self) -> Vec<SessionId> {
         self.ids().iter().cloned().collect()
     }
 }
 
 impl Proxy {
-    pub(super) fn forget(&self, id: &SessionId) {
+    pub(in crate::proxy) fn forget(&self, id: &SessionId) {
         self.table.unmap(id);
         self.toucher.forget(id);
     }
 
     /// Drops sessions unused for longer than the session TTL: the store has let them expire.
-    pub(super) fn forget_idle(&self) -> usize {
+    pub(in crate::proxy) fn forget_idle(&self) -> usize {
         let idle = self.table.idle(self.config.session_ttl);
         for id in &idle {
             self.forget(id);
@@ -74,7 +74,7 @@ impl Proxy {
 
     /// Keeps a new session: in the table (in the slot admitted for it) and in the store; where
     /// the store refuses it, served from memory meanwhile and written once the store is back.
-    pub(super) async fn keep_new(
+    pub(in crate::proxy) async fn keep_new(
         &self,
         id: &SessionId,
         upstream: UpstreamSession,
@@ -92,7 +92,7 @@ impl Proxy {
 
     /// A write of `operation` for `id` failed: the session is served from memory and written
     /// back by [`Self::maintain`] when the store takes writes again.
-    pub(super) fn mark_unstored(&self, id: &SessionId, operation: &'static str) {
+    pub(in crate::proxy) fn mark_unstored(&self, id: &SessionId, operation: &'static str) {
         self.metrics
             .store_write_failures
             .get_or_create(&metrics::OperationLabels { operation })
@@ -101,7 +101,7 @@ impl Proxy {
     }
 
     /// Writes a session this proxy serves back into the store, which lost it or was down.
-    pub(super) async fn restore(&self, id: &SessionId) {
+    pub(in crate::proxy) async fn restore(&self, id: &SessionId) {
         let Some(session) = self.table.stored_copy(id, self.config.pod_name.clone()) else {
             return;
         };
@@ -120,7 +120,7 @@ impl Proxy {
 
     /// Until the process ends: retries writing every session the store lacks, and drops
     /// sessions that have been idle past their TTL.
-    pub(super) async fn maintain(self: Arc<Self>) {
+    pub(in crate::proxy) async fn maintain(self: Arc<Self>) {
         let mut ticks = 0_u64;
         loop {
             tokio::time::sleep(Duration::from_secs(2)).await;
@@ -139,7 +139,7 @@ impl Proxy {
 
     /// Keeps what a request set up in the session (a subscription, the log level), in memory
     /// and in the store, for the replays to set it up again.
-    pub(super) fn record_setup(&self, id: &SessionId, exchange: &Exchange) {
+    pub(in crate::proxy) fn record_setup(&self, id: &SessionId, exchange: &Exchange) {
         let Some(change) = exchange
             .head
             .as_ref()
@@ -159,7 +159,12 @@ impl Proxy {
     }
 
     /// Bookkeeping after the upstream answered a session's request.
-    pub(super) async fn after_answer(&self, method: &Method, id: &SessionId, status: StatusCode) {
+    pub(in crate::proxy) async fn after_answer(
+        &self,
+        method: &Method,
+        id: &SessionId,
+        status: StatusCode,
+    ) {
         if *method == Method::DELETE && status.is_success() {
             self.forget(id);
             if let Err(error) = self.store.delete(id).await {
@@ -185,7 +190,7 @@ impl Proxy {
 
     /// Writes what the proxy learned of a session to the store, off the request path: the copy
     /// in memory already has it, and is written back whole if the store lost the session.
-    pub(super) fn patch_in_background(&self, id: &SessionId, patch: SessionPatch) {
+    pub(in crate::proxy) fn patch_in_background(&self, id: &SessionId, patch: SessionPatch) {
         let (store, id) = (self.store.clone(), id.clone());
         let failures = self.metrics.store_write_failures.clone();
         tokio::spawn(async move {
@@ -202,7 +207,7 @@ impl Proxy {
 
     /// Adds to the store's running tallies, which the operator reads per rollout; off the
     /// request path, and a failure only costs accuracy of those counts.
-    pub(super) fn report(&self, tally: Tally, n: u64) {
+    pub(in crate::proxy) fn report(&self, tally: Tally, n: u64) {
         let store = self.store.clone();
         tokio::spawn(async move {
             if let Err(error) = store.tally(tally, n).await {

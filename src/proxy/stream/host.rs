@@ -1,4 +1,4 @@
-//! What a relayed stream ([`super::relay`]) may ask of the proxy that serves it: the exchange
+//! What a relayed stream ([`crate::proxy::stream::relay`]) may ask of the proxy that serves it: the exchange
 //! with the upstream (to resend or reopen), the session's event log and resumption, the
 //! bookkeeping of an answer, the drain's phase, its own metrics. A handle, so that a relay
 //! reaches nothing else of the proxy (its session table, store or replays).
@@ -9,14 +9,14 @@ use std::time::Duration;
 use axum::body::Body;
 use tokio::sync::watch;
 
-use super::answers::Failure;
-use super::count::Counted;
-use super::events::StreamKind;
-use super::exchange::{Bound, Exchange};
-use super::listeners::Registration;
-use super::metrics::{self, KindLabels, Unanswered};
-use super::upstream::Answer;
-use super::{Lookup, Phase, Proxy};
+use crate::proxy::answers::Failure;
+use crate::proxy::count::Counted;
+use crate::proxy::mcp::protocol::StreamKind;
+use crate::proxy::metrics::{self, KindLabels, Unanswered};
+use crate::proxy::session::exchange::{Bound, Exchange};
+use crate::proxy::stream::listening::Registration;
+use crate::proxy::upstream::Answer;
+use crate::proxy::{Lookup, Phase, Proxy};
 use crate::store::{LoggedEvent, SessionId};
 
 #[derive(Clone)]
@@ -46,7 +46,7 @@ impl StreamHost {
 
     /// A listening stream's place among its session's, which a replay wakes.
     pub fn listen(&self, id: &SessionId) -> Registration {
-        self.0.listeners.register(id)
+        self.0.listening.register(id)
     }
 
     /// How long a request is held for a restarting upstream.
@@ -79,8 +79,8 @@ impl StreamHost {
     }
 
     /// See [`Proxy::exchange`].
-    pub async fn exchange(&self, exchange: &Exchange) -> Result<Answer, Failure> {
-        self.0.exchange(exchange).await
+    pub async fn send_upstream(&self, exchange: &Exchange) -> Result<Answer, Failure> {
+        self.0.send_upstream(exchange).await
     }
 
     /// See [`Proxy::may_resend`].

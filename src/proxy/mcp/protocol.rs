@@ -380,6 +380,15 @@ pub fn header_value(value: &str) -> Option<HeaderValue> {
     HeaderValue::from_str(value).ok()
 }
 
+/// The two kinds of event stream a Streamable HTTP server opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamKind {
+    /// A GET stream: server messages outside any request, for as long as the client listens.
+    Listen,
+    /// A POST's response stream: ends with the response.
+    Response,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

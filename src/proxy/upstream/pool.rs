@@ -22,7 +22,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::connector::Watched;
+use crate::proxy::upstream::connector::Watched;
 
 /// How long a connection may wait in the pool; servers close idle ones on their own timeouts.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);

@@ -11,7 +11,7 @@ use std::sync::RwLock;
 
 use serde::Deserialize;
 
-use super::protocol::MessageHead;
+use crate::proxy::mcp::protocol::MessageHead;
 
 /// Methods without side effects on the server's world (MCP 2025-11-25).
 const READ_ONLY_METHODS: [&str; 9] = [

@@ -10,14 +10,14 @@ use http_body_util::BodyExt as _;
 use serde_json::Value;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
-use super::answers::{Failure, Unknown, header_or_empty};
-use super::backoff;
-use super::events::StreamKind;
-use super::exchange::{Bound, Exchange, MAX_ATTEMPTS, Signal, session_signal};
-use super::protocol::{self, PROTOCOL_VERSION_HEADER, SESSION_HEADER};
-use super::table::{Lookup, Stale, Transport, UpstreamSession};
-use super::upstream::UpstreamError;
-use super::{Proxy, metrics};
+use crate::proxy::answers::{Failure, Unknown, header_or_empty};
+use crate::proxy::backoff;
+use crate::proxy::mcp::protocol::StreamKind;
+use crate::proxy::mcp::protocol::{self, PROTOCOL_VERSION_HEADER, SESSION_HEADER};
+use crate::proxy::session::exchange::{Bound, Exchange, MAX_ATTEMPTS, Signal, session_signal};
+use crate::proxy::session::table::{Lookup, Stale, Transport, UpstreamSession};
+use crate::proxy::upstream::UpstreamError;
+use crate::proxy::{Proxy, metrics};
 use crate::store::binding::{self, Binding};
 use crate::store::{
     self, Claim, ClaimOutcome, NewSession, Session, SessionId, SessionPatch, StoreError, Tally,
@@ -27,7 +27,7 @@ impl Proxy {
     /// Makes a fresh upstream session for the client's session from the stored handshake,
     /// at the MCP endpoint the client uses; then, unless the request is the listening stream's
     /// own, lets that stream reopen before the request goes on.
-    pub(super) async fn replay(
+    pub(in crate::proxy) async fn replay(
         &self,
         bound: &Bound,
         exchange: &Exchange,
@@ -59,7 +59,7 @@ impl Proxy {
             }
         }
         if result.is_ok() && exchange.stream_kind() != StreamKind::Listen {
-            self.listeners.reopen(id).await;
+            self.listening.reopen(id).await;
         }
         result
     }
@@ -67,7 +67,7 @@ impl Proxy {
     /// What a replay starts from: the store's record where it has one (another pod may have
     /// changed it), else the copy in memory (the store refused or evicted the session, or is
     /// down): an upstream restart never loses a session this proxy serves.
-    pub(super) async fn replay_source(
+    pub(in crate::proxy) async fn replay_source(
         &self,
         id: &SessionId,
     ) -> Result<Option<(NewSession, bool)>, Failure> {
@@ -92,7 +92,7 @@ impl Proxy {
         }
     }
 
-    pub(super) async fn replay_locked(
+    pub(in crate::proxy) async fn replay_locked(
         &self,
         bound: &Bound,
         exchange: &Exchange,
@@ -209,7 +209,7 @@ impl Proxy {
 
     /// Headers of the messages a replay sends: the client's credential, JSON in, JSON or an
     /// event stream out.
-    pub(super) fn replay_headers(&self, exchange: &Exchange) -> HeaderMap {
+    pub(in crate::proxy) fn replay_headers(&self, exchange: &Exchange) -> HeaderMap {
         let mut headers = HeaderMap::new();
         if let Some(value) = exchange.headers.get(header::AUTHORIZATION) {
             headers.insert(header::AUTHORIZATION, value.clone());
@@ -233,7 +233,7 @@ impl Proxy {
     /// A quiesce may hold the rest of a handshake whose `initialize` the upstream answered
     /// just before it stopped: the restarted upstream then does not know the session it made,
     /// and the handshake starts over rather than hand out a session that no longer exists.
-    pub(super) async fn handshake(
+    pub(in crate::proxy) async fn handshake(
         &self,
         path: &str,
         headers: HeaderMap,
@@ -350,7 +350,11 @@ impl Proxy {
     /// Binds a session bound to nobody (the seed's service wrote it) to `credential`: in the
     /// store first, atomically, so that of two identities racing for it one wins everywhere;
     /// then here. A session the store does not hold (evicted, or never written) is bound here.
-    pub(super) async fn bind(&self, id: &SessionId, credential: &str) -> Result<(), Failure> {
+    pub(in crate::proxy) async fn bind(
+        &self,
+        id: &SessionId,
+        credential: &str,
+    ) -> Result<(), Failure> {
         let patch = SessionPatch {
             bind_credential: Some(credential.to_owned()),
             ..Default::default()
@@ -374,7 +378,7 @@ impl Proxy {
 
     /// Is `bound.credential` the one the session is bound to (binding a session bound to
     /// nobody)?
-    pub(super) async fn authorize(&self, bound: &Bound) -> Result<(), Failure> {
+    pub(in crate::proxy) async fn authorize(&self, bound: &Bound) -> Result<(), Failure> {
         let binding = match self.lookup(bound) {
             Lookup::Live(_) | Lookup::Stale(_) => return Ok(()),
             Lookup::Refused(unknown) => return Err(Failure::Unknown(unknown)),
@@ -397,7 +401,10 @@ impl Proxy {
     /// The stored session; while the store does not answer (a Redis restart or fail-over),
     /// tried again with backoff for up to the hold time, as requests are held while the
     /// upstream restarts.
-    pub(super) async fn stored(&self, id: &SessionId) -> Result<Option<Session>, Failure> {
+    pub(in crate::proxy) async fn stored(
+        &self,
+        id: &SessionId,
+    ) -> Result<Option<Session>, Failure> {
         let mut backoff = backoff::RETRY.until(Instant::now() + self.config.hold);
         loop {
             match self.store.get(id).await {
@@ -421,7 +428,7 @@ impl Proxy {
     /// Claims `id` for this pod, as `credential`. `None` where no claim is made: a proxy without
     /// a pod name, or a draining one (clients reach it until the endpoints drop it, but what it
     /// claimed now would be orphaned when it exits).
-    pub(super) async fn claim_here(
+    pub(in crate::proxy) async fn claim_here(
         &self,
         id: &SessionId,
         credential: Option<String>,
@@ -440,7 +447,7 @@ impl Proxy {
     /// Another pod drained (or the operator swept) a session this proxy serves too (requests
     /// of one session may reach any pod): it is open upstream here already, so a claim is all
     /// the takeover needs. Counted as a rehydration, like a replayed one.
-    pub(super) async fn take_over(&self, id: &SessionId) {
+    pub(in crate::proxy) async fn take_over(&self, id: &SessionId) {
         let Some(credential) = self.table.credential_of(id) else {
             return;
         };

@@ -1,0 +1,37 @@
+//! The names the operator, the webhook, the proxy and the chart share: what one part writes and
+//! another reads. They live here, at the bottom of the crate, so that no part imports another
+//! only to learn a name.
+
+/// The field manager of everything the operator and its webhook apply or patch.
+pub const FIELD_MANAGER: &str = "mcp-session-operator";
+
+/// Name of the injected proxy container.
+pub const PROXY_CONTAINER: &str = "mcp-session-proxy";
+/// Label or annotation that opts a pod out of injection when `"false"`.
+pub const INJECT_KEY: &str = "mcpsession.dev/inject";
+/// Annotation naming the policy that injected a pod.
+pub const INJECTED_BY: &str = "mcpsession.dev/injected-by";
+
+/// The header in which the proxy's `/drain`, `/retire` and `/sessions` require the pod's drain
+/// token (the webhook puts it into the backend's preStop hook).
+pub const DRAIN_TOKEN_HEADER: &str = "X-Mcp-Drain-Token";
+
+/// The image the operator injects and runs its gateways from, unless told otherwise: this
+/// build's own.
+pub fn default_image() -> String {
+    format!("mcp-session-operator:{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// The environment variables the binary reads: one name for the flag that reads each and for
+/// the webhook that sets it in injected pods.
+pub mod env {
+    pub const REDIS_URL: &str = "MCP_SESSION_REDIS_URL";
+    pub const KEY_PREFIX: &str = "MCP_SESSION_KEY_PREFIX";
+    pub const REDIS_CLUSTER: &str = "MCP_SESSION_REDIS_CLUSTER";
+    pub const REDIS_CA_FILE: &str = "MCP_SESSION_REDIS_CA_FILE";
+    pub const FINGERPRINT_KEY: &str = "MCP_SESSION_FINGERPRINT_KEY";
+    pub const DRAIN_TOKEN: &str = "MCP_SESSION_DRAIN_TOKEN";
+    pub const ALLOWED_ORIGINS: &str = "MCP_SESSION_ALLOWED_ORIGINS";
+    /// The pod's name, from the downward API.
+    pub const POD_NAME: &str = "POD_NAME";
+}
