@@ -12,6 +12,36 @@ use crate::api::McpSessionPolicy;
 /// `note` is cut to this many characters (the API refuses longer ones).
 const MAX_NOTE: usize = 1024;
 
+/// What an Event on a policy says: Normal or Warning, why (a reason in CamelCase), in words.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub kind: EventType,
+    pub reason: String,
+    pub note: String,
+}
+
+impl Transition {
+    pub fn warning(reason: impl Into<String>, note: impl Into<String>) -> Self {
+        Self {
+            kind: EventType::Warning,
+            reason: reason.into(),
+            note: note.into(),
+        }
+    }
+
+    pub fn normal(reason: impl Into<String>, note: impl Into<String>) -> Self {
+        Self {
+            kind: EventType::Normal,
+            reason: reason.into(),
+            note: note.into(),
+        }
+    }
+
+    pub fn is_warning(&self) -> bool {
+        self.kind == EventType::Warning
+    }
+}
+
 /// Publishes Events on policies as this replica.
 #[derive(Clone)]
 pub struct PolicyEvents {
@@ -31,29 +61,18 @@ impl PolicyEvents {
         }
     }
 
-    /// A Warning (`warning`) or Normal Event `reason` on `policy`, for `action`.
-    pub async fn publish(
-        &self,
-        policy: &McpSessionPolicy,
-        warning: bool,
-        reason: &str,
-        action: &str,
-        note: &str,
-    ) {
+    /// `transition` as an Event on `policy`, for `action`.
+    pub async fn publish(&self, policy: &McpSessionPolicy, action: &str, transition: &Transition) {
         let event = Event {
-            type_: if warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: reason.to_owned(),
-            note: Some(note.chars().take(MAX_NOTE).collect()),
+            type_: transition.kind,
+            reason: transition.reason.clone(),
+            note: Some(transition.note.chars().take(MAX_NOTE).collect()),
             action: action.to_owned(),
             secondary: None,
         };
         let regarding: ObjectReference = policy.object_ref(&());
         if let Err(error) = self.recorder.publish(&event, &regarding).await {
-            warn!(%error, %reason, "cannot publish an Event");
+            warn!(%error, reason = %transition.reason, "cannot publish an Event");
         }
     }
 }

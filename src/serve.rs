@@ -165,9 +165,17 @@ pub fn serving_thread() -> Option<usize> {
     SERVING_THREAD.get()
 }
 
-/// Serves `app` (a [`Router`], or one handler as the proxy's port is) on `listener` until
-/// `shutdown`, each accepted connection first made what the protocol runs on by `accept` (TLS,
-/// a counted stream; `None` drops it).
+/// What each connection of a listener gets: `accept` makes the accepted TCP stream what the
+/// protocol runs on (TLS, a counted stream; `None` drops it), `app` (a [`Router`], or one
+/// handler as the proxy's port is) answers its requests, under `limits`.
+#[derive(Clone)]
+pub struct Served<App, Accept> {
+    pub app: App,
+    pub accept: Accept,
+    pub limits: Limits,
+}
+
+/// Serves `served` on `listener` until `shutdown`.
 ///
 /// With `threads` above 0, each accepted connection is handed (in turn) to one of that many
 /// threads, each a single-threaded runtime, as nginx's workers serve theirs: the tasks of a
@@ -178,21 +186,19 @@ pub fn serving_thread() -> Option<usize> {
 /// close, then end. With 0, or if no thread can start, the accepting runtime serves them.
 pub async fn serve<App, Accept>(
     listener: TcpListener,
-    threads: usize,
-    app: App,
-    limits: Limits,
+    served: Served<App, Accept>,
     metrics: ConnectionMetrics,
-    accept: Accept,
+    threads: usize,
     shutdown: impl Future<Output = ()>,
 ) where
     App: ServedApp,
     Accept: Accepter,
 {
+    let limits = served.limits;
     let handoffs: Vec<_> = (0..threads)
         .filter_map(|index| {
             let (handoff, handed) = mpsc::unbounded_channel();
-            let (accept, app) = (accept.clone(), app.clone());
-            match start_thread(index, handed, accept, app, limits) {
+            match start_thread(index, handed, served.clone()) {
                 Ok(()) => Some(handoff),
                 Err(error) => {
                     warn!(%error, index, "cannot start a serving thread; the others serve its share");
@@ -203,14 +209,7 @@ pub async fn serve<App, Accept>(
         .collect();
     // What no thread takes (none asked for or started, or one ended by a panic) is served here.
     let serve_here = |tcp, peer, open| {
-        tokio::spawn(serve_accepted(
-            tcp,
-            peer,
-            open,
-            accept.clone(),
-            app.clone(),
-            limits,
-        ));
+        tokio::spawn(serve_accepted(tcp, peer, open, served.clone()));
     };
     let mut turn = 0;
     let accepting = accept_until(&listener, limits, &metrics, |tcp, peer, open| {
@@ -244,9 +243,7 @@ type Handoff = (std::net::TcpStream, SocketAddr, Open);
 fn start_thread<App, Accept>(
     index: usize,
     mut handed: mpsc::UnboundedReceiver<Handoff>,
-    accept: Accept,
-    app: App,
-    limits: Limits,
+    served: Served<App, Accept>,
 ) -> std::io::Result<()>
 where
     App: ServedApp,
@@ -266,8 +263,7 @@ where
                         next = handed.recv() => match next {
                             Some((tcp, peer, open)) => match TcpStream::from_std(tcp) {
                                 Ok(tcp) => {
-                                    let served = serve_accepted(tcp, peer, open, accept.clone(), app.clone(), limits);
-                                    connections.spawn(served);
+                                    connections.spawn(serve_accepted(tcp, peer, open, served.clone()));
                                 }
                                 Err(error) => debug!(%peer, %error, "a handed connection could not be served"),
                             },
@@ -319,14 +315,17 @@ async fn serve_accepted<App, Accept>(
     tcp: TcpStream,
     peer: SocketAddr,
     open: Open,
-    accept: Accept,
-    app: App,
-    limits: Limits,
+    served: Served<App, Accept>,
 ) where
     App: ServedApp,
     Accept: Accepter,
 {
     let _open = open;
+    let Served {
+        app,
+        accept,
+        limits,
+    } = served;
     let Some(io) = accept.accept(tcp).await else {
         return;
     };
@@ -370,16 +369,12 @@ impl Drop for Open {
 
 /// Serves a port of probes and metrics ([`Limits::PROBES`], plain TCP) for the process's life.
 pub async fn serve_probes(listener: TcpListener, app: Router, metrics: ConnectionMetrics) {
-    serve(
-        listener,
-        0,
+    let served = Served {
         app,
-        Limits::PROBES,
-        metrics,
-        plain,
-        std::future::pending(),
-    )
-    .await;
+        accept: plain,
+        limits: Limits::PROBES,
+    };
+    serve(listener, served, metrics, 0, std::future::pending()).await;
 }
 
 /// The request, its body bounded by `timeout` from now.
@@ -438,170 +433,4 @@ impl http_body::Body for Deadline {
 pub async fn plain(tcp: TcpStream) -> Option<TcpStream> {
     let _ = tcp.set_nodelay(true);
     Some(tcp)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-
-    async fn start(limits: Limits) -> (u16, ConnectionMetrics) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let port = listener.local_addr().expect("address").port();
-        let metrics = ConnectionMetrics::default();
-        let app = Router::new().route(
-            "/",
-            axum::routing::post(|body: Bytes| async move { format!("{} bytes", body.len()) }),
-        );
-        tokio::spawn(serve(
-            listener,
-            0,
-            app,
-            limits,
-            metrics.clone(),
-            plain,
-            std::future::pending(),
-        ));
-        (port, metrics)
-    }
-
-    /// Reads until the server closes; what it sent.
-    async fn until_closed(stream: &mut TcpStream) -> String {
-        let mut seen = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut seen)).await;
-        String::from_utf8_lossy(&seen).into_owned()
-    }
-
-    #[tokio::test]
-    async fn idle_half_sent_and_stalled_clients_are_closed() {
-        let limits = Limits {
-            header_timeout: Duration::from_millis(300),
-            body_timeout: Duration::from_millis(300),
-            max_connections: 100,
-        };
-        let (port, metrics) = start(limits).await;
-        let connect = || TcpStream::connect(("127.0.0.1", port));
-        let mut idle = connect().await.expect("connect");
-        let mut half = connect().await.expect("connect");
-        half.write_all(b"POST / HTTP/1.1\r\nHost: x\r\n")
-            .await
-            .expect("write");
-        let mut stalled = connect().await.expect("connect");
-        stalled
-            .write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
-            .await
-            .expect("write");
-        let started = std::time::Instant::now();
-        assert_eq!(until_closed(&mut idle).await, "", "an idle connection");
-        assert!(
-            !until_closed(&mut half).await.contains("200"),
-            "a half-sent head"
-        );
-        let answer = until_closed(&mut stalled).await;
-        assert!(!answer.contains("200 OK"), "a stalled body: {answer}");
-        assert!(started.elapsed() < Duration::from_secs(3));
-        // A client that sends its request whole is served, and may keep its connection.
-        let mut client = connect().await.expect("connect");
-        client
-            .write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok")
-            .await
-            .expect("write");
-        let mut answer = [0u8; 256];
-        let n = client.read(&mut answer).await.expect("read");
-        assert!(String::from_utf8_lossy(&answer[..n]).contains("2 bytes"));
-        assert_eq!(metrics.refused.get(), 0);
-    }
-
-    #[tokio::test]
-    async fn connections_over_the_cap_are_closed_at_once_and_counted() {
-        let limits = Limits {
-            max_connections: 3,
-            ..Limits::default()
-        };
-        let (port, metrics) = start(limits).await;
-        let mut held = Vec::new();
-        for _ in 0..3 {
-            held.push(
-                TcpStream::connect(("127.0.0.1", port))
-                    .await
-                    .expect("connect"),
-            );
-        }
-        // Accepted in order: let the three take their slots.
-        while metrics.open.get() < 3 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let mut over = TcpStream::connect(("127.0.0.1", port))
-            .await
-            .expect("connect");
-        assert_eq!(until_closed(&mut over).await, "");
-        assert_eq!(metrics.refused.get(), 1);
-        drop(held);
-        while metrics.open.get() > 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let mut again = TcpStream::connect(("127.0.0.1", port))
-            .await
-            .expect("connect");
-        again
-            .write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
-            .await
-            .expect("write");
-        let mut answer = [0u8; 256];
-        let n = again.read(&mut answer).await.expect("read");
-        assert!(String::from_utf8_lossy(&answer[..n]).contains("200 OK"));
-    }
-
-    /// Sends one request on `stream` and reads its answer's body (a short one, in one read).
-    async fn ask(stream: &mut TcpStream) -> String {
-        stream
-            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .expect("write");
-        let mut answer = [0u8; 512];
-        let n = stream.read(&mut answer).await.expect("read");
-        let text = String::from_utf8_lossy(&answer[..n]).into_owned();
-        text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned()
-    }
-
-    #[tokio::test]
-    async fn threads_take_connections_in_turn_and_serve_them_past_shutdown() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let port = listener.local_addr().expect("address").port();
-        let app = Router::new().route(
-            "/",
-            axum::routing::get(|| async { format!("{:?}", serving_thread()) }),
-        );
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let serving = tokio::spawn(serve(
-            listener,
-            2,
-            app,
-            Limits::default(),
-            ConnectionMetrics::default(),
-            plain,
-            async move {
-                let _ = stopped.await;
-            },
-        ));
-        let mut connections = Vec::new();
-        for _ in 0..4 {
-            let mut stream = TcpStream::connect(("127.0.0.1", port))
-                .await
-                .expect("connect");
-            let thread = ask(&mut stream).await;
-            connections.push((stream, thread));
-        }
-        let threads: Vec<&str> = connections.iter().map(|(_, t)| t.as_str()).collect();
-        assert_eq!(threads, ["Some(1)", "Some(0)", "Some(1)", "Some(0)"]);
-        // Not on a serving thread: the test's own.
-        assert_eq!(serving_thread(), None);
-
-        let _ = stop.send(());
-        serving.await.expect("serving ends at shutdown");
-        assert!(TcpStream::connect(("127.0.0.1", port)).await.is_err());
-        for (stream, thread) in &mut connections {
-            assert_eq!(&ask(stream).await, thread, "still served by its thread");
-        }
-    }
 }

@@ -14,6 +14,7 @@ use super::rollout::Tallied;
 use super::status::Problem;
 use super::{Context, publish};
 use crate::api::{CountBy, McpSessionPolicy, validate_spec};
+use crate::events::Transition;
 use crate::store::redis::RetentionVerdict;
 use crate::store::{self, RedisStore, SessionCounts, SessionStore, StoreError};
 
@@ -163,16 +164,10 @@ async fn sweep(
         ctx.metrics
             .controller
             .drained(namespace, &policy.name_any(), "sweep", swept);
-        publish(
-            ctx,
-            policy,
-            false,
-            "SessionsSwept".into(),
-            format!(
-                "{swept} sessions of pod {pod}, which no longer exists, marked draining: the next pod each client reaches claims its session"
-            ),
-        )
-        .await;
+        let note = format!(
+            "{swept} sessions of pod {pod}, which no longer exists, marked draining: the next pod each client reaches claims its session"
+        );
+        publish(ctx, policy, &Transition::normal("SessionsSwept", note)).await;
     }
 }
 

@@ -42,7 +42,7 @@ use self::status::{KeyState, Observation};
 use self::stores::StorePool;
 use crate::api::contract::FIELD_MANAGER;
 use crate::api::{McpSessionPolicy, McpSessionPolicyStatus, condition};
-use crate::events::PolicyEvents;
+use crate::events::{PolicyEvents, Transition};
 use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -198,8 +198,8 @@ async fn reconcile_policy(
     if policy.status.as_ref() != Some(&next) {
         write_status(&ctx.client, &namespace, &policy.name_any(), &next).await?;
     }
-    for (warning, reason, note) in status::transitions(previous, &next) {
-        publish(ctx, &policy, warning, reason, note).await;
+    for transition in status::transitions(previous, &next) {
+        publish(ctx, &policy, &transition).await;
     }
     ctx.memory.wrote(&key, next);
 
@@ -326,14 +326,9 @@ async fn write_status(
     })
 }
 
-async fn publish(
-    ctx: &Context,
-    policy: &McpSessionPolicy,
-    warning: bool,
-    reason: String,
-    note: String,
-) {
+/// An Event on `policy` from counting its sessions.
+async fn publish(ctx: &Context, policy: &McpSessionPolicy, transition: &Transition) {
     ctx.events
-        .publish(policy, warning, &reason, "CountSessions", &note)
+        .publish(policy, "CountSessions", transition)
         .await;
 }

@@ -8,6 +8,7 @@ use crate::api::{
     FingerprintKey, McpSessionPolicyStatus, PodSessions, PodTotals, RolloutStatus, SessionTotals,
     condition,
 };
+use crate::events::Transition;
 use crate::store::SessionCounts;
 use crate::store::redis::RetentionVerdict;
 
@@ -57,6 +58,15 @@ pub enum Status {
 }
 
 impl Status {
+    /// A condition's status as written; anything but `True` or `False` is `Unknown`.
+    pub fn of(condition: &Condition) -> Self {
+        match condition.status.as_str() {
+            "True" => Self::True,
+            "False" => Self::False,
+            _ => Self::Unknown,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::True => "True",
@@ -392,25 +402,21 @@ pub fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Conditio
     conditions.iter().find(|c| c.type_ == type_)
 }
 
-/// An Event worth emitting for a condition that changed: (warning?, reason, note).
+/// The Events worth emitting for the conditions that changed.
 pub fn transitions(
     previous: Option<&McpSessionPolicyStatus>,
     next: &McpSessionPolicyStatus,
-) -> Vec<(bool, String, String)> {
+) -> Vec<Transition> {
     let mut events = Vec::new();
     let before = |type_| previous.and_then(|p| find(&p.conditions, type_));
     let after = |type_| find(&next.conditions, type_);
     if let (Some(old), Some(new)) = (
         before(condition::REDIS_REACHABLE),
         after(condition::REDIS_REACHABLE),
-    ) && old.status == Status::False.as_str()
-        && new.status == Status::True.as_str()
+    ) && Status::of(old) == Status::False
+        && Status::of(new) == Status::True
     {
-        events.push((
-            false,
-            "RedisReachable".to_owned(),
-            "Redis answers again".to_owned(),
-        ));
+        events.push(Transition::normal("RedisReachable", "Redis answers again"));
     }
     for type_ in [
         condition::READY,
@@ -419,11 +425,11 @@ pub fn transitions(
         condition::FINGERPRINT_KEY_READY,
     ] {
         if let Some(new) = after(type_)
-            && new.status == Status::False.as_str()
+            && Status::of(new) == Status::False
             && before(type_)
                 .is_none_or(|old| old.reason != new.reason || old.message != new.message)
         {
-            events.push((true, new.reason.clone(), new.message.clone()));
+            events.push(Transition::warning(&new.reason, &new.message));
         }
     }
     // A gateway starting is unavailable for a while: only one that cannot be written is news.
@@ -431,14 +437,14 @@ pub fn transitions(
         && new.reason == "WriteFailed"
         && before(condition::GATEWAY_READY).is_none_or(|old| old.message != new.message)
     {
-        events.push((true, "GatewayWriteFailed".to_owned(), new.message.clone()));
+        events.push(Transition::warning("GatewayWriteFailed", &new.message));
     }
     // Its message counts evictions, which grow: a new reason is news, a new count is not.
     if let Some(new) = after(condition::SESSIONS_RETAINED)
-        && new.status == Status::False.as_str()
+        && Status::of(new) == Status::False
         && before(condition::SESSIONS_RETAINED).is_none_or(|old| old.reason != new.reason)
     {
-        events.push((true, new.reason.clone(), new.message.clone()));
+        events.push(Transition::warning(&new.reason, &new.message));
     }
     events
 }
@@ -493,11 +499,13 @@ mod tests {
             (condition.status.as_str(), condition.reason.as_str()),
             ("False", "SecretNotFound")
         );
-        assert!(transitions(Some(&generated), &next).iter().any(
-            |(warning, reason, note)| *warning
-                && reason == "SecretNotFound"
-                && note.contains("apps/keys")
-        ));
+        assert!(
+            transitions(Some(&generated), &next)
+                .iter()
+                .any(|t| t.is_warning()
+                    && t.reason == "SecretNotFound"
+                    && t.note.contains("apps/keys"))
+        );
         let again = build(Some(&next), &missing);
         assert!(transitions(Some(&next), &again).is_empty(), "once");
         assert!(
@@ -529,7 +537,7 @@ mod tests {
         assert!(
             events
                 .iter()
-                .any(|(warning, reason, _)| *warning && reason == "EvictionPolicy")
+                .any(|t| t.is_warning() && t.reason == "EvictionPolicy")
         );
         let evicted = |n| Observation {
             retention: Some(RetentionVerdict::KeysEvicted {
@@ -543,7 +551,7 @@ mod tests {
         assert!(
             transitions(Some(&next), &first)
                 .iter()
-                .any(|(_, reason, _)| reason == "KeysEvicted")
+                .any(|t| t.reason == "KeysEvicted")
         );
         assert!(
             transitions(Some(&first), &more).is_empty(),
@@ -611,10 +619,9 @@ mod tests {
         let lost = transitions(Some(&up), &down);
         assert_eq!(
             lost,
-            vec![(
-                true,
-                "RedisUnreachable".into(),
-                "cannot reach Redis at redis://r:6379".into()
+            vec![Transition::warning(
+                "RedisUnreachable",
+                "cannot reach Redis at redis://r:6379"
             )]
         );
         let still_down = build(
@@ -630,7 +637,7 @@ mod tests {
         let back = build(Some(&still_down), &observation(Ok(counts)));
         assert_eq!(
             transitions(Some(&still_down), &back),
-            vec![(false, "RedisReachable".into(), "Redis answers again".into())]
+            vec![Transition::normal("RedisReachable", "Redis answers again")]
         );
     }
 }

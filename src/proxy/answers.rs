@@ -18,6 +18,10 @@ pub(super) const UPSTREAM_UNAVAILABLE: i64 = -32000;
 
 pub(super) const SESSION_NOT_FOUND: i64 = -32001;
 
+/// The code the SDKs answer a request they refuse at the transport with ("Bad Request",
+/// "Forbidden"); the same number as [`UPSTREAM_UNAVAILABLE`], as the SDKs use it for both.
+pub(super) const REFUSED: i64 = -32000;
+
 pub(super) const TOO_MANY_SESSIONS: i64 = -32002;
 
 /// JSON-RPC's own code for parameters a method cannot take (here: too large to keep).

@@ -211,16 +211,19 @@ pub async fn run(
     ));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let open = proxy.lifecycle.connections().clone();
-    let server = tokio::spawn(serve::serve(
-        listener,
-        proxy.config.serving_threads,
-        current,
-        proxy.config.limits,
-        listeners.of("mcp"),
-        move |tcp| {
+    let served = serve::Served {
+        app: current,
+        accept: move |tcp| {
             let open = open.clone();
             async move { Some(lifecycle::connections::Connection::new(tcp, &open)) }
         },
+        limits: proxy.config.limits,
+    };
+    let server = tokio::spawn(serve::serve(
+        listener,
+        served,
+        listeners.of("mcp"),
+        proxy.config.serving_threads,
         async move {
             let _ = stopped.await;
         },

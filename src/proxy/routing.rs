@@ -15,7 +15,7 @@ use serde_json::Value;
 use tracing::{debug, info, warn};
 
 use crate::proxy::answers::{
-    Failure, INVALID_PARAMS, TOO_MANY_SESSIONS, Unknown, error_answer, header_or_empty,
+    Failure, INVALID_PARAMS, REFUSED, TOO_MANY_SESSIONS, Unknown, error_answer, header_or_empty,
     json_response, plain,
 };
 use crate::proxy::legacy::host::SseHost;
@@ -61,7 +61,7 @@ impl Proxy {
             return error_answer(
                 None,
                 StatusCode::FORBIDDEN,
-                -32000,
+                REFUSED,
                 "Forbidden: this Origin may not send requests (see --allowed-origin)",
             );
         }

@@ -33,7 +33,7 @@ pub(crate) use self::inject::proxy_container;
 pub use self::inject::{Injection, InjectorConfig, inject};
 pub use self::tls::{CertResolver, TlsSource};
 use crate::api::McpSessionPolicy;
-use crate::events::PolicyEvents;
+use crate::events::{PolicyEvents, Transition};
 use crate::metrics::Metrics;
 
 /// Largest AdmissionReview accepted (the apiserver's own request limit).
@@ -221,9 +221,8 @@ async fn mutate_and_key(
     if let Some((policy, message)) = mutation.conflict {
         let events = state.events.clone();
         tokio::spawn(async move {
-            events
-                .publish(&policy, true, "ProxyNotInjected", "InjectProxy", &message)
-                .await;
+            let transition = Transition::warning("ProxyNotInjected", message);
+            events.publish(&policy, "InjectProxy", &transition).await;
         });
     }
     let Some(policy) = mutation.injected else {

@@ -56,5 +56,10 @@ pub async fn serve(
             }
         }
     };
-    crate::serve::serve(listener, 0, app, LIMITS, metrics, handshake, shutdown).await;
+    let served = crate::serve::Served {
+        app,
+        accept: handshake,
+        limits: LIMITS,
+    };
+    crate::serve::serve(listener, served, metrics, 0, shutdown).await;
 }

@@ -23,6 +23,43 @@ use crate::store::{
     self, Claim, ClaimOutcome, NewSession, Session, SessionId, SessionPatch, StoreError, Tally,
 };
 
+/// Where a replay's handshake comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// The store's record: the session as every pod sees it.
+    Store,
+    /// This proxy's own copy, when the store lost the session or does not answer.
+    Memory,
+}
+
+struct Replayable {
+    session: NewSession,
+    source: Source,
+}
+
+/// How a replayed session came to this proxy, which is what a rollout counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arrival {
+    /// Served here as it was (this proxy's already, or shared): nothing to count.
+    Served,
+    /// Claimed from the pod that owned it; `from_draining` when that pod had drained it.
+    Claimed { from_draining: bool },
+    /// This proxy's own session, moving off a backend pod that left (gateway mode).
+    MovedOffLeftBackend,
+}
+
+impl Arrival {
+    /// Whether a replay that succeeds rehydrates a drained session.
+    fn rehydrates(self) -> bool {
+        matches!(
+            self,
+            Self::Claimed {
+                from_draining: true
+            } | Self::MovedOffLeftBackend
+        )
+    }
+}
+
 impl Proxy {
     /// Makes a fresh upstream session for the client's session from the stored handshake,
     /// at the MCP endpoint the client uses; then, unless the request is the listening stream's
@@ -67,46 +104,50 @@ impl Proxy {
     /// What a replay starts from: the store's record where it has one (another pod may have
     /// changed it), else the copy in memory (the store refused or evicted the session, or is
     /// down): an upstream restart never loses a session this proxy serves.
-    pub(in crate::proxy) async fn replay_source(
-        &self,
-        id: &SessionId,
-    ) -> Result<Option<(NewSession, bool)>, Failure> {
+    async fn replay_source(&self, id: &SessionId) -> Result<Option<Replayable>, Failure> {
+        let from_store = |session: Session| Replayable {
+            session: NewSession::from_record(session.record),
+            source: Source::Store,
+        };
         let in_memory = self.table.stored_copy(id, self.config.pod_name.clone());
         let Some(in_memory) = in_memory else {
             // Nothing here to fall back on: wait out a store outage.
-            return Ok(self
-                .stored(id)
-                .await?
-                .map(|session| (NewSession::from_record(session.record), true)));
+            return Ok(self.stored(id).await?.map(from_store));
+        };
+        let from_memory = Replayable {
+            session: in_memory,
+            source: Source::Memory,
         };
         match self.store.get(id).await {
-            Ok(Some(session)) => Ok(Some((NewSession::from_record(session.record), true))),
+            Ok(Some(session)) => Ok(Some(from_store(session))),
             Ok(None) => {
                 warn!(session = %id, "the store lacks a session served here; replaying from memory");
-                Ok(Some((in_memory, false)))
+                Ok(Some(from_memory))
             }
             Err(error) => {
                 debug!(session = %id, %error, "the store is unavailable; replaying from memory");
-                Ok(Some((in_memory, false)))
+                Ok(Some(from_memory))
             }
         }
     }
 
-    pub(in crate::proxy) async fn replay_locked(
+    /// A replay in three steps: the session comes here (claimed, or moved off a backend pod
+    /// that left), its handshake goes to the upstream, and the move is counted.
+    async fn replay_locked(
         &self,
         bound: &Bound,
         exchange: &Exchange,
     ) -> Result<UpstreamSession, Failure> {
         let id = &bound.id;
         let unknown = |why| Err(Failure::Unknown(why));
-        let left = match self.lookup(bound) {
+        let backend_left = match self.lookup(bound) {
             // Another request of this session replayed meanwhile.
             Lookup::Live(upstream) => return Ok(upstream),
             Lookup::Refused(why) => return unknown(why),
             Lookup::Stale(why) => why == Stale::Left,
             Lookup::Absent | Lookup::Unbound => false,
         };
-        let Some((session, in_store)) = self.replay_source(id).await? else {
+        let Some(Replayable { session, source }) = self.replay_source(id).await? else {
             return unknown(Unknown::NotFound);
         };
         let binding = binding::check(
@@ -116,43 +157,11 @@ impl Proxy {
         if binding == Binding::Mismatch {
             return unknown(Unknown::OtherCredential);
         }
-        // Whether this call moved the session here, and whether it moved from a drained pod.
-        let (mut claimed, mut rehydrating) = (false, false);
-        if in_store
-            && session.owner_pod != self.config.pod_name
-            && let Some(claim) = self.claim_here(id, bound.credential.clone()).await
-        {
-            let outcome = match claim {
-                Ok(ClaimOutcome::Claimed { from_draining, .. }) => {
-                    // From the claim, not the record read before it: the session may have
-                    // been drained in between.
-                    (claimed, rehydrating) = (true, from_draining);
-                    metrics::Claim::Claimed
-                }
-                Ok(ClaimOutcome::CredentialMismatch) => return unknown(Unknown::OtherCredential),
-                Ok(ClaimOutcome::NotFound) => return unknown(Unknown::NotFound),
-                // Any proxy serves any session; ownership follows the GET stream.
-                Ok(_) => metrics::Claim::Shared,
-                Err(error) => {
-                    warn!(%error, "cannot claim the session");
-                    metrics::Claim::Failed
-                }
-            };
-            metrics::inc(&self.metrics.claims, outcome);
-        }
-        // A session this proxy owns, moving off a backend pod that left (gateway mode): counted
-        // as a sidecar counts the sessions of a pod that stops (drained, then rehydrated or
-        // lost), by the session's owner alone, so that a rollout's counts read the same in
-        // both modes; once the move has an outcome (no pod may take it yet).
-        let moved = left
-            && in_store
-            && !claimed
-            && self.config.pod_name.is_some()
-            && session.owner_pod == self.config.pod_name;
+        let arrival = self.arrive(bound, &session, source, backend_left).await?;
         // A claim binds a session bound to nobody; a session served without one is bound here.
         let credential = match (binding, &bound.credential) {
             (Binding::Unbound, Some(credential)) => {
-                if !claimed {
+                if !matches!(arrival, Arrival::Claimed { .. }) {
                     self.bind(id, credential).await?;
                 }
                 Some(credential.clone())
@@ -162,38 +171,15 @@ impl Proxy {
         let path = exchange.path.split('?').next().unwrap_or(&exchange.path);
         let headers = self.replay_headers(exchange);
         let handshake = self.handshake(path, headers, &session).await?;
-        // The move has an outcome: the session was drained, and is rehydrated or lost below.
-        if moved {
-            self.report(Tally::Drained, 1);
-        }
-        let upstream = match handshake {
-            Some(upstream) => upstream,
-            None => {
-                metrics::inc(&self.metrics.replays, metrics::Replay::Refused);
-                warn!("the upstream refused the replayed initialize; the session is lost");
-                // Counted once, by the proxy that took the session over (or moved it); the
-                // client's retries (here or on other pods, which now see it owned) are the
-                // same loss.
-                if moved {
-                    // Its retries start from the store, as on any other pod: not a second move.
-                    self.forget(id);
-                }
-                if claimed || moved {
-                    self.report(Tally::Lost, 1);
-                }
-                return unknown(Unknown::NotFound);
-            }
+        let Some(upstream) = self.tally_replay(id, arrival, handshake) else {
+            return unknown(Unknown::NotFound);
         };
-        metrics::inc(&self.metrics.replays, metrics::Replay::Replayed);
         info!(
             subscriptions = session.setup.subscriptions.len(),
-            from_memory = !in_store,
+            from_memory = source == Source::Memory,
             backend = upstream.backend.name(),
             "handshake replayed to the upstream"
         );
-        if rehydrating || moved {
-            self.report(Tally::Rehydrated, 1);
-        }
         let stored = NewSession {
             owner_pod: self.config.pod_name.clone(),
             credential_fingerprint: credential,
@@ -201,10 +187,93 @@ impl Proxy {
         };
         self.table
             .remember(id, upstream.clone(), Transport::Streamable, stored, None);
-        if !in_store {
+        if source == Source::Memory {
             self.restore(id).await;
         }
         Ok(upstream)
+    }
+
+    /// How the session comes to this proxy: claimed from the pod that owned it, moved off a
+    /// backend pod that left, or simply served here.
+    async fn arrive(
+        &self,
+        bound: &Bound,
+        session: &NewSession,
+        source: Source,
+        backend_left: bool,
+    ) -> Result<Arrival, Failure> {
+        let here = &self.config.pod_name;
+        if source == Source::Store
+            && session.owner_pod != *here
+            && let Some(claim) = self.claim_here(&bound.id, bound.credential.clone()).await
+        {
+            let (outcome, arrival) = match claim {
+                // From the claim, not the record read before it: the session may have been
+                // drained in between.
+                Ok(ClaimOutcome::Claimed { from_draining, .. }) => {
+                    (metrics::Claim::Claimed, Arrival::Claimed { from_draining })
+                }
+                Ok(ClaimOutcome::CredentialMismatch) => {
+                    return Err(Failure::Unknown(Unknown::OtherCredential));
+                }
+                Ok(ClaimOutcome::NotFound) => return Err(Failure::Unknown(Unknown::NotFound)),
+                // Any proxy serves any session; ownership follows the GET stream.
+                Ok(_) => (metrics::Claim::Shared, Arrival::Served),
+                Err(error) => {
+                    warn!(%error, "cannot claim the session");
+                    (metrics::Claim::Failed, Arrival::Served)
+                }
+            };
+            metrics::inc(&self.metrics.claims, outcome);
+            if arrival != Arrival::Served {
+                return Ok(arrival);
+            }
+        }
+        // A session this proxy owns, moving off a backend pod that left (gateway mode): counted
+        // as a sidecar counts the sessions of a pod that stops (drained, then rehydrated or
+        // lost), by the session's owner alone, so that a rollout's counts read the same in
+        // both modes.
+        let moved =
+            backend_left && source == Source::Store && here.is_some() && session.owner_pod == *here;
+        Ok(if moved {
+            Arrival::MovedOffLeftBackend
+        } else {
+            Arrival::Served
+        })
+    }
+
+    /// Counts what the replay's outcome means for a rollout, once the move has one (no pod
+    /// may take the session before): the upstream session, or `None` if the upstream refused
+    /// the handshake and the session is lost.
+    fn tally_replay(
+        &self,
+        id: &SessionId,
+        arrival: Arrival,
+        handshake: Option<UpstreamSession>,
+    ) -> Option<UpstreamSession> {
+        if arrival == Arrival::MovedOffLeftBackend {
+            self.report(Tally::Drained, 1);
+        }
+        let Some(upstream) = handshake else {
+            metrics::inc(&self.metrics.replays, metrics::Replay::Refused);
+            warn!("the upstream refused the replayed initialize; the session is lost");
+            // Counted once, by the proxy that took the session over (or moved it); the
+            // client's retries (here or on other pods, which now see it owned) are the same
+            // loss.
+            if arrival == Arrival::MovedOffLeftBackend {
+                // Its retries start from the store, as on any other pod: not a second move.
+                self.forget(id);
+            }
+            if arrival != Arrival::Served {
+                self.report(Tally::Lost, 1);
+            }
+            return None;
+        };
+        metrics::inc(&self.metrics.replays, metrics::Replay::Replayed);
+        if arrival.rehydrates() {
+            self.report(Tally::Rehydrated, 1);
+        }
+        Some(upstream)
     }
 
     /// Headers of the messages a replay sends: the client's credential, JSON in, JSON or an
@@ -448,10 +517,10 @@ impl Proxy {
     /// of one session may reach any pod): it is open upstream here already, so a claim is all
     /// the takeover needs. Counted as a rehydration, like a replayed one.
     pub(in crate::proxy) async fn take_over(&self, id: &SessionId) {
-        let Some(credential) = self.table.credential_of(id) else {
+        let Some(bound_to) = self.table.bound_to(id) else {
             return;
         };
-        let Some(claimed) = self.claim_here(id, credential).await else {
+        let Some(claimed) = self.claim_here(id, bound_to.fingerprint()).await else {
             return;
         };
         let outcome = match claimed {

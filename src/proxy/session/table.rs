@@ -89,12 +89,14 @@ impl SessionTable {
         }
     }
 
-    /// The identity a mapped session is bound to (`Some(None)`: to nobody).
-    pub fn credential_of(&self, id: &SessionId) -> Option<Option<String>> {
-        self.read()
-            .by_id
-            .get(id)
-            .map(|mapped| mapped.credential.as_deref().map(str::to_owned))
+    /// The identity a mapped session is bound to; `None` for a session not mapped here.
+    pub fn bound_to(&self, id: &SessionId) -> Option<BoundTo> {
+        let sessions = self.read();
+        let mapped = sessions.by_id.get(id)?;
+        Some(match mapped.credential.as_deref() {
+            Some(fingerprint) => BoundTo::Credential(fingerprint.to_owned()),
+            None => BoundTo::Nobody,
+        })
     }
 
     /// Points a mapped session at a new upstream session.
@@ -408,6 +410,24 @@ pub enum Stale {
     /// Its backend pod left (gateway mode: terminating, not ready, gone, or unreachable): the
     /// session moves to another pod.
     Left,
+}
+
+/// The identity a mapped session is bound to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BoundTo {
+    /// Served without a credential so far; the first one presented binds it.
+    Nobody,
+    /// The fingerprint of the credential that made it.
+    Credential(String),
+}
+
+impl BoundTo {
+    pub fn fingerprint(self) -> Option<String> {
+        match self {
+            Self::Nobody => None,
+            Self::Credential(fingerprint) => Some(fingerprint),
+        }
+    }
 }
 
 /// What this proxy's memory says of a session, for a request presenting a credential.

@@ -326,10 +326,14 @@ impl Backends {
 
     /// Every backend, its assigned sessions, and whether it takes requests.
     #[cfg(test)]
-    fn loads(&self) -> Vec<(String, usize, bool)> {
+    fn loads(&self) -> Vec<Load> {
         self.read()
             .iter()
-            .map(|b| (b.name.to_string(), b.load(), b.takes_requests()))
+            .map(|b| Load {
+                name: b.name.to_string(),
+                sessions: b.load(),
+                takes_requests: b.takes_requests(),
+            })
             .collect()
     }
 
@@ -340,6 +344,15 @@ impl Backends {
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Arc<Backend>>> {
         self.current.write().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// What [`Backends::loads`] tells of one backend.
+#[cfg(test)]
+#[derive(Debug)]
+struct Load {
+    name: String,
+    sessions: usize,
+    takes_requests: bool,
 }
 
 impl fmt::Debug for Backends {
@@ -407,7 +420,9 @@ mod tests {
         // A pod that comes back serving is tried at once, its pause forgotten.
         backends.update(&[endpoint("a", 1, true), endpoint("b", 2, true)]);
         let again = backends.loads();
-        assert!(again.iter().all(|(_, _, takes)| *takes), "{again:?}");
+        let names: Vec<&str> = again.iter().map(|load| load.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert!(again.iter().all(|load| load.takes_requests), "{again:?}");
     }
 
     #[test]
@@ -415,7 +430,7 @@ mod tests {
         let backends = Backends::fixed(&"http://127.0.0.1:9".parse().expect("uri"), 2);
         let backend = backends.pick().expect("the one");
         assert_eq!(
-            backends.loads()[0].1,
+            backends.loads()[0].sessions,
             0,
             "the fixed backend's load is not counted"
         );
