@@ -16,9 +16,10 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PostParams};
 use mcp_session_operator::api::McpSessionPolicy;
 use serde_json::json;
-use support::control_plane::{control_plane, wait_for};
+use support::control_plane::control_plane;
 use support::https::Sender;
 use support::operator::{Operator, install_crd};
+use support::wait::wait_for;
 
 const RATE: u64 = 200;
 const CONNECTIONS: u64 = 4;

@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use kube::api::{Api, DynamicObject};
 use serde_json::{Value, json};
-use support::control_plane::{apply_object, can, control_plane, wait_for};
+use support::control_plane::{apply_object, can, control_plane};
 use support::operator::Operator;
 use support::redis::RedisServer;
+use support::wait::wait_for;
 
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/mcp-session-operator");
 

@@ -6,8 +6,8 @@ mod support;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::control_plane::{wait_for, wait_until};
-use support::mcp::{CALLS_THROUGH_A_RESTART, Sdk, SdkClient, python};
+use support::sdk::{CALLS_THROUGH_A_RESTART, Sdk, SdkClient, python};
+use support::wait::{wait_for, wait_until};
 use support::{die_with_parent, free_port, wait_listening};
 
 const MCP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp");

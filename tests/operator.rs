@@ -15,10 +15,11 @@ use kube::{Client, ResourceExt as _};
 use mcp_session_operator::api::{McpSessionPolicy, McpSessionPolicyStatus};
 use mcp_session_operator::store::{NewSession, RedisStore, SessionId, SessionState, SessionStore};
 use serde_json::json;
-use support::control_plane::{TestNamespace, control_plane, wait_for};
+use support::control_plane::{TestNamespace, control_plane};
 use support::kubelet::{KubeletStandIn, NoProcesses};
 use support::operator::{Operator, OperatorNamespace, install_crd};
 use support::redis::RedisServer;
+use support::wait::wait_for;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::mcp::{CALLS_THROUGH_A_RESTART, SdkClient};
+use support::sdk::{CALLS_THROUGH_A_RESTART, SdkClient};
 use support::{Process, die_with_parent, free_port, wait_listening};
 
 /// The token the test proxies' /drain requires.

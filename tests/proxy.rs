@@ -9,8 +9,10 @@ use std::time::{Duration, Instant};
 use http_body_util::BodyExt as _;
 use hyper::body::Bytes;
 use serde_json::{Value, json};
-use support::control_plane::{wait_for, wait_until};
-use support::mcp::*;
+use support::proxies::*;
+use support::sdk::*;
+use support::wait::{wait_for, wait_until};
+use support::wire::*;
 use support::{Process, free_port, wait_listening};
 
 /// How long a test waits for a step the proxy takes at once.

@@ -9,6 +9,7 @@
 
 mod support;
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -20,9 +21,9 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use mcp_session_operator::api::RolloutStatus;
 use mcp_session_operator::store::SessionStore;
 use serde_json::{Value, json};
-use support::bed::{APP, Bed, Mode, TIMEOUT, V1, V2};
+use support::bed::{APP, Bed, Mode, REPLICAS, TIMEOUT, V1, V2};
 use support::clients::{ClientLine, ClientRun};
-use support::control_plane::wait_for;
+use support::wait::{wait_for, wait_until};
 use tokio::io::AsyncBufReadExt as _;
 
 /// The tool most clients call: without annotations, as most real tools are.
@@ -67,8 +68,8 @@ struct Clients {
     stop_file: PathBuf,
     _dir: tempfile::TempDir,
     runs: Vec<tokio::task::JoinHandle<Vec<ClientRun>>>,
-    /// The clients that made their first call.
-    calling: tokio::sync::watch::Receiver<usize>,
+    /// The calls each client has made so far, by name.
+    calls: tokio::sync::watch::Receiver<BTreeMap<String, u64>>,
 }
 
 impl Clients {
@@ -80,8 +81,8 @@ impl Clients {
         let python = std::env::var("MCP_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
         let ts = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/ts/client.mjs");
         let py = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/client.py");
-        let (calling, calling_now) = tokio::sync::watch::channel(0);
-        let calling = std::sync::Arc::new(calling);
+        let (calls, calls_now) = tokio::sync::watch::channel(BTreeMap::new());
+        let calls = std::sync::Arc::new(calls);
         let runs = [(python.as_str(), py), ("node", ts)]
             .into_iter()
             .map(|(program, script)| {
@@ -96,7 +97,7 @@ impl Clients {
                     .kill_on_drop(true)
                     .spawn()
                     .unwrap_or_else(|e| panic!("start {program} {script}: {e}"));
-                let calling = calling.clone();
+                let calls = calls.clone();
                 tokio::spawn(async move {
                     let stdout = child.stdout.take().expect("stdout");
                     let mut lines = tokio::io::BufReader::new(stdout).lines();
@@ -104,7 +105,9 @@ impl Clients {
                     while let Ok(Some(line)) = lines.next_line().await {
                         match ClientLine::parse(&line) {
                             Some(ClientLine::Summary(run)) => runs.push(run),
-                            Some(ClientLine::Calling { .. }) => calling.send_modify(|n| *n += 1),
+                            Some(ClientLine::Called { called }) => {
+                                calls.send_modify(|calls| *calls.entry(called).or_default() += 1)
+                            }
                             None => eprintln!("client output that is no report: {line:.300}"),
                         }
                     }
@@ -117,20 +120,39 @@ impl Clients {
             stop_file,
             _dir: dir,
             runs,
-            calling: calling_now,
+            calls: calls_now,
         }
     }
 
     /// Waits until every client has made its first call: the scenario then disrupts clients
     /// in their steady state, none still in its handshake.
     async fn wait_calling(&self) {
+        self.wait_each_called_since(&BTreeMap::new(), "made a call")
+            .await;
+    }
+
+    /// Waits until every client has called again since now: the calls that follow what the
+    /// scenario did (a rollout, a restart) went through.
+    async fn wait_calling_on(&self) {
+        let now = self.calls.borrow().clone();
+        self.wait_each_called_since(&now, "called again").await;
+    }
+
+    async fn wait_each_called_since(&self, before: &BTreeMap<String, u64>, what: &str) {
         let all = 2 * CLIENTS_PER_SDK;
-        let mut calling = self.calling.clone();
-        let waited = tokio::time::timeout(TIMEOUT, calling.wait_for(|n| *n >= all)).await;
+        let called_since = |calls: &BTreeMap<String, u64>| {
+            calls
+                .iter()
+                .filter(|(name, n)| **n > before.get(*name).copied().unwrap_or(0))
+                .count()
+        };
+        let mut calls = self.calls.clone();
+        let waited =
+            tokio::time::timeout(TIMEOUT, calls.wait_for(|calls| called_since(calls) >= all)).await;
         assert!(
             waited.is_ok_and(|w| w.is_ok()),
-            "{} of {all} clients made a call within {TIMEOUT:?}",
-            *self.calling.borrow()
+            "{} of {all} clients {what} within {TIMEOUT:?}",
+            called_since(&self.calls.borrow())
         );
     }
 
@@ -143,6 +165,21 @@ impl Clients {
         }
         all
     }
+}
+
+/// Waits until the store holds a session for every client (the proxies store a new session
+/// in the background, and count it on their next tally).
+async fn wait_sessions_stored(bed: &Bed) {
+    let store = bed.store().await;
+    let all = 2 * CLIENTS_PER_SDK as u64;
+    wait_until(TIMEOUT, "every client's session stored", || async {
+        match store.counts().await {
+            Ok(counts) if counts.total >= all => Ok(()),
+            Ok(counts) => Err(format!("{} of {all}", counts.total)),
+            Err(error) => Err(error.to_string()),
+        }
+    })
+    .await;
 }
 
 /// Totals over the clients' reports, printed for docs/rollouts.md.
@@ -194,7 +231,6 @@ async fn a_rolling_update_under_50_clients_loses_no_session_and_no_call() {
     let bed = bed("e2e-roll", json!({}), Mode::Sidecar).await;
     let clients = Clients::start(bed.entry_port(), UNANNOTATED);
     clients.wait_calling().await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
     // Every proxy fingerprints credentials with the key from the policy's Secret.
     let key = mcp_session_operator::proxy::Fingerprinter::new(
         b"rollout-test-key",
@@ -205,23 +241,36 @@ async fn a_rolling_update_under_50_clients_loses_no_session_and_no_call() {
         .filter_map(|i| key.fingerprint(Some(format!("Bearer rollout-client-{i}").as_bytes())))
         .collect();
     let store = bed.store().await;
-    let stored: std::collections::BTreeSet<String> =
-        mcp_session_operator::store::list_all(&store, 100)
-            .try_collect::<Vec<_>>()
-            .await
-            .expect("list the sessions")
-            .into_iter()
-            .filter_map(|listed| match listed {
-                mcp_session_operator::store::Listed::Session(s) => s.record.credential_fingerprint,
-                mcp_session_operator::store::Listed::Unreadable(_) => None,
-            })
-            .collect();
-    assert_eq!(stored, expected, "fingerprints under the policy's key");
+    wait_until(
+        TIMEOUT,
+        "every client's session stored under the policy's key",
+        || async {
+            let stored: std::collections::BTreeSet<String> =
+                mcp_session_operator::store::list_all(&store, 100)
+                    .try_collect::<Vec<_>>()
+                    .await
+                    .map_err(|error| error.to_string())?
+                    .into_iter()
+                    .filter_map(|listed| match listed {
+                        mcp_session_operator::store::Listed::Session(s) => {
+                            s.record.credential_fingerprint
+                        }
+                        mcp_session_operator::store::Listed::Unreadable(_) => None,
+                    })
+                    .collect();
+            if stored == expected {
+                Ok(())
+            } else {
+                Err(format!("{} fingerprints: {stored:?}", stored.len()))
+            }
+        },
+    )
+    .await;
 
     bed.set_image(V2).await;
     let rollout = bed.settled_rollout().await;
-    // Calls go on against the new pods for a moment.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Calls go on against the new pods.
+    clients.wait_calling_on().await;
     let runs = clients.stop().await;
     report("rolling update", &runs);
     eprintln!("lastRollout: {rollout:?}");
@@ -238,6 +287,7 @@ async fn a_rolling_update_under_50_clients_loses_no_session_and_no_call() {
     assert_eq!(rollout.rehydrated, rollout.drained, "{rollout:?}");
     assert_eq!(rollout.lost, 0, "{rollout:?}");
     let pods = bed.pods().await;
+    assert_eq!(pods.len(), REPLICAS, "the rollout's pods");
     assert!(
         pods.iter().all(|p| p
             .spec
@@ -262,7 +312,7 @@ async fn a_killed_pods_sessions_are_swept_and_rehydrated() {
     let bed = bed("e2e-kill", json!({}), Mode::Sidecar).await;
     let clients = Clients::start(bed.entry_port(), UNANNOTATED);
     clients.wait_calling().await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_sessions_stored(&bed).await;
 
     let store = bed.store().await;
     let counts = store.counts().await.expect("counts");
@@ -369,9 +419,7 @@ async fn a_rolling_update_through_a_gateway_loses_no_session_and_no_read_only_ca
     scenario.bed.set_image(V2).await;
     scenario.bed.wait_rolled_out(V2).await;
     // Every old pod goes: a session moved onto an old pod may be caught again.
-    let (bed, _) = scenario
-        .finish("rolling update", support::bed::REPLICAS)
-        .await;
+    let (bed, _) = scenario.finish("rolling update", REPLICAS).await;
     let gateway = bed.gateway.as_ref().expect("gateway mode");
     let replayed = gateway.counter("mcp_proxy_replays_total", "replayed").await - replays_before;
     assert!(
@@ -507,7 +555,7 @@ impl ThroughAGateway {
         let bed = bed(prefix, json!({}), Mode::Gateway).await;
         let clients = Clients::start(bed.entry_port(), &format!("{UNANNOTATED},{READ_ONLY}"));
         clients.wait_calling().await;
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        wait_sessions_stored(&bed).await;
         Self {
             _serial: serial,
             bed,
@@ -519,11 +567,11 @@ impl ThroughAGateway {
         self.bed.gateway.as_ref().expect("gateway mode")
     }
 
-    /// Once calls went on for 2 s more: asserts what a gateway owes its clients when
+    /// Once every client called again: asserts what a gateway owes its clients when
     /// `pods_gone` backend pods went (see [`assert_only_unsendable_calls_failed`]) and that no
     /// session was lost; the clients' reports.
     async fn finish(self, scenario: &str, pods_gone: usize) -> (Bed, Vec<ClientRun>) {
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        self.clients.wait_calling_on().await;
         // Before the clients stop: a client that stops ends its session (DELETE).
         let stored = self.bed.store().await.counts().await.expect("counts").total;
         let runs = self.clients.stop().await;
@@ -572,7 +620,7 @@ async fn an_in_place_restart_of_a_server_costs_no_call_and_leaves_the_pod_ready(
     let bed = bed("e2e-inplace", json!({}), Mode::Sidecar).await;
     let clients = Clients::start(bed.entry_port(), UNANNOTATED);
     clients.wait_calling().await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_sessions_stored(&bed).await;
     let pods = bed.pods().await;
     let pod = pods.first().expect("a pod").clone();
     let ip: std::net::Ipv4Addr = pod
@@ -597,7 +645,7 @@ async fn an_in_place_restart_of_a_server_costs_no_call_and_leaves_the_pod_ready(
     })
     .await;
     let ready_in = started.elapsed();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    clients.wait_calling_on().await;
     let runs = clients.stop().await;
     let (_, errors) = report("a server restarted in place", &runs);
     eprintln!(
@@ -626,7 +674,7 @@ async fn a_redis_restart_mid_rollout_loses_no_session() {
     let mut bed = bed("e2e-redis", json!({}), Mode::Sidecar).await;
     let clients = Clients::start(bed.entry_port(), UNANNOTATED);
     clients.wait_calling().await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_sessions_stored(&bed).await;
 
     bed.set_image(V2).await;
     bed.status_until("the rollout started", |s| s.last_rollout.is_some())
@@ -640,7 +688,7 @@ async fn a_redis_restart_mid_rollout_loses_no_session() {
     // SIGKILL and start again on the same data; waits until it answers.
     tokio::task::block_in_place(|| bed.redis.restart());
     let rollout = bed.settled_rollout().await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    clients.wait_calling_on().await;
     let runs = clients.stop().await;
     report("Redis restarted mid-rollout", &runs);
     eprintln!("lastRollout: {rollout:?}");
@@ -661,7 +709,7 @@ async fn a_version_that_refuses_the_sessions_is_paused() {
     let bed = bed("e2e-guard", json!({"maxLostSessions": 2}), Mode::Sidecar).await;
     let clients = Clients::start(bed.entry_port(), UNANNOTATED);
     clients.wait_calling().await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_sessions_stored(&bed).await;
     let old_pods: Vec<String> = bed.pods().await.iter().map(|p| p.name_any()).collect();
     // Each new pod counts as available 10 s after it is ready (not 2): the next old pod goes
     // only then, so the rollout cannot finish in the seconds between the first lost sessions

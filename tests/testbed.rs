@@ -15,9 +15,10 @@ use kube::ResourceExt as _;
 use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::GroupVersionKind;
 use serde_json::json;
-use support::control_plane::{apply_crd, control_plane, wait_for};
+use support::control_plane::{apply_crd, control_plane};
 use support::https::HttpsServer;
 use support::kubelet::{KubeletStandIn, NoProcesses, PodEvent};
+use support::wait::wait_for;
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 

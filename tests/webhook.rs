@@ -12,8 +12,9 @@ use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, PostP
 use kube::{Client, ResourceExt as _};
 use mcp_session_operator::api::McpSessionPolicy;
 use serde_json::json;
-use support::control_plane::{ControlPlane, TestNamespace, control_plane, wait_for};
+use support::control_plane::{ControlPlane, TestNamespace, control_plane};
 use support::operator::{Operator, install_crd, operator_kubeconfig, wait_webhook_ready};
+use support::wait::wait_for;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const SECRET: &str = "mcp-session-operator-webhook-tls";

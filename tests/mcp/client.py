@@ -13,7 +13,7 @@ The per-call lines let a test restart the server between two calls.
 
 MCP_TEST_CLIENTS=N runs N such clients at once, each a Client of its own with its own HTTP
 connections, session and credential (AUTHORIZATION with `-i` appended); each reports only
-`{"calling": NAME}` once its first call is done, then its JSON summary. With
+`{"called": NAME}` after each call, then its JSON summary. With
 MCP_TEST_STOP_FILE set, the clients stop as soon as that file exists (SECONDS still bounds the
 run).
 """
@@ -77,8 +77,8 @@ async def run_client(url: str, seconds: float, interval: float, authorization: s
                 if failure:
                     failure = f"call {calls}: {failure}"
                 calls += 1
-                if calls == 1 and name:
-                    print(json.dumps({"calling": name}), flush=True)
+                if name:
+                    print(json.dumps({"called": name}), flush=True)
                 if failure:
                     errors.append(failure)
                 if verbose:

@@ -22,12 +22,13 @@ use serde_json::{Value, json};
 
 use super::balancer::Balancer;
 use super::containers::LocalContainers;
-use super::control_plane::{TestNamespace, control_plane, wait_for};
+use super::control_plane::{TestNamespace, control_plane};
 use super::kubelet::KubeletStandIn;
 use super::operator::{
     Operator, PROXY_IMAGE, install_crd, operator_kubeconfig, wait_webhook_ready,
 };
 use super::redis::RedisServer;
+use super::wait::wait_for;
 
 /// The policy, the Deployment, its Service and its pods' `app` label.
 pub const APP: &str = "mcp";
@@ -58,9 +59,11 @@ fn images(
             if std::env::var_os("RUST_LOG").is_none() {
                 proxy.env("RUST_LOG", PROXY_LOG_LEVEL);
             }
-            proxy.stdout(Stdio::null()).stderr(super::mcp::proxy_log_at(
-                &logs.join(format!("proxy-{ip}.log")),
-            ));
+            proxy
+                .stdout(Stdio::null())
+                .stderr(super::proxies::proxy_log_at(
+                    &logs.join(format!("proxy-{ip}.log")),
+                ));
             return Some(proxy);
         }
         let port = container

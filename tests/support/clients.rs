@@ -1,15 +1,15 @@
 //! What the SDK client scripts report: tests/mcp/client.py (the Python SDK) and
 //! tests/mcp/ts/client.mjs (the TypeScript SDK) print one JSON summary line per client, and
-//! where one process runs several clients, a line as each makes its first call.
+//! where one process runs several clients, a line as each makes a call.
 
 /// A line of a client script's output.
 #[derive(Debug, serde::Deserialize)]
 #[serde(untagged)]
 pub enum ClientLine {
     Summary(ClientRun),
-    /// `{"calling": "python-3"}`: the client made its first call.
-    Calling {
-        calling: String,
+    /// `{"called": "python-3"}`: the client made a call.
+    Called {
+        called: String,
     },
 }
 

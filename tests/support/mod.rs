@@ -10,9 +10,12 @@ pub mod containers;
 pub mod control_plane;
 pub mod https;
 pub mod kubelet;
-pub mod mcp;
 pub mod operator;
+pub mod proxies;
 pub mod redis;
+pub mod sdk;
+pub mod wait;
+pub mod wire;
 
 use std::net::TcpListener;
 use std::process::Command;

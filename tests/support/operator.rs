@@ -257,7 +257,7 @@ pub async fn wait_webhook_ready(client: &Client, port: u16) {
         "ValidatingWebhookConfiguration",
     ));
     let configs: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
-    super::control_plane::wait_for(
+    super::wait::wait_for(
         Duration::from_secs(60),
         "the webhook configuration with a caBundle",
         || async {

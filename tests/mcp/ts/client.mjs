@@ -7,7 +7,7 @@
 //     node client.mjs URL SECONDS INTERVAL_SECONDS [AUTHORIZATION]
 // MCP_TEST_CLIENTS=N runs N such clients at once, each a Client and transport of its own with its
 // own session and credential (AUTHORIZATION with `-i` appended); each reports only
-// `{"calling": NAME}` once its first call is done, then its JSON summary. With
+// `{"called": NAME}` after each call, then its JSON summary. With
 // MCP_TEST_STOP_FILE set, the clients stop as soon as that file exists (SECONDS still bounds the
 // run).
 import { existsSync } from "node:fs";
@@ -52,7 +52,7 @@ async function runClient(authorization, verbose, tool, name) {
       slowest = Math.max(slowest, (Date.now() - started) / 1000);
       if (failure) failure = `call ${calls}: ${failure}`;
       calls += 1;
-      if (calls === 1 && name) console.log(JSON.stringify({ calling: name }));
+      if (name) console.log(JSON.stringify({ called: name }));
       if (transport.sessionId) sessionIds.add(transport.sessionId);
       if (failure) errors.push(failure);
       if (verbose) console.log(failure ? `error ${failure}` : `ok ${calls}`);
