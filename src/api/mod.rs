@@ -236,6 +236,14 @@ pub struct RolloutSpec {
     pub max_lost_sessions: i64,
 }
 
+impl RolloutSpec {
+    /// The sessions a rollout may lose before it is paused (a negative value, which the schema
+    /// refuses, counts as none).
+    pub fn max_lost(&self) -> u64 {
+        u64::try_from(self.max_lost_sessions).unwrap_or(0)
+    }
+}
+
 /// What the operator observed, written by server-side apply.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]

@@ -110,12 +110,13 @@ fn prune_when_due(ctx: &Context, url: &str, store: &RedisStore) {
 /// was just created must not lose its sessions to a lagging cache.
 async fn sweep(
     policy: &McpSessionPolicy,
-    namespace: &str,
     ctx: &Context,
     store: &RedisStore,
     counts: &SessionCounts,
     selected: &[Arc<Pod>],
 ) {
+    let namespace = policy.namespace().unwrap_or_default();
+    let namespace = namespace.as_str();
     // Owners among the selected pods are alive: the common case costs no look at the cache.
     let unknown: Vec<&String> = counts
         .per_pod
@@ -274,7 +275,7 @@ pub(super) async fn from_redis(
     ctx.metrics
         .controller
         .set_redis_up(namespace, &name, Some(true));
-    sweep(policy, namespace, ctx, &store, &counts, selected).await;
+    sweep(policy, ctx, &store, &counts, selected).await;
     if let Err(error) = store.expire_draining().await {
         warn!(%error, "cannot count the draining sessions that expired");
     }

@@ -14,7 +14,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::rollout::Tallied;
-use crate::api::{McpSessionPolicyStatus, RolloutStatus};
+use crate::api::{McpSessionPolicy, McpSessionPolicyStatus, RolloutStatus};
 
 /// What the guard did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -87,11 +87,10 @@ pub async fn pause(client: &Client, namespace: &str, pods: &[Arc<Pod>], revision
 /// one that has lost more sessions than allowed is paused, once.
 pub(super) async fn track_and_guard(
     client: &Client,
-    namespace: &str,
+    policy: &McpSessionPolicy,
     selected: &[Arc<Pod>],
     previous: Option<&McpSessionPolicyStatus>,
     tallies: Option<Tallied>,
-    max_lost_sessions: u64,
 ) -> Option<RolloutStatus> {
     let clock = chrono::Utc::now();
     let now = clock.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
@@ -106,9 +105,10 @@ pub(super) async fn track_and_guard(
     if let Some(rollout) = &mut last_rollout
         && rollout.finished_at.is_none()
         && rollout.paused_at.is_none()
-        && rollout.lost > max_lost_sessions
+        && rollout.lost > policy.spec.rollout.max_lost()
     {
-        let paused = pause(client, namespace, selected, &rollout.revision).await;
+        let namespace = policy.namespace().unwrap_or_default();
+        let paused = pause(client, &namespace, selected, &rollout.revision).await;
         let mut what: Vec<String> = paused
             .deployments
             .iter()

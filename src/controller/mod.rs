@@ -159,16 +159,8 @@ async fn reconcile_policy(
     let key = ObjectRef::from_obj(&*policy);
     let remembered = ctx.memory.status(&key);
     let previous = remembered.as_ref().or(policy.status.as_ref());
-    let max_lost_sessions = u64::try_from(policy.spec.rollout.max_lost_sessions).unwrap_or(0);
-    let last_rollout = guard::track_and_guard(
-        &ctx.client,
-        &namespace,
-        &selected,
-        previous,
-        redis.tallies,
-        max_lost_sessions,
-    )
-    .await;
+    let last_rollout =
+        guard::track_and_guard(&ctx.client, &policy, &selected, previous, redis.tallies).await;
     if let Some(settings) = &ctx.config.network_policies
         && policy.spec.injection.enabled
         && crate::api::pod_selector(&policy.spec.selector).is_some()
@@ -187,7 +179,7 @@ async fn reconcile_policy(
         pod_sessions,
         unreadable: redis.unreadable,
         last_rollout,
-        max_lost_sessions,
+        max_lost_sessions: policy.spec.rollout.max_lost(),
     };
     let next = status::build(previous, &observation);
     let requeue = requeue_after(

@@ -22,7 +22,7 @@ use crate::proxy::legacy::host::SseHost;
 use crate::proxy::mcp::protocol::{self, LAST_EVENT_ID_HEADER, MessageHead, SESSION_HEADER};
 use crate::proxy::metrics::RequestLabels;
 use crate::proxy::session::exchange::{Bound, Exchange};
-use crate::proxy::session::table::{Lookup, Slot, Transport, UpstreamSession};
+use crate::proxy::session::table::{Lookup, Mapping, Slot, Transport, UpstreamSession};
 use crate::proxy::stream::host::StreamHost;
 use crate::proxy::upstream::UpstreamError;
 use crate::proxy::{Proxy, legacy, metrics, stream::relay};
@@ -271,8 +271,12 @@ impl Proxy {
             ..Default::default()
         };
         let upstream = UpstreamSession::new(answer.backend.clone(), upstream_id);
-        self.keep_new(&id, upstream, Transport::Streamable, new, slot)
-            .await;
+        let mapping = Mapping {
+            upstream,
+            transport: Transport::Streamable,
+            stored: new,
+        };
+        self.keep_new(&id, mapping, slot).await;
         info!(session = %id, "session created");
         exchange.session = Some(Bound { id, credential });
         self.deliver(exchange, answer.response, None).await

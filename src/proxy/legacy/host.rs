@@ -19,9 +19,9 @@ use crate::proxy::legacy::transport::{PROTOCOL_VERSION, Unanswered};
 use crate::proxy::mcp::protocol;
 use crate::proxy::metrics::{self, Replay};
 use crate::proxy::session::exchange::Exchange;
-use crate::proxy::session::table::{Slot, UpstreamSession};
+use crate::proxy::session::table::{Mapping, Slot, UpstreamSession};
 use crate::proxy::upstream::backends::Assigned;
-use crate::proxy::upstream::{Answer, UpstreamError};
+use crate::proxy::upstream::{Answer, Outbound, UpstreamError};
 use crate::proxy::{Lookup, Phase, Proxy, Transport};
 use crate::store::{NewSession, SessionId, SessionPatch};
 
@@ -48,9 +48,12 @@ impl SseHost {
             credential_fingerprint: slot.credential.clone(),
             ..Default::default()
         };
-        self.0
-            .keep_new(id, upstream, Transport::Sse, new, slot)
-            .await;
+        let mapping = Mapping {
+            upstream,
+            transport: Transport::Sse,
+            stored: new,
+        };
+        self.0.keep_new(id, mapping, slot).await;
     }
 
     /// The upstream endpoint of the session, for `credential`.
@@ -110,15 +113,9 @@ impl SseHost {
     pub async fn send(
         &self,
         to: &Assigned,
-        method: &Method,
-        target: &str,
-        headers: &HeaderMap,
-        body: Bytes,
+        outbound: Outbound<'_>,
     ) -> Result<Answer, UpstreamError> {
-        self.0
-            .upstream
-            .send(to, method, target, headers, body)
-            .await
+        self.0.upstream.send(to, outbound).await
     }
 
     /// The backend a new stream goes to (in gateway mode, the least-loaded pod that takes it).

@@ -29,7 +29,7 @@ use crate::proxy::mcp::protocol::{self, MessageHead};
 use crate::proxy::mcp::sse::{self, Event};
 use crate::proxy::session::exchange::Exchange;
 use crate::proxy::session::table::UpstreamSession;
-use crate::proxy::upstream::Answer;
+use crate::proxy::upstream::{Answer, Outbound};
 use crate::proxy::{Lookup, Phase, metrics, stream::relay};
 use crate::store::SessionId;
 
@@ -308,10 +308,7 @@ async fn post_until_accepted(
         let sent = host
             .send(
                 &upstream.backend,
-                &Method::POST,
-                &upstream.id,
-                &exchange.headers,
-                exchange.body.clone(),
+                Outbound::post(&upstream.id, &exchange.headers, exchange.body.clone()),
             )
             .await;
         let lost_session = match &sent {
@@ -474,10 +471,7 @@ impl Stream {
             .host
             .send(
                 &backend,
-                &Method::GET,
-                &self.exchange.path,
-                &self.exchange.headers,
-                Bytes::new(),
+                Outbound::get(&self.exchange.path, &self.exchange.headers),
             )
             .await
             .ok()?;
@@ -507,10 +501,7 @@ impl Stream {
                     .host
                     .send(
                         &target.backend,
-                        &Method::POST,
-                        &target.id,
-                        &headers,
-                        request.body.clone(),
+                        Outbound::post(&target.id, &headers, request.body.clone()),
                     )
                     .await;
                 match sent {
@@ -563,10 +554,7 @@ impl Stream {
                     .host
                     .send(
                         &target.backend,
-                        &Method::POST,
-                        &target.id,
-                        &headers,
-                        message,
+                        Outbound::post(&target.id, &headers, message),
                     )
                     .await
                     .map_err(Failure::Upstream)?;

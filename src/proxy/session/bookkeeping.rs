@@ -11,9 +11,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use tracing::{debug, info, warn};
 
 use crate::proxy::session::exchange::Exchange;
-use crate::proxy::session::table::{Slot, Transport, UpstreamSession};
+use crate::proxy::session::table::{Mapping, Slot};
 use crate::proxy::{Proxy, mcp::protocol, metrics};
-use crate::store::{NewSession, SessionId, SessionPatch, Tally, Touched};
+use crate::store::{SessionId, SessionPatch, Tally, Touched};
 
 /// Sessions the store does not have right now (it was down or full, or lost them), served from
 /// memory until [`Proxy::maintain`] writes them back; counted in `mcp_proxy_sessions_unstored`.
@@ -77,13 +77,11 @@ impl Proxy {
     pub(in crate::proxy) async fn keep_new(
         &self,
         id: &SessionId,
-        upstream: UpstreamSession,
-        transport: Transport,
-        new: NewSession,
+        mapping: Mapping,
         slot: Slot<'_>,
     ) {
-        self.table
-            .remember(id, upstream, transport, new.clone(), Some(slot));
+        let new = mapping.stored.clone();
+        self.table.remember(id, mapping, Some(slot));
         if let Err(error) = self.store.create_or_rehydrate(id, new).await {
             warn!(session = %id, %error, "cannot store the new session");
             self.mark_unstored(id, "create");

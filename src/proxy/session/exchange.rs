@@ -15,7 +15,7 @@ use crate::proxy::backoff;
 use crate::proxy::mcp::protocol::StreamKind;
 use crate::proxy::mcp::protocol::{self, MessageHead, SESSION_HEADER};
 use crate::proxy::session::table::{Lookup, Stale, UpstreamSession};
-use crate::proxy::upstream::{Answer, UpstreamError};
+use crate::proxy::upstream::{Answer, Outbound, UpstreamError};
 use crate::proxy::{Proxy, metrics};
 use crate::store::SessionId;
 use bytes::Bytes;
@@ -140,10 +140,12 @@ impl Proxy {
                 .upstream
                 .send(
                     &backend,
-                    &exchange.method,
-                    &exchange.path,
-                    &headers,
-                    exchange.body.clone(),
+                    Outbound {
+                        method: &exchange.method,
+                        target: &exchange.path,
+                        headers: &headers,
+                        body: exchange.body.clone(),
+                    },
                 )
                 .await;
             match sent {

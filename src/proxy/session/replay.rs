@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::http::{HeaderMap, HeaderValue, Method, header};
+use axum::http::{HeaderMap, HeaderValue, header};
 use bytes::Bytes;
 use http_body_util::BodyExt as _;
 use serde_json::Value;
@@ -15,8 +15,8 @@ use crate::proxy::backoff;
 use crate::proxy::mcp::protocol::StreamKind;
 use crate::proxy::mcp::protocol::{self, PROTOCOL_VERSION_HEADER, SESSION_HEADER};
 use crate::proxy::session::exchange::{Bound, Exchange, MAX_ATTEMPTS, Signal, session_signal};
-use crate::proxy::session::table::{Lookup, Stale, Transport, UpstreamSession};
-use crate::proxy::upstream::UpstreamError;
+use crate::proxy::session::table::{Lookup, Mapping, Stale, Transport, UpstreamSession};
+use crate::proxy::upstream::{Outbound, UpstreamError};
 use crate::proxy::{Proxy, metrics};
 use crate::store::binding::{self, Binding};
 use crate::store::{
@@ -185,8 +185,12 @@ impl Proxy {
             credential_fingerprint: credential,
             ..session
         };
-        self.table
-            .remember(id, upstream.clone(), Transport::Streamable, stored, None);
+        let mapping = Mapping {
+            upstream: upstream.clone(),
+            transport: Transport::Streamable,
+            stored,
+        };
+        self.table.remember(id, mapping, None);
         if source == Source::Memory {
             self.restore(id).await;
         }
@@ -349,7 +353,7 @@ impl Proxy {
                 .map_err(Failure::Upstream)?;
             match self
                 .upstream
-                .send(&backend, &Method::POST, path, headers, initialize.clone())
+                .send(&backend, Outbound::post(path, headers, initialize.clone()))
                 .await
             {
                 Ok(answer) => break answer,
@@ -397,7 +401,7 @@ impl Proxy {
         for message in messages {
             let sent = self
                 .upstream
-                .send(&upstream.backend, &Method::POST, path, &headers, message)
+                .send(&upstream.backend, Outbound::post(path, &headers, message))
                 .await;
             match sent {
                 Ok(answer) => match session_signal(answer).await {

@@ -239,14 +239,12 @@ impl SessionTable {
 
     /// Maps `id`; a new session counts against its credential's limit, in the `slot` its
     /// admission took if it has one.
-    pub fn remember(
-        &self,
-        id: &SessionId,
-        upstream: UpstreamSession,
-        transport: Transport,
-        stored: NewSession,
-        slot: Option<Slot<'_>>,
-    ) {
+    pub fn remember(&self, id: &SessionId, mapping: Mapping, slot: Option<Slot<'_>>) {
+        let Mapping {
+            upstream,
+            transport,
+            stored,
+        } = mapping;
         let credential: Option<Box<str>> = stored.credential_fingerprint.as_deref().map(Box::from);
         let mapped = Mapped {
             upstream: UpstreamState::Live(upstream),
@@ -410,6 +408,14 @@ pub enum Stale {
     /// Its backend pod left (gateway mode: terminating, not ready, gone, or unreachable): the
     /// session moves to another pod.
     Left,
+}
+
+/// What the table maps a session to: its upstream session, the transport its client uses, and
+/// what the store holds of it (kept, so that an upstream restart never loses the session).
+pub struct Mapping {
+    pub upstream: UpstreamSession,
+    pub transport: Transport,
+    pub stored: NewSession,
 }
 
 /// The identity a mapped session is bound to.

@@ -4,9 +4,8 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
 use tracing::{debug, info, warn};
 
 use crate::proxy::answers::header_or_empty;
@@ -16,6 +15,7 @@ use crate::proxy::metrics::KindLabels;
 use crate::proxy::session::exchange::{Bound, Exchange};
 use crate::proxy::session::table::Lookup;
 use crate::proxy::stream::event_log::{self, StreamTag};
+use crate::proxy::upstream::Outbound;
 use crate::proxy::{Proxy, stream::relay};
 
 impl Proxy {
@@ -130,13 +130,7 @@ impl Proxy {
         );
         let answer = match self
             .upstream
-            .send(
-                &upstream.backend,
-                &Method::GET,
-                &exchange.path,
-                &headers,
-                Bytes::new(),
-            )
+            .send(&upstream.backend, Outbound::get(&exchange.path, &headers))
             .await
         {
             Ok(answer) => answer,

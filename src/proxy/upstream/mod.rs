@@ -54,6 +54,35 @@ pub struct Answer {
     pub backend: Assigned,
 }
 
+/// A request for the upstream, as the proxy writes it: `target` is the path and query.
+pub struct Outbound<'a> {
+    pub method: &'a Method,
+    pub target: &'a str,
+    pub headers: &'a HeaderMap,
+    pub body: Bytes,
+}
+
+impl<'a> Outbound<'a> {
+    pub fn post(target: &'a str, headers: &'a HeaderMap, body: Bytes) -> Self {
+        Self {
+            method: &Method::POST,
+            target,
+            headers,
+            body,
+        }
+    }
+
+    /// A GET, which opens an event stream.
+    pub fn get(target: &'a str, headers: &'a HeaderMap) -> Self {
+        Self {
+            method: &Method::GET,
+            target,
+            headers,
+            body: Bytes::new(),
+        }
+    }
+}
+
 impl Upstream {
     pub fn new(backends: Arc<Backends>, hold: Duration) -> Self {
         Self {
@@ -86,13 +115,16 @@ impl Upstream {
     pub async fn send(
         &self,
         to: &Assigned,
-        method: &Method,
-        path_and_query: &str,
-        headers: &HeaderMap,
-        body: Bytes,
+        outbound: Outbound<'_>,
     ) -> Result<Answer, UpstreamError> {
+        let Outbound {
+            method,
+            target,
+            headers,
+            body,
+        } = outbound;
         // Origin form, as a request to a server (not to a proxy) is written.
-        let uri: Uri = path_and_query
+        let uri: Uri = target
             .parse()
             .map_err(|e| UpstreamError::Request(format!("{e}")))?;
         let deadline = Instant::now() + self.hold;

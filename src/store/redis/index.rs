@@ -77,6 +77,17 @@ impl PageEntries {
     }
 }
 
+/// What a record becomes, for [`RedisStore::reindex`].
+pub(super) enum Becomes<'a> {
+    /// Deleted: its index entries go.
+    Absent,
+    /// Written, expiring at `expiry_ms` (Unix milliseconds): indexed under its slot.
+    Stored {
+        record: &'a SessionRecord,
+        expiry_ms: i64,
+    },
+}
+
 impl RedisStore {
     /// One `ZADD` per index set of the page's entries.
     fn write_entries(&self, entries: PageEntries, now_ms: i64) -> Pipeline {
@@ -98,18 +109,21 @@ impl RedisStore {
         pipe
     }
 
-    /// Index changes for a record going from `old` to `new` (`None`: absent).
+    /// Index changes for a record going from `old` (`None`: absent) to `new`.
     pub(super) fn reindex(
         &self,
         pipe: &mut Pipeline,
         id: &SessionId,
         old: Option<&SessionRecord>,
-        new: Option<&SessionRecord>,
-        expiry_ms: i64,
+        new: Becomes<'_>,
     ) {
         let id = id.as_str();
         let old_slot = old.map_or(IndexSlot::Unowned, IndexSlot::of);
-        let Some(new) = new else {
+        let Becomes::Stored {
+            record: new,
+            expiry_ms,
+        } = new
+        else {
             pipe.zrem(self.keys.expiry(), id);
             pipe.zrem(self.keys.draining(), id);
             if let IndexSlot::Pod(pod) = old_slot {

@@ -22,7 +22,7 @@ use futures::stream::BoxStream;
 use redis::{Cmd, FromRedisValue, Pipeline, RedisError, RedisResult, Value};
 use tracing::{debug, instrument, warn};
 
-use self::index::IndexSlot;
+use self::index::{Becomes, IndexSlot};
 pub use self::keys::Keys;
 pub use self::lazy::LazyRedisStore;
 pub use self::retention::{Retention, Verdict as RetentionVerdict};
@@ -257,7 +257,11 @@ impl RedisStore {
                 == Some(1);
             if swapped {
                 let mut pipe = redis::pipe();
-                self.reindex(&mut pipe, id, Some(&old.record), Some(&record), expiry_ms);
+                let becomes = Becomes::Stored {
+                    record: &record,
+                    expiry_ms,
+                };
+                self.reindex(&mut pipe, id, Some(&old.record), becomes);
                 self.all_succeeded(self.pipeline(&pipe).await?)?;
                 let ttl_millis = u64::try_from(expiry_ms - now_ms).ok();
                 return Ok(Modified::Done(Session {
@@ -320,13 +324,11 @@ impl SessionStore for RedisStore {
         };
         let Some(previous) = previous else {
             let mut pipe = redis::pipe();
-            self.reindex(
-                &mut pipe,
-                id,
-                None,
-                Some(&record),
-                now.unix_millis() + ttl_ms,
-            );
+            let becomes = Becomes::Stored {
+                record: &record,
+                expiry_ms: now.unix_millis() + ttl_ms,
+            };
+            self.reindex(&mut pipe, id, None, becomes);
             self.all_succeeded(self.pipeline(&pipe).await?)?;
             let session = Session {
                 id: id.clone(),
@@ -555,7 +557,7 @@ impl SessionStore for RedisStore {
         // goes with the next prune.
         let old = SessionRecord::from_json(&previous).ok();
         let mut pipe = redis::pipe();
-        self.reindex(&mut pipe, id, old.as_ref(), None, 0);
+        self.reindex(&mut pipe, id, old.as_ref(), Becomes::Absent);
         self.all_succeeded(self.pipeline(&pipe).await?)?;
         Ok(true)
     }
