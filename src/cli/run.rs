@@ -15,6 +15,7 @@ use clap::Args;
 use tokio::sync::watch;
 use tracing::info;
 
+use crate::api::contract;
 use crate::controller::{self, leader::LeaderElection};
 use crate::metrics::Metrics;
 use crate::webhook;
@@ -32,6 +33,30 @@ pub struct RunArgs {
     /// This replica's name (leader election, Events).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    #[command(flatten)]
+    election: ElectionArgs,
+    #[command(flatten)]
+    controller: ControllerArgs,
+    #[command(flatten)]
+    proxy: ProxyImageArgs,
+    #[command(flatten)]
+    webhook: WebhookArgs,
+}
+
+/// Which replica reconciles.
+#[derive(Debug, Args)]
+struct ElectionArgs {
+    /// Leader lease duration: a standby takes over this long after the leader dies.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
+    lease_seconds: u64,
+    /// Reconcile without leader election (one replica only).
+    #[arg(long)]
+    no_leader_election: bool,
+}
+
+/// How the controller counts, retries and what it writes besides status.
+#[derive(Debug, Args)]
+struct ControllerArgs {
     /// Re-count every policy this often.
     #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
     requeue_seconds: u64,
@@ -45,19 +70,41 @@ pub struct RunArgs {
     /// Longest retry delay after failures.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     max_backoff_seconds: u64,
-    /// Leader lease duration: a standby takes over this long after the leader dies.
-    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
-    lease_seconds: u64,
     /// Watch policies, pods and secrets of this namespace only (a namespaced install).
     #[arg(long, env = "MCP_SESSION_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
-    /// Reconcile without leader election (one replica only).
+    /// Give each policy's injected pods a NetworkPolicy: the proxy's port open to all, its admin
+    /// port only to --metrics-namespace, the backend's own port to none.
     #[arg(long)]
-    no_leader_election: bool,
-    #[command(flatten)]
-    webhook: WebhookArgs,
+    network_policies: bool,
+    /// A namespace (by name) whose pods may reach the injected proxies' admin port, for
+    /// Prometheus; repeatable.
+    #[arg(long = "metrics-namespace", requires = "network_policies")]
+    metrics_namespaces: Vec<String>,
 }
 
+/// The session proxy the operator deploys: injected by the webhook, and as gateways by the
+/// controller.
+#[derive(Debug, Args)]
+struct ProxyImageArgs {
+    /// Image of the session proxy: the injected one and the gateways (default: this version of
+    /// the operator's image).
+    #[arg(long, env = "MCP_SESSION_PROXY_IMAGE")]
+    proxy_image: Option<String>,
+    /// Admin port of the injected proxy and the gateways (health, drain, metrics).
+    #[arg(long, default_value_t = 8091, value_parser = clap::value_parser!(i32).range(1..65536))]
+    proxy_admin_port: i32,
+}
+
+impl ProxyImageArgs {
+    fn image(&self) -> String {
+        self.proxy_image
+            .clone()
+            .unwrap_or_else(contract::default_image)
+    }
+}
+
+/// The admission webhooks: where they are served, their certificate, how they inject.
 #[derive(Debug, Args)]
 struct WebhookArgs {
     /// Do not serve the admission webhooks (nor manage their configurations).
@@ -89,24 +136,9 @@ struct WebhookArgs {
     /// How often the certificate is checked (and its files re-read).
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     webhook_refresh_seconds: u64,
-    /// Image of the session proxy: the injected one and the gateways (default: this version of
-    /// the operator's image).
-    #[arg(long, env = "MCP_SESSION_PROXY_IMAGE")]
-    proxy_image: Option<String>,
-    /// Admin port of the injected proxy and the gateways (health, drain, metrics).
-    #[arg(long, default_value_t = 8091, value_parser = clap::value_parser!(i32).range(1..65536))]
-    proxy_admin_port: i32,
     /// How to inject: a native sidecar (Kubernetes >= 1.29), a classic one, or by the server's version.
     #[arg(long, value_enum, default_value_t = SidecarMode::Auto)]
     sidecar: SidecarMode,
-    /// Give each policy's injected pods a NetworkPolicy: the proxy's port open to all, its admin
-    /// port only to --metrics-namespace, the backend's own port to none.
-    #[arg(long)]
-    network_policies: bool,
-    /// A namespace (by name) whose pods may reach the injected proxies' admin port, for
-    /// Prometheus; repeatable.
-    #[arg(long = "metrics-namespace", requires = "network_policies")]
-    metrics_namespaces: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -128,6 +160,7 @@ impl WebhookArgs {
     async fn config(
         &self,
         client: &kube::Client,
+        proxy: &ProxyImageArgs,
         namespace: &str,
         identity: &str,
     ) -> webhook::WebhookConfig {
@@ -156,20 +189,43 @@ impl WebhookArgs {
             SidecarMode::Classic => false,
             SidecarMode::Auto => webhook::supports_native_sidecars(client).await,
         };
-        let defaults = webhook::InjectorConfig::default();
         webhook::WebhookConfig {
             address: self.webhook_addr,
             endpoint,
             namespace: namespace.to_owned(),
             tls,
             injector: webhook::InjectorConfig {
-                image: self.proxy_image.clone().unwrap_or(defaults.image),
-                admin_port: self.proxy_admin_port,
+                image: proxy.image(),
+                admin_port: proxy.proxy_admin_port,
                 native_sidecar,
-                ..defaults
+                ..webhook::InjectorConfig::default()
             },
             refresh_every: Duration::from_secs(self.webhook_refresh_seconds),
             identity: identity.to_owned(),
+        }
+    }
+}
+
+impl ControllerArgs {
+    fn config(&self, proxy: &ProxyImageArgs, identity: String) -> controller::Config {
+        controller::Config {
+            requeue: Duration::from_secs(self.requeue_seconds),
+            max_backoff: Duration::from_secs(self.max_backoff_seconds),
+            identity,
+            namespace: self.watch_namespace.clone(),
+            deletion_cost_interval: Duration::from_secs(self.deletion_cost_interval_seconds),
+            prune_interval: Duration::from_secs(self.prune_interval_seconds),
+            gateway: controller::gateway::Settings {
+                image: proxy.image(),
+                admin_port: proxy.proxy_admin_port,
+            },
+            network_policies: self
+                .network_policies
+                .then(|| controller::network_policy::Settings {
+                    admin_port: proxy.proxy_admin_port,
+                    metrics_from: self.metrics_namespaces.clone(),
+                }),
+            ..Default::default()
         }
     }
 }
@@ -180,6 +236,10 @@ struct Health {
     leading: Arc<AtomicBool>,
     synced: Arc<AtomicBool>,
 }
+
+/// The admission webhooks, served until the process exits (also while the controller drains);
+/// a task that ends only if they fail.
+type Webhooks = tokio::task::JoinHandle<Result<(), webhook::WebhookError>>;
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let identity = args.identity.clone().unwrap_or_else(|| {
@@ -206,30 +266,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         info!("shutting down");
         let _ = stop.send(true);
     });
-    // Every replica serves the webhooks, leader or not. If they fail, the process exits.
-    let mut webhooks: tokio::task::JoinHandle<Result<(), webhook::WebhookError>> =
-        if args.webhook.no_webhook {
-            tokio::spawn(std::future::pending())
-        } else {
-            let config = args
-                .webhook
-                .config(&client, &args.namespace, &identity)
-                .await;
-            // Served until the process exits: also while the controller drains.
-            tokio::spawn(webhook::run(
-                client.clone(),
-                config,
-                health.metrics.clone(),
-                std::future::pending(),
-            ))
-        };
-    let election = (!args.no_leader_election).then(|| {
+    let mut webhooks = start_webhooks(&args, &client, &health, &identity).await;
+    let election = (!args.election.no_leader_election).then(|| {
         LeaderElection::new(
             client.clone(),
             &args.namespace,
             LEASE_NAME,
             &identity,
-            Duration::from_secs(args.lease_seconds),
+            Duration::from_secs(args.election.lease_seconds),
         )
     });
     if let Some(election) = &election {
@@ -240,73 +284,106 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     health.leading.store(true, Ordering::SeqCst);
-    let config = controller::Config {
-        requeue: Duration::from_secs(args.requeue_seconds),
-        max_backoff: Duration::from_secs(args.max_backoff_seconds),
-        identity,
-        namespace: args.watch_namespace.clone(),
-        deletion_cost_interval: Duration::from_secs(args.deletion_cost_interval_seconds),
-        prune_interval: Duration::from_secs(args.prune_interval_seconds),
-        gateway: controller::gateway::Settings {
-            image: args
-                .webhook
-                .proxy_image
-                .clone()
-                .unwrap_or_else(|| webhook::InjectorConfig::default().image),
-            admin_port: args.webhook.proxy_admin_port,
-        },
-        network_policies: args.webhook.network_policies.then(|| {
-            controller::network_policy::Settings {
-                admin_port: args.webhook.proxy_admin_port,
-                metrics_from: args.webhook.metrics_namespaces.clone(),
-            }
-        }),
-        ..Default::default()
-    };
-    let (lost, lost_rx) = watch::channel(false);
-    let until = {
-        let (stopped, lost_rx) = (stopped.clone(), lost_rx.clone());
-        async move {
-            tokio::select! {
-                () = signalled(stopped) => {}
-                () = signalled(lost_rx) => {}
-            }
-        }
-    };
-    let controller = controller::run(
+    let config = args.controller.config(&args.proxy, identity);
+    let lost_lease = Leader {
         client,
-        health.metrics.clone(),
-        config,
-        health.synced.clone(),
-        until,
-    );
-    match &election {
-        Some(election) => {
-            let holding = async {
-                election.hold().await;
-                let _ = lost.send(true);
-                // Keep this branch pending: the controller drains its reconciles, then ends.
-                std::future::pending::<()>().await;
-            };
-            tokio::select! {
-                () = controller => {}
-                () = holding => {}
-                result = &mut webhooks => return webhook_ended(result),
-            }
-        }
-        None => tokio::select! {
-            () = controller => {}
-            result = &mut webhooks => return webhook_ended(result),
-        },
+        health: &health,
+        election: election.as_ref(),
     }
+    .lead(config, stopped, webhooks)
+    .await?;
     health.leading.store(false, Ordering::SeqCst);
-    if *lost_rx.borrow() {
+    if lost_lease {
         anyhow::bail!("lost the leader lease; exiting so that a restart rejoins as a standby");
     }
     if let Some(election) = &election {
         election.release().await;
     }
     Ok(())
+}
+
+/// Every replica serves the webhooks, leader or not; with --no-webhook, a task that never ends.
+async fn start_webhooks(
+    args: &RunArgs,
+    client: &kube::Client,
+    health: &Health,
+    identity: &str,
+) -> Webhooks {
+    if args.webhook.no_webhook {
+        return tokio::spawn(std::future::pending());
+    }
+    let config = args
+        .webhook
+        .config(client, &args.proxy, &args.namespace, identity)
+        .await;
+    tokio::spawn(webhook::run(
+        client.clone(),
+        config,
+        health.metrics.clone(),
+        std::future::pending(),
+    ))
+}
+
+/// The replica that leads: its client, its health, and its lease (none without election).
+struct Leader<'a> {
+    client: kube::Client,
+    health: &'a Health,
+    election: Option<&'a LeaderElection>,
+}
+
+impl Leader<'_> {
+    /// Reconciles until a signal, the loss of the lease (then `true`: the caller exits), or
+    /// the webhooks failing (an error).
+    async fn lead(
+        self,
+        config: controller::Config,
+        stopped: watch::Receiver<bool>,
+        mut webhooks: Webhooks,
+    ) -> anyhow::Result<bool> {
+        let Self {
+            client,
+            health,
+            election,
+        } = self;
+        let (lost, lost_rx) = watch::channel(false);
+        let until = {
+            let lost_rx = lost_rx.clone();
+            async move {
+                tokio::select! {
+                    () = signalled(stopped) => {}
+                    () = signalled(lost_rx) => {}
+                }
+            }
+        };
+        let controller = controller::run(
+            client,
+            health.metrics.clone(),
+            config,
+            health.synced.clone(),
+            until,
+        );
+        match election {
+            Some(election) => {
+                let holding = async {
+                    election.hold().await;
+                    let _ = lost.send(true);
+                    // Keep this branch pending: the controller drains its reconciles, then ends.
+                    std::future::pending::<()>().await;
+                };
+                tokio::select! {
+                    () = controller => {}
+                    () = holding => {}
+                    result = &mut webhooks => return webhook_ended(result).map(|()| false),
+                }
+            }
+            None => tokio::select! {
+                () = controller => {}
+                result = &mut webhooks => return webhook_ended(result).map(|()| false),
+            },
+        }
+        let lost_lease = *lost_rx.borrow();
+        Ok(lost_lease)
+    }
 }
 
 fn webhook_ended(

@@ -1,7 +1,8 @@
 //! Real servers for the integration tests, started on free loopback ports and stopped on drop
 //! (also when a test panics; and by the kernel if the test process dies, via PDEATHSIG).
 
-#![allow(dead_code)] // Each test binary uses a different part of this module.
+#![allow(dead_code)]
+// Each test binary uses a different part of this module.
 // The wire helpers take a request's parts as they go on the wire (port, path, session,
 // credential, method, body); the crate itself keeps to five parameters (clippy.toml).
 #![allow(clippy::too_many_arguments)]
