@@ -5,6 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
+# Commit messages as CONTRIBUTING.md asks for them, in a checkout of this repository.
+if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  git config core.hooksPath scripts/hooks
+fi
 apt_install redis-server redis-tools python3-venv ca-certificates
 MCP_TEST_PYTHON="$(python_venv tests/requirements.txt)"
 # The TypeScript SDK peers, installed beside their scripts (node resolves imports from there).
