@@ -197,7 +197,11 @@ pub(crate) fn proxy_container(
         container["imagePullPolicy"] = json!(policy);
     }
     if config.native_sidecar {
+        // Started before the backend, which the kubelet starts only once this passes: the
+        // backend's first request finds the proxy serving.
         container["restartPolicy"] = json!("Always");
+        container["startupProbe"] = json!({"httpGet": {"path": "/healthz", "port": admin},
+            "periodSeconds": 1, "failureThreshold": 60});
     }
     container
 }
@@ -346,6 +350,15 @@ mod tests {
         let init = spec.init_containers.unwrap();
         assert_eq!(init[1].name, PROXY_CONTAINER);
         assert_eq!(init[1].restart_policy.as_deref(), Some("Always"));
+        let startup = init[1]
+            .startup_probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref());
+        assert_eq!(
+            startup.and_then(|get| get.path.as_deref()),
+            Some("/healthz"),
+            "the backend starts once the proxy serves"
+        );
         assert_eq!(
             pre_stop_get(&spec.containers[0]).path.as_deref(),
             Some("/retire"),
