@@ -227,7 +227,7 @@ async fn status_metrics_and_printer_columns_follow_the_sessions_of_selected_pods
     );
 
     // Each selected pod's deletion cost follows its sessions (a scale-down removes the
-    // emptiest first; this 1.20 server ignores the annotation, newer ones act on it).
+    // emptiest first).
     let costs_are = |expected: [&'static str; 2]| {
         let (pods, names) = (pods.clone(), pod_names.clone());
         async move {
@@ -721,6 +721,28 @@ async fn the_schema_rejects_invalid_specs_with_readable_messages() {
             "spec.injection.proxyPort",
         ),
         (json!({"selector": selector}), "spec.redis"),
+        // CEL rules (x-kubernetes-validations): no webhook is registered here, the apiserver
+        // alone refuses these.
+        (
+            json!({"selector": selector, "redis": {"url": "redis://r", "urlSecretRef": {"name": "s", "key": "url"}}}),
+            "spec.redis: set exactly one of url and urlSecretRef",
+        ),
+        (
+            json!({"selector": selector, "redis": {}}),
+            "spec.redis: set exactly one of url and urlSecretRef",
+        ),
+        (
+            json!({"selector": selector, "redis": {"url": "redis://r"}, "injection": {"proxyPort": 8000}}),
+            "spec.injection: proxyPort and upstreamPort must differ",
+        ),
+        (
+            json!({"selector": {}, "redis": {"url": "redis://r"}}),
+            "spec.selector selects nothing",
+        ),
+        (
+            json!({"selector": {"matchLabels": {}, "matchExpressions": []}, "redis": {"url": "redis://r"}}),
+            "spec.selector selects nothing",
+        ),
     ];
     for (spec, field) in cases {
         let object = json!({"apiVersion": "mcpsession.dev/v1alpha1", "kind": "McpSessionPolicy", "metadata": {"name": "invalid"}, "spec": spec});
@@ -1299,7 +1321,7 @@ async fn a_policy_in_gateway_mode_gets_a_gateway_that_may_read_only_its_policy_a
         namespace,
         &kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
             "policy",
-            "v1beta1",
+            "v1",
             "PodDisruptionBudget",
         )),
     );

@@ -1,7 +1,9 @@
 //! The `McpSessionPolicy` custom resource (group `mcpsession.dev`, version `v1alpha1`).
 //!
-//! The schema carries what OpenAPI can check (required fields, bounds, patterns, enums,
-//! defaults); the validating webhook checks the rest (see `validate`).
+//! The schema carries what OpenAPI and CEL can check (required fields, bounds, patterns, enums,
+//! defaults; one of url and urlSecretRef, ports that differ, a selector that selects
+//! something), so that the apiserver refuses a bad policy even while the operator is down; the
+//! validating webhook checks what needs parsing (see `validate`).
 
 pub mod contract;
 pub mod origin;
@@ -10,7 +12,7 @@ mod validate;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, ObjectMeta};
 use kube::core::SelectorExt as _;
-use kube::{CustomResource, ResourceExt as _};
+use kube::{CustomResource, KubeSchema, ResourceExt as _};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -19,7 +21,7 @@ use crate::store::binding::SessionBinding;
 use crate::store::{DEFAULT_KEY_PREFIX, DEFAULT_TTL};
 
 /// Which pods serve MCP, how their sessions are stored, and how they drain.
-#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[kube(
     group = "mcpsession.dev",
     version = "v1alpha1",
@@ -38,6 +40,9 @@ use crate::store::{DEFAULT_KEY_PREFIX, DEFAULT_TTL};
 #[serde(rename_all = "camelCase")]
 pub struct McpSessionPolicySpec {
     /// The backend pods that serve MCP, in the policy's namespace.
+    #[x_kube(validation = Rule::new(SELECTS_SOMETHING)
+        .message("spec.selector selects nothing: give matchLabels or matchExpressions")
+        .reason(Reason::FieldValueRequired))]
     pub selector: LabelSelector,
     /// Sliding session TTL: every request of a session extends it by this much.
     #[serde(default = "default_ttl_seconds")]
@@ -66,11 +71,16 @@ pub struct McpSessionPolicySpec {
     pub binding: SessionBinding,
 }
 
+/// CEL: a label selector with at least one label or expression (an empty one selects every pod).
+const SELECTS_SOMETHING: &str = "(has(self.matchLabels) && size(self.matchLabels) > 0) || (has(self.matchExpressions) && size(self.matchExpressions) > 0)";
+
 fn default_ttl_seconds() -> i64 {
     DEFAULT_TTL.as_secs() as i64
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[x_kube(validation = Rule::new("has(self.url) != has(self.urlSecretRef)")
+    .message("spec.redis: set exactly one of url and urlSecretRef"))]
 #[serde(rename_all = "camelCase")]
 pub struct RedisSpec {
     /// `redis://[user:password@]host:port[/db]`, `rediss://` for TLS, or comma-separated seed
@@ -137,7 +147,9 @@ impl Default for DrainSpec {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[x_kube(validation = Rule::new("self.proxyPort != self.upstreamPort")
+    .message("spec.injection: proxyPort and upstreamPort must differ"))]
 #[serde(rename_all = "camelCase")]
 pub struct InjectionSpec {
     /// Inject the session proxy into selected pods.
