@@ -223,32 +223,7 @@ async fn apply_one(
     let name = object.name_any();
     let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, &types.kind));
     let api = Api::<DynamicObject>::namespaced_with(client.clone(), &namespace, &resource);
-    match api.patch(&name, &params, &Patch::Apply(&object)).await {
-        // Kubernetes before 1.21 serves PodDisruptionBudgets as policy/v1beta1 only.
-        Err(kube::Error::Api(status))
-            if status.code == 404 && types.kind == "PodDisruptionBudget" =>
-        {
-            let mut older = object.clone();
-            if let Some(types) = older.types.as_mut() {
-                types.api_version = "policy/v1beta1".to_owned();
-            }
-            let api = Api::<DynamicObject>::namespaced_with(
-                client.clone(),
-                &namespace,
-                &pdb_resource("v1beta1"),
-            );
-            api.patch(&name, &params, &Patch::Apply(&older)).await
-        }
-        result => result,
-    }
-}
-
-fn pdb_resource(version: &str) -> ApiResource {
-    ApiResource::from_gvk(&GroupVersionKind::gvk(
-        "policy",
-        version,
-        "PodDisruptionBudget",
-    ))
+    api.patch(&name, &params, &Patch::Apply(&object)).await
 }
 
 #[cfg(test)]

@@ -44,8 +44,8 @@ pub fn decode(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, ReviewErro
     review.try_into().map_err(|_| ReviewError::NoRequest)
 }
 
-/// Namespaces whose pods are never mutated, whatever the webhook configuration selects (1.20
-/// cannot exclude namespaces by name in a namespaceSelector).
+/// Namespaces whose pods are never mutated, whatever the webhook configuration selects (its
+/// namespaceSelector reads a label, which an administrator can change).
 pub struct Exclusions {
     pub namespaces: Vec<String>,
 }

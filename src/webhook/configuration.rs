@@ -75,8 +75,8 @@ pub async fn apply(
     ca_bundle: Option<&str>,
     operator_namespace: &str,
 ) -> Result<(), WebhookError> {
-    // `NotIn` on the name label: excludes these namespaces on 1.21+, and (the label missing)
-    // selects every namespace on 1.20, where the handler itself skips them.
+    // `NotIn` on the name label, which the apiserver sets on every namespace; the handler skips
+    // them as well.
     let namespaces = json!({"matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "NotIn",
         "values": ["kube-system", operator_namespace]}]});
     let mutating = json!({
