@@ -113,8 +113,9 @@ async fn drain(Serving(control): Serving) -> String {
     }
 }
 
-/// The pod stops: hands this proxy's sessions over and answers until its clients have moved
-/// (what SIGTERM does; the backend's preStop in the native-sidecar form).
+/// The backend's preStop in the native-sidecar form: hands this proxy's sessions over and
+/// answers until its clients have moved (what SIGTERM does), then holds new requests until the
+/// backend has finished its own (see [`crate::proxy::Proxy::retire_before_backend_stops`]).
 async fn retire(Serving(control): Serving) -> String {
     format!("drained {} sessions\n", control.retire().await)
 }

@@ -59,9 +59,9 @@ impl Control {
         self.0.quiesce().await
     }
 
-    /// See [`Proxy::retire`]; returns the sessions handed over.
+    /// See [`Proxy::retire_before_backend_stops`]; returns the sessions handed over.
     pub async fn retire(&self) -> u64 {
-        self.0.retire().await
+        self.0.retire_before_backend_stops().await
     }
 
     pub fn sessions(&self) -> Sessions {

@@ -282,6 +282,26 @@ impl Proxy {
         drained
     }
 
+    /// The backend's preStop hook in the native-sidecar form, which is all the proxy hears of a
+    /// pod stop (a native sidecar gets its SIGTERM only once the backend has exited), and which
+    /// the kubelet also runs before restarting the backend in place: retires, as SIGTERM does,
+    /// then holds new requests until the backend has finished those it was working on, so that
+    /// it stops with nothing in flight. What reaches the retired proxy after that waits: for the
+    /// backend's restart in place (the successor lets it go, see [`succession`]), or, in a pod
+    /// that stops, for nothing (its endpoints are gone and its clients have moved).
+    pub async fn retire_before_backend_stops(&self) -> u64 {
+        let drained = self.retire().await;
+        let gate = self.upstream.gate();
+        gate.close();
+        if !gate.idle(Instant::now() + self.config.drain_timeout).await {
+            warn!(
+                in_flight = gate.in_flight(),
+                "retired: the upstream did not finish its requests within the drain timeout"
+            );
+        }
+        drained
+    }
+
     /// After a drain, keeps answering (each answer with `Connection: close`) until the clients
     /// have closed their connections, or the drain deadline; then ends whatever still streams,
     /// with a hint to resume elsewhere.

@@ -83,6 +83,8 @@ pub async fn serve(mut proxy: Arc<Proxy>, succeed: Succeed, shutdown: impl Futur
         info!(
             "the MCP server restarted in place after the proxy retired, and the pod is not stopping: a fresh proxy serves"
         );
+        // What the retired proxy held while the server restarted goes to it now.
+        proxy.resume_upstream();
         proxy = proxy.successor();
         succeed.0.send_replace(proxy.clone());
     }
