@@ -1,5 +1,5 @@
 //! Gateway mode at scale, next to sidecar mode: `scripts/bench.sh gateway`, or
-//! `cargo bench --bench gateway` where the tests' set-up ran (it needs their Kubernetes 1.20
+//! `cargo bench --bench gateway` where the tests' set-up ran (it needs their Kubernetes
 //! control plane, `MCP_TEST_KUBE_BIN`); `-- --quick` for 2,000 sessions instead of 10,000.
 //!
 //! Each mode runs on a test bed of its own (tests/support/bed.rs: the control plane, the

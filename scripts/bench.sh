@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs a benchmark with what it compares against installed first: `scripts/bench.sh proxy`
-# (nginx and HAProxy beside the proxy), `store`, `operator` and `gateway` (the Kubernetes 1.20
+# (nginx and HAProxy beside the proxy), `store`, `operator` and `gateway` (the test bed's Kubernetes
 # control plane), `webhook`. Extra arguments go to the benchmark (`-- --quick` for a short run).
 set -euo pipefail
 cd "$(dirname "$0")/.."

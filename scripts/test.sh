@@ -15,7 +15,8 @@ MCP_TEST_PYTHON="$(python_venv tests/requirements.txt)"
 command -v node >/dev/null && command -v npm >/dev/null || apt_install nodejs npm
 log "npm ci (tests/mcp/ts: @modelcontextprotocol/sdk)"
 npm ci --prefix tests/mcp/ts --no-audit --no-fund --loglevel=error >/dev/null || die "npm ci in tests/mcp/ts failed"
-# The Kubernetes 1.20 control plane, built once per machine from Debian's source (cached).
+# Kubernetes 1.35 (control plane, kubelet, kubectl), etcd 3.6 and helm v4, built once per machine
+# from Go modules with the machine's Go (cached outside the checkout).
 MCP_TEST_KUBE_BIN="$(bash tests/cluster/build.sh)"
 export MCP_TEST_PYTHON MCP_TEST_KUBE_BIN
 

@@ -1,16 +1,15 @@
-//! The Helm chart, rendered by the real Helm library (Helm v4's Go SDK through helm-python-sdk,
-//! tests/chart/helm.py) and installed on the 1.20 test bed: the manifests the apiserver accepts,
+//! The Helm chart, rendered and linted by the real helm CLI (v4, built from Go modules by
+//! tests/cluster/build.sh) and installed on the test bed: the manifests the apiserver accepts,
 //! the service account it creates running the operator, and what that account may and may not do.
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::Duration;
 
 use kube::api::{Api, DynamicObject};
 use serde_json::{Value, json};
-use support::control_plane::{apply_object, can, control_plane};
+use support::control_plane::{apply_object, can, control_plane, kube_bin_dir};
 use support::operator::Operator;
 use support::redis::RedisServer;
 use support::wait::wait_for;
@@ -35,53 +34,78 @@ fn all_options() -> Value {
     })
 }
 
-fn helm(command: &str, values: &Value, extra: &[&str]) -> Value {
-    let python = std::env::var("MCP_TEST_PYTHON")
-        .unwrap_or_else(|_| panic!("MCP_TEST_PYTHON is not set: run scripts/test.sh"));
-    let output = Command::new(python)
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/chart/helm.py"))
-        .args([command, CHART, &values.to_string()])
-        .args(extra)
+/// Runs the real helm CLI on the chart with `values`, offline (no cluster: a client-side dry run
+/// renders as `helm install` would): its standard output, or what it said on failure.
+fn helm(args: &[&str], values: &Value) -> Result<String, String> {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("values.json");
+    std::fs::write(&file, values.to_string()).expect("values file");
+    let output = Command::new(kube_bin_dir().join("helm"))
+        .args(args)
+        .arg(CHART)
+        .arg("--values")
+        .arg(&file)
+        .env("KUBECONFIG", dir.path().join("no-cluster"))
+        .env("HELM_CACHE_HOME", dir.path().join("cache"))
+        .env("HELM_CONFIG_HOME", dir.path().join("config"))
+        .env("HELM_DATA_HOME", dir.path().join("data"))
         .output()
-        .expect("run the Helm library");
-    assert!(
-        output.status.success(),
-        "helm.py {command}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).expect("JSON from helm.py")
+        .expect("run helm");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    if output.status.success() {
+        Ok(stdout)
+    } else {
+        Err(format!(
+            "{stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        ))
+    }
+}
+
+/// `helm install --dry-run=client`: the release as Helm would install it.
+fn dry_run_install(values: &Value, namespace: &str) -> Result<Value, String> {
+    let args = [
+        "install",
+        "mso",
+        "--namespace",
+        namespace,
+        "--dry-run=client",
+        "--output",
+        "json",
+    ];
+    let release = helm(&args, values)?;
+    serde_json::from_str(&release).map_err(|e| format!("helm's release is not JSON: {e}"))
 }
 
 /// The rendered objects of the chart, template by template; panics with Helm's message if it
 /// does not render.
 fn render(values: &Value, namespace: &str) -> Vec<DynamicObject> {
-    let rendered = helm("render", values, &["mso", namespace]);
-    assert!(rendered.get("error").is_none(), "{rendered}");
-    let manifests: BTreeMap<String, String> =
-        serde_json::from_value(rendered).expect("path -> manifest");
+    let release = dry_run_install(values, namespace).unwrap_or_else(|error| panic!("{error}"));
+    let notes = release["info"]["notes"].as_str().unwrap_or_default();
+    assert!(notes.contains("kubectl get mcpsessionpolicies"), "{notes}");
+    let manifest = release["manifest"]
+        .as_str()
+        .expect("the release's manifest");
     let mut objects = Vec::new();
-    for (path, manifest) in manifests {
-        if path.ends_with("NOTES.txt") {
-            assert!(
-                manifest.contains("kubectl get mcpsessionpolicies"),
-                "{manifest}"
-            );
+    // Each document starts with `# Source: <chart>/templates/<file>`.
+    for document in manifest.split("\n---\n") {
+        let path = document
+            .lines()
+            .find_map(|line| line.strip_prefix("# Source: "))
+            .unwrap_or("(no source)")
+            .to_owned();
+        let yaml: serde_yaml::Value = serde_yaml::from_str(document)
+            .unwrap_or_else(|e| panic!("{path} is not YAML: {e}\n{document}"));
+        if yaml.is_null() {
             continue;
         }
-        for document in manifest.split("\n---") {
-            let yaml: serde_yaml::Value = serde_yaml::from_str(document)
-                .unwrap_or_else(|e| panic!("{path} is not YAML: {e}\n{document}"));
-            if yaml.is_null() {
-                continue;
-            }
-            let object: DynamicObject = serde_yaml::from_value(yaml)
-                .unwrap_or_else(|e| panic!("{path} is not an object: {e}\n{document}"));
-            assert!(
-                object.types.is_some() && object.metadata.name.is_some(),
-                "{path}: apiVersion, kind and name: {document}"
-            );
-            objects.push(object);
-        }
+        let object: DynamicObject = serde_yaml::from_value(yaml)
+            .unwrap_or_else(|e| panic!("{path} is not an object: {e}\n{document}"));
+        assert!(
+            object.types.is_some() && object.metadata.name.is_some(),
+            "{path}: apiVersion, kind and name: {document}"
+        );
+        objects.push(object);
     }
     objects
 }
@@ -202,8 +226,9 @@ fn the_chart_renders_lints_and_keeps_the_crd_and_rbac_of_the_repository() {
     );
 
     for values in [json!({}), all_options()] {
-        let report = helm("lint", &values, &[]);
-        assert_eq!(report["errors"], json!([]), "helm lint --strict: {report}");
+        if let Err(report) = helm(&["lint", "--strict"], &values) {
+            panic!("helm lint --strict: {report}");
+        }
     }
 
     // The chart's CRD is the repository's (generated by `mcp-session-operator crd`).
@@ -243,7 +268,10 @@ fn the_chart_renders_lints_and_keeps_the_crd_and_rbac_of_the_repository() {
 fn bad_values_are_refused_by_the_schema_with_the_key_named() {
     for (values, expected) in [
         (json!({"replicaCount": "two"}), "/replicaCount"),
-        (json!({"replicas": 2}), "'replicas' not allowed"),
+        (
+            json!({"replicas": 2}),
+            "additional properties 'replicas' not allowed",
+        ),
         (
             json!({"redis": {"enabled": true, "maxmemoryPolicy": "allkeys-lru"}}),
             "/redis/maxmemoryPolicy",
@@ -258,19 +286,21 @@ fn bad_values_are_refused_by_the_schema_with_the_key_named() {
             "/metrics/serviceMonitor/enabled",
         ),
     ] {
-        let answer = helm("schema", &values, &[]);
-        let error = answer["error"]
-            .as_str()
+        let error = helm(&["lint", "--strict"], &values)
+            .err()
             .unwrap_or_else(|| panic!("{values} accepted"));
         assert!(error.contains(expected), "{values}: {error}");
-        // The same values fail a render (an install) too.
-        let rendered = helm("render", &values, &["mso", "mcp-system"]);
-        assert!(rendered.get("error").is_some(), "{values} rendered");
+        // The same values fail an install too.
+        let install = dry_run_install(&values, "mcp-system");
+        assert!(
+            install.as_ref().is_err_and(|e| e.contains(expected)),
+            "{values} installed: {install:?}"
+        );
     }
-    assert_eq!(helm("schema", &all_options(), &[]), json!({}));
+    assert_eq!(helm(&["lint", "--strict"], &all_options()).err(), None);
 }
 
-/// The chart as `helm install` would apply it to the 1.20 test bed (server-side dry run of
+/// The chart as `helm install` would apply it to the test bed (server-side dry run of
 /// every object first, then for real), its service account's token running the operator
 /// binary (outside the cluster: there is no kubelet), a policy reconciled with that account,
 /// and SubjectAccessReviews of what the account may do (`kubectl auth can-i --as=...`).
@@ -281,19 +311,15 @@ async fn the_chart_installs_and_its_service_account_runs_the_operator_and_nothin
     let workloads = plane.namespace("chart-apps").await;
     let client = &release_ns.client;
     support::operator::install_crd(client).await;
-    // 1.20 serves PodDisruptionBudget as policy/v1beta1 only; `helm install` would see that,
-    // an offline render cannot: the value says so, as a user of `helm template` would.
     // The operator runs outside the cluster here (no kubelet): the apiserver calls it at a
     // loopback URL, which the chart's webhook configurations name.
     let port = support::free_port();
-    let values = json!({"podDisruptionBudget": {"apiVersion": "policy/v1beta1"}, "redis": {"enabled": true},
+    let values = json!({"redis": {"enabled": true},
                         "webhook": {"url": format!("https://127.0.0.1:{port}")}});
     let objects = render(&values, &release_ns.name);
     // Every option on: what the test bed can check (it has no cert-manager nor
     // prometheus-operator CRDs), server-side dry run.
-    let mut everything = all_options();
-    everything["podDisruptionBudget"] = json!({"apiVersion": "policy/v1beta1"});
-    for object in render(&everything, &release_ns.name) {
+    for object in render(&all_options(), &release_ns.name) {
         let api_version = object.types.as_ref().map_or("", |t| t.api_version.as_str());
         if api_version.starts_with("cert-manager.io/")
             || api_version.starts_with("monitoring.coreos.com/")

@@ -1,4 +1,4 @@
-//! Session-aware rollouts end to end, on the 1.20 control plane with every part real: a
+//! Session-aware rollouts end to end, on the 1.35 control plane with every part real: a
 //! Deployment of 3 pods, each a real Python SDK MCP server that the operator's webhook injected
 //! with the session proxy, run by the kubelet stand-in as local processes from the stored pod
 //! spec (the injected preStop hook drains the proxy); a Service whose real EndpointSlices, kept

@@ -1,5 +1,5 @@
-//! Smoke tests of the test bed itself: a real kube-apiserver and kube-controller-manager (1.20,
-//! built from Debian's source) with the kubelet stand-in. Later tests build on each property
+//! Smoke tests of the test bed itself: a real kube-apiserver and kube-controller-manager (1.35,
+//! built from Go modules) with the kubelet stand-in. Later tests build on each property
 //! shown here.
 
 mod support;
@@ -183,7 +183,7 @@ async fn a_crd_applied_from_yaml_is_served_with_server_side_apply_of_status() {
             .is_ok()
     })
     .await;
-    // Status by server-side apply, with a map (what crashed the unpatched 1.20 apiserver).
+    // Status by server-side apply, with a map.
     let status = json!({"apiVersion": "testbed.mcpsession.dev/v1", "kind": "Widget", "metadata": {"name": "w"},
                         "status": {"counts": {"pod-a": 2, "pod-b": 5}}});
     widgets
@@ -221,7 +221,8 @@ async fn the_apiserver_calls_a_webhook_at_a_loopback_https_url() {
         .unwrap_or_default()
     }))
     .await;
-    // 1.20 does not label namespaces with kubernetes.io/metadata.name: select by a label of ours.
+    // Select the test's namespace by a label of ours (the other tests' namespaces, on the same
+    // control plane, must not call this webhook).
     let namespaces: Api<Namespace> = Api::all(ns.client.clone());
     let label = json!({"metadata": {"labels": {"testbed.mcpsession.dev/webhook": ns.name}}});
     namespaces

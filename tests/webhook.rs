@@ -85,10 +85,16 @@ fn pod(
     .unwrap()
 }
 
+/// The names of a pod's containers, init containers (native sidecars among them) first.
 fn containers(pod: &Pod) -> Vec<String> {
     pod.spec
         .iter()
-        .flat_map(|s| s.containers.iter())
+        .flat_map(|s| {
+            s.init_containers
+                .iter()
+                .flatten()
+                .chain(s.containers.iter())
+        })
         .map(|c| c.name.clone())
         .collect()
 }
@@ -159,10 +165,11 @@ async fn selected_pods_get_the_proxy_and_invalid_policies_are_refused() {
         let spec = stored.spec.clone().unwrap();
         assert_eq!(
             containers(&stored),
-            ["server", "mcp-session-proxy"],
-            "classic sidecar on 1.20"
+            ["mcp-session-proxy", "server"],
+            "a native sidecar, as the cluster has them"
         );
-        let proxy = &spec.containers[1];
+        let proxy = &spec.init_containers.as_ref().expect("init containers")[0];
+        assert_eq!(proxy.restart_policy.as_deref(), Some("Always"));
         assert_eq!(
             proxy.image.as_deref(),
             Some("example/mcp-session-operator:test")
@@ -189,7 +196,8 @@ async fn selected_pods_get_the_proxy_and_invalid_policies_are_refused() {
                 .unwrap()
                 .path
                 .as_deref(),
-            Some("/drain")
+            Some("/retire"),
+            "a native sidecar hears of a pod stop only through the backend's hook"
         );
         assert_eq!(spec.termination_grace_period_seconds, Some(35));
         assert_eq!(stored.annotations()["mcpsession.dev/injected-by"], "api");

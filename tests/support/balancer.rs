@@ -1,11 +1,16 @@
 //! A stand-in for a Kubernetes Service's kube-proxy: spreads TCP connections round-robin over
 //! the ready backends. Either it probes backends the test adds (readiness polled every 100 ms),
-//! or it follows a real Service's EndpointSlices, which the real EndpointSlice controller keeps
-//! to the ready, non-terminating pods (polled every 100 ms, as kube-proxy watches them). Not the
-//! Endpoints object: its validation refuses the loopback pod IPs of the kubelet stand-in, which
-//! EndpointSlice validation (discovery.k8s.io/v1beta1 on 1.20) accepts.
+//! or it follows a real Service: the pods its selector selects that are Ready and not
+//! terminating, at its target port (polled every 100 ms), which is what the EndpointSlice
+//! controller publishes and kube-proxy programs. Not the EndpointSlices themselves: on 1.35
+//! their validation refuses the loopback pod IPs of the kubelet stand-in (as the Endpoints
+//! object's always did), so the controller cannot write them; with real pod IPs (a real kubelet
+//! and CNI) the real kube-proxy replaces this.
 //! Connections are never sticky: what an MCP client opens next may reach any ready pod.
 
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use mcp_session_operator::api::pod;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -45,19 +50,16 @@ impl Balancer {
         balancer
     }
 
-    /// Routes to the ready endpoints of the Service's EndpointSlices, at their first port.
-    pub async fn follow_endpoints(client: kube::Client, namespace: &str, service: &str) -> Self {
+    /// Routes to the Service's endpoints: its selected pods that are Ready and not terminating,
+    /// at its first port's target port.
+    pub async fn follow_service(client: kube::Client, namespace: &str, service: &str) -> Self {
         let balancer = Self::listen().await;
-        let resource = kube::api::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
-            "discovery.k8s.io",
-            "v1beta1",
-            "EndpointSlice",
-        ));
-        let slices: kube::Api<kube::api::DynamicObject> =
-            kube::Api::namespaced_with(client, namespace, &resource);
+        let services: kube::Api<Service> = kube::Api::namespaced(client.clone(), namespace);
+        let pods: kube::Api<Pod> = kube::Api::namespaced(client, namespace);
         tokio::spawn(follow(
-            slices,
-            format!("kubernetes.io/service-name={service}"),
+            services,
+            pods,
+            service.to_owned(),
             Arc::downgrade(&balancer.members),
         ));
         balancer
@@ -130,21 +132,18 @@ impl Member {
     }
 }
 
-/// Keeps the members to the slices' ready endpoints until the balancer is dropped.
+/// Keeps the members to the Service's endpoints until the balancer is dropped.
 async fn follow(
-    slices: kube::Api<kube::api::DynamicObject>,
-    selector: String,
+    services: kube::Api<Service>,
+    pods: kube::Api<Pod>,
+    service: String,
     members: std::sync::Weak<Mutex<Vec<Arc<Member>>>>,
 ) {
-    let params = kube::api::ListParams::default().labels(&selector);
     loop {
-        let listed: Vec<SocketAddr> = match slices.list(&params).await {
-            Ok(list) => list.items.iter().flat_map(ready_endpoints).collect(),
+        let Some(listed) = endpoints(&services, &pods, &service).await else {
             // An apiserver hiccup keeps what kube-proxy last programmed.
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
         };
         let Some(members) = members.upgrade() else {
             return;
@@ -177,24 +176,50 @@ async fn follow(
     }
 }
 
-/// The addresses of a slice's endpoints that are not known unready, at the slice's first port.
-fn ready_endpoints(slice: &kube::api::DynamicObject) -> Vec<SocketAddr> {
-    let Some(port) = slice.data["ports"][0]["port"]
-        .as_u64()
-        .and_then(|p| u16::try_from(p).ok())
-    else {
-        return Vec::new();
-    };
-    let endpoints = slice.data["endpoints"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    endpoints
-        .iter()
-        .filter(|e| e["conditions"]["ready"].as_bool() != Some(false))
-        .flat_map(|e| e["addresses"].as_array().cloned().unwrap_or_default())
-        .filter_map(|a| Some(SocketAddr::new(a.as_str()?.parse().ok()?, port)))
-        .collect()
+/// The Service's endpoints as the EndpointSlice controller computes them: each selected pod
+/// with an IP, the Ready condition and no deletion timestamp, at the first port's target port
+/// (a number, or a container port's name); `None` if the apiserver did not answer.
+async fn endpoints(
+    services: &kube::Api<Service>,
+    pods: &kube::Api<Pod>,
+    service: &str,
+) -> Option<Vec<SocketAddr>> {
+    let spec = services.get(service).await.ok()?.spec?;
+    let selector = spec.selector.filter(|s| !s.is_empty())?;
+    let labels: Vec<String> = selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let target = spec.ports?.first()?.target_port.clone()?;
+    let listed = pods
+        .list(&kube::api::ListParams::default().labels(&labels.join(",")))
+        .await
+        .ok()?;
+    Some(
+        listed
+            .items
+            .iter()
+            .filter(|p| pod::takes_requests(p))
+            .filter_map(|p| {
+                let ip = pod::ip(p)?.parse().ok()?;
+                let port = match &target {
+                    IntOrString::Int(port) => *port,
+                    // A named port, of a container or of a native sidecar (an init container),
+                    // as the EndpointSlice controller resolves it.
+                    IntOrString::String(name) => {
+                        p.spec
+                            .iter()
+                            .flat_map(|s| {
+                                s.containers
+                                    .iter()
+                                    .chain(s.init_containers.iter().flatten())
+                            })
+                            .flat_map(|c| c.ports.iter().flatten())
+                            .find(|p| p.name.as_deref() == Some(name))?
+                            .container_port
+                    }
+                };
+                Some(SocketAddr::new(ip, u16::try_from(port).ok()?))
+            })
+            .collect(),
+    )
 }
 
 async fn probe(member: Arc<Member>) {

@@ -1,4 +1,4 @@
-//! The rollout test bed: the 1.20 control plane with every part real. A Deployment of 3 backend
+//! The rollout test bed: the 1.35 control plane with every part real. A Deployment of 3 backend
 //! pods, run by the kubelet stand-in as local processes from the stored pod spec (in sidecar
 //! mode with the session proxy the operator's webhook injected, whose preStop hook drains it);
 //! a Service whose real EndpointSlices, kept by the real EndpointSlice controller, a balancer
@@ -195,7 +195,7 @@ impl Bed {
             .create(&PostParams::default(), &deployment)
             .await
             .expect("create the Deployment");
-        let service = Balancer::follow_endpoints(ns.client.clone(), &ns.name, APP).await;
+        let service = Balancer::follow_service(ns.client.clone(), &ns.name, APP).await;
         service.wait_ready(REPLICAS).await;
         let gateway = match mode {
             Mode::Sidecar => None,
@@ -382,8 +382,7 @@ impl Gateway {
 
     async fn start(ns: &TestNamespace) -> Self {
         let service =
-            Balancer::follow_endpoints(ns.client.clone(), &ns.name, &format!("{APP}-gateway"))
-                .await;
+            Balancer::follow_service(ns.client.clone(), &ns.name, &format!("{APP}-gateway")).await;
         service.wait_ready(Self::REPLICAS).await;
         Self {
             service,
@@ -470,9 +469,10 @@ async fn wait_injecting(ns: &TestNamespace) {
     };
     wait_for(TIMEOUT, "the webhook to inject the proxy", || async {
         pods.create(&dry_run, &probe).await.is_ok_and(|pod| {
+            // A native sidecar (an init container) where the cluster has them, else a container.
             pod.spec
                 .iter()
-                .flat_map(|s| s.containers.iter())
+                .flat_map(|s| s.init_containers.iter().flatten().chain(&s.containers))
                 .any(|c| c.image.as_deref() == Some(PROXY_IMAGE))
         })
     })

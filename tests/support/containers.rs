@@ -4,7 +4,9 @@
 //! as a kubelet would: environment from values and the downward API, the service account's
 //! credentials (a kubeconfig in `KUBECONFIG`), `localhost` and
 //! `0.0.0.0` as the pod's own loopback IP, readiness from the `httpGet` readiness probes,
-//! each container's `httpGet` preStop hook then its SIGTERM, SIGKILL after the grace period.
+//! each container's `httpGet` preStop hook then its SIGTERM, SIGKILL after the grace period,
+//! and native sidecars in the order KEP-753 gives them: started first (each once its startup
+//! probe passes), stopped last, in reverse order, within the pod's one grace period.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -21,6 +23,20 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::process::{Child, Command};
 
 use super::kubelet::PodRuntime;
+
+/// A pod's native sidecars (KEP-753): init containers with `restartPolicy: Always`, in order.
+fn sidecars(pod: &Pod) -> Vec<&Container> {
+    pod.spec
+        .iter()
+        .flat_map(|s| s.init_containers.iter().flatten())
+        .filter(|c| c.restart_policy.as_deref() == Some("Always"))
+        .collect()
+}
+
+/// A pod's app containers.
+fn app_containers(pod: &Pod) -> impl Iterator<Item = &Container> {
+    pod.spec.iter().flat_map(|s| s.containers.iter())
+}
 
 /// The program an image runs, given the container (its args and ports) and the pod's IP;
 /// `None` for an image the test does not know (the pod then never starts).
@@ -107,29 +123,12 @@ impl LocalContainers {
             .and_then(|s| s.pod_ip.as_deref())
             .and_then(|ip| ip.parse().ok())
             .expect("a running pod's IP");
-        let container = pod
-            .spec
-            .iter()
-            .flat_map(|s| s.containers.iter())
+        let container = sidecars(pod)
+            .into_iter()
+            .chain(app_containers(pod))
             .find(|c| c.name == name)
             .expect("the container")
             .clone();
-        if let Some(get) = container
-            .lifecycle
-            .as_ref()
-            .and_then(|l| l.pre_stop.as_ref())
-            .and_then(|h| h.http_get.as_ref())
-            && let Some(port) = port_of(get, &container)
-        {
-            let headers: Vec<(String, String)> = get
-                .http_headers
-                .iter()
-                .flatten()
-                .map(|h| (h.name.clone(), h.value.clone()))
-                .collect();
-            let path = get.path.clone().unwrap_or_default();
-            http_get(ip, port, &path, &headers, grace).await;
-        }
         let old = {
             let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
             let processes = pods.get_mut(&pod.name_any()).expect("a running pod");
@@ -137,18 +136,9 @@ impl LocalContainers {
                 .iter()
                 .position(|p| p.container == name)
                 .expect("the container's process");
-            processes.remove(at).child
+            processes.remove(at)
         };
-        let mut old = old;
-        if let Some(pid) = old.id() {
-            // SAFETY: signalling a child of ours that has not been reaped.
-            unsafe {
-                libc::kill(pid as i32, libc::SIGTERM);
-            }
-        }
-        if tokio::time::timeout(grace, old.wait()).await.is_err() {
-            let _ = old.kill().await;
-        }
+        stop_container(pod, ip, old, tokio::time::Instant::now() + grace).await;
         let child = self
             .spawn(pod, &container, ip)
             .await
@@ -299,9 +289,37 @@ async fn http_get(
 
 #[async_trait]
 impl PodRuntime for LocalContainers {
+    /// Starts the native sidecars first, in order, each once its startup probe passes (as
+    /// the kubelet does: the next container starts only then), then the app containers.
     async fn start(&self, pod: &Pod, ip: Ipv4Addr) {
         let mut processes = Vec::new();
-        for container in pod.spec.iter().flat_map(|s| s.containers.iter()) {
+        for container in sidecars(pod) {
+            let Some(child) = self.spawn(pod, container, ip).await else {
+                return;
+            };
+            processes.push(Process::of(container, child));
+            if let Some(get) = container
+                .startup_probe
+                .as_ref()
+                .and_then(|p| p.http_get.as_ref())
+                && let Some(port) = port_of(get, container)
+            {
+                let path = get.path.as_deref().unwrap_or("/");
+                let started = tokio::time::Instant::now();
+                while !http_get(ip, port, path, &[], Duration::from_secs(1))
+                    .await
+                    .is_some_and(|status| (200..400).contains(&status))
+                {
+                    assert!(
+                        started.elapsed() < Duration::from_secs(60),
+                        "the startup probe of {} never passed",
+                        container.name
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        for container in app_containers(pod) {
             let Some(child) = self.spawn(pod, container, ip).await else {
                 return;
             };
@@ -313,8 +331,8 @@ impl PodRuntime for LocalContainers {
             .insert(pod.name_any(), processes);
     }
 
-    /// Ready when every container's readiness probe (an `httpGet`) answers 2xx, and a container
-    /// without one has a process running.
+    /// Ready when every container's readiness probe (an `httpGet`) answers 2xx, native sidecars
+    /// included, and a container without one has a process running.
     async fn ready(&self, pod: &Pod, ip: Ipv4Addr) -> bool {
         if !self
             .pods
@@ -324,7 +342,7 @@ impl PodRuntime for LocalContainers {
         {
             return false;
         }
-        for container in pod.spec.iter().flat_map(|s| s.containers.iter()) {
+        for container in sidecars(pod).into_iter().chain(app_containers(pod)) {
             let Some(get) = container
                 .readiness_probe
                 .as_ref()
@@ -346,63 +364,69 @@ impl PodRuntime for LocalContainers {
         true
     }
 
-    /// Stops every container at once, each as a kubelet does: its `httpGet` preStop hook, then
-    /// SIGTERM, then SIGKILL at the end of the grace period. A container without a hook gets
-    /// SIGTERM at once, while the others' hooks still run.
+    /// Stops the pod as a kubelet does, within one grace period: the app containers (classic
+    /// sidecars among them) at once, each its `httpGet` preStop hook, then SIGTERM; once they
+    /// have exited, the native sidecars one by one in reverse order, each its hook and SIGTERM
+    /// (KEP-753). SIGKILL for whatever still runs at the end of the grace period.
     async fn stop(&self, pod: &Pod, ip: Ipv4Addr, grace: Duration) {
         let deadline = tokio::time::Instant::now() + grace;
-        let hooks: HashMap<String, (i32, String, Vec<(String, String)>)> = pod
-            .spec
-            .iter()
-            .flat_map(|s| {
-                s.containers
-                    .iter()
-                    .chain(s.init_containers.iter().flatten())
-            })
-            .filter_map(|c| {
-                let get = c.lifecycle.as_ref()?.pre_stop.as_ref()?.http_get.as_ref()?;
-                let headers = get
-                    .http_headers
-                    .iter()
-                    .flatten()
-                    .map(|h| (h.name.clone(), h.value.clone()))
-                    .collect();
-                Some((
-                    c.name.clone(),
-                    (
-                        port_of(get, c)?,
-                        get.path.clone().unwrap_or_default(),
-                        headers,
-                    ),
-                ))
-            })
-            .collect();
-        let processes = self.take(&pod.name_any());
-        let stops = processes.into_iter().map(|process| {
-            let hook = hooks.get(&process.container).cloned();
-            let mut child = process.child;
-            async move {
-                if let Some((port, path, headers)) = hook {
-                    let _ = tokio::time::timeout_at(
-                        deadline,
-                        http_get(ip, port, &path, &headers, Duration::from_secs(120)),
-                    )
-                    .await;
-                }
-                if let Some(pid) = child.id() {
-                    // SAFETY: signalling a child of ours that has not been reaped.
-                    unsafe {
-                        libc::kill(pid as i32, libc::SIGTERM);
-                    }
-                }
-                if tokio::time::timeout_at(deadline, child.wait())
-                    .await
-                    .is_err()
-                {
-                    let _ = child.kill().await;
-                }
+        let sidecar_names: Vec<String> = sidecars(pod).iter().map(|c| c.name.clone()).collect();
+        let mut processes = self.take(&pod.name_any());
+        let mut sidecar_processes = Vec::new();
+        for name in &sidecar_names {
+            if let Some(at) = processes.iter().position(|p| &p.container == name) {
+                sidecar_processes.push(processes.remove(at));
             }
-        });
+        }
+        let stops = processes
+            .into_iter()
+            .map(|process| stop_container(pod, ip, process, deadline));
         futures::future::join_all(stops).await;
+        for process in sidecar_processes.into_iter().rev() {
+            stop_container(pod, ip, process, deadline).await;
+        }
+    }
+}
+
+/// Stops one container as a kubelet does: its `httpGet` preStop hook (if it has one), then
+/// SIGTERM, then SIGKILL at `deadline`.
+async fn stop_container(pod: &Pod, ip: Ipv4Addr, process: Process, deadline: tokio::time::Instant) {
+    let container = sidecars(pod)
+        .into_iter()
+        .chain(app_containers(pod))
+        .find(|c| c.name == process.container);
+    if let Some(container) = container
+        && let Some(get) = container
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.pre_stop.as_ref())
+            .and_then(|h| h.http_get.as_ref())
+        && let Some(port) = port_of(get, container)
+    {
+        let headers: Vec<(String, String)> = get
+            .http_headers
+            .iter()
+            .flatten()
+            .map(|h| (h.name.clone(), h.value.clone()))
+            .collect();
+        let path = get.path.clone().unwrap_or_default();
+        let _ = tokio::time::timeout_at(
+            deadline,
+            http_get(ip, port, &path, &headers, Duration::from_secs(120)),
+        )
+        .await;
+    }
+    let mut child = process.child;
+    if let Some(pid) = child.id() {
+        // SAFETY: signalling a child of ours that has not been reaped.
+        unsafe {
+            libc::kill(pid as i32, libc::SIGTERM);
+        }
+    }
+    if tokio::time::timeout_at(deadline, child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
     }
 }

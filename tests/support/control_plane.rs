@@ -1,10 +1,11 @@
-//! A real Kubernetes control plane for the tests: etcd, kube-apiserver and
-//! kube-controller-manager (built from Debian's source by tests/cluster/build.sh) on free
+//! A real Kubernetes control plane for the tests: etcd 3.6, kube-apiserver and
+//! kube-controller-manager of today (built from Go modules by tests/cluster/build.sh) on free
 //! loopback ports, one per test binary, plus a kubelet stand-in (see `kubelet`).
 //!
 //! The processes are spawned from a keeper thread that lives as long as the test process, with
 //! PDEATHSIG: when the test binary exits (or is killed), the kernel kills them; nothing strays.
 
+use std::io::Write as _;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,7 +21,7 @@ use kube::core::GroupVersionKind;
 use kube::{Client, Config};
 
 use super::wait::wait_for;
-use super::{die_with_parent, free_port, require_program};
+use super::{die_with_parent, free_port};
 
 const ADMIN_TOKEN_FILE: &str = "admin.token";
 pub const SERVICE_ACCOUNT_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
@@ -56,12 +57,18 @@ pub fn control_plane() -> &'static ControlPlane {
 }
 
 /// Where tests/cluster/build.sh put the binaries (`MCP_TEST_KUBE_BIN`, set by scripts/test.sh).
-fn kube_bin_dir() -> PathBuf {
+pub fn kube_bin_dir() -> PathBuf {
     let dir = std::env::var("MCP_TEST_KUBE_BIN").unwrap_or_else(|_| {
         panic!("MCP_TEST_KUBE_BIN is not set: run scripts/test.sh, or `export MCP_TEST_KUBE_BIN=$(tests/cluster/build.sh)`")
     });
     let dir = PathBuf::from(dir);
-    for binary in ["kube-apiserver", "kube-controller-manager"] {
+    for binary in [
+        "etcd",
+        "kube-apiserver",
+        "kube-controller-manager",
+        "kubectl",
+        "helm",
+    ] {
         assert!(
             dir.join(binary).is_file(),
             "{} missing: run tests/cluster/build.sh",
@@ -101,7 +108,7 @@ impl ControlPlane {
         let peer_url = format!("http://127.0.0.1:{etcd_peer_port}");
         plane.spawn(
             "etcd",
-            Command::new(require_program("etcd", "etcd-server")).args([
+            Command::new(bin.join("etcd")).args([
                 "--data-dir",
                 &path("etcd").display().to_string(),
                 "--listen-client-urls",
@@ -125,7 +132,6 @@ impl ControlPlane {
                 "--bind-address=127.0.0.1",
                 "--advertise-address=127.0.0.1",
                 &format!("--secure-port={api_port}"),
-                "--insecure-port=0",
                 &format!("--cert-dir={}", p("apiserver-certs")),
                 &format!("--tls-cert-file={}", p("apiserver.pem")),
                 &format!("--tls-private-key-file={}", p("apiserver.key")),
@@ -148,7 +154,6 @@ impl ControlPlane {
             Command::new(bin.join("kube-controller-manager")).args([
                 &format!("--kubeconfig={}", p("kubeconfig")),
                 "--leader-elect=false",
-                "--port=0",
                 "--secure-port=0",
                 "--use-service-account-credentials=false",
                 &format!("--service-account-private-key-file={}", p("sa.key")),
@@ -162,6 +167,30 @@ impl ControlPlane {
             "control plane ready on https://127.0.0.1:{api_port} in {:.1?} ({})",
             started.elapsed(),
             dir.display()
+        );
+        // What the bed runs, as the real kubectl reports it.
+        let version = Command::new(bin.join("kubectl"))
+            .arg("--kubeconfig")
+            .arg(&plane.kubeconfig)
+            .args(["version", "--output=yaml"])
+            .output()
+            .expect("run kubectl version");
+        assert!(
+            version.status.success(),
+            "kubectl version: {}",
+            String::from_utf8_lossy(&version.stderr)
+        );
+        let version = String::from_utf8_lossy(&version.stdout);
+        let versions: Vec<&str> = version
+            .lines()
+            .filter(|line| line.trim_start().starts_with("gitVersion:"))
+            .map(str::trim)
+            .collect();
+        // Past the test harness's capture, so that every run's log says what it ran on.
+        let _ = writeln!(
+            std::io::stderr(),
+            "kubectl version (client, server): {}",
+            versions.join(", ")
         );
         plane
     }

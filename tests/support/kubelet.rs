@@ -1,7 +1,8 @@
 //! A kubelet stand-in, driven by the tests: registers a Node, binds the pending pods of one
 //! namespace to it, runs what the test's [`PodRuntime`] starts for each pod, reports pods
-//! Running and Ready with a loopback pod IP of their own, and on graceful deletion runs the
-//! pod's preStop action, stops it within the grace period and removes it, as a kubelet does.
+//! Running and Ready with a loopback pod IP of their own (and probes readiness on, reporting
+//! each change), and on graceful deletion runs the pod's preStop action, stops it within the
+//! grace period and removes it, as a kubelet does.
 
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
@@ -10,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Container, Node, Pod};
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
@@ -101,6 +102,17 @@ async fn register_node(client: &Client, name: &str) {
         .patch_status(name, &PatchParams::default(), &Patch::Merge(status))
         .await
         .expect("node status");
+}
+
+/// A scheduled, initialized pod's conditions, ready or not.
+fn conditions(ready: bool) -> serde_json::Value {
+    let ready = if ready { "True" } else { "False" };
+    json!([
+        {"type": "PodScheduled", "status": "True", "lastTransitionTime": now()},
+        {"type": "Initialized", "status": "True", "lastTransitionTime": now()},
+        {"type": "ContainersReady", "status": ready, "lastTransitionTime": now()},
+        {"type": "Ready", "status": ready, "lastTransitionTime": now()},
+    ])
 }
 
 fn now() -> String {
@@ -228,21 +240,28 @@ impl Worker {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        let running = |c: &Container| {
+            json!({"name": c.name, "image": c.image.clone().unwrap_or_default(), "imageID": "",
+            "ready": true, "restartCount": 0, "started": true, "state": {"running": {"startedAt": now()}}})
+        };
         let containers: Vec<serde_json::Value> = pod
             .spec
             .iter()
             .flat_map(|s| s.containers.iter())
-            .map(|c| json!({"name": c.name, "image": c.image.clone().unwrap_or_default(), "imageID": "", "ready": true,
-                            "restartCount": 0, "started": true, "state": {"running": {"startedAt": now()}}}))
+            .map(running)
+            .collect();
+        // Native sidecars run beside them (the stand-in's runtime started them first).
+        let sidecars: Vec<serde_json::Value> = pod
+            .spec
+            .iter()
+            .flat_map(|s| s.init_containers.iter().flatten())
+            .filter(|c| c.restart_policy.as_deref() == Some("Always"))
+            .map(running)
             .collect();
         let ready = json!({"status": {
-            "conditions": [
-                {"type": "PodScheduled", "status": "True", "lastTransitionTime": now()},
-                {"type": "Initialized", "status": "True", "lastTransitionTime": now()},
-                {"type": "ContainersReady", "status": "True", "lastTransitionTime": now()},
-                {"type": "Ready", "status": "True", "lastTransitionTime": now()},
-            ],
+            "conditions": conditions(true),
             "containerStatuses": containers,
+            "initContainerStatuses": sidecars,
         }});
         if self
             .pods
@@ -250,7 +269,39 @@ impl Worker {
             .await
             .is_ok()
         {
-            self.record(PodEvent::Ready(name));
+            self.record(PodEvent::Ready(name.clone()));
+            tokio::spawn(self.probe_readiness(pod, name, ip));
+        }
+    }
+
+    /// Probes a running pod's readiness every second, as a kubelet runs readiness probes (the
+    /// injected proxy's every 2 s), and reports each change in its Ready condition, until the
+    /// pod terminates (which reports it not ready itself).
+    async fn probe_readiness(self: Arc<Self>, pod: Pod, name: String, ip: Ipv4Addr) {
+        let mut ready = true;
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let terminating = self
+                .terminating
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&name);
+            if terminating {
+                return;
+            }
+            let now_ready = self.runtime.ready(&pod, ip).await;
+            if now_ready == ready {
+                continue;
+            }
+            let status = json!({"status": {"conditions": conditions(now_ready)}});
+            if self
+                .pods
+                .patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
+                .await
+                .is_ok()
+            {
+                ready = now_ready;
+            }
         }
     }
 
