@@ -27,9 +27,13 @@ if complete; then
   exit 0
 fi
 
+# The machine's Go (these machines keep it in /usr/local/go; a login shell puts it on PATH).
+command -v go >/dev/null || [ ! -x /usr/local/go/bin/go ] || PATH="/usr/local/go/bin:$PATH"
 command -v go >/dev/null || die "no Go toolchain on PATH: Kubernetes $KUBERNETES_VERSION needs Go 1.25 or newer"
+go_minor="$(go env GOVERSION | sed -n 's/^go1\.\([0-9]*\).*/\1/p')"
+[ "${go_minor:-0}" -ge 25 ] || die "$(go env GOVERSION) is too old: Kubernetes $KUBERNETES_VERSION needs Go 1.25 or newer"
 # The module and build caches live beside the binaries' cache, outside the checkout.
-export GOMODCACHE="${GOMODCACHE_OVERRIDE:-$CACHE_DIR/go/mod}" GOCACHE="$CACHE_DIR/go/build"
+export GOMODCACHE="$CACHE_DIR/go/mod" GOCACHE="$CACHE_DIR/go/build"
 export GOFLAGS=-mod=mod GOTOOLCHAIN=local CGO_ENABLED=0
 work="$CACHE_DIR/kubernetes/build"
 rm -rf "$work" && mkdir -p "$work" "$cache"
