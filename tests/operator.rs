@@ -588,9 +588,10 @@ async fn bad_input_is_a_condition_and_other_policies_and_namespaces_are_unaffect
     apply(
         &ns.client,
         &ns.name,
+        // The schema's pattern and CEL rules pass it; only parsing the URL finds it bad.
         &policy(
-            "empty-selector",
-            json!({"selector": {}, "redis": {"url": redis.url()}}),
+            "bad-url",
+            json!({"selector": selector, "redis": {"url": "redis://r:99999"}}),
         ),
     )
     .await;
@@ -623,19 +624,15 @@ async fn bad_input_is_a_condition_and_other_policies_and_namespaces_are_unaffect
         |s| condition(s, "Ready").1 == "RedisUnreachable",
     )
     .await;
-    let invalid = status_until(
-        &ns.client,
-        &ns.name,
-        "empty-selector",
-        "InvalidPolicy",
-        |s| condition(s, "Ready").1 == "InvalidPolicy",
-    )
+    let invalid = status_until(&ns.client, &ns.name, "bad-url", "InvalidPolicy", |s| {
+        condition(s, "Ready").1 == "InvalidPolicy"
+    })
     .await;
     assert!(
         invalid
             .conditions
             .iter()
-            .any(|c| c.message.contains("spec.selector selects nothing"))
+            .any(|c| c.message.contains("spec.redis.url"))
     );
     wait_for(TIMEOUT, "a SecretNotFound event", || async {
         events(&ns.client, &ns.name, "SecretNotFound").await >= 1

@@ -8,13 +8,15 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, PostParams};
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
+};
 use kube::{Client, ResourceExt as _};
 use mcp_session_operator::api::McpSessionPolicy;
 use serde_json::json;
 use support::control_plane::{ControlPlane, TestNamespace, control_plane};
 use support::operator::{Operator, install_crd, operator_kubeconfig, wait_webhook_ready};
-use support::wait::wait_for;
+use support::wait::{wait_for, wait_until};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const SECRET: &str = "mcp-session-operator-webhook-tls";
@@ -305,7 +307,8 @@ async fn selected_pods_get_the_proxy_and_invalid_policies_are_refused() {
     .await;
 
     // What the schema cannot check, refused with the webhook's message.
-    let refusals = [
+    // What needs the cluster or parsing: the validating webhook refuses it.
+    let by_webhook = [
         (
             policy(
                 "overlap",
@@ -313,6 +316,28 @@ async fn selected_pods_get_the_proxy_and_invalid_policies_are_refused() {
             ),
             "overlaps with McpSessionPolicy \"api\"",
         ),
+        (
+            policy(
+                "url",
+                json!({"selector": {"matchLabels": {"app": "d"}}, "redis": {"url": "redis://:secret@host:notaport"}}),
+            ),
+            "spec.redis.url: invalid Redis URL",
+        ),
+    ];
+    for (object, message) in by_webhook {
+        let err = create_policy(&ns.client, &ns.name, object)
+            .await
+            .expect_err("refused");
+        assert!(
+            err.contains("admission webhook \"policies.mcpsession.dev\" denied the request"),
+            "{err}"
+        );
+        assert!(err.contains(message), "{message} in {err}");
+        assert!(!err.contains(":secret@"), "no password in messages: {err}");
+    }
+    // What the schema can say: its CEL rules refuse it before any webhook is called, with the
+    // webhook's own words.
+    let by_schema = [
         (
             policy(
                 "both",
@@ -334,24 +359,13 @@ async fn selected_pods_get_the_proxy_and_invalid_policies_are_refused() {
             ),
             "proxyPort and upstreamPort must differ",
         ),
-        (
-            policy(
-                "url",
-                json!({"selector": {"matchLabels": {"app": "d"}}, "redis": {"url": "redis://:secret@host:notaport"}}),
-            ),
-            "spec.redis.url: invalid Redis URL",
-        ),
     ];
-    for (object, message) in refusals {
+    for (object, message) in by_schema {
         let err = create_policy(&ns.client, &ns.name, object)
             .await
             .expect_err("refused");
-        assert!(
-            err.contains("admission webhook \"policies.mcpsession.dev\" denied the request"),
-            "{err}"
-        );
+        assert!(!err.contains("admission webhook"), "{err}");
         assert!(err.contains(message), "{message} in {err}");
-        assert!(!err.contains(":secret@"), "no password in messages: {err}");
     }
     assert!(operator.is_running(), "{}", operator.logs());
 }
@@ -604,4 +618,77 @@ async fn certificates_from_files_are_served_and_reloaded() {
     })
     .await;
     assert!(operator.is_running(), "{}", operator.logs());
+}
+
+/// A namespace that enforces the `restricted` Pod Security profile admits a pod the webhook
+/// injected, and refuses one whose own spec breaks the profile for the backend's container
+/// alone: the proxy's patch never adds a violation.
+#[tokio::test]
+async fn restricted_pod_security_admits_injected_pods_and_blames_only_the_backend() {
+    let _serial = SERIAL.lock().await;
+    let plane = control_plane();
+    // The operator serves the webhooks for as long as it is held.
+    let Setup {
+        ns,
+        operator: _operator,
+        operator_ns: _operator_ns,
+        ..
+    } = setup(plane, "restricted", &[]).await;
+    let label = json!({"metadata": {"labels": {
+        "pod-security.kubernetes.io/enforce": "restricted",
+        "pod-security.kubernetes.io/enforce-version": "latest",
+    }}});
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(ns.client.clone())
+        .patch(&ns.name, &PatchParams::default(), &Patch::Merge(label))
+        .await
+        .expect("label the namespace restricted");
+    create_policy(
+        &ns.client,
+        &ns.name,
+        policy(
+            "api",
+            json!({"selector": {"matchLabels": {"app": "api"}},
+        "redis": {"url": "redis://127.0.0.1:6379"}}),
+        ),
+    )
+    .await
+    .expect("a valid policy is admitted");
+    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
+    let restricted: Pod = serde_json::from_value(json!({
+        "metadata": {"labels": {"app": "api"}},
+        "spec": {"securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
+                 "containers": [{"name": "server", "image": "example/mcp:1", "ports": [{"containerPort": 8000}],
+                                 "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}}}]},
+    }))
+    .unwrap();
+    // The webhook reads policies from its store: retried until it has this one.
+    let admitted = wait_until(TIMEOUT, "an injected pod admitted", || async {
+        let mut pod = restricted.clone();
+        pod.metadata.name = Some(format!("ok-{:04x}", rand::random::<u16>()));
+        match pods.create(&PostParams::default(), &pod).await {
+            Ok(created) if containers(&created).contains(&"mcp-session-proxy".to_owned()) => {
+                Ok(created)
+            }
+            Ok(created) => Err(format!("not injected: {:?}", containers(&created))),
+            Err(error) => Err(error.to_string()),
+        }
+    })
+    .await;
+    assert_eq!(containers(&admitted), ["mcp-session-proxy", "server"]);
+
+    let careless = pod("careless", json!({"app": "api"}), json!({}), &[8000]);
+    let refusal = pods
+        .create(&PostParams::default(), &careless)
+        .await
+        .expect_err("a pod that breaks the profile is refused")
+        .to_string();
+    assert!(
+        refusal.contains("violates PodSecurity \"restricted:latest\""),
+        "{refusal}"
+    );
+    assert!(refusal.contains("\"server\""), "{refusal}");
+    assert!(
+        !refusal.contains("mcp-session-proxy"),
+        "the injected proxy breaks nothing: {refusal}"
+    );
 }

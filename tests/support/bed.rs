@@ -114,6 +114,9 @@ impl Bed {
     pub async fn start(prefix: &str, rollout: Value, mode: Mode, backend: BackendImages) -> Self {
         let plane = control_plane();
         let ns = plane.namespace(prefix).await;
+        // Pod Security admission at its strictest: the injected proxies, the gateway and the
+        // backends' own spec must all pass it, or no pod starts.
+        enforce_restricted(&ns).await;
         let operator_ns = plane.namespace(&format!("{prefix}-op")).await;
         install_crd(&ns.client).await;
         let kubeconfig = operator_kubeconfig(plane, &ns.client, &operator_ns.name).await;
@@ -187,7 +190,9 @@ impl Bed {
             "spec": {"replicas": REPLICAS, "minReadySeconds": 2, "selector": {"matchLabels": {"app": APP}},
                      "strategy": {"rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
                      "template": {"metadata": {"labels": {"app": APP}},
-                                  "spec": {"containers": [{"name": "server", "image": V1, "ports": [port]}]}}},
+                                  "spec": {"securityContext": restricted_pod(),
+                                           "containers": [{"name": "server", "image": V1, "ports": [port],
+                                                           "securityContext": restricted_container()}]}}},
         }))
         .expect("deployment");
         let deployments: Api<Deployment> = Api::namespaced(ns.client.clone(), &ns.name);
@@ -257,10 +262,12 @@ impl Bed {
     }
 
     /// `kubectl set image`: a new backend version in the pod template.
+    /// What `kubectl set image deployment/mcp server=IMAGE` does: a strategic merge patch,
+    /// which merges the container by name and keeps the rest of it.
     pub async fn set_image(&self, image: &str) {
         let patch = json!({"spec": {"template": {"spec": {"containers": [{"name": "server", "image": image}]}}}});
         self.deployments
-            .patch(APP, &PatchParams::default(), &Patch::Merge(&patch))
+            .patch(APP, &PatchParams::default(), &Patch::Strategic(&patch))
             .await
             .expect("set image");
     }
@@ -455,12 +462,36 @@ impl Gateway {
 /// The admin port of the gateways the operator runs (its `--proxy-admin-port`).
 pub const GATEWAY_ADMIN_PORT: u16 = 8091;
 
+/// Labels `ns` so that Pod Security admission enforces the `restricted` profile there.
+async fn enforce_restricted(ns: &TestNamespace) {
+    let label = json!({"metadata": {"labels": {
+        "pod-security.kubernetes.io/enforce": "restricted",
+        "pod-security.kubernetes.io/enforce-version": "latest",
+    }}});
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(ns.client.clone())
+        .patch(&ns.name, &PatchParams::default(), &Patch::Merge(label))
+        .await
+        .expect("label the namespace restricted");
+}
+
+/// A backend pod's security context as the `restricted` profile asks for it.
+fn restricted_pod() -> Value {
+    json!({"runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": {"type": "RuntimeDefault"}})
+}
+
+/// A backend container's security context as the `restricted` profile asks for it.
+fn restricted_container() -> Value {
+    json!({"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}})
+}
+
 /// Until the webhook has the policy: a dry-run pod comes back with the proxy.
 async fn wait_injecting(ns: &TestNamespace) {
     let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
     let probe: Pod = serde_json::from_value(json!({
         "metadata": {"name": "probe", "labels": {"app": APP}},
-        "spec": {"containers": [{"name": "server", "image": V1, "ports": [{"containerPort": BACKEND_PORT}]}]},
+        "spec": {"securityContext": restricted_pod(),
+                 "containers": [{"name": "server", "image": V1, "ports": [{"containerPort": BACKEND_PORT}],
+                                 "securityContext": restricted_container()}]},
     }))
     .expect("pod");
     let dry_run = PostParams {
