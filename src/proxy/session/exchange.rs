@@ -12,8 +12,7 @@ use tracing::debug;
 
 use crate::proxy::answers::{Failure, header_or_empty};
 use crate::proxy::backoff;
-use crate::proxy::mcp::protocol::StreamKind;
-use crate::proxy::mcp::protocol::{self, MessageHead, SESSION_HEADER};
+use crate::proxy::mcp::protocol::{self, MessageHead, SESSION_HEADER, StreamKind};
 use crate::proxy::session::table::{Lookup, Stale, UpstreamSession};
 use crate::proxy::upstream::{Answer, Outbound, UpstreamError};
 use crate::proxy::{Proxy, metrics};

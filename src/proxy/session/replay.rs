@@ -12,8 +12,7 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use crate::proxy::answers::{Failure, Unknown, header_or_empty};
 use crate::proxy::backoff;
-use crate::proxy::mcp::protocol::StreamKind;
-use crate::proxy::mcp::protocol::{self, PROTOCOL_VERSION_HEADER, SESSION_HEADER};
+use crate::proxy::mcp::protocol::{self, PROTOCOL_VERSION_HEADER, SESSION_HEADER, StreamKind};
 use crate::proxy::session::exchange::{Bound, Exchange, MAX_ATTEMPTS, Signal, session_signal};
 use crate::proxy::session::table::{Lookup, Mapping, Stale, Transport, UpstreamSession};
 use crate::proxy::upstream::{Outbound, UpstreamError};

@@ -9,8 +9,9 @@ use axum::response::{IntoResponse, Response};
 use tracing::{debug, info, warn};
 
 use crate::proxy::answers::header_or_empty;
-use crate::proxy::mcp::protocol::StreamKind;
-use crate::proxy::mcp::protocol::{self, LAST_EVENT_ID_HEADER, MessageHead, SESSION_HEADER};
+use crate::proxy::mcp::protocol::{
+    self, LAST_EVENT_ID_HEADER, MessageHead, SESSION_HEADER, StreamKind,
+};
 use crate::proxy::metrics::KindLabels;
 use crate::proxy::session::exchange::{Bound, Exchange};
 use crate::proxy::session::table::Lookup;
