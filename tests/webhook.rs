@@ -8,13 +8,14 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{
-    Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
-};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, PostParams};
 use kube::{Client, ResourceExt as _};
 use mcp_session_operator::api::McpSessionPolicy;
 use serde_json::json;
-use support::control_plane::{ControlPlane, TestNamespace, control_plane};
+use support::control_plane::{
+    ControlPlane, TestNamespace, control_plane, restricted_container_security,
+    restricted_pod_security,
+};
 use support::operator::{Operator, install_crd, operator_kubeconfig, wait_webhook_ready};
 use support::wait::{wait_for, wait_until};
 
@@ -634,14 +635,7 @@ async fn restricted_pod_security_admits_injected_pods_and_blames_only_the_backen
         operator_ns: _operator_ns,
         ..
     } = setup(plane, "restricted", &[]).await;
-    let label = json!({"metadata": {"labels": {
-        "pod-security.kubernetes.io/enforce": "restricted",
-        "pod-security.kubernetes.io/enforce-version": "latest",
-    }}});
-    Api::<k8s_openapi::api::core::v1::Namespace>::all(ns.client.clone())
-        .patch(&ns.name, &PatchParams::default(), &Patch::Merge(label))
-        .await
-        .expect("label the namespace restricted");
+    ns.enforce_restricted().await;
     create_policy(
         &ns.client,
         &ns.name,
@@ -656,9 +650,9 @@ async fn restricted_pod_security_admits_injected_pods_and_blames_only_the_backen
     let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
     let restricted: Pod = serde_json::from_value(json!({
         "metadata": {"labels": {"app": "api"}},
-        "spec": {"securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
+        "spec": {"securityContext": restricted_pod_security(),
                  "containers": [{"name": "server", "image": "example/mcp:1", "ports": [{"containerPort": 8000}],
-                                 "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}}}]},
+                                 "securityContext": restricted_container_security()}]},
     }))
     .unwrap();
     // The webhook reads policies from its store: retried until it has this one.

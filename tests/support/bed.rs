@@ -22,7 +22,9 @@ use serde_json::{Value, json};
 
 use super::balancer::Balancer;
 use super::containers::LocalContainers;
-use super::control_plane::{TestNamespace, control_plane};
+use super::control_plane::{
+    TestNamespace, control_plane, restricted_container_security, restricted_pod_security,
+};
 use super::kubelet::KubeletStandIn;
 use super::operator::{
     Operator, PROXY_IMAGE, install_crd, operator_kubeconfig, wait_webhook_ready,
@@ -116,7 +118,7 @@ impl Bed {
         let ns = plane.namespace(prefix).await;
         // Pod Security admission at its strictest: the injected proxies, the gateway and the
         // backends' own spec must all pass it, or no pod starts.
-        enforce_restricted(&ns).await;
+        ns.enforce_restricted().await;
         let operator_ns = plane.namespace(&format!("{prefix}-op")).await;
         install_crd(&ns.client).await;
         let kubeconfig = operator_kubeconfig(plane, &ns.client, &operator_ns.name).await;
@@ -190,9 +192,9 @@ impl Bed {
             "spec": {"replicas": REPLICAS, "minReadySeconds": 2, "selector": {"matchLabels": {"app": APP}},
                      "strategy": {"rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
                      "template": {"metadata": {"labels": {"app": APP}},
-                                  "spec": {"securityContext": restricted_pod(),
+                                  "spec": {"securityContext": restricted_pod_security(),
                                            "containers": [{"name": "server", "image": V1, "ports": [port],
-                                                           "securityContext": restricted_container()}]}}},
+                                                           "securityContext": restricted_container_security()}]}}},
         }))
         .expect("deployment");
         let deployments: Api<Deployment> = Api::namespaced(ns.client.clone(), &ns.name);
@@ -462,36 +464,14 @@ impl Gateway {
 /// The admin port of the gateways the operator runs (its `--proxy-admin-port`).
 pub const GATEWAY_ADMIN_PORT: u16 = 8091;
 
-/// Labels `ns` so that Pod Security admission enforces the `restricted` profile there.
-async fn enforce_restricted(ns: &TestNamespace) {
-    let label = json!({"metadata": {"labels": {
-        "pod-security.kubernetes.io/enforce": "restricted",
-        "pod-security.kubernetes.io/enforce-version": "latest",
-    }}});
-    Api::<k8s_openapi::api::core::v1::Namespace>::all(ns.client.clone())
-        .patch(&ns.name, &PatchParams::default(), &Patch::Merge(label))
-        .await
-        .expect("label the namespace restricted");
-}
-
-/// A backend pod's security context as the `restricted` profile asks for it.
-fn restricted_pod() -> Value {
-    json!({"runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": {"type": "RuntimeDefault"}})
-}
-
-/// A backend container's security context as the `restricted` profile asks for it.
-fn restricted_container() -> Value {
-    json!({"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}})
-}
-
 /// Until the webhook has the policy: a dry-run pod comes back with the proxy.
 async fn wait_injecting(ns: &TestNamespace) {
     let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
     let probe: Pod = serde_json::from_value(json!({
         "metadata": {"name": "probe", "labels": {"app": APP}},
-        "spec": {"securityContext": restricted_pod(),
+        "spec": {"securityContext": restricted_pod_security(),
                  "containers": [{"name": "server", "image": V1, "ports": [{"containerPort": BACKEND_PORT}],
-                                 "securityContext": restricted_container()}]},
+                                 "securityContext": restricted_container_security()}]},
     }))
     .expect("pod");
     let dry_run = PostParams {

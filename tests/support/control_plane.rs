@@ -367,6 +367,31 @@ pub struct TestNamespace {
     pub client: Client,
 }
 
+impl TestNamespace {
+    /// Labels the namespace so that Pod Security admission enforces the `restricted` profile,
+    /// at the server's latest version, on the pods created in it.
+    pub async fn enforce_restricted(&self) {
+        let label = serde_json::json!({"metadata": {"labels": {
+            "pod-security.kubernetes.io/enforce": "restricted",
+            "pod-security.kubernetes.io/enforce-version": "latest",
+        }}});
+        Api::<Namespace>::all(self.client.clone())
+            .patch(&self.name, &PatchParams::default(), &Patch::Merge(label))
+            .await
+            .expect("label the namespace restricted");
+    }
+}
+
+/// A pod's security context as the `restricted` Pod Security profile asks for it.
+pub fn restricted_pod_security() -> serde_json::Value {
+    serde_json::json!({"runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": {"type": "RuntimeDefault"}})
+}
+
+/// A container's security context as the `restricted` Pod Security profile asks for it.
+pub fn restricted_container_security() -> serde_json::Value {
+    serde_json::json!({"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}})
+}
+
 impl Drop for TestNamespace {
     fn drop(&mut self) {
         let (client, name) = (self.client.clone(), self.name.clone());
