@@ -216,16 +216,10 @@ impl Proxy {
     /// child; [`Self::resume_upstream`] lets the held requests go.
     pub async fn hold_upstream(&self) {
         let started = Instant::now();
-        let gate = self.upstream.gate();
         if self.lifecycle.phase() == Phase::Serving {
-            gate.close();
+            self.upstream.gate().close();
         }
-        if !gate.idle(started + self.config.drain_timeout).await {
-            warn!(
-                in_flight = gate.in_flight(),
-                "quiesce: the upstream did not finish its requests within the drain timeout"
-            );
-        }
+        self.upstream_idle(started).await;
         self.metrics
             .quiesce_duration
             .observe(started.elapsed().as_secs_f64());
@@ -291,15 +285,21 @@ impl Proxy {
     /// that stops, for nothing (its endpoints are gone and its clients have moved).
     pub async fn retire_before_backend_stops(&self) -> u64 {
         let drained = self.retire().await;
+        self.upstream.gate().close();
+        self.upstream_idle(Instant::now()).await;
+        drained
+    }
+
+    /// Waits until the upstream has finished the requests it was working on, or the drain
+    /// timeout from `started`: what both a quiesce and a retiring hook wait for.
+    async fn upstream_idle(&self, started: Instant) {
         let gate = self.upstream.gate();
-        gate.close();
-        if !gate.idle(Instant::now() + self.config.drain_timeout).await {
+        if !gate.idle(started + self.config.drain_timeout).await {
             warn!(
                 in_flight = gate.in_flight(),
-                "retired: the upstream did not finish its requests within the drain timeout"
+                "the upstream did not finish its requests within the drain timeout"
             );
         }
-        drained
     }
 
     /// After a drain, keeps answering (each answer with `Connection: close`) until the clients
