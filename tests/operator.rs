@@ -734,11 +734,17 @@ async fn the_schema_rejects_invalid_specs_with_readable_messages() {
         ),
         (
             json!({"selector": {}, "redis": {"url": "redis://r"}}),
-            "spec.selector selects nothing",
+            "spec.selector must require a label",
         ),
         (
             json!({"selector": {"matchLabels": {}, "matchExpressions": []}, "redis": {"url": "redis://r"}}),
-            "spec.selector selects nothing",
+            "spec.selector must require a label",
+        ),
+        // Selects every pod without a `tier` label, unlabelled pods among them.
+        (
+            json!({"selector": {"matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["batch"]}]},
+                   "redis": {"url": "redis://r"}}),
+            "spec.selector must require a label",
         ),
     ];
     for (spec, field) in cases {

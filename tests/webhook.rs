@@ -88,6 +88,21 @@ fn pod(
     .unwrap()
 }
 
+/// How many pod admissions the operator's mutating webhook has answered (or refused).
+async fn mutate_calls(operator: &Operator) -> u64 {
+    let (_, metrics) = operator
+        .get("/metrics")
+        .await
+        .expect("the operator's metrics");
+    metrics
+        .lines()
+        .filter(|line| {
+            line.starts_with(r#"mcp_session_webhook_requests_total{webhook="mutate-pods""#)
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 /// The names of a pod's containers, init containers (native sidecars among them) first.
 fn containers(pod: &Pod) -> Vec<String> {
     pod.spec
@@ -252,7 +267,17 @@ async fn selected_pods_get_the_proxy_and_invalid_policies_are_refused() {
         .expect("admitted once the Secret exists");
     assert!(containers(&admitted).contains(&"mcp-session-proxy".to_owned()));
 
-    // Opted out, or not selected: untouched.
+    // Opted out, or not selected: untouched. The apiserver does not even call the webhook for
+    // a pod opted out by annotation, nor for one without labels (`matchConditions`).
+    let calls_before = mutate_calls(&operator).await;
+    let unlabelled = pods
+        .create(
+            &PostParams::default(),
+            &pod("unlabelled", json!({}), json!({}), &[8000]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(containers(&unlabelled), ["server"]);
     let opted = pods
         .create(
             &PostParams::default(),
@@ -279,6 +304,11 @@ async fn selected_pods_get_the_proxy_and_invalid_policies_are_refused() {
         .await
         .unwrap();
     assert_eq!(containers(&annotated), ["server"]);
+    assert_eq!(
+        mutate_calls(&operator).await,
+        calls_before,
+        "the apiserver called the webhook for a pod no policy can select"
+    );
     let other = pods
         .create(
             &PostParams::default(),
@@ -287,6 +317,10 @@ async fn selected_pods_get_the_proxy_and_invalid_policies_are_refused() {
         .await
         .unwrap();
     assert_eq!(containers(&other), ["server"]);
+    assert!(
+        mutate_calls(&operator).await > calls_before,
+        "a labelled pod is the webhook's to judge"
+    );
     // A port the proxy needs: admitted unchanged, with an Event on the policy.
     let clash = pods
         .create(
@@ -351,7 +385,7 @@ async fn selected_pods_get_the_proxy_and_invalid_policies_are_refused() {
                 "empty",
                 json!({"selector": {}, "redis": {"url": "redis://r:6379"}}),
             ),
-            "spec.selector selects nothing",
+            "spec.selector must require a label",
         ),
         (
             policy(
@@ -684,5 +718,60 @@ async fn restricted_pod_security_admits_injected_pods_and_blames_only_the_backen
     assert!(
         !refusal.contains("mcp-session-proxy"),
         "the injected proxy breaks nothing: {refusal}"
+    );
+
+    // The same backend in a Deployment: its ReplicaSet is refused every pod, which only the
+    // ReplicaSet's status would say; the policy says it, in a condition and an Event.
+    let deployment: Deployment = serde_json::from_value(
+        json!({"metadata": {"name": "careless"}, "spec": {"replicas": 1,
+        "selector": {"matchLabels": {"app": "api"}},
+        "template": {"metadata": {"labels": {"app": "api"}}, "spec": careless.spec}}}),
+    )
+    .unwrap();
+    Api::<Deployment>::namespaced(ns.client.clone(), &ns.name)
+        .create(&PostParams::default(), &deployment)
+        .await
+        .unwrap();
+    let events: Api<Event> = Api::namespaced(ns.client.clone(), &ns.name);
+    let note = wait_until(
+        TIMEOUT,
+        "a PodSecurityRefused event on the policy",
+        || async {
+            let list = events
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            let reasons: Vec<String> = list.items.iter().filter_map(|e| e.reason.clone()).collect();
+            list.items
+                .into_iter()
+                .find(|e| {
+                    e.reason.as_deref() == Some("PodSecurityRefused")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("api")
+                })
+                .and_then(|e| e.note)
+                .ok_or_else(|| format!("events so far: {reasons:?}"))
+        },
+    )
+    .await;
+    assert!(
+        note.contains("violates PodSecurity \"restricted:latest\""),
+        "{note}"
+    );
+    assert!(note.contains("container \"server\""), "{note}");
+    assert!(!note.contains("mcp-session-proxy"), "{note}");
+    let policy = Api::<McpSessionPolicy>::namespaced(ns.client.clone(), &ns.name)
+        .get("api")
+        .await
+        .unwrap();
+    let admitted = policy
+        .status
+        .iter()
+        .flat_map(|s| &s.conditions)
+        .find(|c| c.type_ == "PodsAdmitted")
+        .cloned()
+        .expect("a PodsAdmitted condition");
+    assert_eq!(
+        (admitted.status.as_str(), admitted.reason.as_str()),
+        ("False", "PodSecurityRefused")
     );
 }

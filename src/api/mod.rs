@@ -40,8 +40,8 @@ use crate::store::{DEFAULT_KEY_PREFIX, DEFAULT_TTL};
 #[serde(rename_all = "camelCase")]
 pub struct McpSessionPolicySpec {
     /// The backend pods that serve MCP, in the policy's namespace.
-    #[x_kube(validation = Rule::new(SELECTS_SOMETHING)
-        .message("spec.selector selects nothing: give matchLabels or matchExpressions")
+    #[x_kube(validation = Rule::new(REQUIRES_A_LABEL)
+        .message("spec.selector must require a label: give matchLabels, or a matchExpressions entry with operator In or Exists")
         .reason(Reason::FieldValueRequired))]
     pub selector: LabelSelector,
     /// Sliding session TTL: every request of a session extends it by this much.
@@ -71,8 +71,9 @@ pub struct McpSessionPolicySpec {
     pub binding: SessionBinding,
 }
 
-/// CEL: a label selector with at least one label or expression (an empty one selects every pod).
-const SELECTS_SOMETHING: &str = "(has(self.matchLabels) && size(self.matchLabels) > 0) || (has(self.matchExpressions) && size(self.matchExpressions) > 0)";
+/// CEL: a label selector that requires a label, by value or by key (an empty one selects every
+/// pod; one of only `NotIn` and `DoesNotExist` selects unlabelled pods too).
+const REQUIRES_A_LABEL: &str = "(has(self.matchLabels) && size(self.matchLabels) > 0) || (has(self.matchExpressions) && self.matchExpressions.exists(e, e.operator == 'In' || e.operator == 'Exists'))";
 
 fn default_ttl_seconds() -> i64 {
     DEFAULT_TTL.as_secs() as i64
@@ -174,6 +175,19 @@ pub struct InjectionSpec {
     /// that are not browsers) always pass. Empty: pages of localhost only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_origins: Vec<String>,
+    /// How the proxy joins the pod: `Native` (an init container with `restartPolicy: Always`,
+    /// started before the server and stopped after it; Kubernetes 1.29 and newer) or
+    /// `Classic` (a container beside the server). Omitted: the operator's `--sidecar`, by
+    /// default native where the cluster has native sidecars.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecar: Option<Sidecar>,
+}
+
+/// The two ways a pod can carry the session proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Sidecar {
+    Native,
+    Classic,
 }
 
 fn default_true() -> bool {
@@ -194,6 +208,7 @@ impl Default for InjectionSpec {
             upstream_port: default_upstream_port(),
             fingerprint_key_secret_ref: None,
             allowed_origins: Vec::new(),
+            sidecar: None,
         }
     }
 }
@@ -418,6 +433,9 @@ pub mod condition {
     pub const FINGERPRINT_KEY_READY: &str = "FingerprintKeyReady";
     /// Gateway mode: the policy's gateway is written and has a ready pod (or none is wanted).
     pub const GATEWAY_READY: &str = "GatewayReady";
+    /// The apiserver admits the pods the selected pods' ReplicaSets create (a refusal by Pod
+    /// Security admission is the backend's own spec: the injected proxy meets `restricted`).
+    pub const PODS_ADMITTED: &str = "PodsAdmitted";
 }
 
 /// The CustomResourceDefinition as YAML: what `mcp-session-operator crd` prints and
@@ -485,7 +503,22 @@ mod tests {
         };
         let mut empty = base();
         empty.selector = Default::default();
-        assert_eq!(validate_spec(&empty), Err(PolicyError::EmptySelector));
+        assert_eq!(validate_spec(&empty), Err(PolicyError::NoRequiredLabel));
+        let mut only_exclusions = base();
+        only_exclusions.selector = serde_json::from_value(serde_json::json!(
+            {"matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["batch"]},
+                                  {"key": "legacy", "operator": "DoesNotExist"}]}))
+        .unwrap();
+        assert_eq!(
+            validate_spec(&only_exclusions),
+            Err(PolicyError::NoRequiredLabel),
+            "selects unlabelled pods"
+        );
+        let mut by_key = base();
+        by_key.selector = serde_json::from_value(serde_json::json!(
+            {"matchExpressions": [{"key": "mcp", "operator": "Exists"}]}))
+        .unwrap();
+        assert_eq!(validate_spec(&by_key), Ok(()));
         let mut both = base();
         both.redis.url_secret_ref = Some(SecretKeyRef {
             name: "s".into(),

@@ -9,8 +9,10 @@ use crate::store::redis::Keys;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PolicyError {
-    #[error("spec.selector selects nothing: give matchLabels or matchExpressions")]
-    EmptySelector,
+    #[error(
+        "spec.selector must require a label: give matchLabels, or a matchExpressions entry with operator In or Exists"
+    )]
+    NoRequiredLabel,
     #[error("spec.selector: {0}")]
     BadSelector(String),
     #[error("spec.redis: set exactly one of url and urlSecretRef")]
@@ -43,6 +45,9 @@ pub fn validate_spec(spec: &McpSessionPolicySpec) -> Result<(), PolicyError> {
     Ok(())
 }
 
+/// A selector must require some label (the CRD's CEL rule says the same): one of only
+/// `NotIn` and `DoesNotExist` selects pods without labels, which the mutating webhook's
+/// `matchConditions` never send to it.
 fn validate_selector(selector: &LabelSelector) -> Result<(), PolicyError> {
     let labels = selector
         .match_labels
@@ -50,10 +55,11 @@ fn validate_selector(selector: &LabelSelector) -> Result<(), PolicyError> {
         .is_some_and(|l| !l.is_empty());
     let expressions = selector
         .match_expressions
-        .as_ref()
-        .is_some_and(|e| !e.is_empty());
+        .iter()
+        .flatten()
+        .any(|e| e.operator == "In" || e.operator == "Exists");
     if !labels && !expressions {
-        return Err(PolicyError::EmptySelector);
+        return Err(PolicyError::NoRequiredLabel);
     }
     kube::core::Selector::try_from(selector.clone())
         .map(drop)

@@ -1,12 +1,13 @@
 //! The `McpSessionPolicy` controller: counts each policy's sessions and reports them as status,
 //! Events and metrics.
 //!
-//! Policies, pods and Services are watched through reflector stores; a pod change reconciles the
-//! policies that select it. Nothing is listed per reconcile: each one reads its pods from the
+//! Policies, pods, Services and ReplicaSets are watched through reflector stores; a pod change
+//! reconciles the policies that select it. Nothing is listed per reconcile: each one reads its pods from the
 //! store and its counts from Redis indexes. Secrets are not watched (that would take `list`
 //! and `watch` of every Secret): a policy's `urlSecretRef` is read with `get` when it is
 //! reconciled, so a changed Secret is seen within the requeue interval.
 
+mod admission;
 mod counting;
 mod deletion_cost;
 pub mod gateway;
@@ -26,6 +27,7 @@ pub use self::watch::run;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -117,6 +119,7 @@ pub struct Context {
     client: Client,
     pods: Store<Pod>,
     services: Store<Service>,
+    replica_sets: Store<ReplicaSet>,
     redis: StorePool,
     metrics: Arc<Metrics>,
     events: PolicyEvents,
@@ -172,6 +175,7 @@ async fn reconcile_policy(
         gateway: run_gateway(ctx, &policy, previous).await,
         fingerprint_key: fingerprint_key(ctx, &policy).await,
         routing: routing(&policy, &namespace, &selected, &ctx.services),
+        refused_pods: admission::refusals(&policy, ctx.replica_sets.state().iter().map(|rs| &**rs)),
         retention: redis.retention,
         generation: policy.metadata.generation,
         pods: pod_totals(&selected),

@@ -3,6 +3,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
+use super::admission::Refusal;
 use super::gateway::GatewayState;
 use crate::api::{
     FingerprintKey, McpSessionPolicyStatus, PodSessions, PodTotals, RolloutStatus, SessionTotals,
@@ -114,6 +115,35 @@ pub struct Observation {
     pub retention: Option<RetentionVerdict>,
     pub fingerprint_key: KeyState,
     pub gateway: GatewayState,
+    /// ReplicaSets of the selected pods whose pods the apiserver refuses.
+    pub refused_pods: Vec<Refusal>,
+}
+
+/// The `PodsAdmitted` condition.
+fn pods_admitted(refused: &[Refusal]) -> Assessment {
+    if refused.is_empty() {
+        return Assessment::new(
+            Status::True,
+            "Admitted",
+            "No ReplicaSet of the selected pods is refused its pods".to_owned(),
+        );
+    }
+    let each: Vec<String> = refused
+        .iter()
+        .map(|r| format!("ReplicaSet {}: {}", r.replica_set, r.reason))
+        .collect();
+    if refused.iter().any(Refusal::by_pod_security) {
+        Assessment::new(
+            Status::False,
+            "PodSecurityRefused",
+            format!(
+                "the namespace's Pod Security level refuses the backend's own spec (the injected proxy meets `restricted`): {}",
+                each.join("; ")
+            ),
+        )
+    } else {
+        Assessment::new(Status::False, "PodsRefused", each.join("; "))
+    }
 }
 
 /// The `GatewayReady` condition.
@@ -313,6 +343,10 @@ pub fn build(
             condition::GATEWAY_READY,
             gateway_ready(&observation.gateway),
         ),
+        (
+            condition::PODS_ADMITTED,
+            pods_admitted(&observation.refused_pods),
+        ),
     ]
     .into_iter()
     .map(|(type_, assessment)| condition(previous, observation.generation, type_, assessment))
@@ -423,6 +457,7 @@ pub fn transitions(
         condition::SERVICES_ROUTED,
         condition::ROLLOUT_SAFE,
         condition::FINGERPRINT_KEY_READY,
+        condition::PODS_ADMITTED,
     ] {
         if let Some(new) = after(type_)
             && Status::of(new) == Status::False
@@ -457,6 +492,7 @@ mod tests {
     fn observation(counts: Result<SessionCounts, Problem>) -> Observation {
         Observation {
             gateway: GatewayState::Disabled,
+            refused_pods: Vec::new(),
             generation: Some(2),
             counts,
             pod_sessions: vec![("web-0".into(), 3)],
@@ -576,6 +612,52 @@ mod tests {
                 .unwrap()
                 .status,
             "Unknown"
+        );
+    }
+
+    #[test]
+    fn pods_refused_by_pod_security_are_a_condition_and_one_event() {
+        let counts = || Ok(SessionCounts::default());
+        let admitted = build(None, &observation(counts()));
+        let condition = find(&admitted.conditions, "PodsAdmitted").unwrap();
+        assert_eq!(condition.status, "True");
+        let refused = Observation {
+            refused_pods: vec![Refusal {
+                replica_set: "web-7d9c".into(),
+                reason: r#"violates PodSecurity "restricted:latest": runAsNonRoot != true (pod or container "server" must set securityContext.runAsNonRoot=true)"#.into(),
+            }],
+            ..observation(counts())
+        };
+        let next = build(Some(&admitted), &refused);
+        let condition = find(&next.conditions, "PodsAdmitted").unwrap();
+        assert_eq!(
+            (condition.status.as_str(), condition.reason.as_str()),
+            ("False", "PodSecurityRefused")
+        );
+        assert!(
+            condition
+                .message
+                .contains("ReplicaSet web-7d9c: violates PodSecurity")
+        );
+        assert!(
+            transitions(Some(&admitted), &next)
+                .iter()
+                .any(|t| t.is_warning() && t.reason == "PodSecurityRefused")
+        );
+        let again = build(Some(&next), &refused);
+        assert!(transitions(Some(&next), &again).is_empty(), "once");
+        let quota = Observation {
+            refused_pods: vec![Refusal {
+                replica_set: "web-7d9c".into(),
+                reason: "exceeded quota: pods".into(),
+            }],
+            ..observation(counts())
+        };
+        assert_eq!(
+            find(&build(None, &quota).conditions, "PodsAdmitted")
+                .unwrap()
+                .reason,
+            "PodsRefused"
         );
     }
 

@@ -1,11 +1,12 @@
-//! The controller's watches: policies, pods and Services in reflector stores, and which
-//! policies a change reconciles.
+//! The controller's watches: policies, pods, Services and ReplicaSets in reflector stores, and
+//! which policies a change reconciles.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::{StreamExt as _, TryStreamExt as _};
+use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::Api;
 use kube::runtime::controller::Controller;
@@ -81,12 +82,22 @@ pub async fn run(
     .modify(|service| service.managed_fields_mut().clear())
     .reflect(service_writer)
     .touched_objects();
+    let (replica_set_reader, replica_set_writer) = reflector::store();
+    let replica_set_stream = watcher(
+        scoped::<ReplicaSet>(&client, scope),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .modify(super::admission::slim)
+    .reflect(replica_set_writer)
+    .touched_objects();
 
     let events = PolicyEvents::new(client.clone(), &config.identity);
     let context = Arc::new(Context {
         client,
         pods: pod_reader.clone(),
         services: service_reader,
+        replica_sets: replica_set_reader,
         redis: StorePool::default(),
         metrics,
         events,
@@ -94,9 +105,24 @@ pub async fn run(
         memory,
         deletion_costs: Default::default(),
     });
-    let (by_pod, by_service) = (policy_reader.clone(), policy_reader.clone());
+    let (by_pod, by_service, by_replica_set) = (
+        policy_reader.clone(),
+        policy_reader.clone(),
+        policy_reader.clone(),
+    );
     Controller::for_stream(policy_stream, policy_reader)
-        .watches_stream(pod_stream, move |pod| policies_selecting(&by_pod, &pod))
+        .watches_stream(pod_stream, move |pod| {
+            policies_selecting(&by_pod, pod.namespace(), pod.labels())
+        })
+        // A ReplicaSet whose pods are refused (or admitted again) is news for their policies.
+        .watches_stream(replica_set_stream, move |replica_set| {
+            match super::admission::template_labels(&replica_set) {
+                Some(labels) => {
+                    policies_selecting(&by_replica_set, replica_set.namespace(), labels)
+                }
+                None => Vec::new(),
+            }
+        })
         .watches_stream(service_stream, move |service| {
             policies_in_namespace(&by_service, service.namespace())
         })
@@ -155,15 +181,17 @@ where
     }
 }
 
+/// The policies that select pods with `labels` in `namespace`.
 pub(super) fn policies_selecting(
     policies: &Store<McpSessionPolicy>,
-    pod: &Pod,
+    namespace: Option<String>,
+    labels: &std::collections::BTreeMap<String, String>,
 ) -> Vec<ObjectRef<McpSessionPolicy>> {
-    let namespace = pod.namespace().unwrap_or_default();
+    let namespace = namespace.unwrap_or_default();
     policies
         .state()
         .into_iter()
-        .filter(|policy| policy.selects(&namespace, pod.labels()))
+        .filter(|policy| policy.selects(&namespace, labels))
         .map(|policy| ObjectRef::from_obj(&*policy))
         .collect()
 }

@@ -7,7 +7,7 @@ use kube::core::GroupVersionKind;
 use serde_json::{Value, json};
 
 use super::WebhookError;
-use crate::api::contract::FIELD_MANAGER;
+use crate::api::contract::{FIELD_MANAGER, INJECT_KEY, PROXY_CONTAINER};
 
 pub const NAME: &str = "mcp-session-operator";
 pub const MUTATE_PATH: &str = "/mutate-pods";
@@ -68,6 +68,23 @@ impl Endpoint {
     }
 }
 
+/// When the apiserver calls the mutating webhook (`matchConditions`, CEL): only for a pod that
+/// a policy can select and that has no proxy yet, so that most pods of a cluster never wait on
+/// the operator. Every policy's selector requires a label (the CRD's rule), so an unlabelled
+/// pod is never selected. The chart renders the same conditions.
+fn mutate_match_conditions() -> Value {
+    let no_proxy_in = |list: &str| format!("{list}.exists(c, c.name == '{PROXY_CONTAINER}')");
+    json!([
+        {"name": "has-labels",
+         "expression": "has(object.metadata.labels) && size(object.metadata.labels) > 0"},
+        {"name": "not-opted-out",
+         "expression": format!("!has(object.metadata.annotations) || !('{INJECT_KEY}' in object.metadata.annotations) || object.metadata.annotations['{INJECT_KEY}'] != 'false'")},
+        {"name": "no-proxy-yet",
+         "expression": format!("!{} && !(has(object.spec.initContainers) && {})",
+             no_proxy_in("object.spec.containers"), no_proxy_in("object.spec.initContainers"))},
+    ])
+}
+
 /// Applies both configurations. `operator_namespace` is excluded along with kube-system.
 pub async fn apply(
     client: &Client,
@@ -94,7 +111,8 @@ pub async fn apply(
             "timeoutSeconds": 5,
             "reinvocationPolicy": "IfNeeded",
             "namespaceSelector": namespaces,
-            "objectSelector": {"matchExpressions": [{"key": "mcpsession.dev/inject", "operator": "NotIn", "values": ["false"]}]},
+            "objectSelector": {"matchExpressions": [{"key": INJECT_KEY, "operator": "NotIn", "values": ["false"]}]},
+            "matchConditions": mutate_match_conditions(),
         }],
     });
     let validating = json!({

@@ -8,8 +8,8 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt as _;
 use serde_json::{Value, json};
 
-use crate::api::McpSessionPolicy;
 use crate::api::contract::{self, INJECT_KEY, INJECTED_BY, PROXY_CONTAINER, env};
+use crate::api::{McpSessionPolicy, Sidecar};
 use crate::wiring;
 
 /// Seconds added to the drain timeout for the pod's termination grace period.
@@ -22,8 +22,20 @@ pub struct InjectorConfig {
     pub image_pull_policy: Option<String>,
     /// Port of the proxy's admin endpoints (health, drain, metrics).
     pub admin_port: i32,
-    /// Inject as a native sidecar (init container with `restartPolicy: Always`, Kubernetes ≥ 1.28).
+    /// Inject as a native sidecar (init container with `restartPolicy: Always`, Kubernetes ≥ 1.29)
+    /// where the policy does not say (`spec.injection.sidecar`).
     pub native_sidecar: bool,
+}
+
+impl InjectorConfig {
+    /// Whether `policy`'s pods get a native sidecar: what the policy asks, else the operator's.
+    fn native_sidecar_for(&self, policy: &McpSessionPolicy) -> bool {
+        policy
+            .spec
+            .injection
+            .sidecar
+            .map_or(self.native_sidecar, |sidecar| sidecar == Sidecar::Native)
+    }
 }
 
 impl Default for InjectorConfig {
@@ -99,8 +111,9 @@ pub fn inject(
     }
 
     let mut operations = Vec::new();
+    let native_sidecar = config.native_sidecar_for(policy);
     let proxy = proxy_container(policy, config, drain_token);
-    if config.native_sidecar {
+    if native_sidecar {
         match spec.init_containers {
             Some(_) => operations.push(add("/spec/initContainers/-", proxy)),
             None => operations.push(add("/spec/initContainers", json!([proxy]))),
@@ -113,11 +126,7 @@ pub fn inject(
     // restarts hold requests, a pod stop waits for the retirement. A native sidecar is stopped
     // only after the backend, so the backend's hook is all the proxy hears of a pod stop: it
     // retires (after an in-place restart of the backend, a fresh proxy succeeds it).
-    let hook_path = if config.native_sidecar {
-        "/retire"
-    } else {
-        "/drain"
-    };
+    let hook_path = if native_sidecar { "/retire" } else { "/drain" };
     let drain_hook = json!({"httpGet": {"path": hook_path, "port": config.admin_port,
         "httpHeaders": [{"name": contract::DRAIN_TOKEN_HEADER, "value": drain_token}]}});
     for (index, container) in spec.containers.iter().enumerate() {
@@ -196,7 +205,7 @@ pub(crate) fn proxy_container(
     if let Some(policy) = &config.image_pull_policy {
         container["imagePullPolicy"] = json!(policy);
     }
-    if config.native_sidecar {
+    if config.native_sidecar_for(policy) {
         // Started before the backend, which the kubelet starts only once this passes: the
         // backend's first request finds the proxy serving.
         container["restartPolicy"] = json!("Always");
@@ -366,6 +375,39 @@ mod tests {
         );
         let env = serde_json::to_value(&init[1].env).unwrap();
         assert!(env.to_string().contains(r#""value":"redis://r:6379""#));
+    }
+
+    #[test]
+    fn the_policy_chooses_the_sidecar_over_the_operator() {
+        let original = pod(json!({}));
+        for (asked, operator_native, native) in [
+            (Some("Native"), false, true),
+            (Some("Classic"), true, false),
+            (None, true, true),
+            (None, false, false),
+        ] {
+            let mut spec = json!({"redis": {"url": "redis://r:6379"}});
+            if let Some(asked) = asked {
+                spec["injection"] = json!({"sidecar": asked});
+            }
+            let config = InjectorConfig {
+                native_sidecar: operator_native,
+                ..Default::default()
+            };
+            let pod = patched(&original, inject(&original, &policy(spec), &config, TOKEN));
+            let spec = pod.spec.unwrap();
+            let in_init = spec
+                .init_containers
+                .iter()
+                .flatten()
+                .any(|c| c.name == PROXY_CONTAINER);
+            assert_eq!(
+                in_init, native,
+                "policy {asked:?}, operator native {operator_native}"
+            );
+            let hook = pre_stop_get(&spec.containers[0]).path.as_deref();
+            assert_eq!(hook, Some(if native { "/retire" } else { "/drain" }));
+        }
     }
 
     #[test]
