@@ -36,6 +36,7 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use kube::ResourceExt as _;
+use mcp_session_operator::api::Sidecar;
 use serde_json::{Value, json};
 use support::bed::{Bed, Mode, V1, V2};
 use support::operator::PROXY_IMAGE;
@@ -110,7 +111,7 @@ fn echo_images(image: &str, port: u16, ip: Ipv4Addr) -> Option<std::process::Com
 
 async fn run(sessions: usize, steady: Duration) {
     let mut results = Vec::new();
-    for mode in [Mode::Sidecar, Mode::Gateway] {
+    for mode in [Mode::Sidecar(Sidecar::Native), Mode::Gateway] {
         results.push(scenario(mode, sessions, steady).await);
     }
     print_report(sessions, &results);
@@ -128,7 +129,7 @@ struct Measured {
 
 async fn scenario(mode: Mode, sessions: usize, steady: Duration) -> Measured {
     let prefix = match mode {
-        Mode::Sidecar => "bench-sidecar",
+        Mode::Sidecar(_) => "bench-sidecar",
         Mode::Gateway => "bench-gateway",
     };
     eprintln!("{prefix}: starting the test bed");
@@ -233,7 +234,7 @@ fn print_report(sessions: usize, results: &[Measured]) {
 
 fn mode_name(mode: Mode) -> &'static str {
     match mode {
-        Mode::Sidecar => "sidecar",
+        Mode::Sidecar(_) => "sidecar",
         Mode::Gateway => "gateway",
     }
 }

@@ -18,7 +18,7 @@ use std::time::Duration;
 use futures::TryStreamExt as _;
 use kube::ResourceExt as _;
 use kube::api::{Api, ListParams, Patch, PatchParams};
-use mcp_session_operator::api::RolloutStatus;
+use mcp_session_operator::api::{RolloutStatus, Sidecar};
 use mcp_session_operator::store::SessionStore;
 use serde_json::{Value, json};
 use support::bed::{APP, Bed, Mode, REPLICAS, TIMEOUT, V1, V2};
@@ -227,8 +227,18 @@ fn assert_every_client_kept_its_session(bed: &Bed, runs: &[ClientRun]) {
 /// every drained session is rehydrated and none is lost; the metrics say the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rolling_update_under_50_clients_loses_no_session_and_no_call() {
+    rolling_update("e2e-roll", Sidecar::Native).await;
+}
+
+/// The same through classic sidecars: the proxy a container beside the server, stopped with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rolling_update_through_classic_sidecars_loses_no_session_and_no_call() {
+    rolling_update("e2e-roll-classic", Sidecar::Classic).await;
+}
+
+async fn rolling_update(prefix: &str, sidecar: Sidecar) {
     let _serial = SERIAL.lock().await;
-    let bed = bed("e2e-roll", json!({}), Mode::Sidecar).await;
+    let bed = bed(prefix, json!({}), Mode::Sidecar(sidecar)).await;
     let clients = Clients::start(bed.entry_port(), UNANNOTATED);
     clients.wait_calling().await;
     // Every proxy fingerprints credentials with the key from the policy's Secret.
@@ -309,7 +319,7 @@ async fn a_rolling_update_under_50_clients_loses_no_session_and_no_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_pods_sessions_are_swept_and_rehydrated() {
     let _serial = SERIAL.lock().await;
-    let bed = bed("e2e-kill", json!({}), Mode::Sidecar).await;
+    let bed = bed("e2e-kill", json!({}), Mode::Sidecar(Sidecar::Native)).await;
     let clients = Clients::start(bed.entry_port(), UNANNOTATED);
     clients.wait_calling().await;
     wait_sessions_stored(&bed).await;
@@ -610,14 +620,26 @@ fn assert_only_unsendable_calls_failed(bed: &Bed, runs: &[ClientRun], pods_gone:
 }
 
 /// Kubernetes restarts a pod's MCP server in place (a failed liveness probe): the server's
-/// preStop quiesces the pod's proxy, the server gets SIGTERM, a new process starts from the
-/// same spec. The pod is not deleted: its proxy holds the requests that arrive meanwhile, sends
-/// them to the new process (the sessions' handshakes replayed) and is Ready again; 50 clients
+/// preStop reaches the pod's proxy, the server gets SIGTERM, a new process starts from the
+/// same spec. The pod is not deleted. Beside a native sidecar the hook retires the proxy, and a
+/// fresh one succeeds it; either way the requests that arrive meanwhile are held, sent to the
+/// new process (the sessions' handshakes replayed), and the pod is Ready again; 50 clients
 /// calling an unannotated tool see no error and keep their sessions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_in_place_restart_of_a_server_costs_no_call_and_leaves_the_pod_ready() {
+    in_place_restart("e2e-inplace", Sidecar::Native).await;
+}
+
+/// The same beside a classic sidecar, which hears of the restart through the server's preStop
+/// (a quiesce) and holds requests until the new process serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_in_place_restart_beside_a_classic_sidecar_costs_no_call() {
+    in_place_restart("e2e-inplace-classic", Sidecar::Classic).await;
+}
+
+async fn in_place_restart(prefix: &str, sidecar: Sidecar) {
     let _serial = SERIAL.lock().await;
-    let bed = bed("e2e-inplace", json!({}), Mode::Sidecar).await;
+    let bed = bed(prefix, json!({}), Mode::Sidecar(sidecar)).await;
     let clients = Clients::start(bed.entry_port(), UNANNOTATED);
     clients.wait_calling().await;
     wait_sessions_stored(&bed).await;
@@ -671,7 +693,7 @@ async fn an_in_place_restart_of_a_server_costs_no_call_and_leaves_the_pod_ready(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_redis_restart_mid_rollout_loses_no_session() {
     let _serial = SERIAL.lock().await;
-    let mut bed = bed("e2e-redis", json!({}), Mode::Sidecar).await;
+    let mut bed = bed("e2e-redis", json!({}), Mode::Sidecar(Sidecar::Native)).await;
     let clients = Clients::start(bed.entry_port(), UNANNOTATED);
     clients.wait_calling().await;
     wait_sessions_stored(&bed).await;
@@ -706,7 +728,12 @@ async fn a_redis_restart_mid_rollout_loses_no_session() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_version_that_refuses_the_sessions_is_paused() {
     let _serial = SERIAL.lock().await;
-    let bed = bed("e2e-guard", json!({"maxLostSessions": 2}), Mode::Sidecar).await;
+    let bed = bed(
+        "e2e-guard",
+        json!({"maxLostSessions": 2}),
+        Mode::Sidecar(Sidecar::Native),
+    )
+    .await;
     let clients = Clients::start(bed.entry_port(), UNANNOTATED);
     clients.wait_calling().await;
     wait_sessions_stored(&bed).await;

@@ -16,7 +16,9 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Container, Pod, Secret, Service};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt as _};
-use mcp_session_operator::api::{McpSessionPolicy, McpSessionPolicyStatus, RolloutStatus, pod};
+use mcp_session_operator::api::{
+    McpSessionPolicy, McpSessionPolicyStatus, RolloutStatus, Sidecar, pod,
+};
 use mcp_session_operator::store::RedisStore;
 use serde_json::{Value, json};
 
@@ -86,8 +88,10 @@ const PROXY_LOG_LEVEL: &str = "info,mcp_session_operator::proxy=debug";
 /// How clients reach the backend pods.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// Through the Service, to the session proxy the webhook injected into each pod.
-    Sidecar,
+    /// Through the Service, to the session proxy the webhook injected into each pod, as the
+    /// policy's `injection.sidecar` asks: a native sidecar (an init container, started before
+    /// the server and stopped after it) or a classic one (a container beside it).
+    Sidecar(Sidecar),
     /// Through the policy's gateway, which the operator runs (`spec.gateway`) in front of the
     /// pods; they run their MCP server alone.
     Gateway,
@@ -134,13 +138,18 @@ impl Bed {
             &[],
         );
         wait_webhook_ready(&ns.client, port).await;
+        let injection = match mode {
+            Mode::Sidecar(sidecar) => json!({"enabled": true, "sidecar": sidecar,
+                "fingerprintKeySecretRef": {"name": "mcp-keys", "key": "fingerprint"}}),
+            Mode::Gateway => json!({"enabled": false,
+                "fingerprintKeySecretRef": {"name": "mcp-keys", "key": "fingerprint"}}),
+        };
         let policy: McpSessionPolicy = serde_json::from_value(json!({
             "apiVersion": "mcpsession.dev/v1alpha1", "kind": "McpSessionPolicy",
             "metadata": {"name": APP},
             "spec": {"selector": {"matchLabels": {"app": APP}}, "redis": {"url": redis.url()},
                      "drain": {"timeoutSeconds": 20}, "rollout": rollout,
-                     "injection": {"enabled": mode == Mode::Sidecar,
-                                   "fingerprintKeySecretRef": {"name": "mcp-keys", "key": "fingerprint"}},
+                     "injection": injection,
                      "gateway": {"enabled": mode == Mode::Gateway, "replicas": Gateway::REPLICAS,
                                  "port": 8090, "backendPort": BACKEND_PORT}},
         }))
@@ -162,8 +171,8 @@ impl Bed {
             )
             .await
             .expect("apply the policy");
-        if mode == Mode::Sidecar {
-            wait_injecting(&ns).await;
+        if let Mode::Sidecar(sidecar) = mode {
+            wait_injecting(&ns, sidecar).await;
         }
 
         let proxy_logs = super::process_dir("mcp-session-operator-proxies").join(&ns.name);
@@ -184,7 +193,7 @@ impl Bed {
             .expect("create the Service");
         // In gateway mode the Service is not the clients' way in; its port names the server's.
         let port = match mode {
-            Mode::Sidecar => json!({"containerPort": BACKEND_PORT}),
+            Mode::Sidecar(_) => json!({"containerPort": BACKEND_PORT}),
             Mode::Gateway => json!({"containerPort": BACKEND_PORT, "name": "mcp"}),
         };
         let deployment: Deployment = serde_json::from_value(json!({
@@ -204,8 +213,18 @@ impl Bed {
             .expect("create the Deployment");
         let service = Balancer::follow_service(ns.client.clone(), &ns.name, APP).await;
         service.wait_ready(REPLICAS).await;
+        if let Mode::Sidecar(sidecar) = mode {
+            let pods = Api::<Pod>::namespaced(ns.client.clone(), &ns.name)
+                .list(&ListParams::default().labels(&format!("app={APP}")))
+                .await
+                .expect("list pods")
+                .items;
+            let injected: Vec<Option<Sidecar>> = pods.iter().map(injected_as).collect();
+            assert_eq!(injected, vec![Some(sidecar); REPLICAS], "the pods' proxies");
+            eprintln!("{REPLICAS} pods ready, each with a {sidecar:?} sidecar proxy");
+        }
         let gateway = match mode {
-            Mode::Sidecar => None,
+            Mode::Sidecar(_) => None,
             Mode::Gateway => Some(Gateway::start(&ns).await),
         };
         Self {
@@ -464,8 +483,8 @@ impl Gateway {
 /// The admin port of the gateways the operator runs (its `--proxy-admin-port`).
 pub const GATEWAY_ADMIN_PORT: u16 = 8091;
 
-/// Until the webhook has the policy: a dry-run pod comes back with the proxy.
-async fn wait_injecting(ns: &TestNamespace) {
+/// Until the webhook has the policy: a dry-run pod comes back with the proxy, as `sidecar`.
+async fn wait_injecting(ns: &TestNamespace, sidecar: Sidecar) {
     let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
     let probe: Pod = serde_json::from_value(json!({
         "metadata": {"name": "probe", "labels": {"app": APP}},
@@ -479,13 +498,23 @@ async fn wait_injecting(ns: &TestNamespace) {
         ..PostParams::default()
     };
     wait_for(TIMEOUT, "the webhook to inject the proxy", || async {
-        pods.create(&dry_run, &probe).await.is_ok_and(|pod| {
-            // A native sidecar (an init container) where the cluster has them, else a container.
-            pod.spec
-                .iter()
-                .flat_map(|s| s.init_containers.iter().flatten().chain(&s.containers))
-                .any(|c| c.image.as_deref() == Some(PROXY_IMAGE))
-        })
+        pods.create(&dry_run, &probe)
+            .await
+            .is_ok_and(|pod| injected_as(&pod) == Some(sidecar))
     })
     .await;
+}
+
+/// How the webhook injected the proxy into `pod`, if it did: a native sidecar is an init
+/// container with `restartPolicy: Always`, a classic one a container.
+pub fn injected_as(pod: &Pod) -> Option<Sidecar> {
+    let spec = pod.spec.as_ref()?;
+    let is_proxy = |c: &&Container| c.image.as_deref() == Some(PROXY_IMAGE);
+    if let Some(proxy) = spec.init_containers.iter().flatten().find(is_proxy) {
+        return (proxy.restart_policy.as_deref() == Some("Always")).then_some(Sidecar::Native);
+    }
+    spec.containers
+        .iter()
+        .find(is_proxy)
+        .map(|_| Sidecar::Classic)
 }
