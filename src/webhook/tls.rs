@@ -121,26 +121,59 @@ pub async fn refresh(
             names,
             validity,
         } => {
-            let current = secrets.get_opt(secret).await.map_err(WebhookError::Kube)?;
-            let stored = current
-                .as_ref()
-                .and_then(|s| Stored::read(s, names, *validity));
-            let stored = match stored {
-                Some(stored) => stored,
-                None => {
-                    let ca = current.as_ref().and_then(Stored::ca);
-                    let issued = issue(names, *validity, ca)?;
-                    write(secrets, secret, current, &issued).await?;
-                    info!(secret = %secret, "issued a new webhook serving certificate");
-                    issued
-                }
-            };
+            let stored = managed(secrets, secret, names, *validity).await?;
             if resolver.install(&stored.cert, &stored.key)? {
                 info!(secret = %secret, "serving the webhook certificate from its Secret");
             }
             Ok(Some(stored.ca_cert))
         }
     }
+}
+
+/// The certificate in the Secret `name`, issued (or renewed) first if it is missing, for other
+/// names, or near its end. Replicas that start together race to write it: the one that loses
+/// reads the winner's certificate and serves that one.
+async fn managed(
+    secrets: &Api<Secret>,
+    name: &str,
+    names: &[String],
+    validity: Duration,
+) -> Result<Stored, WebhookError> {
+    let mut lost_races = 0;
+    loop {
+        let current = secrets.get_opt(name).await.map_err(WebhookError::Kube)?;
+        if let Some(stored) = current
+            .as_ref()
+            .and_then(|s| Stored::read(s, names, validity))
+        {
+            return Ok(stored);
+        }
+        let ca = current.as_ref().and_then(Stored::ca);
+        let issued = issue(names, validity, ca)?;
+        match write(secrets, name, current, &issued).await? {
+            Write::Done => {
+                info!(secret = %name, "issued a new webhook serving certificate");
+                return Ok(issued);
+            }
+            Write::AnotherReplicaFirst if lost_races < MAX_LOST_RACES => lost_races += 1,
+            Write::AnotherReplicaFirst => {
+                return Err(WebhookError::Tls(format!(
+                    "the certificate Secret {name} changed under every one of {MAX_LOST_RACES} writes"
+                )));
+            }
+        }
+    }
+}
+
+/// How often in a row a replica may find that another wrote the certificate Secret first; each
+/// time it reads what the other wrote, which serves unless it is stale again at once.
+const MAX_LOST_RACES: u32 = 3;
+
+/// How a write of the certificate Secret went.
+enum Write {
+    Done,
+    /// The Secret changed since it was read (created or rotated by another replica).
+    AnotherReplicaFirst,
 }
 
 /// The contents of the certificate Secret.
@@ -253,7 +286,7 @@ async fn write(
     name: &str,
     current: Option<Secret>,
     stored: &Stored,
-) -> Result<(), WebhookError> {
+) -> Result<Write, WebhookError> {
     let not_after = chrono::DateTime::<chrono::Utc>::from(stored.not_after).to_rfc3339();
     let data = BTreeMap::from([
         (
@@ -303,10 +336,9 @@ async fn write(
         }
     };
     match result {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(status)) if status.code == 409 => Err(WebhookError::Tls(
-            "certificate Secret changed concurrently; retrying".into(),
-        )),
+        Ok(_) => Ok(Write::Done),
+        // A create that finds the Secret, or a replace whose resourceVersion is stale.
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(Write::AnotherReplicaFirst),
         Err(e) => Err(WebhookError::Kube(e)),
     }
 }

@@ -184,10 +184,28 @@ async fn endpoints(
     pods: &kube::Api<Pod>,
     service: &str,
 ) -> Option<Vec<SocketAddr>> {
-    let spec = services.get(service).await.ok()?.spec?;
-    let selector = spec.selector.filter(|s| !s.is_empty())?;
+    let service = services.get(service).await.ok()?;
+    let port = service.spec.as_ref()?.ports.as_ref()?.first()?.clone();
+    endpoints_of(&service, &port, pods).await
+}
+
+/// The endpoints of one port of `service` (see [`endpoints`]), from the pods of `pods`.
+pub async fn endpoints_of(
+    service: &Service,
+    port: &k8s_openapi::api::core::v1::ServicePort,
+    pods: &kube::Api<Pod>,
+) -> Option<Vec<SocketAddr>> {
+    let selector = service
+        .spec
+        .as_ref()?
+        .selector
+        .as_ref()
+        .filter(|s| !s.is_empty())?;
     let labels: Vec<String> = selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    let target = spec.ports?.first()?.target_port.clone()?;
+    let target = port
+        .target_port
+        .clone()
+        .unwrap_or(IntOrString::Int(port.port));
     let listed = pods
         .list(&kube::api::ListParams::default().labels(&labels.join(",")))
         .await

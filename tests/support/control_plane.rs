@@ -125,6 +125,15 @@ impl ControlPlane {
             ]),
         );
         let p = |f: &str| path(f).display().to_string();
+        // The apiserver's calls into the cluster network (webhooks by Service) go through the
+        // bed's stand-in for kube-proxy, served once the apiserver is up.
+        let cluster_network = std::os::unix::net::UnixListener::bind(path("cluster-network.sock"))
+            .expect("bind the cluster network");
+        std::fs::write(
+            path("egress-selector.yaml"),
+            super::cluster_network::egress_configuration(&path("cluster-network.sock")),
+        )
+        .expect("egress selector configuration");
         plane.spawn(
             "kube-apiserver",
             Command::new(bin.join("kube-apiserver")).args([
@@ -146,9 +155,14 @@ impl ControlPlane {
                 "--allow-privileged=true",
                 "--profiling=false",
                 "--enable-priority-and-fairness=false",
+                &format!(
+                    "--egress-selector-config-file={}",
+                    p("egress-selector.yaml")
+                ),
             ]),
         );
         plane.wait_ready();
+        plane.serve_cluster_network(cluster_network);
         plane.spawn(
             "kube-controller-manager",
             Command::new(bin.join("kube-controller-manager")).args([
@@ -193,6 +207,35 @@ impl ControlPlane {
             versions.join(", ")
         );
         plane
+    }
+
+    /// Serves the apiserver's cluster egress on `listener`, on a thread of its own for as long
+    /// as the test process runs.
+    fn serve_cluster_network(&self, listener: std::os::unix::net::UnixListener) {
+        let kubeconfig = self.kubeconfig.clone();
+        listener
+            .set_nonblocking(true)
+            .expect("non-blocking listener");
+        std::thread::Builder::new()
+            .name("cluster-network".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime for the cluster network");
+                runtime.block_on(async move {
+                    let kubeconfig = Kubeconfig::read_from(&kubeconfig).expect("kubeconfig");
+                    let config =
+                        Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                            .await
+                            .expect("admin config");
+                    let client = Client::try_from(config).expect("admin client");
+                    let listener =
+                        tokio::net::UnixListener::from_std(listener).expect("tokio listener");
+                    super::cluster_network::serve(listener, client).await;
+                });
+            })
+            .expect("spawn the cluster network");
     }
 
     fn spawn(&self, name: &str, command: &mut Command) {

@@ -10,6 +10,7 @@
 pub mod balancer;
 pub mod bed;
 pub mod clients;
+pub mod cluster_network;
 pub mod containers;
 pub mod control_plane;
 pub mod https;
