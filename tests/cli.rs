@@ -137,7 +137,8 @@ fn list_get_delete_stats() {
     .unwrap();
     assert_eq!(stats["scanned"]["total"], 3);
     assert_eq!(stats["scanned"]["draining"], 1);
-    assert_eq!(stats["indexed"]["total"], 3);
+    assert_eq!(stats["indexed"], Value::Null, "seed-written: no index yet");
+    assert_eq!(stats["readOnly"], true);
     assert_eq!(stats["scanned"]["per_pod"]["web-0"], 1);
     assert_eq!(stats["unreadable"]["malformed"], 1);
     assert_eq!(stats["oldestCreated"], "2026-01-15T10:00:00Z");
@@ -177,22 +178,105 @@ fn unreachable_redis_is_one_clear_line_with_the_password_masked() {
     assert!(!err.contains("topsecret"));
 }
 
+/// `sessions stats|list|get` on a Redis under memory pressure: they read and never write, so a
+/// full Redis (which refuses writes) answers them, and an evicting one (which evicts a session
+/// for every write it takes) loses nothing to them. 2,000 seed-written sessions and no index,
+/// which a counting pass that wrote would build.
 #[test]
-fn a_full_redis_and_a_port_that_is_not_redis_are_one_line_each() {
+fn stats_writes_nothing_on_a_full_or_an_evicting_redis() {
     let redis = RedisServer::start();
-    seed(&redis);
-    // Full, refusing writes: `stats` rebuilds a missing index, which writes.
-    redis.cli(&["DEL", "{mcp:session:}:expiry"]).unwrap();
+    redis
+        .cli(&[
+            "EVAL",
+            r#"for i = 1, 2000 do
+                 local id = 'bulk-' .. i
+                 redis.call('SET', 'mcp:session:' .. id, '{"connection_id": "' .. id .. '", "created_at": "2026-01-15T10:00:00.000000", "last_activity_at": "2026-01-15T10:05:00.000000", "owner_pod": "web-' .. (i % 3) .. '", "metadata": {"user_id": "u' .. i .. '"}}', 'EX', 3600)
+               end"#,
+            "0",
+        ])
+        .unwrap();
+    let info = |field: &str| -> u64 {
+        let info = redis.cli(&["INFO"]).unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix(&format!("{field}:")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{field} in INFO"))
+    };
+    let keys = || {
+        redis
+            .cli(&["DBSIZE"])
+            .unwrap()
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+    };
+    assert_eq!(keys(), 2000);
+
+    // Full: noeviction at its limit refuses every write.
     redis
         .cli(&["CONFIG", "SET", "maxmemory-policy", "noeviction"])
         .unwrap();
     redis.cli(&["CONFIG", "SET", "maxmemory", "1"]).unwrap();
     let output = cli(&["sessions", "stats"], Some(&redis.url()));
-    assert_eq!(output.status.code(), Some(1));
-    let err = stderr(&output);
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("is full and refuses writes"), "{err}");
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(text.contains("Index:       none yet"), "{text}");
+    assert!(text.contains("Read only:   nothing was written"), "{text}");
+    let json: Value = serde_json::from_str(&stdout(&cli(
+        &["sessions", "stats", "-o", "json"],
+        Some(&redis.url()),
+    )))
+    .unwrap();
+    assert_eq!(json["scanned"]["total"], 2000);
+    assert_eq!(json["indexed"], Value::Null);
+    assert_eq!(json["readOnly"], true);
+    for args in [
+        &["sessions", "list", "--limit", "5"][..],
+        &["sessions", "get", "bulk-7"],
+    ] {
+        let output = cli(args, Some(&redis.url()));
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+    }
 
+    // Evicting: any key may go to make room for a write, or for replies waiting in Redis's
+    // output buffer; 64 KiB of room is more than a page of replies and less than an index of
+    // 2,000 sessions takes.
+    redis.cli(&["CONFIG", "SET", "maxmemory", "0"]).unwrap();
+    let room = info("used_memory") + 64 * 1024;
+    redis
+        .cli(&["CONFIG", "SET", "maxmemory", &room.to_string()])
+        .unwrap();
+    redis
+        .cli(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"])
+        .unwrap();
+    let (keys_before, evicted_before) = (keys(), info("evicted_keys"));
+    for args in [
+        &["sessions", "stats"][..],
+        &["sessions", "stats", "-o", "json"],
+        &["sessions", "list"],
+    ] {
+        let output = cli(args, Some(&redis.url()));
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+    }
+    assert_eq!(
+        (keys(), info("evicted_keys")),
+        (keys_before, evicted_before),
+        "no session evicted by reading"
+    );
+}
+
+#[test]
+fn a_port_that_is_not_redis_is_one_line() {
     // Something that answers HTTP where Redis was expected.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("address").port();

@@ -465,6 +465,7 @@ async fn listing_sees_every_record_once(store: &dyn SessionStore) {
     })
     .await
     .unwrap();
+    let indexed = indexed.expect("the index the writes kept");
     assert_eq!((indexed.total, audited.counts.total), (1200, 1200));
     assert_eq!(audited.counts.per_pod, counts.per_pod);
     assert_eq!(seen.into_inner(), 1200, "progress reaches every key");

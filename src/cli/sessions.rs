@@ -20,8 +20,9 @@ use crate::store::{
     ScanReport, Session, SessionCounts, SessionId, SessionState, SessionStore,
 };
 
-/// Records fetched per `SCAN` page.
-const PAGE_SIZE: usize = 500;
+/// Records fetched per `SCAN` page. Small: Redis counts a page's replies, waiting in its
+/// output buffer, as used memory, and one at `maxmemory` evicts keys to hold them.
+const PAGE_SIZE: usize = 100;
 /// A scan shows its progress only once it has run this long (and only on a terminal).
 const PROGRESS_AFTER: Duration = Duration::from_millis(300);
 /// Records `stats` samples with `MEMORY USAGE`.
@@ -229,13 +230,16 @@ async fn get(
     Ok(())
 }
 
-/// What `stats` prints.
+/// What `stats` prints. It reads and never writes (a full Redis refuses writes, an evicting
+/// one evicts sessions to take them), so it reports the index as it stands, if there is one.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 struct Stats {
     store: String,
-    /// From the sorted-set indexes.
-    indexed: SessionCounts,
+    /// Always true: nothing was written.
+    read_only: bool,
+    /// From the sorted-set indexes; `None` where there are none yet (the operator builds them).
+    indexed: Option<SessionCounts>,
     /// From a full scan of the records.
     scanned: SessionCounts,
     oldest_created: Option<String>,
@@ -250,7 +254,7 @@ async fn stats(
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
     let progress = ScanProgress::new("scanning records");
-    let (indexed, report): (SessionCounts, ScanReport) =
+    let (indexed, report): (Option<SessionCounts>, ScanReport) =
         store::audit(store, PAGE_SIZE, &|seen| progress.update(seen)).await?;
     progress.finish();
     let memory = store.memory_usage(MEMORY_SAMPLE).await?;
@@ -260,6 +264,7 @@ async fn stats(
     }
     let stats = Stats {
         store: store.describe(),
+        read_only: true,
         indexed,
         scanned: report.counts,
         oldest_created: report.oldest_created.map(|t| t.rfc3339()),
@@ -273,30 +278,37 @@ async fn stats(
     writeln!(out, "Store:       {}", stats.store)?;
     writeln!(out)?;
     let mut table = output::table(&["", "index", "scan"]);
-    let rows = [
-        ("total", stats.indexed.total, stats.scanned.total),
-        ("active", stats.indexed.active, stats.scanned.active),
-        ("draining", stats.indexed.draining, stats.scanned.draining),
-    ];
-    for (name, index, scan) in rows {
-        table.add_row(vec![name.to_owned(), index.to_string(), scan.to_string()]);
+    /// A count of each state: total, active, draining.
+    fn by_state(counts: &SessionCounts) -> [u64; 3] {
+        [counts.total, counts.active, counts.draining]
+    }
+    let indexed = stats.indexed.as_ref().map(by_state);
+    let scanned = by_state(&stats.scanned);
+    for (row, name) in ["total", "active", "draining"].into_iter().enumerate() {
+        table.add_row(vec![
+            name.to_owned(),
+            indexed.map_or_else(|| "-".to_owned(), |counts| counts[row].to_string()),
+            scanned[row].to_string(),
+        ]);
     }
     output::write_table(&table, out)?;
     writeln!(out)?;
-    if !stats.scanned.per_pod.is_empty() || !stats.indexed.per_pod.is_empty() {
+    let no_pods = std::collections::BTreeMap::new();
+    let indexed_pods = stats.indexed.as_ref().map_or(&no_pods, |c| &c.per_pod);
+    if !stats.scanned.per_pod.is_empty() || !indexed_pods.is_empty() {
         let mut pods = output::table(&["pod", "index", "scan"]);
-        let names: std::collections::BTreeSet<&String> = stats
-            .indexed
-            .per_pod
+        let names: std::collections::BTreeSet<&String> = indexed_pods
             .keys()
             .chain(stats.scanned.per_pod.keys())
             .collect();
         for pod in names {
-            let count = |c: &SessionCounts| c.per_pod.get(pod).copied().unwrap_or(0).to_string();
+            let count = |c: &std::collections::BTreeMap<String, u64>| {
+                c.get(pod).copied().unwrap_or(0).to_string()
+            };
             pods.add_row(vec![
                 pod.clone(),
-                count(&stats.indexed),
-                count(&stats.scanned),
+                count(indexed_pods),
+                count(&stats.scanned.per_pod),
             ]);
         }
         output::write_table(&pods, out)?;
@@ -327,6 +339,19 @@ async fn stats(
             memory.mean_bytes, memory.sampled, memory.max_bytes
         )?;
     }
+    match &stats.indexed {
+        None => writeln!(
+            out,
+            "Index:       none yet; the operator builds it at its next count"
+        )?,
+        Some(indexed) if indexed.total > stats.scanned.total => writeln!(
+            out,
+            "Index:       {} entries of records that are gone (evicted, or deleted behind the index); the operator drops them at its next count",
+            indexed.total - stats.scanned.total
+        )?,
+        Some(_) => {}
+    }
+    writeln!(out, "Read only:   nothing was written")?;
     Ok(())
 }
 

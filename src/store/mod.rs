@@ -609,32 +609,18 @@ pub fn list_all(
 /// What sees each record a rebuild of the indexes reads.
 pub type RecordObserver<'o> = dyn for<'r> FnMut(&'r Listed) + Send + 'o;
 
-/// The indexes' counts and a full scan's (`sessions stats`), in one pass over the records: where
-/// there is no index yet, the pass that builds it is the scan. `progress` is called with the
+/// The indexes' counts as they stand and a full scan's (`sessions stats`), without a single
+/// write: a monitoring command must cost no session on a full or an evicting Redis (a write
+/// there is refused, or evicts records). `None` where there is no index yet: the operator
+/// builds it, and drops the entries of records Redis evicted. `progress` is called with the
 /// number of keys seen so far.
 pub async fn audit(
     store: &dyn SessionStore,
     page_size: usize,
     progress: &(dyn Fn(u64) + Send + Sync),
-) -> Result<(SessionCounts, ScanReport)> {
-    if store.indexed_counts().await?.is_some() {
-        // Through `counts`, which checks the index against the records where Redis evicts.
-        let indexed = store.counts().await?;
-        return Ok((indexed, scan_report(store, page_size, progress).await?));
-    }
-    let mut report = ScanReport::new();
-    store
-        .rebuild_index(&mut |item| report.add_showing(item, progress))
-        .await?;
-    progress(report.keys_scanned);
-    let indexed = store.counts().await?;
-    Ok((
-        SessionCounts {
-            source: CountSource::Rebuilt,
-            ..indexed
-        },
-        report,
-    ))
+) -> Result<(Option<SessionCounts>, ScanReport)> {
+    let indexed = store.indexed_counts().await?;
+    Ok((indexed, scan_report(store, page_size, progress).await?))
 }
 
 /// Counts by a full incremental scan, for prefixes whose writers (the seed's service) keep no
