@@ -285,8 +285,10 @@ fn session_proxy(port: u16, upstream: u16, admin: u16, redis: &str) -> Running {
             .args(["--upstream", &format!("http://127.0.0.1:{upstream}")])
             .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
             .args(["--redis-url", redis, "--pod-name", "bench-0"])
-            // All bench sessions are one client's: one credential.
+            // All bench sessions are one client's: one credential, more sessions than a
+            // proxy holds by default.
             .args(["--max-sessions-per-credential", "1000000"])
+            .args(["--max-sessions", "1000000"])
             .env("MCP_SESSION_FINGERPRINT_KEY", "bench")
             .env("RUST_LOG", "warn"),
         "the proxy",

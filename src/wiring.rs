@@ -16,7 +16,8 @@ pub struct Wiring {
 
 /// The options and environment `policy` gives its proxies: the pod's name, Redis (its URL from
 /// the Secret by reference, never copied into the pod), the fingerprint key (by reference), the
-/// allowed origins, the drain timeout, the binding, the key prefix and the TTL.
+/// allowed origins, the drain timeout, the binding, the key prefix, the TTL and the admission
+/// limits.
 pub fn of(policy: &McpSessionPolicy) -> Wiring {
     let spec = &policy.spec;
     let field = |path: &str| json!({"fieldRef": {"fieldPath": path}});
@@ -49,6 +50,10 @@ pub fn of(policy: &McpSessionPolicy) -> Wiring {
         &spec.redis.key_prefix,
         "--ttl-seconds",
         &spec.ttl_seconds.to_string(),
+        "--max-sessions",
+        &spec.limits.sessions_per_proxy.to_string(),
+        "--max-new-identities-per-minute",
+        &spec.limits.new_identities_per_minute.to_string(),
     ]
     .map(str::to_owned)
     .to_vec();

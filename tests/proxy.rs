@@ -1381,6 +1381,100 @@ async fn session_limits_hold_under_concurrency_and_initialize_params_are_bounded
     assert_eq!(sample(&metrics, "mcp_proxy_sessions"), 20.0, "{metrics}");
 }
 
+/// A flood of `initialize`s, each under an Authorization value of its own (which sidesteps the
+/// per-credential limit), stops at the proxy's admission limits with 429 and `Retry-After`,
+/// counted by reason, while a session opened before it keeps working. First the rate of new
+/// identities (60 a minute: bursts of 6, one a second), then the cap on sessions (20, with no
+/// rate), each under 300 concurrent `initialize`s.
+#[tokio::test]
+async fn a_flood_of_new_identities_stops_at_the_proxy_limits_and_a_session_keeps_working() {
+    let flood = |pod: &Pod, prefix: &'static str| {
+        let port = pod.proxy_port();
+        async move {
+            let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18",
+                "capabilities": {}, "clientInfo": {"name": "flood", "version": "1"}}});
+            futures::future::join_all((0..300).map(|i| {
+                let credential = format!("Bearer {prefix}-{i}");
+                let init = init.clone();
+                async move { post(port, "/mcp", None, Some(&credential), "POST", init).await }
+            }))
+            .await
+        }
+    };
+    for (flags, refused_as, admitted_at_most, retry_after) in [
+        (
+            [
+                "--max-new-identities-per-minute",
+                "60",
+                "--max-sessions",
+                "1000",
+            ],
+            "new_identities_too_fast",
+            // The burst, and one a second while the flood lasts.
+            6 + 5,
+            1..=2,
+        ),
+        (
+            [
+                "--max-new-identities-per-minute",
+                "0",
+                "--max-sessions",
+                "20",
+            ],
+            "proxy_full",
+            19,
+            60..=60,
+        ),
+    ] {
+        let pod = Pod::start_with(Sdk::Python, Wire::Streamable, "pod-a", None, &flags).await;
+        let (port, admin_port) = (pod.proxy_port(), pod.admin_port());
+        let existing = open_session(port, Some("Bearer resident")).await;
+        let (replies, working) = tokio::join!(flood(&pod, "flood"), async {
+            call(port, &existing, Some("Bearer resident"), 2, 41).await
+        });
+        assert_eq!(working.status, 200, "{}", working.body);
+        assert_eq!(result_text(&working), "42");
+        let admitted = replies.iter().filter(|r| r.status == 200).count();
+        let refused: Vec<&Reply> = replies.iter().filter(|r| r.status == 429).collect();
+        assert_eq!(admitted + refused.len(), 300, "only 200 or 429");
+        eprintln!(
+            "{refused_as}: 300 new identities at once, {admitted} admitted, {} refused",
+            refused.len()
+        );
+        assert!(
+            admitted >= 1 && admitted <= admitted_at_most,
+            "{refused_as}: {admitted} admitted"
+        );
+        for reply in &refused {
+            assert!(
+                reply.retry_after.is_some_and(|s| retry_after.contains(&s)),
+                "{refused_as}: Retry-After {:?}",
+                reply.retry_after
+            );
+            assert_eq!(reply.message()["error"]["code"], -32002, "{}", reply.body);
+        }
+        let after = call(port, &existing, Some("Bearer resident"), 3, 1).await;
+        assert_eq!(
+            result_text(&after),
+            "2",
+            "the session works on after the flood"
+        );
+        let metrics = admin_get(admin_port, "/metrics").await;
+        assert_eq!(
+            sample(
+                &metrics,
+                &format!(r#"mcp_proxy_refused_sessions_total{{outcome="{refused_as}"}}"#)
+            ),
+            refused.len() as f64,
+            "{metrics}"
+        );
+        assert_eq!(
+            sample(&metrics, "mcp_proxy_sessions"),
+            (admitted + 1) as f64
+        );
+    }
+}
+
 /// Tools that return large results (a file reader's) leave the session's event log in Redis
 /// within `--event-log-bytes`: twenty results of 200 KiB keep the newest that fit in 1 MiB; a
 /// 2 MiB result is not logged at all, and counted; the session serves on.

@@ -22,6 +22,16 @@ pub fn default_image() -> String {
     format!("mcp-session-operator:{}", env!("CARGO_PKG_VERSION"))
 }
 
+/// What a proxy admits unless its flags (or its policy's `spec.limits`) say otherwise.
+pub mod admission {
+    /// Sessions one identity may hold in one proxy.
+    pub const SESSIONS_PER_CREDENTIAL: usize = 10_000;
+    /// Sessions one proxy may hold in all.
+    pub const SESSIONS_PER_PROXY: usize = 20_000;
+    /// Identities new to a proxy that it admits per minute.
+    pub const NEW_IDENTITIES_PER_MINUTE: u32 = 600;
+}
+
 /// The environment variables the binary reads: one name for the flag that reads each and for
 /// the webhook that sets it in injected pods.
 pub mod env {

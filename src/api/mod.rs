@@ -69,6 +69,10 @@ pub struct McpSessionPolicySpec {
     /// token is refused), or `None` (anyone who knows the session id).
     #[serde(default)]
     pub binding: SessionBinding,
+    /// What each of the policy's proxies (injected, or its gateway's) admits: a new session
+    /// beyond these gets 429 with `Retry-After` (docs/security.md).
+    #[serde(default)]
+    pub limits: SessionLimits,
 }
 
 /// CEL: a label selector that requires a label, by value or by key (an empty one selects every
@@ -250,6 +254,37 @@ impl Default for GatewaySpec {
             port: default_proxy_port(),
             backend_port: default_upstream_port(),
             resources: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionLimits {
+    /// Sessions one proxy may hold in all, whoever opened them.
+    #[serde(default = "default_sessions_per_proxy")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub sessions_per_proxy: i32,
+    /// Identities (as `binding` sees them) that hold no session in a proxy yet, admitted by it
+    /// per minute, in bursts of up to a tenth of it; 0: no limit. A client that varies its
+    /// Authorization value is held to this.
+    #[serde(default = "default_new_identities_per_minute")]
+    #[schemars(range(min = 0, max = 1_000_000))]
+    pub new_identities_per_minute: i32,
+}
+
+fn default_sessions_per_proxy() -> i32 {
+    i32::try_from(contract::admission::SESSIONS_PER_PROXY).unwrap_or(i32::MAX)
+}
+fn default_new_identities_per_minute() -> i32 {
+    i32::try_from(contract::admission::NEW_IDENTITIES_PER_MINUTE).unwrap_or(i32::MAX)
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        Self {
+            sessions_per_proxy: default_sessions_per_proxy(),
+            new_identities_per_minute: default_new_identities_per_minute(),
         }
     }
 }

@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use clap::Args;
 
 use crate::api::contract::env;
+use crate::proxy::AdmissionLimits;
 use tokio::sync::watch;
 
 use super::proxy::{fingerprint_key, open_store};
@@ -75,7 +76,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         max_body_bytes: 4 * 1024 * 1024,
         session_ttl: ttl,
         event_log: LogBound::DEFAULT,
-        max_sessions_per_credential: 10_000,
+        // One developer's clients on a laptop: no limit on new identities.
+        admission: AdmissionLimits {
+            new_identities_per_minute: None,
+            ..AdmissionLimits::DEFAULT
+        },
         // dev quiesces in process; its admin port lists no sessions without a token.
         drain_token: std::env::var(env::DRAIN_TOKEN).ok(),
         // A laptop's server: pages of localhost only, as the SDKs' own default.

@@ -11,7 +11,9 @@ use tracing::warn;
 use super::UsageError;
 use super::sessions::RedisArgs;
 use crate::api::contract::env;
-use crate::proxy::{self, AllowedOrigins, Backends, Fingerprinter, Proxy, ProxyConfig};
+use crate::proxy::{
+    self, AdmissionLimits, AllowedOrigins, Backends, Fingerprinter, Proxy, ProxyConfig,
+};
 use crate::store::binding::SessionBinding;
 use crate::store::redis::LazyRedisStore;
 use crate::store::{LogBound, MemoryStore, SessionStore};
@@ -104,8 +106,15 @@ pub struct ServingArgs {
     event_log_bytes: u64,
     /// Sessions one credential (one Authorization header; requests without one count as one
     /// credential) may hold in this proxy.
-    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = AdmissionLimits::DEFAULT.per_credential as u64, value_parser = clap::value_parser!(u64).range(1..))]
     max_sessions_per_credential: u64,
+    /// Sessions this proxy may hold in all; a new one beyond gets 429 with `Retry-After`.
+    #[arg(long, default_value_t = AdmissionLimits::DEFAULT.sessions as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    max_sessions: u64,
+    /// Identities (as `--binding` sees them) that hold no session here yet, admitted per minute,
+    /// in bursts of up to a tenth of it; beyond, 429 with `Retry-After`. 0: no limit.
+    #[arg(long, default_value_t = crate::api::contract::admission::NEW_IDENTITIES_PER_MINUTE)]
+    max_new_identities_per_minute: u32,
     /// Threads that serve client connections, each connection on one of them; 0: one per CPU
     /// the process may use, at most 4.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=64))]
@@ -160,8 +169,13 @@ impl ServingArgs {
                 events: usize::try_from(args.event_log_size).unwrap_or(usize::MAX),
                 bytes: usize::try_from(args.event_log_bytes).unwrap_or(usize::MAX),
             },
-            max_sessions_per_credential: usize::try_from(args.max_sessions_per_credential)
-                .unwrap_or(usize::MAX),
+            admission: AdmissionLimits {
+                per_credential: usize::try_from(args.max_sessions_per_credential)
+                    .unwrap_or(usize::MAX),
+                sessions: usize::try_from(args.max_sessions).unwrap_or(usize::MAX),
+                new_identities_per_minute: Some(args.max_new_identities_per_minute)
+                    .filter(|rate| *rate > 0),
+            },
             drain_token: args.drain_token.filter(|token| !token.is_empty()),
             allowed_origins: AllowedOrigins::parse(&args.allowed_origins)
                 .map_err(|e| UsageError(e.to_string()))?,

@@ -94,6 +94,8 @@ outcomes!(
         OtherCredential => "other_credential",
         InvalidId => "invalid_id",
         TooManySessions => "too_many_sessions",
+        ProxyFull => "proxy_full",
+        NewIdentitiesTooFast => "new_identities_too_fast",
         InitializeTooLarge => "initialize_too_large",
     }
 );
@@ -118,6 +120,12 @@ impl KindLabels {
 /// Counts one `outcome` in a family of outcome counters.
 pub fn inc<T: Outcome>(family: &Family<OutcomeLabels<T>, Counter>, outcome: T) {
     family.get_or_create(&OutcomeLabels { outcome }).inc();
+}
+
+/// Counts one more `outcome`; the count so far, for logging the 1st, 2nd, 4th, 8th… of a flood
+/// rather than each.
+pub fn count<T: Outcome>(family: &Family<OutcomeLabels<T>, Counter>, outcome: T) -> u64 {
+    family.get_or_create(&OutcomeLabels { outcome }).inc() + 1
 }
 
 pub struct ProxyMetrics {

@@ -44,6 +44,7 @@ use crate::proxy::mcp::retry::RetryPolicy;
 use crate::proxy::metrics::ProxyMetrics;
 use crate::proxy::session::bookkeeping::Unstored;
 use crate::proxy::session::exchange::Bound;
+pub use crate::proxy::session::table::AdmissionLimits;
 use crate::proxy::session::table::{Lookup, SessionTable, Transport};
 use crate::proxy::stream::event_log::EventLog;
 pub use crate::proxy::upstream::backends::{Backends, Endpoint};
@@ -67,8 +68,8 @@ pub struct ProxyConfig {
     pub session_ttl: Duration,
     /// What each session's log of events for `Last-Event-ID` resumption keeps.
     pub event_log: LogBound,
-    /// Sessions one credential may hold in this proxy.
-    pub max_sessions_per_credential: usize,
+    /// Who may open a session: per identity, per proxy, and the rate of new identities.
+    pub admission: AdmissionLimits,
     /// What `/drain`, `/retire` and `/sessions` require in `X-Mcp-Drain-Token`; without one
     /// they answer nobody.
     pub drain_token: Option<String>,
@@ -159,7 +160,7 @@ impl Proxy {
                 config.event_log,
                 metrics.events_unlogged.clone(),
             ),
-            table: SessionTable::new(config.max_sessions_per_credential, metrics.sessions.clone()),
+            table: SessionTable::new(config.admission, metrics.sessions.clone()),
             config,
             store,
             fingerprints,

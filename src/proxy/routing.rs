@@ -22,7 +22,7 @@ use crate::proxy::legacy::host::SseHost;
 use crate::proxy::mcp::protocol::{self, LAST_EVENT_ID_HEADER, MessageHead, SESSION_HEADER};
 use crate::proxy::metrics::RequestLabels;
 use crate::proxy::session::exchange::{Bound, Exchange};
-use crate::proxy::session::table::{Lookup, Mapping, Slot, Transport, UpstreamSession};
+use crate::proxy::session::table::{Lookup, Mapping, Refusal, Slot, Transport, UpstreamSession};
 use crate::proxy::stream::host::StreamHost;
 use crate::proxy::upstream::UpstreamError;
 use crate::proxy::{Proxy, legacy, metrics, stream::relay};
@@ -282,9 +282,10 @@ impl Proxy {
         self.deliver(exchange, answer.response, None).await
     }
 
-    /// Admits a new session: not while draining, nor for a credential (as the binding sees
-    /// it: a refreshed token is the same identity) that holds as many as it may. The slot is
-    /// taken now, so concurrent `initialize`s cannot all pass the check.
+    /// Admits a new session: not while draining, nor beyond the admission limits (per
+    /// identity, as the binding sees it: a refreshed token is the same identity; per proxy; the
+    /// rate of new identities), answered 429 with `Retry-After`. The slot is taken now, so
+    /// concurrent `initialize`s cannot all pass the check.
     #[allow(clippy::result_large_err)] // The refusal is the response, built once.
     pub(super) fn admit(&self, exchange: &Exchange) -> Result<Slot<'_>, Response> {
         if self.lifecycle.draining() {
@@ -293,23 +294,37 @@ impl Proxy {
                 "draining: no new sessions here",
             ));
         }
-        let held = match self.table.admit(self.credential_of(&exchange.headers)) {
+        let refusal = match self.table.admit(self.credential_of(&exchange.headers)) {
             Ok(slot) => return Ok(slot),
-            Err(held) => held,
+            Err(refusal) => refusal,
         };
-        metrics::inc(&self.metrics.refused, metrics::Refusal::TooManySessions);
-        warn!(
-            sessions = held,
-            "a credential reached its session limit; new session refused"
-        );
-        Err(json_response(
-            StatusCode::TOO_MANY_REQUESTS,
-            protocol::error_body(
-                exchange.request_id(),
-                TOO_MANY_SESSIONS,
+        let (outcome, message) = match refusal {
+            Refusal::Credential { .. } => (
+                metrics::Refusal::TooManySessions,
                 "Too many sessions for this credential",
             ),
-        ))
+            Refusal::Proxy { .. } => (
+                metrics::Refusal::ProxyFull,
+                "This server holds as many sessions as it may; try again later",
+            ),
+            Refusal::NewIdentities { .. } => (
+                metrics::Refusal::NewIdentitiesTooFast,
+                "Too many new clients at once; try again later",
+            ),
+        };
+        let refused = metrics::count(&self.metrics.refused, outcome);
+        if refused.is_power_of_two() {
+            warn!(?refusal, refused, "new session refused: {message}");
+        }
+        let retry_after = refusal.retry_after().as_secs().max(1);
+        let mut response = json_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            protocol::error_body(exchange.request_id(), TOO_MANY_SESSIONS, message),
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+        Err(response)
     }
 
     /// Learns from a message the upstream sent in answer to `exchange`: which tools are safe to

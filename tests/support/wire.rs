@@ -12,6 +12,8 @@ use super::http_request;
 pub struct Reply {
     pub status: u16,
     pub session: Option<String>,
+    /// The `Retry-After` header, in seconds.
+    pub retry_after: Option<u64>,
     pub body: String,
 }
 
@@ -54,6 +56,11 @@ pub async fn post(
         .get("mcp-session-id")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
     let body = response
         .into_body()
         .collect()
@@ -63,6 +70,7 @@ pub async fn post(
     Reply {
         status,
         session,
+        retry_after,
         body,
     }
 }

@@ -12,6 +12,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use serde_json::Value;
 
 use crate::proxy::Unknown;
+use crate::proxy::session::admission::{Admission, Holdings};
+pub use crate::proxy::session::admission::{AdmissionLimits, Refusal};
 use crate::proxy::upstream::backends::Assigned;
 use crate::store::binding::{self, Binding};
 use crate::store::{NewSession, SessionId, SessionSetup, SetupChange};
@@ -19,8 +21,6 @@ use crate::store::{NewSession, SessionId, SessionSetup, SetupChange};
 /// The session table of one proxy.
 pub struct SessionTable {
     sessions: RwLock<Sessions>,
-    /// Sessions one identity may hold.
-    limit: usize,
     /// `mcp_proxy_sessions`.
     gauge: Gauge,
     /// Last use is kept in seconds since this, in 32 bits per session.
@@ -30,12 +30,16 @@ pub struct SessionTable {
 }
 
 impl SessionTable {
-    pub fn new(limit: usize, gauge: Gauge) -> Self {
+    pub fn new(limits: AdmissionLimits, gauge: Gauge) -> Self {
+        let started = Instant::now();
         Self {
-            sessions: RwLock::default(),
-            limit,
+            sessions: RwLock::new(Sessions {
+                by_id: HashMap::new(),
+                holdings: Holdings::default(),
+                admission: Admission::new(limits, started),
+            }),
             gauge,
-            started: Instant::now(),
+            started,
             remapped: tokio::sync::Notify::new(),
         }
     }
@@ -156,8 +160,8 @@ impl SessionTable {
         {
             let bound: Box<str> = credential.into();
             mapped.credential = Some(bound.clone());
-            release(&mut sessions.per_credential, &None);
-            *sessions.per_credential.entry(Some(bound)).or_default() += 1;
+            sessions.holdings.release(&None);
+            sessions.holdings.hold(Some(bound));
         }
     }
 
@@ -220,15 +224,14 @@ impl SessionTable {
     }
 
     /// A place for a new session of `credential` (as the binding sees it), taken now so that
-    /// concurrent `initialize`s cannot all pass the check; or how many it holds already.
-    pub fn admit(&self, credential: Option<String>) -> Result<Slot<'_>, usize> {
+    /// concurrent `initialize`s cannot all pass the check; or why there is none.
+    pub fn admit(&self, credential: Option<String>) -> Result<Slot<'_>, Refusal> {
         let key: Option<Box<str>> = credential.as_deref().map(Box::from);
         let mut sessions = self.write();
-        let held = sessions.per_credential.entry(key.clone()).or_default();
-        if *held >= self.limit {
-            return Err(*held);
-        }
-        *held += 1;
+        let sessions = &mut *sessions;
+        sessions
+            .admission
+            .admit(&mut sessions.holdings, &key, Instant::now())?;
         Ok(Slot {
             sessions: &self.sessions,
             key,
@@ -258,7 +261,7 @@ impl SessionTable {
         self.gauge.set(sessions.by_id.len() as i64);
         match slot {
             Some(mut slot) if new && slot.key == credential => slot.used = true,
-            _ if new => *sessions.per_credential.entry(credential).or_default() += 1,
+            _ if new => sessions.holdings.hold(credential),
             _ => {}
         }
         // An unused slot gives itself back, taking the lock: not while this holds it.
@@ -270,7 +273,7 @@ impl SessionTable {
     pub fn unmap(&self, id: &SessionId) {
         let mut sessions = self.write();
         if let Some(mapped) = sessions.by_id.remove(id) {
-            release(&mut sessions.per_credential, &mapped.credential);
+            sessions.holdings.release(&mapped.credential);
         }
         self.gauge.set(sessions.by_id.len() as i64);
         drop(sessions);
@@ -296,10 +299,11 @@ impl SessionTable {
 }
 
 /// The sessions this proxy has upstream sessions for.
-#[derive(Default)]
 struct Sessions {
     by_id: HashMap<SessionId, Mapped>,
-    per_credential: HashMap<Option<Box<str>>, usize>,
+    /// Sessions per identity, admitted slots included.
+    holdings: Holdings,
+    admission: Admission,
 }
 
 /// How a session reaches its upstream.
@@ -465,17 +469,7 @@ impl Drop for Slot<'_> {
     fn drop(&mut self) {
         if !self.used {
             let mut sessions = self.sessions.write().unwrap_or_else(|p| p.into_inner());
-            release(&mut sessions.per_credential, &self.key);
-        }
-    }
-}
-
-/// One session fewer for `credential`.
-fn release(per_credential: &mut HashMap<Option<Box<str>>, usize>, credential: &Option<Box<str>>) {
-    if let Some(count) = per_credential.get_mut(credential) {
-        *count = count.saturating_sub(1);
-        if *count == 0 {
-            per_credential.remove(credential);
+            sessions.holdings.release(&self.key);
         }
     }
 }
