@@ -19,6 +19,10 @@ use support::redis::RedisServer;
 /// Concurrent clients: redis-benchmark's `-c`, the store's concurrent tasks.
 const CONCURRENCY: usize = 50;
 const TTL: Duration = Duration::from_secs(86_400);
+/// The sessions a full proxy holds (`--max-sessions`' default), and the ids its write-back
+/// check sends per round trip.
+const WRITE_BACK_HELD: usize = 20_000;
+const WRITE_BACK_BATCH: usize = 500;
 
 struct Scale {
     requests: usize,
@@ -129,6 +133,19 @@ async fn run(redis: &RedisServer, scale: &Scale) -> Vec<Row> {
     let (count_time, total) =
         median_time(21, || async { store.counts().await.expect("count").total }).await;
     assert_eq!(total as usize, scale.counted, "the count is right");
+    // A proxy's write-back check (src/proxy/session/bookkeeping.rs): `missing` over the
+    // sessions a full proxy holds, 500 ids a round trip (one EXISTS each, pipelined), next to
+    // as many GETs at redis-benchmark's rate.
+    let held: Vec<SessionId> = (0..WRITE_BACK_HELD).map(|i| bench_id("fill", i)).collect();
+    let (check_time, lost) = median_time(5, || async {
+        let mut lost = 0;
+        for batch in held.chunks(WRITE_BACK_BATCH) {
+            lost += store.missing(batch).await.expect("missing").len();
+        }
+        lost
+    })
+    .await;
+    assert_eq!(lost, 0, "every held session exists");
     let proxy_record = memory_per_record(redis, "shape-proxy:", new_session()).await;
     let minimal = NewSession {
         initialize_params: None,
@@ -229,6 +246,17 @@ async fn run(redis: &RedisServer, scale: &Scale) -> Vec<Row> {
             ),
             ratio: Some(seed_stats_time.as_secs_f64() / stats_time.as_secs_f64()),
             target: ">= 25x faster",
+        },
+        Row {
+            what: format!("write-back check {WRITE_BACK_HELD} ({WRITE_BACK_BATCH}/trip)"),
+            value: ms(check_time),
+            unit: "ms",
+            baseline: format!(
+                "{WRITE_BACK_HELD} GETs {:.0} ms",
+                WRITE_BACK_HELD as f64 * 1000.0 / baseline.get
+            ),
+            ratio: Some(WRITE_BACK_HELD as f64 / baseline.get / check_time.as_secs_f64()),
+            target: "(x faster)",
         },
         Row {
             what: "MEMORY USAGE seed record".into(),

@@ -1755,6 +1755,131 @@ async fn an_upstream_restart_loses_no_session_while_redis_is_full_or_evicting() 
     }
 }
 
+/// An evicting Redis (`allkeys-lru`, the seed's own setting) drops session records that the
+/// proxy still serves; nothing said so, and without client activity they stayed lost (61 of 300
+/// came back). Now the proxy reports the verdict (a metric, one warning) and, every
+/// `--write-back-interval-seconds`, finds the sessions the store lacks and writes them back:
+/// all 300 are in Redis again within one interval once memory frees, with no client request.
+#[tokio::test]
+async fn sessions_an_evicting_redis_dropped_are_written_back_without_client_activity() {
+    const SESSIONS: usize = 300;
+    const INTERVAL: Duration = Duration::from_secs(2);
+    let redis = support::redis::RedisServer::start();
+    let pod = Pod::start_with(
+        Sdk::Python,
+        Wire::Streamable,
+        "pod-a",
+        Some(&redis.url()),
+        &["--write-back-interval-seconds", "2"],
+    )
+    .await;
+    let (port, admin) = (pod.proxy_port(), pod.admin_port());
+    let _log = ShowLogOnFailure(proxy_log_path(port));
+    let mut sessions = Vec::new();
+    for _ in 0..SESSIONS / 20 {
+        let opened = futures::future::join_all((0..20).map(|_| open_session(port, None))).await;
+        sessions.extend(opened);
+    }
+    // How many of `sessions` have a record: one `EXISTS` of them all.
+    let stored = |sessions: &[String]| {
+        let keys: Vec<String> = sessions
+            .iter()
+            .map(|s| format!("mcp:session:{s}"))
+            .collect();
+        let mut args = vec!["EXISTS"];
+        args.extend(keys.iter().map(String::as_str));
+        redis
+            .cli(&args)
+            .ok()
+            .and_then(|answer| answer.trim().parse::<usize>().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(stored(&sessions), SESSIONS);
+
+    // Fill Redis past its limit with other keys until it evicts session records.
+    redis
+        .cli(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"])
+        .unwrap();
+    let used: u64 = redis
+        .cli(&["INFO", "memory"])
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("used_memory");
+    redis
+        .cli(&["CONFIG", "SET", "maxmemory", &(used + 100_000).to_string()])
+        .unwrap();
+    redis
+        .cli(&[
+            "EVAL",
+            "for i = 1, 3000 do redis.call('SET', 'filler:' .. i, string.rep('x', 1024)) end",
+            "0",
+        ])
+        .unwrap();
+    // Redis evicts a little at a time, after each command, until it is under its limit.
+    let limit = used + 100_000;
+    wait_for(
+        Duration::from_secs(20),
+        "Redis under its maxmemory",
+        || async {
+            let info = redis.cli(&["INFO", "memory"]).unwrap_or_default();
+            info.lines()
+                .find_map(|l| l.strip_prefix("used_memory:"))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+                .is_some_and(|used| used <= limit)
+        },
+    )
+    .await;
+    let kept = stored(&sessions);
+    assert!(kept < SESSIONS, "no session evicted");
+
+    // Memory frees: every session is back within an interval, though no client asked.
+    redis.cli(&["CONFIG", "SET", "maxmemory", "0"]).unwrap();
+    let freed = std::time::Instant::now();
+    wait_until(INTERVAL * 2, "every session written back", || async {
+        match stored(&sessions) {
+            SESSIONS => Ok(()),
+            n => Err(format!("{n} of {SESSIONS} in Redis")),
+        }
+    })
+    .await;
+    eprintln!(
+        "{kept} of {SESSIONS} sessions survived the eviction; all {SESSIONS} back {:.1} s after memory freed",
+        freed.elapsed().as_secs_f64()
+    );
+    let metrics = admin_get(admin, "/metrics").await;
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"mcp_proxy_store_retention{reason="EvictionPolicy"}"#
+        ),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(&metrics, r#"mcp_proxy_store_retention{reason="Retained"}"#),
+        0.0
+    );
+    assert!(sample(&metrics, "mcp_proxy_store_evicted_keys") > 0.0);
+    assert!(
+        sample(&metrics, "mcp_proxy_written_back_sessions_total") >= (SESSIONS - kept) as f64,
+        "{metrics}"
+    );
+    let log = std::fs::read_to_string(proxy_log_path(port)).unwrap_or_default();
+    assert_eq!(
+        log.matches("the store may lose sessions before their TTL")
+            .count(),
+        1,
+        "one warning: {log}"
+    );
+    // And the sessions serve on, every one.
+    for (n, session) in sessions.iter().enumerate().step_by(37) {
+        let reply = call(port, session, None, 500 + n as u64, 1).await;
+        assert_eq!(result_text(&reply), "2", "{}", reply.body);
+    }
+}
+
 /// Quiescing, retiring and listing sessions answer only the drain token: without it, or with
 /// another, 401 and nothing happens; a proxy configured without one answers nobody.
 #[tokio::test]

@@ -57,6 +57,31 @@ async fn contract(store: Arc<dyn SessionStore>) {
     event_log(&*store).await;
     sessions_of_a_pod(&*store).await;
     tallies(&*store).await;
+    missing_records(&*store).await;
+}
+
+/// `missing`: which of many ids have no record, in any order and across Cluster slots.
+async fn missing_records(store: &dyn SessionStore) {
+    let ids: Vec<SessionId> = (0..50).map(|i| id(&format!("kept-{i}"))).collect();
+    for i in &ids {
+        store.create_or_rehydrate(i, owned_by("p")).await.unwrap();
+    }
+    for i in ids.iter().step_by(7) {
+        store.delete(i).await.unwrap();
+    }
+    let mut asked = ids.clone();
+    asked.push(id("never-written"));
+    asked.reverse();
+    let mut missing = store.missing(&asked).await.unwrap();
+    missing.sort_by_key(|i| i.to_string());
+    let mut expected: Vec<SessionId> = ids.iter().step_by(7).cloned().collect();
+    expected.push(id("never-written"));
+    expected.sort_by_key(|i| i.to_string());
+    assert_eq!(missing, expected);
+    assert_eq!(store.missing(&[]).await.unwrap(), Vec::<SessionId>::new());
+    for i in &ids {
+        store.delete(i).await.unwrap();
+    }
 }
 
 async fn tallies(store: &dyn SessionStore) {

@@ -76,6 +76,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         max_body_bytes: 4 * 1024 * 1024,
         session_ttl: ttl,
         event_log: LogBound::DEFAULT,
+        write_back_interval: Duration::from_secs(30),
         // One developer's clients on a laptop: no limit on new identities.
         admission: AdmissionLimits {
             new_identities_per_minute: None,

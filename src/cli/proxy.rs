@@ -115,6 +115,10 @@ pub struct ServingArgs {
     /// in bursts of up to a tenth of it; beyond, 429 with `Retry-After`. 0: no limit.
     #[arg(long, default_value_t = crate::api::contract::admission::NEW_IDENTITIES_PER_MINUTE)]
     max_new_identities_per_minute: u32,
+    /// How often to check that the store keeps sessions (Redis's eviction policy and
+    /// evictions), and, on one that may evict them, to write back those it lost.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    write_back_interval_seconds: u64,
     /// Threads that serve client connections, each connection on one of them; 0: one per CPU
     /// the process may use, at most 4.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=64))]
@@ -165,6 +169,7 @@ impl ServingArgs {
             touch_interval: Duration::from_secs(args.touch_interval_seconds),
             max_body_bytes: args.max_body_bytes,
             session_ttl: ttl,
+            write_back_interval: Duration::from_secs(args.write_back_interval_seconds),
             event_log: LogBound {
                 events: usize::try_from(args.event_log_size).unwrap_or(usize::MAX),
                 bytes: usize::try_from(args.event_log_bytes).unwrap_or(usize::MAX),

@@ -292,7 +292,7 @@ pub(super) async fn from_redis(
             None
         }
     };
-    let retention = match store.retention().await {
+    let retention = match store.read_retention().await {
         Ok(retention) => Some(retention.verdict()),
         Err(error) => {
             debug!(%error, "cannot read Redis's eviction policy and memory");

@@ -231,28 +231,28 @@ fn sessions_retained(verdict: Option<&RetentionVerdict>) -> Assessment {
             "NotChecked",
             "Redis's eviction policy and memory could not be read".to_owned(),
         ),
-        Some(RetentionVerdict::Retained) => Assessment::new(
+        Some(verdict @ RetentionVerdict::Retained) => Assessment::new(
             Status::True,
-            "Retained",
+            verdict.reason(),
             "Redis neither evicts session records nor refuses writes".to_owned(),
         ),
-        Some(RetentionVerdict::EvictionPolicy(policy)) => Assessment::new(
+        Some(verdict @ RetentionVerdict::EvictionPolicy(policy)) => Assessment::new(
             Status::False,
-            "EvictionPolicy",
+            verdict.reason(),
             format!(
                 "maxmemory-policy {policy} evicts session records under memory pressure; proxies serve evicted sessions from memory, but lose them when they restart: use volatile-lru or noeviction with headroom"
             ),
         ),
-        Some(RetentionVerdict::WritesRefused { used, max }) => Assessment::new(
+        Some(verdict @ RetentionVerdict::WritesRefused { used, max }) => Assessment::new(
             Status::False,
-            "WritesRefused",
+            verdict.reason(),
             format!(
                 "Redis is full ({used} of maxmemory {max} bytes, noeviction) and refuses writes: new sessions live only in their proxy's memory"
             ),
         ),
-        Some(RetentionVerdict::KeysEvicted { policy, evicted }) => Assessment::new(
+        Some(verdict @ RetentionVerdict::KeysEvicted { policy, evicted }) => Assessment::new(
             Status::False,
-            "KeysEvicted",
+            verdict.reason(),
             format!(
                 "Redis evicted {evicted} keys with a TTL ({policy}); session records have one: give it more memory"
             ),

@@ -148,11 +148,22 @@ pub struct ProxyMetrics {
     pub store_write_failures: Family<OperationLabels, Counter>,
     /// Sessions served from memory because the store lacks them.
     pub unstored: Gauge,
+    /// Whether the store keeps sessions: 1 for its current verdict, 0 for the others.
+    pub store_retention: Family<ReasonLabels, Gauge>,
+    /// `evicted_keys` of the store, as last read.
+    pub store_evicted_keys: Gauge,
+    /// Sessions this proxy found missing from the store and wrote back.
+    pub written_back: Counter,
     pub drain_duration: Histogram,
     pub quiesce_duration: Histogram,
     /// The client and admin listeners' connections (shared by a proxy and its successors,
     /// which serve on the same listeners).
     pub listeners: ListenerMetrics,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -242,6 +253,24 @@ impl ProxyMetrics {
             "Sessions served from this proxy's memory because the store lacks them",
             unstored.clone(),
         );
+        let store_retention = Family::<ReasonLabels, Gauge>::default();
+        registry.register(
+            "mcp_proxy_store_retention",
+            "Whether the store keeps sessions until their TTL: 1 for the verdict read last (Retained, EvictionPolicy, WritesRefused, KeysEvicted)",
+            store_retention.clone(),
+        );
+        let store_evicted_keys = Gauge::default();
+        registry.register(
+            "mcp_proxy_store_evicted_keys",
+            "Keys the store (Redis) evicted since it started, as read last",
+            store_evicted_keys.clone(),
+        );
+        let written_back = Counter::default();
+        registry.register(
+            "mcp_proxy_written_back_sessions",
+            "Sessions this proxy found missing from an evicting store and wrote back",
+            written_back.clone(),
+        );
         let drain_duration = Histogram::new(exponential_buckets(0.01, 2.0, 14));
         registry.register(
             "mcp_session_drain_duration_seconds",
@@ -255,6 +284,9 @@ impl ProxyMetrics {
             quiesce_duration.clone(),
         );
         Self {
+            store_retention,
+            store_evicted_keys,
+            written_back,
             listeners,
             quiesce_duration,
             drain_duration,

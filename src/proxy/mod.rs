@@ -68,6 +68,9 @@ pub struct ProxyConfig {
     pub session_ttl: Duration,
     /// What each session's log of events for `Last-Event-ID` resumption keeps.
     pub event_log: LogBound,
+    /// How often the proxy checks that the store keeps sessions, and on one that may evict
+    /// them, writes back those it lost.
+    pub write_back_interval: Duration,
     /// Who may open a session: per identity, per proxy, and the rate of new identities.
     pub admission: AdmissionLimits,
     /// What `/drain`, `/retire` and `/sessions` require in `X-Mcp-Drain-Token`; without one

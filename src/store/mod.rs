@@ -562,6 +562,24 @@ pub trait SessionStore: Send + Sync + 'static {
     /// `MEMORY USAGE` of up to `sample` records; `None` where the store is not Redis.
     async fn memory_usage(&self, sample: usize) -> Result<Option<MemorySample>>;
 
+    /// Which of `ids` have no record (evicted, expired or deleted): for a proxy to find the
+    /// sessions it serves that the store lost. Redis answers in one round trip.
+    async fn missing(&self, ids: &[SessionId]) -> Result<Vec<SessionId>> {
+        let mut missing = Vec::new();
+        for id in ids {
+            if self.get(id).await?.is_none() {
+                missing.push(id.clone());
+            }
+        }
+        Ok(missing)
+    }
+
+    /// Whether the store keeps what is written to it (Redis: its eviction policy, memory and
+    /// evictions); `None` where there is nothing to tell (the embedded store keeps everything).
+    async fn retention(&self) -> Result<Option<redis::Retention>> {
+        Ok(None)
+    }
+
     /// Human-readable location, with any password masked, for messages.
     fn describe(&self) -> String;
 }

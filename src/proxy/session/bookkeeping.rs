@@ -13,7 +13,13 @@ use tracing::{debug, info, warn};
 use crate::proxy::session::exchange::Exchange;
 use crate::proxy::session::table::{Mapping, Slot};
 use crate::proxy::{Proxy, mcp::protocol, metrics};
+use crate::store::redis::RetentionVerdict;
 use crate::store::{SessionId, SessionPatch, Tally, Touched};
+
+/// Sessions checked against the store per round trip (one `EXISTS` each, pipelined), and the
+/// pause between batches: 20,000 sessions in 40 round trips over 2 s.
+const WRITE_BACK_BATCH: usize = 500;
+const WRITE_BACK_PAUSE: Duration = Duration::from_millis(50);
 
 /// Sessions the store does not have right now (it was down or full, or lost them), served from
 /// memory until [`Proxy::maintain`] writes them back; counted in `mcp_proxy_sessions_unstored`.
@@ -98,40 +104,134 @@ impl Proxy {
         self.unstored.insert(id);
     }
 
-    /// Writes a session this proxy serves back into the store, which lost it or was down.
-    pub(in crate::proxy) async fn restore(&self, id: &SessionId) {
+    /// Writes a session this proxy serves back into the store, which lost it or was down;
+    /// whether the store took it.
+    pub(in crate::proxy) async fn restore(&self, id: &SessionId) -> bool {
         let Some(session) = self.table.stored_copy(id, self.config.pod_name.clone()) else {
-            return;
+            return false;
         };
         match self.store.create_or_rehydrate(id, session).await {
             Ok(_) => {
                 if self.unstored.remove(id) {
                     info!(session = %id, "session written back to the store");
                 }
+                true
             }
             Err(error) => {
                 debug!(session = %id, %error, "the store does not take the session yet");
                 self.mark_unstored(id, "restore");
+                false
             }
         }
     }
 
-    /// Until the process ends: retries writing every session the store lacks, and drops
-    /// sessions that have been idle past their TTL.
+    /// Until the process ends: retries writing every session the store lacks (every 2 s),
+    /// drops sessions idle past their TTL (every minute), and checks that the store keeps what
+    /// it is given (every write-back interval, see [`Self::check_retention`]).
     pub(in crate::proxy) async fn maintain(self: Arc<Self>) {
-        let mut ticks = 0_u64;
+        const TICK: Duration = Duration::from_secs(2);
+        let mut since_idle_check = Duration::ZERO;
+        let mut since_retention_check = self.config.write_back_interval;
+        let mut last_verdict = None;
         loop {
-            tokio::time::sleep(Duration::from_secs(2)).await;
+            tokio::time::sleep(TICK).await;
             for id in self.unstored.snapshot() {
                 self.restore(&id).await;
             }
-            ticks += 1;
-            if ticks.is_multiple_of(30) {
+            since_idle_check += TICK;
+            if since_idle_check >= Duration::from_secs(60) {
+                since_idle_check = Duration::ZERO;
                 let forgotten = self.forget_idle();
                 if forgotten > 0 {
                     info!(forgotten, "dropped sessions idle past their TTL");
                 }
             }
+            since_retention_check += TICK;
+            if since_retention_check >= self.config.write_back_interval {
+                since_retention_check = Duration::ZERO;
+                last_verdict = self.check_retention(last_verdict).await;
+            }
+        }
+    }
+
+    /// Reads whether the store keeps sessions until their TTL, reports it (metrics, and a
+    /// warning when the verdict turns for the worse), and where the store may have evicted
+    /// some, writes back those this proxy serves that it lacks ([`Self::write_back_lost`]).
+    /// Returns the verdict, for the next check to compare.
+    async fn check_retention(&self, last: Option<RetentionVerdict>) -> Option<RetentionVerdict> {
+        let retention = match self.store.retention().await {
+            Ok(Some(retention)) => retention,
+            Ok(None) => return None,
+            Err(error) => {
+                debug!(%error, "cannot read the store's eviction policy and memory");
+                return last;
+            }
+        };
+        let verdict = retention.verdict();
+        for reason in RetentionVerdict::REASONS {
+            let gauge = self
+                .metrics
+                .store_retention
+                .get_or_create(&metrics::ReasonLabels { reason });
+            gauge.set(i64::from(reason == verdict.reason()));
+        }
+        self.metrics
+            .store_evicted_keys
+            .set(i64::try_from(retention.evicted_keys).unwrap_or(i64::MAX));
+        if last.as_ref().map(RetentionVerdict::reason) != Some(verdict.reason()) {
+            match &verdict {
+                RetentionVerdict::Retained => {
+                    info!("the store keeps sessions until their TTL");
+                }
+                bad => warn!(
+                    reason = bad.reason(),
+                    policy = %retention.maxmemory_policy,
+                    evicted_keys = retention.evicted_keys,
+                    "the store may lose sessions before their TTL: {}",
+                    match bad {
+                        RetentionVerdict::WritesRefused { .. } => "it is full and refuses writes; sessions live in this proxy's memory until it takes them",
+                        _ => "it evicts keys under memory pressure; this proxy writes back those it serves (use a volatile-* maxmemory-policy and more memory)",
+                    }
+                ),
+            }
+        }
+        if verdict.may_evict() {
+            self.write_back_lost().await;
+        }
+        Some(verdict)
+    }
+
+    /// Finds the sessions this proxy serves that the store lacks (evicted), a batch per round
+    /// trip with a pause between, and writes them back, so that a later restart or move of
+    /// this pod still finds them. Only on a store that may evict: elsewhere a missing session
+    /// was deleted on purpose (a DELETE through another pod), and stays deleted.
+    async fn write_back_lost(&self) {
+        // Sessions idle past their TTL expired in the store: not lost.
+        self.forget_idle();
+        let ids = self.table.ids();
+        let mut written = 0_u64;
+        for batch in ids.chunks(WRITE_BACK_BATCH) {
+            let missing = match self.store.missing(batch).await {
+                Ok(missing) => missing,
+                Err(error) => {
+                    debug!(%error, "cannot check the store for evicted sessions");
+                    return;
+                }
+            };
+            for id in &missing {
+                if self.restore(id).await {
+                    self.metrics.written_back.inc();
+                    written += 1;
+                }
+            }
+            tokio::time::sleep(WRITE_BACK_PAUSE).await;
+        }
+        if written > 0 {
+            info!(
+                written,
+                checked = ids.len(),
+                "wrote back sessions the store had evicted"
+            );
         }
     }
 
@@ -176,7 +276,9 @@ impl Proxy {
             .await
         {
             // Boxed, as are the request path's other rare turns (see [`Proxy::route`]).
-            Ok(Touched::Gone) => Box::pin(self.restore(id)).await,
+            Ok(Touched::Gone) => {
+                Box::pin(self.restore(id)).await;
+            }
             Ok(Touched::Draining) => Box::pin(self.take_over(id)).await,
             Ok(Touched::Written | Touched::Skipped) => {}
             Err(error) => {

@@ -314,7 +314,7 @@ impl RedisStore {
         if let Some(counts) = self.index_counts().await? {
             // A user without INFO (an ACL) keeps the plain count.
             let may_evict = self
-                .retention()
+                .read_retention()
                 .await
                 .is_ok_and(|retention| retention.verdict().may_evict());
             if may_evict {

@@ -169,6 +169,14 @@ impl SessionStore for LazyRedisStore {
         self.store().await?.memory_usage(sample).await
     }
 
+    async fn missing(&self, ids: &[SessionId]) -> Result<Vec<SessionId>> {
+        self.store().await?.missing(ids).await
+    }
+
+    async fn retention(&self) -> Result<Option<super::Retention>> {
+        SessionStore::retention(self.store().await?).await
+    }
+
     fn describe(&self) -> String {
         match self.store.get() {
             Some(store) => store.describe(),

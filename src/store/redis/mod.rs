@@ -123,7 +123,7 @@ impl RedisStore {
 
     /// Whether this Redis keeps what is written to it (its eviction policy, memory and
     /// evictions). On a Cluster, the node the command reaches speaks for all.
-    pub async fn retention(&self) -> Result<Retention> {
+    pub async fn read_retention(&self) -> Result<Retention> {
         let memory: String = self.query(redis::cmd("INFO").arg("memory")).await?;
         let stats: String = self.query(redis::cmd("INFO").arg("stats")).await?;
         Ok(Retention::parse(&format!("{memory}\n{stats}")))
@@ -591,6 +591,27 @@ impl SessionStore for RedisStore {
 
     async fn memory_usage(&self, sample: usize) -> Result<Option<MemorySample>> {
         self.sample_memory(sample).await
+    }
+
+    /// One `EXISTS` each, pipelined.
+    async fn missing(&self, ids: &[SessionId]) -> Result<Vec<SessionId>> {
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("EXISTS").arg(self.keys.record(id));
+        }
+        let results = self.pipeline(&pipe).await?;
+        let mut missing = Vec::new();
+        for (id, result) in ids.iter().zip(results) {
+            let exists: u64 = self.value_of(result)?;
+            if exists == 0 {
+                missing.push(id.clone());
+            }
+        }
+        Ok(missing)
+    }
+
+    async fn retention(&self) -> Result<Option<Retention>> {
+        self.read_retention().await.map(Some)
     }
 
     fn describe(&self) -> String {

@@ -31,6 +31,20 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    /// Every verdict's name, as [`Verdict::reason`] gives them.
+    pub const REASONS: [&str; 4] = ["Retained", "EvictionPolicy", "WritesRefused", "KeysEvicted"];
+
+    /// The verdict's name: the reason of the policy's `SessionsRetained` condition, and the
+    /// label of the proxy's `mcp_proxy_store_retention`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Retained => "Retained",
+            Self::EvictionPolicy(_) => "EvictionPolicy",
+            Self::WritesRefused { .. } => "WritesRefused",
+            Self::KeysEvicted { .. } => "KeysEvicted",
+        }
+    }
+
     /// Whether Redis may have dropped session records before their TTL.
     pub fn may_evict(&self) -> bool {
         matches!(self, Self::EvictionPolicy(_) | Self::KeysEvicted { .. })
