@@ -467,6 +467,110 @@ async fn seed_written_sessions_are_counted_by_scan_and_by_a_rebuilt_index() {
     assert_eq!(status.sessions.total, 30);
 }
 
+/// A Redis that evicts session records (here `volatile-lru` filled past its limit with keys
+/// that have a TTL, as session records do; then `allkeys-lru`) turns `SessionsRetained` False
+/// within a reconcile, with one Event per reason, and the count drops the evicted sessions.
+#[tokio::test]
+async fn an_evicting_redis_is_a_condition_and_an_event_within_a_reconcile() {
+    const SESSIONS: u64 = 50;
+    let _serial = SERIAL.lock().await;
+    let OperatorNamespace { ns, kubeconfig } = OperatorNamespace::create("evicting").await;
+    let redis = RedisServer::start();
+    let sessions = store(&redis, "mcp:session:").await;
+    for _ in 0..SESSIONS {
+        sessions
+            .create_or_rehydrate(&SessionId::random(), NewSession::default())
+            .await
+            .unwrap();
+    }
+    let _operator = Operator::start(&kubeconfig, &ns.name, Some(&ns.name), "op-evicting");
+    apply(
+        &ns.client,
+        &ns.name,
+        &policy(
+            "p",
+            json!({"selector": {"matchLabels": {"app": "x"}}, "redis": {"url": redis.url()}}),
+        ),
+    )
+    .await;
+    let kept = status_until(&ns.client, &ns.name, "p", "every session counted", |s| {
+        s.sessions.total == SESSIONS
+    })
+    .await;
+    assert_eq!(condition(&kept, "SessionsRetained"), ("True", "Retained"));
+
+    let used: u64 = redis
+        .cli(&["INFO", "memory"])
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("used_memory");
+    redis
+        .cli(&["CONFIG", "SET", "maxmemory-policy", "volatile-lru"])
+        .unwrap();
+    redis
+        .cli(&["CONFIG", "SET", "maxmemory", &(used + 50_000).to_string()])
+        .unwrap();
+    redis
+        .cli(&[
+            "EVAL",
+            "for i = 1, 1000 do redis.call('SET', 'filler:' .. i, string.rep('x', 1024), 'EX', 3600) end",
+            "0",
+        ])
+        .unwrap();
+    let started = std::time::Instant::now();
+    let evicted = status_until(&ns.client, &ns.name, "p", "SessionsRetained=False", |s| {
+        condition(s, "SessionsRetained").0 == "False"
+    })
+    .await;
+    eprintln!(
+        "SessionsRetained False {:.1} s after the evictions",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        condition(&evicted, "SessionsRetained"),
+        ("False", "KeysEvicted")
+    );
+    wait_for(TIMEOUT, "a KeysEvicted event", || async {
+        events(&ns.client, &ns.name, "KeysEvicted").await == 1
+    })
+    .await;
+    let left = mcp_session_operator::store::scan_report(&sessions, 100, &|_| {})
+        .await
+        .expect("scan")
+        .counts
+        .total;
+    assert!(left < SESSIONS, "Redis evicted no session record");
+    status_until(
+        &ns.client,
+        &ns.name,
+        "p",
+        "the evicted sessions uncounted",
+        |s| s.sessions.total < SESSIONS,
+    )
+    .await;
+
+    redis
+        .cli(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"])
+        .unwrap();
+    let any_key = status_until(&ns.client, &ns.name, "p", "EvictionPolicy", |s| {
+        condition(s, "SessionsRetained") == ("False", "EvictionPolicy")
+    })
+    .await;
+    let message = any_key
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "SessionsRetained")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(message.contains("allkeys-lru"), "{message}");
+    wait_for(TIMEOUT, "an EvictionPolicy event", || async {
+        events(&ns.client, &ns.name, "EvictionPolicy").await == 1
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_redis_outage_is_a_condition_and_events_and_the_operator_keeps_running() {
     let _serial = SERIAL.lock().await;
