@@ -228,6 +228,148 @@ fn stand_in_targets_follow_the_manifest() {
     }
 }
 
+/// The final stage of the Dockerfile: its instructions' arguments by name (the last of each).
+fn final_stage(dockerfile: &str) -> std::collections::HashMap<String, String> {
+    let last_from = dockerfile.rfind("\nFROM ").expect("a final FROM");
+    dockerfile[last_from..]
+        .lines()
+        .filter_map(|line| line.split_once(' '))
+        .map(|(word, rest)| (word.to_owned(), rest.trim().to_owned()))
+        .collect()
+}
+
+fn sha256_of(path: &Path) -> String {
+    let output = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    let text = String::from_utf8_lossy(&output.stdout);
+    format!(
+        "sha256:{}",
+        text.split_whitespace().next().unwrap_or_default()
+    )
+}
+
+/// scripts/image.sh builds the image as an OCI archive without a Docker daemon, from the
+/// Dockerfile's recipe: the archive's config has the Dockerfile's user, entrypoint, command and
+/// ports, every blob has its digest, and its one layer holds the binary where the Dockerfile
+/// puts it with everything it links: run in a chroot of the layer as the image's user, it
+/// starts. (Here with this test build's binary, stripped; the script builds the release one.)
+#[test]
+fn the_image_archive_agrees_with_the_dockerfile_and_its_binary_runs() {
+    let dockerfile = final_stage(include_str!("../Dockerfile"));
+    let dir = tempfile::tempdir().expect("scratch");
+    let binary = dir.path().join("mcp-session-operator");
+    let stripped = Command::new("strip")
+        .arg("-o")
+        .arg(&binary)
+        .arg(env!("CARGO_BIN_EXE_mcp-session-operator"))
+        .status()
+        .expect("strip (binutils)");
+    assert!(stripped.success());
+    let archive = dir.path().join("image.oci.tar");
+    let output = Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/image.sh"))
+        .arg("--binary")
+        .arg(&binary)
+        .arg("--output")
+        .arg(&archive)
+        .args(["--name", "mcp-session-operator:test"])
+        .output()
+        .expect("scripts/image.sh");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let layout = dir.path().join("layout");
+    std::fs::create_dir_all(&layout).expect("layout");
+    let untar = |archive: &Path, into: &Path| {
+        let status = Command::new("tar")
+            .arg("-xf")
+            .arg(archive)
+            .arg("-C")
+            .arg(into)
+            .status()
+            .expect("tar");
+        assert!(status.success(), "untar {}", archive.display());
+    };
+    untar(&archive, &layout);
+    let json = |path: PathBuf| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(&path).expect("a blob")).expect("JSON")
+    };
+    let blob = |descriptor: &serde_json::Value| {
+        let digest = descriptor["digest"].as_str().expect("a digest");
+        let path = layout
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"));
+        assert_eq!(sha256_of(&path), digest, "the blob's digest");
+        assert_eq!(
+            std::fs::metadata(&path).expect("the blob").len(),
+            descriptor["size"].as_u64().expect("a size")
+        );
+        path
+    };
+    let index = json(layout.join("index.json"));
+    let manifest = &index["manifests"][0];
+    assert_eq!(
+        manifest["annotations"]["io.containerd.image.name"],
+        "docker.io/library/mcp-session-operator:test"
+    );
+    let manifest = json(blob(manifest));
+    let config = json(blob(&manifest["config"]));
+    let layer = blob(&manifest["layers"][0]);
+    assert_eq!(config["rootfs"]["diff_ids"][0], sha256_of(&layer).as_str());
+
+    let image = &config["config"];
+    assert_eq!(image["User"], dockerfile["USER"].as_str());
+    let array = |raw: &str| serde_json::from_str::<serde_json::Value>(raw).expect("a JSON array");
+    assert_eq!(image["Entrypoint"], array(&dockerfile["ENTRYPOINT"]));
+    assert_eq!(image["Cmd"], array(&dockerfile["CMD"]));
+    let mut exposed: Vec<String> = image["ExposedPorts"]
+        .as_object()
+        .expect("ports")
+        .keys()
+        .cloned()
+        .collect();
+    exposed.sort();
+    let mut ports: Vec<String> = dockerfile["EXPOSE"]
+        .split_whitespace()
+        .map(|p| format!("{p}/tcp"))
+        .collect();
+    ports.sort();
+    assert_eq!(exposed, ports);
+    let installed = dockerfile["COPY"]
+        .split_whitespace()
+        .last()
+        .expect("where the binary goes")
+        .to_owned();
+    assert_eq!(image["Entrypoint"][0], installed.as_str());
+
+    let rootfs = dir.path().join("rootfs");
+    std::fs::create_dir_all(&rootfs).expect("rootfs");
+    untar(&layer, &rootfs);
+    // SAFETY: getuid cannot fail and touches no memory.
+    let root = unsafe { libc::getuid() } == 0;
+    assert!(root, "the chroot needs root, as scripts/test.sh runs on CI");
+    let ran = Command::new("chroot")
+        .arg(format!("--userspec={}", dockerfile["USER"]))
+        .arg(&rootfs)
+        .arg(&installed)
+        .arg("--version")
+        .output()
+        .expect("chroot");
+    assert!(
+        ran.status.success(),
+        "the image's binary in its own root: {}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&ran.stdout).trim(),
+        concat!("mcp-session-operator ", env!("CARGO_PKG_VERSION"))
+    );
+}
+
 /// What scripts/hooks/commit-msg makes of `message`: `Ok` if it takes it, else its complaint.
 fn commit_msg(message: &str) -> Result<(), String> {
     let dir = tempfile::tempdir().expect("temp dir");
