@@ -45,8 +45,7 @@ done
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-rootfs="$work/rootfs" layout="$work/layout"
-mkdir -p "$rootfs" "$layout/blobs/sha256"
+rootfs="$work/rootfs"
 
 # The binary and what it links, each library at the path the loader looks for it.
 install -D -m 0755 "$binary" "$rootfs$installed"
@@ -60,36 +59,9 @@ printf 'root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:%s:%s:nonroot:/home/nonro
 printf 'root:x:0:\nnonroot:x:%s:\n' "$gid" > "$rootfs/etc/group"
 install -d -m 1777 "$rootfs/tmp"
 
-# blob FILE MEDIA-TYPE [ANNOTATIONS-JSON]: moves FILE into the layout; prints its descriptor.
-blob() {
-  local digest size
-  digest="$(sha256sum "$1" | cut -d' ' -f1)"
-  size="$(stat -c %s "$1")"
-  mv "$1" "$layout/blobs/sha256/$digest"
-  printf '{"mediaType":"%s","digest":"sha256:%s","size":%s%s}' "$2" "$digest" "$size" \
-    "${3:+,\"annotations\":$3}"
-}
-
-# One uncompressed layer, the same bytes for the same files: sorted, owned by root but for the
-# user's home, dated 1970.
-tar --sort=name --mtime=@0 --numeric-owner --owner=0 --group=0 -C "$rootfs" -cf "$work/layer.tar" \
-  --exclude=./home/nonroot .
-tar --sort=name --mtime=@0 --numeric-owner --owner="$uid" --group="$gid" -C "$rootfs" -rf "$work/layer.tar" ./home/nonroot
-diff_id="sha256:$(sha256sum "$work/layer.tar" | cut -d' ' -f1)"
-layer="$(blob "$work/layer.tar" application/vnd.oci.image.layer.v1.tar)"
-
 exposed="$(for port in $ports; do printf '"%s/tcp":{},' "$port"; done)"
-printf '{"architecture":"amd64","os":"linux","config":{"User":"%s","ExposedPorts":{%s},"Env":["PATH=/usr/local/bin:/usr/bin:/bin","SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt"],"Entrypoint":%s,"Cmd":%s,"WorkingDir":"/"},"rootfs":{"type":"layers","diff_ids":["%s"]},"history":[{"created_by":"scripts/image.sh from the Dockerfile'"'"'s recipe"}]}' \
-  "$user" "${exposed%,}" "$entrypoint" "$cmd" "$diff_id" > "$work/config.json"
-config="$(blob "$work/config.json" application/vnd.oci.image.config.v1+json)"
-printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":%s,"layers":[%s]}' \
-  "$config" "$layer" > "$work/manifest.json"
-names="$(printf '{"org.opencontainers.image.ref.name":"%s","io.containerd.image.name":"docker.io/library/%s"}' "${name##*:}" "$name")"
-manifest="$(blob "$work/manifest.json" application/vnd.oci.image.manifest.v1+json "$names")"
-printf '{"schemaVersion":2,"manifests":[%s]}' "$manifest" > "$layout/index.json"
-printf '{"imageLayoutVersion":"1.0.0"}' > "$layout/oci-layout"
-
-mkdir -p "$(dirname "$output")"
-tar --sort=name --mtime=@0 --numeric-owner --owner=0 --group=0 -C "$layout" -cf "$output" oci-layout index.json blobs
+run_config="$(printf '{"User":"%s","ExposedPorts":{%s},"Env":["PATH=/usr/local/bin:/usr/bin:/bin","SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt"],"Entrypoint":%s,"Cmd":%s,"WorkingDir":"/"}' \
+  "$user" "${exposed%,}" "$entrypoint" "$cmd")"
+OWNED_PATHS="home/nonroot" scripts/oci-archive.sh "$rootfs" "$run_config" "$name" "$output"
 log "image $name: $(du -h "$output" | cut -f1) in $output"
 echo "$output"

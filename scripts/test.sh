@@ -10,6 +10,9 @@ if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
   git config core.hooksPath scripts/hooks
 fi
 apt_install redis-server redis-tools python3-venv ca-certificates
+# The real node (tests/support/node.rs): containerd, runc, the CNI plugins, busybox-static for
+# the sandbox image, binutils to strip the image's binary, iproute2 for the pod bridge.
+apt_install containerd runc containernetworking-plugins busybox-static binutils iproute2
 MCP_TEST_PYTHON="$(python_venv tests/requirements.txt)"
 # The TypeScript SDK peers, installed beside their scripts (node resolves imports from there).
 command -v node >/dev/null && command -v npm >/dev/null || apt_install nodejs npm

@@ -15,6 +15,7 @@ pub mod containers;
 pub mod control_plane;
 pub mod https;
 pub mod kubelet;
+pub mod node;
 pub mod operator;
 pub mod proxies;
 pub mod redis;
