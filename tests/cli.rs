@@ -195,13 +195,6 @@ fn stats_writes_nothing_on_a_full_or_an_evicting_redis() {
             "0",
         ])
         .unwrap();
-    let info = |field: &str| -> u64 {
-        let info = redis.cli(&["INFO"]).unwrap();
-        info.lines()
-            .find_map(|l| l.strip_prefix(&format!("{field}:")))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{field} in INFO"))
-    };
     let keys = || {
         redis
             .cli(&["DBSIZE"])
@@ -246,15 +239,8 @@ fn stats_writes_nothing_on_a_full_or_an_evicting_redis() {
     // Evicting: any key may go to make room for a write, or for replies waiting in Redis's
     // output buffer; 64 KiB of room is more than a page of replies and less than an index of
     // 2,000 sessions takes.
-    redis.cli(&["CONFIG", "SET", "maxmemory", "0"]).unwrap();
-    let room = info("used_memory") + 64 * 1024;
-    redis
-        .cli(&["CONFIG", "SET", "maxmemory", &room.to_string()])
-        .unwrap();
-    redis
-        .cli(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"])
-        .unwrap();
-    let (keys_before, evicted_before) = (keys(), info("evicted_keys"));
+    redis.limit_memory("allkeys-lru", 64 * 1024);
+    let (keys_before, evicted_before) = (keys(), redis.info_number("evicted_keys"));
     for args in [
         &["sessions", "stats"][..],
         &["sessions", "stats", "-o", "json"],
@@ -269,7 +255,7 @@ fn stats_writes_nothing_on_a_full_or_an_evicting_redis() {
         );
     }
     assert_eq!(
-        (keys(), info("evicted_keys")),
+        (keys(), redis.info_number("evicted_keys")),
         (keys_before, evicted_before),
         "no session evicted by reading"
     );

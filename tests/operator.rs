@@ -499,26 +499,8 @@ async fn an_evicting_redis_is_a_condition_and_an_event_within_a_reconcile() {
     .await;
     assert_eq!(condition(&kept, "SessionsRetained"), ("True", "Retained"));
 
-    let used: u64 = redis
-        .cli(&["INFO", "memory"])
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("used_memory:"))
-        .and_then(|n| n.trim().parse().ok())
-        .expect("used_memory");
-    redis
-        .cli(&["CONFIG", "SET", "maxmemory-policy", "volatile-lru"])
-        .unwrap();
-    redis
-        .cli(&["CONFIG", "SET", "maxmemory", &(used + 50_000).to_string()])
-        .unwrap();
-    redis
-        .cli(&[
-            "EVAL",
-            "for i = 1, 1000 do redis.call('SET', 'filler:' .. i, string.rep('x', 1024), 'EX', 3600) end",
-            "0",
-        ])
-        .unwrap();
+    redis.limit_memory("volatile-lru", 50_000);
+    redis.fill_past_limit(1000, true);
     let started = std::time::Instant::now();
     let evicted = status_until(&ns.client, &ns.name, "p", "SessionsRetained=False", |s| {
         condition(s, "SessionsRetained").0 == "False"

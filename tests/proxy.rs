@@ -1704,31 +1704,9 @@ async fn an_upstream_restart_loses_no_session_while_redis_is_full_or_evicting() 
     .await;
 
     // Evicting: fill Redis past its limit with other keys until it evicts session records.
-    redis
-        .cli(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"])
-        .unwrap();
-    let used: i64 = redis
-        .cli(&["INFO", "memory"])
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("used_memory:"))
-        .and_then(|n| n.trim().parse().ok())
-        .expect("used_memory");
-    redis
-        .cli(&["CONFIG", "SET", "maxmemory", &(used + 200_000).to_string()])
-        .unwrap();
-    let filler = "x".repeat(1024);
-    for n in 0..2000 {
-        redis
-            .cli(&["SET", &format!("filler:{n}"), &filler])
-            .unwrap();
-    }
-    let stats = redis.cli(&["INFO", "stats"]).unwrap();
-    let evicted: i64 = stats
-        .lines()
-        .find_map(|l| l.strip_prefix("evicted_keys:"))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(0);
+    redis.limit_memory("allkeys-lru", 200_000);
+    redis.fill_past_limit(2000, false);
+    let evicted = redis.info_number("evicted_keys");
     let kept = sessions
         .iter()
         .filter(|s| {
@@ -1797,40 +1775,8 @@ async fn sessions_an_evicting_redis_dropped_are_written_back_without_client_acti
     assert_eq!(stored(&sessions), SESSIONS);
 
     // Fill Redis past its limit with other keys until it evicts session records.
-    redis
-        .cli(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"])
-        .unwrap();
-    let used: u64 = redis
-        .cli(&["INFO", "memory"])
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("used_memory:"))
-        .and_then(|n| n.trim().parse().ok())
-        .expect("used_memory");
-    redis
-        .cli(&["CONFIG", "SET", "maxmemory", &(used + 100_000).to_string()])
-        .unwrap();
-    redis
-        .cli(&[
-            "EVAL",
-            "for i = 1, 3000 do redis.call('SET', 'filler:' .. i, string.rep('x', 1024)) end",
-            "0",
-        ])
-        .unwrap();
-    // Redis evicts a little at a time, after each command, until it is under its limit.
-    let limit = used + 100_000;
-    wait_for(
-        Duration::from_secs(20),
-        "Redis under its maxmemory",
-        || async {
-            let info = redis.cli(&["INFO", "memory"]).unwrap_or_default();
-            info.lines()
-                .find_map(|l| l.strip_prefix("used_memory:"))
-                .and_then(|n| n.trim().parse::<u64>().ok())
-                .is_some_and(|used| used <= limit)
-        },
-    )
-    .await;
+    redis.limit_memory("allkeys-lru", 100_000);
+    redis.fill_past_limit(3000, false);
     let kept = stored(&sessions);
     assert!(kept < SESSIONS, "no session evicted");
 

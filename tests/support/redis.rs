@@ -186,6 +186,50 @@ impl RedisServer {
         }
     }
 
+    /// A number `INFO` reports (`used_memory`, `evicted_keys`...).
+    pub fn info_number(&self, field: &str) -> u64 {
+        let info = self.cli(&["INFO"]).expect("INFO");
+        info.lines()
+            .find_map(|line| line.strip_prefix(&format!("{field}:")))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{field} in INFO"))
+    }
+
+    /// Memory pressure: `maxmemory-policy` set to `policy`, and `maxmemory` to what the server
+    /// uses now plus `room` bytes. Returns the limit.
+    pub fn limit_memory(&self, policy: &str, room: u64) -> u64 {
+        self.cli(&["CONFIG", "SET", "maxmemory", "0"])
+            .expect("CONFIG SET");
+        let limit = self.info_number("used_memory") + room;
+        for (name, value) in [
+            ("maxmemory-policy", policy.to_owned()),
+            ("maxmemory", limit.to_string()),
+        ] {
+            let answer = self
+                .cli(&["CONFIG", "SET", name, &value])
+                .expect("CONFIG SET");
+            assert_eq!(answer.trim(), "OK", "CONFIG SET {name} {value}: {answer}");
+        }
+        limit
+    }
+
+    /// Writes `keys` filler keys of 1 KiB (each with a TTL of an hour if `expiring`, as session
+    /// records have one) in one script, then waits until the server has evicted what it must
+    /// to be under its `maxmemory` again (it evicts a little after each command).
+    pub fn fill_past_limit(&self, keys: usize, expiring: bool) {
+        let ttl = if expiring { ", 'EX', 3600" } else { "" };
+        let script = format!(
+            "for i = 1, {keys} do redis.call('SET', 'filler:' .. i, string.rep('x', 1024){ttl}) end"
+        );
+        self.cli(&["EVAL", &script, "0"]).expect("EVAL");
+        let limit = self.info_number("maxmemory");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.info_number("used_memory") > limit {
+            assert!(Instant::now() < deadline, "still over maxmemory after 20 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Is the server loading its data set (answering `LOADING`)?
     pub fn is_loading(&self) -> bool {
         self.cli(&["PING"]).is_ok_and(|o| o.starts_with("LOADING"))
