@@ -223,37 +223,32 @@ fn stats_writes_nothing_on_a_full_or_an_evicting_redis() {
     assert_eq!(json["scanned"]["total"], 2000);
     assert_eq!(json["indexed"], Value::Null);
     assert_eq!(json["readOnly"], true);
-    for args in [
-        &["sessions", "list", "--limit", "5"][..],
+    let all_succeed = |commands: &[&[&str]]| {
+        for args in commands {
+            let output = cli(args, Some(&redis.url()));
+            assert_eq!(
+                output.status.code(),
+                Some(0),
+                "{args:?}: {}",
+                stderr(&output)
+            );
+        }
+    };
+    all_succeed(&[
+        &["sessions", "list", "--limit", "5"],
         &["sessions", "get", "bulk-7"],
-    ] {
-        let output = cli(args, Some(&redis.url()));
-        assert_eq!(
-            output.status.code(),
-            Some(0),
-            "{args:?}: {}",
-            stderr(&output)
-        );
-    }
+    ]);
 
     // Evicting: any key may go to make room for a write, or for replies waiting in Redis's
     // output buffer; 64 KiB of room is more than a page of replies and less than an index of
     // 2,000 sessions takes.
     redis.limit_memory("allkeys-lru", 64 * 1024);
     let (keys_before, evicted_before) = (keys(), redis.info_number("evicted_keys"));
-    for args in [
-        &["sessions", "stats"][..],
+    all_succeed(&[
+        &["sessions", "stats"],
         &["sessions", "stats", "-o", "json"],
         &["sessions", "list"],
-    ] {
-        let output = cli(args, Some(&redis.url()));
-        assert_eq!(
-            output.status.code(),
-            Some(0),
-            "{args:?}: {}",
-            stderr(&output)
-        );
-    }
+    ]);
     assert_eq!(
         (keys(), redis.info_number("evicted_keys")),
         (keys_before, evicted_before),

