@@ -160,6 +160,7 @@ fn bridge() {
     let ip = |args: &[&str]| {
         Command::new("ip")
             .args(args)
+            .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|s| s.success())

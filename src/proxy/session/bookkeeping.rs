@@ -179,19 +179,14 @@ impl Proxy {
             .store_evicted_keys
             .set(i64::try_from(retention.evicted_keys).unwrap_or(i64::MAX));
         if last.as_ref().map(RetentionVerdict::reason) != Some(verdict.reason()) {
-            match &verdict {
-                RetentionVerdict::Retained => {
-                    info!("the store keeps sessions until their TTL");
-                }
-                bad => warn!(
-                    reason = bad.reason(),
+            let consequence = verdict.consequence();
+            match verdict {
+                RetentionVerdict::Retained => info!("{consequence}"),
+                _ => warn!(
+                    reason = verdict.reason(),
                     policy = %retention.maxmemory_policy,
                     evicted_keys = retention.evicted_keys,
-                    "the store may lose sessions before their TTL: {}",
-                    match bad {
-                        RetentionVerdict::WritesRefused { .. } => "it is full and refuses writes; sessions live in this proxy's memory until it takes them",
-                        _ => "it evicts keys under memory pressure; this proxy writes back those it serves (use a volatile-* maxmemory-policy and more memory)",
-                    }
+                    "the store may lose sessions before their TTL: {consequence}"
                 ),
             }
         }

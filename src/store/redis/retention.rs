@@ -45,6 +45,19 @@ impl Verdict {
         }
     }
 
+    /// What the verdict means for sessions, for a proxy's log.
+    pub fn consequence(&self) -> &'static str {
+        match self {
+            Self::Retained => "the store keeps sessions until their TTL",
+            Self::WritesRefused { .. } => {
+                "the store is full and refuses writes: sessions live in the proxy's memory until it takes them again"
+            }
+            Self::EvictionPolicy(_) | Self::KeysEvicted { .. } => {
+                "the store evicts session records under memory pressure: the proxy writes back those it serves (use a volatile-* maxmemory-policy, and more memory)"
+            }
+        }
+    }
+
     /// Whether Redis may have dropped session records before their TTL.
     pub fn may_evict(&self) -> bool {
         matches!(self, Self::EvictionPolicy(_) | Self::KeysEvicted { .. })
