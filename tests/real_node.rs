@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
 use support::control_plane::{
@@ -23,7 +23,7 @@ async fn a_pod_of_the_project_image_runs_on_the_real_kubelet() {
     ns.enforce_restricted().await;
     let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
     let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "proxy"},
+        "metadata": {"name": "proxy", "labels": {"app": "proxy"}},
         "spec": {"nodeName": NODE_NAME, "automountServiceAccountToken": false,
                  "terminationGracePeriodSeconds": 20,
                  "securityContext": restricted_pod_security(),
@@ -72,6 +72,32 @@ async fn a_pod_of_the_project_image_runs_on_the_real_kubelet() {
     assert!(ip.starts_with("10.244.0."), "a CNI address: {ip}");
     let health = support::get_at(&format!("{ip}:8091"), "/healthz", "").await;
     assert!(health.is_some(), "the pod answers on the pod network");
+
+    // A Service: the EndpointSlice controller publishes the pod's CNI address, and kube-proxy's
+    // iptables rules take the host's connection to the ClusterIP there.
+    let service: Service = serde_json::from_value(json!({
+        "metadata": {"name": "proxy"},
+        "spec": {"selector": {"app": "proxy"}, "ports": [{"port": 80, "targetPort": 8091}]},
+    }))
+    .expect("service");
+    let cluster_ip = Api::<Service>::namespaced(ns.client.clone(), &ns.name)
+        .create(&PostParams::default(), &service)
+        .await
+        .expect("create the Service")
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .expect("a ClusterIP");
+    wait_until(
+        Duration::from_secs(60),
+        "the ClusterIP routed to the pod",
+        || async {
+            support::get_at(&format!("{cluster_ip}:80"), "/healthz", "")
+                .await
+                .ok_or_else(|| format!("nothing at {cluster_ip}:80 yet"))
+        },
+    )
+    .await;
+    eprintln!("Service {cluster_ip}:80 reaches the pod at {ip}:8091 through kube-proxy's rules");
 
     pods.delete("proxy", &DeleteParams::default())
         .await

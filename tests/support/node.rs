@@ -31,6 +31,7 @@ pub struct RealNode {
     socket: PathBuf,
     containerd: Option<Process>,
     kubelet: Option<Process>,
+    kube_proxy: Option<Process>,
 }
 
 impl Drop for RealNode {
@@ -39,6 +40,13 @@ impl Drop for RealNode {
     /// leaves behind (their command lines name the node's socket), then the mounts the kubelet
     /// and containerd made under the node's directory, deepest first.
     fn drop(&mut self) {
+        // kube-proxy's rules go with it: `--cleanup` removes every chain it made.
+        drop(self.kube_proxy.take());
+        let _ = Command::new(kube_bin_dir().join("kube-proxy"))
+            .arg("--cleanup")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
         drop(self.kubelet.take());
         let ctr = |args: &[&str]| {
             Command::new("ctr")
@@ -68,6 +76,51 @@ impl Drop for RealNode {
         under.sort_by_key(|point| std::cmp::Reverse(point.len()));
         for point in under {
             let _ = Command::new("umount").args(["-l", point]).status();
+        }
+        remove_kube_chains();
+    }
+}
+
+/// Removes the iptables chains the kubelet makes and `kube-proxy --cleanup` leaves
+/// (`KUBE-FIREWALL`, `KUBE-KUBELET-CANARY`): the rules in the built-in chains that jump to
+/// them (by number: a rule's comment would not survive being read back as words), then the
+/// chains, in every table.
+fn remove_kube_chains() {
+    let iptables = |table: &str, args: &[&str]| {
+        Command::new("iptables")
+            .args(["-t", table])
+            .args(args)
+            .stderr(Stdio::null())
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    for table in ["filter", "nat", "mangle"] {
+        let rules = iptables(table, &["-S"]);
+        // The built-in chains' rules that jump to a KUBE- chain, by number, last first.
+        for chain in rules
+            .lines()
+            .filter_map(|l| l.strip_prefix("-P ")?.split(' ').next())
+        {
+            let listed = iptables(table, &["-L", chain, "-n", "--line-numbers"]);
+            let mut numbers: Vec<&str> = listed
+                .lines()
+                .filter(|line| {
+                    line.split_whitespace()
+                        .nth(1)
+                        .is_some_and(|t| t.starts_with("KUBE-"))
+                })
+                .filter_map(|line| line.split_whitespace().next())
+                .collect();
+            numbers.reverse();
+            for number in numbers {
+                iptables(table, &["-D", chain, number]);
+            }
+        }
+        for chain in rules.lines().filter_map(|l| l.strip_prefix("-N KUBE-")) {
+            let chain = format!("KUBE-{chain}");
+            iptables(table, &["-F", &chain]);
+            iptables(table, &["-X", &chain]);
         }
     }
 }
@@ -111,6 +164,19 @@ impl RealNode {
                 .arg(format!("--hostname-override={NODE_NAME}"))
                 .arg(format!("--node-ip={NODE_IP}")),
         );
+        std::fs::write(
+            dir.join("kube-proxy.yaml"),
+            kube_proxy_config(&plane.kubeconfig),
+        )
+        .expect("kube-proxy config");
+        let kube_proxy = spawn(
+            &dir,
+            "kube-proxy",
+            Command::new(kube_bin_dir().join("kube-proxy")).arg(format!(
+                "--config={}",
+                dir.join("kube-proxy.yaml").display()
+            )),
+        );
         let client = plane.client().await.expect("admin client");
         let nodes: Api<NodeObject> = Api::all(client);
         wait_for(Duration::from_secs(90), "the real node Ready", || async {
@@ -133,6 +199,7 @@ impl RealNode {
             socket,
             containerd: Some(containerd),
             kubelet: Some(kubelet),
+            kube_proxy: Some(kube_proxy),
         }
     }
 }
@@ -235,6 +302,33 @@ imageGCLowThresholdPercent: 99
 serializeImagePulls: false
 "#,
         socket = socket.display(),
+    )
+}
+
+/// kube-proxy in iptables mode: Services' ClusterIPs, for the host's own connections too,
+/// DNAT'd to their endpoints on the pod network; no masquerade beyond it, no conntrack tuning
+/// (the VM's sysctls stay as they are).
+fn kube_proxy_config(kubeconfig: &Path) -> String {
+    let (healthz, metrics) = (free_port(), free_port());
+    format!(
+        r#"apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+clientConnection:
+  kubeconfig: {kubeconfig}
+mode: iptables
+hostnameOverride: {NODE_NAME}
+clusterCIDR: 10.244.0.0/24
+healthzBindAddress: 127.0.0.1:{healthz}
+metricsBindAddress: 127.0.0.1:{metrics}
+conntrack:
+  maxPerCore: 0
+  tcpEstablishedTimeout: 0s
+  tcpCloseWaitTimeout: 0s
+iptables:
+  masqueradeAll: false
+  localhostNodePorts: false
+"#,
+        kubeconfig = kubeconfig.display(),
     )
 }
 
