@@ -155,6 +155,8 @@ impl ControlPlane {
                 "--allow-privileged=true",
                 "--profiling=false",
                 "--enable-priority-and-fairness=false",
+                // The real node's kubelet by its address (logs, exec), not by its name.
+                "--kubelet-preferred-address-types=InternalIP",
                 &format!(
                     "--egress-selector-config-file={}",
                     p("egress-selector.yaml")

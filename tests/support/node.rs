@@ -280,7 +280,7 @@ fn kubelet_config(socket: &Path) -> String {
     format!(
         r#"apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
-address: 127.0.0.1
+address: {NODE_IP}
 port: {port}
 readOnlyPort: 0
 healthzBindAddress: 127.0.0.1
