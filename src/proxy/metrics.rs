@@ -119,7 +119,7 @@ impl KindLabels {
 
 /// Counts one `outcome` in a family of outcome counters.
 pub fn inc<T: Outcome>(family: &Family<OutcomeLabels<T>, Counter>, outcome: T) {
-    family.get_or_create(&OutcomeLabels { outcome }).inc();
+    count(family, outcome);
 }
 
 /// Counts one more `outcome`; the count so far, for logging the 1st, 2nd, 4th, 8th… of a flood
