@@ -111,6 +111,7 @@ pub fn start(host: StreamHost, exchange: Exchange, body: Body, resumed: Option<R
             .flatten()
             .and_then(|h| h.id.clone()),
         any_answer: resumed_response,
+        cut_at: cut_at(kind, *host.phase().borrow()),
         phase: host.phase(),
         host,
         exchange,
@@ -167,6 +168,8 @@ struct Relay {
     answered: bool,
     out: mpsc::Sender<Bytes>,
     phase: watch::Receiver<Phase>,
+    /// The drain's phase that ends this stream before its upstream does, if any.
+    cut_at: Option<Phase>,
     /// Resends go on, with growing pauses, for as long as a request is held for a restarting
     /// upstream.
     resend: Backoff,
@@ -180,11 +183,23 @@ struct Relay {
     progress: std::collections::HashMap<String, f64>,
 }
 
-/// Resolves once the drain has reached streams of `kind`.
-async fn closing(phase: &mut watch::Receiver<Phase>, kind: StreamKind) {
-    let threshold = match kind {
-        StreamKind::Listen => Phase::Draining,
-        StreamKind::Response => Phase::Closing,
+/// The phase of the drain that ends a stream of `kind` opened at phase `now`: a listening
+/// stream at the drain's start (its client reconnects elsewhere), a response stream at the
+/// drain's deadline. A response stream opened past that deadline is not ended by it: only a
+/// retired proxy whose pod goes on opens one (a request it held while the server restarted in
+/// place, let go to the new server), and ending it would fail a call that is being answered.
+fn cut_at(kind: StreamKind, now: Phase) -> Option<Phase> {
+    match kind {
+        StreamKind::Listen => Some(Phase::Draining),
+        StreamKind::Response if now >= Phase::Closing => None,
+        StreamKind::Response => Some(Phase::Closing),
+    }
+}
+
+/// Resolves once the drain has reached `cut_at`; never without one.
+async fn closing(phase: &mut watch::Receiver<Phase>, cut_at: Option<Phase>) {
+    let Some(threshold) = cut_at else {
+        return std::future::pending().await;
     };
     if phase.wait_for(|p| *p >= threshold).await.is_err() {
         std::future::pending::<()>().await;
@@ -271,11 +286,11 @@ impl Relay {
         }
         let delay = Duration::from_millis(self.upstream_retry.unwrap_or(0).min(60_000));
         tokio::select! {
-            () = closing(&mut self.phase, self.kind) => return None,
+            () = closing(&mut self.phase, self.cut_at) => return None,
             () = tokio::time::sleep(delay) => {}
         }
         let resumed = tokio::select! {
-            () = closing(&mut self.phase, self.kind) => return None,
+            () = closing(&mut self.phase, self.cut_at) => return None,
             resumed = self.host.events_after(bound, &self.exchange, &last) => resumed?,
         };
         self.host.count_unanswered(Unanswered::Resumed);
@@ -290,7 +305,7 @@ impl Relay {
         loop {
             let frame = tokio::select! {
                 biased;
-                () = closing(&mut self.phase, self.kind) => return End::Closing,
+                () = closing(&mut self.phase, self.cut_at) => return End::Closing,
                 () = self.out.closed() => return End::ClientGone,
                 frame = body.frame() => frame,
             };
@@ -419,7 +434,7 @@ impl Relay {
             "the upstream ended the stream before answering; sending the request again (safe to repeat)"
         );
         let answer = tokio::select! {
-            () = closing(&mut self.phase, self.kind) => return None,
+            () = closing(&mut self.phase, self.cut_at) => return None,
             answer = self.host.send_upstream(&self.exchange) => answer,
         };
         match answer {
@@ -470,7 +485,7 @@ impl Relay {
     /// restarted, or ended it); `None` if it cannot, or the proxy drains meanwhile.
     async fn reconnect(&mut self) -> Option<Body> {
         let answer = tokio::select! {
-            () = closing(&mut self.phase, self.kind) => return None,
+            () = closing(&mut self.phase, self.cut_at) => return None,
             answer = self.host.send_upstream(&self.exchange) => answer,
         };
         match answer {
@@ -493,5 +508,27 @@ impl Relay {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_drain_ends_streams_opened_before_it_reached_them() {
+        for now in [Phase::Serving, Phase::Draining, Phase::Closing] {
+            assert_eq!(cut_at(StreamKind::Listen, now), Some(Phase::Draining));
+        }
+        assert_eq!(
+            cut_at(StreamKind::Response, Phase::Serving),
+            Some(Phase::Closing)
+        );
+        assert_eq!(
+            cut_at(StreamKind::Response, Phase::Draining),
+            Some(Phase::Closing)
+        );
+        // A request a retired proxy held through the server's restart in place.
+        assert_eq!(cut_at(StreamKind::Response, Phase::Closing), None);
     }
 }
