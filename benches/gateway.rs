@@ -3,9 +3,9 @@
 //! control plane, `MCP_TEST_KUBE_BIN`); `-- --quick` for 2,000 sessions instead of 10,000.
 //!
 //! Each mode runs on a test bed of its own (tests/support/bed.rs: the control plane, the
-//! operator and its webhook, the kubelet stand-in running every container as a local process, a
-//! real redis-server): a Deployment of 3 backend pods running a minimal MCP server
-//! (benches/common/echo.rs), in sidecar mode each with the proxy the webhook injects, in gateway
+//! operator and its webhook, a real kubelet on containerd running every container from an
+//! image, kube-proxy, a real redis-server): a Deployment of 3 backend pods running a minimal MCP
+//! server (benches/common/echo.rs, this binary in an image of its own), in sidecar mode each with the proxy the webhook injects, in gateway
 //! mode behind the 2 gateway replicas the operator runs. A client fleet written here (not SDK
 //! processes) opens the sessions, 10 per connection and credential, and calls the echo tool,
 //! which has no annotations and takes 20 ms, at 1,000 calls per second in all (each session
@@ -25,7 +25,6 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,7 +37,8 @@ use hyper_util::rt::TokioIo;
 use kube::ResourceExt as _;
 use mcp_session_operator::api::Sidecar;
 use serde_json::{Value, json};
-use support::bed::{Bed, Mode, V1, V2};
+use support::bed::{BACKEND_PORT, Backend, Bed, Mode, V1, V2};
+use support::node::binary_image;
 use support::operator::PROXY_IMAGE;
 use tokio::sync::watch;
 
@@ -73,11 +73,11 @@ fn main() {
     runtime.block_on(run(sessions, steady));
 }
 
-/// The backend pods' program: `--echo-backend PORT IP`, one serving thread (a pod's share of
+/// The backend pods' program: `--echo-backend PORT`, one serving thread (a pod's share of
 /// the machine), until SIGTERM, then the calls it has are finished.
 fn echo_backend(args: &[String]) {
     let port: u16 = args.first().and_then(|p| p.parse().ok()).expect("PORT");
-    let ip: Ipv4Addr = args.get(1).and_then(|ip| ip.parse().ok()).expect("IP");
+    let ip = Ipv4Addr::UNSPECIFIED;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -96,17 +96,15 @@ fn echo_backend(args: &[String]) {
     });
 }
 
-/// The bed's backend images: both versions run the echo server (this binary).
-fn echo_images(image: &str, port: u16, ip: Ipv4Addr) -> Option<std::process::Command> {
-    if ![V1, V2].contains(&image) {
-        return None;
+/// The bed's backend images: both versions run the echo server (this binary) on the port the
+/// bed's Deployment declares.
+fn echo_images(dir: &std::path::Path) -> Backend {
+    let binary = std::env::current_exe().expect("this benchmark's binary");
+    let port = BACKEND_PORT.to_string();
+    Backend {
+        images: binary_image(&binary, &[ECHO_BACKEND, &port], &[V1, V2], dir),
+        liveness: None,
     }
-    let mut server = std::process::Command::new(std::env::current_exe().ok()?);
-    server
-        .args([ECHO_BACKEND, &port.to_string(), &ip.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    Some(server)
 }
 
 async fn run(sessions: usize, steady: Duration) {
@@ -133,13 +131,14 @@ async fn scenario(mode: Mode, sessions: usize, steady: Duration) -> Measured {
         Mode::Gateway => "bench-gateway",
     };
     eprintln!("{prefix}: starting the test bed");
-    let bed = Bed::start(prefix, json!({}), mode, echo_images).await;
-    let proxies = || bed.runtime.pids_of_image(PROXY_IMAGE);
+    let images = tempfile::tempdir().expect("a directory for the backend's image");
+    let bed = Bed::start(prefix, json!({}), mode, &echo_images(images.path())).await;
+    let proxies = || bed.node.pids_of_image(PROXY_IMAGE);
     let memory = || proxies().into_iter().map(rss_bytes).sum::<u64>();
 
     let before = memory();
     let opening = Instant::now();
-    let fleet = Fleet::open(bed.entry_port(), sessions).await;
+    let fleet = Fleet::open(bed.entry(), sessions).await;
     let opened_per_second = sessions as f64 / opening.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_per_session = memory().saturating_sub(before) / sessions as u64;
@@ -320,8 +319,8 @@ struct Fleet {
 }
 
 impl Fleet {
-    /// Opens `sessions` through `port`; returns once all are open.
-    async fn open(port: u16, sessions: usize) -> Self {
+    /// Opens `sessions` through `address`; returns once all are open.
+    async fn open(address: std::net::SocketAddr, sessions: usize) -> Self {
         let connections = sessions / SESSIONS_PER_CONNECTION;
         let tally = Arc::new(Tally::default());
         let (calling, _) = watch::channel(None);
@@ -331,7 +330,7 @@ impl Fleet {
         let workers = (0..connections)
             .map(|n| {
                 let mut client = Client {
-                    port,
+                    address,
                     credential: format!("Bearer bench-{n}"),
                     sender: None,
                     opened: 0,
@@ -389,7 +388,7 @@ type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
 /// One connection of the fleet, opened again whenever the server closes it.
 struct Client {
-    port: u16,
+    address: std::net::SocketAddr,
     credential: String,
     sender: Option<Sender>,
     /// Connections opened so far.
@@ -542,9 +541,7 @@ impl Client {
             return self.sender.as_mut();
         }
         self.sender = None;
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .ok()?;
+        let tcp = tokio::net::TcpStream::connect(self.address).await.ok()?;
         tcp.set_nodelay(true).ok()?;
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
             .await

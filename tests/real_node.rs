@@ -10,9 +10,9 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::json;
 use support::control_plane::{
-    control_plane, kube_bin_dir, restricted_container_security, restricted_pod_security,
+    control_plane, restricted_container_security, restricted_pod_security,
 };
-use support::node::{NODE_NAME, PROJECT_IMAGE, RealNode};
+use support::node::{PROJECT_IMAGE, RealNode};
 use support::wait::{wait_for, wait_until};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -24,7 +24,7 @@ async fn a_pod_of_the_project_image_runs_on_the_real_kubelet() {
     let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
     let pod: Pod = serde_json::from_value(json!({
         "metadata": {"name": "proxy", "labels": {"app": "proxy"}},
-        "spec": {"nodeName": NODE_NAME, "automountServiceAccountToken": false,
+        "spec": {"nodeName": node.name, "automountServiceAccountToken": false,
                  "terminationGracePeriodSeconds": 20,
                  "securityContext": restricted_pod_security(),
                  "containers": [{"name": "proxy", "image": format!("docker.io/library/{PROJECT_IMAGE}"),
@@ -62,14 +62,8 @@ async fn a_pod_of_the_project_image_runs_on_the_real_kubelet() {
         },
     )
     .await;
-    let wide = std::process::Command::new(kube_bin_dir().join("kubectl"))
-        .arg("--kubeconfig")
-        .arg(&plane.kubeconfig)
-        .args(["-n", &ns.name, "get", "pods", "-o", "wide"])
-        .output()
-        .expect("kubectl");
     // Past the test harness's capture, so that every run's log shows the real pod.
-    let _ = std::io::Write::write_all(&mut std::io::stderr(), &wide.stdout);
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), node.wide_pods(&ns.name).as_bytes());
     assert!(ip.starts_with("10.244.0."), "a CNI address: {ip}");
     let health = support::get_at(&format!("{ip}:8091"), "/healthz", "").await;
     assert!(health.is_some(), "the pod answers on the pod network");

@@ -1,16 +1,16 @@
-//! Session-aware rollouts end to end, on the 1.35 control plane with every part real: a
-//! Deployment of 3 pods, each a real Python SDK MCP server that the operator's webhook injected
-//! with the session proxy, run by the kubelet stand-in as local processes from the stored pod
-//! spec (the injected preStop hook drains the proxy); a Service whose real EndpointSlices, kept
-//! by the real EndpointSlice controller, the balancer follows as kube-proxy would; a real
-//! redis-server; and
-//! 50 real SDK clients (25 Python, 25 TypeScript), each with a session and credential of its own,
-//! calling a tool every 200 ms throughout.
+//! Session-aware rollouts end to end, on the 1.35 control plane and a real node, with every part
+//! real: a Deployment of 3 pods, each a container of the Python SDK MCP server's image that the
+//! operator's webhook injected with the session proxy (the project's image), scheduled by the
+//! scheduler and run by the kubelet on containerd (its probes, the injected preStop hooks, the
+//! grace period and the sidecar's order are the kubelet's own); a Service whose ClusterIP
+//! kube-proxy routes to the endpoints the EndpointSlice controller publishes; a real
+//! redis-server; and 50 real SDK clients (25 Python, 25 TypeScript), each with a session and
+//! credential of its own, calling a tool every 200 ms throughout.
 
 mod support;
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
@@ -21,7 +21,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use mcp_session_operator::api::{RolloutStatus, Sidecar};
 use mcp_session_operator::store::SessionStore;
 use serde_json::{Value, json};
-use support::bed::{APP, Bed, Mode, REPLICAS, TIMEOUT, V1, V2};
+use support::bed::{APP, Backend, Bed, Mode, REPLICAS, TIMEOUT, V1, V2};
 use support::clients::{ClientLine, ClientRun};
 use support::wait::{wait_for, wait_until};
 use tokio::io::AsyncBufReadExt as _;
@@ -40,28 +40,32 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The bed of a scenario, its backend the Python SDK test server.
 async fn bed(prefix: &str, rollout: Value, mode: Mode) -> Bed {
-    Bed::start(prefix, rollout, mode, python_server).await
+    Bed::start(prefix, rollout, mode, &python_server()).await
 }
 
-/// The backend's images: the Python SDK test server, which [`V2_REFUSING`] runs refusing every
-/// `initialize`.
-fn python_server(image: &str, port: u16, ip: Ipv4Addr) -> Option<std::process::Command> {
-    if ![V1, V2, V2_REFUSING].contains(&image) {
-        return None;
+/// The backend's images: the Python SDK test server (tests/mcp/server-image.sh), which
+/// [`V2_REFUSING`] runs refusing every `initialize`; alive while `/livez` says so.
+fn python_server() -> Backend {
+    let serve = r#"["8000", "--host", "0.0.0.0"]"#;
+    let refusing = r#"["8000", "--host", "0.0.0.0", "--refuse-initialize"]"#;
+    let built = std::process::Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/mcp/server-image.sh"
+    ))
+    .args([V1, serve, V2, serve, V2_REFUSING, refusing])
+    .stderr(Stdio::inherit())
+    .output()
+    .expect("tests/mcp/server-image.sh");
+    assert!(built.status.success(), "build the server's image");
+    Backend {
+        images: String::from_utf8_lossy(&built.stdout).trim().into(),
+        liveness: Some(LIVENESS_PATH),
     }
-    let mut server = std::process::Command::new(
-        std::env::var("MCP_TEST_PYTHON").unwrap_or_else(|_| "python3".into()),
-    );
-    server
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/server.py"))
-        .args([port.to_string(), "--host".into(), ip.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    if image == V2_REFUSING {
-        server.arg("--refuse-initialize");
-    }
-    Some(server)
 }
+
+/// The server's liveness endpoint: 503 once the file [`SICK_FILE`] exists in its container.
+const LIVENESS_PATH: &str = "/livez";
+const SICK_FILE: &str = "/tmp/sick";
 
 /// The 50 clients: one process per SDK, each running its clients concurrently.
 struct Clients {
@@ -73,11 +77,12 @@ struct Clients {
 }
 
 impl Clients {
-    /// Clients calling `tools` (see tests/mcp/client.py: a comma-separated list cycles).
-    fn start(port: u16, tools: &str) -> Self {
+    /// Clients of the server at `address` calling `tools` (see tests/mcp/client.py: a
+    /// comma-separated list cycles).
+    fn start(address: SocketAddr, tools: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let stop_file = dir.path().join("stop");
-        let url = format!("http://127.0.0.1:{port}/mcp");
+        let url = format!("http://{address}/mcp");
         let python = std::env::var("MCP_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
         let ts = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/ts/client.mjs");
         let py = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mcp/client.py");
@@ -239,7 +244,7 @@ async fn a_rolling_update_through_classic_sidecars_loses_no_session_and_no_call(
 async fn rolling_update(prefix: &str, sidecar: Sidecar) {
     let _serial = SERIAL.lock().await;
     let bed = bed(prefix, json!({}), Mode::Sidecar(sidecar)).await;
-    let clients = Clients::start(bed.entry_port(), UNANNOTATED);
+    let clients = Clients::start(bed.entry(), UNANNOTATED);
     clients.wait_calling().await;
     // Every proxy fingerprints credentials with the key from the policy's Secret.
     let key = mcp_session_operator::proxy::Fingerprinter::new(
@@ -314,13 +319,16 @@ async fn rolling_update(prefix: &str, sidecar: Sidecar) {
 /// clients come back, and none is lost. What no server can prevent, since the pod's TCP
 /// connections are reset: a call in flight on it fails, a Python SDK client whose listening
 /// stream was on it dies with it (the SDK ends the client when that stream breaks), and a
-/// TypeScript call whose response stream was cut waits for the SDK's own timeout (60 s). Every
-/// client keeps the one session it had.
+/// TypeScript call whose response stream was cut waits for the SDK's own timeout (60 s). Nor
+/// can it prevent what the Service does until the dead pod leaves kube-proxy's rules (the
+/// endpoint's removal, then kube-proxy's next sync): a call on a new connection that kube-proxy
+/// sends to the dead pod's address is refused. Every client keeps the one session it had, and
+/// every failed call was sent before kube-proxy stopped routing to the dead pod.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_pods_sessions_are_swept_and_rehydrated() {
     let _serial = SERIAL.lock().await;
     let bed = bed("e2e-kill", json!({}), Mode::Sidecar(Sidecar::Native)).await;
-    let clients = Clients::start(bed.entry_port(), UNANNOTATED);
+    let clients = Clients::start(bed.entry(), UNANNOTATED);
     clients.wait_calling().await;
     wait_sessions_stored(&bed).await;
 
@@ -332,6 +340,13 @@ async fn a_killed_pods_sessions_are_swept_and_rehydrated() {
         .max_by_key(|(_, n)| **n)
         .map(|(pod, _)| pod.clone())
         .expect("a pod owns sessions");
+    let victim_ip = bed
+        .pods()
+        .await
+        .iter()
+        .find(|p| p.name_any() == victim)
+        .and_then(|p| mcp_session_operator::api::pod::ip(p).map(str::to_owned))
+        .expect("the victim's address");
     // Only a drain or a sweep moves an active session off its pod, so these are the sessions
     // the sweep will find, less any a client ends itself before it (below).
     let victims_sessions = store
@@ -339,7 +354,13 @@ async fn a_killed_pods_sessions_are_swept_and_rehydrated() {
         .await
         .expect("the victim's sessions");
     let owned = victims_sessions.len() as u64;
+    let killed = chrono::Utc::now();
     bed.kill_pod(&victim).await;
+    let unrouted = bed.node.wait_unrouted(&victim_ip).await;
+    eprintln!(
+        "kube-proxy sent connections to the dead pod for {} ms after the kill",
+        (unrouted - killed).num_milliseconds()
+    );
 
     wait_for(TIMEOUT, "the killed pod's sessions swept", || async {
         bed.counter("mcp_session_drains_total", r#",by="sweep""#)
@@ -379,10 +400,18 @@ async fn a_killed_pods_sessions_are_swept_and_rehydrated() {
         .count();
     eprintln!("{crashed} clients ended by the SDK when their stream was reset");
     assert_eq!(runs.len(), 2 * CLIENTS_PER_SDK, "every client reported");
+    // A connection kube-proxy had begun to set up when its rules changed may still be refused.
+    let routed_until = unrouted + chrono::Duration::milliseconds(500);
     for run in &runs {
         assert_eq!(run.session_ids.len(), 1, "one session id: {run:?}");
-        // At most the one call in flight when the pod died.
-        assert!(run.errors.len() <= 1, "{run:?}");
+        let sent = run.failed_calls_sent();
+        // The SDK ending a client is no call of its own: at most once.
+        assert!(sent.iter().filter(|s| s.is_none()).count() <= 1, "{run:?}");
+        assert!(
+            sent.iter().flatten().all(|sent| *sent <= routed_until),
+            "a call failed that was sent after kube-proxy stopped routing to the dead pod \
+             ({unrouted}): {run:?}"
+        );
     }
     // A Python SDK client the kill ended closes its session on the way out (a DELETE, which
     // another pod serves): that session may be gone before the sweep. Every other one is swept.
@@ -563,7 +592,7 @@ impl ThroughAGateway {
     async fn start(prefix: &str) -> Self {
         let serial = SERIAL.lock().await;
         let bed = bed(prefix, json!({}), Mode::Gateway).await;
-        let clients = Clients::start(bed.entry_port(), &format!("{UNANNOTATED},{READ_ONLY}"));
+        let clients = Clients::start(bed.entry(), &format!("{UNANNOTATED},{READ_ONLY}"));
         clients.wait_calling().await;
         wait_sessions_stored(&bed).await;
         Self {
@@ -619,51 +648,58 @@ fn assert_only_unsendable_calls_failed(bed: &Bed, runs: &[ClientRun], pods_gone:
     }
 }
 
-/// Kubernetes restarts a pod's MCP server in place (a failed liveness probe): the server's
-/// preStop reaches the pod's proxy, the server gets SIGTERM, a new process starts from the
-/// same spec. The pod is not deleted. Beside a native sidecar the hook retires the proxy, and a
-/// fresh one succeeds it; either way the requests that arrive meanwhile are held, sent to the
-/// new process (the sessions' handshakes replayed), and the pod is Ready again; 50 clients
-/// calling an unannotated tool see no error and keep their sessions.
+/// The kubelet restarts a pod's MCP server in place after its liveness probe fails: the
+/// server's preStop hook reaches the pod's proxy, the server gets SIGTERM, a new container
+/// starts from the same spec. The pod is not deleted. Beside a native sidecar the hook retires
+/// the proxy, and the kubelet starts a fresh one; either way the requests that arrive meanwhile
+/// are held, sent to the new server (the sessions' handshakes replayed), and the pod is Ready
+/// again; 50 clients calling an unannotated tool see no error and keep their sessions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_in_place_restart_of_a_server_costs_no_call_and_leaves_the_pod_ready() {
+async fn a_liveness_failure_restarts_the_server_in_place_and_costs_no_call() {
     in_place_restart("e2e-inplace", Sidecar::Native).await;
 }
 
 /// The same beside a classic sidecar, which hears of the restart through the server's preStop
-/// (a quiesce) and holds requests until the new process serves.
+/// (a quiesce) and holds requests until the new server serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_in_place_restart_beside_a_classic_sidecar_costs_no_call() {
+async fn a_liveness_failure_beside_a_classic_sidecar_costs_no_call() {
     in_place_restart("e2e-inplace-classic", Sidecar::Classic).await;
 }
 
 async fn in_place_restart(prefix: &str, sidecar: Sidecar) {
     let _serial = SERIAL.lock().await;
     let bed = bed(prefix, json!({}), Mode::Sidecar(sidecar)).await;
-    let clients = Clients::start(bed.entry_port(), UNANNOTATED);
+    let clients = Clients::start(bed.entry(), UNANNOTATED);
     clients.wait_calling().await;
     wait_sessions_stored(&bed).await;
-    let pods = bed.pods().await;
-    let pod = pods.first().expect("a pod").clone();
-    let ip: std::net::Ipv4Addr = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.pod_ip.as_deref())
-        .and_then(|ip| ip.parse().ok())
-        .expect("pod IP");
+    let pod = bed.pods().await.first().expect("a pod").name_any();
     let started = std::time::Instant::now();
-    bed.runtime
-        .restart_in_place(&pod, "server", Duration::from_secs(30))
-        .await;
+    // The server turns sick: its liveness probe fails from now on, until the kubelet replaces
+    // the container (whose new root has no such file).
+    bed.exec(
+        &pod,
+        "server",
+        &["python3", "-c", &format!("open('{SICK_FILE}', 'w')")],
+    );
+    let restarted = |p: &k8s_openapi::api::core::v1::Pod| {
+        p.status
+            .iter()
+            .flat_map(|s| s.container_statuses.iter().flatten())
+            .any(|c| c.name == "server" && c.restart_count > 0)
+    };
+    wait_for(TIMEOUT, "the server restarted by the kubelet", || async {
+        bed.pods()
+            .await
+            .iter()
+            .any(|p| p.name_any() == pod && restarted(p))
+    })
+    .await;
     let restarted_in = started.elapsed();
-    // Ready again (the proxy's readiness probe), without the pod being replaced.
-    let runtime = bed.runtime.clone();
-    wait_for(TIMEOUT, "the pod ready again", || {
-        let (runtime, pod) = (runtime.clone(), pod.clone());
-        async move {
-            use support::kubelet::PodRuntime as _;
-            runtime.ready(&pod, ip).await
-        }
+    wait_for(TIMEOUT, "the pod ready again", || async {
+        bed.pods()
+            .await
+            .iter()
+            .any(|p| p.name_any() == pod && mcp_session_operator::api::pod::takes_requests(p))
     })
     .await;
     let ready_in = started.elapsed();
@@ -671,16 +707,17 @@ async fn in_place_restart(prefix: &str, sidecar: Sidecar) {
     let runs = clients.stop().await;
     let (_, errors) = report("a server restarted in place", &runs);
     eprintln!(
-        "{} restarted in place in {:.1} s, Ready again after {:.1} s; {errors} failed calls",
-        pod.name_any(),
+        "{pod}'s server restarted in place {:.1} s after it fell sick, Ready again after {:.1} s; \
+         {errors} failed calls\n{}",
         restarted_in.as_secs_f64(),
-        ready_in.as_secs_f64()
+        ready_in.as_secs_f64(),
+        bed.node.wide_pods(&bed.ns.name)
     );
     assert!(
         bed.pods()
             .await
             .iter()
-            .any(|p| p.name_any() == pod.name_any() && p.metadata.deletion_timestamp.is_none()),
+            .any(|p| p.name_any() == pod && p.metadata.deletion_timestamp.is_none()),
         "the pod stays"
     );
     assert_every_client_kept_its_session(&bed, &runs);
@@ -694,7 +731,7 @@ async fn in_place_restart(prefix: &str, sidecar: Sidecar) {
 async fn a_redis_restart_mid_rollout_loses_no_session() {
     let _serial = SERIAL.lock().await;
     let mut bed = bed("e2e-redis", json!({}), Mode::Sidecar(Sidecar::Native)).await;
-    let clients = Clients::start(bed.entry_port(), UNANNOTATED);
+    let clients = Clients::start(bed.entry(), UNANNOTATED);
     clients.wait_calling().await;
     wait_sessions_stored(&bed).await;
 
@@ -734,7 +771,7 @@ async fn a_version_that_refuses_the_sessions_is_paused() {
         Mode::Sidecar(Sidecar::Native),
     )
     .await;
-    let clients = Clients::start(bed.entry_port(), UNANNOTATED);
+    let clients = Clients::start(bed.entry(), UNANNOTATED);
     clients.wait_calling().await;
     wait_sessions_stored(&bed).await;
     let old_pods: Vec<String> = bed.pods().await.iter().map(|p| p.name_any()).collect();

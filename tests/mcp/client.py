@@ -1,7 +1,7 @@
 """A real MCP client (the `mcp` SDK's Client, handshake mode) that lists the tools, as every
 client does, then calls `add` repeatedly and reports what it saw: a line per call (`ok N` or
-`error ...`), then a JSON summary (with `ready_seconds`, the time its handshake and tool list
-took). MCP_TEST_TOOL_DELAY (seconds) makes each call take that long on the server. MCP_TEST_TOOL
+`error ...`, an error ending with when its call was sent, `(sent at RFC3339)`), then a JSON
+summary (with `ready_seconds`, the time its handshake and tool list took). MCP_TEST_TOOL_DELAY (seconds) makes each call take that long on the server. MCP_TEST_TOOL
 names the tool (`add` by default; `add_read_only` is the same tool annotated read-only); a
 comma-separated list gives client i the i-th (cycling) of them.
 
@@ -19,6 +19,7 @@ run).
 """
 
 import asyncio
+import datetime
 import json
 import os
 import sys
@@ -65,6 +66,7 @@ async def run_client(url: str, seconds: float, interval: float, authorization: s
             while not stopped(deadline):
                 failure = None
                 started = time.monotonic()
+                sent_at = datetime.datetime.now(datetime.timezone.utc)
                 try:
                     result = await client.call_tool(tool, {"a": calls, "b": 1, "delay": delay})
                     if result.is_error:
@@ -75,7 +77,7 @@ async def run_client(url: str, seconds: float, interval: float, authorization: s
                     failure = describe(error)
                 slowest = max(slowest, time.monotonic() - started)
                 if failure:
-                    failure = f"call {calls}: {failure}"
+                    failure = f"call {calls}: {failure} (sent at {sent_at.isoformat(timespec='milliseconds')})"
                 calls += 1
                 if name:
                     print(json.dumps({"called": name}), flush=True)

@@ -6,7 +6,8 @@ Streamable HTTP at /mcp by default; `--sse` serves the 2024-11-05 HTTP+SSE trans
 (`GET /sse`, `POST /messages/?session_id=...`). `--host` binds another address than 127.0.0.1
 (a test pod's IP). `--refuse-initialize` makes a broken new version: every `initialize` is
 answered with a JSON-RPC error, so sessions stored by the previous version cannot be replayed
-to it. Tools:
+to it. With MCP_TEST_SICK_FILE set, `GET /livez` answers 503 once that file exists (a
+liveness probe to fail). Tools:
 - `add(a, b, delay=0)`: the main tool, without annotations, as most real tools are: a proxy
   may never run it twice, so a restart costs no call only if it is signalled (quiesced) first;
 - `add_read_only(a, b, delay=0)`: the same, annotated read-only, the special case a proxy may
@@ -142,6 +143,21 @@ def logging_calls(app):
     return wrapped
 
 
+def liveness(app, sick_file: str):
+    """Wraps an ASGI app with a liveness endpoint, `GET /livez`: 200 until `sick_file` exists,
+    then 503, so that a test fails the server's liveness probe from inside its container."""
+
+    async def wrapped(scope, receive, send):
+        if scope["type"] != "http" or scope["path"] != "/livez":
+            return await app(scope, receive, send)
+        status = 503 if os.path.exists(sick_file) else 200
+        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"sick\n" if status == 503 else b"ok\n"})
+        return None
+
+    return wrapped
+
+
 def option(name: str, default: str) -> str:
     return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else default
 
@@ -157,4 +173,6 @@ if __name__ == "__main__":
             app = refusing_initialize(app)
         if os.environ.get("MCP_TEST_CALL_LOG"):
             app = logging_calls(app)
+        if os.environ.get("MCP_TEST_SICK_FILE"):
+            app = liveness(app, os.environ["MCP_TEST_SICK_FILE"])
         uvicorn.run(app, host=host, port=port, log_level="warning")

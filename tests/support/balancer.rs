@@ -1,12 +1,9 @@
-//! A stand-in for a Kubernetes Service's kube-proxy: spreads TCP connections round-robin over
-//! the ready backends. Either it probes backends the test adds (readiness polled every 100 ms),
-//! or it follows a real Service: the pods its selector selects that are Ready and not
-//! terminating, at its target port (polled every 100 ms), which is what the EndpointSlice
-//! controller publishes and kube-proxy programs. Not the EndpointSlices themselves: on 1.35
-//! their validation refuses the loopback pod IPs of the kubelet stand-in (as the Endpoints
-//! object's always did), so the controller cannot write them; with real pod IPs (a real kubelet
-//! and CNI) the real kube-proxy replaces this.
-//! Connections are never sticky: what an MCP client opens next may reach any ready pod.
+//! A load balancer for the proxy tests' pods, which are local processes, not pods: spreads TCP
+//! connections round-robin over the backends the test adds that are ready (readiness polled
+//! every 100 ms), as a Service's kube-proxy rules do. Connections are never sticky: what an MCP
+//! client opens next may reach any ready pod. (The rollout bed's pods are real, and so is its
+//! kube-proxy.) Also the endpoints of a Service as the EndpointSlice controller computes them,
+//! for the apiserver's cluster egress in the beds with kubelet stand-ins.
 
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -47,21 +44,6 @@ impl Balancer {
         for backend in backends {
             balancer.add(backend);
         }
-        balancer
-    }
-
-    /// Routes to the Service's endpoints: its selected pods that are Ready and not terminating,
-    /// at its first port's target port.
-    pub async fn follow_service(client: kube::Client, namespace: &str, service: &str) -> Self {
-        let balancer = Self::listen().await;
-        let services: kube::Api<Service> = kube::Api::namespaced(client.clone(), namespace);
-        let pods: kube::Api<Pod> = kube::Api::namespaced(client, namespace);
-        tokio::spawn(follow(
-            services,
-            pods,
-            service.to_owned(),
-            Arc::downgrade(&balancer.members),
-        ));
         balancer
     }
 
@@ -132,64 +114,10 @@ impl Member {
     }
 }
 
-/// Keeps the members to the Service's endpoints until the balancer is dropped.
-async fn follow(
-    services: kube::Api<Service>,
-    pods: kube::Api<Pod>,
-    service: String,
-    members: std::sync::Weak<Mutex<Vec<Arc<Member>>>>,
-) {
-    loop {
-        let Some(listed) = endpoints(&services, &pods, &service).await else {
-            // An apiserver hiccup keeps what kube-proxy last programmed.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let Some(members) = members.upgrade() else {
-            return;
-        };
-        {
-            let mut members = members.lock().unwrap();
-            for member in members.iter() {
-                if !listed.contains(&member.backend.serve) {
-                    member.removed.store(true, Ordering::SeqCst);
-                }
-            }
-            for address in listed {
-                if !members
-                    .iter()
-                    .any(|m| m.backend.serve == address && m.serves())
-                {
-                    members.push(Arc::new(Member {
-                        backend: Backend {
-                            serve: address,
-                            ready: address,
-                        },
-                        ready: AtomicBool::new(true),
-                        removed: AtomicBool::new(false),
-                    }));
-                }
-            }
-        }
-        drop(members);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// The Service's endpoints as the EndpointSlice controller computes them: each selected pod
-/// with an IP, the Ready condition and no deletion timestamp, at the first port's target port
-/// (a number, or a container port's name); `None` if the apiserver did not answer.
-async fn endpoints(
-    services: &kube::Api<Service>,
-    pods: &kube::Api<Pod>,
-    service: &str,
-) -> Option<Vec<SocketAddr>> {
-    let service = services.get(service).await.ok()?;
-    let port = service.spec.as_ref()?.ports.as_ref()?.first()?.clone();
-    endpoints_of(&service, &port, pods).await
-}
-
-/// The endpoints of one port of `service` (see [`endpoints`]), from the pods of `pods`.
+/// The endpoints of one port of `service` as the EndpointSlice controller computes them:
+/// each selected pod of `pods` with an IP, the Ready condition and no deletion timestamp, at
+/// the port's target port (a number, or a container port's name); `None` if the apiserver did
+/// not answer.
 pub async fn endpoints_of(
     service: &Service,
     port: &k8s_openapi::api::core::v1::ServicePort,

@@ -1,19 +1,20 @@
-//! The rollout test bed: the 1.35 control plane with every part real. A Deployment of 3 backend
-//! pods, run by the kubelet stand-in as local processes from the stored pod spec (in sidecar
-//! mode with the session proxy the operator's webhook injected, whose preStop hook drains it);
-//! a Service whose real EndpointSlices, kept by the real EndpointSlice controller, a balancer
-//! follows as kube-proxy would; in gateway mode the gateway the operator runs; a real
-//! redis-server. The backend's program is the caller's: the tests run the Python SDK's server,
-//! the gateway benchmark a lighter one of its own.
+//! The rollout test bed: the 1.35 control plane and a real node, with every part real. A
+//! Deployment of 3 backend pods, real containers that the real kubelet runs on containerd
+//! from images imported into the node (in sidecar mode with the session proxy the operator's
+//! webhook injected, the project's own image, whose preStop hook drains it); a Service whose
+//! ClusterIP kube-proxy routes to the ready pods' addresses, as the real EndpointSlice
+//! controller publishes them; in gateway mode the gateway the operator runs, in pods of the
+//! same image; a real redis-server that the pods reach at the node's address. The backend's
+//! image is the caller's: the tests run the Python SDK's server, the gateway benchmark a
+//! lighter one of its own.
 
-use std::net::Ipv4Addr;
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Stdio;
-use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Container, Pod, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt as _};
 use mcp_session_operator::api::{
@@ -22,22 +23,20 @@ use mcp_session_operator::api::{
 use mcp_session_operator::store::RedisStore;
 use serde_json::{Value, json};
 
-use super::balancer::Balancer;
-use super::containers::LocalContainers;
 use super::control_plane::{
     TestNamespace, control_plane, restricted_container_security, restricted_pod_security,
 };
-use super::kubelet::KubeletStandIn;
+use super::node::{NODE_IP, PROJECT_IMAGE, RealNode};
 use super::operator::{
     Operator, PROXY_IMAGE, install_crd, operator_kubeconfig, wait_webhook_ready,
 };
 use super::redis::RedisServer;
-use super::wait::wait_for;
+use super::wait::{wait_for, wait_until};
 
 /// The policy, the Deployment, its Service and its pods' `app` label.
 pub const APP: &str = "mcp";
 pub const TIMEOUT: Duration = Duration::from_secs(120);
-/// The backend's versions: image names the bed's [`BackendImages`] know.
+/// The backend's versions: images the [`Backend`]'s archive holds.
 pub const V1: &str = "example/mcp-server:1";
 pub const V2: &str = "example/mcp-server:2";
 /// The backend's pods.
@@ -45,40 +44,14 @@ pub const REPLICAS: usize = 3;
 /// The port the backend's container declares, and serves on.
 pub const BACKEND_PORT: u16 = 8000;
 
-/// The program a backend image runs on `port` at the pod's IP; `None` for an image it does
-/// not know (the pod then never starts).
-pub type BackendImages = fn(image: &str, port: u16, ip: Ipv4Addr) -> Option<std::process::Command>;
-
-/// What each image runs: this crate's binary for the proxy (injected or a gateway; its args are
-/// the pod spec's), `backend`'s program for the backend. Each proxy logs to `proxy-<pod IP>.log`
-/// in `logs` (appended: a pod that reuses an address continues its file).
-fn images(
-    backend: BackendImages,
-    logs: PathBuf,
-) -> impl Fn(&Container, Ipv4Addr) -> Option<std::process::Command> {
-    move |container, ip| {
-        let image = container.image.as_deref()?;
-        if image == PROXY_IMAGE {
-            let mut proxy = std::process::Command::new(env!("CARGO_BIN_EXE_mcp-session-operator"));
-            if std::env::var_os("RUST_LOG").is_none() {
-                proxy.env("RUST_LOG", PROXY_LOG_LEVEL);
-            }
-            proxy
-                .stdout(Stdio::null())
-                .stderr(super::proxies::proxy_log_at(
-                    &logs.join(format!("proxy-{ip}.log")),
-                ));
-            return Some(proxy);
-        }
-        let port = container
-            .ports
-            .iter()
-            .flatten()
-            .next()
-            .and_then(|p| u16::try_from(p.container_port).ok())
-            .unwrap_or(BACKEND_PORT);
-        backend(image, port, ip)
-    }
+/// The backend the pods run.
+pub struct Backend {
+    /// An OCI archive with the images [`V1`] and [`V2`] (and any other version a test sets),
+    /// each serving MCP at `/mcp` on [`BACKEND_PORT`].
+    pub images: PathBuf,
+    /// A path on [`BACKEND_PORT`] that answers 200 while the server is alive: the container's
+    /// liveness probe, if any.
+    pub liveness: Option<&'static str>,
 }
 
 /// What the bed's proxies log: enough of the proxy's own steps (replays, held and relayed
@@ -97,28 +70,30 @@ pub enum Mode {
     Gateway,
 }
 
-/// The test bed of one scenario.
+/// The test bed of one scenario. The node goes first when it drops: the namespaces' pods are
+/// then left for the next node of the test binary to finish.
 pub struct Bed {
+    pub node: RealNode,
     pub ns: TestNamespace,
     _operator_ns: TestNamespace,
     pub operator: Operator,
     pub redis: RedisServer,
-    pub runtime: Arc<LocalContainers>,
-    _kubelet: KubeletStandIn,
     pub deployments: Api<Deployment>,
-    pub service: Balancer,
+    pub service: ClusterService,
     /// Gateway mode: the gateway the clients connect to.
     pub gateway: Option<Gateway>,
-    /// Where the pods' proxies log, a file per pod.
-    proxy_logs: PathBuf,
 }
 
 impl Bed {
     /// Everything up to 3 ready pods running `backend`'s [`V1`], in `mode`: in sidecar mode
     /// behind the Service with their proxies injected; in gateway mode alone (the policy turns
     /// injection off), a gateway following them. `rollout` is the policy's `spec.rollout`.
-    pub async fn start(prefix: &str, rollout: Value, mode: Mode, backend: BackendImages) -> Self {
+    pub async fn start(prefix: &str, rollout: Value, mode: Mode, backend: &Backend) -> Self {
         let plane = control_plane();
+        let node = RealNode::start(plane).await;
+        node.import(&backend.images);
+        // The image the operator injects and runs gateways of: the project's.
+        node.tag(PROJECT_IMAGE, PROXY_IMAGE);
         let ns = plane.namespace(prefix).await;
         // Pod Security admission at its strictest: the injected proxies, the gateway and the
         // backends' own spec must all pass it, or no pod starts.
@@ -126,8 +101,20 @@ impl Bed {
         let operator_ns = plane.namespace(&format!("{prefix}-op")).await;
         install_crd(&ns.client).await;
         let kubeconfig = operator_kubeconfig(plane, &ns.client, &operator_ns.name).await;
-        // Persisted as a production Redis would be, so a restart loses nothing written.
-        let redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+        // Persisted as a production Redis would be, so a restart loses nothing written; on the
+        // node's address for the pods, on loopback for the tests.
+        let redis = RedisServer::start_with(&[
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--bind",
+            "127.0.0.1",
+            NODE_IP,
+            // It has no password, as the pods' proxies connect from their own addresses.
+            "--protected-mode",
+            "no",
+        ]);
         let port = super::free_port();
         let operator = Operator::start_with_webhook(
             &kubeconfig,
@@ -147,7 +134,7 @@ impl Bed {
         let policy: McpSessionPolicy = serde_json::from_value(json!({
             "apiVersion": "mcpsession.dev/v1alpha1", "kind": "McpSessionPolicy",
             "metadata": {"name": APP},
-            "spec": {"selector": {"matchLabels": {"app": APP}}, "redis": {"url": redis.url()},
+            "spec": {"selector": {"matchLabels": {"app": APP}}, "redis": {"url": redis.url_on(NODE_IP)},
                      "drain": {"timeoutSeconds": 20}, "rollout": rollout,
                      "injection": injection,
                      "gateway": {"enabled": mode == Mode::Gateway, "replicas": Gateway::REPLICAS,
@@ -174,14 +161,6 @@ impl Bed {
         if let Mode::Sidecar(sidecar) = mode {
             wait_injecting(&ns, sidecar).await;
         }
-
-        let proxy_logs = super::process_dir("mcp-session-operator-proxies").join(&ns.name);
-        std::fs::create_dir_all(&proxy_logs).expect("a directory for the proxies' logs");
-        let runtime = Arc::new(LocalContainers::new(
-            Box::new(images(backend, proxy_logs.clone())),
-            ns.client.clone(),
-        ));
-        let kubelet = KubeletStandIn::start(ns.client.clone(), &ns.name, runtime.clone()).await;
         let service: Service = serde_json::from_value(json!({
             "metadata": {"name": APP},
             "spec": {"selector": {"app": APP}, "ports": [{"port": 80, "targetPort": "mcp"}]},
@@ -196,14 +175,25 @@ impl Bed {
             Mode::Sidecar(_) => json!({"containerPort": BACKEND_PORT}),
             Mode::Gateway => json!({"containerPort": BACKEND_PORT, "name": "mcp"}),
         };
+        let mut server = json!({"name": "server", "image": V1, "ports": [port],
+                                "securityContext": restricted_container_security()});
+        if let Some(path) = backend.liveness {
+            // Probed only once the server is up (the startup probe): a server still importing
+            // its SDK is not dead.
+            let probe =
+                json!({"httpGet": {"path": path, "port": BACKEND_PORT}, "periodSeconds": 1});
+            let mut startup = probe.clone();
+            startup["failureThreshold"] = json!(120);
+            server["startupProbe"] = startup;
+            server["livenessProbe"] = probe;
+        }
         let deployment: Deployment = serde_json::from_value(json!({
             "metadata": {"name": APP},
             "spec": {"replicas": REPLICAS, "minReadySeconds": 2, "selector": {"matchLabels": {"app": APP}},
                      "strategy": {"rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
                      "template": {"metadata": {"labels": {"app": APP}},
                                   "spec": {"securityContext": restricted_pod_security(),
-                                           "containers": [{"name": "server", "image": V1, "ports": [port],
-                                                           "securityContext": restricted_container_security()}]}}},
+                                           "containers": [server]}}},
         }))
         .expect("deployment");
         let deployments: Api<Deployment> = Api::namespaced(ns.client.clone(), &ns.name);
@@ -211,7 +201,7 @@ impl Bed {
             .create(&PostParams::default(), &deployment)
             .await
             .expect("create the Deployment");
-        let service = Balancer::follow_service(ns.client.clone(), &ns.name, APP).await;
+        let service = ClusterService::of(&ns, APP).await;
         service.wait_ready(REPLICAS).await;
         if let Mode::Sidecar(sidecar) = mode {
             let pods = Api::<Pod>::namespaced(ns.client.clone(), &ns.name)
@@ -227,30 +217,31 @@ impl Bed {
             Mode::Sidecar(_) => None,
             Mode::Gateway => Some(Gateway::start(&ns).await),
         };
+        eprintln!("{}", node.wide_pods(&ns.name));
         Self {
+            node,
             ns,
             _operator_ns: operator_ns,
             operator,
             redis,
-            runtime,
-            _kubelet: kubelet,
             deployments,
             service,
             gateway,
-            proxy_logs,
         }
     }
 
-    /// What the bed's proxies logged about any of `subjects` (session ids, say), file by file:
-    /// for a failed assertion to show what happened to a client's session.
+    /// What the bed's proxies logged about any of `subjects` (session ids, say), container log
+    /// by container log, as the kubelet wrote them: for a failed assertion to show what
+    /// happened to a client's session.
     pub fn proxy_log_about(&self, subjects: &[String]) -> String {
         let mut found = String::new();
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.proxy_logs)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|entry| entry.path())
-            .collect();
+        let mut files = self.node.container_logs(
+            &self.ns.name,
+            &[
+                mcp_session_operator::api::contract::PROXY_CONTAINER,
+                "gateway",
+            ],
+        );
         files.sort();
         for file in files {
             let log = std::fs::read_to_string(&file).unwrap_or_default();
@@ -265,11 +256,11 @@ impl Bed {
         found
     }
 
-    /// The port clients connect to: the gateway's, or the Service's.
-    pub fn entry_port(&self) -> u16 {
+    /// Where clients connect: the gateway's Service, or the backend's.
+    pub fn entry(&self) -> SocketAddr {
         self.gateway
             .as_ref()
-            .map_or(self.service.port, |g| g.service.port)
+            .map_or(self.service.address, |g| g.service.address)
     }
 
     pub fn client(&self) -> &Client {
@@ -280,6 +271,23 @@ impl Bed {
         self.redis
             .store("mcp:session:", Duration::from_secs(86_400))
             .await
+    }
+
+    /// `kubectl exec POD -c CONTAINER -- COMMAND`, through the apiserver and the kubelet.
+    pub fn exec(&self, pod: &str, container: &str, command: &[&str]) {
+        let output =
+            std::process::Command::new(super::control_plane::kube_bin_dir().join("kubectl"))
+                .arg("--kubeconfig")
+                .arg(&control_plane().kubeconfig)
+                .args(["-n", &self.ns.name, "exec", pod, "-c", container, "--"])
+                .args(command)
+                .output()
+                .expect("kubectl");
+        assert!(
+            output.status.success(),
+            "kubectl exec {pod} -c {container} -- {command:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
 
     /// `kubectl set image`: a new backend version in the pod template.
@@ -344,10 +352,10 @@ impl Bed {
             .items
     }
 
-    /// SIGKILLs `pod`'s processes and force-deletes it, as a node lost or an OOM kill would
+    /// SIGKILLs `pod`'s containers and force-deletes it, as a node lost or an OOM kill would
     /// leave it.
     pub async fn kill_pod(&self, pod: &str) {
-        self.runtime.kill(pod);
+        self.node.kill_pod(&self.ns.name, pod);
         Api::<Pod>::namespaced(self.client().clone(), &self.ns.name)
             .delete(pod, &DeleteParams::default().grace_period(0))
             .await
@@ -397,10 +405,9 @@ impl Bed {
 }
 
 /// The policy's gateway as the operator runs it (`spec.gateway`): a Deployment of 2 gateway
-/// pods, run by the kubelet stand-in with their service account's credentials, reached
-/// through their Service as kube-proxy would.
+/// pods on the node, with their service account's credentials, reached through their Service.
 pub struct Gateway {
-    pub service: Balancer,
+    pub service: ClusterService,
     client: Client,
     namespace: String,
 }
@@ -409,8 +416,7 @@ impl Gateway {
     pub const REPLICAS: usize = 2;
 
     async fn start(ns: &TestNamespace) -> Self {
-        let service =
-            Balancer::follow_service(ns.client.clone(), &ns.name, &format!("{APP}-gateway")).await;
+        let service = ClusterService::of(ns, &format!("{APP}-gateway")).await;
         service.wait_ready(Self::REPLICAS).await;
         Self {
             service,
@@ -477,6 +483,70 @@ impl Gateway {
                 .unwrap_or(0);
         }
         sum
+    }
+}
+
+/// A Service as clients reach it: its ClusterIP and port, which kube-proxy's rules take to the
+/// ready endpoints the EndpointSlice controller publishes.
+pub struct ClusterService {
+    pub address: SocketAddr,
+    name: String,
+    slices: Api<EndpointSlice>,
+}
+
+impl ClusterService {
+    /// The Service `name`, once it exists (the operator creates the gateway's).
+    async fn of(ns: &TestNamespace, name: &str) -> Self {
+        let services: Api<Service> = Api::namespaced(ns.client.clone(), &ns.name);
+        let address = wait_until(TIMEOUT, &format!("the Service {name}"), || async {
+            let service = services
+                .get_opt(name)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("not created yet")?;
+            let spec = service.spec.unwrap_or_default();
+            let ip = spec.cluster_ip.ok_or("no ClusterIP")?;
+            let port = spec.ports.iter().flatten().next().ok_or("no port")?.port;
+            format!("{ip}:{port}")
+                .parse::<SocketAddr>()
+                .map_err(|e| e.to_string())
+        })
+        .await;
+        Self {
+            address,
+            name: name.to_owned(),
+            slices: Api::namespaced(ns.client.clone(), &ns.name),
+        }
+    }
+
+    /// Until `n` endpoints are ready and the ClusterIP takes a connection (kube-proxy synced).
+    pub async fn wait_ready(&self, n: usize) {
+        let slices =
+            ListParams::default().labels(&format!("kubernetes.io/service-name={}", self.name));
+        wait_until(
+            TIMEOUT,
+            &format!("{n} ready endpoints of {}", self.name),
+            || async {
+                let ready = self
+                    .slices
+                    .list(&slices)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .items
+                    .iter()
+                    .flat_map(|s| s.endpoints.iter().flatten())
+                    .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
+                    .count();
+                if ready < n {
+                    return Err(format!("{ready} ready"));
+                }
+                tokio::net::TcpStream::connect(self.address)
+                    .await
+                    .map(drop)
+                    .map_err(|e| format!("{ready} ready; {}: {e}", self.address))
+            },
+        )
+        .await;
     }
 }
 

@@ -45,4 +45,17 @@ impl ClientRun {
     pub fn parse(line: &str) -> Option<Self> {
         serde_json::from_str(line).ok()
     }
+
+    /// When each failed call was sent, as the client reported it (`... (sent at RFC3339)`);
+    /// `None` for an error that is no call's (the client ended).
+    pub fn failed_calls_sent(&self) -> Vec<Option<chrono::DateTime<chrono::Utc>>> {
+        self.errors.iter().map(|error| sent_at(error)).collect()
+    }
+}
+
+/// When a failed call was sent, from the end of its error.
+fn sent_at(error: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    let (_, sent) = error.rsplit_once(" (sent at ")?;
+    let sent = chrono::DateTime::parse_from_rfc3339(sent.strip_suffix(')')?).ok()?;
+    Some(sent.with_timezone(&chrono::Utc))
 }

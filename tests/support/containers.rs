@@ -53,7 +53,6 @@ pub struct LocalContainers {
 /// A container's running process.
 struct Process {
     container: String,
-    image: String,
     child: Child,
 }
 
@@ -61,7 +60,6 @@ impl Process {
     fn of(container: &Container, child: Child) -> Self {
         Self {
             container: container.name.clone(),
-            image: container.image.clone().unwrap_or_default(),
             child,
         }
     }
@@ -74,25 +72,6 @@ impl LocalContainers {
             client,
             pods: Mutex::new(HashMap::new()),
         }
-    }
-
-    /// SIGKILLs every process of the pod at once, as a node that dies does; no hook runs.
-    pub fn kill(&self, pod: &str) {
-        for mut process in self.take(pod) {
-            let _ = process.child.start_kill();
-        }
-    }
-
-    /// The process ids of the running containers of `image`, in every pod.
-    pub fn pids_of_image(&self, image: &str) -> Vec<u32> {
-        self.pods
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .flatten()
-            .filter(|p| p.image == image)
-            .filter_map(|p| p.child.id())
-            .collect()
     }
 
     /// A container's process, from the stored spec; `None` for an image the test does not know.
@@ -111,44 +90,6 @@ impl LocalContainers {
                 .spawn()
                 .unwrap_or_else(|e| panic!("start container {}: {e}", container.name)),
         )
-    }
-
-    /// Restarts one container of a running pod in place, as a kubelet does after a failed
-    /// liveness probe: its `httpGet` preStop hook, SIGTERM (SIGKILL after `grace`), then a new
-    /// process from the same spec. The pod and its other containers stay.
-    pub async fn restart_in_place(&self, pod: &Pod, name: &str, grace: Duration) {
-        let ip: Ipv4Addr = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.pod_ip.as_deref())
-            .and_then(|ip| ip.parse().ok())
-            .expect("a running pod's IP");
-        let container = sidecars(pod)
-            .into_iter()
-            .chain(app_containers(pod))
-            .find(|c| c.name == name)
-            .expect("the container")
-            .clone();
-        let old = {
-            let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
-            let processes = pods.get_mut(&pod.name_any()).expect("a running pod");
-            let at = processes
-                .iter()
-                .position(|p| p.container == name)
-                .expect("the container's process");
-            processes.remove(at)
-        };
-        stop_container(pod, ip, old, tokio::time::Instant::now() + grace).await;
-        let child = self
-            .spawn(pod, &container, ip)
-            .await
-            .expect("the container's image");
-        self.pods
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(&pod.name_any())
-            .expect("a running pod")
-            .push(Process::of(&container, child));
     }
 
     fn take(&self, pod: &str) -> Vec<Process> {

@@ -24,6 +24,8 @@ use super::wait::wait_for;
 use super::{die_with_parent, free_port};
 
 const ADMIN_TOKEN_FILE: &str = "admin.token";
+/// The `kubernetes` Service's ClusterIP: the first of `--service-cluster-ip-range`.
+const KUBERNETES_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
 pub const SERVICE_ACCOUNT_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 
 pub struct ControlPlane {
@@ -138,8 +140,10 @@ impl ControlPlane {
             "kube-apiserver",
             Command::new(bin.join("kube-apiserver")).args([
                 &format!("--etcd-servers={etcd_url}"),
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                // Pods reach it too, through the `kubernetes` Service (10.96.0.1, as kube-proxy
+                // routes it) to the real node's address: the gateways' in-cluster clients.
+                "--bind-address=0.0.0.0",
+                &format!("--advertise-address={}", super::node::NODE_IP),
                 &format!("--secure-port={api_port}"),
                 &format!("--cert-dir={}", p("apiserver-certs")),
                 &format!("--tls-cert-file={}", p("apiserver.pem")),
@@ -150,7 +154,7 @@ impl ControlPlane {
                 &format!("--service-account-key-file={}", p("sa.pub")),
                 &format!("--service-account-signing-key-file={}", p("sa.key")),
                 &format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}"),
-                "--service-cluster-ip-range=10.96.0.0/16",
+                &format!("--service-cluster-ip-range={}", super::node::SERVICES),
                 "--enable-admission-plugins=MutatingAdmissionWebhook,ValidatingAdmissionWebhook",
                 "--allow-privileged=true",
                 "--profiling=false",
@@ -501,7 +505,9 @@ fn fresh_dir() -> PathBuf {
     dir
 }
 
-/// CA, apiserver serving certificate (IP SAN 127.0.0.1) and service-account signing key.
+/// CA, apiserver serving certificate and service-account signing key. The certificate names
+/// every address a client dials: loopback (the tests), the `kubernetes` Service's ClusterIP and
+/// the node's address behind it (pods).
 fn write_certificates(dir: &Path) -> Vec<u8> {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
     let ca_key = KeyPair::generate().expect("CA key");
@@ -517,9 +523,13 @@ fn write_certificates(dir: &Path) -> Vec<u8> {
     let mut params =
         CertificateParams::new(vec!["localhost".into(), "kubernetes.default.svc".into()])
             .expect("params");
-    params
-        .subject_alt_names
-        .push(SanType::IpAddress(Ipv4Addr::LOCALHOST.into()));
+    for ip in [
+        Ipv4Addr::LOCALHOST,
+        KUBERNETES_SERVICE_IP,
+        super::node::NODE_IP.parse().expect("the node's address"),
+    ] {
+        params.subject_alt_names.push(SanType::IpAddress(ip.into()));
+    }
     params
         .distinguished_name
         .push(DnType::CommonName, "kube-apiserver");

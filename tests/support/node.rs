@@ -13,25 +13,32 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Node as NodeObject;
-use kube::api::Api;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
 
 use super::control_plane::{ControlPlane, kube_bin_dir};
 use super::wait::wait_for;
 use super::{Process, die_with_parent, free_port};
 
-/// The node's name, and its address: the bridge's own, on the pod network.
-pub const NODE_NAME: &str = "bed-node";
+/// The node's address: the bridge's own, on the pod network.
 pub const NODE_IP: &str = "10.244.0.1";
 const BRIDGE: &str = "bed0";
+/// The Services' ClusterIP range (the apiserver's `--service-cluster-ip-range`).
+pub const SERVICES: &str = "10.96.0.0/16";
 /// The sandbox image, built from Debian's busybox-static.
 const PAUSE_IMAGE: &str = "pause:local";
 
 pub struct RealNode {
+    /// `bed-node-<n>`: each node a test binary starts has a name of its own, so that no pod
+    /// of the last test's, bound to the last node, is ever run by this one.
+    pub name: String,
     pub dir: PathBuf,
     socket: PathBuf,
+    kubeconfig: PathBuf,
     containerd: Option<Process>,
     kubelet: Option<Process>,
     kube_proxy: Option<Process>,
+    scheduler: Option<Process>,
 }
 
 impl Drop for RealNode {
@@ -40,6 +47,7 @@ impl Drop for RealNode {
     /// leaves behind (their command lines name the node's socket), then the mounts the kubelet
     /// and containerd made under the node's directory, deepest first.
     fn drop(&mut self) {
+        drop(self.scheduler.take());
         // kube-proxy's rules go with it: `--cleanup` removes every chain it made.
         drop(self.kube_proxy.take());
         let _ = Command::new(kube_bin_dir().join("kube-proxy"))
@@ -48,18 +56,11 @@ impl Drop for RealNode {
             .stderr(Stdio::null())
             .status();
         drop(self.kubelet.take());
-        let ctr = |args: &[&str]| {
-            Command::new("ctr")
-                .arg("-a")
-                .arg(&self.socket)
-                .args(["-n", "k8s.io"])
-                .args(args)
-                .stderr(Stdio::null())
-                .output()
-        };
-        if let Ok(tasks) = ctr(&["tasks", "ls", "-q"]) {
+        // Its pods are orphans now, which the pod garbage collector deletes.
+        let _ = self.kubectl(&["delete", "node", &self.name, "--wait=false"]);
+        if let Ok(tasks) = self.ctr(&["tasks", "ls", "-q"]) {
             for task in String::from_utf8_lossy(&tasks.stdout).split_whitespace() {
-                let _ = ctr(&["tasks", "kill", "-a", "-s", "SIGKILL", task]);
+                let _ = self.ctr(&["tasks", "kill", "-a", "-s", "SIGKILL", task]);
             }
         }
         drop(self.containerd.take());
@@ -77,7 +78,27 @@ impl Drop for RealNode {
         for point in under {
             let _ = Command::new("umount").args(["-l", point]).status();
         }
+        remove_pod_links();
         remove_kube_chains();
+    }
+}
+
+/// Removes the pods' ends of the bridge: the pods' network namespaces (mounted under the node's
+/// directory, `netns_mounts_under_state_dir`) go with their mounts and processes, and their
+/// veths with them; any link still on the bridge would answer for an address the next node
+/// hands out again.
+fn remove_pod_links() {
+    let links = Command::new("ip")
+        .args(["-o", "link", "show", "master", BRIDGE])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    // `25: veth586da4b0@if2: <...> ...`
+    for link in links
+        .lines()
+        .filter_map(|line| line.split(": ").nth(1)?.split('@').next())
+    {
+        let _ = Command::new("ip").args(["link", "delete", link]).status();
     }
 }
 
@@ -129,7 +150,12 @@ impl RealNode {
     /// containerd and the kubelet, registered with `plane`, Ready; the project's image (this
     /// test build's binary, stripped) and the sandbox image imported.
     pub async fn start(plane: &ControlPlane) -> Self {
-        let dir = plane.dir.join("node");
+        // A directory of its own for each node a test binary starts (one per test, in turn):
+        // nothing of the last one's containers, mounts or addresses is left to find.
+        static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = plane.dir.join(format!("node-{n}"));
+        let name = format!("bed-node-{n}");
         std::fs::create_dir_all(dir.join("cni")).expect("node dir");
         let socket = dir.join("containerd.sock");
         bridge();
@@ -138,7 +164,7 @@ impl RealNode {
             containerd_config(&dir, &socket),
         )
         .expect("containerd config");
-        std::fs::write(dir.join("cni/10-bed.conflist"), CNI_CONFLIST).expect("CNI config");
+        std::fs::write(dir.join("cni/10-bed.conflist"), cni_conflist(&dir)).expect("CNI config");
         let containerd = spawn(
             &dir,
             "containerd",
@@ -153,7 +179,8 @@ impl RealNode {
         import(&socket, &pause_image(&dir));
         import(&socket, &project_image(&dir));
 
-        std::fs::write(dir.join("kubelet.yaml"), kubelet_config(&socket)).expect("kubelet config");
+        std::fs::write(dir.join("kubelet.yaml"), kubelet_config(&socket, &dir))
+            .expect("kubelet config");
         let kubelet = spawn(
             &dir,
             "kubelet",
@@ -161,12 +188,12 @@ impl RealNode {
                 .arg(format!("--config={}", dir.join("kubelet.yaml").display()))
                 .arg(format!("--kubeconfig={}", plane.kubeconfig.display()))
                 .arg(format!("--root-dir={}", dir.join("kubelet").display()))
-                .arg(format!("--hostname-override={NODE_NAME}"))
+                .arg(format!("--hostname-override={name}"))
                 .arg(format!("--node-ip={NODE_IP}")),
         );
         std::fs::write(
             dir.join("kube-proxy.yaml"),
-            kube_proxy_config(&plane.kubeconfig),
+            kube_proxy_config(&plane.kubeconfig, &name),
         )
         .expect("kube-proxy config");
         let kube_proxy = spawn(
@@ -177,30 +204,205 @@ impl RealNode {
                 dir.join("kube-proxy.yaml").display()
             )),
         );
+        // The scheduler places the pods that controllers create (a Deployment's) on the node; it
+        // runs with the node, as no stand-in node of a test binary may get them.
+        let scheduler = spawn(
+            &dir,
+            "kube-scheduler",
+            Command::new(kube_bin_dir().join("kube-scheduler")).args([
+                &format!("--kubeconfig={}", plane.kubeconfig.display()),
+                "--leader-elect=false",
+                "--secure-port=0",
+                "--profiling=false",
+            ]),
+        );
         let client = plane.client().await.expect("admin client");
         let nodes: Api<NodeObject> = Api::all(client);
         wait_for(Duration::from_secs(90), "the real node Ready", || async {
-            nodes
-                .get_opt(NODE_NAME)
-                .await
-                .ok()
-                .flatten()
-                .is_some_and(|n| {
-                    n.status
-                        .and_then(|s| s.conditions)
-                        .into_iter()
-                        .flatten()
-                        .any(|c| c.type_ == "Ready" && c.status == "True")
-                })
+            nodes.get_opt(&name).await.ok().flatten().is_some_and(|n| {
+                n.status
+                    .and_then(|s| s.conditions)
+                    .into_iter()
+                    .flatten()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            })
         })
         .await;
+        // The kubelet registers the node tainted not-ready, and the node lifecycle controller
+        // would lift the taint once it is Ready; the bed runs without that controller (the
+        // kubelet stand-ins' nodes send no heartbeats), so the node lifts it here, once.
+        let untainted = json!({"spec": {"taints": null}});
+        nodes
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&untainted))
+            .await
+            .expect("lift the not-ready taint");
         Self {
+            name,
             dir,
             socket,
+            kubeconfig: plane.kubeconfig.clone(),
             containerd: Some(containerd),
             kubelet: Some(kubelet),
             kube_proxy: Some(kube_proxy),
+            scheduler: Some(scheduler),
         }
+    }
+
+    /// `ctr -n k8s.io images import ARCHIVE`: the archive's images, as its names give them.
+    pub fn import(&self, archive: &Path) {
+        import(&self.socket, archive);
+    }
+
+    /// `ctr images tag`: `image` known by another name too (both as a pod spec writes them).
+    pub fn tag(&self, image: &str, also: &str) {
+        let output = self
+            .ctr(&[
+                "images",
+                "tag",
+                "--force",
+                &qualified(image),
+                &qualified(also),
+            ])
+            .expect("ctr");
+        assert!(
+            output.status.success(),
+            "tag {image} as {also}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// The host's process ids of the running containers of `image` (as a pod spec writes it).
+    pub fn pids_of_image(&self, image: &str) -> Vec<u32> {
+        let image = qualified(image);
+        let listed = |args: &[&str]| {
+            self.ctr(args)
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+        };
+        // CONTAINER IMAGE RUNTIME, then TASK PID STATUS.
+        let containers = listed(&["containers", "ls"]);
+        let of_image: Vec<&str> = containers
+            .lines()
+            .skip(1)
+            .filter_map(|line| {
+                let mut columns = line.split_whitespace();
+                let id = columns.next()?;
+                (columns.next()? == image).then_some(id)
+            })
+            .collect();
+        listed(&["tasks", "ls"])
+            .lines()
+            .skip(1)
+            .filter_map(|line| {
+                let columns: Vec<&str> = line.split_whitespace().collect();
+                match columns.as_slice() {
+                    [task, pid, "RUNNING"] if of_image.contains(task) => pid.parse().ok(),
+                    _ => None,
+                }
+            })
+            .collect()
+    }
+
+    /// Until kube-proxy sends no Service's connections to `ip` any more (no DNAT rule names
+    /// it); when that was seen.
+    pub async fn wait_unrouted(&self, ip: &str) -> chrono::DateTime<chrono::Utc> {
+        let target = format!("--to-destination {ip}:");
+        wait_for(
+            Duration::from_secs(60),
+            &format!("kube-proxy's rules without {ip}"),
+            || async {
+                Command::new("iptables")
+                    .args(["-t", "nat", "-S"])
+                    .output()
+                    .is_ok_and(|o| !String::from_utf8_lossy(&o.stdout).contains(&target))
+            },
+        )
+        .await;
+        chrono::Utc::now()
+    }
+
+    /// SIGKILLs every container of the pod `namespace/name` at once, its sandbox too, as a node
+    /// that dies does: no hook runs, and its connections end with its processes.
+    pub fn kill_pod(&self, namespace: &str, name: &str) {
+        let filter = format!(
+            r#"labels."io.kubernetes.pod.namespace"=={namespace},labels."io.kubernetes.pod.name"=={name}"#
+        );
+        let ids = self
+            .ctr(&["containers", "ls", "-q", &filter])
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let ids: Vec<&str> = ids.split_whitespace().collect();
+        assert!(
+            !ids.is_empty(),
+            "no container of pod {namespace}/{name} on the node"
+        );
+        for id in ids {
+            let _ = self.ctr(&["tasks", "kill", "--all", "--signal", "SIGKILL", id]);
+        }
+    }
+
+    /// The log files the kubelet wrote for the containers named one of `containers` in
+    /// `namespace`'s pods (`<namespace>_<pod>_<uid>/<container>/<restart>.log`).
+    pub fn container_logs(&self, namespace: &str, containers: &[&str]) -> Vec<PathBuf> {
+        let prefix = format!("{namespace}_");
+        let entries = |dir: &Path| -> Vec<PathBuf> {
+            std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|entry| entry.path())
+                .collect()
+        };
+        entries(&self.dir.join("pod-logs"))
+            .into_iter()
+            .filter(|pod| {
+                pod.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
+            })
+            .flat_map(|pod| entries(&pod))
+            .filter(|container| {
+                container
+                    .file_name()
+                    .is_some_and(|n| containers.iter().any(|c| n == *c))
+            })
+            .flat_map(|container| entries(&container))
+            .collect()
+    }
+
+    /// `kubectl get pods -o wide` in `namespace`: the pods, their node and their addresses.
+    pub fn wide_pods(&self, namespace: &str) -> String {
+        let output = self
+            .kubectl(&["-n", namespace, "get", "pods", "-o", "wide"])
+            .expect("kubectl");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    fn kubectl(&self, args: &[&str]) -> std::io::Result<std::process::Output> {
+        Command::new(kube_bin_dir().join("kubectl"))
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .output()
+    }
+
+    fn ctr(&self, args: &[&str]) -> std::io::Result<std::process::Output> {
+        Command::new("ctr")
+            .arg("-a")
+            .arg(&self.socket)
+            .args(["-n", "k8s.io"])
+            .args(args)
+            .output()
+    }
+}
+
+/// An image's fully qualified name, as containerd stores it (`scripts/oci-archive.sh` names the
+/// images it writes the same way): a name without a registry is Docker Hub's, and one without a
+/// path is in its `library`.
+pub fn qualified(image: &str) -> String {
+    match image.split_once('/') {
+        None => format!("docker.io/library/{image}"),
+        Some((first, _)) if first.contains(['.', ':']) || first == "localhost" => image.to_owned(),
+        Some(_) => format!("docker.io/{image}"),
     }
 }
 
@@ -242,10 +444,20 @@ fn bridge() {
     assert!(ip(&["link", "set", BRIDGE, "up"]), "{BRIDGE} up");
 }
 
-const CNI_CONFLIST: &str = r#"{"cniVersion": "0.4.0", "name": "bed", "plugins": [
-  {"type": "bridge", "bridge": "bed0", "isGateway": true, "ipMasq": false,
-   "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.244.0.0/24", "gateway": "10.244.0.1"}]]}},
-  {"type": "portmap", "capabilities": {"portMappings": true}}]}"#;
+/// The pod network: the bridge, addresses from host-local, whose leases live in the node's
+/// directory (a node killed at the end of a test releases none of them). Pods route the
+/// Services' range to the node, where kube-proxy's rules take it; nothing else leaves it.
+fn cni_conflist(dir: &Path) -> String {
+    format!(
+        r#"{{"cniVersion": "0.4.0", "name": "bed", "plugins": [
+  {{"type": "bridge", "bridge": "{BRIDGE}", "isGateway": true, "ipMasq": false,
+   "ipam": {{"type": "host-local", "dataDir": "{leases}",
+             "ranges": [[{{"subnet": "10.244.0.0/24", "gateway": "{NODE_IP}"}}]],
+             "routes": [{{"dst": "{SERVICES}"}}]}}}},
+  {{"type": "portmap", "capabilities": {{"portMappings": true}}}}]}}"#,
+        leases = dir.join("cni-leases").display(),
+    )
+}
 
 fn containerd_config(dir: &Path, socket: &Path) -> String {
     format!(
@@ -257,6 +469,7 @@ state = "{state}"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "docker.io/library/{PAUSE_IMAGE}"
   restrict_oom_score_adj = true
+  netns_mounts_under_state_dir = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"
@@ -275,7 +488,7 @@ state = "{state}"
     )
 }
 
-fn kubelet_config(socket: &Path) -> String {
+fn kubelet_config(socket: &Path, dir: &Path) -> String {
     let (port, healthz) = (free_port(), free_port());
     format!(
         r#"apiVersion: kubelet.config.k8s.io/v1beta1
@@ -300,15 +513,17 @@ evictionHard: {{"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 serializeImagePulls: false
+podLogsDir: {logs}
 "#,
         socket = socket.display(),
+        logs = dir.join("pod-logs").display(),
     )
 }
 
 /// kube-proxy in iptables mode: Services' ClusterIPs, for the host's own connections too,
 /// DNAT'd to their endpoints on the pod network; no masquerade beyond it, no conntrack tuning
 /// (the VM's sysctls stay as they are).
-fn kube_proxy_config(kubeconfig: &Path) -> String {
+fn kube_proxy_config(kubeconfig: &Path, node: &str) -> String {
     let (healthz, metrics) = (free_port(), free_port());
     format!(
         r#"apiVersion: kubeproxy.config.k8s.io/v1alpha1
@@ -316,7 +531,7 @@ kind: KubeProxyConfiguration
 clientConnection:
   kubeconfig: {kubeconfig}
 mode: iptables
-hostnameOverride: {NODE_NAME}
+hostnameOverride: {node}
 clusterCIDR: 10.244.0.0/24
 healthzBindAddress: 127.0.0.1:{healthz}
 metricsBindAddress: 127.0.0.1:{metrics}
@@ -350,8 +565,10 @@ fn pause_image(dir: &Path) -> PathBuf {
     let archive = dir.join("pause.oci.tar");
     oci_archive(
         &dir.join("pause-rootfs"),
-        r#"{"User":"65535:65535","Entrypoint":["/bin/busybox","sh","-c","trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done"],"WorkingDir":"/"}"#,
-        PAUSE_IMAGE,
+        &[(
+            r#"{"User":"65535:65535","Entrypoint":["/bin/busybox","sh","-c","trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done"],"WorkingDir":"/"}"#,
+            PAUSE_IMAGE,
+        )],
         &archive,
     );
     archive
@@ -384,18 +601,48 @@ pub fn project_image(dir: &Path) -> PathBuf {
 /// The project's image as the node knows it.
 pub const PROJECT_IMAGE: &str = "mcp-session-operator:bed";
 
-fn oci_archive(rootfs: &Path, config: &str, name: &str, archive: &Path) {
-    run_script(
-        Command::new("bash")
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/scripts/oci-archive.sh"
-            ))
-            .arg(rootfs)
-            .arg(config)
-            .arg(name)
-            .arg(archive),
-    );
+/// An image of a program of this build (a benchmark's backend, say), as OCI archive in `dir`:
+/// the binary and the libraries it links, run as 65532 with `args`, under each of `names`.
+pub fn binary_image(binary: &Path, args: &[&str], names: &[&str], dir: &Path) -> PathBuf {
+    let rootfs = dir.join("binary-rootfs");
+    let installed = rootfs.join("bin/program");
+    std::fs::create_dir_all(rootfs.join("bin")).expect("rootfs");
+    std::fs::copy(binary, &installed).expect("copy the binary");
+    let linked = Command::new("ldd").arg(binary).output().expect("ldd");
+    for library in String::from_utf8_lossy(&linked.stdout)
+        .split_whitespace()
+        .filter(|word| word.starts_with('/'))
+    {
+        let target = rootfs.join(library.trim_start_matches('/'));
+        std::fs::create_dir_all(target.parent().expect("a library's directory")).expect("dir");
+        std::fs::copy(library, &target).expect("copy a library");
+    }
+    let entrypoint: Vec<&str> = std::iter::once("/bin/program")
+        .chain(args.iter().copied())
+        .collect();
+    let config =
+        json!({"User": "65532:65532", "Entrypoint": entrypoint, "WorkingDir": "/"}).to_string();
+    let images: Vec<(&str, &str)> = names.iter().map(|name| (config.as_str(), *name)).collect();
+    let archive = dir.join("binary.oci.tar");
+    oci_archive(&rootfs, &images, &archive);
+    archive
+}
+
+/// `scripts/oci-archive.sh`: `rootfs` as one layer, an image of it per (configuration, name).
+fn oci_archive(rootfs: &Path, images: &[(&str, &str)], archive: &Path) {
+    let mut command = Command::new("bash");
+    command
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/oci-archive.sh"
+        ))
+        .arg(rootfs);
+    let (config, name) = images.first().expect("an image");
+    command.args([config, name]).arg(archive);
+    for (config, name) in &images[1..] {
+        command.args([config, name]);
+    }
+    run_script(&mut command);
 }
 
 fn run_script(command: &mut Command) {

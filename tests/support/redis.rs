@@ -127,7 +127,12 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        self.url_on("127.0.0.1")
+    }
+
+    /// The URL at another address the server binds (`--bind`).
+    pub fn url_on(&self, address: &str) -> String {
+        format!("redis://{address}:{}/0", self.port)
     }
 
     /// A store on this server under `prefix`.

@@ -41,16 +41,17 @@ async function runClient(authorization, verbose, tool, name) {
     while (!stopped(deadline)) {
       let failure;
       const started = Date.now();
+      const sentAt = new Date(started).toISOString();
       try {
         const result = await client.callTool({ name: tool, arguments: { a: calls, b: 1, delay } });
         if (result.isError) failure = `tool error: ${JSON.stringify(result.content)}`;
         else if (result.content?.[0]?.text !== String(calls + 1)) failure = `wrong result: ${JSON.stringify(result)}`;
       } catch (error) {
         const cause = error?.cause ? ` (${error.cause.code ?? ""} ${error.cause.message ?? error.cause})` : "";
-        failure = `${error?.name}: ${error?.message}${cause} at ${new Date().toISOString()}`;
+        failure = `${error?.name}: ${error?.message}${cause}`;
       }
       slowest = Math.max(slowest, (Date.now() - started) / 1000);
-      if (failure) failure = `call ${calls}: ${failure}`;
+      if (failure) failure = `call ${calls}: ${failure} (sent at ${sentAt})`;
       calls += 1;
       if (name) console.log(JSON.stringify({ called: name }));
       if (transport.sessionId) sessionIds.add(transport.sessionId);
