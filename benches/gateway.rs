@@ -38,7 +38,7 @@ use kube::ResourceExt as _;
 use mcp_session_operator::api::Sidecar;
 use serde_json::{Value, json};
 use support::bed::{BACKEND_PORT, Backend, Bed, Mode, V1, V2};
-use support::node::binary_image;
+use support::images;
 use support::operator::PROXY_IMAGE;
 use tokio::sync::watch;
 
@@ -102,7 +102,7 @@ fn echo_images(dir: &std::path::Path) -> Backend {
     let binary = std::env::current_exe().expect("this benchmark's binary");
     let port = BACKEND_PORT.to_string();
     Backend {
-        images: binary_image(&binary, &[ECHO_BACKEND, &port], &[V1, V2], dir),
+        images: images::binary(&binary, &[ECHO_BACKEND, &port], &[V1, V2], dir),
         liveness: None,
     }
 }

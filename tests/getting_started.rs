@@ -5,12 +5,13 @@
 //! fails, or prints columns other than the sample output under it in the page, fails the test,
 //! so the page cannot drift from what works.
 //!
-//! The chart's operator pods run as the chart wrote them, two replicas electing a leader, with
-//! their service account's credentials, the apiserver calling their webhooks through the
-//! webhook Service. What the bed plays (docs/testing.md): the kubelet (this crate's binary is
-//! the chart's image, run as a local process per container) and the Service routing (the
-//! apiserver's cluster egress, [`support::cluster_network`]). The chart's Redis image is not
-//! run, and a Service name does not resolve outside a cluster: the page's policy is
+//! Everything runs on the bed's real node (docs/testing.md): the chart's operator pods, from the
+//! project's image pushed where the page's `helm install` points (tagged so on the node), two
+//! replicas electing a leader with their service account's in-cluster credentials, the
+//! apiserver calling their webhooks through the webhook Service; and the reader's own MCP
+//! server (the Python SDK test server's image as `my-mcp:1` and `:2`), its pods injected with
+//! the proxy. What the bed lacks: a registry (the chart's Redis image is not there, so its pod
+//! never starts) and cluster DNS (a Service name does not resolve): the page's policy is
 //! reconciled, and reports its Redis unreachable.
 
 mod support;
@@ -19,18 +20,15 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use std::net::Ipv4Addr;
-use std::sync::Arc;
-
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Container, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt as _;
 use kube::api::{Api, DynamicObject, ListParams, PostParams};
 use mcp_session_operator::api::McpSessionPolicy;
 use serde_json::json;
-use support::containers::LocalContainers;
 use support::control_plane::{ControlPlane, apply_object, control_plane, kube_bin_dir};
-use support::kubelet::KubeletStandIn;
+use support::images;
+use support::node::RealNode;
 use support::wait::{wait_for, wait_until};
 
 const PAGE: &str = include_str!("../docs/getting-started.md");
@@ -226,6 +224,9 @@ fn the_page_s_commands_are_read_as_a_user_reads_them() {
     );
 }
 
+/// The reader's MCP server's image; the page's upgrade sets `my-mcp:2`.
+const READERS_SERVER_V1: &str = "my-mcp:1";
+
 /// What a reader has before the page starts: the MCP server of step 2, a Deployment `my-mcp`
 /// in `prod` whose container `server` serves on 8000.
 async fn the_readers_server(plane: &ControlPlane) {
@@ -235,7 +236,7 @@ async fn the_readers_server(plane: &ControlPlane) {
         json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "my-mcp", "namespace": "prod"},
                "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "my-mcp"}},
                         "template": {"metadata": {"labels": {"app": "my-mcp"}},
-                                     "spec": {"containers": [{"name": "server", "image": "my-mcp:1",
+                                     "spec": {"containers": [{"name": "server", "image": READERS_SERVER_V1,
                                                               "ports": [{"containerPort": 8000}]}]}}}}),
     ] {
         let object = serde_json::from_value(object).expect("object");
@@ -248,9 +249,18 @@ async fn the_readers_server(plane: &ControlPlane) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_command_of_getting_started_works_as_written() {
     let plane = control_plane();
+    let node = RealNode::start(plane).await;
+    for name in operator_images(PAGE) {
+        node.tag(images::PROJECT, &name);
+    }
+    let serve: &[&str] = &["8000", "--host", "0.0.0.0"];
+    node.import(&images::python_server(&[
+        (READERS_SERVER_V1, serve),
+        ("my-mcp:2", serve),
+    ]));
     the_readers_server(plane).await;
     let shell = Shell::new(plane);
-    let mut kubelet: Option<KubeletStandIn> = None;
+    let mut installed = false;
     let mut ran = 0;
     for block in blocks(PAGE) {
         match block.language.as_str() {
@@ -282,7 +292,8 @@ async fn every_command_of_getting_started_works_as_written() {
                         );
                     }
                     if step.command.starts_with("helm install") {
-                        kubelet = Some(run_the_charts_pods(plane).await);
+                        wait_the_charts_webhook(plane).await;
+                        installed = true;
                     }
                     if step.command == "kubectl apply -f policy.yaml" {
                         wait_reconciled(plane, "prod", "my-mcp").await;
@@ -292,7 +303,7 @@ async fn every_command_of_getting_started_works_as_written() {
             _ => {}
         }
     }
-    assert!(kubelet.is_some(), "the page installs the chart");
+    assert!(installed, "the page installs the chart");
     assert!(
         ran >= 15,
         "only {ran} commands ran: is the page still read?"
@@ -333,31 +344,37 @@ async fn every_command_of_getting_started_works_as_written() {
         .count();
     assert!(injected > 0, "no pod of my-mcp got the proxy");
     eprintln!("{ran} commands of docs/getting-started.md ran as written; {injected} pods injected");
+    for namespace in ["mcp-system", "prod"] {
+        eprintln!("{namespace}:\n{}", node.wide_pods(namespace));
+    }
 }
 
-/// Runs the pods the chart created in `mcp-system` (the operator's image is this crate's
-/// binary), and waits until the apiserver reaches their validating webhook through its
-/// Service: a policy that only the webhook can refuse is refused.
-async fn run_the_charts_pods(plane: &ControlPlane) -> KubeletStandIn {
+/// The names the page gives the operator's image: the one it builds (`docker build -t`, which
+/// the examples run) and the one it pushes, which its `helm install` names
+/// (`--set image.repository=`, tagged with the chart's appVersion).
+fn operator_images(page: &str) -> [String; 2] {
+    let words: Vec<&str> = page.split_whitespace().collect();
+    let built = words
+        .windows(2)
+        .find_map(|pair| (pair[0] == "-t").then(|| pair[1].trim_end_matches('`')))
+        .expect("the page builds the image");
+    let repository = words
+        .iter()
+        .find_map(|word| word.strip_prefix("image.repository="))
+        .expect("the page sets image.repository");
+    let chart = include_str!("../charts/mcp-session-operator/Chart.yaml");
+    let version = chart
+        .lines()
+        .find_map(|line| line.strip_prefix("appVersion: "))
+        .expect("the chart's appVersion")
+        .trim_matches('"');
+    [built.to_owned(), format!("{repository}:{version}")]
+}
+
+/// Waits until the apiserver reaches the chart's validating webhook through its Service, in
+/// the operator pods the node runs: a policy that only the webhook can refuse is refused.
+async fn wait_the_charts_webhook(plane: &ControlPlane) {
     let client = plane.client().await.expect("admin client");
-    let logs = plane.dir.join("getting-started");
-    std::fs::create_dir_all(&logs).expect("a directory for the pods' logs");
-    let images = move |container: &Container, ip: Ipv4Addr| {
-        let image = container.image.as_deref()?;
-        let ours = image.split(':').next()?.ends_with("/mcp-session-operator");
-        ours.then(|| {
-            let mut operator =
-                std::process::Command::new(env!("CARGO_BIN_EXE_mcp-session-operator"));
-            operator
-                .stdout(Stdio::null())
-                .stderr(support::proxies::proxy_log_at(
-                    &logs.join(format!("{ip}.log")),
-                ));
-            operator
-        })
-    };
-    let runtime = Arc::new(LocalContainers::new(Box::new(images), client.clone()));
-    let kubelet = KubeletStandIn::start(client.clone(), "mcp-system", runtime).await;
     let resource = kube::api::ApiResource::erase::<McpSessionPolicy>(&());
     let policies: Api<DynamicObject> = Api::namespaced_with(client, "default", &resource);
     let only_the_webhook_refuses: DynamicObject = serde_json::from_value(json!({
@@ -381,7 +398,6 @@ async fn run_the_charts_pods(plane: &ControlPlane) -> KubeletStandIn {
         },
     )
     .await;
-    kubelet
 }
 
 /// Until the operator wrote the policy's status.

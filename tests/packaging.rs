@@ -261,7 +261,7 @@ fn sha256_of(path: &Path) -> String {
 fn the_image_archive_agrees_with_the_dockerfile_and_its_binary_runs() {
     let dockerfile = final_stage(include_str!("../Dockerfile"));
     let dir = tempfile::tempdir().expect("scratch");
-    let archive = support::node::project_image(dir.path());
+    let archive = support::images::project(dir.path());
     let layout = dir.path().join("layout");
     std::fs::create_dir_all(&layout).expect("layout");
     let untar = |archive: &Path, into: &Path| {
@@ -294,7 +294,7 @@ fn the_image_archive_agrees_with_the_dockerfile_and_its_binary_runs() {
     let manifest = &index["manifests"][0];
     assert_eq!(
         manifest["annotations"]["io.containerd.image.name"],
-        format!("docker.io/library/{}", support::node::PROJECT_IMAGE).as_str()
+        support::images::qualified(support::images::PROJECT).as_str()
     );
     let manifest = json(blob(manifest));
     let config = json(blob(&manifest["config"]));

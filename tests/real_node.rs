@@ -12,7 +12,8 @@ use serde_json::json;
 use support::control_plane::{
     control_plane, restricted_container_security, restricted_pod_security,
 };
-use support::node::{PROJECT_IMAGE, RealNode};
+use support::images;
+use support::node::RealNode;
 use support::wait::{wait_for, wait_until};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -27,7 +28,7 @@ async fn a_pod_of_the_project_image_runs_on_the_real_kubelet() {
         "spec": {"nodeName": node.name, "automountServiceAccountToken": false,
                  "terminationGracePeriodSeconds": 20,
                  "securityContext": restricted_pod_security(),
-                 "containers": [{"name": "proxy", "image": format!("docker.io/library/{PROJECT_IMAGE}"),
+                 "containers": [{"name": "proxy", "image": images::qualified(images::PROJECT),
                                  "imagePullPolicy": "Never",
                                  "args": ["proxy", "--listen", "0.0.0.0:8090", "--upstream", "http://127.0.0.1:8000",
                                           "--admin-addr", "0.0.0.0:8091"],

@@ -46,19 +46,14 @@ async fn bed(prefix: &str, rollout: Value, mode: Mode) -> Bed {
 /// The backend's images: the Python SDK test server (tests/mcp/server-image.sh), which
 /// [`V2_REFUSING`] runs refusing every `initialize`; alive while `/livez` says so.
 fn python_server() -> Backend {
-    let serve = r#"["8000", "--host", "0.0.0.0"]"#;
-    let refusing = r#"["8000", "--host", "0.0.0.0", "--refuse-initialize"]"#;
-    let built = std::process::Command::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/mcp/server-image.sh"
-    ))
-    .args([V1, serve, V2, serve, V2_REFUSING, refusing])
-    .stderr(Stdio::inherit())
-    .output()
-    .expect("tests/mcp/server-image.sh");
-    assert!(built.status.success(), "build the server's image");
+    let serve: &[&str] = &["8000", "--host", "0.0.0.0"];
+    let refusing: &[&str] = &["8000", "--host", "0.0.0.0", "--refuse-initialize"];
     Backend {
-        images: String::from_utf8_lossy(&built.stdout).trim().into(),
+        images: support::images::python_server(&[
+            (V1, serve),
+            (V2, serve),
+            (V2_REFUSING, refusing),
+        ]),
         liveness: Some(LIVENESS_PATH),
     }
 }

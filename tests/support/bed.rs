@@ -26,7 +26,8 @@ use serde_json::{Value, json};
 use super::control_plane::{
     TestNamespace, control_plane, restricted_container_security, restricted_pod_security,
 };
-use super::node::{NODE_IP, PROJECT_IMAGE, RealNode};
+use super::images;
+use super::node::{NODE_IP, RealNode};
 use super::operator::{
     Operator, PROXY_IMAGE, install_crd, operator_kubeconfig, wait_webhook_ready,
 };
@@ -93,7 +94,7 @@ impl Bed {
         let node = RealNode::start(plane).await;
         node.import(&backend.images);
         // The image the operator injects and runs gateways of: the project's.
-        node.tag(PROJECT_IMAGE, PROXY_IMAGE);
+        node.tag(images::PROJECT, PROXY_IMAGE);
         let ns = plane.namespace(prefix).await;
         // Pod Security admission at its strictest: the injected proxies, the gateway and the
         // backends' own spec must all pass it, or no pod starts.
@@ -275,14 +276,9 @@ impl Bed {
 
     /// `kubectl exec POD -c CONTAINER -- COMMAND`, through the apiserver and the kubelet.
     pub fn exec(&self, pod: &str, container: &str, command: &[&str]) {
-        let output =
-            std::process::Command::new(super::control_plane::kube_bin_dir().join("kubectl"))
-                .arg("--kubeconfig")
-                .arg(&control_plane().kubeconfig)
-                .args(["-n", &self.ns.name, "exec", pod, "-c", container, "--"])
-                .args(command)
-                .output()
-                .expect("kubectl");
+        let mut args = vec!["-n", &self.ns.name, "exec", pod, "-c", container, "--"];
+        args.extend(command);
+        let output = self.node.kubectl(&args).expect("kubectl");
         assert!(
             output.status.success(),
             "kubectl exec {pod} -c {container} -- {command:?}: {}",
@@ -290,7 +286,6 @@ impl Bed {
         );
     }
 
-    /// `kubectl set image`: a new backend version in the pod template.
     /// What `kubectl set image deployment/mcp server=IMAGE` does: a strategic merge patch,
     /// which merges the container by name and keeps the rest of it.
     pub async fn set_image(&self, image: &str) {

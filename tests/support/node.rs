@@ -17,6 +17,7 @@ use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 
 use super::control_plane::{ControlPlane, kube_bin_dir};
+use super::images;
 use super::wait::wait_for;
 use super::{Process, die_with_parent, free_port};
 
@@ -25,8 +26,6 @@ pub const NODE_IP: &str = "10.244.0.1";
 const BRIDGE: &str = "bed0";
 /// The Services' ClusterIP range (the apiserver's `--service-cluster-ip-range`).
 pub const SERVICES: &str = "10.96.0.0/16";
-/// The sandbox image, built from Debian's busybox-static.
-const PAUSE_IMAGE: &str = "pause:local";
 
 pub struct RealNode {
     /// `bed-node-<n>`: each node a test binary starts has a name of its own, so that no pod
@@ -176,8 +175,8 @@ impl RealNode {
             socket.exists()
         })
         .await;
-        import(&socket, &pause_image(&dir));
-        import(&socket, &project_image(&dir));
+        import(&socket, &images::pause(&dir));
+        import(&socket, &images::project(&dir));
 
         std::fs::write(dir.join("kubelet.yaml"), kubelet_config(&socket, &dir))
             .expect("kubelet config");
@@ -260,8 +259,8 @@ impl RealNode {
                 "images",
                 "tag",
                 "--force",
-                &qualified(image),
-                &qualified(also),
+                &images::qualified(image),
+                &images::qualified(also),
             ])
             .expect("ctr");
         assert!(
@@ -273,7 +272,7 @@ impl RealNode {
 
     /// The host's process ids of the running containers of `image` (as a pod spec writes it).
     pub fn pids_of_image(&self, image: &str) -> Vec<u32> {
-        let image = qualified(image);
+        let image = images::qualified(image);
         let listed = |args: &[&str]| {
             self.ctr(args)
                 .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
@@ -377,7 +376,8 @@ impl RealNode {
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
-    fn kubectl(&self, args: &[&str]) -> std::io::Result<std::process::Output> {
+    /// The real kubectl, as the cluster's admin.
+    pub fn kubectl(&self, args: &[&str]) -> std::io::Result<std::process::Output> {
         Command::new(kube_bin_dir().join("kubectl"))
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
@@ -392,17 +392,6 @@ impl RealNode {
             .args(["-n", "k8s.io"])
             .args(args)
             .output()
-    }
-}
-
-/// An image's fully qualified name, as containerd stores it (`scripts/oci-archive.sh` names the
-/// images it writes the same way): a name without a registry is Docker Hub's, and one without a
-/// path is in its `library`.
-pub fn qualified(image: &str) -> String {
-    match image.split_once('/') {
-        None => format!("docker.io/library/{image}"),
-        Some((first, _)) if first.contains(['.', ':']) || first == "localhost" => image.to_owned(),
-        Some(_) => format!("docker.io/{image}"),
     }
 }
 
@@ -467,7 +456,7 @@ state = "{state}"
 [grpc]
   address = "{socket}"
 [plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "docker.io/library/{PAUSE_IMAGE}"
+  sandbox_image = "{pause}"
   restrict_oom_score_adj = true
   netns_mounts_under_state_dir = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
@@ -485,6 +474,7 @@ state = "{state}"
         state = dir.join("containerd/state").display(),
         socket = socket.display(),
         cni = dir.join("cni").display(),
+        pause = images::qualified(images::PAUSE),
     )
 }
 
@@ -555,101 +545,4 @@ fn spawn(dir: &Path, name: &str, command: &mut Command) -> Process {
             .spawn()
             .unwrap_or_else(|e| panic!("start {name}: {e}")),
     )
-}
-
-/// The sandbox image: Debian's busybox-static, waiting for its SIGTERM.
-fn pause_image(dir: &Path) -> PathBuf {
-    let rootfs = dir.join("pause-rootfs/bin");
-    std::fs::create_dir_all(&rootfs).expect("pause rootfs");
-    std::fs::copy("/bin/busybox", rootfs.join("busybox")).expect("busybox-static");
-    let archive = dir.join("pause.oci.tar");
-    oci_archive(
-        &dir.join("pause-rootfs"),
-        &[(
-            r#"{"User":"65535:65535","Entrypoint":["/bin/busybox","sh","-c","trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done"],"WorkingDir":"/"}"#,
-            PAUSE_IMAGE,
-        )],
-        &archive,
-    );
-    archive
-}
-
-/// The project's image as an OCI archive in `dir`, from `scripts/image.sh` with this test
-/// build's binary (stripped), named [`PROJECT_IMAGE`].
-pub fn project_image(dir: &Path) -> PathBuf {
-    let binary = dir.join("mcp-session-operator");
-    let stripped = Command::new("strip")
-        .arg("-o")
-        .arg(&binary)
-        .arg(env!("CARGO_BIN_EXE_mcp-session-operator"))
-        .status()
-        .expect("strip");
-    assert!(stripped.success(), "strip the binary");
-    let archive = dir.join("mcp-session-operator.oci.tar");
-    run_script(
-        Command::new("bash")
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/image.sh"))
-            .arg("--binary")
-            .arg(&binary)
-            .arg("--output")
-            .arg(&archive)
-            .args(["--name", PROJECT_IMAGE]),
-    );
-    archive
-}
-
-/// The project's image as the node knows it.
-pub const PROJECT_IMAGE: &str = "mcp-session-operator:bed";
-
-/// An image of a program of this build (a benchmark's backend, say), as OCI archive in `dir`:
-/// the binary and the libraries it links, run as 65532 with `args`, under each of `names`.
-pub fn binary_image(binary: &Path, args: &[&str], names: &[&str], dir: &Path) -> PathBuf {
-    let rootfs = dir.join("binary-rootfs");
-    let installed = rootfs.join("bin/program");
-    std::fs::create_dir_all(rootfs.join("bin")).expect("rootfs");
-    std::fs::copy(binary, &installed).expect("copy the binary");
-    let linked = Command::new("ldd").arg(binary).output().expect("ldd");
-    for library in String::from_utf8_lossy(&linked.stdout)
-        .split_whitespace()
-        .filter(|word| word.starts_with('/'))
-    {
-        let target = rootfs.join(library.trim_start_matches('/'));
-        std::fs::create_dir_all(target.parent().expect("a library's directory")).expect("dir");
-        std::fs::copy(library, &target).expect("copy a library");
-    }
-    let entrypoint: Vec<&str> = std::iter::once("/bin/program")
-        .chain(args.iter().copied())
-        .collect();
-    let config =
-        json!({"User": "65532:65532", "Entrypoint": entrypoint, "WorkingDir": "/"}).to_string();
-    let images: Vec<(&str, &str)> = names.iter().map(|name| (config.as_str(), *name)).collect();
-    let archive = dir.join("binary.oci.tar");
-    oci_archive(&rootfs, &images, &archive);
-    archive
-}
-
-/// `scripts/oci-archive.sh`: `rootfs` as one layer, an image of it per (configuration, name).
-fn oci_archive(rootfs: &Path, images: &[(&str, &str)], archive: &Path) {
-    let mut command = Command::new("bash");
-    command
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/scripts/oci-archive.sh"
-        ))
-        .arg(rootfs);
-    let (config, name) = images.first().expect("an image");
-    command.args([config, name]).arg(archive);
-    for (config, name) in &images[1..] {
-        command.args([config, name]);
-    }
-    run_script(&mut command);
-}
-
-fn run_script(command: &mut Command) {
-    let output = command.output().expect("a script");
-    assert!(
-        output.status.success(),
-        "{command:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
 }
