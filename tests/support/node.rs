@@ -97,7 +97,11 @@ fn remove_pod_links() {
         .lines()
         .filter_map(|line| line.split(": ").nth(1)?.split('@').next())
     {
-        let _ = Command::new("ip").args(["link", "delete", link]).status();
+        // Gone already if its namespace went with the mounts: nothing to say then.
+        let _ = Command::new("ip")
+            .args(["link", "delete", link])
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
