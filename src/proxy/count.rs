@@ -3,7 +3,7 @@
 //! zero without polling.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use tokio::sync::Notify;
@@ -16,6 +16,8 @@ pub struct Count(Arc<Shared>);
 #[derive(Default)]
 struct Shared {
     count: AtomicUsize,
+    /// Every unit ever counted: whether one came and went meanwhile.
+    entered: AtomicU64,
     zero: Notify,
 }
 
@@ -23,7 +25,13 @@ impl Count {
     /// Counts one until the returned guard drops.
     pub fn enter(&self) -> Counted {
         self.0.count.fetch_add(1, Ordering::AcqRel);
+        self.0.entered.fetch_add(1, Ordering::AcqRel);
         Counted(self.0.clone())
+    }
+
+    /// How many units were ever counted.
+    pub fn entered(&self) -> u64 {
+        self.0.entered.load(Ordering::Acquire)
     }
 
     pub fn get(&self) -> usize {

@@ -141,6 +141,13 @@ impl Proxy {
     }
 }
 
+/// How long after a drain begins the Service may still send the pod new connections: the
+/// kubelet's readiness probe of the proxy (every 2 s, as the webhook injects it), then the
+/// endpoints' update and kube-proxy's sync. A drained proxy answers (and lets through to its
+/// backend) what arrives until then; one that stopped answering sooner would leave such a
+/// request nowhere to go.
+pub(super) const ENDPOINTS_SETTLE: Duration = Duration::from_secs(5);
+
 /// How long a quiesce waits for the proxy's own SIGTERM: a terminating pod stops every
 /// container at once, so a retirement that starts this soon after the backend's preStop is the
 /// same pod stop, not an in-place restart of the backend.
@@ -303,16 +310,28 @@ impl Proxy {
     }
 
     /// After a drain, keeps answering (each answer with `Connection: close`) until the clients
-    /// have closed their connections, or the drain deadline; then ends whatever still streams,
-    /// with a hint to resume elsewhere.
+    /// have closed their connections and the Service has stopped sending new ones (see
+    /// [`ENDPOINTS_SETTLE`]), or the drain deadline; then ends whatever still streams, with a
+    /// hint to resume elsewhere.
     pub(super) async fn linger(&self) {
         let lifecycle = &self.lifecycle;
-        let (_, deadline) = lifecycle.drain_deadline(self.config.drain_timeout);
-        // Requests ride on connections: once both are down to none, the clients have gone.
-        while lifecycle.connections.zero_by(deadline).await
-            && lifecycle.in_flight.zero_by(deadline).await
-            && lifecycle.connections.get() > 0
-        {}
+        let (started, deadline) = lifecycle.drain_deadline(self.config.drain_timeout);
+        let settled = (started + ENDPOINTS_SETTLE).min(deadline);
+        // Requests ride on connections: once both are down to none, the clients have gone,
+        // unless one more arrives before the endpoints have settled.
+        loop {
+            if !(lifecycle.connections.zero_by(deadline).await
+                && lifecycle.in_flight.zero_by(deadline).await)
+            {
+                break;
+            }
+            let seen = lifecycle.connections.entered();
+            tokio::time::sleep_until(settled.max(Instant::now()).into()).await;
+            let quiet = lifecycle.connections.entered() == seen && lifecycle.connections.get() == 0;
+            if quiet || Instant::now() >= deadline {
+                break;
+            }
+        }
         lifecycle.phase.send_replace(Phase::Closing);
         let open = lifecycle.connections.get();
         if open > 0 {
