@@ -3,7 +3,6 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -16,8 +15,9 @@ use mcp_session_operator::api::{McpSessionPolicy, McpSessionPolicyStatus};
 use mcp_session_operator::store::{NewSession, RedisStore, SessionId, SessionState, SessionStore};
 use serde_json::json;
 use support::control_plane::{TestNamespace, control_plane};
-use support::kubelet::{KubeletStandIn, NoProcesses};
-use support::operator::{Operator, OperatorNamespace, install_crd};
+use support::images;
+use support::node::{NODE_IP, RealNode};
+use support::operator::{Operator, OperatorNamespace, PROXY_IMAGE, install_crd};
 use support::redis::RedisServer;
 use support::wait::wait_for;
 
@@ -32,22 +32,41 @@ fn policy(name: &str, spec: serde_json::Value) -> McpSessionPolicy {
         .expect("policy")
 }
 
-/// A test namespace with the CRD, a kubeconfig of the operator's service account, and a
-/// kubelet stand-in that runs no processes.
+/// A test namespace with the CRD and a kubeconfig of the operator's service account, and a
+/// real node that runs its pods (the tests' `example/mcp` images are the sandbox's sleeper,
+/// the operator's image the project's).
 struct Bed {
     ns: TestNamespace,
     kubeconfig: std::path::PathBuf,
-    _kubelet: KubeletStandIn,
+    _node: RealNode,
 }
 
 async fn bed(prefix: &str) -> Bed {
+    let node = node_running_sleepers().await;
     let OperatorNamespace { ns, kubeconfig } = OperatorNamespace::create(prefix).await;
-    let kubelet = KubeletStandIn::start(ns.client.clone(), &ns.name, Arc::new(NoProcesses)).await;
     Bed {
         ns,
         kubeconfig,
-        _kubelet: kubelet,
+        _node: node,
     }
+}
+
+/// A real node on which the tests' server images (`example/mcp:1`, `:2`) are sleepers, ready
+/// once started: what these tests check is what the operator makes of the pods, not what
+/// runs in them.
+async fn node_running_sleepers() -> RealNode {
+    let node = RealNode::start(control_plane()).await;
+    for image in ["example/mcp:1", "example/mcp:2"] {
+        node.tag(images::PAUSE, image);
+    }
+    // The operator's gateways: of the image it is told, or of its own default.
+    for image in [
+        PROXY_IMAGE.to_owned(),
+        mcp_session_operator::api::contract::default_image(),
+    ] {
+        node.tag(images::PROJECT, &image);
+    }
+    node
 }
 
 /// A Deployment of 2 pods labelled `app`, rolled out one surge pod at a time; `minReadySeconds`
@@ -127,8 +146,8 @@ async fn events(client: &Client, namespace: &str, reason: &str) -> usize {
 #[tokio::test]
 async fn status_metrics_and_printer_columns_follow_the_sessions_of_selected_pods() {
     let _serial = SERIAL.lock().await;
+    let _node = node_running_sleepers().await;
     let OperatorNamespace { ns, kubeconfig } = OperatorNamespace::create("status").await;
-    let _kubelet = KubeletStandIn::start(ns.client.clone(), &ns.name, Arc::new(NoProcesses)).await;
     let deployment: Deployment = serde_json::from_value(json!({
         "metadata": {"name": "api"},
         "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "api"}},
@@ -1348,7 +1367,9 @@ async fn a_policy_in_gateway_mode_gets_a_gateway_that_may_read_only_its_policy_a
     let _serial = SERIAL.lock().await;
     let bed = bed("gateway").await;
     let (client, namespace) = (&bed.ns.client, bed.ns.name.as_str());
-    let redis = RedisServer::start();
+    // Where the gateway's pods reach it: at the node's address.
+    let redis =
+        RedisServer::start_with(&["--bind", "127.0.0.1", NODE_IP, "--protected-mode", "no"]);
     let mut operator = Operator::start_with(
         &bed.kubeconfig,
         namespace,
@@ -1357,12 +1378,12 @@ async fn a_policy_in_gateway_mode_gets_a_gateway_that_may_read_only_its_policy_a
         &["--no-webhook"],
     );
     let spec = |enabled: bool| {
-        json!({"selector": {"matchLabels": {"app": "weather"}}, "redis": {"url": redis.url()},
+        json!({"selector": {"matchLabels": {"app": "weather"}}, "redis": {"url": redis.url_on(NODE_IP)},
                "injection": {"enabled": false},
                "gateway": {"enabled": enabled, "replicas": 2, "port": 9000, "backendPort": 3000}})
     };
     apply(client, namespace, &policy("weather", spec(true))).await;
-    // The kubelet stand-in makes every pod ready at once: the gateway's pods too.
+    // The gateway's pods run on the node, and are ready once they have listed the policy's.
     let status = status_until(client, namespace, "weather", "the gateway available", |s| {
         condition(s, "GatewayReady") == ("True", "Available")
     })

@@ -1,7 +1,8 @@
 //! The proxy with MCP software nobody on this project wrote: the reference `server-everything`
 //! (npm) and the official conformance suite (`@modelcontextprotocol/conformance`, under the Node
 //! 22 of the `node` npm package), with the TypeScript and Python SDK clients. scripts/test.sh
-//! installs them in tests/mcp/ts.
+//! installs them in tests/mcp/ts. server-everything also runs as a Deployment on the test bed's
+//! real node, from an image of what npm installed (tests/mcp/ts/everything-image.sh).
 
 mod support;
 
@@ -10,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use mcp_session_operator::api::Sidecar;
+use support::bed::{Backend, Bed, Mode, V1, V2};
 use support::sdk::{CALLS_THROUGH_A_RESTART, SdkClient};
 use support::{Process, die_with_parent, free_port, wait_listening};
 
@@ -300,6 +303,79 @@ async fn calls_on(clients: &mut [(&str, SdkClient)], calls: u64) {
     }
 }
 
+/// The two SDK clients of server-everything at `url` (tests/mcp/ts/everything-client.mjs,
+/// tests/mcp/everything_client.py), calling `echo` every 50 ms; their logs in `dir`.
+fn everything_clients(url: &str, dir: &Path, epoch_file: &Path) -> Vec<(&'static str, SdkClient)> {
+    let python = std::env::var("MCP_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut clients: Vec<(&str, Command)> = vec![
+        ("typescript", Command::new("node")),
+        ("python", Command::new(python)),
+    ];
+    clients[0].1.arg(peer("everything-client.mjs"));
+    clients[1].1.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/mcp/everything_client.py"
+    ));
+    clients
+        .into_iter()
+        .map(|(name, mut command)| {
+            let stderr = std::fs::File::create(dir.join(name)).expect("client log");
+            command
+                .args([url, "300", "0.05"])
+                .env("MCP_TEST_EPOCH_FILE", epoch_file)
+                .stderr(stderr);
+            die_with_parent(&mut command);
+            (name, SdkClient::spawn(command.into()))
+        })
+        .collect()
+}
+
+/// Stops the clients; their reports, by name.
+async fn reports(runs: Vec<(&'static str, SdkClient)>, dir: &Path) -> Vec<(&'static str, Report)> {
+    let mut reports = Vec::new();
+    for (name, client) in runs {
+        let summary = client.stop_for_summary().await.unwrap_or_default();
+        let report: Report = serde_json::from_str(&summary).unwrap_or_else(|e| {
+            let stderr = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+            panic!("{name} client report {summary:?}: {e}\n{stderr}")
+        });
+        eprintln!("{name}: {report:?}");
+        reports.push((name, report));
+    }
+    reports
+}
+
+/// What a client of server-everything sees over `epochs` epochs when no call and no session is
+/// lost: no failed call, one session, and each epoch's long operation completed (its progress
+/// notifications come on the call's own stream), its progress never going back.
+fn assert_calls_and_session_kept(name: &str, report: &Report, epochs: u64) {
+    assert!(
+        report.errors.is_empty(),
+        "{name}: {:?} in {} calls",
+        report.errors,
+        report.calls
+    );
+    assert_eq!(
+        report.session_ids.len(),
+        1,
+        "{name}: {:?}",
+        report.session_ids
+    );
+    assert_eq!(
+        report.updates_per_epoch.len() as u64,
+        epochs,
+        "{name}: {report:?}"
+    );
+    let progress = &report.progress;
+    assert_eq!(
+        (progress.runs, progress.completed),
+        (epochs, epochs),
+        "{name}: {progress:?}"
+    );
+    assert_eq!(progress.backwards, 0, "{name}: {progress:?}");
+    assert!(progress.notifications >= epochs * 6, "{name}: {progress:?}");
+}
+
 /// server-everything restarted twice behind the proxy, as Kubernetes restarts a container in
 /// place (its preStop quiesces the proxy, then SIGTERM, then a new process), under a TypeScript
 /// and a Python SDK client that call a tool every 50 ms, each restart once both have called
@@ -320,30 +396,8 @@ async fn server_everything_restarts_cost_its_sdk_clients_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let epoch_file = dir.path().join("epoch");
     std::fs::write(&epoch_file, "0").expect("epoch");
-
     let url = format!("http://127.0.0.1:{proxy_port}/mcp");
-    let python = std::env::var("MCP_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let mut clients: Vec<(&str, Command)> = vec![
-        ("typescript", Command::new("node")),
-        ("python", Command::new(python)),
-    ];
-    clients[0].1.arg(peer("everything-client.mjs"));
-    clients[1].1.arg(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/mcp/everything_client.py"
-    ));
-    let mut runs: Vec<(&str, SdkClient)> = clients
-        .into_iter()
-        .map(|(name, mut command)| {
-            let stderr = std::fs::File::create(dir.path().join(name)).expect("client log");
-            command
-                .args([&url, "300", "0.05"])
-                .env("MCP_TEST_EPOCH_FILE", &epoch_file)
-                .stderr(stderr);
-            die_with_parent(&mut command);
-            (name, SdkClient::spawn(command.into()))
-        })
-        .collect();
+    let mut runs = everything_clients(&url, dir.path(), &epoch_file);
     calls_on(&mut runs, 1).await;
     for epoch in 1..=2 {
         tokio::time::sleep(EPOCH).await;
@@ -356,41 +410,16 @@ async fn server_everything_restarts_cost_its_sdk_clients_nothing() {
         calls_on(&mut runs, CALLS_THROUGH_A_RESTART).await;
     }
     tokio::time::sleep(EPOCH).await;
-
-    for (name, client) in runs {
-        let summary = client.stop_for_summary().await.unwrap_or_default();
-        let report: Report = serde_json::from_str(&summary).unwrap_or_else(|e| {
-            let stderr = std::fs::read_to_string(dir.path().join(name)).unwrap_or_default();
-            panic!("{name} client report {summary:?}: {e}\n{stderr}")
-        });
-        eprintln!("{name}: {report:?}");
-        assert!(
-            report.errors.is_empty(),
-            "{name}: {:?} in {} calls",
-            report.errors,
-            report.calls
-        );
-        assert_eq!(
-            report.session_ids.len(),
-            1,
-            "{name}: {:?}",
-            report.session_ids
-        );
-        assert_eq!(report.updates_per_epoch.len(), 3, "{name}: {report:?}");
+    for (name, report) in reports(runs, dir.path()).await {
+        assert_calls_and_session_kept(name, &report, 3);
+        // Resource updates in every epoch: for the subscription the client made before the
+        // first, which the proxy replays to each new process.
         for (epoch, updates) in report.updates_per_epoch.iter().enumerate() {
             assert!(
                 updates.unwrap_or(0) >= 1,
                 "{name}: no resource update for the subscription in epoch {epoch}: {report:?}"
             );
         }
-        let progress = &report.progress;
-        assert_eq!(
-            (progress.runs, progress.completed),
-            (3, 3),
-            "{name}: {progress:?}"
-        );
-        assert_eq!(progress.backwards, 0, "{name}: {progress:?}");
-        assert!(progress.notifications >= 3 * 6, "{name}: {progress:?}");
     }
     let metrics = admin_get(admin_port, "/metrics").await;
     let replays: u64 = metrics
@@ -403,6 +432,63 @@ async fn server_everything_restarts_cost_its_sdk_clients_nothing() {
         "two sessions, two restarts: {replays} replays\n{metrics}"
     );
     assert!(!metrics.contains(r#"outcome="refused""#), "{metrics}");
+}
+
+/// server-everything as a Deployment on the real node (docs/testing.md): its own image, the
+/// proxy injected as a native sidecar, a TypeScript and a Python SDK client reaching it through
+/// the Service's ClusterIP, and a rolling update to a new version that replaces every pod. Each
+/// client's session moves from pod to pod: no call fails, no client gets a new session, long
+/// operations complete, and the rollout rehydrates every session it drains.
+///
+/// Not asserted, and printed: resource updates after the rollout, which no client got in 3 runs
+/// (3 or 4 each before it). server-everything sends them only from the process whose
+/// `toggle-subscriber-updates` the session called, on that process's listening stream; after
+/// the rollout a client's listening stream resumed on one pod and its calls (the toggle
+/// included) went to another (kube-proxy picks a pod per connection), so the updates of one
+/// process had no stream to go to. A server's state in its process, and a session's requests
+/// kept on the pod that holds it, are the drain strategy's issue for servers that keep state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn server_everything_rolled_on_a_real_node_costs_its_sdk_clients_nothing() {
+    let _serial = SERIAL.lock().await;
+    let backend = Backend {
+        images: support::images::server_everything(&[V1, V2]),
+        liveness: None,
+    };
+    let bed = Bed::start(
+        "everything",
+        serde_json::json!({}),
+        Mode::Sidecar(Sidecar::Native),
+        &backend,
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let epoch_file = dir.path().join("epoch");
+    std::fs::write(&epoch_file, "0").expect("epoch");
+    let url = format!("http://{}/mcp", bed.entry());
+    let mut runs = everything_clients(&url, dir.path(), &epoch_file);
+    calls_on(&mut runs, 1).await;
+    tokio::time::sleep(EPOCH).await;
+    bed.set_image(V2).await;
+    bed.wait_rolled_out(V2).await;
+    // New processes: the clients ask them for updates again.
+    std::fs::write(&epoch_file, "1").expect("epoch");
+    calls_on(&mut runs, CALLS_THROUGH_A_RESTART).await;
+    tokio::time::sleep(EPOCH).await;
+    let rollout = bed.settled_rollout().await;
+    eprintln!(
+        "{}\nlastRollout: {rollout:?}",
+        bed.node.wide_pods(&bed.ns.name)
+    );
+    for (name, report) in reports(runs, dir.path()).await {
+        assert_calls_and_session_kept(name, &report, 2);
+        eprintln!(
+            "{name}: resource updates per epoch (before, after the rollout): {:?}",
+            report.updates_per_epoch
+        );
+    }
+    assert!(rollout.drained > 0, "{rollout:?}");
+    assert_eq!(rollout.rehydrated, rollout.drained, "{rollout:?}");
+    assert_eq!(rollout.lost, 0, "{rollout:?}");
 }
 
 /// An MCP request (`POST`/`GET` on /mcp, protocol 2025-11-25) to the proxy on a fresh

@@ -95,8 +95,7 @@ async fn a_pod_of_the_project_image_runs_on_the_real_kubelet() {
     .await;
     eprintln!("Service {cluster_ip}:80 reaches the pod at {ip}:8091 through kube-proxy's rules");
 
-    // The apiserver reaches the kubelet too (logs, exec): through its cluster egress to the
-    // node's address.
+    // The apiserver reaches the kubelet too (logs, exec), at the node's address.
     let logs = pods
         .logs("proxy", &Default::default())
         .await

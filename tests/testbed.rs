@@ -1,11 +1,11 @@
-//! Smoke tests of the test bed itself: a real kube-apiserver and kube-controller-manager (1.35,
-//! built from Go modules) with the kubelet stand-in. Later tests build on each property
+//! Smoke tests of the test bed itself: a real kube-apiserver, kube-controller-manager and
+//! scheduler (1.35, built from Go modules) with a real node. Later tests build on each property
 //! shown here.
 
 mod support;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -17,7 +17,8 @@ use kube::core::GroupVersionKind;
 use serde_json::json;
 use support::control_plane::{apply_crd, control_plane};
 use support::https::HttpsServer;
-use support::kubelet::{KubeletStandIn, NoProcesses, PodEvent};
+use support::images;
+use support::node::RealNode;
 use support::wait::wait_for;
 
 const TIMEOUT: Duration = Duration::from_secs(90);
@@ -53,13 +54,60 @@ async fn rolled_out(deployments: &Api<Deployment>, name: &str) -> bool {
         && status.replicas == Some(want)
 }
 
+/// What the pods of a namespace went through, in the order the apiserver reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum PodEvent {
+    Ready(String),
+    Terminating(String),
+    Removed(String),
+}
+
+/// Records each pod's first Ready, its deletion's start and its removal, from a watch.
+fn record_pod_events(pods: Api<Pod>) -> (Arc<Mutex<Vec<PodEvent>>>, tokio::task::JoinHandle<()>) {
+    use futures::StreamExt as _;
+    use kube::runtime::watcher;
+    let events: Arc<Mutex<Vec<PodEvent>>> = Arc::default();
+    let recorded = events.clone();
+    let task = tokio::spawn(async move {
+        let mut stream = std::pin::pin!(watcher(pods, watcher::Config::default()));
+        while let Some(event) = stream.next().await {
+            let (pod, gone) = match event {
+                Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => (pod, false),
+                Ok(watcher::Event::Delete(pod)) => (pod, true),
+                _ => continue,
+            };
+            let name = pod.name_any();
+            let mut events = recorded.lock().unwrap();
+            let mut note = |event: PodEvent| {
+                if !events.contains(&event) {
+                    events.push(event);
+                }
+            };
+            if mcp_session_operator::api::pod::takes_requests(&pod) {
+                note(PodEvent::Ready(name.clone()));
+            }
+            if pod.metadata.deletion_timestamp.is_some() {
+                note(PodEvent::Terminating(name.clone()));
+            }
+            if gone {
+                note(PodEvent::Removed(name));
+            }
+        }
+    });
+    (events, task)
+}
+
 #[tokio::test]
 async fn a_deployment_becomes_available_and_rolls_out_pod_by_pod() {
     let plane = control_plane();
+    let node = RealNode::start(plane).await;
+    for image in ["example/mcp:1", "example/mcp:2"] {
+        node.tag(images::PAUSE, image);
+    }
     let ns = plane.namespace("rollout").await;
-    let kubelet = KubeletStandIn::start(ns.client.clone(), &ns.name, Arc::new(NoProcesses)).await;
     let deployments: Api<Deployment> = Api::namespaced(ns.client.clone(), &ns.name);
     let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
+    let (events, watching) = record_pod_events(pods.clone());
     deployments
         .create(&PostParams::default(), &deployment("mcp", "example/mcp:1"))
         .await
@@ -78,11 +126,17 @@ async fn a_deployment_becomes_available_and_rolls_out_pod_by_pod() {
         .collect();
     assert_eq!(old.len(), 3);
     for pod in pods.list(&ListParams::default()).await.unwrap() {
+        let spec = pod.spec.unwrap();
         let status = pod.status.unwrap();
+        assert_eq!(
+            spec.node_name.as_deref(),
+            Some(node.name.as_str()),
+            "scheduled"
+        );
         assert_eq!(status.phase.as_deref(), Some("Running"));
         assert!(
-            status.pod_ip.unwrap().starts_with("127.1."),
-            "a loopback pod IP"
+            status.pod_ip.unwrap().starts_with("10.244.0."),
+            "a pod IP of the node's CNI network"
         );
     }
 
@@ -102,19 +156,22 @@ async fn a_deployment_becomes_available_and_rolls_out_pod_by_pod() {
             .unwrap_or(false)
     })
     .await;
+    wait_for(TIMEOUT, "the old pods' removal watched", || async {
+        let events = events.lock().unwrap();
+        old.iter()
+            .all(|pod| events.contains(&PodEvent::Removed(pod.clone())))
+    })
+    .await;
+    watching.abort();
 
-    let events = kubelet.events();
+    let events = events.lock().unwrap().clone();
     let position = |event: &PodEvent| events.iter().position(|e| e == event);
     let mut terminations = Vec::new();
     for pod in &old {
         let terminating = position(&PodEvent::Terminating(pod.clone()))
             .unwrap_or_else(|| panic!("{pod} never terminated: {events:?}"));
-        let stopped = position(&PodEvent::Stopped(pod.clone())).expect("stopped");
         let removed = position(&PodEvent::Removed(pod.clone())).expect("removed");
-        assert!(
-            terminating < stopped && stopped < removed,
-            "{pod}: graceful order: {events:?}"
-        );
+        assert!(terminating < removed, "{pod}: graceful order: {events:?}");
         terminations.push(terminating);
     }
     terminations.sort();
@@ -343,145 +400,4 @@ async fn a_service_account_gets_what_its_role_grants_and_nothing_else() {
 /// Base64, as Kubernetes serializes bytes.
 fn base64(bytes: &[u8]) -> serde_json::Value {
     serde_json::to_value(k8s_openapi::ByteString(bytes.to_vec())).unwrap()
-}
-
-/// Pods that are real processes: a Python HTTP server per pod on the pod's own loopback IP.
-/// preStop is an HTTP call to it; stop is SIGTERM within the grace period.
-struct HttpServerPods {
-    processes: std::sync::Mutex<std::collections::HashMap<String, std::process::Child>>,
-    pre_stops: std::sync::Mutex<Vec<String>>,
-    exits: std::sync::Mutex<Vec<(String, Option<i32>)>>,
-}
-
-#[async_trait::async_trait]
-impl support::kubelet::PodRuntime for HttpServerPods {
-    async fn start(&self, pod: &Pod, ip: std::net::Ipv4Addr) {
-        let mut command = std::process::Command::new("python3");
-        command
-            .args(["-m", "http.server", "8000", "--bind", &ip.to_string()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        let child = support::die_with_parent(&mut command)
-            .spawn()
-            .expect("python3 -m http.server");
-        self.processes.lock().unwrap().insert(pod.name_any(), child);
-    }
-
-    async fn ready(&self, _pod: &Pod, ip: std::net::Ipv4Addr) -> bool {
-        tokio::net::TcpStream::connect((ip, 8000)).await.is_ok()
-    }
-
-    async fn stop(&self, pod: &Pod, ip: std::net::Ipv4Addr, grace: Duration) {
-        self.pre_stop(pod, ip).await;
-        self.terminate(pod, grace).await;
-    }
-}
-
-impl HttpServerPods {
-    /// The preStop hook: an HTTP call to the pod's server.
-    async fn pre_stop(&self, pod: &Pod, ip: std::net::Ipv4Addr) {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let Ok(mut stream) = tokio::net::TcpStream::connect((ip, 8000)).await else {
-            return;
-        };
-        let _ = stream.write_all(b"GET / HTTP/1.0\r\n\r\n").await;
-        let mut answer = String::new();
-        let _ = stream.read_to_string(&mut answer).await;
-        if answer.starts_with("HTTP/1.0 200") {
-            self.pre_stops.lock().unwrap().push(pod.name_any());
-        }
-    }
-
-    /// SIGTERM, SIGKILL after `grace`.
-    async fn terminate(&self, pod: &Pod, grace: Duration) {
-        let Some(mut child) = self.processes.lock().unwrap().remove(&pod.name_any()) else {
-            return;
-        };
-        // SAFETY: signalling a child process we spawned.
-        unsafe {
-            libc::kill(child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = std::time::Instant::now() + grace;
-        let code = loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                break status.code().or(Some(-1));
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                break None;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        self.exits.lock().unwrap().push((pod.name_any(), code));
-    }
-}
-
-#[tokio::test]
-async fn pods_can_be_real_processes_with_a_prestop_hook_and_sigterm() {
-    let plane = control_plane();
-    let ns = plane.namespace("processes").await;
-    let runtime = Arc::new(HttpServerPods {
-        processes: Default::default(),
-        pre_stops: Default::default(),
-        exits: Default::default(),
-    });
-    let kubelet = KubeletStandIn::start(ns.client.clone(), &ns.name, runtime.clone()).await;
-    let deployments: Api<Deployment> = Api::namespaced(ns.client.clone(), &ns.name);
-    let mut web = deployment("web", "example/web:1");
-    web.spec.replicas = Some(2);
-    deployments
-        .create(&PostParams::default(), &web)
-        .await
-        .unwrap();
-    wait_for(TIMEOUT, "2 ready pods serving HTTP", || {
-        rolled_out(&deployments, "web")
-    })
-    .await;
-    let pods: Api<Pod> = Api::namespaced(ns.client.clone(), &ns.name);
-    let victim = pods.list(&ListParams::default()).await.unwrap().items[0].clone();
-    let ip: std::net::Ipv4Addr = victim
-        .status
-        .as_ref()
-        .unwrap()
-        .pod_ip
-        .as_ref()
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(
-        tokio::net::TcpStream::connect((ip, 8000)).await.is_ok(),
-        "the pod's process listens on its pod IP"
-    );
-
-    pods.delete(&victim.name_any(), &Default::default())
-        .await
-        .unwrap();
-    wait_for(TIMEOUT, "the pod to be removed", || async {
-        pods.get_opt(&victim.name_any()).await.unwrap().is_none()
-    })
-    .await;
-    assert_eq!(
-        *runtime.pre_stops.lock().unwrap(),
-        [victim.name_any()],
-        "preStop reached the process"
-    );
-    let exits = runtime.exits.lock().unwrap().clone();
-    assert_eq!(exits.len(), 1);
-    assert!(
-        exits[0].1.is_some(),
-        "exited on SIGTERM within the grace period: {exits:?}"
-    );
-    assert!(
-        tokio::net::TcpStream::connect((ip, 8000)).await.is_err(),
-        "the process is gone"
-    );
-    wait_for(TIMEOUT, "a replacement pod", || {
-        rolled_out(&deployments, "web")
-    })
-    .await;
-    assert!(
-        kubelet
-            .events()
-            .contains(&PodEvent::Removed(victim.name_any()))
-    );
 }

@@ -2,12 +2,8 @@
 //! connections round-robin over the backends the test adds that are ready (readiness polled
 //! every 100 ms), as a Service's kube-proxy rules do. Connections are never sticky: what an MCP
 //! client opens next may reach any ready pod. (The rollout bed's pods are real, and so is its
-//! kube-proxy.) Also the endpoints of a Service as the EndpointSlice controller computes them,
-//! for the apiserver's cluster egress in the beds with kubelet stand-ins.
+//! kube-proxy.)
 
-use k8s_openapi::api::core::v1::{Pod, Service};
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use mcp_session_operator::api::pod;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -112,60 +108,6 @@ impl Member {
     fn serves(&self) -> bool {
         self.ready.load(Ordering::SeqCst) && !self.removed.load(Ordering::SeqCst)
     }
-}
-
-/// The endpoints of one port of `service` as the EndpointSlice controller computes them:
-/// each selected pod of `pods` with an IP, the Ready condition and no deletion timestamp, at
-/// the port's target port (a number, or a container port's name); `None` if the apiserver did
-/// not answer.
-pub async fn endpoints_of(
-    service: &Service,
-    port: &k8s_openapi::api::core::v1::ServicePort,
-    pods: &kube::Api<Pod>,
-) -> Option<Vec<SocketAddr>> {
-    let selector = service
-        .spec
-        .as_ref()?
-        .selector
-        .as_ref()
-        .filter(|s| !s.is_empty())?;
-    let labels: Vec<String> = selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    let target = port
-        .target_port
-        .clone()
-        .unwrap_or(IntOrString::Int(port.port));
-    let listed = pods
-        .list(&kube::api::ListParams::default().labels(&labels.join(",")))
-        .await
-        .ok()?;
-    Some(
-        listed
-            .items
-            .iter()
-            .filter(|p| pod::takes_requests(p))
-            .filter_map(|p| {
-                let ip = pod::ip(p)?.parse().ok()?;
-                let port = match &target {
-                    IntOrString::Int(port) => *port,
-                    // A named port, of a container or of a native sidecar (an init container),
-                    // as the EndpointSlice controller resolves it.
-                    IntOrString::String(name) => {
-                        p.spec
-                            .iter()
-                            .flat_map(|s| {
-                                s.containers
-                                    .iter()
-                                    .chain(s.init_containers.iter().flatten())
-                            })
-                            .flat_map(|c| c.ports.iter().flatten())
-                            .find(|p| p.name.as_deref() == Some(name))?
-                            .container_port
-                    }
-                };
-                Some(SocketAddr::new(ip, u16::try_from(port).ok()?))
-            })
-            .collect(),
-    )
 }
 
 async fn probe(member: Arc<Member>) {

@@ -55,10 +55,6 @@ pub struct Backend {
     pub liveness: Option<&'static str>,
 }
 
-/// What the bed's proxies log: enough of the proxy's own steps (replays, held and relayed
-/// streams) to follow one session through a failed scenario.
-const PROXY_LOG_LEVEL: &str = "info,mcp_session_operator::proxy=debug";
-
 /// How clients reach the backend pods.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {

@@ -1,6 +1,6 @@
 //! A real Kubernetes control plane for the tests: etcd 3.6, kube-apiserver and
 //! kube-controller-manager of today (built from Go modules by tests/cluster/build.sh) on free
-//! loopback ports, one per test binary, plus a kubelet stand-in (see `kubelet`).
+//! loopback ports, one per test binary; the nodes are real (see `node`).
 //!
 //! The processes are spawned from a keeper thread that lives as long as the test process, with
 //! PDEATHSIG: when the test binary exits (or is killed), the kernel kills them; nothing strays.
@@ -127,15 +127,6 @@ impl ControlPlane {
             ]),
         );
         let p = |f: &str| path(f).display().to_string();
-        // The apiserver's calls into the cluster network (webhooks by Service) go through the
-        // bed's stand-in for kube-proxy, served once the apiserver is up.
-        let cluster_network = std::os::unix::net::UnixListener::bind(path("cluster-network.sock"))
-            .expect("bind the cluster network");
-        std::fs::write(
-            path("egress-selector.yaml"),
-            super::cluster_network::egress_configuration(&path("cluster-network.sock")),
-        )
-        .expect("egress selector configuration");
         plane.spawn(
             "kube-apiserver",
             Command::new(bin.join("kube-apiserver")).args([
@@ -159,16 +150,13 @@ impl ControlPlane {
                 "--allow-privileged=true",
                 "--profiling=false",
                 "--enable-priority-and-fairness=false",
-                // The real node's kubelet by its address (logs, exec), not by its name.
+                // The real node's kubelet by its address (logs, exec), not by its name. Webhooks
+                // by Service are called at their ClusterIP, which the node's kube-proxy routes
+                // for the host's own connections too.
                 "--kubelet-preferred-address-types=InternalIP",
-                &format!(
-                    "--egress-selector-config-file={}",
-                    p("egress-selector.yaml")
-                ),
             ]),
         );
         plane.wait_ready();
-        plane.serve_cluster_network(cluster_network);
         plane.spawn(
             "kube-controller-manager",
             Command::new(bin.join("kube-controller-manager")).args([
@@ -178,7 +166,9 @@ impl ControlPlane {
                 "--use-service-account-credentials=false",
                 &format!("--service-account-private-key-file={}", p("sa.key")),
                 &format!("--root-ca-file={}", p("ca.pem")),
-                // No kubelet heartbeats here: the node lifecycle controller would evict every pod.
+                // Off: on a loaded 2-core machine a kubelet's heartbeat may come late, and the
+                // node lifecycle controller would taint its node and evict its pods mid-test. The
+                // node lifts its registration taint itself (see `node`).
                 "--controllers=*,-nodelifecycle",
                 "--profiling=false",
             ]),
@@ -213,35 +203,6 @@ impl ControlPlane {
             versions.join(", ")
         );
         plane
-    }
-
-    /// Serves the apiserver's cluster egress on `listener`, on a thread of its own for as long
-    /// as the test process runs.
-    fn serve_cluster_network(&self, listener: std::os::unix::net::UnixListener) {
-        let kubeconfig = self.kubeconfig.clone();
-        listener
-            .set_nonblocking(true)
-            .expect("non-blocking listener");
-        std::thread::Builder::new()
-            .name("cluster-network".into())
-            .spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("a runtime for the cluster network");
-                runtime.block_on(async move {
-                    let kubeconfig = Kubeconfig::read_from(&kubeconfig).expect("kubeconfig");
-                    let config =
-                        Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-                            .await
-                            .expect("admin config");
-                    let client = Client::try_from(config).expect("admin client");
-                    let listener =
-                        tokio::net::UnixListener::from_std(listener).expect("tokio listener");
-                    super::cluster_network::serve(listener, client).await;
-                });
-            })
-            .expect("spawn the cluster network");
     }
 
     fn spawn(&self, name: &str, command: &mut Command) {

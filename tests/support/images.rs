@@ -1,7 +1,7 @@
 //! The images the real node runs, as OCI archives written here (`scripts/oci-archive.sh`), for
 //! `ctr -n k8s.io images import`: the sandbox's, the project's (`scripts/image.sh`, the
-//! Dockerfile's recipe), the Python SDK test server's (`tests/mcp/server-image.sh`, cached per
-//! machine), and a program of this build's.
+//! Dockerfile's recipe), the MCP servers' (the Python SDK test server's and server-everything's,
+//! cached per machine), and a program of this build's.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -19,11 +19,28 @@ pub fn python_server(versions: &[(&str, &[&str])]) -> PathBuf {
     for (name, args) in versions {
         command.arg(name).arg(json!(args).to_string());
     }
+    cached_archive(&mut command)
+}
+
+/// `server-everything`, the reference MCP server (tests/mcp/ts/everything-image.sh), as images
+/// named `names`: Streamable HTTP at `/mcp` on port 8000, as user 65532.
+pub fn server_everything(names: &[&str]) -> PathBuf {
+    cached_archive(
+        Command::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/mcp/ts/everything-image.sh"
+        ))
+        .args(names),
+    )
+}
+
+/// The archive a script that builds (or finds) a cached image prints.
+fn cached_archive(command: &mut Command) -> PathBuf {
     let built = command
         .stderr(std::process::Stdio::inherit())
         .output()
-        .expect("tests/mcp/server-image.sh");
-    assert!(built.status.success(), "build the server's image");
+        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    assert!(built.status.success(), "{command:?} failed");
     String::from_utf8_lossy(&built.stdout).trim().into()
 }
 

@@ -10,11 +10,9 @@
 pub mod balancer;
 pub mod bed;
 pub mod clients;
-pub mod cluster_network;
 pub mod control_plane;
 pub mod https;
 pub mod images;
-pub mod kubelet;
 pub mod node;
 pub mod operator;
 pub mod proxies;

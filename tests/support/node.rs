@@ -208,7 +208,7 @@ impl RealNode {
             )),
         );
         // The scheduler places the pods that controllers create (a Deployment's) on the node; it
-        // runs with the node, as no stand-in node of a test binary may get them.
+        // runs with the node, so that it never places a pod on a node that has gone.
         let scheduler = spawn(
             &dir,
             "kube-scheduler",
@@ -232,8 +232,8 @@ impl RealNode {
         })
         .await;
         // The kubelet registers the node tainted not-ready, and the node lifecycle controller
-        // would lift the taint once it is Ready; the bed runs without that controller (the
-        // kubelet stand-ins' nodes send no heartbeats), so the node lifts it here, once.
+        // would lift the taint once it is Ready; the bed runs without that controller (see
+        // `control_plane`), so the node lifts it here, once.
         let untainted = json!({"spec": {"taints": null}});
         nodes
             .patch(&name, &PatchParams::default(), &Patch::Merge(&untainted))
