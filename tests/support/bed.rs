@@ -214,7 +214,9 @@ impl Bed {
             Mode::Sidecar(_) => None,
             Mode::Gateway => Some(Gateway::start(&ns).await),
         };
-        eprintln!("{}", node.wide_pods(&ns.name));
+        // Past the test harness's capture, so that every run's log shows the real pods.
+        let _ =
+            std::io::Write::write_all(&mut std::io::stderr(), node.wide_pods(&ns.name).as_bytes());
         Self {
             node,
             ns,
