@@ -14,14 +14,17 @@ pub struct Wiring {
     pub env: Vec<Value>,
 }
 
-/// The options and environment `policy` gives its proxies: the pod's name, Redis (its URL from
+/// The options and environment `policy` gives its proxies: the pod's name and IP, Redis (its URL from
 /// the Secret by reference, never copied into the pod), the fingerprint key (by reference), the
-/// allowed origins, the drain timeout, the binding, the key prefix, the TTL and the admission
+/// allowed origins, the drain timeout and strategy, the binding, the key prefix, the TTL and the admission
 /// limits.
 pub fn of(policy: &McpSessionPolicy) -> Wiring {
     let spec = &policy.spec;
     let field = |path: &str| json!({"fieldRef": {"fieldPath": path}});
-    let mut env = vec![json!({"name": env::POD_NAME, "valueFrom": field("metadata.name")})];
+    let mut env = vec![
+        json!({"name": env::POD_NAME, "valueFrom": field("metadata.name")}),
+        json!({"name": env::POD_IP, "valueFrom": field("status.podIP")}),
+    ];
     match (&spec.redis.url_secret_ref, &spec.redis.url) {
         (Some(secret), _) => env.push(json!({"name": env::REDIS_URL,
             "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}})),
@@ -44,6 +47,12 @@ pub fn of(policy: &McpSessionPolicy) -> Wiring {
         "$(POD_NAME)",
         "--drain-timeout",
         &spec.drain.timeout_seconds.to_string(),
+        "--drain-strategy",
+        spec.drain.strategy.as_flag(),
+        "--max-wait-seconds",
+        &spec.drain.max_wait_seconds.to_string(),
+        "--on-owner-lost",
+        spec.drain.on_owner_lost.as_flag(),
         "--binding",
         spec.binding.as_flag(),
         "--key-prefix",

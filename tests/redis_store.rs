@@ -169,6 +169,7 @@ async fn bad_records_are_reported_never_fatal_and_never_deleted() {
                 &id("wrong-types"),
                 store::Claim {
                     pod: "p".into(),
+                    address: None,
                     credential_fingerprint: None
                 }
             )

@@ -885,3 +885,213 @@ async fn a_version_that_refuses_the_sessions_is_paused() {
         "metrics agree"
     );
 }
+
+/// The tool whose answer depends on the session's earlier calls (tests/mcp/server.py): the
+/// server counts them in memory, per session, as servers that keep state do. A client expects
+/// its n-th call to answer n; a session replayed to another process answers 1.
+const STATEFUL: &str = "count";
+
+/// Drain strategy `Wait`, bounded well below the test's timeouts.
+fn waiting(max_wait_seconds: u64) -> Value {
+    json!({"drain": {"timeoutSeconds": 20, "strategy": "Wait", "maxWaitSeconds": max_wait_seconds}})
+}
+
+/// The pods of the Deployment running `image` that take requests.
+async fn serving_on(bed: &Bed, image: &str) -> Vec<String> {
+    bed.pods()
+        .await
+        .iter()
+        .filter(|p| {
+            mcp_session_operator::api::pod::takes_requests(p)
+                && p.spec
+                    .iter()
+                    .flat_map(|s| s.containers.iter())
+                    .any(|c| c.image.as_deref() == Some(image))
+        })
+        .map(|p| p.name_any())
+        .collect()
+}
+
+/// A client whose state reset without its knowing: one session id throughout, and an answer
+/// that is not its call's number.
+fn silent_resets(runs: &[ClientRun]) -> Vec<&ClientRun> {
+    runs.iter()
+        .filter(|r| r.session_ids.len() == 1 && r.errors.iter().any(|e| e.contains("wrong result")))
+        .collect()
+}
+
+/// Drain strategy `Wait` under 50 clients (25 per SDK) of a server that keeps state per
+/// session: a rolling update replaces every pod, yet each old pod, terminating, keeps serving
+/// its sessions (the new pods' proxies forward their requests to it), so that every client's
+/// count carries on with no error and one session id throughout; the old pods go once their
+/// sessions end (the clients end them), long before `maxWaitSeconds`; nothing was moved or lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sessions_that_keep_state_stay_on_their_pods_through_a_rolling_update() {
+    let _serial = SERIAL.lock().await;
+    let bed = Bed::start_with(
+        "e2e-wait",
+        waiting(300),
+        Mode::Sidecar(Sidecar::Native),
+        &python_server(),
+    )
+    .await;
+    let clients = Clients::start(bed.entry(), STATEFUL);
+    clients.wait_calling().await;
+    wait_sessions_stored(&bed).await;
+    let old: Vec<String> = bed.pods().await.iter().map(|p| p.name_any()).collect();
+
+    let started = std::time::Instant::now();
+    bed.set_image(V2).await;
+    wait_for(TIMEOUT, "3 new pods serving", || async {
+        serving_on(&bed, V2).await.len() == REPLICAS
+    })
+    .await;
+    let rolled = started.elapsed();
+    let waiting_pods: Vec<String> = bed
+        .pods()
+        .await
+        .iter()
+        .filter(|p| old.contains(&p.name_any()))
+        .map(|p| p.name_any())
+        .collect();
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        bed.node.wide_pods(&bed.ns.name).as_bytes(),
+    );
+    // Every client calls again, its requests reaching new pods and forwarded to old ones.
+    clients.wait_calling_on().await;
+    clients.wait_calling_on().await;
+    let ended = std::time::Instant::now();
+    let runs = clients.stop().await;
+    wait_for(
+        TIMEOUT,
+        "the old pods gone once their sessions ended",
+        || async {
+            let pods: Vec<String> = bed.pods().await.iter().map(|p| p.name_any()).collect();
+            !old.iter().any(|name| pods.contains(name))
+        },
+    )
+    .await;
+    eprintln!(
+        "Wait: 3 new pods serving {:.1} s after the update, {} old pods still serving their sessions then; the old pods gone {:.1} s after the clients ended their sessions",
+        rolled.as_secs_f64(),
+        waiting_pods.len(),
+        ended.elapsed().as_secs_f64()
+    );
+    report("rolling update, drain strategy Wait, stateful tool", &runs);
+
+    assert_no_client_error(&runs);
+    assert_every_client_kept_its_session(&bed, &runs);
+    assert_eq!(
+        waiting_pods.len(),
+        REPLICAS,
+        "every old pod, terminating, still served its sessions when the new ones were ready"
+    );
+    let tallies = bed.store().await.tallies().await.expect("tallies");
+    assert_eq!(
+        (tallies.drained, tallies.lost),
+        (0, 0),
+        "no session moved, none lost: {tallies:?}"
+    );
+}
+
+/// The default, drain strategy `Move`, with the same server: a session's requests are served
+/// by whichever pod the Service picks, each replaying the handshake to its own process, whose
+/// count starts again. The documented contract (docs/proxy.md, "What a replay restores"): the
+/// session answers, its server-side state does not follow it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_move_a_session_s_server_state_does_not_follow_it() {
+    let _serial = SERIAL.lock().await;
+    let bed = bed("e2e-move-state", json!({}), Mode::Sidecar(Sidecar::Native)).await;
+    let clients = Clients::start(bed.entry(), STATEFUL);
+    clients.wait_calling().await;
+    clients.wait_calling_on().await;
+    clients.wait_calling_on().await;
+    let runs = clients.stop().await;
+    report("drain strategy Move, stateful tool", &runs);
+    let reset = silent_resets(&runs);
+    eprintln!(
+        "Move: {} of {} clients saw their count start again in the same session",
+        reset.len(),
+        runs.len()
+    );
+    assert!(
+        !reset.is_empty(),
+        "with 3 pods and no affinity, a count kept in one process resets: {runs:?}"
+    );
+    assert!(
+        runs.iter()
+            .flat_map(|r| &r.errors)
+            .all(|e| e.contains("wrong result")),
+        "a reset is the only failure: {runs:?}"
+    );
+}
+
+/// Drain strategy `Wait`, and a pod SIGKILLed and force-deleted (an OOM kill, a lost node):
+/// the state of its sessions is gone with it. Each is answered 404 (its client must start a
+/// new session, and knows it) and counted once as lost, and no client's count ever starts
+/// again within the session it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_owner_s_sessions_are_answered_not_found_and_counted_never_reset() {
+    let _serial = SERIAL.lock().await;
+    let bed = Bed::start_with(
+        "e2e-wait-kill",
+        waiting(300),
+        Mode::Sidecar(Sidecar::Native),
+        &python_server(),
+    )
+    .await;
+    let clients = Clients::start(bed.entry(), STATEFUL);
+    clients.wait_calling().await;
+    wait_sessions_stored(&bed).await;
+    let store = bed.store().await;
+    let victim = bed.pods().await[0].name_any();
+    let owned = store
+        .sessions_of_pod(&victim, 1_000)
+        .await
+        .expect("the pod's sessions")
+        .len() as u64;
+    assert!(owned > 0, "{victim} owns sessions");
+    bed.kill_pod(&victim).await;
+    wait_until(
+        TIMEOUT,
+        "every session of the killed pod counted lost",
+        || async {
+            match store.tallies().await {
+                Ok(t) if t.lost >= owned => Ok(()),
+                Ok(t) => Err(format!("{} of {owned} lost", t.lost)),
+                Err(error) => Err(error.to_string()),
+            }
+        },
+    )
+    .await;
+    let runs = clients.stop().await;
+    report(
+        "SIGKILL of an owner, drain strategy Wait, stateful tool",
+        &runs,
+    );
+    let tallies = store.tallies().await.expect("tallies");
+    let not_found = runs
+        .iter()
+        .filter(|r| {
+            r.errors.iter().any(|e| {
+                e.contains("404") || e.contains("Session not found") || e.contains("Not Found")
+            })
+        })
+        .count();
+    eprintln!(
+        "Wait, owner killed: {owned} sessions on it, {} counted lost, {not_found} clients answered 404",
+        tallies.lost
+    );
+    assert_eq!(
+        tallies.lost, owned,
+        "each lost session counted once: {tallies:?}"
+    );
+    assert_eq!(tallies.drained, 0, "nothing replayed: {tallies:?}");
+    assert!(not_found > 0, "the clients were told: {runs:?}");
+    assert_eq!(
+        silent_resets(&runs).len(),
+        0,
+        "no client's state reset within its session: {runs:?}"
+    );
+}

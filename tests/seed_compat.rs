@@ -148,6 +148,7 @@ async fn this_crate_reads_what_the_seed_service_writes() {
     // A seed session has no credential fingerprint: any pod may pick it up.
     let claim = Claim {
         pod: "backend-1".into(),
+        address: None,
         credential_fingerprint: Some("fp".into()),
     };
     assert!(matches!(

@@ -24,6 +24,7 @@ fn id(raw: &str) -> SessionId {
 fn owned_by(pod: &str) -> NewSession {
     NewSession {
         owner_pod: Some(pod.into()),
+        owner_address: Some(address_of(pod)),
         metadata: json!({"user_id": "user-1"}).as_object().cloned().unwrap(),
         protocol_version: Some("2025-06-18".into()),
         initialize_params: Some(
@@ -34,9 +35,15 @@ fn owned_by(pod: &str) -> NewSession {
     }
 }
 
+/// Where a pod's proxy is reached, as its proxy records it.
+fn address_of(pod: &str) -> String {
+    format!("{pod}.pods.test:8090")
+}
+
 fn claim(pod: &str, fingerprint: &str) -> Claim {
     Claim {
         pod: pod.into(),
+        address: Some(address_of(pod)),
         credential_fingerprint: Some(fingerprint.into()),
     }
 }
@@ -320,6 +327,10 @@ async fn drain_and_claim(store: &dyn SessionStore) {
         .unwrap();
     assert_eq!(drained.record.state(), SessionState::Draining);
     assert_eq!(drained.record.owner_pod, None);
+    assert_eq!(
+        drained.record.owner_address, None,
+        "a drained session is forwarded nowhere"
+    );
     assert!(drained.record.draining_since.is_some());
     assert!(
         drained.ttl_millis.unwrap() > 3_600_000,
@@ -342,6 +353,11 @@ async fn drain_and_claim(store: &dyn SessionStore) {
         panic!("draining session is claimable");
     };
     assert_eq!(claimed.record.owner_pod.as_deref(), Some("new-pod"));
+    assert_eq!(
+        claimed.record.owner_address,
+        Some(address_of("new-pod")),
+        "the claimer's proxy is where the session is forwarded now"
+    );
     assert_eq!(claimed.record.rehydrations, 1);
     assert_eq!(claimed.record.state(), SessionState::Active);
     let counts = store.counts().await.unwrap();
@@ -440,6 +456,7 @@ async fn credential_binding(store: &dyn SessionStore) {
     );
     let anonymous = Claim {
         pod: "p2".into(),
+        address: None,
         credential_fingerprint: None,
     };
     assert_eq!(

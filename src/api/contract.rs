@@ -16,6 +16,15 @@ pub const INJECTED_BY: &str = "mcpsession.dev/injected-by";
 /// token (the webhook puts it into the backend's preStop hook).
 pub const DRAIN_TOKEN_HEADER: &str = "X-Mcp-Drain-Token";
 
+/// The header on a request one proxy forwards to the proxy of the pod that owns its session
+/// (drain strategy `Wait`): an HMAC of the session id under the policy's fingerprint key, so
+/// that only the policy's proxies make one.
+pub const HOP_HEADER: &str = "X-Mcp-Session-Hop";
+
+/// How long a stopping pod serves its sessions under drain strategy `Wait`, unless the policy
+/// says (`spec.drain.maxWaitSeconds`).
+pub const DEFAULT_MAX_WAIT: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// The image the operator injects and runs its gateways from, unless told otherwise: this
 /// build's own.
 pub fn default_image() -> String {
@@ -44,4 +53,6 @@ pub mod env {
     pub const ALLOWED_ORIGINS: &str = "MCP_SESSION_ALLOWED_ORIGINS";
     /// The pod's name, from the downward API.
     pub const POD_NAME: &str = "POD_NAME";
+    /// The pod's IP (the downward API's `status.podIP`): where other proxies reach this one.
+    pub const POD_IP: &str = "POD_IP";
 }

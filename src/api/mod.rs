@@ -34,9 +34,11 @@ use crate::store::{DEFAULT_KEY_PREFIX, DEFAULT_TTL};
     printcolumn = r#"{"name":"Sessions","type":"integer","jsonPath":".status.sessions.total"}"#,
     printcolumn = r#"{"name":"Draining","type":"integer","jsonPath":".status.sessions.draining"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Strategy","type":"string","jsonPath":".spec.drain.strategy"}"#,
     printcolumn = r#"{"name":"Gateway","type":"boolean","jsonPath":".spec.gateway.enabled"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
+#[x_kube(validation = Rule::new(NO_WAIT_IN_GATEWAY).message(validate::WAIT_IN_GATEWAY))]
 #[serde(rename_all = "camelCase")]
 pub struct McpSessionPolicySpec {
     /// The backend pods that serve MCP, in the policy's namespace.
@@ -78,6 +80,9 @@ pub struct McpSessionPolicySpec {
 /// CEL: a label selector that requires a label, by value or by key (an empty one selects every
 /// pod; one of only `NotIn` and `DoesNotExist` selects unlabelled pods too).
 const REQUIRES_A_LABEL: &str = "(has(self.matchLabels) && size(self.matchLabels) > 0) || (has(self.matchExpressions) && self.matchExpressions.exists(e, e.operator == 'In' || e.operator == 'Exists'))";
+
+/// CEL: drain strategy `Wait` only with injected proxies (see [`validate::WAIT_IN_GATEWAY`]).
+const NO_WAIT_IN_GATEWAY: &str = "!(has(self.gateway) && has(self.gateway.enabled) && self.gateway.enabled && has(self.drain) && has(self.drain.strategy) && self.drain.strategy == 'Wait')";
 
 fn default_ttl_seconds() -> i64 {
     DEFAULT_TTL.as_secs() as i64
@@ -138,16 +143,91 @@ pub struct DrainSpec {
     #[serde(default = "default_drain_timeout")]
     #[schemars(range(min = 1, max = 3600))]
     pub timeout_seconds: i64,
+    /// What happens to a stopping pod's sessions: `Move` (replayed on another pod: right for
+    /// servers whose sessions are only the handshake) or `Wait` (each stays on its pod until
+    /// it ends: for servers that keep a session's state in memory).
+    #[serde(default)]
+    pub strategy: DrainStrategy,
+    /// Under `Wait`: how long a stopping pod serves its sessions at most; those still open then
+    /// are lost (answered 404 and counted). The pods' termination grace period is set to match.
+    #[serde(default = "default_max_wait")]
+    #[schemars(range(min = 1, max = 86_400))]
+    pub max_wait_seconds: i64,
+    /// Under `Wait`: what a session whose pod is gone (a crash, an OOM kill, `maxWaitSeconds`)
+    /// becomes: `Fail` (answered 404, so that the client starts a new session knowingly, and
+    /// counted as lost) or `Replay` (replayed on another pod, its server-side state gone).
+    #[serde(default)]
+    pub on_owner_lost: OnOwnerLost,
 }
 
 fn default_drain_timeout() -> i64 {
     30
 }
 
+fn default_max_wait() -> i64 {
+    crate::api::contract::DEFAULT_MAX_WAIT.as_secs() as i64
+}
+
 impl Default for DrainSpec {
     fn default() -> Self {
         Self {
             timeout_seconds: default_drain_timeout(),
+            strategy: DrainStrategy::default(),
+            max_wait_seconds: default_max_wait(),
+            on_owner_lost: OnOwnerLost::default(),
+        }
+    }
+}
+
+/// What a stopping pod does with its sessions (docs/rollouts.md, "Move or Wait").
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema, clap::ValueEnum,
+)]
+pub enum DrainStrategy {
+    /// Each session moves to another pod, its handshake replayed there.
+    #[default]
+    Move,
+    /// Each session stays on its pod until it ends (or `maxWaitSeconds`); requests that reach
+    /// another pod are forwarded to it.
+    Wait,
+}
+
+/// What becomes of a session under `Wait` whose pod is gone.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema, clap::ValueEnum,
+)]
+pub enum OnOwnerLost {
+    /// Answered 404 and counted as lost: the client starts a new session knowingly.
+    #[default]
+    Fail,
+    /// Replayed on another pod, as `Move` would: the session answers, its state is gone.
+    Replay,
+}
+
+impl DrainSpec {
+    /// Whether a session whose pod is gone is lost (answered 404, counted) rather than moved:
+    /// drain strategy `Wait` with `onOwnerLost: Fail`.
+    pub fn loses_orphans(&self) -> bool {
+        self.strategy == DrainStrategy::Wait && self.on_owner_lost == OnOwnerLost::Fail
+    }
+}
+
+impl DrainStrategy {
+    /// The proxy's flag value.
+    pub fn as_flag(self) -> &'static str {
+        match self {
+            Self::Move => "move",
+            Self::Wait => "wait",
+        }
+    }
+}
+
+impl OnOwnerLost {
+    /// The proxy's flag value.
+    pub fn as_flag(self) -> &'static str {
+        match self {
+            Self::Fail => "fail",
+            Self::Replay => "replay",
         }
     }
 }
@@ -563,6 +643,15 @@ mod tests {
         let mut clash = base();
         clash.injection.upstream_port = 8090;
         assert_eq!(validate_spec(&clash), Err(PolicyError::PortClash(8090)));
+        let mut waiting_gateway = base();
+        waiting_gateway.gateway.enabled = true;
+        waiting_gateway.drain.strategy = DrainStrategy::Wait;
+        assert_eq!(
+            validate_spec(&waiting_gateway),
+            Err(PolicyError::WaitInGateway)
+        );
+        waiting_gateway.gateway.enabled = false;
+        assert_eq!(validate_spec(&waiting_gateway), Ok(()));
         let mut bad_origin = base();
         bad_origin.injection.allowed_origins = vec!["app.example.com".into()];
         assert_eq!(

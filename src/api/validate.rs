@@ -25,7 +25,14 @@ pub enum PolicyError {
     PortClash(i32),
     #[error("spec.injection.allowedOrigins: {0}")]
     BadOrigin(#[from] super::origin::InvalidOrigin),
+    #[error("{}", WAIT_IN_GATEWAY)]
+    WaitInGateway,
 }
+
+/// Gateway mode keeps a session on its backend pod while the pod is ready, and moves it by
+/// replay when the pod stops; holding a stopping backend pod for its sessions needs a hook in
+/// that pod, which gateway mode does not inject.
+pub(super) const WAIT_IN_GATEWAY: &str = "spec.drain.strategy: Wait is for injected proxies; gateway mode moves sessions (set strategy Move, or turn spec.gateway off)";
 
 /// Checks a spec beyond its schema.
 pub fn validate_spec(spec: &McpSessionPolicySpec) -> Result<(), PolicyError> {
@@ -42,6 +49,9 @@ pub fn validate_spec(spec: &McpSessionPolicySpec) -> Result<(), PolicyError> {
         return Err(PolicyError::PortClash(spec.injection.proxy_port));
     }
     super::origin::AllowedOrigins::parse(&spec.injection.allowed_origins)?;
+    if spec.gateway.enabled && spec.drain.strategy == super::DrainStrategy::Wait {
+        return Err(PolicyError::WaitInGateway);
+    }
     Ok(())
 }
 

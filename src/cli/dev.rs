@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use super::proxy::{fingerprint_key, open_store};
 use super::sessions::RedisArgs;
 use crate::dev::{self, DevConfig};
-use crate::proxy::{self, AllowedOrigins, Backends, Fingerprinter, Proxy, ProxyConfig};
+use crate::proxy::{self, AllowedOrigins, Backends, Fingerprinter, Proxy, ProxyConfig, Residence};
 use crate::store::LogBound;
 use crate::store::binding::SessionBinding;
 
@@ -70,7 +70,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         upstream: Backends::fixed(&upstream, serving_threads),
         admin: args.admin_addr,
         pod_name: None,
+        advertise: None,
         drain_timeout: hold,
+        // One server, restarted in place: nothing to wait for, a replay is all there is.
+        residence: Residence::Moves,
         hold,
         touch_interval: Duration::from_secs(10),
         max_body_bytes: 4 * 1024 * 1024,

@@ -1,6 +1,6 @@
 //! `proxy`: the session proxy in front of one MCP server.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,9 +10,11 @@ use tracing::warn;
 
 use super::UsageError;
 use super::sessions::RedisArgs;
-use crate::api::contract::env;
+use crate::api::DrainStrategy;
+use crate::api::contract::{DEFAULT_MAX_WAIT, env};
 use crate::proxy::{
-    self, AdmissionLimits, AllowedOrigins, Backends, Fingerprinter, Proxy, ProxyConfig,
+    self, AdmissionLimits, AllowedOrigins, Backends, Fingerprinter, OnOwnerLost, Proxy,
+    ProxyConfig, Residence,
 };
 use crate::store::binding::SessionBinding;
 use crate::store::redis::LazyRedisStore;
@@ -46,9 +48,27 @@ pub struct ServingArgs {
     /// This pod's name: the owner recorded for its sessions.
     #[arg(long, env = env::POD_NAME)]
     pub(super) pod_name: Option<String>,
+    /// This pod's IP: with the listen port, where the policy's other proxies reach this one
+    /// (`--drain-strategy wait` forwards a session's requests to the proxy that owns it).
+    #[arg(long, env = env::POD_IP)]
+    pod_ip: Option<IpAddr>,
     /// How long a drain waits for in-flight requests.
     #[arg(long, default_value_t = 30)]
     drain_timeout: u64,
+    /// What a stopping proxy does with its sessions: `move` (each is replayed on another pod)
+    /// or `wait` (each stays here until it ends; requests that reach another pod's proxy are
+    /// forwarded here), for servers that keep a session's state in memory.
+    #[arg(long, value_enum, default_value_t = DrainStrategy::Move)]
+    drain_strategy: DrainStrategy,
+    /// Under `--drain-strategy wait`: how long a stopping proxy serves its sessions at most;
+    /// those still open then are lost (answered 404, and counted).
+    #[arg(long, default_value_t = DEFAULT_MAX_WAIT.as_secs(), value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    max_wait_seconds: u64,
+    /// Under `--drain-strategy wait`: what a session whose pod is gone becomes: `fail`
+    /// (answered 404 and counted as lost, so that its client starts a new one knowingly) or
+    /// `replay` (replayed on another pod, its server-side state gone).
+    #[arg(long, value_enum, default_value_t = OnOwnerLost::Fail)]
+    on_owner_lost: OnOwnerLost,
     /// How long a request is held while the MCP server is down, before the client gets an error.
     #[arg(long, default_value_t = 30)]
     hold_seconds: u64,
@@ -163,8 +183,18 @@ impl ServingArgs {
             listen: args.listen,
             upstream,
             admin: args.admin_addr,
+            advertise: args
+                .pod_ip
+                .map(|ip| SocketAddr::new(ip, args.listen.port()).to_string()),
             pod_name: args.pod_name,
             drain_timeout: Duration::from_secs(args.drain_timeout),
+            residence: match args.drain_strategy {
+                DrainStrategy::Move => Residence::Moves,
+                DrainStrategy::Wait => Residence::Stays {
+                    max_wait: Duration::from_secs(args.max_wait_seconds),
+                    on_owner_lost: args.on_owner_lost,
+                },
+            },
             hold: Duration::from_secs(args.hold_seconds),
             touch_interval: Duration::from_secs(args.touch_interval_seconds),
             max_body_bytes: args.max_body_bytes,
@@ -252,7 +282,8 @@ mod tests {
             "metadata": {"name": "api", "namespace": "apps"},
             "spec": {"selector": {"matchLabels": {"app": "api"}},
                      "redis": {"urlSecretRef": {"name": "redis", "key": "url"}, "cluster": true, "keyPrefix": "team:"},
-                     "ttlSeconds": 7200, "binding": "Credential", "drain": {"timeoutSeconds": 45},
+                     "ttlSeconds": 7200, "binding": "Credential",
+                     "drain": {"timeoutSeconds": 45, "strategy": "Wait", "maxWaitSeconds": 900, "onOwnerLost": "Replay"},
                      "injection": {"proxyPort": 9000, "upstreamPort": 3000, "allowedOrigins": ["https://app.example.com"]}}
         }))
         .expect("policy");
@@ -282,6 +313,9 @@ mod tests {
         assert_eq!(parsed.serving.admin_addr, "0.0.0.0:9001".parse().unwrap());
         assert_eq!(parsed.serving.pod_name.as_deref(), Some("api-0"));
         assert_eq!(parsed.serving.drain_timeout, 45);
+        assert_eq!(parsed.serving.drain_strategy, DrainStrategy::Wait);
+        assert_eq!(parsed.serving.max_wait_seconds, 900);
+        assert_eq!(parsed.serving.on_owner_lost, OnOwnerLost::Replay);
         assert_eq!(parsed.serving.binding, SessionBinding::Credential);
         assert_eq!(parsed.serving.redis.key_prefix, "team:");
         assert_eq!(parsed.serving.ttl_seconds, 7200);

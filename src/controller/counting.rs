@@ -155,6 +155,10 @@ async fn sweep(
                 continue;
             }
         };
+        if policy.spec.drain.loses_orphans() {
+            lose_orphans(policy, ctx, store, pod, &ids).await;
+            continue;
+        }
         let hold =
             Duration::from_secs(u64::try_from(policy.spec.drain.timeout_seconds).unwrap_or(0));
         let swept = store::mark_all_draining(store, &ids, Some(pod), hold).await;
@@ -170,6 +174,40 @@ async fn sweep(
         );
         publish(ctx, policy, &Transition::normal("SessionsSwept", note)).await;
     }
+}
+
+/// Drain strategy `Wait` (`onOwnerLost: Fail`): the sessions of a pod that no longer exists
+/// lost their state with it. They are removed, so that every proxy answers them 404 (their
+/// clients start new sessions, knowingly), and counted as lost, each once: by whoever removed
+/// it (a proxy whose client came back first counts its own).
+async fn lose_orphans(
+    policy: &McpSessionPolicy,
+    ctx: &Context,
+    store: &RedisStore,
+    pod: &str,
+    ids: &[store::SessionId],
+) {
+    let mut lost = 0;
+    for id in ids {
+        match store.delete(id).await {
+            Ok(true) => lost += 1,
+            Ok(false) => {}
+            Err(error) => {
+                warn!(%pod, session = %id, %error, "cannot remove a session whose pod is gone")
+            }
+        }
+    }
+    if lost == 0 {
+        return;
+    }
+    if let Err(error) = store.tally(store::Tally::Lost, lost).await {
+        warn!(%error, lost, "cannot count the lost sessions in the store's tallies");
+    }
+    warn!(%pod, lost, "the sessions of a pod that no longer exists are lost with it");
+    let note = format!(
+        "{lost} sessions of pod {pod}, which no longer exists, are lost with the state it held (drain strategy Wait): their clients get 404 and start new sessions"
+    );
+    publish(ctx, policy, &Transition::warning("SessionsLost", note)).await;
 }
 
 fn store_problem(error: StoreError) -> Problem {

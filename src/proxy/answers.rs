@@ -33,6 +33,9 @@ pub(super) enum Unknown {
     NotFound,
     OtherCredential,
     Invalid,
+    /// The session stays on its pod (drain strategy `Wait`), and that pod, or its server, is
+    /// gone with the session's state: the client must start a new session, knowingly.
+    StateLost,
 }
 
 /// Why a request got no upstream answer.
@@ -73,14 +76,21 @@ impl Proxy {
             Unknown::NotFound => metrics::Refusal::NotFound,
             Unknown::OtherCredential => metrics::Refusal::OtherCredential,
             Unknown::Invalid => metrics::Refusal::InvalidId,
+            Unknown::StateLost => metrics::Refusal::StateLost,
         };
         metrics::inc(&self.metrics.refused, outcome);
         if matches!(why, Unknown::OtherCredential) {
             warn!(session = %id, "a session was presented with another credential; answered as unknown");
         }
+        let message = match why {
+            Unknown::StateLost => {
+                "Session not found: the server that held this session's state is gone; start a new session"
+            }
+            _ => "Session not found",
+        };
         json_response(
             StatusCode::NOT_FOUND,
-            protocol::error_body(request_id, SESSION_NOT_FOUND, "Session not found"),
+            protocol::error_body(request_id, SESSION_NOT_FOUND, message),
         )
     }
 

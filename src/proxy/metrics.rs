@@ -97,6 +97,17 @@ outcomes!(
         ProxyFull => "proxy_full",
         NewIdentitiesTooFast => "new_identities_too_fast",
         InitializeTooLarge => "initialize_too_large",
+        StateLost => "state_lost",
+    }
+);
+outcomes!(
+    /// `mcp_proxy_sessions_lost_total`: why a session that stays on its pod (drain strategy
+    /// `Wait`) lost the state its server held.
+    Loss {
+        OwnerGone => "owner_gone",
+        OwnerRestarted => "owner_restarted",
+        ServerRestarted => "server_restarted",
+        MaxWait => "max_wait",
     }
 );
 
@@ -154,6 +165,10 @@ pub struct ProxyMetrics {
     pub store_evicted_keys: Gauge,
     /// Sessions this proxy found missing from the store and wrote back.
     pub written_back: Counter,
+    /// Sessions that stay on their pod, lost with it, by [`Loss`].
+    pub lost: Family<ReasonLabels, Counter>,
+    /// Time a stopping proxy served its sessions until they ended (drain strategy `Wait`).
+    pub wait_duration: Histogram,
     pub drain_duration: Histogram,
     pub quiesce_duration: Histogram,
     /// The client and admin listeners' connections (shared by a proxy and its successors,
@@ -271,6 +286,18 @@ impl ProxyMetrics {
             "Sessions this proxy found missing from an evicting store and wrote back",
             written_back.clone(),
         );
+        let lost = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "mcp_proxy_sessions_lost",
+            "Sessions that stay on their pod (drain strategy Wait) whose state was lost, by reason; each counted once, by the proxy that removed it",
+            lost.clone(),
+        );
+        let wait_duration = Histogram::new(exponential_buckets(0.1, 2.0, 16));
+        registry.register(
+            "mcp_proxy_wait_duration_seconds",
+            "Time a stopping proxy served its sessions until the last ended (drain strategy Wait)",
+            wait_duration.clone(),
+        );
         let drain_duration = Histogram::new(exponential_buckets(0.01, 2.0, 14));
         registry.register(
             "mcp_session_drain_duration_seconds",
@@ -287,6 +314,8 @@ impl ProxyMetrics {
             store_retention,
             store_evicted_keys,
             written_back,
+            lost,
+            wait_duration,
             listeners,
             quiesce_duration,
             drain_duration,

@@ -44,13 +44,14 @@ use crate::proxy::mcp::retry::RetryPolicy;
 use crate::proxy::metrics::ProxyMetrics;
 use crate::proxy::session::bookkeeping::Unstored;
 use crate::proxy::session::exchange::Bound;
+pub use crate::proxy::session::home::{OnOwnerLost, Residence};
 pub use crate::proxy::session::table::AdmissionLimits;
 use crate::proxy::session::table::{Lookup, SessionTable, Transport};
 use crate::proxy::stream::event_log::EventLog;
 pub use crate::proxy::upstream::backends::{Backends, Endpoint};
 use crate::proxy::upstream::{Upstream, UpstreamError};
 use crate::serve::{self, ListenerMetrics};
-use crate::store::{DebouncedToucher, LogBound, SessionId, SessionStore};
+use crate::store::{DebouncedToucher, LogBound, Owner, SessionId, SessionStore};
 
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -59,7 +60,12 @@ pub struct ProxyConfig {
     pub upstream: Arc<Backends>,
     pub admin: SocketAddr,
     pub pod_name: Option<String>,
+    /// Where the policy's other proxies reach this one (`pod-ip:port`), recorded with the
+    /// sessions it owns.
+    pub advertise: Option<String>,
     pub drain_timeout: Duration,
+    /// What a stopping proxy does with its sessions, and whom a session's requests go to.
+    pub residence: Residence,
     /// How long a request is held while the upstream is down.
     pub hold: Duration,
     pub touch_interval: Duration,
@@ -114,6 +120,8 @@ pub struct Proxy {
     events: EventLog,
     /// HTTP+SSE requests awaiting their answers on the stream.
     unanswered: legacy::Unanswered,
+    /// Connections to the proxies of pods that own sessions (drain strategy `Wait`).
+    hops: session::home::Hops,
     /// Listening streams, which a replay reopens.
     listening: Arc<stream::listening::ListeningStreams>,
     lifecycle: Lifecycle,
@@ -172,6 +180,7 @@ impl Proxy {
             retry: RetryPolicy::default(),
             unanswered: legacy::Unanswered::default(),
             listening: Arc::default(),
+            hops: Default::default(),
             lifecycle: Lifecycle::new(connections),
             metrics,
         })
@@ -184,6 +193,14 @@ impl Proxy {
             bound.credential.as_deref(),
             Transport::Streamable,
         )
+    }
+
+    /// This proxy, as the owner of the sessions it serves.
+    fn owner(&self) -> Owner {
+        Owner {
+            pod: self.config.pod_name.clone(),
+            address: self.config.advertise.clone(),
+        }
     }
 
     fn credential_of(&self, headers: &HeaderMap) -> Option<String> {

@@ -128,9 +128,14 @@ impl Proxy {
             _ => return self.unknown(Unknown::Invalid, exchange.request_id(), "invalid"),
         };
         let credential = self.credential_of(&exchange.headers);
+        exchange.session = Some(Bound { id, credential });
+        if self.config.residence.max_wait().is_some()
+            && let Some(answer) = Box::pin(self.route_home(&exchange)).await
+        {
+            return answer;
+        }
         // Event ids are the proxy's; the upstream's mean nothing to it.
         let last_event_id = exchange.headers.remove(&LAST_EVENT_ID_HEADER);
-        exchange.session = Some(Bound { id, credential });
         if exchange.method == Method::DELETE {
             return Box::pin(self.end(exchange)).await;
         }
@@ -264,12 +269,12 @@ impl Proxy {
         };
         let id = SessionId::random();
         let new = NewSession {
-            owner_pod: self.config.pod_name.clone(),
             protocol_version: protocol::requested_version(&params),
             initialize_params: Some(params),
             credential_fingerprint: credential.clone(),
             ..Default::default()
-        };
+        }
+        .owned_by(self.owner());
         let upstream = UpstreamSession::new(answer.backend.clone(), upstream_id);
         let mapping = Mapping {
             upstream,

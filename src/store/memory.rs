@@ -221,9 +221,7 @@ impl SessionStore for MemoryStore {
                 .filter(|e| e.record.owner_pod.as_deref() == owner)?;
             let expires_at_ms = entry.expires_at_ms.max(now_ms + hold_ms);
             let mut record = entry.record.clone();
-            record.set_state(SessionState::Draining);
-            record.owner_pod = None;
-            record.draining_since = Some(now);
+            record.hand_over(now);
             Some(state.rewrite(id, record, expires_at_ms, now_ms))
         }))
     }

@@ -129,10 +129,18 @@ pub struct Tallies {
     pub lost: u64,
 }
 
+/// The pod that owns a session, and where other proxies reach its proxy (`ip:port`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Owner {
+    pub pod: Option<String>,
+    pub address: Option<String>,
+}
+
 /// What a new session starts with.
 #[derive(Debug, Clone, Default)]
 pub struct NewSession {
     pub owner_pod: Option<String>,
+    pub owner_address: Option<String>,
     pub metadata: Map<String, Value>,
     pub protocol_version: Option<String>,
     pub initialize_params: Option<Value>,
@@ -141,10 +149,20 @@ pub struct NewSession {
 }
 
 impl NewSession {
+    /// The same session, owned by `owner`.
+    pub fn owned_by(self, owner: Owner) -> Self {
+        Self {
+            owner_pod: owner.pod,
+            owner_address: owner.address,
+            ..self
+        }
+    }
+
     /// What a stored session would be created with, to write it again.
     pub fn from_record(record: SessionRecord) -> Self {
         Self {
             owner_pod: record.owner_pod,
+            owner_address: record.owner_address,
             metadata: record.metadata,
             protocol_version: record.protocol_version,
             initialize_params: record.initialize_params,
@@ -157,6 +175,7 @@ impl NewSession {
         let mut record = SessionRecord::new(id.as_str(), now);
         record.set_state(SessionState::Active);
         record.owner_pod = self.owner_pod;
+        record.owner_address = self.owner_address;
         record.metadata = self.metadata;
         record.protocol_version = self.protocol_version;
         record.initialize_params = self.initialize_params;
@@ -216,6 +235,8 @@ impl SessionPatch {
 #[derive(Debug, Clone)]
 pub struct Claim {
     pub pod: String,
+    /// Where other proxies reach the claimer's.
+    pub address: Option<String>,
     /// Fingerprint of the credential on the request that wants the session.
     pub credential_fingerprint: Option<String>,
 }
@@ -290,6 +311,7 @@ impl ClaimOutcome {
             record.credential_fingerprint = claim.credential_fingerprint.clone();
         }
         record.owner_pod = Some(claim.pod.clone());
+        record.owner_address = claim.address.clone();
         record.set_state(SessionState::Active);
         record.draining_since = None;
         record.last_activity_at = now;

@@ -107,6 +107,10 @@ pub struct SessionRecord {
     /// The pod whose proxy holds the session's GET stream; none while draining.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner_pod: Option<String>,
+    /// Where other proxies reach the owner's (`ip:port`): a session that stays on its pod
+    /// (drain strategy `Wait`) is forwarded there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_address: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol_version: Option<String>,
     /// The client's `initialize` params, replayed to a fresh upstream.
@@ -191,6 +195,14 @@ fn is_zero(n: &u32) -> bool {
 }
 
 impl SessionRecord {
+    /// Marks the session draining, owned by nobody: any pod may claim it.
+    pub fn hand_over(&mut self, now: Timestamp) {
+        self.set_state(SessionState::Draining);
+        self.owner_pod = None;
+        self.owner_address = None;
+        self.draining_since = Some(now);
+    }
+
     pub fn new(connection_id: &str, now: Timestamp) -> Self {
         Self {
             connection_id: connection_id.to_owned(),
@@ -199,6 +211,7 @@ impl SessionRecord {
             metadata: Map::new(),
             state: None,
             owner_pod: None,
+            owner_address: None,
             protocol_version: None,
             initialize_params: None,
             credential_fingerprint: None,

@@ -9,7 +9,7 @@ use kube::ResourceExt as _;
 use serde_json::{Value, json};
 
 use crate::api::contract::{self, INJECT_KEY, INJECTED_BY, PROXY_CONTAINER, env};
-use crate::api::{McpSessionPolicy, Sidecar};
+use crate::api::{DrainStrategy, McpSessionPolicy, Sidecar};
 use crate::wiring;
 
 /// Seconds added to the drain timeout for the pod's termination grace period.
@@ -142,7 +142,7 @@ pub fn inject(
             Some(_) => {} // The container's own preStop is kept.
         }
     }
-    let grace = policy.spec.drain.timeout_seconds + GRACE_MARGIN_SECONDS;
+    let grace = grace_period(policy);
     match spec.termination_grace_period_seconds {
         None => operations.push(add("/spec/terminationGracePeriodSeconds", json!(grace))),
         Some(current) if current < grace => {
@@ -164,6 +164,18 @@ pub fn inject(
         )),
     }
     Injection::Patch(Patch(operations))
+}
+
+/// The termination grace period a selected pod needs: the drain, and under drain strategy
+/// `Wait` the longest its sessions may keep it, since the backend's preStop hook holds until
+/// they have ended.
+fn grace_period(policy: &McpSessionPolicy) -> i64 {
+    let drain = &policy.spec.drain;
+    let wait = match drain.strategy {
+        DrainStrategy::Move => 0,
+        DrainStrategy::Wait => drain.max_wait_seconds,
+    };
+    wait + drain.timeout_seconds + GRACE_MARGIN_SECONDS
 }
 
 /// The proxy container injected for `policy`: its command line is the CLI's `proxy` (a test
@@ -342,6 +354,36 @@ mod tests {
             "the proxy retires on SIGTERM, which a classic sidecar gets at once"
         );
         assert_eq!(pod.metadata.annotations.unwrap()[INJECTED_BY], "api");
+    }
+
+    #[test]
+    fn a_pod_whose_sessions_wait_gets_the_grace_to_serve_them_and_its_ip() {
+        let policy = policy(json!({"redis": {"url": "redis://r:6379"},
+            "drain": {"timeoutSeconds": 20, "strategy": "Wait", "maxWaitSeconds": 600}}));
+        let original = pod(json!({}));
+        let pod = patched(
+            &original,
+            inject(&original, &policy, &InjectorConfig::default(), TOKEN),
+        );
+        let spec = pod.spec.unwrap();
+        assert_eq!(
+            spec.termination_grace_period_seconds,
+            Some(600 + 20 + GRACE_MARGIN_SECONDS),
+            "the backend's preStop holds until the sessions end, or the maximum wait"
+        );
+        let proxy = &spec.containers[1];
+        let env = serde_json::to_value(&proxy.env).unwrap().to_string();
+        assert!(
+            env.contains(
+                r#"{"name":"POD_IP","valueFrom":{"fieldRef":{"fieldPath":"status.podIP"}}}"#
+            ),
+            "where the other proxies forward this pod's sessions: {env}"
+        );
+        let args = proxy.args.as_ref().unwrap().join(" ");
+        assert!(
+            args.contains("--drain-strategy wait --max-wait-seconds 600 --on-owner-lost fail"),
+            "{args}"
+        );
     }
 
     #[test]

@@ -16,7 +16,10 @@ liveness probe to fail). Tools:
   annotation, so a proxy must never run it twice;
 - `repeat(text, times)`: returns `text` repeated: a large result, as a file-reading tool gives;
 - `notify()`: sends `notifications/resources/list_changed`, which travels on the session's
-  listening (GET) stream.
+  listening (GET) stream;
+- `count(a=0, b=0, delay=0)`: state kept in memory per session, as a browser, a kernel or a
+  shell keeps it: returns how many times this session has called it, here. A session replayed
+  to another process starts again at 1.
 """
 
 import asyncio
@@ -31,6 +34,8 @@ from mcp_types import ToolAnnotations
 
 server = MCPServer("proxy-test-server", log_level="WARNING")
 notes: list[str] = []
+# `count`'s state: calls per session (by the id this process gave it), in this process only.
+counts: dict[str, int] = {}
 
 
 def log_call(what: str, a) -> None:
@@ -66,6 +71,18 @@ async def record(note: str, delay: float = 0) -> int:
         await asyncio.sleep(delay)
     notes.append(note)
     return len(notes)
+
+
+@server.tool()
+async def count(ctx: Context, a: int = 0, b: int = 0, delay: float = 0) -> int:
+    """Counts this session's calls of this tool; `a` and `b` are ignored (clients that call
+    `add` call this the same way, and expect `a + b`: the count, while the state lives)."""
+    if delay:
+        await asyncio.sleep(delay)
+    request = ctx.request_context.request
+    key = request.headers.get("mcp-session-id", "") if request is not None else ""
+    counts[key] = counts.get(key, 0) + 1
+    return counts[key]
 
 
 @server.tool()

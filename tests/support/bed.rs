@@ -86,6 +86,11 @@ impl Bed {
     /// behind the Service with their proxies injected; in gateway mode alone (the policy turns
     /// injection off), a gateway following them. `rollout` is the policy's `spec.rollout`.
     pub async fn start(prefix: &str, rollout: Value, mode: Mode, backend: &Backend) -> Self {
+        Self::start_with(prefix, json!({ "rollout": rollout }), mode, backend).await
+    }
+
+    /// [`Self::start`] with `spec` merged into the policy's spec (JSON merge patch).
+    pub async fn start_with(prefix: &str, spec: Value, mode: Mode, backend: &Backend) -> Self {
         let plane = control_plane();
         let node = RealNode::start(plane).await;
         node.import(&backend.images);
@@ -128,16 +133,17 @@ impl Bed {
             Mode::Gateway => json!({"enabled": false,
                 "fingerprintKeySecretRef": {"name": "mcp-keys", "key": "fingerprint"}}),
         };
-        let policy: McpSessionPolicy = serde_json::from_value(json!({
+        let mut policy = json!({
             "apiVersion": "mcpsession.dev/v1alpha1", "kind": "McpSessionPolicy",
             "metadata": {"name": APP},
             "spec": {"selector": {"matchLabels": {"app": APP}}, "redis": {"url": redis.url_on(NODE_IP)},
-                     "drain": {"timeoutSeconds": 20}, "rollout": rollout,
+                     "drain": {"timeoutSeconds": 20},
                      "injection": injection,
                      "gateway": {"enabled": mode == Mode::Gateway, "replicas": Gateway::REPLICAS,
                                  "port": 8090, "backendPort": BACKEND_PORT}},
-        }))
-        .expect("policy");
+        });
+        json_patch::merge(&mut policy["spec"], &spec);
+        let policy: McpSessionPolicy = serde_json::from_value(policy).expect("policy");
         // The key every proxy of the policy fingerprints credentials with.
         let keys: Secret = serde_json::from_value(json!({
             "metadata": {"name": "mcp-keys"}, "stringData": {"fingerprint": "rollout-test-key"},

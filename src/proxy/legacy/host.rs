@@ -43,11 +43,11 @@ impl SseHost {
     /// in the store (served from memory where the store refuses it).
     pub async fn create(&self, id: &SessionId, upstream: UpstreamSession, slot: Slot<'_>) {
         let new = NewSession {
-            owner_pod: self.0.config.pod_name.clone(),
             protocol_version: Some(PROTOCOL_VERSION.to_owned()),
             credential_fingerprint: slot.credential.clone(),
             ..Default::default()
-        };
+        }
+        .owned_by(self.0.owner());
         let mapping = Mapping {
             upstream,
             transport: Transport::Sse,

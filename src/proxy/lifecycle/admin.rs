@@ -10,6 +10,7 @@ use tracing::warn;
 use crate::api::contract::DRAIN_TOKEN_HEADER;
 use crate::proxy::lifecycle::control::{Control, Readiness, Sessions};
 use crate::proxy::lifecycle::succession::Current;
+use crate::proxy::mcp::fingerprint::constant_time_eq;
 
 /// The serving proxy, for each request (a retired proxy may have a successor).
 struct Serving(Control);
@@ -72,11 +73,6 @@ async fn require_drain_token(
                 .into_response()
         }
     }
-}
-
-/// Compares without an early exit, so that timing tells nothing of a token's prefix.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0_u8, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
 /// Ready unless draining or quiesced (new connections go to other pods meanwhile). Sessions the

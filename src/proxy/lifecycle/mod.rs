@@ -24,6 +24,8 @@ pub(super) const DRAIN_BATCH: usize = 100_000;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Phase {
     Serving,
+    /// Drain strategy `Wait`: no new sessions; those held here are served until they end.
+    Waiting,
     Draining,
     Closing,
 }
@@ -62,9 +64,9 @@ impl Lifecycle {
         *self.phase.borrow()
     }
 
-    /// Draining or closing: no new sessions, no new claims.
+    /// Waiting, draining or closing: no new sessions, no new claims.
     pub fn draining(&self) -> bool {
-        self.phase() >= Phase::Draining
+        self.phase() >= Phase::Waiting
     }
 
     /// Follows the phase (a relay ends its stream by it).
@@ -105,6 +107,9 @@ impl Proxy {
     }
 
     pub(super) async fn drain_once(&self) -> u64 {
+        if let Some(max_wait) = self.config.residence.max_wait() {
+            self.wait_for_sessions(max_wait).await;
+        }
         let lifecycle = &self.lifecycle;
         let (started, deadline) = lifecycle.drain_deadline(self.config.drain_timeout);
         lifecycle.phase.send_replace(Phase::Draining);
@@ -138,6 +143,49 @@ impl Proxy {
             "drained"
         );
         drained
+    }
+}
+
+/// How often a proxy waiting for its sessions to end looks, and says how many are left.
+const WAIT_POLL: Duration = Duration::from_millis(200);
+const WAIT_REPORT: Duration = Duration::from_secs(10);
+
+impl Proxy {
+    /// Drain strategy `Wait`: takes no new sessions (the pod is unready, and the Service stops
+    /// sending it connections), and serves those it holds, directly or forwarded by the
+    /// policy's other proxies, until they end: by `DELETE`, or idle for the session TTL. Those
+    /// still open at `max_wait` are lost: answered 404 from then on, and counted.
+    async fn wait_for_sessions(&self, max_wait: Duration) {
+        let started = Instant::now();
+        let deadline = started + max_wait;
+        self.lifecycle.phase.send_replace(Phase::Waiting);
+        let mut report = started + WAIT_REPORT;
+        loop {
+            let open = self.table.len();
+            if open == 0 {
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                warn!(
+                    open,
+                    ?max_wait,
+                    "sessions still open at the drain's maximum wait are lost"
+                );
+                for id in self.table.ids() {
+                    self.lose(&id, metrics::Loss::MaxWait).await;
+                }
+                break;
+            }
+            if now >= report {
+                info!(open, waited = ?started.elapsed(), "waiting for this pod's sessions to end");
+                report = now + WAIT_REPORT;
+            }
+            tokio::time::sleep(WAIT_POLL.min(deadline - now)).await;
+        }
+        let waited = started.elapsed();
+        self.metrics.wait_duration.observe(waited.as_secs_f64());
+        info!(?waited, "this pod's sessions have ended");
     }
 }
 
@@ -183,7 +231,7 @@ impl Proxy {
         self.hold_upstream().await;
         let mut phase = self.lifecycle.watch();
         let retiring =
-            tokio::time::timeout(RETIRE_SETTLE, phase.wait_for(|p| *p >= Phase::Draining))
+            tokio::time::timeout(RETIRE_SETTLE, phase.wait_for(|p| *p >= Phase::Waiting))
                 .await
                 .is_ok_and(|changed| changed.is_ok());
         if retiring {

@@ -53,6 +53,22 @@ impl Fingerprinter {
         })
     }
 
+    /// The hop header's value for a request of session `id` that one of the policy's proxies
+    /// forwards to another (see [`HOP_HEADER`](crate::api::contract::HOP_HEADER)): 128 bits
+    /// of an HMAC under the same key, in a domain no credential's input can reach (a header
+    /// cannot hold a NUL byte).
+    pub fn hop(&self, id: &str) -> String {
+        let mut mac = self.keyed.clone();
+        mac.update(b"\0hop\0");
+        mac.update(id.as_bytes());
+        Self::encode(mac)
+    }
+
+    /// Whether `presented` is the hop header's value for session `id`.
+    pub fn is_hop(&self, id: &str, presented: &[u8]) -> bool {
+        constant_time_eq(self.hop(id).as_bytes(), presented)
+    }
+
     /// 128 bits of the HMAC, base64url (22 characters); `None` without a credential, or when
     /// sessions are bound to nobody.
     pub fn fingerprint(&self, authorization: Option<&[u8]>) -> Option<String> {
@@ -83,9 +99,19 @@ impl Fingerprinter {
                 mac.update(rest);
             }
         }
-        let digest = mac.finalize().into_bytes();
-        Some(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&digest[..16]))
+        Some(Self::encode(mac))
     }
+
+    /// The first 128 bits of the HMAC, base64url.
+    fn encode(mac: Hmac<Sha256>) -> String {
+        let digest = mac.finalize().into_bytes();
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&digest[..16])
+    }
+}
+
+/// Compares without an early exit, so that timing tells nothing of a token's prefix.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0_u8, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
 /// What `credential` binds to under `binding`; `None` where nothing does.
@@ -146,6 +172,25 @@ mod tests {
             encode(r#"{"alg":"RS256","typ":"JWT"}"#),
             encode(claims)
         )
+    }
+
+    #[test]
+    fn a_hop_header_is_made_only_with_the_key_and_for_one_session() {
+        let f = Fingerprinter::new(b"policy key", SessionBinding::Identity).expect("any key");
+        let other = Fingerprinter::new(b"another key", SessionBinding::Identity).expect("any key");
+        let hop = f.hop("session-1");
+        assert!(f.is_hop("session-1", hop.as_bytes()));
+        assert!(!f.is_hop("session-2", hop.as_bytes()), "one session's");
+        assert!(
+            !other.is_hop("session-1", hop.as_bytes()),
+            "the policy's key's"
+        );
+        assert!(!f.is_hop("session-1", b""));
+        assert_ne!(
+            Some(hop),
+            f.fingerprint(Some(b"session-1")),
+            "never a credential's fingerprint"
+        );
     }
 
     #[test]

@@ -107,7 +107,7 @@ impl Proxy {
     /// Writes a session this proxy serves back into the store, which lost it or was down;
     /// whether the store took it.
     pub(in crate::proxy) async fn restore(&self, id: &SessionId) -> bool {
-        let Some(session) = self.table.stored_copy(id, self.config.pod_name.clone()) else {
+        let Some(session) = self.table.stored_copy(id, self.owner()) else {
             return false;
         };
         match self.store.create_or_rehydrate(id, session).await {

@@ -10,9 +10,10 @@ use http_body_util::BodyExt as _;
 use serde_json::Value;
 use tracing::debug;
 
-use crate::proxy::answers::{Failure, header_or_empty};
+use crate::proxy::answers::{Failure, Unknown, header_or_empty};
 use crate::proxy::backoff;
 use crate::proxy::mcp::protocol::{self, MessageHead, SESSION_HEADER, StreamKind};
+use crate::proxy::metrics::Loss;
 use crate::proxy::session::table::{Lookup, Stale, UpstreamSession};
 use crate::proxy::upstream::{Answer, Outbound, UpstreamError};
 use crate::proxy::{Proxy, metrics};
@@ -154,6 +155,13 @@ impl Proxy {
                         break Ok(answer);
                     };
                     match session_signal(answer).await {
+                        // The upstream lost the session (it restarted), and with it the state
+                        // of a session that stays on its pod: not replayed where the policy
+                        // keeps it (drain strategy `Wait`).
+                        Signal::UnknownSession if !self.config.residence.replays_lost() => {
+                            self.lose(&bound.id, Loss::ServerRestarted).await;
+                            break Err(Failure::Unknown(Unknown::StateLost));
+                        }
                         // The upstream lost the session (it restarted): replay and send again.
                         Signal::UnknownSession if attempt < MAX_ATTEMPTS => {
                             debug!(session = %bound.id, "the upstream does not know the session; replaying the handshake");

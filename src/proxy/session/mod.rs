@@ -4,5 +4,6 @@
 pub(super) mod admission;
 pub(super) mod bookkeeping;
 pub(super) mod exchange;
+pub(super) mod home;
 pub(super) mod replay;
 pub(super) mod table;

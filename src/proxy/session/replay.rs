@@ -108,7 +108,7 @@ impl Proxy {
             session: NewSession::from_record(session.record),
             source: Source::Store,
         };
-        let in_memory = self.table.stored_copy(id, self.config.pod_name.clone());
+        let in_memory = self.table.stored_copy(id, self.owner());
         let Some(in_memory) = in_memory else {
             // Nothing here to fall back on: wait out a store outage.
             return Ok(self.stored(id).await?.map(from_store));
@@ -180,10 +180,10 @@ impl Proxy {
             "handshake replayed to the upstream"
         );
         let stored = NewSession {
-            owner_pod: self.config.pod_name.clone(),
             credential_fingerprint: credential,
             ..session
-        };
+        }
+        .owned_by(self.owner());
         let mapping = Mapping {
             upstream: upstream.clone(),
             transport: Transport::Streamable,
@@ -511,6 +511,7 @@ impl Proxy {
         }
         let claim = Claim {
             pod,
+            address: self.config.advertise.clone(),
             credential_fingerprint: credential,
         };
         Some(self.store.claim(id, claim).await)

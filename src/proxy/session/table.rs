@@ -16,7 +16,7 @@ use crate::proxy::session::admission::{Admission, Holdings};
 pub use crate::proxy::session::admission::{AdmissionLimits, Refusal};
 use crate::proxy::upstream::backends::Assigned;
 use crate::store::binding::{self, Binding};
-use crate::store::{NewSession, SessionId, SessionSetup, SetupChange};
+use crate::store::{NewSession, Owner, SessionId, SessionSetup, SetupChange};
 
 /// The session table of one proxy.
 pub struct SessionTable {
@@ -214,12 +214,13 @@ impl SessionTable {
         true
     }
 
-    /// What the store should hold of a mapped session, owned by `owner_pod`.
-    pub fn stored_copy(&self, id: &SessionId, owner_pod: Option<String>) -> Option<NewSession> {
+    /// What the store should hold of a mapped session, owned by `owner`.
+    pub fn stored_copy(&self, id: &SessionId, owner: Owner) -> Option<NewSession> {
         self.read().by_id.get(id).map(|mapped| {
             mapped
                 .stored
-                .to_new_session(owner_pod, mapped.credential.as_deref().map(String::from))
+                .to_new_session(mapped.credential.as_deref().map(String::from))
+                .owned_by(owner)
         })
     }
 
@@ -290,6 +291,11 @@ impl SessionTable {
             .filter(|(_, m)| now.saturating_sub(m.last_used.load(Ordering::Relaxed)) > ttl)
             .map(|(id, _)| id.clone())
             .collect()
+    }
+
+    /// How many sessions are mapped.
+    pub fn len(&self) -> usize {
+        self.read().by_id.len()
     }
 
     /// Every mapped session's id.
@@ -381,17 +387,17 @@ impl StoredCopy {
         }
     }
 
-    fn to_new_session(&self, owner_pod: Option<String>, credential: Option<String>) -> NewSession {
+    fn to_new_session(&self, credential: Option<String>) -> NewSession {
         fn parse<T: serde::de::DeserializeOwned>(text: &Option<Box<str>>) -> Option<T> {
             text.as_deref().and_then(|t| serde_json::from_str(t).ok())
         }
         NewSession {
-            owner_pod,
             metadata: parse(&self.metadata).unwrap_or_default(),
             protocol_version: self.protocol_version.as_deref().map(String::from),
             initialize_params: parse(&self.initialize_params),
             credential_fingerprint: credential,
             setup: self.setup.clone(),
+            ..Default::default()
         }
     }
 }
@@ -482,6 +488,7 @@ mod tests {
     fn the_compact_copy_restores_what_was_stored() {
         let session = NewSession {
             owner_pod: Some("old".into()),
+            owner_address: Some("10.0.0.1:8090".into()),
             metadata: serde_json::json!({"user_id": "u-1"})
                 .as_object()
                 .cloned()
@@ -497,8 +504,13 @@ mod tests {
             },
         };
         let copy = StoredCopy::of(&session);
-        let restored = copy.to_new_session(Some("pod-b".into()), Some("fp".into()));
+        let owner = Owner {
+            pod: Some("pod-b".into()),
+            address: Some("10.0.0.2:8090".into()),
+        };
+        let restored = copy.to_new_session(Some("fp".into())).owned_by(owner);
         assert_eq!(restored.owner_pod.as_deref(), Some("pod-b"));
+        assert_eq!(restored.owner_address.as_deref(), Some("10.0.0.2:8090"));
         assert_eq!(restored.metadata, session.metadata);
         assert_eq!(restored.protocol_version, session.protocol_version);
         assert_eq!(restored.initialize_params, session.initialize_params);

@@ -32,8 +32,8 @@ pub use self::target::{RedisTarget, mask_url};
 use super::{
     Claim, ClaimOutcome, ClaimRefusal, ListCursor, ListPage, Listed, LogBound, LoggedEvent,
     MemorySample, NewSession, Origin, PruneReport, RecordObserver, Result, Session, SessionCounts,
-    SessionId, SessionPatch, SessionRecord, SessionState, SessionStore, StoreError, Tallies, Tally,
-    Timestamp, Touch, UnreadableReason, UnreadableRecord,
+    SessionId, SessionPatch, SessionRecord, SessionStore, StoreError, Tallies, Tally, Timestamp,
+    Touch, UnreadableReason, UnreadableRecord,
 };
 
 /// Records above this size are reported, not parsed (a session is a few hundred bytes).
@@ -394,9 +394,7 @@ impl SessionStore for RedisStore {
                 if record.owner_pod.as_deref() != owner {
                     return Err(());
                 }
-                record.set_state(SessionState::Draining);
-                record.owner_pod = None;
-                record.draining_since = Some(now);
+                record.hand_over(now);
                 Ok(())
             })
             .await?;

@@ -59,6 +59,9 @@ async function runClient(authorization, verbose, tool, name) {
       if (verbose) console.log(failure ? `error ${failure}` : `ok ${calls}`);
       await new Promise((resolve) => setTimeout(resolve, Number(interval) * 1000));
     }
+    // A client that is done ends its session (the Python SDK's does so on its own), which is
+    // what lets a pod that keeps sessions until they end (drain strategy Wait) go.
+    await transport.terminateSession().catch(() => {});
     await client.close();
   } catch (error) {
     errors.push(`client crashed: ${error?.name}: ${error?.message}`);
