@@ -14,6 +14,7 @@ use http_body_util::BodyExt as _;
 use serde_json::Value;
 use tracing::{debug, info, warn};
 
+use crate::api::contract::HOP_HEADER;
 use crate::proxy::answers::{
     Failure, INVALID_PARAMS, REFUSED, TOO_MANY_SESSIONS, Unknown, error_answer, header_or_empty,
     json_response, plain,
@@ -129,10 +130,12 @@ impl Proxy {
         };
         let credential = self.credential_of(&exchange.headers);
         exchange.session = Some(Bound { id, credential });
-        if self.config.residence.max_wait().is_some()
-            && let Some(answer) = Box::pin(self.route_home(&exchange)).await
-        {
-            return answer;
+        if self.config.residence.max_wait().is_some() {
+            if let Some(answer) = Box::pin(self.route_home(&exchange)).await {
+                return answer;
+            }
+            // A hop's proof is for the policy's proxies, not for the server.
+            exchange.headers.remove(HOP_HEADER);
         }
         // Event ids are the proxy's; the upstream's mean nothing to it.
         let last_event_id = exchange.headers.remove(&LAST_EVENT_ID_HEADER);
