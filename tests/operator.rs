@@ -307,12 +307,18 @@ async fn status_metrics_and_printer_columns_follow_the_sessions_of_selected_pods
         .collect();
     assert_eq!(
         columns,
-        ["Name", "Sessions", "Draining", "Ready", "Gateway", "Age"]
+        [
+            "Name", "Sessions", "Draining", "Ready", "Strategy", "Gateway", "Age"
+        ]
     );
     assert_eq!(table["rows"][0]["cells"][1], 8);
     assert_eq!(table["rows"][0]["cells"][2], 1);
     assert_eq!(table["rows"][0]["cells"][3], "True");
-    assert_eq!(table["rows"][0]["cells"][4], false, "sidecar mode");
+    assert_eq!(
+        table["rows"][0]["cells"][4], "Move",
+        "the default strategy, as the apiserver defaulted it"
+    );
+    assert_eq!(table["rows"][0]["cells"][5], false, "sidecar mode");
 
     let (code, metrics) = operator.get("/metrics").await.unwrap();
     assert_eq!(code, 200);

@@ -891,9 +891,49 @@ async fn a_version_that_refuses_the_sessions_is_paused() {
 /// its n-th call to answer n; a session replayed to another process answers 1.
 const STATEFUL: &str = "count";
 
-/// Drain strategy `Wait`, bounded well below the test's timeouts.
-fn waiting(max_wait_seconds: u64) -> Value {
-    json!({"drain": {"timeoutSeconds": 20, "strategy": "Wait", "maxWaitSeconds": max_wait_seconds}})
+/// A bed whose policy says drain strategy `Wait` (`max_wait_seconds`), and the 50 clients of
+/// its stateful tool, each past its first call and its session stored.
+async fn waiting_bed(prefix: &str, sidecar: Sidecar, max_wait_seconds: u64) -> (Bed, Clients) {
+    let drain = json!({"drain": {"timeoutSeconds": 20, "strategy": "Wait",
+                                 "maxWaitSeconds": max_wait_seconds}});
+    let bed = Bed::start_with(prefix, drain, Mode::Sidecar(sidecar), &python_server()).await;
+    let clients = Clients::start(bed.entry(), STATEFUL);
+    clients.wait_calling().await;
+    wait_sessions_stored(&bed).await;
+    (bed, clients)
+}
+
+/// The names of the pods of the Deployment now.
+async fn pod_names(bed: &Bed) -> Vec<String> {
+    bed.pods().await.iter().map(|p| p.name_any()).collect()
+}
+
+/// Sets the new version and waits until its 3 pods serve; how long that took.
+async fn roll_to_v2(bed: &Bed) -> Duration {
+    let started = std::time::Instant::now();
+    bed.set_image(V2).await;
+    wait_for(TIMEOUT, "3 new pods serving", || async {
+        serving_on(bed, V2).await.len() == REPLICAS
+    })
+    .await;
+    started.elapsed()
+}
+
+/// Until none of `old` is left; how long that took.
+async fn wait_gone(bed: &Bed, old: &[String], what: &str) -> Duration {
+    let started = std::time::Instant::now();
+    wait_for(TIMEOUT, what, || async {
+        let pods = pod_names(bed).await;
+        !old.iter().any(|name| pods.contains(name))
+    })
+    .await;
+    started.elapsed()
+}
+
+/// Whether a client's error says its session was not found (404): what it is told when the
+/// state of its session is lost.
+fn not_found(error: &str) -> bool {
+    error.contains("404") || error.contains("Session not found") || error.contains("Not Found")
 }
 
 /// The pods of the Deployment running `image` that take requests.
@@ -927,33 +967,29 @@ fn silent_resets(runs: &[ClientRun]) -> Vec<&ClientRun> {
 /// sessions end (the clients end them), long before `maxWaitSeconds`; nothing was moved or lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sessions_that_keep_state_stay_on_their_pods_through_a_rolling_update() {
-    let _serial = SERIAL.lock().await;
-    let bed = Bed::start_with(
-        "e2e-wait",
-        waiting(300),
-        Mode::Sidecar(Sidecar::Native),
-        &python_server(),
-    )
-    .await;
-    let clients = Clients::start(bed.entry(), STATEFUL);
-    clients.wait_calling().await;
-    wait_sessions_stored(&bed).await;
-    let old: Vec<String> = bed.pods().await.iter().map(|p| p.name_any()).collect();
+    stateful_rolling_update("e2e-wait", Sidecar::Native).await;
+}
 
-    let started = std::time::Instant::now();
-    bed.set_image(V2).await;
-    wait_for(TIMEOUT, "3 new pods serving", || async {
-        serving_on(&bed, V2).await.len() == REPLICAS
-    })
-    .await;
-    let rolled = started.elapsed();
-    let waiting_pods: Vec<String> = bed
-        .pods()
-        .await
-        .iter()
-        .filter(|p| old.contains(&p.name_any()))
-        .map(|p| p.name_any())
-        .collect();
+/// The same through classic sidecars: the proxy gets its SIGTERM with the server's preStop,
+/// and serves the pod's sessions from then until they end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sessions_that_keep_state_stay_on_their_pods_through_classic_sidecars() {
+    stateful_rolling_update("e2e-wait-classic", Sidecar::Classic).await;
+}
+
+async fn stateful_rolling_update(prefix: &str, sidecar: Sidecar) {
+    let _serial = SERIAL.lock().await;
+    let (bed, clients) = waiting_bed(prefix, sidecar, 300).await;
+    let old = pod_names(&bed).await;
+
+    let rolled = roll_to_v2(&bed).await;
+    let now = pod_names(&bed).await;
+    let waiting_pods: Vec<&String> = old.iter().filter(|name| now.contains(name)).collect();
+    let status = bed
+        .status_until("the old pods' sessions reported waiting", |s| {
+            s.sessions.waiting > 0
+        })
+        .await;
     let _ = std::io::Write::write_all(
         &mut std::io::stderr(),
         bed.node.wide_pods(&bed.ns.name).as_bytes(),
@@ -961,24 +997,19 @@ async fn sessions_that_keep_state_stay_on_their_pods_through_a_rolling_update() 
     // Every client calls again, its requests reaching new pods and forwarded to old ones.
     clients.wait_calling_on().await;
     clients.wait_calling_on().await;
-    let ended = std::time::Instant::now();
     let runs = clients.stop().await;
-    wait_for(
-        TIMEOUT,
-        "the old pods gone once their sessions ended",
-        || async {
-            let pods: Vec<String> = bed.pods().await.iter().map(|p| p.name_any()).collect();
-            !old.iter().any(|name| pods.contains(name))
-        },
-    )
-    .await;
+    let gone = wait_gone(&bed, &old, "the old pods gone once their sessions ended").await;
     eprintln!(
-        "Wait: 3 new pods serving {:.1} s after the update, {} old pods still serving their sessions then; the old pods gone {:.1} s after the clients ended their sessions",
+        "Wait ({sidecar:?}): 3 new pods serving {:.1} s after the update, {} old pods still serving {} sessions then; the old pods gone {:.1} s after the clients ended their sessions",
         rolled.as_secs_f64(),
         waiting_pods.len(),
-        ended.elapsed().as_secs_f64()
+        status.sessions.waiting,
+        gone.as_secs_f64()
     );
-    report("rolling update, drain strategy Wait, stateful tool", &runs);
+    report(
+        &format!("rolling update ({sidecar:?}), drain strategy Wait, stateful tool"),
+        &runs,
+    );
 
     assert_no_client_error(&runs);
     assert_every_client_kept_its_session(&bed, &runs);
@@ -988,10 +1019,17 @@ async fn sessions_that_keep_state_stay_on_their_pods_through_a_rolling_update() 
         "every old pod, terminating, still served its sessions when the new ones were ready"
     );
     let tallies = bed.store().await.tallies().await.expect("tallies");
+    let operator_log = std::fs::read_to_string(&bed.operator.log).unwrap_or_default();
     assert_eq!(
         (tallies.drained, tallies.lost),
         (0, 0),
-        "no session moved, none lost: {tallies:?}"
+        "no session moved, none lost: {tallies:?}\nwhat the proxies logged of losses:\n{}\nthe operator's:\n{}",
+        bed.proxy_log_about(&["lost".to_owned(), "drained".to_owned()]),
+        operator_log
+            .lines()
+            .filter(|line| line.contains("lost") || line.contains("swept"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }
 
@@ -1034,16 +1072,7 @@ async fn with_move_a_session_s_server_state_does_not_follow_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_owner_s_sessions_are_answered_not_found_and_counted_never_reset() {
     let _serial = SERIAL.lock().await;
-    let bed = Bed::start_with(
-        "e2e-wait-kill",
-        waiting(300),
-        Mode::Sidecar(Sidecar::Native),
-        &python_server(),
-    )
-    .await;
-    let clients = Clients::start(bed.entry(), STATEFUL);
-    clients.wait_calling().await;
-    wait_sessions_stored(&bed).await;
+    let (bed, clients) = waiting_bed("e2e-wait-kill", Sidecar::Native, 300).await;
     let store = bed.store().await;
     let victim = bed.pods().await[0].name_any();
     let owned = store
@@ -1073,11 +1102,7 @@ async fn a_killed_owner_s_sessions_are_answered_not_found_and_counted_never_rese
     let tallies = store.tallies().await.expect("tallies");
     let not_found = runs
         .iter()
-        .filter(|r| {
-            r.errors.iter().any(|e| {
-                e.contains("404") || e.contains("Session not found") || e.contains("Not Found")
-            })
-        })
+        .filter(|r| r.errors.iter().any(|e| not_found(e)))
         .count();
     eprintln!(
         "Wait, owner killed: {owned} sessions on it, {} counted lost, {not_found} clients answered 404",
@@ -1089,6 +1114,77 @@ async fn a_killed_owner_s_sessions_are_answered_not_found_and_counted_never_rese
     );
     assert_eq!(tallies.drained, 0, "nothing replayed: {tallies:?}");
     assert!(not_found > 0, "the clients were told: {runs:?}");
+    assert_eq!(
+        silent_resets(&runs).len(),
+        0,
+        "no client's state reset within its session: {runs:?}"
+    );
+}
+
+/// Drain strategy `Wait` bounded by `maxWaitSeconds` (15 s): clients that never end their
+/// sessions keep the old pods only that long. Meanwhile the status reports the sessions waiting
+/// on old pods, and the rollout is in progress; then every one of those sessions is lost with
+/// its pod: answered 404, counted once, never reset within a session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rollout_under_wait_ends_at_the_maximum_wait_and_counts_what_it_cut() {
+    const MAX_WAIT: u64 = 15;
+    let _serial = SERIAL.lock().await;
+    let (bed, clients) = waiting_bed("e2e-wait-max", Sidecar::Native, MAX_WAIT).await;
+    let old = pod_names(&bed).await;
+    let store = bed.store().await;
+    let sessions = store.counts().await.expect("counts").total;
+
+    let started = std::time::Instant::now();
+    let rolled = roll_to_v2(&bed).await;
+    let waiting = bed
+        .status_until("the rollout waiting for the old pods' sessions", |s| {
+            s.sessions.waiting > 0
+                && s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "RolloutSafe" && c.reason == "WaitingForSessions")
+        })
+        .await;
+    wait_gone(&bed, &old, "the old pods gone at the maximum wait").await;
+    let ended = started.elapsed();
+    wait_until(
+        TIMEOUT,
+        "every session of the old pods counted lost",
+        || async {
+            match store.tallies().await {
+                Ok(t) if t.lost >= sessions => Ok(()),
+                Ok(t) => Err(format!("{} of {sessions} lost", t.lost)),
+                Err(error) => Err(error.to_string()),
+            }
+        },
+    )
+    .await;
+    let rollout = bed.settled_rollout().await;
+    let runs = clients.stop().await;
+    report(
+        "rolling update, drain strategy Wait, maxWaitSeconds 15",
+        &runs,
+    );
+    let told = runs
+        .iter()
+        .filter(|r| r.errors.iter().any(|e| not_found(e)))
+        .count();
+    eprintln!(
+        "Wait, maxWaitSeconds {MAX_WAIT}: {} sessions waited on old pods; the old pods gone {:.1} s after the update; lastRollout: {rollout:?}; {told} clients answered 404",
+        waiting.sessions.waiting,
+        ended.as_secs_f64()
+    );
+    // The last old pod began to stop when the last new one was ready.
+    let grace = Duration::from_secs(MAX_WAIT + 20 + 15);
+    assert!(
+        ended < rolled + grace,
+        "the old pods left within their grace period ({grace:?}) of the rollout ({rolled:?}): {ended:?}"
+    );
+    assert_eq!(
+        rollout.lost, sessions,
+        "each cut session counted once: {rollout:?}"
+    );
+    assert_eq!(rollout.drained, 0, "nothing replayed: {rollout:?}");
+    assert!(told > 0, "the clients were told: {runs:?}");
     assert_eq!(
         silent_resets(&runs).len(),
         0,

@@ -411,6 +411,10 @@ pub struct SessionTotals {
     pub total: u64,
     pub active: u64,
     pub draining: u64,
+    /// Active sessions owned by terminating pods, which serve them until they end (drain
+    /// strategy `Wait`).
+    #[serde(default)]
+    pub waiting: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -38,7 +38,7 @@ use tracing::{debug, instrument, warn};
 
 use self::counting::{FromRedis, from_redis};
 use self::gateway::GatewayState;
-use self::observe::{pod_totals, routing};
+use self::observe::{pod_totals, routing, waiting};
 use self::schedule::{jittered, requeue_after};
 use self::status::{KeyState, Observation};
 use self::stores::StorePool;
@@ -179,12 +179,18 @@ async fn reconcile_policy(
         retention: redis.retention,
         generation: policy.metadata.generation,
         pods: pod_totals(&selected),
+        waiting: waiting(&selected, &pod_sessions),
         counts: redis.counts,
         pod_sessions,
         unreadable: redis.unreadable,
         last_rollout,
         max_lost_sessions: policy.spec.rollout.max_lost(),
     };
+    ctx.metrics.controller.set_waiting(
+        &namespace,
+        &policy.name_any(),
+        observation.waiting.sessions,
+    );
     let next = status::build(previous, &observation);
     let requeue = requeue_after(
         next.last_rollout.as_ref(),

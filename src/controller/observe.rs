@@ -67,11 +67,69 @@ pub(super) fn routing(
     }
 }
 
+/// Sessions that terminating pods still serve (drain strategy `Wait`), and those pods, by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Waiting {
+    pub sessions: u64,
+    pub pods: Vec<String>,
+}
+
+/// What of `pod_sessions` (by pod name) the terminating ones among `pods` hold.
+pub(super) fn waiting(pods: &[Arc<Pod>], pod_sessions: &[(String, u64)]) -> Waiting {
+    let mut waiting = Waiting::default();
+    for (name, sessions) in pod_sessions.iter().filter(|(_, n)| *n > 0) {
+        let terminating = pods
+            .iter()
+            .any(|p| p.metadata.name.as_deref() == Some(name) && pod::is_terminating(p));
+        if terminating {
+            waiting.sessions += sessions;
+            waiting.pods.push(name.clone());
+        }
+    }
+    waiting
+}
+
 pub(super) fn pod_totals(pods: &[Arc<Pod>]) -> PodTotals {
     let terminating = pods.iter().filter(|p| pod::is_terminating(p)).count();
     PodTotals {
         selected: pods.len() as u32,
         ready: pods.iter().filter(|p| pod::takes_requests(p)).count() as u32,
         terminating: terminating as u32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, terminating: bool) -> Arc<Pod> {
+        let mut pod = Pod::default();
+        pod.metadata.name = Some(name.into());
+        if terminating {
+            pod.metadata.deletion_timestamp =
+                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+                ));
+        }
+        Arc::new(pod)
+    }
+
+    #[test]
+    fn sessions_wait_on_terminating_pods_that_hold_them() {
+        let pods = [pod("new", false), pod("old-a", true), pod("old-b", true)];
+        let sessions = [
+            ("new".to_owned(), 5),
+            ("old-a".to_owned(), 3),
+            ("old-b".to_owned(), 0),
+        ];
+        assert_eq!(
+            waiting(&pods, &sessions),
+            Waiting {
+                sessions: 3,
+                pods: vec!["old-a".into()],
+            },
+            "a terminating pod without sessions waits for nothing"
+        );
+        assert_eq!(waiting(&pods[..1], &sessions[..1]), Waiting::default());
     }
 }

@@ -5,6 +5,7 @@ use k8s_openapi::jiff::Timestamp;
 
 use super::admission::Refusal;
 use super::gateway::GatewayState;
+pub use super::observe::Waiting;
 use crate::api::{
     FingerprintKey, McpSessionPolicyStatus, PodSessions, PodTotals, RolloutStatus, SessionTotals,
     condition,
@@ -108,6 +109,8 @@ pub struct Observation {
     pub routing: Routing,
     /// The last rollout of the selected pods, as tracked now.
     pub last_rollout: Option<RolloutStatus>,
+    /// Sessions that terminating pods still serve, until they end (drain strategy `Wait`).
+    pub waiting: Waiting,
     /// `rollout.maxLostSessions` of the policy.
     pub max_lost_sessions: u64,
     /// Whether Redis keeps session records (`None`: not known, e.g. unreachable, or `INFO`
@@ -305,6 +308,7 @@ pub fn build(
     let rollout = rollout_safe(
         observation.last_rollout.as_ref(),
         observation.max_lost_sessions,
+        &observation.waiting,
     );
     let routed = match &observation.routing {
         Routing::InjectionDisabled => Assessment::new(
@@ -361,6 +365,7 @@ pub fn build(
             total: c.total,
             active: c.active,
             draining: c.draining,
+            waiting: observation.waiting.sessions,
         }),
         pod_sessions: match counts {
             Some(_) => observation
@@ -378,8 +383,11 @@ pub fn build(
     }
 }
 
-/// The RolloutSafe condition for the last rollout.
-fn rollout_safe(rollout: Option<&RolloutStatus>, max_lost: u64) -> Assessment {
+/// The RolloutSafe reason while the old pods of a rollout serve their sessions until they end.
+const WAITING_FOR_SESSIONS: &str = "WaitingForSessions";
+
+/// The RolloutSafe condition for the last rollout; `waiting`: what its old pods still serve.
+fn rollout_safe(rollout: Option<&RolloutStatus>, max_lost: u64, waiting: &Waiting) -> Assessment {
     let Some(rollout) = rollout else {
         return Assessment::new(
             Status::True,
@@ -406,6 +414,16 @@ fn rollout_safe(rollout: Option<&RolloutStatus>, max_lost: u64) -> Assessment {
     }
     match rollout.finished_at {
         Some(_) => Assessment::new(Status::True, "RolloutFinished", counts),
+        None if waiting.sessions > 0 => Assessment::new(
+            Status::True,
+            WAITING_FOR_SESSIONS,
+            format!(
+                "{counts}; {} sessions still served by {} old pods, which stop once those end (drain strategy Wait): {}",
+                waiting.sessions,
+                waiting.pods.len(),
+                waiting.pods.join(", ")
+            ),
+        ),
         None => Assessment::new(Status::True, "RolloutInProgress", counts),
     }
 }
@@ -467,6 +485,13 @@ pub fn transitions(
             events.push(Transition::warning(&new.reason, &new.message));
         }
     }
+    // A rollout that waits for its old pods' sessions is news once, not at every count.
+    if let Some(new) = after(condition::ROLLOUT_SAFE)
+        && new.reason == WAITING_FOR_SESSIONS
+        && before(condition::ROLLOUT_SAFE).is_none_or(|old| old.reason != new.reason)
+    {
+        events.push(Transition::normal(WAITING_FOR_SESSIONS, &new.message));
+    }
     // A gateway starting is unavailable for a while: only one that cannot be written is news.
     if let Some(new) = after(condition::GATEWAY_READY)
         && new.reason == "WriteFailed"
@@ -504,6 +529,7 @@ mod tests {
             unreadable: 0,
             routing: Routing::ThroughProxy(1),
             last_rollout: None,
+            waiting: Waiting::default(),
             max_lost_sessions: 0,
             retention: Some(RetentionVerdict::Retained),
             fingerprint_key: KeyState::Ready(FingerprintKey::Generated(SecretKeyRef {
@@ -511,6 +537,46 @@ mod tests {
                 key: "key".into(),
             })),
         }
+    }
+
+    #[test]
+    fn a_rollout_waiting_for_its_old_pods_sessions_says_so_once() {
+        let rolling = || RolloutStatus {
+            revision: "v2".into(),
+            started_at: Some("t1".into()),
+            ..Default::default()
+        };
+        let waiting = |sessions| Observation {
+            last_rollout: Some(rolling()),
+            waiting: Waiting {
+                sessions,
+                pods: vec!["web-old-a".into(), "web-old-b".into()],
+            },
+            ..observation(Ok(SessionCounts::default()))
+        };
+        let started = build(None, &waiting(0));
+        let safe = find(&started.conditions, "RolloutSafe").unwrap();
+        assert_eq!(safe.reason, "RolloutInProgress");
+        let first = build(Some(&started), &waiting(12));
+        assert_eq!(first.sessions.waiting, 12);
+        let safe = find(&first.conditions, "RolloutSafe").unwrap();
+        assert_eq!(
+            (safe.status.as_str(), safe.reason.as_str()),
+            ("True", WAITING_FOR_SESSIONS)
+        );
+        assert!(
+            safe.message.ends_with("12 sessions still served by 2 old pods, which stop once those end (drain strategy Wait): web-old-a, web-old-b"),
+            "{}",
+            safe.message
+        );
+        let events = transitions(Some(&started), &first);
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert!(!events[0].is_warning());
+        let fewer = build(Some(&first), &waiting(3));
+        assert!(
+            transitions(Some(&first), &fewer).is_empty(),
+            "a new count is no news"
+        );
     }
 
     #[test]

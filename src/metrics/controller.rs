@@ -67,6 +67,7 @@ pub struct ControllerMetrics {
     rehydrations: Family<PolicyLabels, Counter>,
     lost: Family<PolicyLabels, Counter>,
     redis_up: Family<PolicyLabels, Gauge>,
+    waiting: Family<PolicyLabels, Gauge>,
     /// Pods with a series, per policy, so that series of vanished pods can be removed.
     pods_with_series: Mutex<BTreeMap<PolicyKey, BTreeSet<String>>>,
 }
@@ -129,7 +130,14 @@ impl ControllerMetrics {
             "Whether the policy's Redis answered at the last reconcile (1) or not (0)",
             redis_up.clone(),
         );
+        let waiting = Family::<PolicyLabels, Gauge>::default();
+        registry.register(
+            "mcp_sessions_waiting",
+            "Active sessions that terminating pods serve until they end (drain strategy Wait)",
+            waiting.clone(),
+        );
         Self {
+            waiting,
             sessions,
             sessions_per_pod,
             reconciles,
@@ -260,6 +268,17 @@ impl ControllerMetrics {
         }
     }
 
+    /// Sessions that terminating pods still serve.
+    pub fn set_waiting(&self, namespace: &str, policy: &str, sessions: u64) {
+        let labels = PolicyLabels {
+            namespace: namespace.into(),
+            policy: policy.into(),
+        };
+        self.waiting
+            .get_or_create(&labels)
+            .set(i64::try_from(sessions).unwrap_or(i64::MAX));
+    }
+
     /// Removes every series of a deleted policy.
     pub fn forget_policy(&self, namespace: &str, policy: &str) {
         for state in ["active", "draining"] {
@@ -283,6 +302,7 @@ impl ControllerMetrics {
         self.rehydrations.remove(&labels);
         self.lost.remove(&labels);
         self.redis_up.remove(&labels);
+        self.waiting.remove(&labels);
         let mut known = self
             .pods_with_series
             .lock()

@@ -122,6 +122,8 @@ pub struct Proxy {
     unanswered: legacy::Unanswered,
     /// Connections to the proxies of pods that own sessions (drain strategy `Wait`).
     hops: session::home::Hops,
+    /// Sessions being ended by their clients, which their servers' forgetting does not lose.
+    ending: session::home::Ending,
     /// Listening streams, which a replay reopens.
     listening: Arc<stream::listening::ListeningStreams>,
     lifecycle: Lifecycle,
@@ -181,6 +183,7 @@ impl Proxy {
             unanswered: legacy::Unanswered::default(),
             listening: Arc::default(),
             hops: Default::default(),
+            ending: Default::default(),
             lifecycle: Lifecycle::new(connections),
             metrics,
         })

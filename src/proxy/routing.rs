@@ -160,6 +160,9 @@ impl Proxy {
             return self.respond(exchange).await;
         };
         if matches!(self.lookup(bound), Lookup::Live(_)) {
+            // Until it is forgotten, what else of the session meets its server's forgetting
+            // it (the listening stream, reopening) is its end, not a loss.
+            let _ending = self.ending.enter(&bound.id);
             return self.respond(exchange).await;
         }
         if let Err(failure) = self.authorize(bound).await {

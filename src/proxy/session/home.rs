@@ -99,6 +99,40 @@ impl Hops {
     }
 }
 
+/// Sessions whose client is ending them (`DELETE`), while their server forgets them.
+#[derive(Default)]
+pub(in crate::proxy) struct Ending(Mutex<std::collections::HashSet<SessionId>>);
+
+/// A session in [`Ending`], until dropped.
+pub(in crate::proxy) struct EndingGuard<'a> {
+    ending: &'a Ending,
+    id: SessionId,
+}
+
+impl Ending {
+    pub(in crate::proxy) fn enter(&self, id: &SessionId) -> EndingGuard<'_> {
+        self.lock().insert(id.clone());
+        EndingGuard {
+            ending: self,
+            id: id.clone(),
+        }
+    }
+
+    fn contains(&self, id: &SessionId) -> bool {
+        self.lock().contains(id)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<SessionId>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for EndingGuard<'_> {
+    fn drop(&mut self) {
+        self.ending.lock().remove(&self.id);
+    }
+}
+
 /// Connection attempts at an owner before it counts as gone: a pod that was just killed may
 /// refuse once while its address is still routed.
 const OWNER_ATTEMPTS: u32 = 3;
@@ -170,6 +204,18 @@ impl Proxy {
         )
     }
 
+    /// Whether `id` stays on its pod (drain strategy `Wait`), the store names this pod its
+    /// owner, and this proxy does not hold it: it held it once, and let it go.
+    pub(in crate::proxy) async fn forgot_here(&self, id: &SessionId) -> Result<bool, Failure> {
+        if self.config.residence.max_wait().is_none() || self.config.pod_name.is_none() {
+            return Ok(false);
+        }
+        Ok(self
+            .stored(id)
+            .await?
+            .is_some_and(|s| s.record.owner_pod == self.config.pod_name))
+    }
+
     /// Sends `exchange` to the proxy of the pod that owns its session, and its answer back as
     /// it comes (an event stream stays one; its event ids are the owner's). `None` where the
     /// owner does not take connections: it is gone, and the caller loses the session.
@@ -229,6 +275,10 @@ impl Proxy {
     /// whose removal took it.
     pub(in crate::proxy) async fn lose(&self, id: &SessionId, loss: Loss) {
         self.forget(id);
+        if self.ending.contains(id) {
+            debug!(session = %id, "its server forgot a session its client is ending");
+            return;
+        }
         match self.store.delete(id).await {
             Ok(true) => {
                 warn!(session = %id, reason = loss.as_str(), "a session's state is lost with its owner; its client must start a new one");
