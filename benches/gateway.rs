@@ -30,10 +30,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
+use common::client::{Connection, Sent};
 use common::usage::{Usage, rss_bytes};
-use http_body_util::{BodyExt as _, Full};
-use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
 use kube::ResourceExt as _;
 use mcp_session_operator::api::Sidecar;
 use serde_json::{Value, json};
@@ -244,7 +242,7 @@ struct Tally {
     calls: AtomicU64,
     failed: AtomicU64,
     lost: AtomicU64,
-    reconnects: AtomicU64,
+    reconnects: Arc<AtomicU64>,
     slowest_us: AtomicU64,
     /// Failed calls by what the client saw.
     failures: Mutex<BTreeMap<String, u64>>,
@@ -330,10 +328,11 @@ impl Fleet {
         let workers = (0..connections)
             .map(|n| {
                 let mut client = Client {
-                    address,
-                    credential: format!("Bearer bench-{n}"),
-                    sender: None,
-                    opened: 0,
+                    connection: Connection::new(
+                        address,
+                        format!("Bearer bench-{n}"),
+                        tally.reconnects.clone(),
+                    ),
                     tally: tally.clone(),
                 };
                 let opened = opened.clone();
@@ -342,7 +341,7 @@ impl Fleet {
                 tokio::spawn(async move {
                     let mut sessions = Vec::with_capacity(SESSIONS_PER_CONNECTION);
                     for _ in 0..SESSIONS_PER_CONNECTION {
-                        sessions.push(client.open_session().await);
+                        sessions.push(client.connection.open_session().await);
                     }
                     opened.wait().await;
                     if calling.wait_for(Option::is_some).await.is_err() {
@@ -358,7 +357,7 @@ impl Fleet {
                         }
                         let at = n as usize % sessions.len();
                         if client.call(&sessions[at], n).await == Called::SessionGone {
-                            sessions[at] = client.open_session().await;
+                            sessions[at] = client.connection.open_session().await;
                         }
                     }
                 })
@@ -384,15 +383,9 @@ impl Fleet {
     }
 }
 
-type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
-
-/// One connection of the fleet, opened again whenever the server closes it.
+/// One connection of the fleet and the tally it counts in.
 struct Client {
-    address: std::net::SocketAddr,
-    credential: String,
-    sender: Option<Sender>,
-    /// Connections opened so far.
-    opened: u64,
+    connection: Connection,
     tally: Arc<Tally>,
 }
 
@@ -403,45 +396,14 @@ enum Called {
     SessionGone,
 }
 
-/// What became of a request.
-enum Sent {
-    Answered(StatusCode, Option<String>, Bytes),
-    /// It may have reached the server, with no answer.
-    Unanswered(String),
-}
-
 impl Client {
-    /// A new session; tried until the server opens one.
-    async fn open_session(&mut self) -> String {
-        let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2025-06-18",
-            "capabilities": {}, "clientInfo": {"name": "bench", "version": "1"}}});
-        loop {
-            match self.send(None, &init).await {
-                Sent::Answered(StatusCode::OK, Some(session), _) => {
-                    let initialized =
-                        json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
-                    if let Sent::Answered(StatusCode::ACCEPTED, ..) =
-                        self.send(Some(&session), &initialized).await
-                    {
-                        return session;
-                    }
-                }
-                Sent::Answered(status, ..) => {
-                    eprintln!("initialize answered {status}; trying again");
-                }
-                Sent::Unanswered(why) => eprintln!("initialize unanswered ({why}); trying again"),
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
     /// Calls the echo tool in `session`, counting what became of it.
     async fn call(&mut self, session: &str, n: u64) -> Called {
         let text = n.to_string();
         let call = json!({"jsonrpc": "2.0", "id": n, "method": "tools/call",
             "params": {"name": "echo", "arguments": {"text": text, "delay_ms": TOOL_DELAY_MS}}});
         let started = Instant::now();
-        let sent = self.send(Some(session), &call).await;
+        let sent = self.connection.send(Some(session), &call).await;
         let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         self.tally.slowest_us.fetch_max(took, Ordering::Relaxed);
         self.tally.calls.fetch_add(1, Ordering::Relaxed);
@@ -477,81 +439,5 @@ impl Client {
                 Called::Failed
             }
         }
-    }
-
-    /// Sends `body` on the connection, opening one first where there is none or the server
-    /// closed it (after a `Connection: close`, or gone): a request that provably never left is
-    /// sent on a new connection, as an HTTP client does; one that may have left is not.
-    async fn send(&mut self, session: Option<&str>, body: &Value) -> Sent {
-        let mut request = Some(self.request(session, body));
-        for _ in 0..3 {
-            let Some(sender) = self.connected().await else {
-                return Sent::Unanswered("cannot connect".to_owned());
-            };
-            let attempt = request.take().expect("a request to send");
-            match sender.try_send_request(attempt).await {
-                Ok(response) => {
-                    let status = response.status();
-                    let session = common::session_of(&response);
-                    return match response.into_body().collect().await {
-                        Ok(body) => Sent::Answered(status, session, body.to_bytes()),
-                        Err(_) => {
-                            self.sender = None;
-                            Sent::Unanswered("answer cut".to_owned())
-                        }
-                    };
-                }
-                Err(mut error) => {
-                    self.sender = None;
-                    match error.take_message() {
-                        Some(unsent) => request = Some(unsent),
-                        None => {
-                            return Sent::Unanswered(
-                                "connection closed with the request sent".to_owned(),
-                            );
-                        }
-                    }
-                }
-            }
-        }
-        Sent::Unanswered("no connection took the request".to_owned())
-    }
-
-    fn request(&self, session: Option<&str>, body: &Value) -> hyper::Request<Full<Bytes>> {
-        let mut request = hyper::Request::post("/mcp")
-            .header("host", "mcp")
-            .header("content-type", "application/json")
-            .header("accept", "application/json, text/event-stream")
-            .header("authorization", &self.credential);
-        if let Some(session) = session {
-            request = request
-                .header("mcp-session-id", session)
-                .header("mcp-protocol-version", "2025-06-18");
-        }
-        request
-            .body(Full::new(Bytes::from(body.to_string())))
-            .expect("a valid request")
-    }
-
-    /// The open connection, or a new one; `None` if none can be opened.
-    async fn connected(&mut self) -> Option<&mut Sender> {
-        if let Some(sender) = &mut self.sender
-            && sender.ready().await.is_ok()
-        {
-            return self.sender.as_mut();
-        }
-        self.sender = None;
-        let tcp = tokio::net::TcpStream::connect(self.address).await.ok()?;
-        tcp.set_nodelay(true).ok()?;
-        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .ok()?;
-        tokio::spawn(connection);
-        if self.opened > 0 {
-            self.tally.reconnects.fetch_add(1, Ordering::Relaxed);
-        }
-        self.opened += 1;
-        self.sender = Some(sender);
-        self.sender.as_mut()
     }
 }

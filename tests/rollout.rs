@@ -1191,3 +1191,93 @@ async fn a_rollout_under_wait_ends_at_the_maximum_wait_and_counts_what_it_cut() 
         "no client's state reset within its session: {runs:?}"
     );
 }
+
+/// Drain strategy `Wait`, and the server of one pod failing its liveness probe: the kubelet
+/// runs the server's preStop (the proxy starts to wait for its sessions), then, at the probe's
+/// own grace that the webhook set (the drain's, not `maxWaitSeconds`), restarts the server in
+/// place. Its sessions' state is gone with it: each is answered 404 and counted lost once, none
+/// reset within a session; and the pod is Ready again with a fresh proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sick_server_under_wait_restarts_after_the_drain_and_its_sessions_are_told() {
+    let _serial = SERIAL.lock().await;
+    let (bed, clients) = waiting_bed("e2e-wait-sick", Sidecar::Native, 300).await;
+    let store = bed.store().await;
+    let pod = bed.pods().await.first().expect("a pod").name_any();
+    let owned = store
+        .sessions_of_pod(&pod, 1_000)
+        .await
+        .expect("the pod's sessions")
+        .len() as u64;
+    let started = std::time::Instant::now();
+    bed.exec(
+        &pod,
+        "server",
+        &["python3", "-c", &format!("open('{SICK_FILE}', 'w')")],
+    );
+    let restarted = |p: &k8s_openapi::api::core::v1::Pod| {
+        p.status
+            .iter()
+            .flat_map(|s| s.container_statuses.iter().flatten())
+            .any(|c| c.name == "server" && c.restart_count > 0)
+    };
+    wait_for(TIMEOUT, "the server restarted by the kubelet", || async {
+        bed.pods()
+            .await
+            .iter()
+            .any(|p| p.name_any() == pod && restarted(p))
+    })
+    .await;
+    let restarted_in = started.elapsed();
+    wait_for(TIMEOUT, "the pod ready again", || async {
+        bed.pods()
+            .await
+            .iter()
+            .any(|p| p.name_any() == pod && mcp_session_operator::api::pod::takes_requests(p))
+    })
+    .await;
+    let ready_in = started.elapsed();
+    wait_until(
+        TIMEOUT,
+        "the sick server's sessions counted lost",
+        || async {
+            match store.tallies().await {
+                Ok(t) if t.lost >= owned => Ok(()),
+                Ok(t) => Err(format!("{} of {owned} lost", t.lost)),
+                Err(error) => Err(error.to_string()),
+            }
+        },
+    )
+    .await;
+    clients.wait_calling_on().await;
+    let runs = clients.stop().await;
+    report("a sick server under drain strategy Wait", &runs);
+    let tallies = store.tallies().await.expect("tallies");
+    eprintln!(
+        "Wait, liveness failure: {pod}'s server restarted {:.1} s after it fell sick, Ready again after {:.1} s; {owned} sessions on it, {} counted lost",
+        restarted_in.as_secs_f64(),
+        ready_in.as_secs_f64(),
+        tallies.lost
+    );
+    // The probe fails after 3 periods of 1 s; then the drain's grace (20 + 15 s).
+    assert!(
+        restarted_in < Duration::from_secs(60),
+        "restarted at the probe's grace, not at maxWaitSeconds (300 s): {restarted_in:?}"
+    );
+    assert!(
+        bed.pods()
+            .await
+            .iter()
+            .any(|p| p.name_any() == pod && p.metadata.deletion_timestamp.is_none()),
+        "the pod stays"
+    );
+    assert_eq!(
+        tallies.lost, owned,
+        "each lost session counted once: {tallies:?}"
+    );
+    assert_eq!(tallies.drained, 0, "nothing replayed: {tallies:?}");
+    assert_eq!(
+        silent_resets(&runs).len(),
+        0,
+        "no client's state reset within its session: {runs:?}"
+    );
+}

@@ -1,7 +1,9 @@
-//! What more than one benchmark uses: the MCP server they load, and what a process spent.
+//! What more than one benchmark uses: the MCP server they load, the connections of their
+//! client fleets, and what a process spent.
 
 #![allow(dead_code)] // Each benchmark uses a different part of this module.
 
+pub mod client;
 pub mod echo;
 pub mod usage;
 

@@ -33,8 +33,10 @@ impl Proxy {
     pub(super) async fn handle(self: Arc<Self>, request: Request) -> Response {
         let started = Instant::now();
         let method = request.method().clone();
+        // Another proxy's connection to this one, which only a stop of this one ends.
+        let hop = request.headers().contains_key(HOP_HEADER);
         let mut response = self.receive(request).await;
-        if self.lifecycle.draining() {
+        if self.lifecycle.draining() && !hop {
             // Clients reconnect through the Service, to another pod.
             response
                 .headers_mut()

@@ -130,6 +130,20 @@ pub fn inject(
     let drain_hook = json!({"httpGet": {"path": hook_path, "port": config.admin_port,
         "httpHeaders": [{"name": contract::DRAIN_TOKEN_HEADER, "value": drain_token}]}});
     for (index, container) in spec.containers.iter().enumerate() {
+        // A failed liveness probe restarts the server in place, and its sessions' state goes
+        // with it whatever the proxy does: the pod's long grace (drain strategy Wait) is for a
+        // pod that stops with sessions to serve, not for holding a sick server.
+        if policy.spec.drain.strategy == DrainStrategy::Wait
+            && container
+                .liveness_probe
+                .as_ref()
+                .is_some_and(|probe| probe.termination_grace_period_seconds.is_none())
+        {
+            operations.push(add(
+                &format!("/spec/containers/{index}/livenessProbe/terminationGracePeriodSeconds"),
+                json!(policy.spec.drain.timeout_seconds + GRACE_MARGIN_SECONDS),
+            ));
+        }
         match &container.lifecycle {
             None => operations.push(add(
                 &format!("/spec/containers/{index}/lifecycle"),
@@ -360,7 +374,11 @@ mod tests {
     fn a_pod_whose_sessions_wait_gets_the_grace_to_serve_them_and_its_ip() {
         let policy = policy(json!({"redis": {"url": "redis://r:6379"},
             "drain": {"timeoutSeconds": 20, "strategy": "Wait", "maxWaitSeconds": 600}}));
-        let original = pod(json!({}));
+        let original = pod(json!({"spec": {"containers": [
+            {"name": "server", "image": "example/mcp",
+             "livenessProbe": {"httpGet": {"path": "/livez", "port": 8000}}},
+            {"name": "helper", "image": "example/helper",
+             "livenessProbe": {"httpGet": {"path": "/livez", "port": 9000}, "terminationGracePeriodSeconds": 5}}]}}));
         let pod = patched(
             &original,
             inject(&original, &policy, &InjectorConfig::default(), TOKEN),
@@ -371,7 +389,19 @@ mod tests {
             Some(600 + 20 + GRACE_MARGIN_SECONDS),
             "the backend's preStop holds until the sessions end, or the maximum wait"
         );
-        let proxy = &spec.containers[1];
+        let liveness_grace = |index: usize| {
+            spec.containers[index]
+                .liveness_probe
+                .as_ref()
+                .and_then(|probe| probe.termination_grace_period_seconds)
+        };
+        assert_eq!(
+            liveness_grace(0),
+            Some(20 + GRACE_MARGIN_SECONDS),
+            "a sick server restarts after the drain, not after the wait"
+        );
+        assert_eq!(liveness_grace(1), Some(5), "a container's own is kept");
+        let proxy = &spec.containers[2];
         let env = serde_json::to_value(&proxy.env).unwrap().to_string();
         assert!(
             env.contains(

@@ -45,6 +45,9 @@ pub struct Lifecycle {
     quiescing: Mutex<()>,
     /// Counts quiesces: the latest owns the gate, and only its own follower reopens it.
     quiesces: watch::Sender<u64>,
+    /// Whether the server beside the proxy stopped while its sessions waited (drain strategy
+    /// `Wait`): a restart in place, if it answers again, has begun already.
+    server_stopped: std::sync::atomic::AtomicBool,
 }
 
 impl Lifecycle {
@@ -57,6 +60,7 @@ impl Lifecycle {
             drained: OnceCell::new(),
             quiescing: Mutex::new(()),
             quiesces: watch::Sender::new(0),
+            server_stopped: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -82,6 +86,12 @@ impl Lifecycle {
     /// The client connections, which a successor counts on.
     pub fn connections(&self) -> &Count {
         &self.connections
+    }
+
+    /// Whether the server stopped while the proxy waited for its sessions.
+    pub fn server_stopped(&self) -> bool {
+        self.server_stopped
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The drain's deadline, from its start (the first call starts it).
@@ -149,31 +159,57 @@ impl Proxy {
 /// How often a proxy waiting for its sessions to end looks, and says how many are left.
 const WAIT_POLL: Duration = Duration::from_millis(200);
 const WAIT_REPORT: Duration = Duration::from_secs(10);
+/// Looks in a row that find the MCP server beside the proxy refusing connections before its
+/// sessions count as gone with it.
+const SERVER_GONE_AFTER: u32 = 3;
 
 impl Proxy {
     /// Drain strategy `Wait`: takes no new sessions (the pod is unready, and the Service stops
     /// sending it connections), and serves those it holds, directly or forwarded by the
     /// policy's other proxies, until they end: by `DELETE`, or idle for the session TTL. Those
-    /// still open at `max_wait` are lost: answered 404 from then on, and counted.
+    /// still open at `max_wait` are lost: answered 404 from then on, and counted. So are those
+    /// still open when the server beside the proxy stops (the kubelet killed it: a liveness
+    /// restart, whose probe's grace the webhook keeps short, or the pod's grace spent), as
+    /// their state has gone with it.
     async fn wait_for_sessions(&self, max_wait: Duration) {
         let started = Instant::now();
         let deadline = started + max_wait;
         self.lifecycle.phase.send_replace(Phase::Waiting);
         let mut report = started + WAIT_REPORT;
+        let server = self.upstream.backends().local_address();
+        let mut refused = 0;
         loop {
             let open = self.table.len();
             if open == 0 {
                 break;
             }
             let now = Instant::now();
-            if now >= deadline {
+            let loss = if now >= deadline {
                 warn!(
                     open,
                     ?max_wait,
                     "sessions still open at the drain's maximum wait are lost"
                 );
+                Some(metrics::Loss::MaxWait)
+            } else {
+                match &server {
+                    Some(address) if !quiesce::takes_connections(address).await => refused += 1,
+                    _ => refused = 0,
+                }
+                (refused >= SERVER_GONE_AFTER).then(|| {
+                    warn!(
+                        open,
+                        "the MCP server stopped while sessions waited on it: their state is gone"
+                    );
+                    self.lifecycle
+                        .server_stopped
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    metrics::Loss::ServerRestarted
+                })
+            };
+            if let Some(loss) = loss {
                 for id in self.table.ids() {
-                    self.lose(&id, metrics::Loss::MaxWait).await;
+                    self.lose(&id, loss).await;
                 }
                 break;
             }

@@ -22,7 +22,7 @@ use tower_service::Service;
 use tracing::info;
 
 use crate::proxy::lifecycle::control::Control;
-use crate::proxy::upstream::quiesce::{Restart, follow_restart};
+use crate::proxy::upstream::quiesce::{Restart, follow_restart_from};
 use crate::proxy::{Phase, Proxy};
 
 /// The serving proxy, as the listeners' handlers reach it.
@@ -101,10 +101,19 @@ async fn restarted_after_retiring(proxy: &Proxy) {
         // Gateway mode: a retired gateway's pod is stopping; there is no server of its own.
         return std::future::pending().await;
     };
-    // However long the kubelet's restart back-off keeps the backend down.
-    while follow_restart(&address, Instant::now() + Duration::from_secs(3600)).await
+    // However long the kubelet's restart back-off keeps the backend down. A server that
+    // stopped while the proxy waited for its sessions has begun its restart already.
+    let mut stopped = proxy.lifecycle.server_stopped();
+    while follow_restart_from(
+        &address,
+        Instant::now() + Duration::from_secs(3600),
+        stopped,
+    )
+    .await
         != Restart::Restarted
-    {}
+    {
+        stopped = false;
+    }
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

@@ -155,6 +155,16 @@ impl Proxy {
                         break Ok(answer);
                     };
                     match session_signal(answer).await {
+                        // A session its client ends, which its server forgot (it restarted):
+                        // ended, with nothing to end upstream. A replay would open a session
+                        // on the server only to end it.
+                        Signal::UnknownSession if exchange.method == Method::DELETE => {
+                            break Ok(Answer {
+                                response: hyper::Response::new(Body::empty()),
+                                held,
+                                backend: upstream.backend.clone(),
+                            });
+                        }
                         // The upstream lost the session (it restarted), and with it the state
                         // of a session that stays on its pod: not replayed where the policy
                         // keeps it (drain strategy `Wait`).

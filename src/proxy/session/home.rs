@@ -26,6 +26,7 @@ use crate::proxy::metrics::{self, Loss, Outcome as _};
 use crate::proxy::session::exchange::{Bound, Exchange};
 use crate::proxy::session::table::Lookup;
 use crate::proxy::upstream::UpstreamError;
+use crate::proxy::upstream::connector::was_not_delivered;
 use crate::proxy::upstream::pool::{Pool, SendError};
 use crate::proxy::{Proxy, backoff};
 use crate::store::binding::{self, Binding};
@@ -227,7 +228,8 @@ impl Proxy {
         let bound = exchange.session.as_ref()?;
         let pool = self.hops.pool(address);
         let mut pauses = backoff::RETRY;
-        for attempt in 1..=OWNER_ATTEMPTS {
+        let mut attempt = 0;
+        while attempt < OWNER_ATTEMPTS {
             let mut headers = exchange.headers.clone();
             strip_hop_by_hop(&mut headers);
             headers.remove(axum::http::header::CONTENT_LENGTH);
@@ -253,7 +255,14 @@ impl Proxy {
                     strip_hop_by_hop(&mut parts.headers);
                     return Some(Response::from_parts(parts, Body::new(body)));
                 }
+                // A pooled connection the owner had closed (a stopping proxy answers with
+                // `Connection: close`): at once on another.
+                Err(SendError::Exchange {
+                    ref error,
+                    reused: true,
+                }) if was_not_delivered(error) => {}
                 Err(SendError::Connect { source, .. }) => {
+                    attempt += 1;
                     debug!(%source, owner = address, attempt, "the session's owner does not take connections");
                     if attempt < OWNER_ATTEMPTS {
                         pauses.wait().await;
@@ -299,14 +308,14 @@ impl Proxy {
 
     /// Under `onOwnerLost: Replay`: hands a session whose owner is gone over to whichever pod
     /// claims it first, as a drain would, so that it is replayed (and counted) once.
-    pub(in crate::proxy) async fn release(&self, id: &SessionId, owner: Option<&str>) {
+    pub(in crate::proxy) async fn release(&self, id: &SessionId, owner: &str) {
         match self
             .store
-            .mark_draining(id, owner, self.config.drain_timeout)
+            .mark_draining(id, Some(owner), self.config.drain_timeout)
             .await
         {
             Ok(Some(_)) => {
-                info!(session = %id, ?owner, "the session's owner is gone; replaying it here, as the policy says");
+                info!(session = %id, owner, "the session's owner is gone; replaying it here, as the policy says");
                 self.report(Tally::Drained, 1);
             }
             Ok(None) => {}
@@ -337,7 +346,10 @@ impl Proxy {
             Err(failure) => return Some(self.failure(failure, exchange)),
         };
         if self.config.residence.replays_lost() {
-            self.release(&bound.id, owner.as_deref()).await;
+            // One the operator swept is claimable already.
+            if let Some(owner) = owner {
+                self.release(&bound.id, &owner).await;
+            }
             return None;
         }
         self.lose(&bound.id, loss).await;

@@ -181,13 +181,22 @@ pub enum Restart {
     StillDown,
 }
 
+/// Whether the upstream at `address` takes connections (within [`PROBE_INTERVAL`]).
+pub async fn takes_connections(address: &str) -> bool {
+    tokio::time::timeout(PROBE_INTERVAL, tokio::net::TcpStream::connect(address))
+        .await
+        .is_ok_and(|connected| connected.is_ok())
+}
+
 /// Follows the upstream at `address` until it has stopped and answers again, or `deadline`.
 pub async fn follow_restart(address: &str, deadline: Instant) -> Restart {
-    let mut stopped = false;
+    follow_restart_from(address, deadline, false).await
+}
+
+/// [`follow_restart`] for an upstream already seen `stopped` (then it only has to answer).
+pub async fn follow_restart_from(address: &str, deadline: Instant, mut stopped: bool) -> Restart {
     while Instant::now() < deadline {
-        let up = tokio::time::timeout(PROBE_INTERVAL, tokio::net::TcpStream::connect(address))
-            .await
-            .is_ok_and(|connected| connected.is_ok());
+        let up = takes_connections(address).await;
         match (up, stopped) {
             (true, true) => return Restart::Restarted,
             (false, _) => stopped = true,
