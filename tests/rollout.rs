@@ -668,11 +668,36 @@ async fn in_place_restart(prefix: &str, sidecar: Sidecar) {
     clients.wait_calling().await;
     wait_sessions_stored(&bed).await;
     let pod = bed.pods().await.first().expect("a pod").name_any();
+    let (restarted_in, ready_in) = sicken(&bed, &pod).await;
+    clients.wait_calling_on().await;
+    let runs = clients.stop().await;
+    let (_, errors) = report("a server restarted in place", &runs);
+    eprintln!(
+        "{pod}'s server restarted in place {:.1} s after it fell sick, Ready again after {:.1} s; \
+         {errors} failed calls\n{}",
+        restarted_in.as_secs_f64(),
+        ready_in.as_secs_f64(),
+        bed.node.wide_pods(&bed.ns.name)
+    );
+    assert!(
+        bed.pods()
+            .await
+            .iter()
+            .any(|p| p.name_any() == pod && p.metadata.deletion_timestamp.is_none()),
+        "the pod stays"
+    );
+    assert_every_client_kept_its_session(&bed, &runs);
+    let errors: Vec<&String> = runs.iter().flat_map(|r| r.errors.iter()).collect();
+    assert_eq!(errors, Vec::<&String>::new(), "no client error");
+}
+
+/// Makes `pod`'s server sick (its liveness probe fails from then on, until the kubelet
+/// replaces the container, whose new root has no such file), and follows the kubelet's restart
+/// of it in place: how long until the server restarted, and until the pod was ready again.
+async fn sicken(bed: &Bed, pod: &str) -> (Duration, Duration) {
     let started = std::time::Instant::now();
-    // The server turns sick: its liveness probe fails from now on, until the kubelet replaces
-    // the container (whose new root has no such file).
     bed.exec(
-        &pod,
+        pod,
         "server",
         &["python3", "-c", &format!("open('{SICK_FILE}', 'w')")],
     );
@@ -697,27 +722,7 @@ async fn in_place_restart(prefix: &str, sidecar: Sidecar) {
             .any(|p| p.name_any() == pod && mcp_session_operator::api::pod::takes_requests(p))
     })
     .await;
-    let ready_in = started.elapsed();
-    clients.wait_calling_on().await;
-    let runs = clients.stop().await;
-    let (_, errors) = report("a server restarted in place", &runs);
-    eprintln!(
-        "{pod}'s server restarted in place {:.1} s after it fell sick, Ready again after {:.1} s; \
-         {errors} failed calls\n{}",
-        restarted_in.as_secs_f64(),
-        ready_in.as_secs_f64(),
-        bed.node.wide_pods(&bed.ns.name)
-    );
-    assert!(
-        bed.pods()
-            .await
-            .iter()
-            .any(|p| p.name_any() == pod && p.metadata.deletion_timestamp.is_none()),
-        "the pod stays"
-    );
-    assert_every_client_kept_its_session(&bed, &runs);
-    let errors: Vec<&String> = runs.iter().flat_map(|r| r.errors.iter()).collect();
-    assert_eq!(errors, Vec::<&String>::new(), "no client error");
+    (restarted_in, started.elapsed())
 }
 
 /// Redis restarts (SIGKILL, started again on its data) in the middle of a rolling update: the
@@ -887,15 +892,26 @@ async fn a_version_that_refuses_the_sessions_is_paused() {
 }
 
 /// The tool whose answer depends on the session's earlier calls (tests/mcp/server.py): the
-/// server counts them in memory, per session, as servers that keep state do. A client expects
-/// its n-th call to answer n; a session replayed to another process answers 1.
+/// server counts them in memory, per session, as servers that keep state do. Each answer must
+/// exceed the one before (by more where a call that failed in transit ran), or the client
+/// reports a `state reset`: a session replayed to another process answers 1 again.
 const STATEFUL: &str = "count";
 
 /// A bed whose policy says drain strategy `Wait` (`max_wait_seconds`), and the 50 clients of
 /// its stateful tool, each past its first call and its session stored.
 async fn waiting_bed(prefix: &str, sidecar: Sidecar, max_wait_seconds: u64) -> (Bed, Clients) {
+    waiting_bed_with(prefix, sidecar, max_wait_seconds, "Fail").await
+}
+
+/// [`waiting_bed`] with `onOwnerLost` set.
+async fn waiting_bed_with(
+    prefix: &str,
+    sidecar: Sidecar,
+    max_wait_seconds: u64,
+    on_owner_lost: &str,
+) -> (Bed, Clients) {
     let drain = json!({"drain": {"timeoutSeconds": 20, "strategy": "Wait",
-                                 "maxWaitSeconds": max_wait_seconds}});
+                                 "maxWaitSeconds": max_wait_seconds, "onOwnerLost": on_owner_lost}});
     let bed = Bed::start_with(prefix, drain, Mode::Sidecar(sidecar), &python_server()).await;
     let clients = Clients::start(bed.entry(), STATEFUL);
     clients.wait_calling().await;
@@ -956,7 +972,7 @@ async fn serving_on(bed: &Bed, image: &str) -> Vec<String> {
 /// that is not its call's number.
 fn silent_resets(runs: &[ClientRun]) -> Vec<&ClientRun> {
     runs.iter()
-        .filter(|r| r.session_ids.len() == 1 && r.errors.iter().any(|e| e.contains("wrong result")))
+        .filter(|r| r.session_ids.len() == 1 && r.errors.iter().any(|e| e.contains("state reset")))
         .collect()
 }
 
@@ -1060,7 +1076,7 @@ async fn with_move_a_session_s_server_state_does_not_follow_it() {
     assert!(
         runs.iter()
             .flat_map(|r| &r.errors)
-            .all(|e| e.contains("wrong result")),
+            .all(|e| e.contains("state reset")),
         "a reset is the only failure: {runs:?}"
     );
 }
@@ -1208,34 +1224,7 @@ async fn a_sick_server_under_wait_restarts_after_the_drain_and_its_sessions_are_
         .await
         .expect("the pod's sessions")
         .len() as u64;
-    let started = std::time::Instant::now();
-    bed.exec(
-        &pod,
-        "server",
-        &["python3", "-c", &format!("open('{SICK_FILE}', 'w')")],
-    );
-    let restarted = |p: &k8s_openapi::api::core::v1::Pod| {
-        p.status
-            .iter()
-            .flat_map(|s| s.container_statuses.iter().flatten())
-            .any(|c| c.name == "server" && c.restart_count > 0)
-    };
-    wait_for(TIMEOUT, "the server restarted by the kubelet", || async {
-        bed.pods()
-            .await
-            .iter()
-            .any(|p| p.name_any() == pod && restarted(p))
-    })
-    .await;
-    let restarted_in = started.elapsed();
-    wait_for(TIMEOUT, "the pod ready again", || async {
-        bed.pods()
-            .await
-            .iter()
-            .any(|p| p.name_any() == pod && mcp_session_operator::api::pod::takes_requests(p))
-    })
-    .await;
-    let ready_in = started.elapsed();
+    let (restarted_in, ready_in) = sicken(&bed, &pod).await;
     wait_until(
         TIMEOUT,
         "the sick server's sessions counted lost",
@@ -1279,5 +1268,55 @@ async fn a_sick_server_under_wait_restarts_after_the_drain_and_its_sessions_are_
         silent_resets(&runs).len(),
         0,
         "no client's state reset within its session: {runs:?}"
+    );
+}
+
+/// Drain strategy `Wait` with `onOwnerLost: Replay`, and an owner SIGKILLed and force-deleted:
+/// as the policy says, its sessions are replayed on the other pods instead of answered 404.
+/// No client is told its session is gone, none is counted lost, and the replayed sessions'
+/// counts start again: the state did not survive, which is what `Replay` accepts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_replay_a_killed_owner_s_sessions_are_replayed_not_lost() {
+    let _serial = SERIAL.lock().await;
+    let (bed, clients) = waiting_bed_with("e2e-wait-replay", Sidecar::Native, 300, "Replay").await;
+    let store = bed.store().await;
+    let victim = bed.pods().await[0].name_any();
+    let owned = store
+        .sessions_of_pod(&victim, 1_000)
+        .await
+        .expect("the pod's sessions")
+        .len() as u64;
+    assert!(owned > 0, "{victim} owns sessions");
+    bed.kill_pod(&victim).await;
+    // Not every one comes back: a Python SDK client whose listening stream was on the killed
+    // pod ends with it.
+    wait_until(TIMEOUT, "the killed pod's sessions replayed", || async {
+        match store.tallies().await {
+            Ok(t) if t.rehydrated > 0 => Ok(()),
+            Ok(t) => Err(format!("{} of {owned} rehydrated", t.rehydrated)),
+            Err(error) => Err(error.to_string()),
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let runs = clients.stop().await;
+    report(
+        "SIGKILL of an owner, drain strategy Wait, onOwnerLost Replay",
+        &runs,
+    );
+    let tallies = store.tallies().await.expect("tallies");
+    let told = runs
+        .iter()
+        .filter(|r| r.errors.iter().any(|e| not_found(e)))
+        .count();
+    let reset = silent_resets(&runs).len();
+    eprintln!(
+        "Wait + Replay, owner killed: {owned} sessions on it; tallies {tallies:?}; {told} clients answered 404, {reset} saw their count start again"
+    );
+    assert_eq!(tallies.lost, 0, "replayed, not lost: {tallies:?}");
+    assert_eq!(told, 0, "no client told its session is gone: {runs:?}");
+    assert!(
+        reset > 0,
+        "the replayed sessions' state started again: {runs:?}"
     );
 }

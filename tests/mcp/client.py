@@ -2,8 +2,9 @@
 client does, then calls `add` repeatedly and reports what it saw: a line per call (`ok N` or
 `error ...`, an error ending with when its call was sent, `(sent at RFC3339)`), then a JSON
 summary (with `ready_seconds`, the time its handshake and tool list took). MCP_TEST_TOOL_DELAY (seconds) makes each call take that long on the server. MCP_TEST_TOOL
-names the tool (`add` by default; `add_read_only` is the same tool annotated read-only); a
-comma-separated list gives client i the i-th (cycling) of them.
+names the tool (`add` by default; `add_read_only` is the same tool annotated read-only;
+`count` keeps state per session in the server, so each answer must exceed the one before, or
+the error is a `state reset`); a comma-separated list gives client i the i-th (cycling) of them.
 
     python client.py URL SECONDS [INTERVAL_SECONDS] [AUTHORIZATION]
 
@@ -47,6 +48,7 @@ async def run_client(url: str, seconds: float, interval: float, authorization: s
     headers = {"Authorization": authorization} if authorization else {}
     delay = float(os.environ.get("MCP_TEST_TOOL_DELAY", "0"))
     calls, errors, session_ids, slowest, ready = 0, [], set(), 0.0, None
+    counted = 0  # the last answer of `count`
     began = time.monotonic()
 
     async def record_session(response: httpx2.Response) -> None:
@@ -71,6 +73,12 @@ async def run_client(url: str, seconds: float, interval: float, authorization: s
                     result = await client.call_tool(tool, {"a": calls, "b": 1, "delay": delay})
                     if result.is_error:
                         failure = f"tool error: {result.content}"
+                    elif tool == "count":
+                        # Each answer exceeds the last (by more where a failed call ran).
+                        answer = int(result.content[0].text)
+                        if answer <= counted:
+                            failure = f"state reset: answered {answer} after {counted}"
+                        counted = answer
                     elif str(calls + 1) not in json.dumps(result.model_dump(mode="json")):
                         failure = f"wrong result: {result}"
                 except Exception as error:  # noqa: BLE001 - every failure is what the test counts

@@ -28,6 +28,7 @@ async function runClient(authorization, verbose, tool, name) {
   const errors = [];
   const sessionIds = new Set();
   let calls = 0;
+  let counted = 0; // the last answer of `count`
   let slowest = 0;
   let ready = null;
   const began = Date.now();
@@ -45,7 +46,12 @@ async function runClient(authorization, verbose, tool, name) {
       try {
         const result = await client.callTool({ name: tool, arguments: { a: calls, b: 1, delay } });
         if (result.isError) failure = `tool error: ${JSON.stringify(result.content)}`;
-        else if (result.content?.[0]?.text !== String(calls + 1)) failure = `wrong result: ${JSON.stringify(result)}`;
+        else if (tool === "count") {
+          // Each answer exceeds the last (by more where a failed call ran).
+          const answer = Number(result.content?.[0]?.text);
+          if (!(answer > counted)) failure = `state reset: answered ${answer} after ${counted}`;
+          counted = answer;
+        } else if (result.content?.[0]?.text !== String(calls + 1)) failure = `wrong result: ${JSON.stringify(result)}`;
       } catch (error) {
         const cause = error?.cause ? ` (${error.cause.code ?? ""} ${error.cause.message ?? error.cause})` : "";
         failure = `${error?.name}: ${error?.message}${cause}`;
