@@ -658,6 +658,70 @@ async fn the_typescript_sdk_client_sees_no_restart_through_the_proxy_and_does_wi
     sdk_client_through_restarts(Sdk::TypeScript, Wire::Streamable).await;
 }
 
+/// A client ends its sessions (`DELETE`) while their listening streams are open, as SDK
+/// clients do when they close. Both SDKs' servers end a session's streams before they answer
+/// the `DELETE`, so the proxy's relay finds the stream ended and reopens it while the `DELETE`
+/// is still on its way back: that reopening meets a server that forgot the session, and must
+/// end the stream, never replay the handshake of a session its client is ending.
+async fn ended_sessions_with_listening_streams(sdk: Sdk) {
+    const SESSIONS: usize = 15;
+    let pod = Pod::start_with(sdk, Wire::Streamable, "proxy-0", None, &[]).await;
+    let (proxy_port, admin_port) = (pod.proxy_port(), pod.admin_port());
+    let _log = ShowLogOnFailure(proxy_log_path(proxy_port));
+    let token = Some("Bearer ending");
+    let mut sessions = Vec::new();
+    for _ in 0..SESSIONS {
+        let session = open_session_on(sdk, proxy_port, token).await;
+        let stream = EventStream::open(proxy_port, &session, token, None).await;
+        assert_eq!(stream.status, 200, "{sdk:?}");
+        sessions.push((session, stream));
+    }
+    // The relay reopens a stream at once only once it has been open for a second.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Three at a time: concurrent ends lose the race most often (without the rule, every run
+    // here lost it at least once).
+    for group in sessions.chunks(3) {
+        let ended = futures::future::join_all(group.iter().map(|(session, _)| {
+            post(
+                proxy_port,
+                "/mcp",
+                Some(session),
+                token,
+                "DELETE",
+                Value::Null,
+            )
+        }))
+        .await;
+        for reply in &ended {
+            assert_eq!(reply.status, 200, "{sdk:?}: {}", reply.body);
+        }
+    }
+    for (session, mut stream) in sessions {
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            while stream.next().await.is_some() {}
+        });
+        assert!(
+            ended.await.is_ok(),
+            "{sdk:?}: the listening stream of {session} outlives its session"
+        );
+    }
+    let metrics = admin_get(admin_port, "/metrics").await;
+    assert!(
+        !metrics.contains("mcp_proxy_replays_total{"),
+        "{sdk:?}: no replay for a session its client ended: {metrics}"
+    );
+    assert!(
+        metrics.contains("mcp_proxy_sessions 0"),
+        "{sdk:?}: every session forgotten: {metrics}"
+    );
+}
+
+#[tokio::test]
+async fn sessions_their_clients_end_are_not_replayed_for_their_listening_streams() {
+    ended_sessions_with_listening_streams(Sdk::TypeScript).await;
+    ended_sessions_with_listening_streams(Sdk::Python).await;
+}
+
 /// Signalled restarts, repeated: 20 runs of a client calling the unannotated `add` every 50 ms
 /// (20 ms each) while the server is restarted once as the kubelet does (quiesce, then SIGTERM,
 /// every other run SIGKILL): every run calls through the restart, with no error and one session.

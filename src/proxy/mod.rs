@@ -122,8 +122,9 @@ pub struct Proxy {
     unanswered: legacy::Unanswered,
     /// Connections to the proxies of pods that own sessions (drain strategy `Wait`).
     hops: session::home::Hops,
-    /// Sessions being ended by their clients, which their servers' forgetting does not lose.
-    ending: session::home::Ending,
+    /// Sessions being ended by their clients: their servers forgetting them is neither a loss
+    /// nor a restart.
+    ending: session::ending::Ending,
     /// Listening streams, which a replay reopens.
     listening: Arc<stream::listening::ListeningStreams>,
     lifecycle: Lifecycle,

@@ -23,6 +23,14 @@ pub enum Sdk {
 }
 
 impl Sdk {
+    /// The name the test server of this SDK gives in its `initialize` answer.
+    pub fn server_name(self) -> &'static str {
+        match self {
+            Self::Python => "proxy-test-server",
+            Self::TypeScript => "ts-test-server",
+        }
+    }
+
     pub fn command(self, script: &str) -> Command {
         match self {
             Self::Python => {

@@ -8,6 +8,7 @@ use hyper::body::Bytes;
 use serde_json::{Value, json};
 
 use super::http_request;
+use super::sdk::Sdk;
 
 pub struct Reply {
     pub status: u16,
@@ -80,15 +81,21 @@ pub async fn call(port: u16, session: &str, authorization: Option<&str>, id: u64
     post(port, "/mcp", Some(session), authorization, "POST", request).await
 }
 
-/// `initialize` and `notifications/initialized` through the proxy at `port`: the session id.
+/// `initialize` and `notifications/initialized` through the proxy at `port` to the Python SDK's
+/// test server: the session id.
 pub async fn open_session(port: u16, authorization: Option<&str>) -> String {
+    open_session_on(Sdk::Python, port, authorization).await
+}
+
+/// As [`open_session`], to the test server of `sdk`.
+pub async fn open_session_on(sdk: Sdk, port: u16, authorization: Option<&str>) -> String {
     let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18",
         "capabilities": {}, "clientInfo": {"name": "raw-test-client", "version": "1.0"}}});
     let reply = post(port, "/mcp", None, authorization, "POST", init).await;
     assert_eq!(reply.status, 200, "{}", reply.body);
     assert_eq!(
         reply.message()["result"]["serverInfo"]["name"],
-        "proxy-test-server"
+        sdk.server_name()
     );
     let session = reply.session.expect("the proxy's session id");
     let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});

@@ -100,40 +100,6 @@ impl Hops {
     }
 }
 
-/// Sessions whose client is ending them (`DELETE`), while their server forgets them.
-#[derive(Default)]
-pub(in crate::proxy) struct Ending(Mutex<std::collections::HashSet<SessionId>>);
-
-/// A session in [`Ending`], until dropped.
-pub(in crate::proxy) struct EndingGuard<'a> {
-    ending: &'a Ending,
-    id: SessionId,
-}
-
-impl Ending {
-    pub(in crate::proxy) fn enter(&self, id: &SessionId) -> EndingGuard<'_> {
-        self.lock().insert(id.clone());
-        EndingGuard {
-            ending: self,
-            id: id.clone(),
-        }
-    }
-
-    fn contains(&self, id: &SessionId) -> bool {
-        self.lock().contains(id)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<SessionId>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-impl Drop for EndingGuard<'_> {
-    fn drop(&mut self) {
-        self.ending.lock().remove(&self.id);
-    }
-}
-
 /// Connection attempts at an owner before it counts as gone: a pod that was just killed may
 /// refuse once while its address is still routed.
 const OWNER_ATTEMPTS: u32 = 3;

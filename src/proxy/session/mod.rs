@@ -3,6 +3,7 @@
 
 pub(super) mod admission;
 pub(super) mod bookkeeping;
+pub(super) mod ending;
 pub(super) mod exchange;
 pub(super) mod home;
 pub(super) mod replay;

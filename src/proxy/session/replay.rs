@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::http::{HeaderMap, HeaderValue, Method, header};
 use bytes::Bytes;
 use http_body_util::BodyExt as _;
 use serde_json::Value;
@@ -146,6 +146,11 @@ impl Proxy {
             Lookup::Stale(why) => why == Stale::Left,
             Lookup::Absent | Lookup::Unbound => false,
         };
+        // Its client is ending it, and its server forgot it for that: a replay would open a
+        // session that outlives its end (the listening stream, reopening, meets the `DELETE`).
+        if self.ending.contains(id) && exchange.method != Method::DELETE {
+            return unknown(Unknown::NotFound);
+        }
         let Some(Replayable { session, source }) = self.replay_source(id).await? else {
             return unknown(Unknown::NotFound);
         };
