@@ -231,11 +231,6 @@ impl Proxy {
         match lookup {
             Lookup::Live(upstream) => Ok(upstream),
             Lookup::Refused(unknown) => Err(Failure::Unknown(unknown)),
-            // A session that stays on its pod, which this proxy held and no longer does (it
-            // ended, or was lost): a replay would bring it back without its state.
-            Lookup::Absent if self.forgot_here(&bound.id).await? => {
-                Err(Failure::Unknown(Unknown::NotFound))
-            }
             Lookup::Stale(_) | Lookup::Absent | Lookup::Unbound => {
                 Box::pin(self.replay(bound, exchange)).await
             }

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
@@ -30,7 +30,7 @@ use crate::proxy::upstream::connector::was_not_delivered;
 use crate::proxy::upstream::pool::{Pool, SendError};
 use crate::proxy::{Proxy, backoff};
 use crate::store::binding::{self, Binding};
-use crate::store::{SessionId, SessionState, Tally};
+use crate::store::{NewSession, SessionId, SessionState, Tally};
 
 /// Where a session's requests are served: by any proxy, or by its owner's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,24 +79,42 @@ pub(in crate::proxy) enum Home {
     Lost { loss: Loss, owner: Option<String> },
 }
 
-/// Connections to the policy's other proxies, one pool per owner's address.
+/// Connections to the policy's other proxies, one pool per owner's address, each with when it
+/// was last asked for.
 #[derive(Default)]
-pub(in crate::proxy) struct Hops(Mutex<HashMap<String, Pool>>);
+pub(in crate::proxy) struct Hops(Mutex<HashMap<String, (Pool, Instant)>>);
+
+/// How long a pool of hops to an owner is kept unasked: owners are pods that terminate, and
+/// a pod's sessions end or move within its drain, so a pool unasked for this long is one to a
+/// pod that is gone (or whose address is another's now).
+const HOP_POOL_UNUSED: Duration = Duration::from_secs(120);
 
 impl Hops {
     fn pool(&self, address: &str) -> Pool {
-        let mut pools = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        pools
-            .entry(address.to_owned())
-            .or_insert_with(|| Pool::new(address.to_owned()))
-            .clone()
+        self.pool_at(address, Instant::now())
+    }
+
+    /// The pool for `address`, asked for at `now`. A new one first drops those unasked for
+    /// [`HOP_POOL_UNUSED`] (requests still on their connections keep them open).
+    fn pool_at(&self, address: &str, now: Instant) -> Pool {
+        let mut pools = self.lock();
+        if let Some((pool, asked)) = pools.get_mut(address) {
+            *asked = now;
+            return pool.clone();
+        }
+        pools.retain(|_, (_, asked)| now.saturating_duration_since(*asked) < HOP_POOL_UNUSED);
+        let pool = Pool::new(address.to_owned());
+        pools.insert(address.to_owned(), (pool.clone(), now));
+        pool
     }
 
     fn forget(&self, address: &str) {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(address);
+        self.lock().remove(address);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Pool, Instant)>> {
+        // What a panic can leave behind is a map of pools: safe to keep using.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -171,16 +189,12 @@ impl Proxy {
         )
     }
 
-    /// Whether `id` stays on its pod (drain strategy `Wait`), the store names this pod its
-    /// owner, and this proxy does not hold it: it held it once, and let it go.
-    pub(in crate::proxy) async fn forgot_here(&self, id: &SessionId) -> Result<bool, Failure> {
-        if self.config.residence.max_wait().is_none() || self.config.pod_name.is_none() {
-            return Ok(false);
-        }
-        Ok(self
-            .stored(id)
-            .await?
-            .is_some_and(|s| s.record.owner_pod == self.config.pod_name))
+    /// Whether a session this proxy does not hold, `stored` so, stays on its pod (drain
+    /// strategy `Wait`) and names this pod its owner: this proxy held it once, and let it go.
+    pub(in crate::proxy) fn forgot_here(&self, stored: &NewSession) -> bool {
+        self.config.residence.max_wait().is_some()
+            && self.config.pod_name.is_some()
+            && stored.owner_pod == self.config.pod_name
     }
 
     /// Sends `exchange` to the proxy of the pod that owns its session, and its answer back as
@@ -320,5 +334,31 @@ impl Proxy {
         }
         self.lose(&bound.id, loss).await;
         Some(self.unknown(Unknown::StateLost, exchange.request_id(), bound.id.as_str()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pools_to_owners_unasked_for_long_are_dropped_when_another_is_made() {
+        let hops = Hops::default();
+        let start = Instant::now();
+        let at = |seconds| start + Duration::from_secs(seconds);
+        hops.pool_at("10.0.0.1:8080", start);
+        hops.pool_at("10.0.0.2:8080", at(60));
+        assert_eq!(hops.lock().len(), 2, "both asked for within the limit");
+        // Asked for again: kept, while the first, unasked since, goes with the next new one.
+        hops.pool_at("10.0.0.2:8080", at(150));
+        assert_eq!(
+            hops.lock().len(),
+            2,
+            "nothing is dropped but for a new pool"
+        );
+        hops.pool_at("10.0.0.3:8080", at(200));
+        let mut kept: Vec<String> = hops.lock().keys().cloned().collect();
+        kept.sort();
+        assert_eq!(kept, ["10.0.0.2:8080", "10.0.0.3:8080"]);
     }
 }

@@ -139,7 +139,9 @@ impl Proxy {
     ) -> Result<UpstreamSession, Failure> {
         let id = &bound.id;
         let unknown = |why| Err(Failure::Unknown(why));
-        let backend_left = match self.lookup(bound) {
+        let lookup = self.lookup(bound);
+        let held = !matches!(lookup, Lookup::Absent);
+        let backend_left = match lookup {
             // Another request of this session replayed meanwhile.
             Lookup::Live(upstream) => return Ok(upstream),
             Lookup::Refused(why) => return unknown(why),
@@ -154,6 +156,11 @@ impl Proxy {
         let Some(Replayable { session, source }) = self.replay_source(id).await? else {
             return unknown(Unknown::NotFound);
         };
+        // A session that stays on its pod, which this proxy held and no longer does (it
+        // ended, or was lost): a replay would bring it back without its state.
+        if !held && self.forgot_here(&session) {
+            return unknown(Unknown::NotFound);
+        }
         let binding = binding::check(
             session.credential_fingerprint.as_deref(),
             bound.credential.as_deref(),
