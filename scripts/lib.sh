@@ -38,3 +38,21 @@ python_venv() {
   fi
   echo "$venv/bin/python"
 }
+
+# cached_archive NAME : reads the image's inputs on stdin; prints where the archive of image NAME
+# built from them is kept (it exists if it was built before).
+cached_archive() {
+  echo "$CACHE_DIR/images/$1-$(sha256sum | cut -c1-16).oci.tar"
+}
+
+# write_archive ROOTFS ARCHIVE CONFIG NAME:TAG [CONFIG NAME:TAG]... : writes the images of ROOTFS
+# (scripts/oci-archive.sh) to ARCHIVE whole, or not at all, and prints its path.
+write_archive() {
+  local rootfs="$1" archive="$2"
+  shift 2
+  mkdir -p "$(dirname "$archive")"
+  scripts/oci-archive.sh "$rootfs" "$1" "$2" "$archive.partial" "${@:3}"
+  mv "$archive.partial" "$archive"
+  log "image: $(du -h "$archive" | cut -f1) in $archive"
+  echo "$archive"
+}

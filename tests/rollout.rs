@@ -19,7 +19,7 @@ use futures::TryStreamExt as _;
 use kube::ResourceExt as _;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use mcp_session_operator::api::{RolloutStatus, Sidecar};
-use mcp_session_operator::store::SessionStore;
+use mcp_session_operator::store::{RedisStore, SessionStore, Tallies};
 use serde_json::{Value, json};
 use support::bed::{APP, Backend, Bed, Mode, REPLICAS, TIMEOUT, V1, V2};
 use support::clients::{ClientLine, ClientRun};
@@ -976,6 +976,50 @@ fn silent_resets(runs: &[ClientRun]) -> Vec<&ClientRun> {
         .collect()
 }
 
+/// How many clients were answered 404: told that their session is gone.
+fn told(runs: &[ClientRun]) -> usize {
+    runs.iter()
+        .filter(|r| r.errors.iter().any(|e| not_found(e)))
+        .count()
+}
+
+/// How many sessions the store names `pod` the owner of; some.
+async fn owned_by(store: &RedisStore, pod: &str) -> u64 {
+    let owned = store
+        .sessions_of_pod(pod, 1_000)
+        .await
+        .expect("the pod's sessions")
+        .len() as u64;
+    assert!(owned > 0, "{pod} owns sessions");
+    owned
+}
+
+/// Waits until the store's tally that `tally` reads reaches `n`.
+async fn wait_tally(store: &RedisStore, what: &str, tally: fn(&Tallies) -> u64, n: u64) {
+    wait_until(TIMEOUT, what, || async {
+        match store.tallies().await {
+            Ok(t) if tally(&t) >= n => Ok(()),
+            Ok(t) => Err(format!("{} of {n}: {t:?}", tally(&t))),
+            Err(error) => Err(error.to_string()),
+        }
+    })
+    .await;
+}
+
+/// What a session whose state went with its server must come to, under drain strategy `Wait`:
+/// each of the `n` counted lost once (by `lost`), none replayed (`drained`), their clients
+/// told, and no client's state reset within its session.
+fn assert_lost_and_told(n: u64, (lost, drained): (u64, u64), runs: &[ClientRun]) {
+    assert_eq!(lost, n, "each lost session counted once");
+    assert_eq!(drained, 0, "nothing replayed");
+    assert!(told(runs) > 0, "the clients were told: {runs:?}");
+    assert_eq!(
+        silent_resets(runs).len(),
+        0,
+        "no client's state reset within its session: {runs:?}"
+    );
+}
+
 /// Drain strategy `Wait` under 50 clients (25 per SDK) of a server that keeps state per
 /// session: a rolling update replaces every pod, yet each old pod, terminating, keeps serving
 /// its sessions (the new pods' proxies forward their requests to it), so that every client's
@@ -1091,50 +1135,22 @@ async fn a_killed_owner_s_sessions_are_answered_not_found_and_counted_never_rese
     let (bed, clients) = waiting_bed("e2e-wait-kill", Sidecar::Native, 300).await;
     let store = bed.store().await;
     let victim = bed.pods().await[0].name_any();
-    let owned = store
-        .sessions_of_pod(&victim, 1_000)
-        .await
-        .expect("the pod's sessions")
-        .len() as u64;
-    assert!(owned > 0, "{victim} owns sessions");
+    let owned = owned_by(&store, &victim).await;
     bed.kill_pod(&victim).await;
-    wait_until(
-        TIMEOUT,
-        "every session of the killed pod counted lost",
-        || async {
-            match store.tallies().await {
-                Ok(t) if t.lost >= owned => Ok(()),
-                Ok(t) => Err(format!("{} of {owned} lost", t.lost)),
-                Err(error) => Err(error.to_string()),
-            }
-        },
-    )
-    .await;
+    let what = "every session of the killed pod counted lost";
+    wait_tally(&store, what, |t| t.lost, owned).await;
     let runs = clients.stop().await;
     report(
         "SIGKILL of an owner, drain strategy Wait, stateful tool",
         &runs,
     );
     let tallies = store.tallies().await.expect("tallies");
-    let not_found = runs
-        .iter()
-        .filter(|r| r.errors.iter().any(|e| not_found(e)))
-        .count();
     eprintln!(
-        "Wait, owner killed: {owned} sessions on it, {} counted lost, {not_found} clients answered 404",
-        tallies.lost
+        "Wait, owner killed: {owned} sessions on it, {} counted lost, {} clients answered 404",
+        tallies.lost,
+        told(&runs)
     );
-    assert_eq!(
-        tallies.lost, owned,
-        "each lost session counted once: {tallies:?}"
-    );
-    assert_eq!(tallies.drained, 0, "nothing replayed: {tallies:?}");
-    assert!(not_found > 0, "the clients were told: {runs:?}");
-    assert_eq!(
-        silent_resets(&runs).len(),
-        0,
-        "no client's state reset within its session: {runs:?}"
-    );
+    assert_lost_and_told(owned, (tallies.lost, tallies.drained), &runs);
 }
 
 /// Drain strategy `Wait` bounded by `maxWaitSeconds` (15 s): clients that never end their
@@ -1162,32 +1178,19 @@ async fn a_rollout_under_wait_ends_at_the_maximum_wait_and_counts_what_it_cut() 
         .await;
     wait_gone(&bed, &old, "the old pods gone at the maximum wait").await;
     let ended = started.elapsed();
-    wait_until(
-        TIMEOUT,
-        "every session of the old pods counted lost",
-        || async {
-            match store.tallies().await {
-                Ok(t) if t.lost >= sessions => Ok(()),
-                Ok(t) => Err(format!("{} of {sessions} lost", t.lost)),
-                Err(error) => Err(error.to_string()),
-            }
-        },
-    )
-    .await;
+    let what = "every session of the old pods counted lost";
+    wait_tally(&store, what, |t| t.lost, sessions).await;
     let rollout = bed.settled_rollout().await;
     let runs = clients.stop().await;
     report(
         "rolling update, drain strategy Wait, maxWaitSeconds 15",
         &runs,
     );
-    let told = runs
-        .iter()
-        .filter(|r| r.errors.iter().any(|e| not_found(e)))
-        .count();
     eprintln!(
-        "Wait, maxWaitSeconds {MAX_WAIT}: {} sessions waited on old pods; the old pods gone {:.1} s after the update; lastRollout: {rollout:?}; {told} clients answered 404",
+        "Wait, maxWaitSeconds {MAX_WAIT}: {} sessions waited on old pods; the old pods gone {:.1} s after the update; lastRollout: {rollout:?}; {} clients answered 404",
         waiting.sessions.waiting,
-        ended.as_secs_f64()
+        ended.as_secs_f64(),
+        told(&runs)
     );
     // The last old pod began to stop when the last new one was ready.
     let grace = Duration::from_secs(MAX_WAIT + 20 + 15);
@@ -1195,17 +1198,7 @@ async fn a_rollout_under_wait_ends_at_the_maximum_wait_and_counts_what_it_cut() 
         ended < rolled + grace,
         "the old pods left within their grace period ({grace:?}) of the rollout ({rolled:?}): {ended:?}"
     );
-    assert_eq!(
-        rollout.lost, sessions,
-        "each cut session counted once: {rollout:?}"
-    );
-    assert_eq!(rollout.drained, 0, "nothing replayed: {rollout:?}");
-    assert!(told > 0, "the clients were told: {runs:?}");
-    assert_eq!(
-        silent_resets(&runs).len(),
-        0,
-        "no client's state reset within its session: {runs:?}"
-    );
+    assert_lost_and_told(sessions, (rollout.lost, rollout.drained), &runs);
 }
 
 /// Drain strategy `Wait`, and the server of one pod failing its liveness probe: the kubelet
@@ -1219,24 +1212,10 @@ async fn a_sick_server_under_wait_restarts_after_the_drain_and_its_sessions_are_
     let (bed, clients) = waiting_bed("e2e-wait-sick", Sidecar::Native, 300).await;
     let store = bed.store().await;
     let pod = bed.pods().await.first().expect("a pod").name_any();
-    let owned = store
-        .sessions_of_pod(&pod, 1_000)
-        .await
-        .expect("the pod's sessions")
-        .len() as u64;
+    let owned = owned_by(&store, &pod).await;
     let (restarted_in, ready_in) = sicken(&bed, &pod).await;
-    wait_until(
-        TIMEOUT,
-        "the sick server's sessions counted lost",
-        || async {
-            match store.tallies().await {
-                Ok(t) if t.lost >= owned => Ok(()),
-                Ok(t) => Err(format!("{} of {owned} lost", t.lost)),
-                Err(error) => Err(error.to_string()),
-            }
-        },
-    )
-    .await;
+    let what = "the sick server's sessions counted lost";
+    wait_tally(&store, what, |t| t.lost, owned).await;
     clients.wait_calling_on().await;
     let runs = clients.stop().await;
     report("a sick server under drain strategy Wait", &runs);
@@ -1259,16 +1238,7 @@ async fn a_sick_server_under_wait_restarts_after_the_drain_and_its_sessions_are_
             .any(|p| p.name_any() == pod && p.metadata.deletion_timestamp.is_none()),
         "the pod stays"
     );
-    assert_eq!(
-        tallies.lost, owned,
-        "each lost session counted once: {tallies:?}"
-    );
-    assert_eq!(tallies.drained, 0, "nothing replayed: {tallies:?}");
-    assert_eq!(
-        silent_resets(&runs).len(),
-        0,
-        "no client's state reset within its session: {runs:?}"
-    );
+    assert_lost_and_told(owned, (tallies.lost, tallies.drained), &runs);
 }
 
 /// Drain strategy `Wait` with `onOwnerLost: Replay`, and an owner SIGKILLed and force-deleted:
@@ -1281,23 +1251,12 @@ async fn with_replay_a_killed_owner_s_sessions_are_replayed_not_lost() {
     let (bed, clients) = waiting_bed_with("e2e-wait-replay", Sidecar::Native, 300, "Replay").await;
     let store = bed.store().await;
     let victim = bed.pods().await[0].name_any();
-    let owned = store
-        .sessions_of_pod(&victim, 1_000)
-        .await
-        .expect("the pod's sessions")
-        .len() as u64;
-    assert!(owned > 0, "{victim} owns sessions");
+    let owned = owned_by(&store, &victim).await;
     bed.kill_pod(&victim).await;
     // Not every one comes back: a Python SDK client whose listening stream was on the killed
     // pod ends with it.
-    wait_until(TIMEOUT, "the killed pod's sessions replayed", || async {
-        match store.tallies().await {
-            Ok(t) if t.rehydrated > 0 => Ok(()),
-            Ok(t) => Err(format!("{} of {owned} rehydrated", t.rehydrated)),
-            Err(error) => Err(error.to_string()),
-        }
-    })
-    .await;
+    let what = "the killed pod's sessions replayed";
+    wait_tally(&store, what, |t| t.rehydrated, 1).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let runs = clients.stop().await;
     report(
@@ -1305,16 +1264,13 @@ async fn with_replay_a_killed_owner_s_sessions_are_replayed_not_lost() {
         &runs,
     );
     let tallies = store.tallies().await.expect("tallies");
-    let told = runs
-        .iter()
-        .filter(|r| r.errors.iter().any(|e| not_found(e)))
-        .count();
+    let told_gone = told(&runs);
     let reset = silent_resets(&runs).len();
     eprintln!(
-        "Wait + Replay, owner killed: {owned} sessions on it; tallies {tallies:?}; {told} clients answered 404, {reset} saw their count start again"
+        "Wait + Replay, owner killed: {owned} sessions on it; tallies {tallies:?}; {told_gone} clients answered 404, {reset} saw their count start again"
     );
     assert_eq!(tallies.lost, 0, "replayed, not lost: {tallies:?}");
-    assert_eq!(told, 0, "no client told its session is gone: {runs:?}");
+    assert_eq!(told_gone, 0, "no client told its session is gone: {runs:?}");
     assert!(
         reset > 0,
         "the replayed sessions' state started again: {runs:?}"

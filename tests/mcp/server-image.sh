@@ -11,12 +11,11 @@ cd "$(dirname "$0")/../.."
 source scripts/lib.sh
 
 python="${MCP_TEST_PYTHON:?MCP_TEST_PYTHON names the venv python with the mcp SDK (scripts/test.sh)}"
-key="$({
+archive="$({
   cat tests/mcp/image_root.py tests/mcp/server.py scripts/oci-archive.sh "$0"
   "$python" -c 'import sys, importlib.metadata as m; print(sys.version, sys.executable, m.version("mcp"))'
   printf '%s\n' "$@"
-} | sha256sum | cut -c1-16)"
-archive="$CACHE_DIR/images/mcp-server-$key.oci.tar"
+} | cached_archive mcp-server)"
 if [ -s "$archive" ]; then
   echo "$archive"
   exit 0
@@ -32,8 +31,4 @@ while [ $# -gt 0 ]; do
     "$interpreter" "$2")" "$1")
   shift 2
 done
-mkdir -p "$(dirname "$archive")"
-scripts/oci-archive.sh "$work/rootfs" "${images[0]}" "${images[1]}" "$work/image.tar" "${images[@]:2}"
-mv "$work/image.tar" "$archive"
-log "image: $(du -h "$archive" | cut -f1) in $archive"
-echo "$archive"
+write_archive "$work/rootfs" "$archive" "${images[@]}"

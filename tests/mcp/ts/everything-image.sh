@@ -13,11 +13,10 @@ source scripts/lib.sh
 modules=tests/mcp/ts/node_modules
 node="$(readlink -f "$modules/.bin/node")"
 [ -x "$node" ] || die "$modules is missing: scripts/test.sh runs npm ci in tests/mcp/ts"
-key="$({
+archive="$({
   cat tests/mcp/ts/package-lock.json scripts/oci-archive.sh "$0"
   printf '%s\n' "$@"
-} | sha256sum | cut -c1-16)"
-archive="$CACHE_DIR/images/server-everything-$key.oci.tar"
+} | cached_archive server-everything)"
 if [ -s "$archive" ]; then
   echo "$archive"
   exit 0
@@ -39,8 +38,4 @@ install -d -m 1777 "$rootfs/tmp"
 config='{"User":"65532:65532","ExposedPorts":{"8000/tcp":{}},"Env":["PORT=8000"],"Entrypoint":["/usr/local/bin/node","/app/node_modules/@modelcontextprotocol/server-everything/dist/index.js","streamableHttp"],"WorkingDir":"/app"}'
 images=()
 for name in "$@"; do images+=("$config" "$name"); done
-mkdir -p "$(dirname "$archive")"
-scripts/oci-archive.sh "$rootfs" "${images[0]}" "${images[1]}" "$work/image.tar" "${images[@]:2}"
-mv "$work/image.tar" "$archive"
-log "image: $(du -h "$archive" | cut -f1) in $archive"
-echo "$archive"
+write_archive "$rootfs" "$archive" "${images[@]}"
