@@ -3,10 +3,14 @@
 //! environment both take from the policy, written once. Tests parse both command lines with
 //! the CLI's own parser.
 
+use std::collections::BTreeMap;
+
+use kube::ResourceExt as _;
 use serde_json::{Value, json};
 
 use crate::api::McpSessionPolicy;
-use crate::api::contract::env;
+use crate::api::contract::{PROXY_LOG_LEVEL, env};
+use crate::telemetry::LogFormat;
 
 /// The policy's part of a proxy's command line and environment.
 pub struct Wiring {
@@ -17,14 +21,23 @@ pub struct Wiring {
 /// The options and environment `policy` gives its proxies: the pod's name and IP, Redis (its URL from
 /// the Secret by reference, never copied into the pod), the fingerprint key (by reference), the
 /// allowed origins, the drain timeout and strategy, the binding, the key prefix, the TTL and the admission
-/// limits.
-pub fn of(policy: &McpSessionPolicy) -> Wiring {
+/// limits; and how they log: in the operator's `format`, filtered as [`log_filter`] says for a
+/// proxy in a pod annotated `pod_annotations`.
+pub fn of(
+    policy: &McpSessionPolicy,
+    format: LogFormat,
+    pod_annotations: Option<&BTreeMap<String, String>>,
+) -> Wiring {
     let spec = &policy.spec;
     let field = |path: &str| json!({"fieldRef": {"fieldPath": path}});
     let mut env = vec![
         json!({"name": env::POD_NAME, "valueFrom": field("metadata.name")}),
         json!({"name": env::POD_IP, "valueFrom": field("status.podIP")}),
+        json!({"name": env::LOG_FORMAT, "value": format.as_flag()}),
     ];
+    if let Some(filter) = log_filter(policy, pod_annotations) {
+        env.push(json!({"name": env::LOG_FILTER, "value": filter}));
+    }
     match (&spec.redis.url_secret_ref, &spec.redis.url) {
         (Some(secret), _) => env.push(json!({"name": env::REDIS_URL,
             "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}})),
@@ -69,6 +82,18 @@ pub fn of(policy: &McpSessionPolicy) -> Wiring {
     Wiring { args, env }
 }
 
+/// The log filter of a proxy of `policy` in a pod annotated `pod_annotations`: the pod's
+/// `mcpsession.dev/proxy-log-level`, else the policy's; none, the proxy's default (`info`).
+pub fn log_filter<'a>(
+    policy: &'a McpSessionPolicy,
+    pod_annotations: Option<&'a BTreeMap<String, String>>,
+) -> Option<&'a str> {
+    pod_annotations
+        .and_then(|a| a.get(PROXY_LOG_LEVEL))
+        .or_else(|| policy.annotations().get(PROXY_LOG_LEVEL))
+        .map(String::as_str)
+}
+
 /// The security context of every container the operator adds or runs: not root, nothing
 /// writable, no privilege.
 pub fn restricted_security_context() -> Value {
@@ -77,4 +102,46 @@ pub fn restricted_security_context() -> Value {
         "readOnlyRootFilesystem": true, "allowPrivilegeEscalation": false,
         "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(annotations: Value) -> McpSessionPolicy {
+        serde_json::from_value(json!({
+            "apiVersion": "mcpsession.dev/v1alpha1", "kind": "McpSessionPolicy",
+            "metadata": {"name": "api", "namespace": "apps", "annotations": annotations},
+            "spec": {"selector": {"matchLabels": {"app": "api"}}, "redis": {"url": "redis://redis:6379"}}
+        }))
+        .expect("a policy")
+    }
+
+    fn env_of<'a>(wiring: &'a Wiring, name: &str) -> Option<&'a str> {
+        wiring
+            .env
+            .iter()
+            .find(|e| e["name"] == name)
+            .and_then(|e| e["value"].as_str())
+    }
+
+    #[test]
+    fn a_pod_s_log_level_wins_over_its_policy_s_and_none_leaves_the_default() {
+        let quiet = policy(json!({}));
+        let loud = policy(json!({PROXY_LOG_LEVEL: "debug"}));
+        let pod = BTreeMap::from([(PROXY_LOG_LEVEL.to_owned(), "trace".to_owned())]);
+        let other = BTreeMap::from([("team".to_owned(), "a".to_owned())]);
+        assert_eq!(log_filter(&quiet, None), None);
+        assert_eq!(log_filter(&quiet, Some(&other)), None);
+        assert_eq!(log_filter(&loud, None), Some("debug"), "the gateway's");
+        assert_eq!(log_filter(&loud, Some(&other)), Some("debug"));
+        assert_eq!(log_filter(&loud, Some(&pod)), Some("trace"));
+
+        let wired = of(&loud, LogFormat::Json, Some(&pod));
+        assert_eq!(env_of(&wired, env::LOG_FILTER), Some("trace"));
+        assert_eq!(env_of(&wired, env::LOG_FORMAT), Some("json"));
+        let wired = of(&quiet, LogFormat::Text, None);
+        assert_eq!(env_of(&wired, env::LOG_FILTER), None, "the proxy's default");
+        assert_eq!(env_of(&wired, env::LOG_FORMAT), Some("text"));
+    }
 }

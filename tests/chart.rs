@@ -26,6 +26,7 @@ fn all_options() -> Value {
         "redis": {"enabled": true},
         "gateway": {"enabled": true},
         "watchNamespace": "prod",
+        "logLevel": "info,kube=debug",
         "podLabels": {"team": "mcp"},
         "podAnnotations": {"example.com/owner": "mcp"},
         "tolerations": [{"key": "dedicated", "operator": "Exists"}],
@@ -164,6 +165,15 @@ fn the_chart_renders_lints_and_keeps_the_crd_and_rbac_of_the_repository() {
         json!(["ALL"])
     );
     assert!(container["livenessProbe"].is_object() && container["readinessProbe"].is_object());
+    let log_filter = |container: &Value| {
+        container["env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["name"] == "RUST_LOG")
+            .map(|e| e["value"].clone())
+    };
+    assert_eq!(log_filter(container), None, "the binary's default level");
     assert_eq!(
         deployment["template"]["metadata"]["labels"]["mcpsession.dev/inject"], "false",
         "the operator's pods opt out of its own webhook"
@@ -180,9 +190,10 @@ fn the_chart_renders_lints_and_keeps_the_crd_and_rbac_of_the_repository() {
     ] {
         find(&everything, kind);
     }
-    let args =
-        find(&everything, "Deployment").data["spec"]["template"]["spec"]["containers"][0]["args"]
-            .to_string();
+    let container =
+        &find(&everything, "Deployment").data["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(log_filter(container), Some(json!("info,kube=debug")));
+    let args = container["args"].to_string();
     for flag in [
         "--tls-cert-file=",
         "--watch-namespace=prod",

@@ -152,7 +152,8 @@ async fn selected_pods_get_the_proxy_and_invalid_policies_are_refused() {
     // Pods of a Deployment, as the ReplicaSet controller creates them.
     let deployment: Deployment = serde_json::from_value(json!({"metadata": {"name": "api"}, "spec": {"replicas": 2,
         "selector": {"matchLabels": {"app": "api"}},
-        "template": {"metadata": {"labels": {"app": "api"}}, "spec": {"containers": [{"name": "server", "image": "example/mcp:1", "ports": [{"containerPort": 8000}]}]}}}}))
+        "template": {"metadata": {"labels": {"app": "api"}, "annotations": {"mcpsession.dev/proxy-log-level": "debug"}},
+            "spec": {"containers": [{"name": "server", "image": "example/mcp:1", "ports": [{"containerPort": 8000}]}]}}}}))
     .unwrap();
     Api::<Deployment>::namespaced(ns.client.clone(), &ns.name)
         .create(&PostParams::default(), &deployment)
@@ -200,6 +201,10 @@ async fn selected_pods_get_the_proxy_and_invalid_policies_are_refused() {
         assert!(
             env.contains(r#""secretKeyRef":{"key":"key","name":"api-fingerprint-key"}"#),
             "the policy's generated fingerprint key: {env}"
+        );
+        assert!(
+            env.contains(r#"{"name":"RUST_LOG","value":"debug"}"#),
+            "the log level the pod template asks: {env}"
         );
         assert_eq!(
             spec.containers[0]

@@ -11,6 +11,10 @@ pub const PROXY_CONTAINER: &str = "mcp-session-proxy";
 pub const INJECT_KEY: &str = "mcpsession.dev/inject";
 /// Annotation naming the policy that injected a pod.
 pub const INJECTED_BY: &str = "mcpsession.dev/injected-by";
+/// Annotation of a pod (its proxy) or a policy (all its proxies, the gateway's too) that sets
+/// the proxies' log filter (`RUST_LOG` syntax: `debug`, `info,mcp_session_operator=debug`).
+/// A pod's wins over its policy's.
+pub const PROXY_LOG_LEVEL: &str = "mcpsession.dev/proxy-log-level";
 
 /// The header in which the proxy's `/drain`, `/retire` and `/sessions` require the pod's drain
 /// token (the webhook puts it into the backend's preStop hook).
@@ -51,6 +55,9 @@ pub mod env {
     pub const FINGERPRINT_KEY: &str = "MCP_SESSION_FINGERPRINT_KEY";
     pub const DRAIN_TOKEN: &str = "MCP_SESSION_DRAIN_TOKEN";
     pub const ALLOWED_ORIGINS: &str = "MCP_SESSION_ALLOWED_ORIGINS";
+    pub const LOG_FORMAT: &str = "MCP_SESSION_LOG_FORMAT";
+    /// The log filter (`tracing-subscriber`'s `EnvFilter` syntax).
+    pub const LOG_FILTER: &str = "RUST_LOG";
     /// The pod's name, from the downward API.
     pub const POD_NAME: &str = "POD_NAME";
     /// The pod's IP (the downward API's `status.podIP`): where other proxies reach this one.

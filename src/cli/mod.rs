@@ -32,7 +32,7 @@ pub struct Cli {
         global = true,
         value_enum,
         default_value_t,
-        env = "MCP_SESSION_LOG_FORMAT"
+        env = crate::api::contract::env::LOG_FORMAT
     )]
     pub log_format: LogFormat,
     #[command(subcommand)]
@@ -115,7 +115,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Run(args) => {
             telemetry::init(cli.log_format, "info");
-            run::run(*args).await
+            run::run(*args, cli.log_format).await
         }
         Command::Crd => {
             print!("{}", crate::api::crd_yaml());

@@ -291,7 +291,7 @@ mod tests {
             admin_port: 9001,
             ..InjectorConfig::default()
         };
-        let container = proxy_container(&policy, &config, "token");
+        let container = proxy_container(&policy, &config, "token", None);
         let args: Vec<String> = container["args"]
             .as_array()
             .expect("args")
@@ -320,13 +320,16 @@ mod tests {
         assert_eq!(parsed.serving.redis.key_prefix, "team:");
         assert_eq!(parsed.serving.ttl_seconds, 7200);
 
-        let read: Vec<String> = Cli::command()
-            .find_subcommand("proxy")
-            .expect("the proxy subcommand")
+        let cli = Cli::command();
+        let proxy = cli.find_subcommand("proxy").expect("the proxy subcommand");
+        let mut read: Vec<String> = proxy
             .get_arguments()
+            .chain(cli.get_arguments().filter(|arg| arg.is_global_set()))
             .filter_map(|arg| arg.get_env())
             .map(|name| name.to_string_lossy().into_owned())
             .collect();
+        // Read by the logging's set-up, not by an option.
+        read.push(env::LOG_FILTER.to_owned());
         let set: Vec<&str> = container["env"]
             .as_array()
             .expect("env")

@@ -18,6 +18,7 @@ use tracing::info;
 use crate::api::contract;
 use crate::controller::{self, leader::LeaderElection};
 use crate::metrics::Metrics;
+use crate::telemetry::LogFormat;
 use crate::webhook;
 
 const LEASE_NAME: &str = "mcp-session-operator";
@@ -94,6 +95,9 @@ struct ProxyImageArgs {
     /// Admin port of the injected proxy and the gateways (health, drain, metrics).
     #[arg(long, default_value_t = 8091, value_parser = clap::value_parser!(i32).range(1..65536))]
     proxy_admin_port: i32,
+    /// How they log: as the operator does (the global `--log-format`, set by [`run`]).
+    #[arg(skip)]
+    log_format: LogFormat,
 }
 
 impl ProxyImageArgs {
@@ -198,6 +202,7 @@ impl WebhookArgs {
                 image: proxy.image(),
                 admin_port: proxy.proxy_admin_port,
                 native_sidecar,
+                log_format: proxy.log_format,
                 ..webhook::InjectorConfig::default()
             },
             refresh_every: Duration::from_secs(self.webhook_refresh_seconds),
@@ -218,6 +223,7 @@ impl ControllerArgs {
             gateway: controller::gateway::Settings {
                 image: proxy.image(),
                 admin_port: proxy.proxy_admin_port,
+                log_format: proxy.log_format,
             },
             network_policies: self
                 .network_policies
@@ -241,7 +247,9 @@ struct Health {
 /// a task that ends only if they fail.
 type Webhooks = tokio::task::JoinHandle<Result<(), webhook::WebhookError>>;
 
-pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+/// Runs the operator; the proxies it injects and runs log in its own `log_format`.
+pub async fn run(mut args: RunArgs, log_format: LogFormat) -> anyhow::Result<()> {
+    args.proxy.log_format = log_format;
     let identity = args.identity.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), std::process::id())

@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 
 use crate::api::McpSessionPolicy;
 use crate::api::contract::FIELD_MANAGER;
+use crate::telemetry::LogFormat;
 use crate::wiring;
 
 /// The label that marks a policy's gateway pods, valued with the policy's name.
@@ -23,6 +24,8 @@ pub struct Settings {
     pub image: String,
     /// The gateway's admin port (health, metrics): the injected proxies' (`--proxy-admin-port`).
     pub admin_port: i32,
+    /// How the gateway logs: as the operator does.
+    pub log_format: LogFormat,
 }
 
 /// The annotation of a gateway's pod template that holds the policy's selector: the gateway
@@ -60,7 +63,7 @@ pub fn build(policy: &McpSessionPolicy, settings: &Settings) -> Vec<Value> {
     };
     let spec = &policy.spec.gateway;
     let labels = json!({GATEWAY_LABEL: policy.name_any()});
-    let wiring = wiring::of(policy);
+    let wiring = wiring::of(policy, settings.log_format, None);
     let admin = settings.admin_port;
     let mut args = vec![
         "gateway".to_owned(),
@@ -253,6 +256,7 @@ pub(crate) mod tests {
         Settings {
             image: "mcp-session-operator:test".into(),
             admin_port: 8091,
+            log_format: LogFormat::Json,
         }
     }
 

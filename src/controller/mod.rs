@@ -110,6 +110,7 @@ impl Default for Config {
             gateway: gateway::Settings {
                 image: crate::api::contract::default_image(),
                 admin_port: 8091,
+                log_format: Default::default(),
             },
         }
     }

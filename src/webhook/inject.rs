@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 
 use crate::api::contract::{self, INJECT_KEY, INJECTED_BY, PROXY_CONTAINER, env};
 use crate::api::{DrainStrategy, McpSessionPolicy, Sidecar};
+use crate::telemetry::LogFormat;
 use crate::wiring;
 
 /// Seconds added to the drain timeout for the pod's termination grace period.
@@ -25,6 +26,8 @@ pub struct InjectorConfig {
     /// Inject as a native sidecar (init container with `restartPolicy: Always`, Kubernetes ≥ 1.29)
     /// where the policy does not say (`spec.injection.sidecar`).
     pub native_sidecar: bool,
+    /// How the proxy logs: as the operator does.
+    pub log_format: LogFormat,
 }
 
 impl InjectorConfig {
@@ -45,6 +48,7 @@ impl Default for InjectorConfig {
             image_pull_policy: None,
             admin_port: 8091,
             native_sidecar: false,
+            log_format: LogFormat::default(),
         }
     }
 }
@@ -112,7 +116,7 @@ pub fn inject(
 
     let mut operations = Vec::new();
     let native_sidecar = config.native_sidecar_for(policy);
-    let proxy = proxy_container(policy, config, drain_token);
+    let proxy = proxy_container(policy, config, drain_token, Some(pod.annotations()));
     if native_sidecar {
         match spec.init_containers {
             Some(_) => operations.push(add("/spec/initContainers/-", proxy)),
@@ -198,9 +202,10 @@ pub(crate) fn proxy_container(
     policy: &McpSessionPolicy,
     config: &InjectorConfig,
     drain_token: &str,
+    pod_annotations: Option<&std::collections::BTreeMap<String, String>>,
 ) -> Value {
     let spec = &policy.spec;
-    let wiring = wiring::of(policy);
+    let wiring = wiring::of(policy, config.log_format, pod_annotations);
     let mut env = wiring.env;
     env.push(json!({"name": env::DRAIN_TOKEN, "value": drain_token}));
     let admin = config.admin_port;
@@ -254,6 +259,8 @@ fn add(path: &str, value: Value) -> PatchOperation {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     const TOKEN: &str = "test-drain-token";
@@ -294,6 +301,35 @@ mod tests {
         let mut value = serde_json::to_value(pod).unwrap();
         json_patch::patch(&mut value, &patch).unwrap();
         serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn the_proxy_logs_as_the_operator_does_at_the_level_its_pod_asks() {
+        let annotated = pod(
+            json!({"metadata": {"annotations": {contract::PROXY_LOG_LEVEL: "info,mcp_session_operator=debug"}}}),
+        );
+        let config = InjectorConfig {
+            log_format: LogFormat::Json,
+            ..InjectorConfig::default()
+        };
+        let pod = patched(
+            &annotated,
+            inject(
+                &annotated,
+                &policy(json!({"redis": {"url": "redis://redis:6379"}})),
+                &config,
+                TOKEN,
+            ),
+        );
+        let proxy = &pod.spec.unwrap().containers[1];
+        let env: BTreeMap<_, _> = proxy
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|e| Some((e.name.as_str(), e.value.as_deref()?)))
+            .collect();
+        assert_eq!(env[env::LOG_FILTER], "info,mcp_session_operator=debug");
+        assert_eq!(env[env::LOG_FORMAT], "json");
     }
 
     #[test]
