@@ -326,4 +326,40 @@ pub(crate) mod tests {
             "the same policy, the same template: nothing rolls"
         );
     }
+
+    #[test]
+    fn the_gateway_logs_as_the_operator_does_at_the_level_its_policy_asks() {
+        let env = |policy: &McpSessionPolicy| {
+            let objects = build(policy, &settings());
+            let container =
+                &find(&objects, "Deployment")["spec"]["template"]["spec"]["containers"][0];
+            container["env"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| {
+                    Some((
+                        e["name"].as_str()?.to_owned(),
+                        e["value"].as_str()?.to_owned(),
+                    ))
+                })
+                .collect::<std::collections::BTreeMap<_, _>>()
+        };
+        let plain = env(&policy());
+        assert_eq!(
+            plain[crate::api::contract::env::LOG_FORMAT],
+            "json",
+            "the operator's"
+        );
+        assert!(!plain.contains_key(crate::api::contract::env::LOG_FILTER));
+        let mut annotated = policy();
+        annotated.annotations_mut().insert(
+            crate::api::contract::PROXY_LOG_LEVEL.to_owned(),
+            "debug".to_owned(),
+        );
+        assert_eq!(
+            env(&annotated)[crate::api::contract::env::LOG_FILTER],
+            "debug"
+        );
+    }
 }
