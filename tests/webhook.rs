@@ -530,7 +530,8 @@ async fn bad_admission_requests_get_clear_answers_never_a_500() {
     let (status, body, _) = post("/mutate-pods", br#"{"apiVersion":"admission.k8s.io/v1beta1","kind":"AdmissionReview","request":{"uid":"1"}}"#.to_vec()).await;
     assert_eq!(status, 400);
     assert!(body.contains("admission.k8s.io/v1 is served"), "{body}");
-    let (status, _, _) = post("/validate-policies", vec![b' '; 4 * 1024 * 1024]).await;
+    let status =
+        support::https::post_status_during_upload(port, &ca, "/validate-policies", 4 << 20).await;
     assert_eq!(status, 413, "oversized");
     let review = |object: serde_json::Value, kind: &str, resource: &str| {
         serde_json::to_vec(&json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {

@@ -107,9 +107,11 @@ impl Drop for HttpsServer {
 
 pub type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
-/// An HTTP/1.1 connection over TLS to `127.0.0.1:{port}`, trusting only `ca_pem`; also the
-/// server's leaf certificate in DER.
-pub async fn connect(port: u16, ca_pem: &str) -> (Sender, Vec<u8>) {
+type TlsStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// A TLS connection to `127.0.0.1:{port}`, trusting only `ca_pem`; also the server's leaf
+/// certificate in DER.
+async fn tls_connect(port: u16, ca_pem: &str) -> (TlsStream, Vec<u8>) {
     use rustls::pki_types::pem::PemObject as _;
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
@@ -140,11 +142,62 @@ pub async fn connect(port: u16, ca_pem: &str) -> (Sender, Vec<u8>) {
         .and_then(|c| c.first())
         .map(|c| c.to_vec())
         .unwrap_or_default();
+    (tls, leaf)
+}
+
+/// An HTTP/1.1 connection over TLS to `127.0.0.1:{port}`, trusting only `ca_pem`; also the
+/// server's leaf certificate in DER.
+pub async fn connect(port: u16, ca_pem: &str) -> (Sender, Vec<u8>) {
+    let (tls, leaf) = tls_connect(port, ca_pem).await;
     let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .expect("HTTP handshake");
     tokio::spawn(connection);
     (sender, leaf)
+}
+
+/// POSTs a JSON body of `length` bytes and returns the status the server answered with, even
+/// when it answers before the body is sent and closes the connection under the upload, as a
+/// server refusing an oversized body may. Go's HTTP client, the apiserver's, reads such an
+/// early answer; hyper's client reports the failed write instead when the close wins the race,
+/// so this writes and reads on their own tasks and keeps only the answer.
+pub async fn post_status_during_upload(port: u16, ca_pem: &str, path: &str, length: usize) -> u16 {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (tls, _) = tls_connect(port, ca_pem).await;
+    let (mut reader, mut writer) = tokio::io::split(tls);
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n\
+         content-length: {length}\r\n\r\n"
+    );
+    let upload = tokio::spawn(async move {
+        writer.write_all(head.as_bytes()).await?;
+        let chunk = vec![b' '; 64 * 1024];
+        let mut left = length;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            writer.write_all(&chunk[..n]).await?;
+            left -= n;
+        }
+        writer.flush().await
+    });
+    let mut answer = Vec::new();
+    let read = async {
+        let mut buffer = [0u8; 4096];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = reader.read(&mut buffer).await.expect("read the answer");
+            assert!(n > 0, "the connection closed before an answer: {answer:?}");
+            answer.extend_from_slice(&buffer[..n]);
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), read)
+        .await
+        .expect("an answer within 30 s");
+    upload.abort();
+    let head = String::from_utf8_lossy(&answer);
+    head.split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {head}"))
 }
 
 /// Sends one JSON POST on `sender`: (status, body).
