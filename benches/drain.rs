@@ -3,10 +3,11 @@
 //! `cargo bench --bench drain` where the tests' set-up ran (their Kubernetes control plane,
 //! `MCP_TEST_KUBE_BIN`, and their Python, `MCP_TEST_PYTHON`); `-- --quick` for shorter sessions.
 //!
-//! Each strategy runs on a test bed of its own (tests/support/bed.rs: the control plane, the
-//! operator and its webhook, a real kubelet on containerd, kube-proxy, a real redis-server): a
-//! Deployment of 3 pods of the Python SDK test server (tests/mcp/server.py), each with the proxy
-//! the webhook injects. A fleet of users written here calls the server's `count` tool, whose
+//! Each strategy runs in each mode on a test bed of its own (tests/support/bed.rs: the control
+//! plane, the operator and its webhook, a real kubelet on containerd, kube-proxy, a real
+//! redis-server): a Deployment of 3 pods of the Python SDK test server (tests/mcp/server.py),
+//! each with the proxy the webhook injects (sidecar mode), or behind the policy's 2-replica
+//! gateway, with the hold the webhook injects under `Wait` (gateway mode). A fleet of users written here calls the server's `count` tool, whose
 //! answer is how many times the session has called it (state kept in the server's memory),
 //! once a second; each user's sessions last one of [`LENGTHS`] (evenly spread, the users'
 //! starts staggered over it), and end with `DELETE`, and the user opens the next at once.
@@ -65,14 +66,17 @@ fn main() {
 
 async fn run(lengths: [Duration; 3]) {
     let mut results = Vec::new();
-    for strategy in ["Move", "Wait"] {
-        results.push(scenario(strategy, lengths).await);
+    for mode in [Mode::Sidecar(Sidecar::Native), Mode::Gateway] {
+        for strategy in ["Move", "Wait"] {
+            results.push(scenario(mode, strategy, lengths).await);
+        }
     }
     print_report(lengths, &results);
 }
 
-/// What one strategy measured.
+/// What one strategy measured in one mode.
 struct Measured {
+    mode: Mode,
     strategy: &'static str,
     rollout: Duration,
     steady_memory: u64,
@@ -81,8 +85,12 @@ struct Measured {
     rolling: Counts,
 }
 
-async fn scenario(strategy: &'static str, lengths: [Duration; 3]) -> Measured {
-    let prefix = format!("bench-drain-{}", strategy.to_lowercase());
+async fn scenario(mode: Mode, strategy: &'static str, lengths: [Duration; 3]) -> Measured {
+    let prefix = format!(
+        "bench-drain-{}-{}",
+        mode_name(mode),
+        strategy.to_lowercase()
+    );
     eprintln!("{prefix}: starting the test bed");
     let port = BACKEND_PORT.to_string();
     // JSON answers, which the fleet reads whole.
@@ -96,7 +104,7 @@ async fn scenario(strategy: &'static str, lengths: [Duration; 3]) -> Measured {
     let max_wait = (longest * 3).as_secs();
     let drain =
         json!({"drain": {"timeoutSeconds": 20, "strategy": strategy, "maxWaitSeconds": max_wait}});
-    let bed = Bed::start_with(&prefix, drain, Mode::Sidecar(Sidecar::Native), &backend).await;
+    let bed = Bed::start_with(&prefix, drain, mode, &backend).await;
     let memory = || {
         [V1, V2, PROXY_IMAGE]
             .iter()
@@ -132,12 +140,20 @@ async fn scenario(strategy: &'static str, lengths: [Duration; 3]) -> Measured {
     fleet.stop().await;
     eprintln!("{prefix}: rolled out in {rollout:?}");
     Measured {
+        mode,
         strategy,
         rollout,
         steady_memory,
         peak_memory,
         steady,
         rolling,
+    }
+}
+
+fn mode_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Sidecar(_) => "sidecar",
+        Mode::Gateway => "gateway",
     }
 }
 
@@ -153,8 +169,8 @@ fn print_report(lengths: [Duration; 3], results: &[Measured]) {
         lengths.join(", ")
     );
     println!(
-        "{:<9} {:<15} {:>10} {:>11} {:>7} {:>7} {:>7} {:>5}",
-        "strategy", "phase", "rollout s", "memory MiB", "calls", "failed", "resets", "lost"
+        "{:<8} {:<9} {:<15} {:>10} {:>11} {:>7} {:>7} {:>7} {:>5}",
+        "mode", "strategy", "phase", "rollout s", "memory MiB", "calls", "failed", "resets", "lost"
     );
     let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
     for measured in results {
@@ -169,7 +185,8 @@ fn print_report(lengths: [Duration; 3], results: &[Measured]) {
         ];
         for (phase, rollout, memory, counts) in rows {
             println!(
-                "{:<9} {:<15} {:>10} {:>11.0} {:>7} {:>7} {:>7} {:>5}",
+                "{:<8} {:<9} {:<15} {:>10} {:>11.0} {:>7} {:>7} {:>7} {:>5}",
+                mode_name(measured.mode),
                 measured.strategy,
                 phase,
                 rollout.map_or("-".to_owned(), |r| format!("{:.1}", r.as_secs_f64())),
@@ -181,12 +198,15 @@ fn print_report(lengths: [Duration; 3], results: &[Measured]) {
             );
         }
     }
-    if let [moved, waited] = results {
-        println!(
-            "Wait / Move: rollout {:.1}x, peak memory during it {:.2}x",
-            waited.rollout.as_secs_f64() / moved.rollout.as_secs_f64().max(1e-9),
-            waited.peak_memory as f64 / moved.peak_memory.max(1) as f64
-        );
+    for pair in results.chunks(2) {
+        if let [moved, waited] = pair {
+            println!(
+                "{}: Wait / Move: rollout {:.1}x, peak memory during it {:.2}x",
+                mode_name(moved.mode),
+                waited.rollout.as_secs_f64() / moved.rollout.as_secs_f64().max(1e-9),
+                waited.peak_memory as f64 / moved.peak_memory.max(1) as f64
+            );
+        }
     }
 }
 

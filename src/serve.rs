@@ -434,3 +434,41 @@ pub async fn plain(tcp: TcpStream) -> Option<TcpStream> {
     let _ = tcp.set_nodelay(true);
     Some(tcp)
 }
+
+/// Whether two secrets are equal, compared without an early exit, so that timing tells nothing
+/// of a token's prefix.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0_u8, |diff, (x, y)| diff | (x ^ y)) == 0
+}
+
+/// The refusal of an admin request that changes state or reveals sessions without the pod's
+/// drain token (`expected`) in `X-Mcp-Drain-Token`; `None` to serve it. Without a configured
+/// token such endpoints answer nobody.
+pub fn refuse_without_drain_token(expected: Option<&str>, request: &Request) -> Option<Response> {
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse as _;
+    let presented = request
+        .headers()
+        .get(crate::api::contract::DRAIN_TOKEN_HEADER)
+        .map(|value| value.as_bytes());
+    match (expected, presented) {
+        (Some(token), Some(presented)) if constant_time_eq(token.as_bytes(), presented) => None,
+        (None, _) => Some(
+            (
+                StatusCode::FORBIDDEN,
+                "no drain token is configured (MCP_SESSION_DRAIN_TOKEN): this endpoint answers nobody\n",
+            )
+                .into_response(),
+        ),
+        _ => {
+            warn!(path = %request.uri().path(), "refused an admin request without the drain token");
+            Some(
+                (
+                    StatusCode::UNAUTHORIZED,
+                    "the X-Mcp-Drain-Token header is missing or wrong\n",
+                )
+                    .into_response(),
+            )
+        }
+    }
+}

@@ -29,24 +29,8 @@ pub fn of(
     pod_annotations: Option<&BTreeMap<String, String>>,
 ) -> Wiring {
     let spec = &policy.spec;
-    let field = |path: &str| json!({"fieldRef": {"fieldPath": path}});
-    let mut env = vec![
-        json!({"name": env::POD_NAME, "valueFrom": field("metadata.name")}),
-        json!({"name": env::POD_IP, "valueFrom": field("status.podIP")}),
-        json!({"name": env::LOG_FORMAT, "value": format.as_flag()}),
-    ];
-    if let Some(filter) = log_filter(policy, pod_annotations) {
-        env.push(json!({"name": env::LOG_FILTER, "value": filter}));
-    }
-    match (&spec.redis.url_secret_ref, &spec.redis.url) {
-        (Some(secret), _) => env.push(json!({"name": env::REDIS_URL,
-            "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}})),
-        (None, Some(url)) => env.push(json!({"name": env::REDIS_URL, "value": url})),
-        (None, None) => {}
-    }
-    if spec.redis.cluster {
-        env.push(json!({"name": env::REDIS_CLUSTER, "value": "true"}));
-    }
+    let mut env = common_env(policy, format, pod_annotations);
+    env.push(json!({"name": env::POD_IP, "valueFrom": field("status.podIP")}));
     let key = policy.fingerprint_key();
     let secret = key.secret();
     env.push(json!({"name": env::FINGERPRINT_KEY,
@@ -80,6 +64,62 @@ pub fn of(
     .map(str::to_owned)
     .to_vec();
     Wiring { args, env }
+}
+
+/// The options and environment of `policy`'s hold (gateway mode, drain strategy `Wait`): the
+/// pod's name, Redis (by reference, as for the proxies), the key prefix, the maximum wait, and
+/// how it logs, as the proxies do.
+pub fn hold(
+    policy: &McpSessionPolicy,
+    format: LogFormat,
+    pod_annotations: Option<&BTreeMap<String, String>>,
+) -> Wiring {
+    let spec = &policy.spec;
+    let args = [
+        "--pod-name",
+        "$(POD_NAME)",
+        "--key-prefix",
+        &spec.redis.key_prefix,
+        "--max-wait-seconds",
+        &spec.drain.max_wait_seconds.to_string(),
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    Wiring {
+        args,
+        env: common_env(policy, format, pod_annotations),
+    }
+}
+
+/// What every container of a policy's is told: its pod's name, how it logs, and Redis.
+fn common_env(
+    policy: &McpSessionPolicy,
+    format: LogFormat,
+    pod_annotations: Option<&BTreeMap<String, String>>,
+) -> Vec<Value> {
+    let redis = &policy.spec.redis;
+    let mut env = vec![
+        json!({"name": env::POD_NAME, "valueFrom": field("metadata.name")}),
+        json!({"name": env::LOG_FORMAT, "value": format.as_flag()}),
+    ];
+    if let Some(filter) = log_filter(policy, pod_annotations) {
+        env.push(json!({"name": env::LOG_FILTER, "value": filter}));
+    }
+    match (&redis.url_secret_ref, &redis.url) {
+        (Some(secret), _) => env.push(json!({"name": env::REDIS_URL,
+            "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}})),
+        (None, Some(url)) => env.push(json!({"name": env::REDIS_URL, "value": url})),
+        (None, None) => {}
+    }
+    if redis.cluster {
+        env.push(json!({"name": env::REDIS_CLUSTER, "value": "true"}));
+    }
+    env
+}
+
+/// An environment variable's value from the pod's own fields (the downward API).
+fn field(path: &str) -> Value {
+    json!({"fieldRef": {"fieldPath": path}})
 }
 
 /// The log filter of a proxy of `policy` in a pod annotated `pod_annotations`: the pod's

@@ -857,6 +857,11 @@ async fn the_schema_rejects_invalid_specs_with_readable_messages() {
                    "redis": {"url": "redis://r"}}),
             "spec.selector must require a label",
         ),
+        (
+            json!({"selector": selector, "redis": {"url": "redis://r"}, "gateway": {"enabled": true},
+                   "drain": {"strategy": "Wait", "onOwnerLost": "Replay"}}),
+            "spec.drain.onOwnerLost: Replay is for injected proxies",
+        ),
     ];
     for (spec, field) in cases {
         let object = json!({"apiVersion": "mcpsession.dev/v1alpha1", "kind": "McpSessionPolicy", "metadata": {"name": "invalid"}, "spec": spec});
@@ -883,6 +888,17 @@ async fn the_schema_rejects_invalid_specs_with_readable_messages() {
         "the apiserver applied the defaults"
     );
     assert_eq!(created.spec.injection.proxy_port, 8090);
+    // A gateway whose sessions stay on their pods: admitted.
+    api.create(
+        &PostParams::default(),
+        &policy(
+            "waiting-gateway",
+            json!({"selector": selector, "redis": {"url": "redis://r:6379"}, "gateway": {"enabled": true},
+                   "drain": {"strategy": "Wait"}}),
+        ),
+    )
+    .await
+    .expect("Wait with a gateway is admitted");
 }
 
 #[tokio::test]

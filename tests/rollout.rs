@@ -898,20 +898,25 @@ const STATEFUL: &str = "count";
 
 /// A bed whose policy says drain strategy `Wait` (`max_wait_seconds`), and the 50 clients of
 /// its stateful tool, each past its first call and its session stored.
-async fn waiting_bed(prefix: &str, sidecar: Sidecar, max_wait_seconds: u64) -> (Bed, Clients) {
-    waiting_bed_with(prefix, sidecar, max_wait_seconds, "Fail").await
+async fn waiting_bed(prefix: &str, mode: Mode, max_wait_seconds: u64) -> (Bed, Clients) {
+    waiting_bed_with(prefix, mode, max_wait_seconds, "Fail").await
 }
 
 /// [`waiting_bed`] with `onOwnerLost` set.
 async fn waiting_bed_with(
     prefix: &str,
-    sidecar: Sidecar,
+    mode: Mode,
     max_wait_seconds: u64,
     on_owner_lost: &str,
 ) -> (Bed, Clients) {
     let drain = json!({"drain": {"timeoutSeconds": 20, "strategy": "Wait",
                                  "maxWaitSeconds": max_wait_seconds, "onOwnerLost": on_owner_lost}});
-    let bed = Bed::start_with(prefix, drain, Mode::Sidecar(sidecar), &python_server()).await;
+    waiting_bed_of(prefix, mode, drain).await
+}
+
+/// [`waiting_bed`] of the policy's spec `spec` (JSON merge patch), which says `Wait`.
+async fn waiting_bed_of(prefix: &str, mode: Mode, spec: Value) -> (Bed, Clients) {
+    let bed = Bed::start_with(prefix, spec, mode, &python_server()).await;
     let clients = Clients::start(bed.entry(), STATEFUL);
     clients.wait_calling().await;
     wait_sessions_stored(&bed).await;
@@ -1026,19 +1031,28 @@ fn assert_lost_and_told(n: u64, (lost, drained): (u64, u64), runs: &[ClientRun])
 /// sessions end (the clients end them), long before `maxWaitSeconds`; nothing was moved or lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sessions_that_keep_state_stay_on_their_pods_through_a_rolling_update() {
-    stateful_rolling_update("e2e-wait", Sidecar::Native).await;
+    stateful_rolling_update("e2e-wait", Mode::Sidecar(Sidecar::Native)).await;
 }
 
 /// The same through classic sidecars: the proxy gets its SIGTERM with the server's preStop,
 /// and serves the pod's sessions from then until they end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sessions_that_keep_state_stay_on_their_pods_through_classic_sidecars() {
-    stateful_rolling_update("e2e-wait-classic", Sidecar::Classic).await;
+    stateful_rolling_update("e2e-wait-classic", Mode::Sidecar(Sidecar::Classic)).await;
 }
 
-async fn stateful_rolling_update(prefix: &str, sidecar: Sidecar) {
+/// The same through the policy's gateway (2 replicas, a Service spreading each client's
+/// connections over both): each session is pinned to its pod, which every replica sends it
+/// to, in its one upstream session; a terminating pod serves its sessions, held by the hold
+/// the webhook injected beside the server, until they end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sessions_that_keep_state_stay_on_their_pods_through_a_gateway() {
+    stateful_rolling_update("e2e-gw-wait", Mode::Gateway).await;
+}
+
+async fn stateful_rolling_update(prefix: &str, mode: Mode) {
     let _serial = SERIAL.lock().await;
-    let (bed, clients) = waiting_bed(prefix, sidecar, 300).await;
+    let (bed, clients) = waiting_bed(prefix, mode, 300).await;
     let old = pod_names(&bed).await;
 
     let rolled = roll_to_v2(&bed).await;
@@ -1059,14 +1073,14 @@ async fn stateful_rolling_update(prefix: &str, sidecar: Sidecar) {
     let runs = clients.stop().await;
     let gone = wait_gone(&bed, &old, "the old pods gone once their sessions ended").await;
     eprintln!(
-        "Wait ({sidecar:?}): 3 new pods serving {:.1} s after the update, {} old pods still serving {} sessions then; the old pods gone {:.1} s after the clients ended their sessions",
+        "Wait ({mode:?}): 3 new pods serving {:.1} s after the update, {} old pods still serving {} sessions then; the old pods gone {:.1} s after the clients ended their sessions",
         rolled.as_secs_f64(),
         waiting_pods.len(),
         status.sessions.waiting,
         gone.as_secs_f64()
     );
     report(
-        &format!("rolling update ({sidecar:?}), drain strategy Wait, stateful tool"),
+        &format!("rolling update ({mode:?}), drain strategy Wait, stateful tool"),
         &runs,
     );
 
@@ -1089,6 +1103,36 @@ async fn stateful_rolling_update(prefix: &str, sidecar: Sidecar) {
             .filter(|line| line.contains("lost") || line.contains("swept"))
             .collect::<Vec<_>>()
             .join("\n")
+    );
+}
+
+/// Under drain strategy `Wait`, the gateway's own rollout (`kubectl rollout restart` of its
+/// Deployment): the sessions are their backend pods', not the gateway's, so a replica that
+/// stops hands nothing over; the replica a client reaches next finds the session's pod and
+/// its upstream session in the store and sends it there. No call fails, no client changes its
+/// session, no count starts again, and nothing is drained or lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gateway_rolled_under_wait_sends_every_session_on_to_its_pod() {
+    let _serial = SERIAL.lock().await;
+    let (bed, clients) = waiting_bed("e2e-gw-wait-self", Mode::Gateway, 300).await;
+    let gateway = bed.gateway.as_ref().expect("gateway mode");
+    let replicas = gateway.pod_names().await;
+    gateway.restart().await;
+    gateway.wait_replaced(&replicas).await;
+    clients.wait_calling_on().await;
+    clients.wait_calling_on().await;
+    let runs = clients.stop().await;
+    report(
+        "the gateway's own rollout, drain strategy Wait, stateful tool",
+        &runs,
+    );
+    assert_no_client_error(&runs);
+    assert_every_client_kept_its_session(&bed, &runs);
+    let tallies = bed.store().await.tallies().await.expect("tallies");
+    assert_eq!(
+        (tallies.drained, tallies.lost),
+        (0, 0),
+        "nothing moved, nothing lost: {tallies:?}"
     );
 }
 
@@ -1130,8 +1174,20 @@ async fn with_move_a_session_s_server_state_does_not_follow_it() {
 /// again within the session it had.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_owner_s_sessions_are_answered_not_found_and_counted_never_reset() {
+    killed_owner("e2e-wait-kill", Mode::Sidecar(Sidecar::Native)).await;
+}
+
+/// The same in gateway mode: the gateways' clients keep their connections, and each client
+/// whose session was pinned to the killed pod is answered 404, once its gateway finds the pod
+/// gone (or its server refusing connections).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_pinned_pod_s_sessions_are_answered_not_found_and_counted_never_reset() {
+    killed_owner("e2e-gw-wait-kill", Mode::Gateway).await;
+}
+
+async fn killed_owner(prefix: &str, mode: Mode) {
     let _serial = SERIAL.lock().await;
-    let (bed, clients) = waiting_bed("e2e-wait-kill", Sidecar::Native, 300).await;
+    let (bed, clients) = waiting_bed(prefix, mode, 300).await;
     let store = bed.store().await;
     let victim = bed.pods().await[0].name_any();
     let owned = owned_by(&store, &victim).await;
@@ -1140,12 +1196,12 @@ async fn a_killed_owner_s_sessions_are_answered_not_found_and_counted_never_rese
     wait_tally(&store, what, |t| t.lost, owned).await;
     let runs = clients.stop().await;
     report(
-        "SIGKILL of an owner, drain strategy Wait, stateful tool",
+        &format!("SIGKILL of an owner ({mode:?}), drain strategy Wait, stateful tool"),
         &runs,
     );
     let tallies = store.tallies().await.expect("tallies");
     eprintln!(
-        "Wait, owner killed: {owned} sessions on it, {} counted lost, {} clients answered 404",
+        "Wait ({mode:?}), owner killed: {owned} sessions on it, {} counted lost, {} clients answered 404",
         tallies.lost,
         told(&runs)
     );
@@ -1158,15 +1214,32 @@ async fn a_killed_owner_s_sessions_are_answered_not_found_and_counted_never_rese
 /// its pod: answered 404, counted once, never reset within a session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rollout_under_wait_ends_at_the_maximum_wait_and_counts_what_it_cut() {
+    rollout_cut_at_max_wait("e2e-wait-max", Mode::Sidecar(Sidecar::Native)).await;
+}
+
+/// The same in gateway mode: the hold answers the old pods' preStop hooks at
+/// `maxWaitSeconds`, and the sessions still open then are lost with their pods.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gateway_s_rollout_under_wait_ends_at_the_maximum_wait_and_counts_what_it_cut() {
+    rollout_cut_at_max_wait("e2e-gw-wait-max", Mode::Gateway).await;
+}
+
+async fn rollout_cut_at_max_wait(prefix: &str, mode: Mode) {
     const MAX_WAIT: u64 = 15;
     let _serial = SERIAL.lock().await;
-    let (bed, clients) = waiting_bed("e2e-wait-max", Sidecar::Native, MAX_WAIT).await;
+    // The guard would pause the rollout at its first cut session, perhaps before its last new
+    // pod: what is measured here is what `maxWaitSeconds` ends (a guarded pause has a test of
+    // its own).
+    let spec = json!({"drain": {"timeoutSeconds": 20, "strategy": "Wait", "maxWaitSeconds": MAX_WAIT},
+                      "rollout": {"maxLostSessions": 1000}});
+    let (bed, clients) = waiting_bed_of(prefix, mode, spec).await;
     let old = pod_names(&bed).await;
     let store = bed.store().await;
     let sessions = store.counts().await.expect("counts").total;
 
     let started = std::time::Instant::now();
-    let rolled = roll_to_v2(&bed).await;
+    bed.set_image(V2).await;
+    // From the first old pod's stop: its sessions wait `MAX_WAIT` at most.
     let waiting = bed
         .status_until("the rollout waiting for the old pods' sessions", |s| {
             s.sessions.waiting > 0
@@ -1175,20 +1248,32 @@ async fn a_rollout_under_wait_ends_at_the_maximum_wait_and_counts_what_it_cut() 
                     .any(|c| c.type_ == "RolloutSafe" && c.reason == "WaitingForSessions")
         })
         .await;
+    wait_for(TIMEOUT, "3 new pods serving", || async {
+        serving_on(&bed, V2).await.len() == REPLICAS
+    })
+    .await;
+    let rolled = started.elapsed();
     wait_gone(&bed, &old, "the old pods gone at the maximum wait").await;
     let ended = started.elapsed();
     let what = "every session of the old pods counted lost";
     wait_tally(&store, what, |t| t.lost, sessions).await;
     let rollout = bed.settled_rollout().await;
+    // A client told its session is gone may open the next on an old pod that had not begun
+    // to stop, and lose that one too: every session that is not alive now was cut.
+    let alive = store.counts().await.expect("counts").total;
     let runs = clients.stop().await;
+    let made: std::collections::BTreeSet<&String> =
+        runs.iter().flat_map(|r| &r.session_ids).collect();
+    let cut = made.len() as u64 - alive;
     report(
-        "rolling update, drain strategy Wait, maxWaitSeconds 15",
+        &format!("rolling update ({mode:?}), drain strategy Wait, maxWaitSeconds 15"),
         &runs,
     );
     eprintln!(
-        "Wait, maxWaitSeconds {MAX_WAIT}: {} sessions waited on old pods; the old pods gone {:.1} s after the update; lastRollout: {rollout:?}; {} clients answered 404",
+        "Wait ({mode:?}), maxWaitSeconds {MAX_WAIT}: {} sessions waited on old pods; the old pods gone {:.1} s after the update; {cut} sessions cut of {} made, {alive} alive; lastRollout: {rollout:?}; {} clients answered 404",
         waiting.sessions.waiting,
         ended.as_secs_f64(),
+        made.len(),
         told(&runs)
     );
     // The last old pod began to stop when the last new one was ready.
@@ -1197,7 +1282,11 @@ async fn a_rollout_under_wait_ends_at_the_maximum_wait_and_counts_what_it_cut() 
         ended < rolled + grace,
         "the old pods left within their grace period ({grace:?}) of the rollout ({rolled:?}): {ended:?}"
     );
-    assert_lost_and_told(sessions, (rollout.lost, rollout.drained), &runs);
+    assert!(
+        cut >= sessions,
+        "every first session was cut: {cut} of {sessions}"
+    );
+    assert_lost_and_told(cut, (rollout.lost, rollout.drained), &runs);
 }
 
 /// Drain strategy `Wait`, and the server of one pod failing its liveness probe: the kubelet
@@ -1208,7 +1297,7 @@ async fn a_rollout_under_wait_ends_at_the_maximum_wait_and_counts_what_it_cut() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sick_server_under_wait_restarts_after_the_drain_and_its_sessions_are_told() {
     let _serial = SERIAL.lock().await;
-    let (bed, clients) = waiting_bed("e2e-wait-sick", Sidecar::Native, 300).await;
+    let (bed, clients) = waiting_bed("e2e-wait-sick", Mode::Sidecar(Sidecar::Native), 300).await;
     let store = bed.store().await;
     let pod = bed.pods().await.first().expect("a pod").name_any();
     let owned = owned_by(&store, &pod).await;
@@ -1240,7 +1329,13 @@ async fn a_sick_server_under_wait_restarts_after_the_drain_and_its_sessions_are_
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_replay_a_killed_owner_s_sessions_are_replayed_not_lost() {
     let _serial = SERIAL.lock().await;
-    let (bed, clients) = waiting_bed_with("e2e-wait-replay", Sidecar::Native, 300, "Replay").await;
+    let (bed, clients) = waiting_bed_with(
+        "e2e-wait-replay",
+        Mode::Sidecar(Sidecar::Native),
+        300,
+        "Replay",
+    )
+    .await;
     let store = bed.store().await;
     let victim = bed.pods().await[0].name_any();
     let owned = owned_by(&store, &victim).await;

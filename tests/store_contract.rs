@@ -57,6 +57,7 @@ async fn redis_store(url: &str, prefix: &str, ttl: Duration) -> Arc<dyn SessionS
 async fn contract(store: Arc<dyn SessionStore>) {
     lifecycle(&*store).await;
     drain_and_claim(&*store).await;
+    pinned_to_a_backend(&*store).await;
     exactly_one_claimer_wins(store.clone()).await;
     credential_binding(&*store).await;
     listing_sees_every_record_once(&*store).await;
@@ -397,6 +398,96 @@ async fn drain_and_claim(store: &dyn SessionStore) {
         }
     ));
     store.delete(&unowned).await.unwrap();
+}
+
+/// A session a gateway pins to its backend pod (drain strategy `Wait`): the pod, its server's
+/// address and the server's own id for the session survive every rewrite (a touch, an update),
+/// count as the pod's, and go with the owner when it changes (a hand-over, a claim).
+async fn pinned_to_a_backend(store: &dyn SessionStore) {
+    let s = id("pinned");
+    let pinned = NewSession {
+        owner_address: Some("10.244.0.7:8000".into()),
+        upstream_session: Some("upstream-7f3a".into()),
+        ..owned_by("backend-1")
+    };
+    store.create_or_rehydrate(&s, pinned).await.unwrap();
+    store.touch(&s, Some("backend-1")).await.unwrap();
+    let patch = store::SessionPatch {
+        protocol_version: Some("2025-11-25".into()),
+        ..Default::default()
+    };
+    let updated = store.update(&s, patch).await.unwrap().expect("stored");
+    assert_eq!(
+        updated.record.upstream_session.as_deref(),
+        Some("upstream-7f3a")
+    );
+    let read = store.get(&s).await.unwrap().expect("stored").record;
+    assert_eq!(
+        (
+            read.owner_pod.as_deref(),
+            read.owner_address.as_deref(),
+            read.upstream_session.as_deref()
+        ),
+        (
+            Some("backend-1"),
+            Some("10.244.0.7:8000"),
+            Some("upstream-7f3a")
+        )
+    );
+    assert_eq!(
+        store.sessions_of_pod("backend-1", 10).await.unwrap(),
+        vec![s.clone()],
+        "the pod's, for its hold to wait on"
+    );
+    let ending = |ending| store::SessionPatch {
+        ending: Some(ending),
+        ..Default::default()
+    };
+    let marked = store
+        .update(&s, ending(true))
+        .await
+        .unwrap()
+        .expect("stored");
+    assert!(
+        marked.record.ending_since.is_some(),
+        "its client is ending it"
+    );
+    let unmarked = store
+        .update(&s, ending(false))
+        .await
+        .unwrap()
+        .expect("stored");
+    assert_eq!(
+        unmarked.record.ending_since, None,
+        "the server refused the end"
+    );
+    let drained = store
+        .mark_draining(&s, Some("backend-1"), TTL)
+        .await
+        .unwrap()
+        .expect("drained");
+    assert_eq!(drained.record.upstream_session, None, "handed over");
+    let ClaimOutcome::Claimed { session, .. } = store.claim(&s, claim("p", "fp-a")).await.unwrap()
+    else {
+        panic!("a drained session is claimable");
+    };
+    assert_eq!(session.record.upstream_session, None);
+    store.delete(&s).await.unwrap();
+
+    let claimed = id("pinned-claimed");
+    let pinned = NewSession {
+        owner_pod: None,
+        upstream_session: Some("upstream-1".into()),
+        ..owned_by("-")
+    };
+    store.create_or_rehydrate(&claimed, pinned).await.unwrap();
+    store.claim(&claimed, claim("p", "fp-a")).await.unwrap();
+    let read = store.get(&claimed).await.unwrap().expect("stored").record;
+    assert_eq!(
+        read.upstream_session, None,
+        "a claimer's session is its own"
+    );
+    store.delete(&claimed).await.unwrap();
 }
 
 async fn exactly_one_claimer_wins(store: Arc<dyn SessionStore>) {

@@ -7,6 +7,8 @@ pub const FIELD_MANAGER: &str = "mcp-session-operator";
 
 /// Name of the injected proxy container.
 pub const PROXY_CONTAINER: &str = "mcp-session-proxy";
+/// Name of the injected hold container (gateway mode, drain strategy `Wait`).
+pub const HOLD_CONTAINER: &str = "mcp-session-hold";
 /// Label or annotation that opts a pod out of injection when `"false"`.
 pub const INJECT_KEY: &str = "mcpsession.dev/inject";
 /// Annotation naming the policy that injected a pod.

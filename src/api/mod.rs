@@ -38,7 +38,7 @@ use crate::store::{DEFAULT_KEY_PREFIX, DEFAULT_TTL};
     printcolumn = r#"{"name":"Gateway","type":"boolean","jsonPath":".spec.gateway.enabled"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
-#[x_kube(validation = Rule::new(NO_WAIT_IN_GATEWAY).message(validate::WAIT_IN_GATEWAY))]
+#[x_kube(validation = Rule::new(NO_REPLAY_IN_GATEWAY).message(validate::REPLAY_IN_GATEWAY))]
 #[serde(rename_all = "camelCase")]
 pub struct McpSessionPolicySpec {
     /// The backend pods that serve MCP, in the policy's namespace.
@@ -81,8 +81,9 @@ pub struct McpSessionPolicySpec {
 /// pod; one of only `NotIn` and `DoesNotExist` selects unlabelled pods too).
 const REQUIRES_A_LABEL: &str = "(has(self.matchLabels) && size(self.matchLabels) > 0) || (has(self.matchExpressions) && self.matchExpressions.exists(e, e.operator == 'In' || e.operator == 'Exists'))";
 
-/// CEL: drain strategy `Wait` only with injected proxies (see [`validate::WAIT_IN_GATEWAY`]).
-const NO_WAIT_IN_GATEWAY: &str = "!(has(self.gateway) && has(self.gateway.enabled) && self.gateway.enabled && has(self.drain) && has(self.drain.strategy) && self.drain.strategy == 'Wait')";
+/// CEL: `onOwnerLost: Replay` under `Wait` only with injected proxies (see
+/// [`validate::REPLAY_IN_GATEWAY`]).
+const NO_REPLAY_IN_GATEWAY: &str = "!(has(self.gateway) && has(self.gateway.enabled) && self.gateway.enabled && has(self.drain) && has(self.drain.strategy) && self.drain.strategy == 'Wait' && has(self.drain.onOwnerLost) && self.drain.onOwnerLost == 'Replay')";
 
 fn default_ttl_seconds() -> i64 {
     DEFAULT_TTL.as_secs() as i64
@@ -177,6 +178,15 @@ impl Default for DrainSpec {
             on_owner_lost: OnOwnerLost::default(),
         }
     }
+}
+
+/// What the webhook adds to a selected pod (see [`McpSessionPolicy::pod_injection`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodInjection {
+    /// The session proxy, in front of the pod's MCP server.
+    Proxy,
+    /// The hold, on which the backend's preStop hook waits until the pod's sessions end.
+    Hold,
 }
 
 /// What a stopping pod does with its sessions (docs/rollouts.md, "Move or Wait").
@@ -527,6 +537,20 @@ impl McpSessionPolicy {
         }
     }
 
+    /// What the webhook adds to the pods this policy selects: the session proxy (sidecar
+    /// mode), or in gateway mode under drain strategy `Wait`, the hold that keeps a stopping
+    /// pod for its sessions; nothing else in gateway mode, nor with injection off.
+    pub fn pod_injection(&self) -> Option<PodInjection> {
+        let spec = &self.spec;
+        if spec.gateway.enabled && spec.drain.strategy == DrainStrategy::Wait {
+            Some(PodInjection::Hold)
+        } else if spec.injection.enabled {
+            Some(PodInjection::Proxy)
+        } else {
+            None
+        }
+    }
+
     /// The key of the Secret holding this policy's fingerprint key: the one its spec names,
     /// else `<policy>-fingerprint-key`, key `key`, which the operator generates.
     pub fn fingerprint_key(&self) -> FingerprintKey {
@@ -650,9 +674,11 @@ mod tests {
         let mut waiting_gateway = base();
         waiting_gateway.gateway.enabled = true;
         waiting_gateway.drain.strategy = DrainStrategy::Wait;
+        assert_eq!(validate_spec(&waiting_gateway), Ok(()));
+        waiting_gateway.drain.on_owner_lost = OnOwnerLost::Replay;
         assert_eq!(
             validate_spec(&waiting_gateway),
-            Err(PolicyError::WaitInGateway)
+            Err(PolicyError::ReplayInGateway)
         );
         waiting_gateway.gateway.enabled = false;
         assert_eq!(validate_spec(&waiting_gateway), Ok(()));

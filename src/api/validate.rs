@@ -25,14 +25,14 @@ pub enum PolicyError {
     PortClash(i32),
     #[error("spec.injection.allowedOrigins: {0}")]
     BadOrigin(#[from] super::origin::InvalidOrigin),
-    #[error("{}", WAIT_IN_GATEWAY)]
-    WaitInGateway,
+    #[error("{}", REPLAY_IN_GATEWAY)]
+    ReplayInGateway,
 }
 
-/// Gateway mode keeps a session on its backend pod while the pod is ready, and moves it by
-/// replay when the pod stops; holding a stopping backend pod for its sessions needs a hook in
-/// that pod, which gateway mode does not inject.
-pub(super) const WAIT_IN_GATEWAY: &str = "spec.drain.strategy: Wait is for injected proxies; gateway mode moves sessions (set strategy Move, or turn spec.gateway off)";
+/// A gateway under `Wait` pins each session to its backend pod, and a session whose pod is gone
+/// is answered 404: replaying it instead would need the gateway replicas to agree on the one
+/// new pod and upstream session for it, which they do not (docs/rollouts.md).
+pub(super) const REPLAY_IN_GATEWAY: &str = "spec.drain.onOwnerLost: Replay is for injected proxies; a gateway under strategy Wait answers a session whose pod is gone 404 (set onOwnerLost Fail, or strategy Move)";
 
 /// Checks a spec beyond its schema.
 pub fn validate_spec(spec: &McpSessionPolicySpec) -> Result<(), PolicyError> {
@@ -49,8 +49,11 @@ pub fn validate_spec(spec: &McpSessionPolicySpec) -> Result<(), PolicyError> {
         return Err(PolicyError::PortClash(spec.injection.proxy_port));
     }
     super::origin::AllowedOrigins::parse(&spec.injection.allowed_origins)?;
-    if spec.gateway.enabled && spec.drain.strategy == super::DrainStrategy::Wait {
-        return Err(PolicyError::WaitInGateway);
+    if spec.gateway.enabled
+        && spec.drain.strategy == super::DrainStrategy::Wait
+        && spec.drain.on_owner_lost == super::OnOwnerLost::Replay
+    {
+        return Err(PolicyError::ReplayInGateway);
     }
     Ok(())
 }

@@ -5,6 +5,7 @@ use anyhow::Context as _;
 use clap::Args;
 
 use super::proxy::ServingArgs;
+use crate::api::{DrainStrategy, OnOwnerLost};
 use crate::gateway::{self, PolicyRef};
 use crate::proxy::{self, Backends};
 
@@ -21,6 +22,13 @@ pub struct GatewayArgs {
 }
 
 pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
+    if args.serving.drain_strategy == DrainStrategy::Wait
+        && args.serving.on_owner_lost == OnOwnerLost::Replay
+    {
+        anyhow::bail!(
+            "--on-owner-lost replay is for injected proxies: a gateway under --drain-strategy wait answers a session whose pod is gone 404"
+        );
+    }
     let client = kube::Client::try_default()
         .await
         .context("no Kubernetes client configuration")?;

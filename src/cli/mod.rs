@@ -1,7 +1,8 @@
-//! The command line: `run`, `proxy`, `gateway`, `dev`, `sessions`, `crd`.
+//! The command line: `run`, `proxy`, `gateway`, `hold`, `dev`, `sessions`, `crd`.
 
 mod dev;
 mod gateway;
+mod hold;
 mod output;
 mod proxy;
 mod run;
@@ -48,6 +49,9 @@ pub enum Command {
     /// Run the session proxy in front of a policy's pods: a gateway that keeps clients'
     /// connections when a backend pod stops or dies.
     Gateway(Box<gateway::GatewayArgs>),
+    /// Hold a stopping MCP server pod until its sessions end: the backend's preStop hook in
+    /// gateway mode under drain strategy Wait, injected by the webhook.
+    Hold(Box<hold::HoldArgs>),
     /// Run an MCP server behind the session proxy, restarting it when its code changes.
     Dev(Box<dev::DevArgs>),
     /// Inspect and manage the session store.
@@ -128,6 +132,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Gateway(args) => {
             telemetry::init(cli.log_format, "info");
             gateway::run(*args).await
+        }
+        Command::Hold(args) => {
+            telemetry::init(cli.log_format, "info");
+            hold::run(*args).await
         }
         Command::Dev(args) => {
             telemetry::init(cli.log_format, "info");

@@ -57,9 +57,10 @@ pub struct ServingArgs {
     drain_timeout: u64,
     /// What a stopping proxy does with its sessions: `move` (each is replayed on another pod)
     /// or `wait` (each stays here until it ends; requests that reach another pod's proxy are
-    /// forwarded here), for servers that keep a session's state in memory.
+    /// forwarded here), for servers that keep a session's state in memory. A gateway under
+    /// `wait` pins each session to its backend pod, which serves it while it terminates.
     #[arg(long, value_enum, default_value_t = DrainStrategy::Move)]
-    drain_strategy: DrainStrategy,
+    pub(super) drain_strategy: DrainStrategy,
     /// Under `--drain-strategy wait`: how long a stopping proxy serves its sessions at most;
     /// those still open then are lost (answered 404, and counted).
     #[arg(long, default_value_t = DEFAULT_MAX_WAIT.as_secs(), value_parser = clap::value_parser!(u64).range(1..=86_400))]
@@ -68,7 +69,7 @@ pub struct ServingArgs {
     /// (answered 404 and counted as lost, so that its client starts a new one knowingly) or
     /// `replay` (replayed on another pod, its server-side state gone).
     #[arg(long, value_enum, default_value_t = OnOwnerLost::Fail)]
-    on_owner_lost: OnOwnerLost,
+    pub(super) on_owner_lost: OnOwnerLost,
     /// How long a request is held while the MCP server is down, before the client gets an error.
     #[arg(long, default_value_t = 30)]
     hold_seconds: u64,
@@ -256,7 +257,10 @@ pub(super) fn fingerprint_key(configured: Option<&str>, redis: &RedisArgs) -> Ve
 
 /// Redis for the proxy: if it is down now, the proxy starts all the same and connects when it
 /// answers (sessions live in the proxy's memory meanwhile, and are written then).
-async fn connect_redis(args: &RedisArgs, ttl: Duration) -> anyhow::Result<LazyRedisStore> {
+pub(super) async fn connect_redis(
+    args: &RedisArgs,
+    ttl: Duration,
+) -> anyhow::Result<LazyRedisStore> {
     let target = args.target()?;
     crate::store::redis::Keys::new(&args.key_prefix).map_err(|e| UsageError(e.to_string()))?;
     Ok(LazyRedisStore::new(target, &args.key_prefix, ttl).await?)

@@ -15,7 +15,6 @@
 // port), and `routing` (the request path) on top. The small shared parts stay at this level.
 mod answers;
 mod backoff;
-mod count;
 mod legacy;
 mod lifecycle;
 mod mcp;
@@ -35,8 +34,8 @@ use tokio::sync::Mutex;
 use tracing::info;
 
 pub use crate::api::origin::{AllowedOrigins, InvalidOrigin};
+use crate::count::Count;
 use crate::proxy::answers::Unknown;
-use crate::proxy::count::Count;
 pub use crate::proxy::lifecycle::Quiesced;
 use crate::proxy::lifecycle::{Lifecycle, Phase};
 pub use crate::proxy::mcp::fingerprint::Fingerprinter;
@@ -174,7 +173,11 @@ impl Proxy {
                 config.event_log,
                 metrics.events_unlogged.clone(),
             ),
-            table: SessionTable::new(config.admission, metrics.sessions.clone()),
+            table: SessionTable::new(
+                config.admission,
+                metrics.sessions.clone(),
+                config.residence.max_wait().is_some(),
+            ),
             config,
             store,
             fingerprints,
@@ -204,6 +207,7 @@ impl Proxy {
         Owner {
             pod: self.config.pod_name.clone(),
             address: self.config.advertise.clone(),
+            upstream_session: None,
         }
     }
 

@@ -23,6 +23,7 @@ use crate::proxy::legacy::host::SseHost;
 use crate::proxy::mcp::protocol::{self, LAST_EVENT_ID_HEADER, MessageHead, SESSION_HEADER};
 use crate::proxy::metrics::RequestLabels;
 use crate::proxy::session::exchange::{Bound, Exchange};
+use crate::proxy::session::pinned::Adoption;
 use crate::proxy::session::table::{Lookup, Mapping, Refusal, Slot, Transport, UpstreamSession};
 use crate::proxy::stream::host::StreamHost;
 use crate::proxy::upstream::UpstreamError;
@@ -132,7 +133,9 @@ impl Proxy {
         };
         let credential = self.credential_of(&exchange.headers);
         exchange.session = Some(Bound { id, credential });
-        if self.config.residence.max_wait().is_some() {
+        // Where sessions stay with their owners' proxies; a gateway pins them to their pods
+        // instead (see `session::pinned`).
+        if self.config.residence.max_wait().is_some() && !self.pins_sessions() {
             if let Some(answer) = Box::pin(self.route_home(&exchange)).await {
                 return answer;
             }
@@ -161,11 +164,26 @@ impl Proxy {
         let Some(bound) = &exchange.session else {
             return self.respond(exchange).await;
         };
-        if matches!(self.lookup(bound), Lookup::Live(_)) {
+        let live = match self.lookup(bound) {
+            Lookup::Live(_) => true,
+            // Another gateway replica made it: ended on its pod, where its state is.
+            Lookup::Absent if self.pins_sessions() => {
+                matches!(self.adopt(bound).await, Ok(Adoption::Adopted(_)))
+            }
+            _ => false,
+        };
+        if live {
             // Until it is forgotten, what else of the session meets its server's forgetting
-            // it (the listening stream, reopening) is its end, not a loss.
+            // it (the listening stream, reopening) is its end, not a loss: here, and on the
+            // other replicas of a gateway.
             let _ending = self.ending.enter(&bound.id);
-            return self.respond(exchange).await;
+            let id = bound.id.clone();
+            self.mark_ending(&id, true).await;
+            let response = self.respond(exchange).await;
+            if !response.status().is_success() {
+                self.mark_ending(&id, false).await;
+            }
+            return response;
         }
         if let Err(failure) = self.authorize(bound).await {
             return self.failure(failure, &exchange);
@@ -276,14 +294,14 @@ impl Proxy {
             return self.deliver(exchange, answer.response, None).await;
         };
         let id = SessionId::random();
+        let upstream = UpstreamSession::new(answer.backend.clone(), upstream_id);
         let new = NewSession {
             protocol_version: protocol::requested_version(&params),
             initialize_params: Some(params),
             credential_fingerprint: credential.clone(),
             ..Default::default()
         }
-        .owned_by(self.owner());
-        let upstream = UpstreamSession::new(answer.backend.clone(), upstream_id);
+        .owned_by(self.owner_on(&upstream));
         let mapping = Mapping {
             upstream,
             transport: Transport::Streamable,

@@ -129,11 +129,16 @@ pub struct Tallies {
     pub lost: u64,
 }
 
-/// The pod that owns a session, and where other proxies reach its proxy (`ip:port`).
+/// The pod that owns a session, and where it is reached (`ip:port`): its proxy's pod (other
+/// proxies reach that proxy there), or where a gateway pins sessions to backend pods (drain
+/// strategy `Wait`), the backend pod holding the session's state, and its MCP server there.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Owner {
     pub pod: Option<String>,
     pub address: Option<String>,
+    /// The owner's own id for the session: a backend pod's, where a gateway pins sessions to
+    /// their backends (drain strategy `Wait`); none for a proxy, whose session id is the key.
+    pub upstream_session: Option<String>,
 }
 
 /// What a new session starts with.
@@ -141,6 +146,7 @@ pub struct Owner {
 pub struct NewSession {
     pub owner_pod: Option<String>,
     pub owner_address: Option<String>,
+    pub upstream_session: Option<String>,
     pub metadata: Map<String, Value>,
     pub protocol_version: Option<String>,
     pub initialize_params: Option<Value>,
@@ -154,6 +160,7 @@ impl NewSession {
         Self {
             owner_pod: owner.pod,
             owner_address: owner.address,
+            upstream_session: owner.upstream_session,
             ..self
         }
     }
@@ -163,6 +170,7 @@ impl NewSession {
         Self {
             owner_pod: record.owner_pod,
             owner_address: record.owner_address,
+            upstream_session: record.upstream_session,
             metadata: record.metadata,
             protocol_version: record.protocol_version,
             initialize_params: record.initialize_params,
@@ -176,6 +184,7 @@ impl NewSession {
         record.set_state(SessionState::Active);
         record.owner_pod = self.owner_pod;
         record.owner_address = self.owner_address;
+        record.upstream_session = self.upstream_session;
         record.metadata = self.metadata;
         record.protocol_version = self.protocol_version;
         record.initialize_params = self.initialize_params;
@@ -206,10 +215,18 @@ pub struct SessionPatch {
     pub setup: Option<SetupChange>,
     /// Merged key by key into the record's metadata.
     pub metadata: Map<String, Value>,
+    /// Marks the session being ended by its client (`Some(true)`, see
+    /// [`SessionRecord::ending_since`]), or no longer (`Some(false)`: the server refused the end).
+    pub ending: Option<bool>,
 }
 
 impl SessionPatch {
     fn apply(self, record: &mut SessionRecord) {
+        match self.ending {
+            Some(true) => record.ending_since = Some(Timestamp::now()),
+            Some(false) => record.ending_since = None,
+            None => {}
+        }
         if let Some(version) = self.protocol_version {
             record.protocol_version = Some(version);
         }
@@ -312,6 +329,7 @@ impl ClaimOutcome {
         }
         record.owner_pod = Some(claim.pod.clone());
         record.owner_address = claim.address.clone();
+        record.upstream_session = None;
         record.set_state(SessionState::Active);
         record.draining_since = None;
         record.last_activity_at = now;

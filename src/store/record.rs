@@ -111,6 +111,12 @@ pub struct SessionRecord {
     /// (drain strategy `Wait`) is forwarded there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner_address: Option<String>,
+    /// The owner's own id for the session, where a gateway pins the session to the backend pod
+    /// that holds its state (drain strategy `Wait`): `owner_pod` and `owner_address` are then
+    /// that pod's, and every gateway replica sends the session's requests there, in this
+    /// session. Dropped with the owner (a hand-over, a claim).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_session: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol_version: Option<String>,
     /// The client's `initialize` params, replayed to a fresh upstream.
@@ -123,6 +129,11 @@ pub struct SessionRecord {
     pub rehydrations: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub draining_since: Option<Timestamp>,
+    /// Since when its client is ending the session (its `DELETE` is on its way to the server):
+    /// the server forgetting the session now is its end, not a loss. Marked by a gateway that
+    /// pins sessions to their pods, whose other replicas meet the end on the session's streams.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ending_since: Option<Timestamp>,
     /// What the client set up after `initialize`, re-established after a replay.
     #[serde(default, skip_serializing_if = "SessionSetup::is_empty")]
     pub setup: SessionSetup,
@@ -200,6 +211,7 @@ impl SessionRecord {
         self.set_state(SessionState::Draining);
         self.owner_pod = None;
         self.owner_address = None;
+        self.upstream_session = None;
         self.draining_since = Some(now);
     }
 
@@ -212,11 +224,13 @@ impl SessionRecord {
             state: None,
             owner_pod: None,
             owner_address: None,
+            upstream_session: None,
             protocol_version: None,
             initialize_params: None,
             credential_fingerprint: None,
             rehydrations: 0,
             draining_since: None,
+            ending_since: None,
             setup: SessionSetup::default(),
             extra: Map::new(),
         }

@@ -94,7 +94,7 @@ pub fn mutate_pod(
     let mut matching: Vec<Arc<McpSessionPolicy>> = policies
         .state()
         .into_iter()
-        .filter(|p| p.spec.injection.enabled && p.selects(&namespace, pod.labels()))
+        .filter(|p| p.pod_injection().is_some() && p.selects(&namespace, pod.labels()))
         .collect();
     // Overlaps are refused by the validating webhook; should one exist, the oldest policy wins.
     matching.sort_by_key(|p| (p.creation_timestamp().map(|t| t.0), p.name_any()));
@@ -110,7 +110,7 @@ pub fn mutate_pod(
     match inject(&pod, policy, config, &super::inject::drain_token()) {
         Injection::Patch(patch) => match response.clone().with_patch(patch) {
             Ok(patched) => {
-                info!(%namespace, pod = %name, policy = %policy.name_any(), "injecting the session proxy");
+                info!(%namespace, pod = %name, policy = %policy.name_any(), injection = ?policy.pod_injection(), "injecting");
                 Mutation {
                     response: patched,
                     injected: Some(policy.clone()),

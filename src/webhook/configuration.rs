@@ -7,7 +7,7 @@ use kube::core::GroupVersionKind;
 use serde_json::{Value, json};
 
 use super::WebhookError;
-use crate::api::contract::{FIELD_MANAGER, INJECT_KEY, PROXY_CONTAINER};
+use crate::api::contract::{FIELD_MANAGER, HOLD_CONTAINER, INJECT_KEY, PROXY_CONTAINER};
 
 pub const NAME: &str = "mcp-session-operator";
 pub const MUTATE_PATH: &str = "/mutate-pods";
@@ -69,11 +69,13 @@ impl Endpoint {
 }
 
 /// When the apiserver calls the mutating webhook (`matchConditions`, CEL): only for a pod that
-/// a policy can select and that has no proxy yet, so that most pods of a cluster never wait on
+/// a policy can select and that has no proxy (nor hold) yet, so that most pods of a cluster never wait on
 /// the operator. Every policy's selector requires a label (the CRD's rule), so an unlabelled
 /// pod is never selected. The chart renders the same conditions.
 fn mutate_match_conditions() -> Value {
-    let no_proxy_in = |list: &str| format!("{list}.exists(c, c.name == '{PROXY_CONTAINER}')");
+    let no_proxy_in = |list: &str| {
+        format!("{list}.exists(c, c.name == '{PROXY_CONTAINER}' || c.name == '{HOLD_CONTAINER}')")
+    };
     json!([
         {"name": "has-labels",
          "expression": "has(object.metadata.labels) && size(object.metadata.labels) > 0"},

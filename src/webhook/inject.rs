@@ -8,8 +8,8 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt as _;
 use serde_json::{Value, json};
 
-use crate::api::contract::{self, INJECT_KEY, INJECTED_BY, PROXY_CONTAINER, env};
-use crate::api::{DrainStrategy, McpSessionPolicy, Sidecar};
+use crate::api::contract::{self, HOLD_CONTAINER, INJECT_KEY, INJECTED_BY, PROXY_CONTAINER, env};
+use crate::api::{DrainStrategy, McpSessionPolicy, PodInjection, Sidecar};
 use crate::telemetry::LogFormat;
 use crate::wiring;
 
@@ -78,6 +78,9 @@ pub fn inject(
     config: &InjectorConfig,
     drain_token: &str,
 ) -> Injection {
+    let Some(kind) = policy.pod_injection() else {
+        return Injection::Skip("the policy injects nothing");
+    };
     let opted_out = |map: &std::collections::BTreeMap<String, String>| {
         map.get(INJECT_KEY).is_some_and(|v| v == "false")
     };
@@ -95,12 +98,18 @@ pub fn inject(
         .containers
         .iter()
         .chain(init_containers)
-        .any(|c| c.name == PROXY_CONTAINER)
+        .any(|c| c.name == PROXY_CONTAINER || c.name == HOLD_CONTAINER)
     {
         return Injection::Skip("already injected");
     }
     let injection = &policy.spec.injection;
-    let ours = [injection.proxy_port, config.admin_port];
+    let (ours, what) = match kind {
+        PodInjection::Proxy => (
+            vec![injection.proxy_port, config.admin_port],
+            "the session proxy",
+        ),
+        PodInjection::Hold => (vec![config.admin_port], "the session hold"),
+    };
     if let Some((container, port)) = spec.containers.iter().chain(init_containers).find_map(|c| {
         c.ports
             .iter()
@@ -108,29 +117,44 @@ pub fn inject(
             .find(|p| ours.contains(&p.container_port))
             .map(|p| (c.name.clone(), p.container_port))
     }) {
+        let change = match kind {
+            PodInjection::Proxy => "spec.injection.proxyPort or the container's port",
+            PodInjection::Hold => "the container's port, or the operator's --proxy-admin-port",
+        };
         return Injection::Conflict(format!(
-            "mcp-session-operator: not injecting the session proxy: container {container:?} uses port {port}, which the proxy of McpSessionPolicy {:?} needs; change spec.injection.proxyPort or the container's port",
+            "mcp-session-operator: not injecting {what}: container {container:?} uses port {port}, which {what} of McpSessionPolicy {:?} needs; change {change}",
             policy.name_any()
         ));
     }
 
     let mut operations = Vec::new();
     let native_sidecar = config.native_sidecar_for(policy);
-    let proxy = proxy_container(policy, config, drain_token, Some(pod.annotations()));
+    let annotations = Some(pod.annotations());
+    let (sidecar, hook_path) = match kind {
+        // The backend's preStop waits on the proxy. A classic sidecar gets SIGTERM with the
+        // backend's preStop when the pod stops, and retires then, so the hook quiesces: in
+        // place restarts hold requests, a pod stop waits for the retirement. A native sidecar
+        // is stopped only after the backend, so the backend's hook is all the proxy hears of a
+        // pod stop: it retires (after an in-place restart of the backend, a fresh proxy
+        // succeeds it).
+        PodInjection::Proxy => (
+            proxy_container(policy, config, drain_token, annotations),
+            if native_sidecar { "/retire" } else { "/drain" },
+        ),
+        // The backend's preStop waits on the hold until the pod's sessions have ended.
+        PodInjection::Hold => (
+            hold_container(policy, config, drain_token, annotations),
+            "/hold",
+        ),
+    };
     if native_sidecar {
         match spec.init_containers {
-            Some(_) => operations.push(add("/spec/initContainers/-", proxy)),
-            None => operations.push(add("/spec/initContainers", json!([proxy]))),
+            Some(_) => operations.push(add("/spec/initContainers/-", sidecar)),
+            None => operations.push(add("/spec/initContainers", json!([sidecar]))),
         }
     } else {
-        operations.push(add("/spec/containers/-", proxy));
+        operations.push(add("/spec/containers/-", sidecar));
     }
-    // The backend's preStop waits on the proxy. A classic sidecar gets SIGTERM with the
-    // backend's preStop when the pod stops, and retires then, so the hook quiesces: in place
-    // restarts hold requests, a pod stop waits for the retirement. A native sidecar is stopped
-    // only after the backend, so the backend's hook is all the proxy hears of a pod stop: it
-    // retires (after an in-place restart of the backend, a fresh proxy succeeds it).
-    let hook_path = if native_sidecar { "/retire" } else { "/drain" };
     let drain_hook = json!({"httpGet": {"path": hook_path, "port": config.admin_port,
         "httpHeaders": [{"name": contract::DRAIN_TOKEN_HEADER, "value": drain_token}]}});
     for (index, container) in spec.containers.iter().enumerate() {
@@ -233,17 +257,55 @@ pub(crate) fn proxy_container(
         "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
         "securityContext": wiring::restricted_security_context(),
     });
+    // A native sidecar starts before the backend, which the kubelet starts only once its
+    // startup probe passes: the backend's first request finds the proxy serving.
+    sidecar_form(&mut container, policy, config);
+    container
+}
+
+/// The hold container injected for `policy` in gateway mode under drain strategy `Wait`: the
+/// CLI's `hold` (a test parses it with the CLI's own parser), on the admin port.
+pub(crate) fn hold_container(
+    policy: &McpSessionPolicy,
+    config: &InjectorConfig,
+    drain_token: &str,
+    pod_annotations: Option<&std::collections::BTreeMap<String, String>>,
+) -> Value {
+    let wiring = wiring::hold(policy, config.log_format, pod_annotations);
+    let mut env = wiring.env;
+    env.push(json!({"name": env::DRAIN_TOKEN, "value": drain_token}));
+    let admin = config.admin_port;
+    let mut args = vec![
+        "hold".to_owned(),
+        "--admin-addr".to_owned(),
+        format!("0.0.0.0:{admin}"),
+    ];
+    args.extend(wiring.args);
+    let mut container = json!({
+        "name": HOLD_CONTAINER,
+        "image": config.image,
+        "args": args,
+        "env": env,
+        "ports": [{"name": "mcp-admin", "containerPort": admin, "protocol": "TCP"}],
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": admin}, "periodSeconds": 10, "failureThreshold": 3},
+        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
+        "securityContext": wiring::restricted_security_context(),
+    });
+    sidecar_form(&mut container, policy, config);
+    container
+}
+
+/// Gives an injected container the image pull policy the operator was told, and the native
+/// sidecar's form where the policy's pods get one: started (and probed) before the backend.
+fn sidecar_form(container: &mut Value, policy: &McpSessionPolicy, config: &InjectorConfig) {
     if let Some(policy) = &config.image_pull_policy {
         container["imagePullPolicy"] = json!(policy);
     }
     if config.native_sidecar_for(policy) {
-        // Started before the backend, which the kubelet starts only once this passes: the
-        // backend's first request finds the proxy serving.
         container["restartPolicy"] = json!("Always");
-        container["startupProbe"] = json!({"httpGet": {"path": "/healthz", "port": admin},
+        container["startupProbe"] = json!({"httpGet": {"path": "/healthz", "port": config.admin_port},
             "periodSeconds": 1, "failureThreshold": 60});
     }
-    container
 }
 
 fn pointer(path: &str) -> PointerBuf {
@@ -449,6 +511,73 @@ mod tests {
         assert!(
             args.contains("--drain-strategy wait --max-wait-seconds 600 --on-owner-lost fail"),
             "{args}"
+        );
+    }
+
+    #[test]
+    fn a_gateway_s_pods_whose_sessions_wait_get_the_hold_and_the_grace_to_serve_them() {
+        let waiting = policy(
+            json!({"redis": {"urlSecretRef": {"name": "redis-auth", "key": "url"}},
+            "drain": {"timeoutSeconds": 20, "strategy": "Wait", "maxWaitSeconds": 600},
+            "injection": {"enabled": false}, "gateway": {"enabled": true}}),
+        );
+        let original = pod(json!({"spec": {"containers": [
+            {"name": "server", "image": "example/mcp",
+             "livenessProbe": {"httpGet": {"path": "/livez", "port": 8000}}}]}}));
+        let config = InjectorConfig {
+            native_sidecar: true,
+            ..Default::default()
+        };
+        let pod = patched(&original, inject(&original, &waiting, &config, TOKEN));
+        let spec = pod.spec.unwrap();
+        assert_eq!(
+            spec.containers.len(),
+            1,
+            "no proxy: the gateway is the proxy"
+        );
+        let hold = &spec.init_containers.as_ref().unwrap()[0];
+        assert_eq!(hold.name, HOLD_CONTAINER);
+        assert_eq!(
+            hold.restart_policy.as_deref(),
+            Some("Always"),
+            "stopped last"
+        );
+        let args = hold.args.clone().unwrap().join(" ");
+        assert_eq!(
+            args,
+            "hold --admin-addr 0.0.0.0:8091 --pod-name $(POD_NAME) --key-prefix mcp:session: --max-wait-seconds 600"
+        );
+        let env = serde_json::to_value(&hold.env).unwrap().to_string();
+        assert!(
+            env.contains(r#""secretKeyRef":{"key":"url","name":"redis-auth"}"#),
+            "Redis by reference: {env}"
+        );
+        let hook = pre_stop_get(&spec.containers[0]);
+        assert_eq!(hook.path.as_deref(), Some("/hold"));
+        assert_eq!(
+            hook.host, None,
+            "the pod's own: Pod Security forbids another host"
+        );
+        let headers = hook.http_headers.as_ref().unwrap();
+        assert_eq!(headers[0].value, TOKEN);
+        assert!(env.contains(TOKEN), "the hold knows the pod's drain token");
+        assert_eq!(
+            spec.termination_grace_period_seconds,
+            Some(600 + 20 + GRACE_MARGIN_SECONDS)
+        );
+        let liveness = spec.containers[0].liveness_probe.as_ref().unwrap();
+        assert_eq!(
+            liveness.termination_grace_period_seconds,
+            Some(20 + GRACE_MARGIN_SECONDS),
+            "a sick server restarts after the drain, not after the wait"
+        );
+
+        // A gateway whose sessions move changes nothing in its pods.
+        let moving = policy(json!({"redis": {"url": "redis://r:6379"},
+            "injection": {"enabled": false}, "gateway": {"enabled": true}}));
+        assert_eq!(
+            inject(&original, &moving, &config, TOKEN),
+            Injection::Skip("the policy injects nothing")
         );
     }
 

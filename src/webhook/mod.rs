@@ -28,9 +28,9 @@ use tracing::{info, warn};
 use self::admission::Exclusions;
 pub use self::admission::{ReviewError, decode, overlap};
 pub use self::configuration::{Endpoint, MUTATE_PATH, NAME as CONFIGURATION_NAME, VALIDATE_PATH};
-#[cfg(test)]
-pub(crate) use self::inject::proxy_container;
 pub use self::inject::{Injection, InjectorConfig, inject};
+#[cfg(test)]
+pub(crate) use self::inject::{hold_container, proxy_container};
 pub use self::tls::{CertResolver, TlsSource};
 use crate::api::McpSessionPolicy;
 use crate::events::{PolicyEvents, Transition};

@@ -130,7 +130,8 @@ impl Bed {
         let injection = match mode {
             Mode::Sidecar(sidecar) => json!({"enabled": true, "sidecar": sidecar,
                 "fingerprintKeySecretRef": {"name": "mcp-keys", "key": "fingerprint"}}),
-            Mode::Gateway => json!({"enabled": false,
+            // The gateway is the proxy; under drain strategy Wait the pods get the hold.
+            Mode::Gateway => json!({"enabled": false, "sidecar": Sidecar::Native,
                 "fingerprintKeySecretRef": {"name": "mcp-keys", "key": "fingerprint"}}),
         };
         let mut policy = json!({
@@ -143,6 +144,11 @@ impl Bed {
                                  "port": 8090, "backendPort": BACKEND_PORT}},
         });
         json_patch::merge(&mut policy["spec"], &spec);
+        // The proxies' and gateways' log filter, to see more of a failing scenario.
+        if let Ok(filter) = std::env::var("MCP_TEST_PROXY_LOG_LEVEL") {
+            policy["metadata"]["annotations"] =
+                json!({mcp_session_operator::api::contract::PROXY_LOG_LEVEL: filter});
+        }
         let policy: McpSessionPolicy = serde_json::from_value(policy).expect("policy");
         // The key every proxy of the policy fingerprints credentials with.
         let keys: Secret = serde_json::from_value(json!({
@@ -161,7 +167,12 @@ impl Bed {
             )
             .await
             .expect("apply the policy");
-        if let Mode::Sidecar(sidecar) = mode {
+        let injected = match (mode, policy.pod_injection()) {
+            (_, None) => None,
+            (Mode::Sidecar(sidecar), Some(_)) => Some(sidecar),
+            (Mode::Gateway, Some(_)) => Some(Sidecar::Native),
+        };
+        if let Some(sidecar) = injected {
             wait_injecting(&ns, sidecar).await;
         }
         let service: Service = serde_json::from_value(json!({
@@ -206,15 +217,23 @@ impl Bed {
             .expect("create the Deployment");
         let service = ClusterService::of(&ns, APP).await;
         service.wait_ready(REPLICAS).await;
-        if let Mode::Sidecar(sidecar) = mode {
+        if let Some(sidecar) = injected {
             let pods = Api::<Pod>::namespaced(ns.client.clone(), &ns.name)
                 .list(&ListParams::default().labels(&format!("app={APP}")))
                 .await
                 .expect("list pods")
                 .items;
             let injected: Vec<Option<Sidecar>> = pods.iter().map(injected_as).collect();
-            assert_eq!(injected, vec![Some(sidecar); REPLICAS], "the pods' proxies");
-            eprintln!("{REPLICAS} pods ready, each with a {sidecar:?} sidecar proxy");
+            assert_eq!(
+                injected,
+                vec![Some(sidecar); REPLICAS],
+                "the pods' sidecars"
+            );
+            let what = match mode {
+                Mode::Sidecar(_) => "proxy",
+                Mode::Gateway => "hold",
+            };
+            eprintln!("{REPLICAS} pods ready, each with a {sidecar:?} sidecar {what}");
         }
         let gateway = match mode {
             Mode::Sidecar(_) => None,
@@ -566,7 +585,7 @@ async fn wait_injecting(ns: &TestNamespace, sidecar: Sidecar) {
         dry_run: true,
         ..PostParams::default()
     };
-    wait_for(TIMEOUT, "the webhook to inject the proxy", || async {
+    wait_for(TIMEOUT, "the webhook to inject its sidecar", || async {
         pods.create(&dry_run, &probe)
             .await
             .is_ok_and(|pod| injected_as(&pod) == Some(sidecar))
@@ -574,8 +593,9 @@ async fn wait_injecting(ns: &TestNamespace, sidecar: Sidecar) {
     .await;
 }
 
-/// How the webhook injected the proxy into `pod`, if it did: a native sidecar is an init
-/// container with `restartPolicy: Always`, a classic one a container.
+/// How the webhook injected its sidecar (the proxy, or in gateway mode the hold: both run the
+/// project's image) into `pod`, if it did: a native sidecar is an init container with
+/// `restartPolicy: Always`, a classic one a container.
 pub fn injected_as(pod: &Pod) -> Option<Sidecar> {
     let spec = pod.spec.as_ref()?;
     let is_proxy = |c: &&Container| c.image.as_deref() == Some(PROXY_IMAGE);

@@ -13,8 +13,8 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tracing::debug;
 
+use crate::count::Counted;
 use crate::proxy::answers::{Failure, Unknown};
-use crate::proxy::count::Counted;
 use crate::proxy::legacy::transport::{PROTOCOL_VERSION, Unanswered};
 use crate::proxy::mcp::protocol;
 use crate::proxy::metrics::{self, Replay};

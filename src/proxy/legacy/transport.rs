@@ -21,9 +21,9 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 use tracing::{Instrument as _, info, info_span, warn};
 
+use crate::count::Counted;
 use crate::proxy::answers::{Failure, UPSTREAM_UNAVAILABLE, Unknown, plain};
 use crate::proxy::backoff;
-use crate::proxy::count::Counted;
 use crate::proxy::legacy::host::SseHost;
 use crate::proxy::mcp::protocol::{self, MessageHead};
 use crate::proxy::mcp::sse::{self, Event};

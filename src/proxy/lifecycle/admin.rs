@@ -5,12 +5,9 @@ use axum::Router;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use tracing::warn;
 
-use crate::api::contract::DRAIN_TOKEN_HEADER;
 use crate::proxy::lifecycle::control::{Control, Readiness, Sessions};
 use crate::proxy::lifecycle::succession::Current;
-use crate::proxy::mcp::fingerprint::constant_time_eq;
 
 /// The serving proxy, for each request (a retired proxy may have a successor).
 struct Serving(Control);
@@ -54,24 +51,9 @@ async fn require_drain_token(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    let presented = request
-        .headers()
-        .get(DRAIN_TOKEN_HEADER)
-        .map(|value| value.as_bytes());
-    match (control.drain_token(), presented) {
-        (Some(token), Some(presented)) if constant_time_eq(token.as_bytes(), presented) => {
-            next.run(request).await
-        }
-        (None, _) => (
-            StatusCode::FORBIDDEN,
-            "no drain token is configured (MCP_SESSION_DRAIN_TOKEN): this endpoint answers nobody\n",
-        )
-            .into_response(),
-        _ => {
-            warn!(path = %request.uri().path(), "refused an admin request without the drain token");
-            (StatusCode::UNAUTHORIZED, "the X-Mcp-Drain-Token header is missing or wrong\n")
-                .into_response()
-        }
+    match crate::serve::refuse_without_drain_token(control.drain_token(), &request) {
+        Some(refusal) => refusal,
+        None => next.run(request).await,
     }
 }
 

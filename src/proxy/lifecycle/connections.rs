@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::proxy::count::{Count, Counted};
+use crate::count::{Count, Counted};
 
 /// A client connection, counted in its [`Count`] until it closes.
 pub struct Connection {

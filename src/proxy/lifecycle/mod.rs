@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Mutex, OnceCell, watch};
 use tracing::{debug, info, warn};
 
-use crate::proxy::count::{Count, Counted};
+use crate::count::{Count, Counted};
 use crate::proxy::{Proxy, metrics, upstream::quiesce};
 use crate::store::{self, SessionId, Tally};
 
@@ -117,13 +117,26 @@ impl Proxy {
     }
 
     pub(super) async fn drain_once(&self) -> u64 {
-        if let Some(max_wait) = self.config.residence.max_wait() {
+        // A gateway that pins sessions to their backend pods holds none of its own: every
+        // replica reaches them there, so it has nothing to wait for nor to hand over.
+        let pins = self.pins_sessions();
+        if let Some(max_wait) = self.config.residence.max_wait()
+            && !pins
+        {
             self.wait_for_sessions(max_wait).await;
         }
         let lifecycle = &self.lifecycle;
         let (started, deadline) = lifecycle.drain_deadline(self.config.drain_timeout);
         lifecycle.phase.send_replace(Phase::Draining);
         lifecycle.in_flight.zero_by(deadline).await;
+        if pins {
+            self.events.flush().await;
+            info!(
+                seconds = started.elapsed().as_secs_f64(),
+                "drained; the sessions stay pinned to their backend pods"
+            );
+            return 0;
+        }
         // The sessions this pod owns: those it serves (the store skips any that another pod
         // owns, requests of a session may reach any pod) and any the store names it owner of
         // that it does not hold (a restarted proxy container).

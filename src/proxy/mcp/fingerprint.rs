@@ -15,6 +15,7 @@ use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use sha2::Sha256;
 
+use crate::serve::constant_time_eq;
 use crate::store::binding::SessionBinding;
 
 /// Largest JWT payload read for its issuer and subject.
@@ -107,11 +108,6 @@ impl Fingerprinter {
         let digest = mac.finalize().into_bytes();
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&digest[..16])
     }
-}
-
-/// Compares without an early exit, so that timing tells nothing of a token's prefix.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0_u8, |diff, (x, y)| diff | (x ^ y)) == 0
 }
 
 /// What `credential` binds to under `binding`; `None` where nothing does.

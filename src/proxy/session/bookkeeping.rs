@@ -107,7 +107,11 @@ impl Proxy {
     /// Writes a session this proxy serves back into the store, which lost it or was down;
     /// whether the store took it.
     pub(in crate::proxy) async fn restore(&self, id: &SessionId) -> bool {
-        let Some(session) = self.table.stored_copy(id, self.owner()) else {
+        let owner = match self.table.upstream_of(id) {
+            Some(upstream) => self.owner_on(&upstream),
+            None => self.owner(),
+        };
+        let Some(session) = self.table.stored_copy(id, owner) else {
             return false;
         };
         match self.store.create_or_rehydrate(id, session).await {
@@ -265,11 +269,8 @@ impl Proxy {
             }
             return;
         }
-        match self
-            .toucher
-            .touch(id, self.config.pod_name.as_deref())
-            .await
-        {
+        let owner = self.owner_pod_of(id);
+        match self.toucher.touch(id, owner.as_deref()).await {
             // Boxed, as are the request path's other rare turns (see [`Proxy::route`]).
             Ok(Touched::Gone) => {
                 Box::pin(self.restore(id)).await;

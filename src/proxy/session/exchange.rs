@@ -10,10 +10,11 @@ use http_body_util::BodyExt as _;
 use serde_json::Value;
 use tracing::debug;
 
-use crate::proxy::answers::{Failure, Unknown, header_or_empty};
+use crate::proxy::answers::{Failure, header_or_empty};
 use crate::proxy::backoff;
 use crate::proxy::mcp::protocol::{self, MessageHead, SESSION_HEADER, StreamKind};
 use crate::proxy::metrics::Loss;
+use crate::proxy::session::home::OWNER_ATTEMPTS;
 use crate::proxy::session::table::{Lookup, Stale, UpstreamSession};
 use crate::proxy::upstream::{Answer, Outbound, UpstreamError};
 use crate::proxy::{Proxy, metrics};
@@ -169,8 +170,7 @@ impl Proxy {
                         // of a session that stays on its pod: not replayed where the policy
                         // keeps it (drain strategy `Wait`).
                         Signal::UnknownSession if !self.config.residence.replays_lost() => {
-                            self.lose(&bound.id, Loss::ServerRestarted).await;
-                            break Err(Failure::Unknown(Unknown::StateLost));
+                            break Err(self.lost(&bound.id, Loss::ServerRestarted).await);
                         }
                         // The upstream lost the session (it restarted): replay and send again.
                         Signal::UnknownSession if attempt < MAX_ATTEMPTS => {
@@ -184,6 +184,22 @@ impl Proxy {
                             )));
                         }
                         Signal::Answer(answer) => break Ok(answer),
+                    }
+                }
+                // The pod a session is pinned to did not take it: a pod that was just killed
+                // may refuse once while its address is still routed; then it is gone, and the
+                // session's state with it.
+                Err(UpstreamError::Unreachable(reason))
+                    if self.pins_sessions() && exchange.session.is_some() =>
+                {
+                    debug!(%reason, backend = backend.name(), attempt, "the pod a session is pinned to takes no connections");
+                    match &exchange.session {
+                        Some(bound) if attempt >= OWNER_ATTEMPTS => {
+                            break Err(self.lost(&bound.id, Loss::OwnerGone).await);
+                        }
+                        _ => {
+                            resend.wait().await;
+                        }
                     }
                 }
                 // The pod did not take it: to another pod, the session replayed there.
@@ -231,6 +247,12 @@ impl Proxy {
         match lookup {
             Lookup::Live(upstream) => Ok(upstream),
             Lookup::Refused(unknown) => Err(Failure::Unknown(unknown)),
+            lookup if self.pins_sessions() => {
+                match Box::pin(self.pinned_upstream(bound, lookup)).await? {
+                    Some(upstream) => Ok(upstream),
+                    None => Box::pin(self.replay(bound, exchange)).await,
+                }
+            }
             Lookup::Stale(_) | Lookup::Absent | Lookup::Unbound => {
                 Box::pin(self.replay(bound, exchange)).await
             }

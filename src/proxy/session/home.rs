@@ -120,7 +120,7 @@ impl Hops {
 
 /// Connection attempts at an owner before it counts as gone: a pod that was just killed may
 /// refuse once while its address is still routed.
-const OWNER_ATTEMPTS: u32 = 3;
+pub(in crate::proxy) const OWNER_ATTEMPTS: u32 = 3;
 
 impl Proxy {
     /// Whether a request came from another of the policy's proxies; a hop header that is not
@@ -264,7 +264,7 @@ impl Proxy {
     /// whose removal took it.
     pub(in crate::proxy) async fn lose(&self, id: &SessionId, loss: Loss) {
         self.forget(id);
-        if self.ending.contains(id) {
+        if self.ending.contains(id) || self.ended_elsewhere(id).await {
             debug!(session = %id, "its server forgot a session its client is ending");
             return;
         }

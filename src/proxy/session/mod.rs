@@ -6,5 +6,6 @@ pub(super) mod bookkeeping;
 pub(super) mod ending;
 pub(super) mod exchange;
 pub(super) mod home;
+pub(super) mod pinned;
 pub(super) mod replay;
 pub(super) mod table;

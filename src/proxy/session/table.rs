@@ -14,7 +14,7 @@ use serde_json::Value;
 use crate::proxy::Unknown;
 use crate::proxy::session::admission::{Admission, Holdings};
 pub use crate::proxy::session::admission::{AdmissionLimits, Refusal};
-use crate::proxy::upstream::backends::Assigned;
+use crate::proxy::upstream::backends::{Assigned, Backend};
 use crate::store::binding::{self, Binding};
 use crate::store::{NewSession, Owner, SessionId, SessionSetup, SetupChange};
 
@@ -27,10 +27,13 @@ pub struct SessionTable {
     started: Instant,
     /// Wakes whoever waits for a session's upstream side to change.
     remapped: tokio::sync::Notify,
+    /// Whether sessions stay on a backend pod that takes nothing new (it terminates) until it
+    /// is gone (a gateway under drain strategy `Wait`), rather than move off it at once.
+    stay_on_leaving_backends: bool,
 }
 
 impl SessionTable {
-    pub fn new(limits: AdmissionLimits, gauge: Gauge) -> Self {
+    pub fn new(limits: AdmissionLimits, gauge: Gauge, stay_on_leaving_backends: bool) -> Self {
         let started = Instant::now();
         Self {
             sessions: RwLock::new(Sessions {
@@ -41,6 +44,7 @@ impl SessionTable {
             gauge,
             started,
             remapped: tokio::sync::Notify::new(),
+            stay_on_leaving_backends,
         }
     }
 
@@ -73,15 +77,25 @@ impl SessionTable {
         }
         mapped.last_used.store(self.now_secs(), Ordering::Relaxed);
         match &mapped.upstream {
-            // A pod that stopped taking requests (gateway mode): the session moves by replay.
-            // An HTTP+SSE session moves with its stream instead.
+            // A pod that stopped taking requests (gateway mode): the session moves by replay,
+            // or where it stays on its pod, once the pod is gone. An HTTP+SSE session moves
+            // with its stream instead.
             UpstreamState::Live(upstream)
-                if transport == Transport::Streamable && !upstream.backend.takes_requests() =>
+                if transport == Transport::Streamable && self.has_left(&upstream.backend) =>
             {
                 Lookup::Stale(Stale::Left)
             }
             UpstreamState::Live(upstream) => Lookup::Live(upstream.clone()),
             UpstreamState::Stale(why) => Lookup::Stale(*why),
+        }
+    }
+
+    /// Whether a session on `backend` must leave it.
+    fn has_left(&self, backend: &Backend) -> bool {
+        if self.stay_on_leaving_backends {
+            backend.is_gone()
+        } else {
+            !backend.takes_requests()
         }
     }
 
@@ -485,10 +499,51 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_session_leaves_a_terminating_backend_at_once_unless_sessions_stay() {
+        use crate::proxy::upstream::backends::{Backends, Endpoint};
+        let backends = Backends::discovered(1);
+        let report = |serving: bool, present: bool| {
+            let endpoints = [Endpoint {
+                name: "a".into(),
+                address: "127.0.0.1:1".into(),
+                serving,
+            }];
+            backends.update(if present { &endpoints[..] } else { &[] });
+        };
+        report(true, true);
+        let id = SessionId::random();
+        let tables = [false, true].map(|stay| {
+            let table = SessionTable::new(AdmissionLimits::DEFAULT, Gauge::default(), stay);
+            let mapping = Mapping {
+                upstream: UpstreamSession::new(backends.pick().expect("a serves"), "u"),
+                transport: Transport::Streamable,
+                stored: NewSession::default(),
+            };
+            table.remember(&id, mapping, None);
+            table
+        });
+        let looked = |table: &SessionTable| match table.lookup(&id, None, Transport::Streamable) {
+            Lookup::Live(_) => "live",
+            Lookup::Stale(Stale::Left) => "left",
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(tables.each_ref().map(looked), ["live", "live"]);
+        report(false, true);
+        assert_eq!(
+            tables.each_ref().map(looked),
+            ["left", "live"],
+            "terminating"
+        );
+        report(false, false);
+        assert_eq!(tables.each_ref().map(looked), ["left", "left"], "gone");
+    }
+
+    #[test]
     fn the_compact_copy_restores_what_was_stored() {
         let session = NewSession {
             owner_pod: Some("old".into()),
             owner_address: Some("10.0.0.1:8090".into()),
+            upstream_session: None,
             metadata: serde_json::json!({"user_id": "u-1"})
                 .as_object()
                 .cloned()
@@ -507,6 +562,7 @@ mod tests {
         let owner = Owner {
             pod: Some("pod-b".into()),
             address: Some("10.0.0.2:8090".into()),
+            upstream_session: None,
         };
         let restored = copy.to_new_session(Some("fp".into())).owned_by(owner);
         assert_eq!(restored.owner_pod.as_deref(), Some("pod-b"));

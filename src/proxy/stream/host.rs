@@ -9,8 +9,8 @@ use std::time::Duration;
 use axum::body::Body;
 use tokio::sync::watch;
 
+use crate::count::Counted;
 use crate::proxy::answers::Failure;
-use crate::proxy::count::Counted;
 use crate::proxy::mcp::protocol::StreamKind;
 use crate::proxy::metrics::{self, KindLabels, Unanswered};
 use crate::proxy::session::exchange::{Bound, Exchange};

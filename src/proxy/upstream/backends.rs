@@ -32,6 +32,8 @@ pub struct Backend {
     shared: Pool,
     /// Whether the pod watch says it takes requests (ready, not terminating).
     serving: AtomicBool,
+    /// Whether the pod watch dropped it: the pod is gone, or its address is another's now.
+    gone: AtomicBool,
     /// A refused connection pauses it until this, in ms since `epoch`.
     paused_until_ms: AtomicU64,
     epoch: Instant,
@@ -60,6 +62,7 @@ impl Backend {
             shared: Pool::new(address.clone()),
             address: address.into(),
             serving: AtomicBool::new(true),
+            gone: AtomicBool::new(false),
             paused_until_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             assigned: AtomicUsize::new(0),
@@ -92,6 +95,17 @@ impl Backend {
     pub fn takes_requests(&self) -> bool {
         !self.discovered
             || (self.serving.load(Ordering::Relaxed) && self.now_ms() >= self.paused_until())
+    }
+
+    /// Whether the pod is gone (a discovered backend the pod watch dropped). A terminating pod
+    /// is not gone until it has exited: it takes nothing new, yet serves the sessions that
+    /// stay on it (drain strategy `Wait`).
+    pub fn is_gone(&self) -> bool {
+        self.gone.load(Ordering::Relaxed)
+    }
+
+    pub fn address(&self) -> &str {
+        &self.address
     }
 
     /// It refused a connection: no new requests for a while (a discovered backend only; the
@@ -270,11 +284,27 @@ impl Backends {
             .filter(|b| !next.iter().any(|n| Arc::ptr_eq(b, n)))
         {
             gone.serving.store(false, Ordering::Relaxed);
+            gone.gone.store(true, Ordering::Relaxed);
         }
         *current = next;
         drop(current);
         self.known.store(true, Ordering::Relaxed);
         self.changed.send_modify(|version| *version += 1);
+    }
+
+    /// Whether the backends are a policy's pods (gateway mode), not the one beside the proxy.
+    pub fn is_discovered(&self) -> bool {
+        self.discovered
+    }
+
+    /// The backend of pod `name` at `address`, while the pod watch reports it (serving or
+    /// not): where a session pinned to that pod goes.
+    pub fn find(&self, name: &str, address: &str) -> Option<Assigned> {
+        self.read()
+            .iter()
+            .find(|b| *b.name == *name && *b.address == *address)
+            .cloned()
+            .map(Assigned::new)
     }
 
     /// Whether the set is known (a gateway is not ready before its pod watch has listed the
@@ -423,6 +453,25 @@ mod tests {
         let names: Vec<&str> = again.iter().map(|load| load.name.as_str()).collect();
         assert_eq!(names, ["a", "b"]);
         assert!(again.iter().all(|load| load.takes_requests), "{again:?}");
+    }
+
+    #[test]
+    fn a_terminating_pod_is_found_for_its_sessions_until_it_is_gone() {
+        let backends = Backends::discovered(1);
+        backends.update(&[endpoint("a", 1, true)]);
+        let a = backends.pick().expect("a serves");
+        backends.update(&[endpoint("a", 1, false)]);
+        assert!(!a.takes_requests() && !a.is_gone(), "terminating");
+        assert!(backends.pick().is_none(), "nothing new goes to it");
+        let found = backends.find("a", "127.0.0.1:1").expect("still reported");
+        assert!(found.same(&a));
+        assert!(
+            backends.find("a", "127.0.0.1:2").is_none(),
+            "another address"
+        );
+        backends.update(&[]);
+        assert!(a.is_gone());
+        assert!(backends.find("a", "127.0.0.1:1").is_none());
     }
 
     #[test]

@@ -22,7 +22,7 @@ use bytes::Bytes;
 use hyper::body::{Frame, SizeHint};
 use tokio::sync::watch;
 
-use crate::proxy::count::{Count, Counted};
+use crate::count::{Count, Counted};
 
 /// Whether requests may go to the upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -40,19 +40,23 @@ impl Count {
 
     /// Waits until the count is zero; false if `deadline` comes first.
     pub async fn zero_by(&self, deadline: Instant) -> bool {
-        let zero = async {
-            loop {
-                // Registered before the check, so a guard dropped in between still wakes it.
-                let notified = self.0.zero.notified();
-                tokio::pin!(notified);
-                notified.as_mut().enable();
-                if self.get() == 0 {
-                    return;
-                }
-                notified.await;
+        tokio::time::timeout_at(deadline.into(), self.zero())
+            .await
+            .is_ok()
+    }
+
+    /// Waits until the count is zero.
+    pub async fn zero(&self) {
+        loop {
+            // Registered before the check, so a guard dropped in between still wakes it.
+            let notified = self.0.zero.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.get() == 0 {
+                return;
             }
-        };
-        tokio::time::timeout_at(deadline.into(), zero).await.is_ok()
+            notified.await;
+        }
     }
 }
 
