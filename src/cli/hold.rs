@@ -23,8 +23,9 @@ pub struct HoldArgs {
     /// This pod's name: the owner the store names for the sessions the hold waits for.
     #[arg(long, env = env::POD_NAME)]
     pub(super) pod_name: String,
-    /// How long the pod is held for its sessions at most; those still open then are lost
-    /// (removed from the store, so that the gateway answers them 404, and counted).
+    /// How long the pod is held for its sessions at most; those still open then stop with the
+    /// pod, and are lost (a gateway answers each 404 and counts it, or the operator once the
+    /// pod is gone).
     #[arg(long, default_value_t = DEFAULT_MAX_WAIT.as_secs(), value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub(super) max_wait_seconds: u64,
     /// The token /hold requires in `X-Mcp-Drain-Token` (the webhook injects one per pod);
@@ -34,7 +35,7 @@ pub struct HoldArgs {
 }
 
 pub async fn run(args: HoldArgs) -> anyhow::Result<()> {
-    // The store's TTL is not the hold's to set: it only reads and removes sessions.
+    // The store's TTL is not the hold's to set: it only reads sessions.
     let store = connect_redis(&args.redis, DEFAULT_TTL).await?;
     let config = HoldConfig {
         pod: args.pod_name,

@@ -286,6 +286,12 @@ impl Proxy {
         }
     }
 
+    /// Counts `id` lost with its state (see [`Proxy::lose`]): the failure its request gets.
+    pub(in crate::proxy) async fn lost(&self, id: &SessionId, loss: Loss) -> Failure {
+        self.lose(id, loss).await;
+        Failure::Unknown(Unknown::StateLost)
+    }
+
     /// Under `onOwnerLost: Replay`: hands a session whose owner is gone over to whichever pod
     /// claims it first, as a drain would, so that it is replayed (and counted) once.
     pub(in crate::proxy) async fn release(&self, id: &SessionId, owner: &str) {
@@ -332,8 +338,7 @@ impl Proxy {
             }
             return None;
         }
-        self.lose(&bound.id, loss).await;
-        Some(self.unknown(Unknown::StateLost, exchange.request_id(), bound.id.as_str()))
+        Some(self.failure(self.lost(&bound.id, loss).await, exchange))
     }
 }
 

@@ -176,12 +176,6 @@ impl Proxy {
             debug!(session = %id, %error, "cannot mark the session's end in the store");
         }
     }
-
-    /// Counts `id` lost with its state (see [`Proxy::lose`]): the failure its request gets.
-    pub(in crate::proxy) async fn lost(&self, id: &SessionId, loss: Loss) -> Failure {
-        self.lose(id, loss).await;
-        Failure::Unknown(Unknown::StateLost)
-    }
 }
 
 /// What a pinned session's record leads to.
